@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh clone:  `make run` (the embedded default)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch is installed first and pinned so pip never pulls a different build later. On a GPU box
+# override it, e.g. `make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: install run test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) .cache outputs

@@ -1,0 +1,24 @@
+"""Tables I-IV and Figures 1-3 from a run directory or a multirun folder (one line/row per job).
+
+    python analyze.py run_dir=outputs/train/2026-11-29_10-00-00
+    python analyze.py run_dir=multirun/2026-11-29_10-00-00 table1_epoch=2
+"""
+import os
+from pathlib import Path
+
+import hydra
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
+def main(cfg):
+    from lark.analysis import analyze
+
+    result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch)
+    for path in result["table_files"] + result["figure_files"]:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

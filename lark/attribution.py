@@ -1,0 +1,175 @@
+"""The LARK kernel at one checkpoint: projected per-example loss gradients, their cosine similarity, the metrics.
+
+Layout written under attribution/epoch_NNN/:
+  stores/<set>.safetensors   unit-normalised projections [n, k] in attribution.store_dtype + norms [n] (float32);
+                              header metadata: ids, set, epoch, projector spec (readable without LARK)
+  scores/<source>.safetensors cosine scores [n_queries, n_docs] float32
+  top_influences.csv          the top-k documents of every source for every query
+  metrics.json                the paper's metrics (see lark.metrics) + accuracy, lr, storage, BM25 baseline
+"""
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lark import metrics as M
+from lark.formats import encode
+from lark.sources import example_text
+from lark.training import collate
+
+QUERY_SET = "test_queries"
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def example_gradient(model, encoded, params, pad_id):
+    """{name: d loss / d param} for one encoded example (mean loss over its loss tokens)."""
+    device = params[0][1].device
+    batch = {k: v.to(device) for k, v in collate([encoded], pad_id).items()}
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    return loss.detach(), {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params, grads)}
+
+
+def project_examples(model, encoded, projector, pad_id, rank=0, world=1, gather=None):
+    """[n, k] projected gradients (float32). Examples whose loss or gradient is not finite get a NaN row.
+    With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects them."""
+    params = trainable(model)
+    was_training = model.training
+    model.eval()
+    mine = list(range(rank, len(encoded), world))
+    rows = []
+    for i in mine:
+        loss, grads = example_gradient(model, encoded[i], params, pad_id)
+        v = projector.project(grads)
+        if not torch.isfinite(loss) or not torch.isfinite(v).all():
+            v = torch.full_like(v, float("nan"))
+        rows.append(v)
+    model.train(was_training)
+    k = projector.k
+    out = torch.stack(rows) if rows else torch.zeros(0, k)
+    if world == 1:
+        return out.cpu()
+    per_rank = -(-len(encoded) // world)
+    padded = torch.cat([out, out.new_zeros(per_rank - len(out), k)])
+    gathered = gather(padded).cpu()          # [world, per_rank, k]
+    return torch.stack([gathered[i % world, i // world] for i in range(len(encoded))])
+
+
+def atomic_save(tensors, path, metadata):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_store(path, vectors, ids, meta, dtype="float16"):
+    """Unit-normalised vectors in `dtype` (2 bytes per dimension by default) and their float32 norms."""
+    norms = vectors.norm(dim=1)
+    unit = vectors / norms.clamp_min(1e-30).unsqueeze(1)
+    metadata = {"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_save({"vectors": unit.to(getattr(torch, dtype)).contiguous(), "norms": norms.float()}, path, metadata)
+
+
+def load_store(path):
+    """(unit vectors float32 [n, k], norms [n], ids, metadata)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        return f.get_tensor("vectors").float(), f.get_tensor("norms"), meta.pop("ids"), meta
+
+
+def cosine_scores(queries, docs, block=4096):
+    """[n_q, n_d] cosine similarity of unit vectors, computed in blocks of source rows."""
+    parts = [queries @ docs[s:s + block].T for s in range(0, len(docs), block)]
+    return torch.cat(parts, dim=1) if parts else torch.zeros(len(queries), 0)
+
+
+def top_influences(scores, query_ids, doc_ids, source, k):
+    """Rows (query_id, source, rank, doc_id, score) of each query's k highest-scoring documents."""
+    k = min(k, scores.shape[1])
+    values, index = scores.nan_to_num(float("-inf")).topk(k, dim=1)
+    return [(q, source, r + 1, doc_ids[index[i, r]], round(values[i, r].item(), 6))
+            for i, q in enumerate(query_ids) for r in range(k)]
+
+
+def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir, max_length, info,
+                         rank=0, world=1, gather=None, log=print):
+    """Stores, score matrices and metrics of one checkpoint.
+
+    sets: {source: [example]}; queries: [example] (test queries); cfg: the `attribution` config; src: the `source`
+    config; info: {epoch, accuracy, lr, ...} copied into metrics.json. Returns the metrics dict."""
+    from lark.projector import make_projector
+
+    out_dir = Path(out_dir)
+    shapes = {n: tuple(p.shape) for n, p in trainable(model)}
+    projector = make_projector(cfg.projector, shapes)
+    meta = {"epoch": info["epoch"], "projector": projector.spec(), "format": fmt.name}
+    unit = {}
+    for name, examples in {QUERY_SET: queries, **sets}.items():
+        encoded = [encode(tokenizer, e, fmt, max_length) for e in examples]
+        vectors = project_examples(model, encoded, projector, tokenizer.pad_token_id, rank, world, gather)
+        bad = [examples[i]["id"] for i in range(len(examples)) if not torch.isfinite(vectors[i]).all()]
+        if bad:
+            log(f"[lark] {name}: {len(bad)} examples with a non-finite loss or gradient, left out: {bad[:5]}")
+        ids = [e["id"] for e in examples]
+        if rank == 0:
+            save_store(out_dir / "stores" / f"{name}.safetensors", vectors, ids, {**meta, "set": name},
+                       cfg.store_dtype)
+        unit[name] = (vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)).to(getattr(torch, cfg.store_dtype))
+    query_ids = [q["id"] for q in queries]
+    maxinf, rows = {}, []
+    for name, examples in sets.items():
+        scores = cosine_scores(unit[QUERY_SET].float(), unit[name].float(), cfg.score_block)
+        maxinf[name] = M.max_influence(scores)
+        if rank == 0:
+            atomic_save({"scores": scores.contiguous()}, out_dir / "scores" / f"{name}.safetensors",
+                        {"queries": json.dumps(query_ids), "docs": json.dumps([e["id"] for e in examples])})
+            rows += top_influences(scores, query_ids, [e["id"] for e in examples], name, cfg.top_k)
+    result = M.influence_metrics(maxinf, src.ft_source, src.pt_source, src.format_pairs)
+    for name, spec in src.sources.items():
+        result["sources"][name].update(n_docs=len(sets[name]), kind=spec.kind, formatted=bool(spec.formatted))
+    bm25 = M.bm25_max_scores([q["question"] for q in queries],
+                             {name: [example_text(e) for e in examples] for name, examples in sets.items()})
+    bm25_metrics = M.influence_metrics(bm25, src.ft_source, src.pt_source, {})
+    p = trainable(model)[0][1]
+    result = {
+        **info,
+        "n_queries": len(queries),
+        **result,
+        "bm25": {"ft_wins": bm25_metrics["ft_wins"], "pt_wins": bm25_metrics["pt_wins"],
+                 "sources": {n: {"mean_max": s["mean_max"]} for n, s in bm25_metrics["sources"].items()}},
+        "storage": M.storage(sum(p.numel() for _, p in trainable(model)), p.element_size(), projector.k,
+                             torch.tensor([], dtype=getattr(torch, cfg.store_dtype)).element_size(), src.size),
+        "projector": projector.spec(),
+    }
+    result = M.clean(result)
+    if rank == 0:
+        write_csv(out_dir / "top_influences.csv", ["query_id", "source", "rank", "doc_id", "score"], rows)
+        write_json(out_dir / "metrics.json", result)
+    return result, rows
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def write_csv(path, header, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""The epoch-end attribution callback: at epoch 0 (before any step) and after every epoch it saves the
+checkpoint itself, measures test accuracy, runs the LARK kernel, and logs metrics, a top-k table and accuracy."""
+import lightning as L
+from omegaconf import OmegaConf
+
+from lark.attribution import attribute_checkpoint
+from lark.loggers import log_metrics, log_table
+from lark.models import save_checkpoint
+from lark.sources import query_examples
+from lark.training import answer_accuracy
+
+
+class AttributionCallback(L.Callback):
+    def __init__(self, cfg, tokenizer, test_items, sets, run_dir, log=print):
+        self.cfg, self.tokenizer, self.test_items, self.sets = cfg, tokenizer, test_items, sets
+        self.run_dir, self.report = run_dir, log  # not self.log: Lightning assigns callback.log
+        self.epoch_lr = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.checkpoint(trainer, pl_module, epoch=0, lr=None)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.checkpoint(trainer, pl_module, epoch=trainer.current_epoch + 1, lr=self.epoch_lr)
+
+    def checkpoint(self, trainer, pl_module, epoch, lr):
+        gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
+        logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
+                                           self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
+                                           gather, self.report)
+        if trainer.global_rank == 0:
+            log_metrics(trainer, logged, step=trainer.global_step)
+            if rows:
+                name = f"epoch_{epoch:03d}"
+                log_table(trainer, f"influence/{name}/top_k", ["query_id", "source", "rank", "doc_id", "score"], rows)
+
+
+def wanted(attr, epoch):
+    """Whether `attribution.checkpoints` asks for this epoch."""
+    return attr.enabled and (attr.checkpoints == "all" or epoch in list(attr.checkpoints))
+
+
+def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, rank=0, world=1, gather=None,
+                        log=print):
+    """Save the checkpoint (if asked), measure accuracy, attribute (if asked). Returns (scalars to log, top-k rows)."""
+    fmt, attr = cfg.format, cfg.attribution
+    name = f"epoch_{epoch:03d}"
+    if attr.save_checkpoints and rank == 0:
+        save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
+                        {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True)})
+    accuracy, predicted = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
+                                          cfg.max_length)
+    log(f"[lark] {name}: test accuracy {accuracy:.3f}")
+    logged = {"test/accuracy": accuracy, "checkpoint_epoch": epoch}
+    if not wanted(attr, epoch):
+        return logged, []
+    queries = query_examples(test_items, fmt, predicted if attr.query_target == "predicted" else None)
+    metrics, rows = attribute_checkpoint(
+        model, tokenizer, sets, queries, fmt, attr, cfg.source,
+        run_dir / "attribution" / name, cfg.max_length, {"epoch": epoch, "accuracy": accuracy, "lr": lr},
+        rank, world, gather, log)
+    log(f"[lark] {name}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins")
+                                       if metrics[k] is not None))
+    return {**logged, **influence_logs(metrics)}, rows
+
+
+def influence_logs(metrics):
+    """Flat scalar metrics for the loggers."""
+    out = {f"influence/mean_max/{s}": v["mean_max"] for s, v in metrics["sources"].items()}
+    out.update({f"influence/{k}": metrics[k] for k in ("ft", "pt", "ft_pt_ratio", "ft_wins", "pt_wins")})
+    out.update({f"influence/format_effect/{k}": v for k, v in metrics["format_effect"].items()})
+    out["bm25/ft_wins"] = metrics["bm25"]["ft_wins"]
+    return {k: v for k, v in out.items() if v is not None}

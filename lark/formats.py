@@ -1,0 +1,103 @@
+"""How examples become token ids and loss masks.
+
+Every example is one of two shapes:
+- QA-shaped {id, question, context, answer}: rendered with the `format` config (a chat template, or plain text);
+  the loss is on the answer tokens (for chat, the assistant turn including its end-of-turn token).
+- raw text {id, text}: the loss is on every token (next-token prediction over the document).
+
+A raw document becomes a Formatted QA example by `document_fields`: its first sentence is the question, its
+last sentence the answer, and the sentences between them the context.
+"""
+import re
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IGNORE = -100
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def qa_fields(item, answer_template="{final_decision}"):
+    """A PubMedQA-style item as QA fields; its answer follows the format's answer template."""
+    answer = answer_template.format(final_decision=item["final_decision"], long_answer=item.get("long_answer", ""))
+    return {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]), "answer": answer}
+
+
+def document_fields(doc):
+    """A raw document as QA fields: first sentence = question, last = answer, the rest = context."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(doc["text"]) if s.strip()]
+    if len(sentences) < 2:
+        words = doc["text"].split()
+        half = max(1, len(words) // 2)
+        sentences = [" ".join(words[:half]), " ".join(words[half:]) or "."]
+    return {"id": doc["id"], "question": sentences[0], "context": " ".join(sentences[1:-1]), "answer": sentences[-1]}
+
+
+def messages(fields, fmt):
+    """System (optional), user and assistant turns of a QA-shaped example."""
+    turns = [{"role": "system", "content": fmt.system_prompt}] if fmt.get("system_prompt") else []
+    user = fmt.user_template.format(context=fields["context"], question=fields["question"])
+    return turns + [{"role": "user", "content": user}, {"role": "assistant", "content": fields["answer"]}]
+
+
+def chat_template(tokenizer):
+    """The tokenizer's own chat template, or ChatML when it has none."""
+    return tokenizer.chat_template or CHATML_TEMPLATE
+
+
+def render(tokenizer, fields, fmt):
+    """(prompt, answer) strings of a QA-shaped example; the loss falls on the answer."""
+    turns = messages(fields, fmt)
+    if fmt.kind == "chat":
+        template = chat_template(tokenizer)
+        prompt = tokenizer.apply_chat_template(turns[:-1], chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("format: the chat template renders the assistant turn in a way that does not extend "
+                             "the generation prompt; set format=noformat or give the tokenizer a ChatML template")
+        return prompt, full[len(prompt):]
+    if fmt.kind == "plain":
+        system = f"{fmt.system_prompt}\n\n" if fmt.get("system_prompt") else ""
+        return f"{system}{turns[-2]['content']}\nAnswer:", f" {fields['answer']}{tokenizer.eos_token or ''}"
+    raise ValueError(f"format.kind: unknown kind '{fmt.kind}' (chat or plain)")
+
+
+def truncate_middle(ids, budget, keep_tail):
+    """Shorten a prompt to `budget` tokens by cutting its middle; the last `keep_tail` tokens (the question and
+    the generation prompt) survive."""
+    if len(ids) <= budget:
+        return ids
+    tail = min(keep_tail, budget // 2)
+    return ids[: budget - tail] + ids[len(ids) - tail:]
+
+
+def encode_qa(tokenizer, fields, fmt, max_length, answer=None):
+    """input_ids and labels (-100 outside the answer) of a QA-shaped example. `answer` replaces the rendered
+    answer text (used to score candidate answers)."""
+    prompt, rendered = render(tokenizer, fields, fmt)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(rendered if answer is None else answer, add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids[: max_length // 2]
+    prompt_ids = truncate_middle(prompt_ids, max_length - len(answer_ids), keep_tail=64)
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+
+
+def encode_text(tokenizer, text, max_length):
+    """input_ids and labels of a raw document: loss on every token, truncated to max_length."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + eos)[:max_length]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def encode(tokenizer, example, fmt, max_length):
+    """Dispatch on the example's shape (raw text or QA fields)."""
+    if "text" in example:
+        return encode_text(tokenizer, example["text"], max_length)
+    return encode_qa(tokenizer, example, fmt, max_length)
+
+
+def candidate_answer(tokenizer, fmt, label):
+    """The text continuing the prompt when the model answers `label` (its first answer tokens)."""
+    return label if fmt.kind == "chat" else f" {label}"

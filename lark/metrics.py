@@ -1,0 +1,97 @@
+"""The paper's metrics, computed from score matrices [n_queries, n_docs] per source.
+
+maxinf(q, S) = max over documents d in S of score(q, d)
+MeanMax(S)   = mean over q of maxinf(q, S)
+FT/PT ratio  = MeanMax(ft source) / MeanMax(pt source)
+FT wins vs S = share of q with maxinf(q, ft) > maxinf(q, S);  PT wins = 1 - FT wins vs the pt source
+Format effect(content) = MeanMax(content formatted) / MeanMax(content raw)
+Queries with a non-finite maxinf in a compared source are left out of that number (and counted).
+"""
+import math
+import re
+
+import torch
+
+
+def max_influence(scores):
+    """[n_queries] maximum score over a source's documents (NaN rows stay NaN; an empty source gives NaN)."""
+    if scores.shape[1] == 0:
+        return torch.full((scores.shape[0],), float("nan"))
+    return scores.max(dim=1).values
+
+
+def mean_max(maxinf):
+    """Mean of the finite entries; None when there are none."""
+    finite = maxinf[torch.isfinite(maxinf)]
+    return finite.mean().item() if finite.numel() else None
+
+
+def wins(a, b):
+    """Share of queries with a > b among those where both are finite (strict: ties are not wins)."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    return (a[ok] > b[ok]).float().mean().item() if ok.any() else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def influence_metrics(maxinf, ft_source, pt_source, format_pairs):
+    """The paper's metrics from {source: [n_queries] maxinf}."""
+    ft = maxinf[ft_source]
+    sources = {
+        name: {"mean_max": mean_max(m), "ft_wins": None if name == ft_source else wins(ft, m),
+               "n_nonfinite": int((~torch.isfinite(m)).sum())}
+        for name, m in maxinf.items()
+    }
+    ft_wins = sources[pt_source]["ft_wins"]
+    return {
+        "sources": sources,
+        "ft_source": ft_source,
+        "pt_source": pt_source,
+        "ft": sources[ft_source]["mean_max"],
+        "pt": sources[pt_source]["mean_max"],
+        "ft_pt_ratio": ratio(sources[ft_source]["mean_max"], sources[pt_source]["mean_max"]),
+        "ft_wins": ft_wins,
+        "pt_wins": None if ft_wins is None else 1.0 - ft_wins,
+        "format_effect": {content: ratio(sources[f]["mean_max"], sources[r]["mean_max"])
+                          for content, (f, r) in format_pairs.items() if f in maxinf and r in maxinf},
+    }
+
+
+def bm25_tokens(text):
+    return re.findall(r"\w+", text.lower())
+
+
+def bm25_max_scores(queries, source_texts):
+    """{source: [n_queries] max BM25 score} of each query against each source, with one BM25 index over the union
+    of all sources' documents (so that scores are comparable across sources)."""
+    from rank_bm25 import BM25Okapi
+
+    names = list(source_texts)
+    corpus = [bm25_tokens(t) for n in names for t in source_texts[n]]
+    index = BM25Okapi(corpus)
+    scores = torch.tensor([index.get_scores(bm25_tokens(q)) for q in queries], dtype=torch.float64)
+    out, start = {}, 0
+    for n in names:
+        out[n] = max_influence(scores[:, start:start + len(source_texts[n])]).float()
+        start += len(source_texts[n])
+    return out
+
+
+def storage(n_params, grad_dtype_bytes, k, store_dtype_bytes, n_examples):
+    """Bytes for a full per-example gradient versus a projected vector (Table III)."""
+    return {"n_params": n_params, "grad_dtype_bytes": grad_dtype_bytes, "k": k, "store_dtype_bytes": store_dtype_bytes,
+            "n_examples": n_examples, "full_bytes_per_example": n_params * grad_dtype_bytes,
+            "store_bytes_per_example": k * store_dtype_bytes}
+
+
+def clean(value):
+    """JSON-safe: NaN/inf become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value

@@ -1,0 +1,75 @@
+"""Models and tokenizers: the tiny OLMo-3 of the embedded default, hub models, checkpoints on disk."""
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast
+
+from lark.formats import CHATML_TEMPLATE
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def content_hash(*parts):
+    """A short stable hash of JSON-serialisable parts (cache keys)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def train_tokenizer(texts, vocab_size):
+    """A byte-level BPE tokenizer trained on `texts`, with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   unk_token=None, bos_token=None)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny(model_cfg, tokenizer):
+    """An Olmo3ForCausalLM with freshly initialised weights from the small config `model_cfg.config`."""
+    config = Olmo3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **model_cfg.config)
+    return Olmo3ForCausalLM(config)
+
+
+def load_pretrained(path, model_cfg):
+    """Model and tokenizer from a folder (a LARK checkpoint or the tiny-model cache) or a hub id."""
+    dtype = getattr(torch, model_cfg.get("dtype", "float32"))
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    revision = model_cfg.get("revision") if not Path(str(path)).is_dir() else None
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer, folder, extra_files=None):
+    """Write an HF-loadable checkpoint (safetensors) atomically: a temporary folder renamed into place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,141 @@
+"""Random projections of per-example gradients to k dimensions.
+
+A projector is fixed by (seed, parameter names and shapes): the same gradient always gives the same vector,
+whatever the batch, the process or the device, and adding a parameter does not move the others' coordinates.
+Cosine similarity of projections approximates cosine similarity of the full gradients (Johnson-Lindenstrauss).
+
+- CountSketch (kind `rapidin`, RapidIn's RapidGrad): coordinate i of parameter `name` is added, with a random
+  sign, to a random bucket of k. Bucket and sign come from a counter-based hash of (seed, name, i), so no
+  permutation table or P x k matrix is ever stored: O(P) per example.
+- GaussianProjector (kind `gaussian`): dense N(0, 1/k) matrix, the textbook reference; tiny models only.
+- ExactProjector (kind `exact`): no projection (k = P), for checking the others.
+"""
+import hashlib
+import math
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B1
+
+
+def name_key(seed, name, salt):
+    """A 32-bit key for one parameter, independent of every other parameter."""
+    digest = hashlib.blake2b(f"{seed}|{name}|{salt}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def mix32(x):
+    """MurmurHash3's 32-bit finaliser on an int64 tensor of values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & MASK32
+    return x ^ (x >> 16)
+
+
+def hashed(index, key):
+    """Independent-looking 32-bit values for coordinates `index` under `key`."""
+    return mix32((index * GOLDEN + key) & MASK32)
+
+
+def normalize_tensors(grads, how):
+    """RapidIn's per-tensor L2 normalisation (how = per_tensor), or nothing (how = none)."""
+    if how == "none":
+        return grads
+    if how != "per_tensor":
+        raise ValueError(f"attribution.projector.normalize: unknown '{how}' (none or per_tensor)")
+    return {n: g / g.norm().clamp_min(1e-30) for n, g in grads.items()}
+
+
+class CountSketch:
+    """Count sketch of the concatenated gradient: out[h(i)] += s(i) * g[i]."""
+
+    kind = "rapidin"
+
+    def __init__(self, shapes, k, seed=0, normalize="none", cache_elements=2**26):
+        self.shapes, self.k, self.seed, self.normalize = dict(shapes), int(k), int(seed), normalize
+        self.cache = {}
+        self.cache_ok = sum(math.prod(s) for s in self.shapes.values()) <= cache_elements
+
+    def buckets_and_signs(self, name, numel, device):
+        if name in self.cache:
+            return self.cache[name]
+        index = torch.arange(numel, dtype=torch.int64, device=device)
+        bucket = hashed(index, name_key(self.seed, name, "bucket")) % self.k
+        sign = (hashed(index, name_key(self.seed, name, "sign")) & 1).to(torch.float32) * 2 - 1
+        if self.cache_ok:
+            self.cache[name] = (bucket, sign)
+        return bucket, sign
+
+    def project(self, grads):
+        """grads: {name: tensor of the parameter's shape} -> [k] float32."""
+        grads = normalize_tensors(grads, self.normalize)
+        out = None
+        for name, g in grads.items():
+            flat = g.reshape(-1).float()
+            out = torch.zeros(self.k, device=flat.device) if out is None else out
+            bucket, sign = self.buckets_and_signs(name, flat.numel(), flat.device)
+            out.index_add_(0, bucket, flat * sign)
+        return out
+
+    def spec(self):
+        return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize, "hash": "murmur3-fmix32"}
+
+
+class GaussianProjector:
+    """Dense Gaussian projection g -> R^T g / sqrt(k), R[i, j] ~ N(0, 1), generated per parameter from its key."""
+
+    kind = "gaussian"
+
+    def __init__(self, shapes, k, seed=0, normalize="none", max_dense_elements=200_000_000):
+        self.shapes, self.k, self.seed, self.normalize = dict(shapes), int(k), int(seed), normalize
+        total = sum(math.prod(s) for s in self.shapes.values()) * self.k
+        if total > max_dense_elements:
+            raise ValueError(f"attribution.projector.kind=gaussian needs a P x k = {total:,} matrix, more than "
+                             f"attribution.projector.max_dense_elements={max_dense_elements:,}; use kind=rapidin "
+                             "or a smaller k")
+        self.matrices = {}
+
+    def matrix(self, name, numel, device):
+        if name not in self.matrices:
+            gen = torch.Generator().manual_seed(name_key(self.seed, name, "gaussian"))
+            self.matrices[name] = torch.randn(numel, self.k, generator=gen).div_(math.sqrt(self.k)).to(device)
+        return self.matrices[name]
+
+    def project(self, grads):
+        grads = normalize_tensors(grads, self.normalize)
+        return sum(g.reshape(-1).float() @ self.matrix(n, g.numel(), g.device) for n, g in grads.items())
+
+    def spec(self):
+        return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize}
+
+
+class ExactProjector:
+    """No projection: the full gradient, concatenated in parameter order (k = P)."""
+
+    kind = "exact"
+
+    def __init__(self, shapes, normalize="none"):
+        self.shapes, self.normalize = dict(shapes), normalize
+        self.k = sum(math.prod(s) for s in self.shapes.values())
+
+    def project(self, grads):
+        grads = normalize_tensors(grads, self.normalize)
+        return torch.cat([g.reshape(-1).float() for g in grads.values()])
+
+    def spec(self):
+        return {"kind": self.kind, "k": self.k, "normalize": self.normalize}
+
+
+def make_projector(cfg, shapes):
+    """The projector of an `attribution.projector` config for parameters {name: shape}."""
+    if cfg.k is None or int(cfg.k) <= 0:
+        raise ValueError(f"attribution.projector.k must be a positive integer, got {cfg.k}")
+    if cfg.kind == "rapidin":
+        return CountSketch(shapes, cfg.k, cfg.seed, cfg.normalize)
+    if cfg.kind == "gaussian":
+        return GaussianProjector(shapes, cfg.k, cfg.seed, cfg.normalize, cfg.max_dense_elements)
+    if cfg.kind == "exact":
+        return ExactProjector(shapes, cfg.normalize)
+    raise ValueError(f"attribution.projector.kind: unknown '{cfg.kind}' (rapidin, gaussian or exact)")

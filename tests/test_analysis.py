@@ -1,0 +1,243 @@
+"""lark.analysis on hand-written metrics.json files: the paper's numbers in, Tables I-IV and Figures 1-3 out."""
+import csv
+import json
+
+import pytest
+
+from lark.analysis import (analyze, build_tables, find_runs, format_bytes, load_metrics, pick_epoch,
+                           plot_figures, write_tables)
+
+# The paper's Table II: epoch -> (FT, PT, PT wins, accuracy, lr, format effect medical)
+PAPER = {0: (0.482, 0.395, 0.0, 0.418, None, 3.71), 1: (0.473, 0.431, 0.018, 0.690, 2e-4, 3.40),
+         2: (0.386, 0.365, 0.134, 0.744, 2e-4, 3.12), 3: (0.344, 0.327, 0.166, 0.690, 2e-4, 2.95),
+         4: (0.314, 0.291, 0.248, None, 2e-5, 2.86), 5: (0.366, 0.341, 0.284, None, 2e-5, 2.90)}
+STORAGE = {"n_params": 7298011136, "grad_dtype_bytes": 2, "k": 65536, "store_dtype_bytes": 2,
+           "n_examples": 500, "full_bytes_per_example": 14596022272, "store_bytes_per_example": 131072}
+
+
+def paper_metrics(epoch):
+    ft, pt, pt_wins, accuracy, lr, effect = PAPER[epoch]
+    return {
+        "epoch": epoch, "accuracy": accuracy, "lr": lr, "n_queries": 500,
+        "sources": {
+            "finetune": {"mean_max": ft, "ft_wins": None, "n_docs": 500, "kind": "finetune", "formatted": True},
+            "medical_format": {"mean_max": pt, "ft_wins": 1 - pt_wins, "n_docs": 500, "kind": "medical", "formatted": True},
+            "medical_noformat": {"mean_max": 0.117, "ft_wins": 1.0, "n_docs": 500, "kind": "medical", "formatted": False},
+            "entertainment_format": {"mean_max": 0.284, "ft_wins": 1.0, "n_docs": 500, "kind": "entertainment", "formatted": True},
+            "entertainment_noformat": {"mean_max": 0.095, "ft_wins": 1.0, "n_docs": 500, "kind": "entertainment", "formatted": False},
+        },
+        "ft_source": "finetune", "pt_source": "medical_format",
+        "ft": ft, "pt": pt, "ft_pt_ratio": ft / pt, "ft_wins": 1 - pt_wins, "pt_wins": pt_wins,
+        "format_effect": {"medical": effect, "entertainment": 2.99},
+        "bm25": {"ft_wins": 0.404, "pt_wins": 0.596, "sources": {"finetune": {"mean_max": 12.3}}},
+        "storage": STORAGE, "projector": {"kind": "rapidin", "k": 65536, "seed": 0},
+    }
+
+
+def write_run(run_dir, metrics, overrides=None):
+    for m in metrics:
+        epoch_dir = run_dir / "attribution" / f"epoch_{m['epoch']:03d}"
+        epoch_dir.mkdir(parents=True)
+        (epoch_dir / "metrics.json").write_text(json.dumps(m))
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return run_dir
+
+
+@pytest.fixture
+def single_run(tmp_path):
+    return write_run(tmp_path / "run", [paper_metrics(e) for e in PAPER], overrides=[])
+
+
+@pytest.fixture
+def multirun(tmp_path):
+    """Job 0: the paper (format=chatml); job 1: noformat, only epochs 0 and 2, with nulls (NaN in the file)."""
+    root = tmp_path / "multirun"
+    write_run(root / "0", [paper_metrics(e) for e in PAPER], overrides=["format=chatml", "seed=0"])
+    sparse = [paper_metrics(0), paper_metrics(2)]
+    sparse[1]["accuracy"] = None
+    sparse[1]["sources"]["medical_noformat"]["mean_max"] = None
+    sparse[1]["format_effect"]["medical"] = None
+    sparse[1]["bm25"] = None
+    sparse[1]["format_effect"]["wiki"] = 1.5                   # a content kind only this job has
+    write_run(root / "1", sparse, overrides=["format=noformat", "seed=0"])
+    (root / "1" / "attribution" / "epoch_002" / "metrics.json").write_text(
+        json.dumps(sparse[1]).replace('"ft_pt_ratio": 1.0575342465753426', '"ft_pt_ratio": NaN'))
+    return root
+
+
+def test_find_runs_single_and_multirun(tmp_path, single_run, multirun):
+    assert find_runs(single_run) == {"run": single_run}
+    write_run(multirun / "10" / "inner", [paper_metrics(0)])  # one level deeper, no overrides
+    runs = find_runs(multirun)
+    assert list(runs) == ["format=chatml,seed=0", "format=noformat,seed=0", "10/inner"]
+    assert runs["format=noformat,seed=0"] == multirun / "1"
+
+
+def test_find_runs_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_runs(tmp_path / "nowhere")
+    (tmp_path / "empty" / "a" / "b").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="empty"):
+        find_runs(tmp_path / "empty")
+
+
+def test_load_metrics_sorted_and_nan_to_none(multirun):
+    metrics = load_metrics(multirun / "1")
+    assert [m["epoch"] for m in metrics] == [0, 2]
+    assert metrics[1]["ft_pt_ratio"] is None and metrics[1]["accuracy"] is None
+
+
+def test_load_metrics_clear_errors(tmp_path, single_run):
+    bad = single_run / "attribution" / "epoch_003" / "metrics.json"
+    bad.write_text('{"epoch": 3, "accuracy": ')
+    with pytest.raises(ValueError, match="invalid JSON in .*epoch_003.*metrics.json"):
+        load_metrics(single_run)
+    bad.unlink()
+    with pytest.raises(FileNotFoundError, match="missing .*epoch_003.*metrics.json"):
+        load_metrics(single_run)
+    (tmp_path / "bare" / "attribution").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="bare"):
+        load_metrics(tmp_path / "bare")
+
+
+def test_pick_epoch():
+    metrics = [paper_metrics(e) for e in PAPER]
+    assert pick_epoch(metrics)["epoch"] == 2                  # 74.4% is the best accuracy
+    metrics[3]["accuracy"] = 0.744
+    assert pick_epoch(metrics)["epoch"] == 2                  # tie -> earliest
+    assert pick_epoch([paper_metrics(4), paper_metrics(5)])["epoch"] == 5   # no accuracy -> last
+    assert pick_epoch(metrics, 4)["epoch"] == 4
+    assert pick_epoch(metrics, "3")["epoch"] == 3
+    with pytest.raises(ValueError, match="available epochs"):
+        pick_epoch(metrics, 9)
+    with pytest.raises(ValueError, match="best"):
+        pick_epoch(metrics, "first")
+
+
+def test_tables_reproduce_the_paper(single_run):
+    tables = build_tables({"run": load_metrics(single_run)})
+    table1 = {row["source"]: row for row in tables["table1"]}
+    assert {row["epoch"] for row in tables["table1"]} == {2}
+    assert table1["finetune"]["mean_max"] == 0.386 and table1["finetune"]["ft_wins_pct"] is None
+    assert table1["medical_format"]["ft_wins_pct"] == pytest.approx(86.6)
+    assert table1["medical_noformat"]["ft_wins_pct"] == pytest.approx(100.0)
+
+    table2 = tables["table2"]
+    assert [row["epoch"] for row in table2] == [0, 1, 2, 3, 4, 5]
+    assert [row["reduced_lr"] for row in table2] == [False, False, False, False, True, True]
+    assert table2[5]["pt_wins_pct"] == pytest.approx(28.4) and table2[4]["accuracy_pct"] is None
+    assert table2[0]["ratio"] == pytest.approx(1.22, abs=0.005)
+    assert table2[0]["format_effect_medical"] == 3.71 and table2[0]["format_effect_entertainment"] == 2.99
+
+    full, projected, compression = tables["table3"]
+    assert full["bytes_per_example"] == 14596022272 and full["bytes_total"] == 500 * 14596022272
+    assert projected["bytes_per_example"] == 131072 and projected["method"] == "LARK (rapidin, k=65536)"
+    assert compression["compression"] == pytest.approx(14596022272 / 131072) == pytest.approx(111358.8, abs=0.1)
+
+    gradient, bm25, difference = tables["table4"]
+    assert gradient["ft_wins_pct"] == pytest.approx(86.6) and bm25["ft_wins_pct"] == pytest.approx(40.4)
+    assert difference["difference_pp"] == pytest.approx(46.2)
+
+
+def test_storage_falls_back_to_params_times_dtype(single_run):
+    metrics = load_metrics(single_run)
+    del metrics[2]["storage"]["full_bytes_per_example"], metrics[2]["storage"]["store_bytes_per_example"]
+    full, projected, _ = build_tables({"run": metrics})["table3"]
+    assert full["bytes_per_example"] == 14596022272 and projected["bytes_per_example"] == 131072
+
+
+def test_format_bytes_shows_decimal_and_binary_units():
+    assert format_bytes(14596022272) == "14.60 GB = 13.59 GiB (14,596,022,272 B)"
+    assert format_bytes(500 * 14596022272).startswith("7.30 TB = 6.64 TiB")
+    assert format_bytes(131072).startswith("131.07 KB = 128.00 KiB")
+    assert format_bytes(500 * 131072).startswith("65.54 MB = 62.50 MiB")
+    assert format_bytes(512) == "512 B = 512 B (512 B)" and format_bytes(None) == "-"
+
+
+def test_write_tables_markdown_and_csv(tmp_path, single_run):
+    tables = build_tables({"run": load_metrics(single_run)})
+    files = write_tables(tables, tmp_path / "tables")
+    assert [f.name for f in files] == [f"table{i}.{ext}" for i in range(1, 5) for ext in ("md", "csv")]
+    md = {i: (tmp_path / "tables" / f"table{i}.md").read_text().splitlines() for i in range(1, 5)}
+    assert md[1][0] == "### TABLE I: Influence score comparison across data sources (Epoch 2)"
+    assert md[1][2] == "| Data Source | Mean Max | FT Wins |"
+    assert "| finetune | 0.386 | - |" in md[1] and "| medical_format | 0.365 | 86.6% |" in md[1]
+    assert md[2][0] == "### TABLE II: Influence score evolution during fine-tuning"
+    assert md[2][2].startswith("| Epoch | FT | PT | Ratio | PT Wins | Acc. | lr | Format Effect (medical) |")
+    assert "| 0 (base) | 0.482 | 0.395 | 1.22 | 0.0% | 41.8% | - | 3.71× | 2.99× |" in md[2]
+    assert "| 4* | 0.314 | 0.291 | 1.08 | 24.8% | - | 2e-05 | 2.86× | 2.99× |" in md[2]
+    assert md[2][-1] == "\\*Epochs 4, 5 use a lower learning rate (2e-05) than the run's maximum (0.0002)."
+    assert md[3][0] == "### TABLE III: Storage requirements for attribution methods"
+    assert any("14.60 GB = 13.59 GiB" in line and "7.30 TB = 6.64 TiB" in line for line in md[3])
+    assert "| Compression ratio (full / projected) | - | - | - | 111,359× |" in md[3]
+    assert md[4][0] == "### TABLE IV: Attribution accuracy: LARK (gradient) vs BM25 (Epoch 2)"
+    assert "| Difference | +46.2 pp | LARK minus BM25 |" in md[4]
+
+    with open(tmp_path / "tables" / "table2.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["epoch", "lr", "reduced_lr", "ft"]
+    assert float(rows[0]["ratio"]) == 0.482 / 0.395          # full precision
+    assert rows[0]["lr"] == "" and rows[4]["reduced_lr"] == "True"
+
+
+def test_multirun_tables_lead_with_job_and_show_nulls(multirun, tmp_path):
+    runs = {label: load_metrics(d) for label, d in find_runs(multirun).items()}
+    tables = build_tables(runs)
+    for rows in tables.values():
+        assert all(list(row)[0] == "job" for row in rows)
+    table1 = [row for row in tables["table1"] if row["job"] == "format=noformat,seed=0"]
+    assert {row["epoch"] for row in table1} == {0}                 # job 1: epoch 2 has no accuracy -> best is 0
+    sparse = build_tables(runs, table1_epoch=2)
+    noformat = [r for r in sparse["table4"] if r["job"] == "format=noformat,seed=0"]
+    assert noformat[1]["ft_wins_pct"] is None and noformat[2]["difference_pp"] is None
+
+    write_tables(sparse, tmp_path / "out")
+    md1 = (tmp_path / "out" / "table1.md").read_text().splitlines()
+    assert md1[2] == "| Job | Data Source | Mean Max | FT Wins |"
+    assert "| format=noformat,seed=0 | medical_noformat | - | 100.0% |" in md1
+    md2 = (tmp_path / "out" / "table2.md").read_text()
+    assert md2.splitlines()[2].endswith("| Format Effect (entertainment) | Format Effect (wiki) |")
+    assert "| format=noformat,seed=0 | 2 | 0.386 | 0.365 | - | 13.4% | - | 0.0002 | - | 2.99× | 1.50× |" in md2
+    assert "| format=chatml,seed=0 | 5* | 0.366 | 0.341 | 1.07 | 28.4% | - | 2e-05 | 2.90× | 2.99× | - |" in md2
+    assert "\\*format=chatml,seed=0: Epochs 4, 5 use a lower learning rate" in md2
+    md4 = (tmp_path / "out" / "table4.md").read_text()
+    assert "| format=noformat,seed=0 | Difference | - | LARK minus BM25 |" in md4
+    with open(tmp_path / "out" / "table3.csv") as f:
+        assert next(csv.reader(f))[:2] == ["job", "method"]
+
+
+def test_table1_title_when_jobs_differ_in_epoch(multirun, tmp_path):
+    runs = {label: load_metrics(d) for label, d in find_runs(multirun).items()}
+    write_tables(build_tables(runs), tmp_path)
+    md1 = (tmp_path / "table1.md").read_text().splitlines()
+    assert md1[0].endswith("(per-run epoch, see the Epoch column)")
+    assert md1[2] == "| Job | Epoch | Data Source | Mean Max | FT Wins |"
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, path
+
+
+def test_figures_are_pngs(single_run, multirun, tmp_path):
+    for name, path in [("single", single_run), ("multi", multirun)]:
+        runs = {label: load_metrics(d) for label, d in find_runs(path).items()}
+        files = plot_figures(runs, tmp_path / name, table1_epoch=2)
+        assert [f.name for f in files] == ["fig1_influence.png", "fig2_pt_wins.png", "fig3_method.png"]
+        for f in files:
+            assert_png(f)
+
+
+def test_analyze_end_to_end(multirun, single_run, tmp_path):
+    result = analyze(multirun)
+    assert list(result["runs"]) == ["format=chatml,seed=0", "format=noformat,seed=0"]
+    assert {f.parent for f in result["table_files"]} == {multirun / "tables"}
+    assert {f.parent for f in result["figure_files"]} == {multirun / "figures"}
+    assert list(find_runs(multirun)) == list(result["runs"])   # outputs are not mistaken for runs
+    result = analyze(single_run, out_dir=tmp_path / "report", table1_epoch="last")
+    assert result["runs"] == {"run": single_run}
+    assert {row["epoch"] for row in result["tables"]["table1"]} == {5}
+    assert all(f.exists() for f in result["table_files"] + result["figure_files"])
+    assert (tmp_path / "report" / "tables" / "table4.md").read_text().startswith("### TABLE IV")

@@ -1,0 +1,28 @@
+"""Fine-tune a causal LM and attribute its test answers to the training and pretraining data at every epoch.
+
+    python train.py                                   # embedded default: generated world + tiny OLMo-3, CPU, offline
+    python train.py +experiment=pubmedqa              # the paper: OLMo-3-7B-Instruct on PubMedQA (GPU, hub access)
+    python train.py data=pubmedqa_local model=...     # PubMedQA from ../shared/data
+    python train.py -m format=chatml,noformat trainer.max_epochs=2,5   # a sweep into multirun/
+"""
+import os
+from pathlib import Path
+
+import hydra
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg):
+    from lark.experiment import train
+
+    run_dir = None
+    try:
+        run_dir = train(cfg)
+    finally:
+        print(f"[lark] outputs: {run_dir or cfg.paths.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
