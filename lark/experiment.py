@@ -89,6 +89,7 @@ def train(cfg, log=print):
     encoded = [encode(tokenizer, qa_fields(item, cfg.format.answer_template), cfg.format, cfg.max_length)
                for item in train_items]
     loader = make_loader(encoded, cfg.batch_size, tokenizer.pad_token_id, True, cfg.seed, cfg.num_workers)
+    model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler.scheduler),
                             cfg.scheduler.interval)
     loggers = build_loggers(cfg.get("logger"))

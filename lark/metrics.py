@@ -66,12 +66,13 @@ def bm25_tokens(text):
 def bm25_max_scores(queries, source_texts):
     """{source: [n_queries] max BM25 score} of each query against each source, with one BM25 index over the union
     of all sources' documents (so that scores are comparable across sources)."""
+    import numpy as np
     from rank_bm25 import BM25Okapi
 
     names = list(source_texts)
     corpus = [bm25_tokens(t) for n in names for t in source_texts[n]]
     index = BM25Okapi(corpus)
-    scores = torch.tensor([index.get_scores(bm25_tokens(q)) for q in queries], dtype=torch.float64)
+    scores = torch.from_numpy(np.stack([index.get_scores(bm25_tokens(q)) for q in queries]))
     out, start = {}, 0
     for n in names:
         out[n] = max_influence(scores[:, start:start + len(source_texts[n])]).float()

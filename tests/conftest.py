@@ -1,0 +1,52 @@
+"""Shared test settings: offline everything, one tiny-model cache per session, the small run overrides."""
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A run small enough for a test (seconds on 2 cores) that still exercises every stage.
+SMALL = [
+    "data.world.n_train=24", "data.world.n_test=12", "data.world.n_facts=30", "data.world.n_medical_docs=100",
+    "data.world.n_entertainment_docs=40", "model.tokenizer.vocab_size=512", "model.pretrain.steps=20",
+    "model.pretrain.batch_size=8", "model.pretrain.max_length=64", "source.size=8", "max_length=128",
+    "attribution.projector.k=512", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No hub, W&B offline, and a session-wide cache for the tiny pretrained model."""
+    os.environ["PROJECT_ROOT"] = str(ROOT)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.setdefault("LARK_CACHE", str(tmp_path_factory.mktemp("lark_cache")))
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any connection that leaves this machine (loopback and local sockets stay allowed)."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if not (host.startswith("127.") or host in ("localhost", "::1")):
+                raise OSError(f"network access blocked in tests: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def compose(overrides=(), config_name="train"):
+    """The real Hydra config, composed as train.py would (without the hydra runtime)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,83 @@
+"""Every config group composes, and +experiment=pubmedqa resolves to the paper's setup."""
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import ROOT, compose
+
+GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+          for group in ("model", "data", "source", "format", "scheduler", "trainer", "logger", "attribution",
+                        "analysis")}
+
+
+def test_default_is_the_embedded_run():
+    cfg = compose()
+    assert (cfg.model.kind, cfg.data.kind, cfg.format.name, cfg.scheduler.name) == ("tiny", "world", "chatml", "paper")
+    assert cfg.trainer.accelerator == "cpu" and list(cfg.logger) == ["wandb"] and cfg.logger.wandb.offline is True
+    assert cfg.attribution.projector.k == 65536 and cfg.attribution.store_dtype == "float16"
+    assert list(cfg.source.sources) == ["finetune", "medical_format", "medical_noformat", "entertainment_format",
+                                        "entertainment_noformat"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    assert group in cfg
+
+
+def test_experiment_pubmedqa_is_the_paper():
+    cfg = compose(["+experiment=pubmedqa"])
+    assert cfg.model.hub_id == "allenai/Olmo-3-7B-Instruct" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.trust_remote_code is False and cfg.model.gradient_checkpointing is True
+    assert (cfg.data.hub_id, cfg.data.hub_config, cfg.data.n_train, cfg.data.n_test) == (
+        "qiaojin/PubMedQA", "pqa_labeled", 500, 500)
+    assert cfg.source.size == 500 and len(cfg.source.sources) == 5
+    assert cfg.trainer.max_epochs == 5 and cfg.batch_size == 4 and cfg.trainer.precision == "bf16-true"
+    assert cfg.attribution.projector.kind == "rapidin" and cfg.attribution.projector.k == 65536
+    assert cfg.optimizer.lr == pytest.approx(2e-4)
+    assert learning_rates(cfg) == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5, 2e-5])
+
+
+def learning_rates(cfg):
+    """The lr of each epoch under the configured optimizer and scheduler factories."""
+    optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    scheduler = instantiate(cfg.scheduler.scheduler)(optimizer=optimizer)
+    rates = []
+    for _ in range(cfg.trainer.max_epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_schedulers():
+    assert learning_rates(compose(["scheduler=constant"])) == pytest.approx([2e-4] * 5)
+    cosine = learning_rates(compose(["scheduler=cosine"]))
+    assert cosine[0] == pytest.approx(2e-4) and all(a > b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_local_pubmedqa_points_at_shared_data():
+    cfg = compose(["data=pubmedqa_local"])
+    assert cfg.data.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
+    assert cfg.data.corpus.medical.path.endswith("pubmed_corpus/abstracts.jsonl")
+    assert cfg.data.corpus.entertainment.path.endswith("entertainment/documents.jsonl")
+
+
+def test_trainer_gpu_and_ddp():
+    gpu = compose(["trainer=gpu"]).trainer
+    ddp = compose(["trainer=ddp"]).trainer
+    assert gpu.precision == "bf16-true" and gpu.accelerator == "gpu"
+    assert ddp.strategy == "ddp" and ddp.precision == "bf16-true"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.max_epochs=-1", "trainer.max_epochs"),
+    ("attribution.projector.k=0", "attribution.projector.k"),
+    ("attribution.projector.kind=bogus", "attribution.projector.kind"),
+    ("source.pt_source=nope", "source.pt_source"),
+])
+def test_bad_values_fail_at_start_naming_the_key(override, key):
+    from lark.experiment import validate
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(compose([override]))

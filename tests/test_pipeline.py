@@ -1,0 +1,105 @@
+"""The embedded run end to end through the real entry points, on a small size."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import open_dict
+from safetensors import safe_open
+
+from conftest import ROOT, SMALL, compose
+
+pytestmark = pytest.mark.slow
+SOURCES = ["finetune", "medical_format", "medical_noformat", "entertainment_format", "entertainment_noformat"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One small embedded run (W&B offline), shared by the assertions below."""
+    from lark.experiment import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose(SMALL)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "config.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg, resolve=True))
+    train(cfg)
+    return out
+
+
+def test_checkpoints_are_hf_loadable(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["epoch_000", "epoch_001", "epoch_002"]
+    for name in names:
+        files = {p.name for p in (run_dir / "checkpoints" / name).iterdir()}
+        assert {"model.safetensors", "config.json", "tokenizer.json", "lark_config.yaml"} <= files
+    first = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "epoch_000")
+    last = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "epoch_002")
+    assert type(first).__name__ == "Olmo3ForCausalLM"
+    assert not torch.equal(first.lm_head.weight, last.lm_head.weight)  # fine-tuning changed the weights
+
+
+def test_attribution_artifacts(run_dir):
+    for epoch in range(3):
+        folder = run_dir / "attribution" / f"epoch_{epoch:03d}"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["epoch"] == epoch and 0 <= metrics["accuracy"] <= 1
+        assert list(metrics["sources"]) == SOURCES
+        assert metrics["ft_wins"] + metrics["pt_wins"] == pytest.approx(1)
+        assert metrics["ft_pt_ratio"] == pytest.approx(metrics["ft"] / metrics["pt"])
+        assert set(metrics["format_effect"]) == {"medical", "entertainment"}
+        assert metrics["bm25"]["ft_wins"] is not None
+        assert metrics["storage"]["store_bytes_per_example"] == 512 * 2
+        assert (epoch == 0) == (metrics["lr"] is None)
+        with safe_open(str(folder / "stores" / "test_queries.safetensors"), framework="pt") as f:
+            vectors = f.get_tensor("vectors")
+            assert vectors.dtype == torch.float16 and vectors.shape == (12, 512)
+            assert len(json.loads(f.metadata()["ids"])) == 12
+            assert json.loads(f.metadata()["projector"])["kind"] == "rapidin"
+        for source in SOURCES:
+            with safe_open(str(folder / "scores" / f"{source}.safetensors"), framework="pt") as f:
+                scores = f.get_tensor("scores")
+                assert scores.shape == (12, 8) and scores.abs().max() <= 1 + 1e-3
+        rows = (folder / "top_influences.csv").read_text().splitlines()
+        assert rows[0] == "query_id,source,rank,doc_id,score" and len(rows) == 1 + 12 * 5 * 5
+
+
+def test_data_tables_figures_and_wandb(run_dir):
+    assert {p.name for p in (run_dir / "data" / "sources").iterdir()} == {f"{s}.jsonl" for s in SOURCES}
+    provenance = json.loads((run_dir / "data" / "world" / "provenance.json").read_text())
+    assert len(provenance) == 12
+    for n in range(1, 5):
+        assert (run_dir / "tables" / f"table{n}.md").is_file() and (run_dir / "tables" / f"table{n}.csv").is_file()
+    for name in ("fig1_influence.png", "fig2_pt_wins.png", "fig3_method.png"):
+        assert (run_dir / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0
+
+
+def test_reattribution_reproduces_the_scores(run_dir):
+    from lark.experiment import attribute
+
+    before = safe_open(str(run_dir / "attribution/epoch_002/scores/finetune.safetensors"), "pt").get_tensor("scores")
+    metrics_before = json.loads((run_dir / "attribution/epoch_002/metrics.json").read_text())
+    attribute(run_dir, {"checkpoints": [2]})
+    after = safe_open(str(run_dir / "attribution/epoch_002/scores/finetune.safetensors"), "pt").get_tensor("scores")
+    assert torch.equal(before, after)
+    assert json.loads((run_dir / "attribution/epoch_002/metrics.json").read_text()) == metrics_before
+
+
+def test_multirun_and_analyze_cli(tmp_path):
+    """A real Hydra sweep of two jobs through train.py, then analyze.py over the sweep folder."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + [
+        "trainer.max_epochs=1", "logger=none", "format=chatml,noformat", f"hydra.sweep.dir={sweep}"]
+    subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+    out = subprocess.run([sys.executable, "analyze.py", f"run_dir={sweep}"], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    table2 = (sweep / "tables" / "table2.md").read_text()
+    assert "format=chatml" in table2 and "format=noformat" in table2
+    assert (sweep / "figures" / "fig2_pt_wins.png").is_file() and "table1.md" in out.stdout
