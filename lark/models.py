@@ -60,14 +60,18 @@ def load_pretrained(path, model_cfg):
 def save_checkpoint(model, tokenizer, folder, extra_files=None):
     """Write an HF-loadable checkpoint (safetensors) atomically: a temporary folder renamed into place."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # unique: parallel sweep jobs share the cache
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process wrote the same folder in between: keep one complete copy
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
     return folder
 
 

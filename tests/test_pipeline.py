@@ -103,3 +103,16 @@ def test_multirun_and_analyze_cli(tmp_path):
     table2 = (sweep / "tables" / "table2.md").read_text()
     assert "format=chatml" in table2 and "format=noformat" in table2
     assert (sweep / "figures" / "fig2_pt_wins.png").is_file() and "table1.md" in out.stdout
+
+
+def test_ddp_attribution_equals_single_process(run_dir, tmp_path):
+    """Lightning DDP (2 CPU processes): examples split across ranks and all-gathered give the same scores."""
+    out = tmp_path / "ddp"
+    overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "trainer.max_epochs=1", "logger=none", "analysis.enabled=false", f"hydra.run.dir={out}"]
+    subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, check=True, capture_output=True)
+    for source in SOURCES:
+        name = f"attribution/epoch_000/scores/{source}.safetensors"
+        single = safe_open(str(run_dir / name), "pt").get_tensor("scores")
+        assert torch.allclose(safe_open(str(out / name), "pt").get_tensor("scores"), single, atol=1e-6)
