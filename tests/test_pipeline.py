@@ -8,7 +8,7 @@ import torch
 from omegaconf import open_dict
 from safetensors import safe_open
 
-from conftest import ROOT, SMALL, compose
+from conftest import ROOT, SHARED_DATA, SMALL, compose
 
 pytestmark = pytest.mark.slow
 SOURCES = ["finetune", "medical_format", "medical_noformat", "entertainment_format", "entertainment_noformat"]
@@ -116,3 +116,39 @@ def test_ddp_attribution_equals_single_process(run_dir, tmp_path):
         name = f"attribution/epoch_000/scores/{source}.safetensors"
         single = safe_open(str(run_dir / name), "pt").get_tensor("scores")
         assert torch.allclose(safe_open(str(out / name), "pt").get_tensor("scores"), single, atol=1e-6)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_paper_experiment_code_path_on_local_files(run_dir, tmp_path):
+    """+experiment=pubmedqa with its hub loaders pointed at local folders in the hub's schema (datasets reads
+    them like the hub), and the tiny checkpoint standing in for OLMo-3-7B: every real code path, offline."""
+    from lark.data import read_jsonl
+    from lark.experiment import train
+
+    hub = tmp_path / "pubmedqa_hub"
+    hub.mkdir()
+    with open(hub / "pqa_labeled.jsonl", "w") as f:
+        for _, r in read_jsonl(SHARED_DATA / "pubmedqa" / "pqa_labeled.jsonl"):
+            f.write(json.dumps({"pubid": int(r["pubid"]), "question": r["question"], "final_decision":
+                                r["final_decision"], "long_answer": r["long_answer"],
+                                "context": {"contexts": r["contexts"], "labels": r["labels"]}}) + "\n")
+    cfg = compose(["+experiment=pubmedqa", "trainer=cpu", "trainer.precision=32-true", "trainer.max_epochs=1",
+                   "trainer.enable_progress_bar=false", "logger=none", f"model.hub_id={run_dir}/checkpoints/epoch_000",
+                   "model.dtype=float32", "model.gradient_checkpointing=false", f"data.hub_id={hub}",
+                   "data.hub_config=null", "data.n_train=16", "data.n_test=8", "source.size=8", "max_length=192",
+                   "attribution.projector.k=512", "analysis.enabled=false",
+                   f"data.corpus.medical.hub_id={SHARED_DATA / 'pubmed_corpus'}", "data.corpus.medical.limit=300",
+                   f"data.corpus.entertainment.hub_id={SHARED_DATA / 'entertainment'}",
+                   "data.corpus.entertainment.limit=300"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    out = train(cfg)
+    metrics = json.loads((out / "attribution" / "epoch_001" / "metrics.json").read_text())
+    assert metrics["n_queries"] == 8 and all(s["n_docs"] == 8 for s in metrics["sources"].values())
+    assert metrics["storage"]["n_params"] > 0 and metrics["ft"] is not None
+    test_ids = [r["id"] for _, r in read_jsonl(out / "data" / "test.jsonl")]
+    from lark.data import official_test_ids
+
+    assert set(test_ids) <= official_test_ids()
+    medical = [r for _, r in read_jsonl(out / "data" / "sources" / "medical_noformat.jsonl")]
+    assert all(r["id"].startswith("PMC") for r in medical)   # BM25-retrieved abstracts
