@@ -34,6 +34,9 @@ class AttributionCallback(L.Callback):
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:
                 name = f"epoch_{epoch:03d}"
+                sources = [(s, logged.get(f"influence/mean_max/{s}"), logged.get(f"influence/ft_wins/{s}"))
+                           for s in self.sets]
+                log_table(trainer, f"influence/{name}/sources", ["source", "mean_max", "ft_wins"], sources)
                 log_table(trainer, f"influence/{name}/top_k", ["query_id", "source", "rank", "doc_id", "score"], rows)
 
 
@@ -69,6 +72,7 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
 def influence_logs(metrics):
     """Flat scalar metrics for the loggers."""
     out = {f"influence/mean_max/{s}": v["mean_max"] for s, v in metrics["sources"].items()}
+    out.update({f"influence/ft_wins/{s}": v["ft_wins"] for s, v in metrics["sources"].items()})
     out.update({f"influence/{k}": metrics[k] for k in ("ft", "pt", "ft_pt_ratio", "ft_wins", "pt_wins")})
     out.update({f"influence/format_effect/{k}": v for k, v in metrics["format_effect"].items()})
     out["bm25/ft_wins"] = metrics["bm25"]["ft_wins"]

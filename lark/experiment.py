@@ -96,7 +96,10 @@ def train(cfg, log=print):
     callback = AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log)
     trainer = instantiate(cfg.trainer, callbacks=[callback], logger=loggers or False)
     try:
-        trainer.fit(module, loader)
+        if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
+            evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, 0, None, log=log)
+        else:
+            trainer.fit(module, loader)
         if cfg.analysis.enabled and trainer.global_rank == 0:
             result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch)
             log_images(loggers, "figures", result["figure_files"])
