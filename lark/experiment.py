@@ -21,7 +21,7 @@ from lark.callbacks import AttributionCallback, evaluate_checkpoint, wanted
 from lark.data import load_corpus, load_qa, read_jsonl, write_jsonl
 from lark.formats import encode, qa_fields
 from lark.loggers import build_loggers, finish, log_images
-from lark.models import load_pretrained
+from lark.models import load_base_model, load_pretrained
 from lark.pretrain import pretrain_tiny
 from lark.sources import build_sources
 from lark.training import CausalLMModule, make_loader
@@ -71,9 +71,7 @@ def prepare_model(cfg, corpora, log=print):
     if cfg.model.kind == "tiny":
         texts = [d["text"] for d in corpora["medical"] + corpora["entertainment"]]
         return load_pretrained(pretrain_tiny(cfg.model, texts, cfg.paths.cache_dir, log), cfg.model)
-    if cfg.model.kind == "hub":
-        return load_pretrained(cfg.model.hub_id, cfg.model)
-    raise ValueError(f"model.kind: unknown kind '{cfg.model.kind}' (tiny or hub)")
+    return load_base_model(cfg.model)
 
 
 def train(cfg, log=print):

@@ -57,6 +57,13 @@ def load_pretrained(path, model_cfg):
     return model, tokenizer
 
 
+def load_base_model(model_cfg):
+    """The base model of a non-tiny `model` config: kind hub = a hub id or a local folder (model.hub_id)."""
+    if model_cfg.kind == "hub":
+        return load_pretrained(model_cfg.hub_id, model_cfg)
+    raise ValueError(f"model.kind: unknown kind '{model_cfg.kind}' (tiny or hub)")
+
+
 def save_checkpoint(model, tokenizer, folder, extra_files=None):
     """Write an HF-loadable checkpoint (safetensors) atomically: a temporary folder renamed into place."""
     folder = Path(folder)
