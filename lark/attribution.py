@@ -18,46 +18,34 @@ from safetensors.torch import save_file
 
 from lark import metrics as M
 from lark.formats import encode
+from lark.projector import make_projector, trainable
 from lark.sources import example_text
 from lark.training import collate
 
 QUERY_SET = "test_queries"
 
 
-def trainable(model):
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def example_gradient(model, encoded, params, pad_id):
-    """{name: d loss / d param} for one encoded example (mean loss over its loss tokens)."""
-    device = params[0][1].device
-    batch = {k: v.to(device) for k, v in collate([encoded], pad_id).items()}
-    loss = model(**batch).loss
-    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-    return loss.detach(), {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params, grads)}
-
-
-def project_examples(model, encoded, projector, pad_id, rank=0, world=1, gather=None):
-    """[n, k] projected gradients (float32). Examples whose loss or gradient is not finite get a NaN row.
-    With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects them."""
-    params = trainable(model)
+def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None):
+    """[n, k] projected gradients (float32), computed in batches. Examples whose loss or gradient is not finite
+    get a NaN row. With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects
+    them. Batches are formed by length (less padding): an example's vector does not depend on its batch."""
+    mine = list(range(rank, len(encoded), world))
+    order = sorted(mine, key=lambda i: len(encoded[i]["input_ids"]))
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    mine = list(range(rank, len(encoded), world))
-    rows = []
-    for i in mine:
-        loss, grads = example_gradient(model, encoded[i], params, pad_id)
-        v = projector.project(grads)
-        if not torch.isfinite(loss) or not torch.isfinite(v).all():
-            v = torch.full_like(v, float("nan"))
-        rows.append(v)
+    rows = {}
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
+        for i, v in zip(index, projector.project_batch(model, batch).float().cpu()):
+            rows[i] = v if torch.isfinite(v).all() else torch.full_like(v, float("nan"))
     model.train(was_training)
-    k = projector.k
-    out = torch.stack(rows) if rows else torch.zeros(0, k)
+    out = torch.stack([rows[i] for i in mine]) if mine else torch.zeros(0, projector.k)
     if world == 1:
-        return out.cpu()
+        return out
     per_rank = -(-len(encoded) // world)
-    padded = torch.cat([out, out.new_zeros(per_rank - len(out), k)])
+    padded = torch.cat([out, out.new_zeros(per_rank - len(out), projector.k)]).to(device)
     gathered = gather(padded).cpu()          # [world, per_rank, k]
     return torch.stack([gathered[i % world, i // world] for i in range(len(encoded))])
 
@@ -105,16 +93,14 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
 
     sets: {source: [example]}; queries: [example] (test queries); cfg: the `attribution` config; src: the `source`
     config; info: {epoch, accuracy, lr, ...} copied into metrics.json. Returns the metrics dict."""
-    from lark.projector import make_projector
-
     out_dir = Path(out_dir)
-    shapes = {n: tuple(p.shape) for n, p in trainable(model)}
-    projector = make_projector(cfg.projector, shapes)
+    projector = make_projector(cfg.projector, model)
     meta = {"epoch": info["epoch"], "projector": projector.spec(), "format": fmt.name}
     unit = {}
     for name, examples in {QUERY_SET: queries, **sets}.items():
         encoded = [encode(tokenizer, e, fmt, max_length) for e in examples]
-        vectors = project_examples(model, encoded, projector, tokenizer.pad_token_id, rank, world, gather)
+        vectors = project_examples(model, encoded, projector, tokenizer.pad_token_id, cfg.batch_size, rank, world,
+                                   gather)
         bad = [examples[i]["id"] for i in range(len(examples)) if not torch.isfinite(vectors[i]).all()]
         if bad:
             log(f"[lark] {name}: {len(bad)} examples with a non-finite loss or gradient, left out: {bad[:5]}")

@@ -23,6 +23,7 @@ from lark.formats import encode, qa_fields
 from lark.loggers import build_loggers, finish, log_images
 from lark.models import load_base_model, load_pretrained
 from lark.pretrain import pretrain_tiny
+from lark.projector import KINDS
 from lark.sources import build_sources
 from lark.training import CausalLMModule, make_loader
 
@@ -33,7 +34,7 @@ def validate(cfg):
         raise ValueError(f"trainer.max_epochs must be >= 0, got {cfg.trainer.max_epochs}")
     if int(cfg.attribution.projector.k) <= 0:
         raise ValueError(f"attribution.projector.k must be positive, got {cfg.attribution.projector.k}")
-    if cfg.attribution.projector.kind not in ("rapidin", "gaussian", "exact"):
+    if cfg.attribution.projector.kind not in KINDS:
         raise ValueError(f"attribution.projector.kind: unknown '{cfg.attribution.projector.kind}'")
     names = set(cfg.source.sources)
     for key in ("ft_source", "pt_source"):

@@ -9,6 +9,10 @@ Cosine similarity of projections approximates cosine similarity of the full grad
   permutation table or P x k matrix is ever stored: O(P) per example.
 - GaussianProjector (kind `gaussian`): dense N(0, 1/k) matrix, the textbook reference; tiny models only.
 - ExactProjector (kind `exact`): no projection (k = P), for checking the others.
+- HookSketch (kind `sketch`, the default, lark/sketch.py): the count sketch computed from forward/backward hooks,
+  batched, without the model's weight-gradient GEMMs.
+
+Every projector has project_batch(model, batch) -> [B, k]; the first three also project(grads) one gradient.
 """
 import hashlib
 import math
@@ -48,7 +52,31 @@ def normalize_tensors(grads, how):
     return {n: g / g.norm().clamp_min(1e-30) for n, g in grads.items()}
 
 
-class CountSketch:
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def example_gradient(model, batch, params):
+    """(loss, {name: d loss / d param}) for a batch of one example (mean loss over its loss tokens)."""
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    return loss.detach(), {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params, grads)}
+
+
+class PerExample:
+    """project_batch by one backward pass per example on the materialised gradient (the reference path)."""
+
+    def project_batch(self, model, batch):
+        params = trainable(model)
+        rows = []
+        for b, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            loss, grads = example_gradient(model, {k: v[b:b + 1, :n] for k, v in batch.items()}, params)
+            v = self.project(grads)
+            rows.append(v if torch.isfinite(loss) else torch.full_like(v, float("nan")))
+        return torch.stack(rows)
+
+
+class CountSketch(PerExample):
     """Count sketch of the concatenated gradient: out[h(i)] += s(i) * g[i]."""
 
     kind = "rapidin"
@@ -83,7 +111,7 @@ class CountSketch:
         return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize, "hash": "murmur3-fmix32"}
 
 
-class GaussianProjector:
+class GaussianProjector(PerExample):
     """Dense Gaussian projection g -> R^T g / sqrt(k), R[i, j] ~ N(0, 1), generated per parameter from its key."""
 
     kind = "gaussian"
@@ -111,7 +139,7 @@ class GaussianProjector:
         return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize}
 
 
-class ExactProjector:
+class ExactProjector(PerExample):
     """No projection: the full gradient, concatenated in parameter order (k = P)."""
 
     kind = "exact"
@@ -128,14 +156,22 @@ class ExactProjector:
         return {"kind": self.kind, "k": self.k, "normalize": self.normalize}
 
 
-def make_projector(cfg, shapes):
-    """The projector of an `attribution.projector` config for parameters {name: shape}."""
+KINDS = ("sketch", "rapidin", "gaussian", "exact")
+
+
+def make_projector(cfg, model):
+    """The projector of an `attribution.projector` config for the model's trainable parameters."""
     if cfg.k is None or int(cfg.k) <= 0:
         raise ValueError(f"attribution.projector.k must be a positive integer, got {cfg.k}")
+    shapes = {n: tuple(p.shape) for n, p in trainable(model)}
+    if cfg.kind == "sketch":
+        from lark.sketch import HookSketch
+
+        return HookSketch(model, cfg.k, cfg.seed, cfg.normalize, cfg.get("method", "auto"))
     if cfg.kind == "rapidin":
         return CountSketch(shapes, cfg.k, cfg.seed, cfg.normalize)
     if cfg.kind == "gaussian":
         return GaussianProjector(shapes, cfg.k, cfg.seed, cfg.normalize, cfg.max_dense_elements)
     if cfg.kind == "exact":
         return ExactProjector(shapes, cfg.normalize)
-    raise ValueError(f"attribution.projector.kind: unknown '{cfg.kind}' (rapidin, gaussian or exact)")
+    raise ValueError(f"attribution.projector.kind: unknown '{cfg.kind}' (sketch, rapidin, gaussian or exact)")

@@ -59,7 +59,7 @@ def test_attribution_artifacts(run_dir):
             vectors = f.get_tensor("vectors")
             assert vectors.dtype == torch.float16 and vectors.shape == (12, 512)
             assert len(json.loads(f.metadata()["ids"])) == 12
-            assert json.loads(f.metadata()["projector"])["kind"] == "rapidin"
+            assert json.loads(f.metadata()["projector"])["kind"] == "sketch"
         for source in SOURCES:
             with safe_open(str(folder / "scores" / f"{source}.safetensors"), framework="pt") as f:
                 scores = f.get_tensor("scores")
