@@ -5,9 +5,10 @@ layer input and delta_t = dL/dy_t. The hooks see X [B, T, in] and Delta [B, T, o
 model's own weight-gradient GEMMs are switched off (parameters do not require grad during the pass) and each
 layer's contribution to the global k-dim count sketch is computed from (X, Delta) directly:
 
-- `materialize`: G_b = Delta_b^T X_b by one batched GEMM, then the same count sketch as `rapidin` (bucket and sign
-  of every coordinate from the counter-based hash of (seed, parameter name, flat index)): identical vectors to
-  `rapidin`, up to float summation order.
+- `materialize`: G_b = Delta_b^T X_b by one batched GEMM, then a "rotated-chunk" count sketch (sketch_flat): the
+  flat index is cut into k-long chunks, each rotated by a random offset, with a random sign per coordinate, all
+  from a counter-based hash of (seed, parameter name, index). Contiguous adds instead of a scatter; the same
+  unbiasedness and (at most) the variance of `rapidin`'s fully hashed count sketch, but not the same vectors.
 - `tensorsketch`: TensorSketch (Pham & Pagh 2013) of G without forming it: coordinate (i, j) goes to bucket
   (h1(i) + h2(j)) mod k with sign s1(i) s2(j); count-sketch delta_t and x_t into k dims, multiply their FFTs,
   sum over tokens, one inverse FFT per example. Cost T * k log k per example instead of T * in * out: the
@@ -15,7 +16,8 @@ layer's contribution to the global k-dim count sketch is computed from (X, Delta
 - `auto`: per layer, the cheaper of the two by FLOP count.
 
 Embedding rows: dL/dE[v] = sum over positions t with token v of dL/d(embedding_t): sketched token by token with
-the hash of (v, column) -- the V x d gradient is never formed. RMSNorm/LayerNorm weights (1-D, out = w * xhat + b):
+the same bucket and sign as sketch_flat gives coordinate (v, column) -- the V x d gradient is never formed
+(and a tied output layer adds into the same buckets). RMSNorm/LayerNorm weights (1-D, out = w * xhat + b):
 exact per-example gradient sum_t g_t * xhat_t (xhat = (out - b) / w), then sketched. Everything the hooks do not
 reach is reported by `coverage()`; for the OLMo-3 family it is 100%.
 """
@@ -57,6 +59,7 @@ class HookSketch:
                    for p in m.parameters(recurse=False)}
         self.covered = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in covered)
         self.cache = {}
+        self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
 
     def coverage(self):
         """Share of trainable parameters whose gradient the sketch includes."""
@@ -67,15 +70,26 @@ class HookSketch:
                 "method": self.method, "hash": "murmur3-fmix32", "coverage": round(self.coverage(), 6)}
 
     # -- hashing -------------------------------------------------------------------------------------------
-    def coordinate_hash(self, name, numel, device):
-        """Bucket and sign of every coordinate of a parameter (the same as `rapidin`'s)."""
-        key = ("flat", name, numel)
-        if key not in self.cache:
-            index = torch.arange(numel, dtype=torch.int64, device=device)
-            bucket = hashed(index, name_key(self.seed, name, "bucket")) % self.k
-            sign = (hashed(index, name_key(self.seed, name, "sign")) & 1).to(torch.float32) * 2 - 1
-            self.cache[key] = (bucket, sign)
-        return self.cache[key]
+    def signs(self, name, numel, device):
+        """Random sign of every coordinate of a parameter (counter-based hash of (seed, name, index))."""
+        key = ("sign", name, numel)
+        if key in self.cache:
+            return self.cache[key]
+        index = torch.arange(numel, dtype=torch.int64, device=device)
+        sign = (hashed(index, name_key(self.seed, name, "sign")) & 1).to(torch.float32) * 2 - 1
+        if numel <= self.cache_elements:
+            self.cache[key] = sign
+        return sign
+
+    def offsets(self, name, chunks):
+        """Random rotation of each k-long chunk of a parameter's flat index."""
+        index = torch.arange(chunks, dtype=torch.int64)
+        return (hashed(index, name_key(self.seed, name, "offset")) % self.k).tolist()
+
+    def buckets(self, name, flat_index):
+        """Bucket of flat coordinates: chunk c = index // k is rotated by offset(c)."""
+        chunk, pos = flat_index // self.k, flat_index % self.k
+        return (hashed(chunk, name_key(self.seed, name, "offset")) % self.k + pos) % self.k
 
     def axis_hash(self, name, axis, size, device):
         """TensorSketch's per-axis bucket and sign."""
@@ -89,11 +103,22 @@ class HookSketch:
 
     # -- per-layer sketches -----------------------------------------------------------------------------------
     def sketch_flat(self, name, flat):
-        """[B, numel] per-example gradients -> [B, k] count sketch."""
-        bucket, sign = self.coordinate_hash(name, flat.shape[1], flat.device)
-        out = torch.zeros(self.k, flat.shape[0], device=flat.device)
-        out.index_add_(0, bucket, (flat * sign).T)
-        return out.T
+        """[B, numel] per-example gradients -> [B, k]: a count sketch whose buckets are k-long chunks of the flat
+        index, each rotated by a random offset, with an independent random sign per coordinate. Two coordinates
+        of different chunks collide with probability 1/k and those of one chunk never do, so inner products keep
+        the count sketch's unbiasedness and (at most) its variance -- at the cost of contiguous adds, not a
+        scatter."""
+        n = flat.shape[1]
+        sign = self.signs(name, n, flat.device)
+        out = torch.zeros(flat.shape[0], self.k, device=flat.device)
+        for c, offset in enumerate(self.offsets(name, -(-n // self.k))):
+            start = c * self.k
+            length = min(self.k, n - start)
+            head = min(length, self.k - offset)          # lands on [offset, offset + head)
+            out[:, offset:offset + head].addcmul_(flat[:, start:start + head], sign[start:start + head])
+            if length > head:                            # wraps around to [0, length - head)
+                out[:, :length - head].addcmul_(flat[:, start + head:start + length], sign[start + head:start + length])
+        return out
 
     def use_tensorsketch(self, t, n_in, n_out):
         if self.method != "auto":
@@ -131,7 +156,7 @@ class HookSketch:
         name = self.param_names[id(mod.weight)]
         d = grad.shape[-1]
         flat_index = tokens.unsqueeze(-1) * d + torch.arange(d, device=tokens.device)   # [B, T, d]
-        bucket = hashed(flat_index, name_key(self.seed, name, "bucket")) % self.k
+        bucket = self.buckets(name, flat_index)
         sign = (hashed(flat_index, name_key(self.seed, name, "sign")) & 1).float() * 2 - 1
         out = torch.zeros(grad.shape[0], self.k, device=grad.device)
         out.scatter_add_(1, bucket.flatten(1), (grad.float() * sign).flatten(1))

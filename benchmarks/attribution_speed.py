@@ -1,0 +1,190 @@
+"""Speed, memory and fidelity of every projector against a training step, in one run.
+
+    python benchmarks/attribution_speed.py            # tiny OLMo-3, 8.4M and 42M Llama-style models
+    python benchmarks/attribution_speed.py --quick    # tiny + 8.4M, fewer repeats (< 5 min on 2 cores)
+
+Rows: the training step (forward + backward of the mean loss, = 1.0), the floor (forward + backward through the
+activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536. Columns: examples/s,
+speed as a multiple of the training step's examples/s (higher is faster), peak RSS of the row (and as a multiple
+of the training step's), and fidelity against exact gradient cosines on real text: Pearson and max |error| over
+all pairs of `--fidelity-examples` examples. Timings are medians of `--repeats` batches after one warm-up.
+The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from lark.formats import encode_text  # noqa: E402
+from lark.models import train_tokenizer  # noqa: E402
+from lark.projector import ExactProjector, make_projector, trainable  # noqa: E402
+from lark.training import collate  # noqa: E402
+
+MODELS = {
+    "tiny-olmo3": ("olmo3", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4), 2048),
+    "llama-8.4M": ("llama", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=4), 8192),
+    "llama-42M": ("llama", dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                                num_key_value_heads=8), 8192),
+}
+
+
+def texts():
+    """Real text: ../shared/data abstracts and fiction when present, else the generated world."""
+    shared = ROOT.parent / "shared" / "data"
+    if shared.is_dir():
+        from lark.data import read_jsonl
+
+        med = [r["text"] for _, r in read_jsonl(shared / "pubmed_corpus" / "abstracts.jsonl")][:1500]
+        ent = [r["text"] for _, r in read_jsonl(shared / "entertainment" / "documents.jsonl")][:500]
+        return med + ent
+    from lark.world import generate_world
+
+    w = generate_world()
+    return [d["text"] for d in w.medical_docs + w.entertainment_docs]
+
+
+def build_model(family, config, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM, Olmo3Config, Olmo3ForCausalLM
+
+    torch.manual_seed(0)
+    cls, cfg = (Olmo3ForCausalLM, Olmo3Config) if family == "olmo3" else (LlamaForCausalLM, LlamaConfig)
+    return cls(cfg(vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False, **config)).eval()
+
+
+def peak_rss_reset():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, repeats):
+    fn()  # warm-up (hash caches, allocator)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step(model, batch):
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+
+
+def floor_step(model, batch):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def fidelity(model, encoded, projector, exact_gram, pad_id):
+    vectors = torch.cat([projector.project_batch(model, collate(encoded[i:i + 8], pad_id))
+                         for i in range(0, len(encoded), 8)])
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    gram = unit @ unit.T
+    iu = torch.triu_indices(len(encoded), len(encoded), 1)
+    a, b = exact_gram[iu[0], iu[1]], gram[iu[0], iu[1]]
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item(), (a - b).abs().max().item()
+
+
+def exact_cosines(model, encoded, pad_id):
+    """Exact cosine Gram matrix, accumulated parameter by parameter (never all gradients of all examples)."""
+    exact = ExactProjector({n: tuple(p.shape) for n, p in trainable(model)})
+    vectors = exact.project_batch(model, collate(encoded, pad_id))
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    return unit @ unit.T
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny + 8.4M models, fewer repeats")
+    ap.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--fidelity-examples", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--with-tensorsketch", action="store_true",
+                    help="also time sketch (tensorsketch) on every layer (slow on a CPU with small layers)")
+    args = ap.parse_args()
+    args.projectors = [("sketch", "auto"), ("rapidin", None)] + (
+        [("sketch", "tensorsketch")] if args.with_tensorsketch else [])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else list(MODELS))
+    repeats = args.repeats or (3 if args.quick else 7)
+    n_fid = args.fidelity_examples or (24 if args.quick else 48)
+    corpus = texts()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq} tokens, "
+          f"median of {repeats}, fidelity over {n_fid} real-text examples")
+    header = f"{'model':<11} {'row':<26} {'k':>6} {'ex/s':>8} {'x train':>8} {'peakRSS MB':>10} {'x RSS':>6} " \
+             f"{'pearson':>8} {'max|err|':>8}"
+    print(header)
+    print("-" * len(header))
+    summary = None
+    for name in names:
+        family, config, vocab = MODELS[name]
+        tokenizer = train_tokenizer(corpus, vocab)
+        model = build_model(family, config, len(tokenizer))
+        long_texts = [t for t in corpus if len(t) > 4 * args.seq]
+        encoded = [encode_text(tokenizer, t, args.seq) for t in long_texts]
+        batch = collate(encoded[: args.batch], tokenizer.pad_token_id)
+        fid = [encode_text(tokenizer, t, args.seq) for t in long_texts[args.batch: args.batch + n_fid]]
+        exact_gram = exact_cosines(model, fid, tokenizer.pad_token_id)
+
+        def row(label, k, fn, projector=None):
+            peak_rss_reset()
+            seconds = timed(fn, repeats)
+            rss = peak_rss_mb()
+            quality = fidelity(model, fid, projector, exact_gram, tokenizer.pad_token_id) if projector else None
+            return label, k, args.batch / seconds, rss, quality
+
+        rows = [row("train step", "-", lambda: train_step(model, batch)),
+                row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
+        for kind, method in args.projectors:
+            for k in (8192, 65536):
+                cfg = OmegaConf.create({"kind": kind, "k": k, "seed": 0, "normalize": "none", "method": method,
+                                        "max_dense_elements": 2e8})
+                projector = make_projector(cfg, model)
+                label = kind if method in (None, "auto") else f"{kind} ({method})"
+                rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
+        base_speed, base_rss = rows[0][2], rows[0][3]
+        for label, k, speed, rss, quality in rows:
+            p, e = quality if quality else (float("nan"), float("nan"))
+            print(f"{name:<11} {label:<26} {k:>6} {speed:>8.1f} {speed / base_speed:>8.2f} {rss:>10.0f} "
+                  f"{rss / base_rss:>6.2f} {p:>8.4f} {e:>8.4f}")
+            if name == "llama-8.4M" and label == "sketch" and k == 65536:
+                summary = (speed / base_speed, p, e, rss / base_rss)
+        sys.stdout.flush()
+    if summary:
+        print(f"SUMMARY projector=sketch k=65536 speed_vs_train_step={summary[0]:.2f} pearson={summary[1]:.4f} "
+              f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
