@@ -59,21 +59,30 @@ def _field(record, name, kind, where):
 
 def qa_item(record, where, id_field="pubid"):
     """Validate one PubMedQA-schema record and return it as a LARK QA item."""
-    item_id = record.get(id_field, record.get("id"))
+    name = id_field if id_field in record else "id"
+    item_id = record.get(name)
     if item_id is None:
         raise DataError(f"{where}: missing field '{id_field}'")
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
+        raise DataError(f"{where}: field '{name}' must be a non-empty string or integer, got {item_id!r}")
     contexts = _field(record, "contexts", list, where)
     if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
         raise DataError(f"{where}: field 'contexts' must be a non-empty list of non-empty strings")
+    labels = record.get("labels") or []
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise DataError(f"{where}: field 'labels' must be a list of strings")
+    long_answer = record.get("long_answer") or ""
+    if not isinstance(long_answer, str):
+        raise DataError(f"{where}: field 'long_answer' must be str, got {type(long_answer).__name__}")
     decision = _field(record, "final_decision", str, where)
     if decision not in LABELS:
         raise DataError(f"{where}: field 'final_decision' is '{decision}', expected one of {', '.join(LABELS)}")
     return {
-        "id": str(item_id),
+        "id": str(item_id).strip(),
         "question": _field(record, "question", str, where),
         "contexts": contexts,
-        "labels": list(record.get("labels") or []),
-        "long_answer": record.get("long_answer") or "",
+        "labels": labels,
+        "long_answer": long_answer,
         "final_decision": decision,
     }
 
@@ -118,16 +127,25 @@ def load_pubmedqa_hub(hub_id, hub_config, hub_split="train", test_ids=None):
 
     test_ids = official_test_ids() if test_ids is None else test_ids
     rows = datasets.load_dataset(hub_id, hub_config, split=hub_split)
-    train, test = [], []
+    train, test, seen = [], [], set()
     for n, row in enumerate(rows):
+        where = f"{hub_id}/{hub_config}[{hub_split}] row {n}"
         context = row.get("context") or {}
-        record = {"pubid": row["pubid"], "question": row["question"], "contexts": context.get("contexts"),
+        if not isinstance(context, dict):
+            raise DataError(f"{where}: field 'context' must be an object with 'contexts' and 'labels'")
+        record = {"pubid": row.get("pubid"), "question": row.get("question"), "contexts": context.get("contexts"),
                   "labels": context.get("labels"), "long_answer": row.get("long_answer"),
                   "final_decision": row.get("final_decision")}
-        item = qa_item(record, f"{hub_id}/{hub_config}[{hub_split}] row {n}")
+        record = {k: v for k, v in record.items() if v is not None}
+        item = qa_item(record, where)
+        if item["id"] in seen:
+            raise DataError(f"{where}: duplicate id '{item['id']}'")
+        seen.add(item["id"])
         (test if item["id"] in test_ids else train).append(item)
-    if len(test) != len(test_ids):
-        raise DataError(f"{hub_id}/{hub_config}: found {len(test)} of the {len(test_ids)} test ids")
+    missing = set(test_ids) - seen
+    if missing:
+        raise DataError(f"{hub_id}/{hub_config}: {len(missing)} of the {len(test_ids)} test ids are not in the "
+                        f"data, e.g. {sorted(missing)[:3]}")
     return train, test
 
 
@@ -144,7 +162,7 @@ def load_qa(cfg, world=None):
         else:
             raise DataError(f"data.kind: unknown kind '{cfg.kind}' (world, local or hub)")
     n_train, n_test = cfg.get("n_train"), cfg.get("n_test")
-    return train[:n_train] if n_train else train, test[:n_test] if n_test else test
+    return (train if n_train is None else train[:n_train]), (test if n_test is None else test[:n_test])
 
 
 def load_corpus(cfg, seed=0):

@@ -57,7 +57,7 @@ def render(tokenizer, fields, fmt):
         if not full.startswith(prompt):
             raise ValueError("format: the chat template renders the assistant turn in a way that does not extend "
                              "the generation prompt; set format=noformat or give the tokenizer a ChatML template")
-        return prompt, full[len(prompt):]
+        return prompt, full[len(prompt):].rstrip("\n")   # the template's newline after the turn carries no loss
     if fmt.kind == "plain":
         system = f"{fmt.system_prompt}\n\n" if fmt.get("system_prompt") else ""
         return f"{system}{turns[-2]['content']}\nAnswer:", f" {fields['answer']}{tokenizer.eos_token or ''}"
