@@ -1,25 +1,25 @@
 """The LARK kernel at one checkpoint: projected per-example loss gradients, their cosine similarity, the metrics.
 
 Layout written under attribution/epoch_NNN/:
-  stores/<set>.safetensors   unit-normalised projections [n, k] in attribution.store_dtype + norms [n] (float32);
-                              header metadata: ids, set, epoch, projector spec (readable without LARK)
-  scores/<source>.safetensors cosine scores [n_queries, n_docs] float32
+  stores/<set>.safetensors   unit-normalised projections [n, k] in the attribution.store_dtype tier + norms [n]
+                              (float32); header metadata: ids, set, epoch, tier, projector spec (lark.stores)
+  scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
   metrics.json                the paper's metrics (see lark.metrics) + accuracy, lr, storage, BM25 baseline
 """
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lark import metrics as M
 from lark.formats import encode
 from lark.projector import make_projector, trainable
 from lark.sources import example_text
+from lark.stores import atomic_save, bytes_per_vector, cosine_scores, save_store, stored_view, topk_scores
 from lark.training import collate
 
 QUERY_SET = "test_queries"
@@ -50,41 +50,10 @@ def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, wo
     return torch.stack([gathered[i % world, i // world] for i in range(len(encoded))])
 
 
-def atomic_save(tensors, path, metadata):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def save_store(path, vectors, ids, meta, dtype="float16"):
-    """Unit-normalised vectors in `dtype` (2 bytes per dimension by default) and their float32 norms."""
-    norms = vectors.norm(dim=1)
-    unit = vectors / norms.clamp_min(1e-30).unsqueeze(1)
-    metadata = {"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in meta.items()}}
-    atomic_save({"vectors": unit.to(getattr(torch, dtype)).contiguous(), "norms": norms.float()}, path, metadata)
-
-
-def load_store(path):
-    """(unit vectors float32 [n, k], norms [n], ids, metadata)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        return f.get_tensor("vectors").float(), f.get_tensor("norms"), meta.pop("ids"), meta
-
-
-def cosine_scores(queries, docs, block=4096):
-    """[n_q, n_d] cosine similarity of unit vectors, computed in blocks of source rows."""
-    parts = [queries @ docs[s:s + block].T for s in range(0, len(docs), block)]
-    return torch.cat(parts, dim=1) if parts else torch.zeros(len(queries), 0)
-
-
-def top_influences(scores, query_ids, doc_ids, source, k):
-    """Rows (query_id, source, rank, doc_id, score) of each query's k highest-scoring documents."""
-    k = min(k, scores.shape[1])
-    values, index = scores.nan_to_num(float("-inf")).topk(k, dim=1)
+def top_rows(values, index, query_ids, doc_ids, source):
+    """Rows (query_id, source, rank, doc_id, score) of each query's best documents."""
     return [(q, source, r + 1, doc_ids[index[i, r]], round(values[i, r].item(), 6))
-            for i, q in enumerate(query_ids) for r in range(k)]
+            for i, q in enumerate(query_ids) for r in range(values.shape[1]) if math.isfinite(values[i, r])]
 
 
 def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir, max_length, info,
@@ -96,7 +65,7 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
     out_dir = Path(out_dir)
     projector = make_projector(cfg.projector, model)
     meta = {"epoch": info["epoch"], "projector": projector.spec(), "format": fmt.name}
-    unit = {}
+    tier, decoded = cfg.store_dtype, {}
     for name, examples in {QUERY_SET: queries, **sets}.items():
         encoded = [encode(tokenizer, e, fmt, max_length) for e in examples]
         vectors = project_examples(model, encoded, projector, tokenizer.pad_token_id, cfg.batch_size, rank, world,
@@ -105,19 +74,22 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         if bad:
             log(f"[lark] {name}: {len(bad)} examples with a non-finite loss or gradient, left out: {bad[:5]}")
         ids = [e["id"] for e in examples]
-        if rank == 0:
-            save_store(out_dir / "stores" / f"{name}.safetensors", vectors, ids, {**meta, "set": name},
-                       cfg.store_dtype)
-        unit[name] = (vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)).to(getattr(torch, cfg.store_dtype))
+        path = out_dir / "stores" / f"{name}.safetensors"
+        decoded[name] = (save_store(path, vectors, ids, {**meta, "set": name}, tier) if rank == 0
+                         else stored_view(vectors, tier))
     query_ids = [q["id"] for q in queries]
     maxinf, rows = {}, []
     for name, examples in sets.items():
-        scores = cosine_scores(unit[QUERY_SET].float(), unit[name].float(), cfg.score_block)
-        maxinf[name] = M.max_influence(scores)
+        doc_ids = [e["id"] for e in examples]
+        values, index = topk_scores(decoded[QUERY_SET], decoded[name], cfg.top_k, tier, cfg.score_block)
+        maxinf[name] = values[:, 0] if values.shape[1] else torch.full((len(queries),), float("nan"))
+        maxinf[name] = torch.where(torch.isfinite(maxinf[name]), maxinf[name], float("nan"))
         if rank == 0:
-            atomic_save({"scores": scores.contiguous()}, out_dir / "scores" / f"{name}.safetensors",
-                        {"queries": json.dumps(query_ids), "docs": json.dumps([e["id"] for e in examples])})
-            rows += top_influences(scores, query_ids, [e["id"] for e in examples], name, cfg.top_k)
+            rows += top_rows(values, index, query_ids, doc_ids, name)
+            if cfg.save_scores:
+                scores = cosine_scores(decoded[QUERY_SET], decoded[name], tier, cfg.score_block)
+                atomic_save({"scores": scores.contiguous()}, out_dir / "scores" / f"{name}.safetensors",
+                            {"queries": json.dumps(query_ids), "docs": json.dumps(doc_ids)})
     result = M.influence_metrics(maxinf, src.ft_source, src.pt_source, src.format_pairs)
     for name, spec in src.sources.items():
         result["sources"][name].update(n_docs=len(sets[name]), kind=spec.kind, formatted=bool(spec.formatted))
@@ -132,7 +104,7 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         "bm25": {"ft_wins": bm25_metrics["ft_wins"], "pt_wins": bm25_metrics["pt_wins"],
                  "sources": {n: {"mean_max": s["mean_max"]} for n, s in bm25_metrics["sources"].items()}},
         "storage": M.storage(sum(p.numel() for _, p in trainable(model)), p.element_size(), projector.k,
-                             torch.tensor([], dtype=getattr(torch, cfg.store_dtype)).element_size(), src.size),
+                             bytes_per_vector(tier, projector.k) / projector.k, src.size),
         "projector": projector.spec(),
     }
     result = M.clean(result)

@@ -84,7 +84,7 @@ def storage(n_params, grad_dtype_bytes, k, store_dtype_bytes, n_examples):
     """Bytes for a full per-example gradient versus a projected vector (Table III)."""
     return {"n_params": n_params, "grad_dtype_bytes": grad_dtype_bytes, "k": k, "store_dtype_bytes": store_dtype_bytes,
             "n_examples": n_examples, "full_bytes_per_example": n_params * grad_dtype_bytes,
-            "store_bytes_per_example": k * store_dtype_bytes}
+            "store_bytes_per_example": int(round(k * store_dtype_bytes))}
 
 
 def clean(value):

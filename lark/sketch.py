@@ -58,6 +58,13 @@ class HookSketch:
         covered = {id(p) for group in (self.linears, self.norms, self.embeddings) for m in group.values()
                    for p in m.parameters(recurse=False)}
         self.covered = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in covered)
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.tied = out is not None and out.weight is input_embedding.weight
+        if self.tied and normalize == "per_tensor":
+            raise ValueError("attribution.projector.normalize=per_tensor with tied input/output embeddings is not "
+                             "supported by kind=sketch (the two uses of the weight are sketched apart); use "
+                             "kind=rapidin")
+        self.input_weight = input_embedding.weight
         self.cache = {}
         self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
 
@@ -140,7 +147,8 @@ class HookSketch:
         parts = {}
         if mod.bias is not None:
             parts[self.param_names[id(mod.bias)]] = ("flat", delta.sum(dim=1))
-        if self.use_tensorsketch(x.shape[1], x.shape[-1], delta.shape[-1]):
+        tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
+        if not tied and self.use_tensorsketch(x.shape[1], x.shape[-1], delta.shape[-1]):
             parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta, x))
         else:
             parts[w_name] = ("flat", torch.bmm(delta.transpose(1, 2), x).flatten(1))
@@ -190,13 +198,16 @@ class HookSketch:
             embedding = model.get_input_embeddings()
             embeds = embedding(batch["input_ids"]).detach().requires_grad_(True)
             logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
-            per_example_loss(logits, batch["labels"]).sum().backward()
+            losses = per_example_loss(logits, batch["labels"])
+            losses.nan_to_num(0.0).sum().backward()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
             for h in handles:
                 h.remove()
-        return self.combine(saved, grads, batch["input_ids"], embeds.grad, embedding)
+        sketches = self.combine(saved, grads, batch["input_ids"], embeds.grad, embedding)
+        sketches[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
+        return sketches
 
     def combine(self, saved, grads, tokens, embed_grad, embedding):
         """Sum every covered parameter's sketch (normalised per tensor if asked) into [B, k]."""
@@ -242,5 +253,5 @@ def per_example_loss(logits, labels):
     """[B] mean next-token loss over each example's loss tokens (what HF computes for a batch of one)."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    counts = (labels != IGNORE).sum(dim=1).clamp_min(1)
-    return losses.sum(dim=1) / counts
+    counts = (labels != IGNORE).sum(dim=1)
+    return losses.sum(dim=1) / counts    # no loss token: 0 / 0 = NaN, and the example is reported, not scored

@@ -1,0 +1,48 @@
+"""The fidelity oracle: how well projected cosines reproduce exact gradient cosines.
+
+Given exact scores S [n_q, n_d] (ExactProjector) and approximate scores A of the same pairs:
+Pearson and Spearman correlation over all pairs, max |A - S|, top-1 agreement (share of queries whose best
+document is the same) and top-10 overlap (mean share of the exact top 10 found in the approximate top 10).
+"""
+import torch
+
+from lark.projector import ExactProjector, trainable
+from lark.stores import cosine_scores, stored_view, unit_rows
+from lark.training import collate
+
+
+def ranks(x):
+    return torch.argsort(torch.argsort(x)).double()
+
+
+def agreement(exact, approx, top=10):
+    """Fidelity numbers of approximate scores against exact ones (both [n_q, n_d])."""
+    a, b = exact.flatten().double(), approx.flatten().double()
+    top = min(top, exact.shape[1])
+    overlap = [len(set(e.tolist()) & set(p.tolist())) / top
+               for e, p in zip(exact.topk(top, dim=1).indices, approx.topk(top, dim=1).indices)]
+    return {
+        "pearson": torch.corrcoef(torch.stack([a, b]))[0, 1].item(),
+        "spearman": torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1].item(),
+        "max_abs_err": (a - b).abs().max().item(),
+        "top1": (exact.argmax(dim=1) == approx.argmax(dim=1)).double().mean().item(),
+        f"top{top}": sum(overlap) / len(overlap),
+    }
+
+
+def project_all(model, encoded, projector, pad_id, batch_size=8):
+    return torch.cat([projector.project_batch(model, collate(encoded[i:i + batch_size], pad_id)).float()
+                      for i in range(0, len(encoded), batch_size)])
+
+
+def exact_scores(model, queries, docs, pad_id):
+    exact = ExactProjector({n: tuple(p.shape) for n, p in trainable(model)})
+    return unit_rows(project_all(model, queries, exact, pad_id)) @ unit_rows(project_all(model, docs, exact, pad_id)).T
+
+
+def fidelity(model, queries, docs, projector, pad_id, exact=None, tier="float16"):
+    """agreement() of a projector (and store tier) on encoded query and document examples."""
+    exact = exact_scores(model, queries, docs, pad_id) if exact is None else exact
+    q = stored_view(project_all(model, queries, projector, pad_id), tier)
+    d = stored_view(project_all(model, docs, projector, pad_id), tier)
+    return agreement(exact, cosine_scores(q, d, tier))

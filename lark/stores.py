@@ -1,0 +1,119 @@
+"""Gradient stores on disk and scoring against them.
+
+A store is one safetensors file: the projected gradients of one set, unit-normalised and encoded in a tier,
+plus their float32 norms; the header metadata carries the example ids and what produced them (JSON strings).
+It reads without LARK: `safe_open(path, "pt").get_tensor("vectors")`.
+
+Tiers (`attribution.store_dtype`), bytes per dimension, and how cosine is recovered:
+- float16 / bfloat16 (2 bytes, default float16): the unit vector itself.
+- int8 (1 byte + 4 bytes per vector): round(127 * v / max|v|) and the per-vector scale max|v| / 127.
+- bit (1/8 byte): the sign of each coordinate, packed; cos = sin(pi/2 * <sign(a), sign(b)> / k), the SimHash
+  estimate (angle = pi * Hamming / k), valid because sketch coordinates are near-Gaussian sums.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TIERS = ("float16", "bfloat16", "int8", "bit")
+
+
+def bytes_per_vector(tier, k):
+    return {"float16": 2 * k, "bfloat16": 2 * k, "int8": k + 4, "bit": math.ceil(k / 8)}[tier]
+
+
+def encode(unit, tier):
+    """{name: tensor} holding unit vectors [n, k] in a tier."""
+    if tier in ("float16", "bfloat16"):
+        return {"vectors": unit.to(getattr(torch, tier)).contiguous()}
+    if tier == "int8":
+        scale = unit.abs().amax(dim=1).clamp_min(1e-30) / 127
+        return {"vectors": torch.round(unit / scale.unsqueeze(1)).to(torch.int8), "scale": scale.float()}
+    if tier == "bit":
+        bits = (unit >= 0).to(torch.uint8)
+        pad = (-unit.shape[1]) % 8
+        bits = torch.nn.functional.pad(bits, (0, pad)).view(unit.shape[0], -1, 8)
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        return {"vectors": (bits * weights).sum(dim=2).to(torch.uint8)}
+    raise ValueError(f"attribution.store_dtype: unknown tier '{tier}' ({', '.join(TIERS)})")
+
+
+def decode(tensors, tier, k):
+    """float32 [n, k] vectors whose dot products give the tier's cosine estimate (before `finish_scores`)."""
+    v = tensors["vectors"]
+    if tier in ("float16", "bfloat16"):
+        return v.float()
+    if tier == "int8":
+        return v.float() * tensors["scale"].unsqueeze(1)
+    if tier == "bit":
+        shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+        bits = ((v.unsqueeze(2) >> shifts) & 1).flatten(1)[:, :k].float()
+        return (bits * 2 - 1) / math.sqrt(k)
+    raise ValueError(f"attribution.store_dtype: unknown tier '{tier}' ({', '.join(TIERS)})")
+
+
+def finish_scores(dots, tier):
+    """Dot products of decoded vectors -> cosine estimates."""
+    return torch.sin(dots.clamp(-1, 1) * (math.pi / 2)) if tier == "bit" else dots
+
+
+def unit_rows(vectors):
+    """Rows scaled to unit norm (zero rows stay zero, NaN rows stay NaN)."""
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def atomic_save(tensors, path, metadata):
+    """safetensors written to a temporary name and renamed: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_store(path, vectors, ids, meta, tier="float16"):
+    """Write projected gradients [n, k] as a store; returns the decoded unit vectors the scores will use."""
+    unit = unit_rows(vectors)
+    tensors = {**encode(unit, tier), "norms": vectors.norm(dim=1).float()}
+    metadata = {"ids": json.dumps(ids), "tier": json.dumps(tier), "k": json.dumps(vectors.shape[1]),
+                **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_save(tensors, path, metadata)
+    return decode(tensors, tier, vectors.shape[1])
+
+
+def stored_view(vectors, tier):
+    """What the scores see of vectors stored in a tier (without writing them)."""
+    return decode(encode(unit_rows(vectors), tier), tier, vectors.shape[1])
+
+
+def load_store(path):
+    """(decoded unit vectors float32 [n, k], norms [n], ids, metadata)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return decode(tensors, meta["tier"], meta["k"]), tensors["norms"], meta.pop("ids"), meta
+
+
+def cosine_scores(queries, docs, tier="float16", block=4096):
+    """[n_q, n_d] cosine estimates from decoded unit vectors, computed in blocks of document rows."""
+    parts = [finish_scores(queries @ docs[s:s + block].T, tier) for s in range(0, len(docs), block)]
+    return torch.cat(parts, dim=1) if parts else torch.zeros(len(queries), 0)
+
+
+def topk_scores(queries, docs, k, tier="float16", block=4096):
+    """(values, indices) [n_q, k] of each query's k best documents, never holding more than one block of scores
+    (plus the running top-k): for stores too large to score all at once."""
+    k = min(k, len(docs))
+    best_v = torch.full((len(queries), 0), float("-inf"))
+    best_i = torch.zeros((len(queries), 0), dtype=torch.long)
+    for s in range(0, len(docs), block):
+        scores = finish_scores(queries @ docs[s:s + block].T, tier).nan_to_num(float("-inf"))
+        values = torch.cat([best_v, scores], dim=1)
+        index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(len(queries), -1)], dim=1)
+        best_v, pos = values.topk(min(k, values.shape[1]), dim=1)
+        best_i = index.gather(1, pos)
+    return best_v, best_i

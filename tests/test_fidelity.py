@@ -1,0 +1,61 @@
+"""The fidelity oracle on real text gradients of a tiny OLMo-3: projected cosines against exact cosines."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lark.fidelity import agreement, exact_scores, fidelity
+from lark.formats import encode_qa, encode_text, qa_fields
+from lark.models import build_tiny, train_tokenizer
+from lark.projector import make_projector
+from lark.world import generate_world
+
+FMT = OmegaConf.create({"kind": "chat", "system_prompt": None, "user_template": "Context: {context}\nQuestion: {question}"})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Test questions as queries; fine-tuning questions and abstracts as documents (world text, not random)."""
+    world = generate_world()
+    tokenizer = train_tokenizer([d["text"] for d in world.medical_docs[:300] + world.entertainment_docs[:100]], 1024)
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create({"config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 256}}), tokenizer).eval()
+    queries = [encode_qa(tokenizer, qa_fields(i), FMT, 128) for i in world.test[:12]]
+    docs = [encode_qa(tokenizer, qa_fields(i), FMT, 128) for i in world.train[:18]] + [
+        encode_text(tokenizer, d["text"], 128) for d in world.medical_docs[:18]]
+    return model, tokenizer.pad_token_id, queries, docs, exact_scores(model, queries, docs, tokenizer.pad_token_id)
+
+
+def projector(model, kind, k):
+    return make_projector(OmegaConf.create({"kind": kind, "k": k, "seed": 0, "normalize": "none", "method": "auto"}),
+                          model)
+
+
+@pytest.mark.parametrize("kind", ["sketch", "rapidin"])
+def test_error_shrinks_like_one_over_sqrt_k(setup, kind):
+    model, pad, queries, docs, exact = setup
+    results = {k: fidelity(model, queries, docs, projector(model, kind, k), pad, exact) for k in (1024, 4096, 65536)}
+    errors = [results[k]["max_abs_err"] for k in (1024, 4096, 65536)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < errors[0] / 3          # sqrt(65536 / 1024) = 8; max errors are noisy, so ask for 3
+    best = results[65536]
+    assert best["pearson"] >= 0.995 and best["max_abs_err"] <= 0.03 and best["top1"] >= 0.9
+
+
+def test_store_tiers_cost(setup):
+    model, pad, queries, docs, exact = setup
+    p = projector(model, "sketch", 65536)
+    half = fidelity(model, queries, docs, p, pad, exact, "float16")
+    int8 = fidelity(model, queries, docs, p, pad, exact, "int8")
+    bit = fidelity(model, queries, docs, p, pad, exact, "bit")
+    assert int8["max_abs_err"] <= half["max_abs_err"] + 0.005 and int8["pearson"] >= 0.995
+    assert 0.8 <= bit["pearson"] < half["pearson"]   # 16x smaller, measurably worse
+
+
+def test_agreement_on_hand_matrices():
+    exact = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]])
+    same = agreement(exact, exact, top=2)
+    assert same["pearson"] == pytest.approx(1) and same["max_abs_err"] == 0 and same["top1"] == 1 and same["top2"] == 1
+    swapped = agreement(exact, torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.8, 0.3]]), top=2)
+    assert swapped["top1"] == 0.5 and swapped["max_abs_err"] == pytest.approx(0.8) and swapped["top2"] == 0.75

@@ -1,0 +1,57 @@
+"""Store tiers, blocked scoring and the on-disk format."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lark.stores import (TIERS, bytes_per_vector, cosine_scores, decode, encode, load_store, save_store,
+                         stored_view, topk_scores, unit_rows)
+
+
+def vectors(n=20, k=256, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_roundtrip_and_size(tmp_path, tier):
+    v = vectors()
+    decoded = save_store(tmp_path / "s.safetensors", v, [f"id{i}" for i in range(20)], {"epoch": 3}, tier)
+    loaded, norms, ids, meta = load_store(tmp_path / "s.safetensors")
+    assert torch.equal(loaded, decoded) and ids == [f"id{i}" for i in range(20)] and meta["epoch"] == 3
+    assert torch.allclose(norms, v.norm(dim=1))
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:   # readable without LARK
+        stored = f.get_tensor("vectors")
+        assert json.loads(f.metadata()["tier"]) == tier
+    assert stored.numel() * stored.element_size() == 20 * {"float16": 512, "bfloat16": 512, "int8": 256,
+                                                            "bit": 32}[tier]
+    assert bytes_per_vector(tier, 256) == {"float16": 512, "bfloat16": 512, "int8": 260, "bit": 32}[tier]
+    exact = unit_rows(v) @ unit_rows(v).T
+    err = (cosine_scores(decoded, decoded, tier) - exact).abs().max().item()
+    assert err < {"float16": 2e-3, "bfloat16": 1e-2, "int8": 2e-2, "bit": 0.5}[tier]
+
+
+def test_bit_tier_recovers_angles_of_gaussian_vectors():
+    """SimHash: with many dimensions the sign agreement gives the angle."""
+    base = vectors(1, 8192, 1)
+    other = 0.6 * base + 0.8 * vectors(1, 8192, 2)
+    a, b = stored_view(base, "bit"), stored_view(other, "bit")
+    true = torch.nn.functional.cosine_similarity(base, other).item()
+    assert cosine_scores(a, b, "bit").item() == pytest.approx(true, abs=0.03)
+    assert decode(encode(unit_rows(base), "bit"), "bit", 8192).norm().item() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 100])
+def test_topk_in_blocks_equals_full_topk(block):
+    q, d = unit_rows(vectors(5, 64, 3)), unit_rows(vectors(23, 64, 4))
+    full = (q @ d.T).topk(4, dim=1)
+    values, index = topk_scores(q, d, 4, block=block)
+    assert torch.equal(index, full.indices) and torch.allclose(values, full.values)
+
+
+def test_nan_rows_never_win():
+    q, d = unit_rows(vectors(2, 16)), unit_rows(vectors(4, 16, 5))
+    d[1] = float("nan")
+    values, index = topk_scores(q, d, 4)
+    assert (index[:, :3] != 1).all() and math.isinf(values[0, 3].item())
