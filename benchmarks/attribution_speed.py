@@ -5,9 +5,9 @@
 
 Rows: the training step (forward + backward of the mean loss, = 1.0), the floor (forward + backward through the
 activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536. Columns: examples/s,
-speed as a multiple of the training step's examples/s (higher is faster), peak RSS of the row (and as a multiple
-of the training step's), and fidelity against exact gradient cosines on real text: Pearson and max |error| over
-all pairs of `--fidelity-examples` examples. Timings are medians of `--repeats` batches after one warm-up.
+speed as a multiple of the training step's examples/s (higher is faster), peak memory of the row (process RSS
+on a CPU, allocated GPU memory with --device cuda) and as a multiple of the training step's, and fidelity against exact gradient cosines on real text: Pearson and max |error| over
+all (query, document) pairs of `--fidelity-examples` examples (a third of them queries), via lark.fidelity. Timings are medians of `--repeats` batches after one warm-up.
 The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
 """
 import argparse
@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omegaconf import OmegaConf  # noqa: E402
-
 from lark.formats import encode_text  # noqa: E402
 from lark.models import train_tokenizer  # noqa: E402
-from lark.projector import ExactProjector, make_projector, trainable  # noqa: E402
+from lark.fidelity import exact_scores, fidelity  # noqa: E402
+from lark.projector import CountSketch, trainable  # noqa: E402
+from lark.sketch import HookSketch  # noqa: E402
 from lark.training import collate  # noqa: E402
 
 MODELS = {
@@ -36,6 +36,9 @@ MODELS = {
                                  num_key_value_heads=4), 8192),
     "llama-42M": ("llama", dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                                 num_key_value_heads=8), 8192),
+    # ~1.2B parameters, OLMo-3 layout: for benchmarks/gpu_check.sh on a lent GPU
+    "olmo3-1b": ("olmo3", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                               num_key_value_heads=16), 32768),
 }
 
 
@@ -63,6 +66,8 @@ def build_model(family, config, vocab):
 
 
 def peak_rss_reset():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -70,18 +75,27 @@ def peak_rss_reset():
 
 
 def peak_rss_mb():
+    if torch.cuda.is_available():   # on a GPU the accelerator's peak is the number that matters
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats):
     fn()  # warm-up (hash caches, allocator)
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -101,24 +115,6 @@ def floor_step(model, batch):
         p.requires_grad_(flag)
 
 
-def fidelity(model, encoded, projector, exact_gram, pad_id):
-    vectors = torch.cat([projector.project_batch(model, collate(encoded[i:i + 8], pad_id))
-                         for i in range(0, len(encoded), 8)])
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    gram = unit @ unit.T
-    iu = torch.triu_indices(len(encoded), len(encoded), 1)
-    a, b = exact_gram[iu[0], iu[1]], gram[iu[0], iu[1]]
-    return torch.corrcoef(torch.stack([a, b]))[0, 1].item(), (a - b).abs().max().item()
-
-
-def exact_cosines(model, encoded, pad_id):
-    """Exact cosine Gram matrix, accumulated parameter by parameter (never all gradients of all examples)."""
-    exact = ExactProjector({n: tuple(p.shape) for n, p in trainable(model)})
-    vectors = exact.project_batch(model, collate(encoded, pad_id))
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    return unit @ unit.T
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny + 8.4M models, fewer repeats")
@@ -128,6 +124,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--fidelity-examples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--with-tensorsketch", action="store_true",
                     help="also time sketch (tensorsketch) on every layer (slow on a CPU with small layers)")
     args = ap.parse_args()
@@ -137,11 +135,11 @@ def main():
         torch.set_num_threads(args.threads)
     names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else list(MODELS))
     repeats = args.repeats or (3 if args.quick else 7)
-    n_fid = args.fidelity_examples or (24 if args.quick else 48)
+    n_fid = 24 if args.fidelity_examples is None else args.fidelity_examples
     corpus = texts()
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq} tokens, "
+    print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq} tokens, "
           f"median of {repeats}, fidelity over {n_fid} real-text examples")
-    header = f"{'model':<11} {'row':<26} {'k':>6} {'ex/s':>8} {'x train':>8} {'peakRSS MB':>10} {'x RSS':>6} " \
+    header = f"{'model':<11} {'row':<26} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} " \
              f"{'pearson':>8} {'max|err|':>8}"
     print(header)
     print("-" * len(header))
@@ -149,32 +147,33 @@ def main():
     for name in names:
         family, config, vocab = MODELS[name]
         tokenizer = train_tokenizer(corpus, vocab)
-        model = build_model(family, config, len(tokenizer))
+        model = build_model(family, config, len(tokenizer)).to(args.device, getattr(torch, args.dtype))
         long_texts = [t for t in corpus if len(t) > 4 * args.seq]
         encoded = [encode_text(tokenizer, t, args.seq) for t in long_texts]
-        batch = collate(encoded[: args.batch], tokenizer.pad_token_id)
+        batch = {k: v.to(args.device) for k, v in collate(encoded[: args.batch], tokenizer.pad_token_id).items()}
         fid = [encode_text(tokenizer, t, args.seq) for t in long_texts[args.batch: args.batch + n_fid]]
-        exact_gram = exact_cosines(model, fid, tokenizer.pad_token_id)
+        queries, docs = fid[: n_fid // 3], fid[n_fid // 3:]
+        exact = exact_scores(model, queries, docs, tokenizer.pad_token_id) if n_fid else None
 
         def row(label, k, fn, projector=None):
             peak_rss_reset()
             seconds = timed(fn, repeats)
             rss = peak_rss_mb()
-            quality = fidelity(model, fid, projector, exact_gram, tokenizer.pad_token_id) if projector else None
+            quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, exact)
+                       if projector and exact is not None else None)
             return label, k, args.batch / seconds, rss, quality
 
         rows = [row("train step", "-", lambda: train_step(model, batch)),
                 row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
         for kind, method in args.projectors:
             for k in (8192, 65536):
-                cfg = OmegaConf.create({"kind": kind, "k": k, "seed": 0, "normalize": "none", "method": method,
-                                        "max_dense_elements": 2e8})
-                projector = make_projector(cfg, model)
+                projector = (HookSketch(model, k, 0, "none", method) if kind == "sketch" else
+                             CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
                 label = kind if method in (None, "auto") else f"{kind} ({method})"
                 rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
         base_speed, base_rss = rows[0][2], rows[0][3]
         for label, k, speed, rss, quality in rows:
-            p, e = quality if quality else (float("nan"), float("nan"))
+            p, e = (quality["pearson"], quality["max_abs_err"]) if quality else (float("nan"), float("nan"))
             print(f"{name:<11} {label:<26} {k:>6} {speed:>8.1f} {speed / base_speed:>8.2f} {rss:>10.0f} "
                   f"{rss / base_rss:>6.2f} {p:>8.4f} {e:>8.4f}")
             if name == "llama-8.4M" and label == "sketch" and k == 65536:

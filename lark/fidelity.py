@@ -31,7 +31,10 @@ def agreement(exact, approx, top=10):
 
 
 def project_all(model, encoded, projector, pad_id, batch_size=8):
-    return torch.cat([projector.project_batch(model, collate(encoded[i:i + batch_size], pad_id)).float()
+    """[n, k] projections (float32, on the CPU) of encoded examples, on the model's device."""
+    device = next(model.parameters()).device
+    return torch.cat([projector.project_batch(model, {k: v.to(device) for k, v in
+                                                      collate(encoded[i:i + batch_size], pad_id).items()}).float().cpu()
                       for i in range(0, len(encoded), batch_size)])
 
 

@@ -65,7 +65,8 @@ class HookSketch:
                              "supported by kind=sketch (the two uses of the weight are sketched apart); use "
                              "kind=rapidin")
         self.input_weight = input_embedding.weight
-        self.cache = {}
+        self.cache, self.workspace = {}, None
+        self.max_workspace = 2**28     # float32 elements of the per-example GEMM workspace (1 GiB)
         self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
 
     def coverage(self):
@@ -151,8 +152,26 @@ class HookSketch:
         if not tied and self.use_tensorsketch(x.shape[1], x.shape[-1], delta.shape[-1]):
             parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta, x))
         else:
-            parts[w_name] = ("flat", torch.bmm(delta.transpose(1, 2), x).flatten(1))
+            parts[w_name] = ("flat", self.per_example_gemm(delta, x))
         return parts
+
+    def per_example_gemm(self, delta, x):
+        """[B, out * in] per-example weight gradients (float32) in a reused workspace of at most
+        `max_workspace` elements: a layer too large for it is taken a few examples at a time (the caller consumes
+        each part before the next overwrites it, see combine)."""
+        rows = max(1, min(delta.shape[0], self.max_workspace // (delta.shape[-1] * x.shape[-1])))
+        if rows >= delta.shape[0]:
+            return torch.bmm(delta.transpose(1, 2), x, out=self.buffer(delta, x)).flatten(1)
+        return ChunkedGemm(self, delta, x, rows)
+
+    def buffer(self, delta, x):
+        """A reused [B, out, in] workspace for the per-example GEMM: fresh allocations of this size cost more in
+        page faults than the GEMM itself on a CPU."""
+        shape = (delta.shape[0], delta.shape[-1], x.shape[-1])
+        need = math.prod(shape)
+        if self.workspace is None or self.workspace.numel() < need or self.workspace.device != x.device:
+            self.workspace = torch.empty(need, device=x.device)
+        return self.workspace[:need].view(shape)
 
     @staticmethod
     def frobenius(delta, x):
@@ -182,8 +201,8 @@ class HookSketch:
         saved, grads, handles = {}, {}, []
 
         def keep_input(name):
-            def hook(mod, args, output):
-                saved[name] = (args[0].detach(), output.detach())
+            def hook(mod, args, output):   # norms need their output (xhat = out / w); linears only the input
+                saved[name] = (args[0].detach(), output.detach() if name in self.norms else None)
                 if output.requires_grad:
                     output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
             return hook
@@ -216,6 +235,14 @@ class HookSketch:
 
         def add(name, kind, value, norm=None):
             nonlocal total
+            if isinstance(value, ChunkedGemm):
+                for part, rows in value:
+                    sub = torch.zeros(tokens.shape[0], self.k, device=tokens.device)
+                    if self.normalize == "per_tensor":
+                        part = part / part.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                    sub[rows] = self.sketch_flat(name, part)
+                    total = total + sub
+                return
             if kind == "flat":
                 if self.normalize == "per_tensor":
                     value = value / value.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -249,9 +276,22 @@ class HookSketch:
         return total
 
 
+class ChunkedGemm:
+    """Per-example weight gradients of a layer produced a few examples at a time: yields ([rows, out*in], rows)."""
+
+    def __init__(self, sketch, delta, x, rows):
+        self.sketch, self.delta, self.x, self.rows = sketch, delta, x, rows
+
+    def __iter__(self):
+        for start in range(0, self.delta.shape[0], self.rows):
+            d, x = self.delta[start:start + self.rows], self.x[start:start + self.rows]
+            yield torch.bmm(d.transpose(1, 2), x, out=self.sketch.buffer(d, x)).flatten(1), slice(start, start + len(d))
+
+
 def per_example_loss(logits, labels):
-    """[B] mean next-token loss over each example's loss tokens (what HF computes for a batch of one)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    counts = (labels != IGNORE).sum(dim=1)
-    return losses.sum(dim=1) / counts    # no loss token: 0 / 0 = NaN, and the example is reported, not scored
+    """[B] mean next-token loss over each example's loss tokens (what HF computes for a batch of one); NaN for an
+    example without loss tokens. Labels are shifted instead of logits, so the logits are never copied."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    counts = (targets != IGNORE).sum(dim=1)
+    return losses.view_as(targets).sum(dim=1) / counts    # 0 / 0 = NaN: reported, not scored
