@@ -11,6 +11,7 @@ all (query, document) pairs of `--fidelity-examples` examples (a third of them q
 The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -179,6 +180,8 @@ def main():
             if name == "llama-8.4M" and label == "sketch" and k == 65536:
                 summary = (speed / base_speed, p, e, rss / base_rss)
         sys.stdout.flush()
+        del model, exact, rows, row   # the next model starts from a clean heap
+        gc.collect()
     if summary:
         print(f"SUMMARY projector=sketch k=65536 speed_vs_train_step={summary[0]:.2f} pearson={summary[1]:.4f} "
               f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f}")

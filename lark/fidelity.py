@@ -7,7 +7,7 @@ document is the same) and top-10 overlap (mean share of the exact top 10 found i
 import torch
 
 from lark.projector import ExactProjector, trainable
-from lark.stores import cosine_scores, stored_view, unit_rows
+from lark.stores import cosine_scores, stored_view
 from lark.training import collate
 
 
@@ -39,8 +39,13 @@ def project_all(model, encoded, projector, pad_id, batch_size=8):
 
 
 def exact_scores(model, queries, docs, pad_id):
+    """Exact cosines [n_q, n_d] from full per-example gradients (normalised in place: they are large)."""
     exact = ExactProjector({n: tuple(p.shape) for n, p in trainable(model)})
-    return unit_rows(project_all(model, queries, exact, pad_id)) @ unit_rows(project_all(model, docs, exact, pad_id)).T
+    q = project_all(model, queries, exact, pad_id)
+    q.div_(q.norm(dim=1, keepdim=True).clamp_min(1e-30))
+    d = project_all(model, docs, exact, pad_id)
+    d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-30))
+    return q @ d.T
 
 
 def fidelity(model, queries, docs, projector, pad_id, exact=None, tier="float16"):

@@ -13,7 +13,7 @@ layer's contribution to the global k-dim count sketch is computed from (X, Delta
   (h1(i) + h2(j)) mod k with sign s1(i) s2(j); count-sketch delta_t and x_t into k dims, multiply their FFTs,
   sum over tokens, one inverse FFT per example. Cost T * k log k per example instead of T * in * out: the
   cheaper choice for large layers (7B: in * out = 16.7M >> k log k = 1M). Variance close to a count sketch's.
-- `auto`: per layer, the cheaper of the two by FLOP count.
+- `auto`: per layer, the one that moves fewer bytes (see use_tensorsketch).
 
 Embedding rows: dL/dE[v] = sum over positions t with token v of dL/d(embedding_t): sketched token by token with
 the same bucket and sign as sketch_flat gives coordinate (v, column) -- the V x d gradient is never formed
@@ -128,13 +128,18 @@ class HookSketch:
                 out[:, :length - head].addcmul_(flat[:, start + head:start + length], sign[start + head:start + length])
         return out
 
-    def use_tensorsketch(self, t, n_in, n_out):
+    def use_tensorsketch(self, t, n_in, n_out, element_size):
+        """`auto`: TensorSketch where it moves fewer bytes per example -- about 8 passes over [T, k] float32
+        arrays -- than materialising: writing and reading G (out * in elements) plus the GEMM that is already
+        the price of a training step's weight gradient. On a 7B model at T = 512 only the 100k-vocabulary
+        output layer qualifies; on small CPU models, none (docs/scaling.md)."""
         if self.method != "auto":
             return self.method == "tensorsketch"
-        return 2 * t * self.k * math.log2(self.k) * 3 < t * n_in * n_out
+        return 8 * 4 * t * self.k < 3 * n_in * n_out * element_size
 
     def tensorsketch(self, name, delta, x):
         """TensorSketch of sum_t delta_t x_t^T for each example: [B, T, out], [B, T, in] -> [B, k]."""
+        delta, x = delta.float(), x.float()
         b1, s1 = self.axis_hash(name, 0, delta.shape[-1], delta.device)
         b2, s2 = self.axis_hash(name, 1, x.shape[-1], x.device)
         cs1 = torch.zeros(*delta.shape[:2], self.k, device=delta.device).index_add_(2, b1, delta * s1)
@@ -143,14 +148,14 @@ class HookSketch:
         return torch.fft.irfft(product, n=self.k, dim=-1)
 
     def linear_sketch(self, mod_name, mod, x, delta):
-        x, delta = x.float(), delta.float()
+        """The per-example GEMM runs in the model's dtype (bf16 tensor cores on a GPU); sketches add up in float32."""
         w_name = self.param_names[id(mod.weight)]
         parts = {}
         if mod.bias is not None:
-            parts[self.param_names[id(mod.bias)]] = ("flat", delta.sum(dim=1))
+            parts[self.param_names[id(mod.bias)]] = ("flat", delta.float().sum(dim=1))
         tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
-        if not tied and self.use_tensorsketch(x.shape[1], x.shape[-1], delta.shape[-1]):
-            parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta, x))
+        if not tied and self.use_tensorsketch(x.shape[1], x.shape[-1], delta.shape[-1], x.element_size()):
+            parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta.float(), x.float()))
         else:
             parts[w_name] = ("flat", self.per_example_gemm(delta, x))
         return parts
@@ -169,8 +174,9 @@ class HookSketch:
         page faults than the GEMM itself on a CPU."""
         shape = (delta.shape[0], delta.shape[-1], x.shape[-1])
         need = math.prod(shape)
-        if self.workspace is None or self.workspace.numel() < need or self.workspace.device != x.device:
-            self.workspace = torch.empty(need, device=x.device)
+        if (self.workspace is None or self.workspace.numel() < need or self.workspace.device != x.device
+                or self.workspace.dtype != x.dtype):
+            self.workspace = torch.empty(need, device=x.device, dtype=x.dtype)
         return self.workspace[:need].view(shape)
 
     @staticmethod
@@ -239,13 +245,13 @@ class HookSketch:
                 for part, rows in value:
                     sub = torch.zeros(tokens.shape[0], self.k, device=tokens.device)
                     if self.normalize == "per_tensor":
-                        part = part / part.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                        part = part.float() / part.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
                     sub[rows] = self.sketch_flat(name, part)
                     total = total + sub
                 return
             if kind == "flat":
                 if self.normalize == "per_tensor":
-                    value = value / value.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                    value = value.float() / value.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
                 total = total + self.sketch_flat(name, value)
             else:
                 if self.normalize == "per_tensor":
