@@ -8,6 +8,10 @@ activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 
 speed as a multiple of the training step's examples/s (higher is faster), peak memory of the row (process RSS
 on a CPU, allocated GPU memory with --device cuda) and as a multiple of the training step's, and fidelity against exact gradient cosines on real text: Pearson and max |error| over
 all (query, document) pairs of `--fidelity-examples` examples (a third of them queries), via lark.fidelity. Timings are medians of `--repeats` batches after one warm-up.
+Peers (TRAK's BasicProjector, dattri's random_project; `pip install -e ".[peers]"`) run at k = 1024 on the two
+small models only: dense projections regenerate P x k random numbers per call, which at k = 65536 would take
+hours on a CPU. Captum's TracInCP is not measured: its random projection (TracInCPFastRandProj) covers only the
+final layer, so it is not the same computation.
 The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
 """
 import argparse
@@ -22,12 +26,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lark.formats import encode_text  # noqa: E402
 from lark.models import train_tokenizer  # noqa: E402
 from lark.fidelity import exact_scores, fidelity  # noqa: E402
 from lark.projector import CountSketch, trainable  # noqa: E402
 from lark.sketch import HookSketch  # noqa: E402
+from peers import PEERS  # noqa: E402
 from lark.training import collate  # noqa: E402
 
 MODELS = {
@@ -156,7 +162,7 @@ def main():
         queries, docs = fid[: n_fid // 3], fid[n_fid // 3:]
         exact = exact_scores(model, queries, docs, tokenizer.pad_token_id) if n_fid else None
 
-        def row(label, k, fn, projector=None):
+        def row(label, k, fn, projector=None, repeats=repeats):
             peak_rss_reset()
             seconds = timed(fn, repeats)
             rss = peak_rss_mb()
@@ -172,6 +178,13 @@ def main():
                              CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
                 label = kind if method in (None, "auto") else f"{kind} ({method})"
                 rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
+        if name in ("tiny-olmo3", "llama-8.4M"):   # dense peers regenerate P x k random numbers per call
+            for peer, make in PEERS.items():
+                projector = make(model, 1024)
+                if projector is None:
+                    print(f"# {peer}: not installed (pip install -e '.[peers]')")
+                    continue
+                rows.append(row(peer, 1024, lambda: projector.project_batch(model, batch), projector, repeats=2))
         base_speed, base_rss = rows[0][2], rows[0][3]
         for label, k, speed, rss, quality in rows:
             p, e = (quality["pearson"], quality["max_abs_err"]) if quality else (float("nan"), float("nan"))
