@@ -117,3 +117,44 @@ def topk_scores(queries, docs, k, tier="float16", block=4096):
         best_v, pos = values.topk(min(k, values.shape[1]), dim=1)
         best_i = index.gather(1, pos)
     return best_v, best_i
+
+
+def faiss_index(paths, kind="flat", nlist=64, m=64, train_size=20000, nprobe=8):
+    """An inner-product FAISS index (optional: `pip install -e ".[faiss]"`) over one or more stores, added one
+    store at a time, with the (set, id) of every row. kind=flat keeps the decoded vectors (4 bytes/dim, exact
+    top-k); kind=ivfpq keeps m bytes per vector (product quantisation, nlist inverted lists), for sets of stores
+    larger than memory: its codebooks are trained on up to `train_size` vectors of the first stores, and a search
+    visits `nprobe` of the lists."""
+    import faiss
+    import numpy as np
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("faiss_index: no store paths")
+    index, ids, pending = None, [], []
+    for path in paths:
+        vectors, _, store_ids, meta = load_store(path)
+        if index is None:
+            dim = vectors.shape[1]
+            if kind == "flat":
+                index = faiss.IndexFlatIP(dim)
+            elif kind == "ivfpq":
+                index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+                index.nprobe = nprobe
+            else:
+                raise ValueError(f"faiss_index: unknown kind '{kind}' (flat or ivfpq)")
+        ids += [(meta["set"], i) for i in store_ids]
+        pending.append(vectors.numpy().astype(np.float32))
+        if index.is_trained or sum(len(r) for r in pending) >= train_size or path == paths[-1]:
+            rows, pending = np.concatenate(pending), []
+            if not index.is_trained:
+                index.train(rows[:train_size])
+            index.add(rows)
+    return index, ids
+
+
+def faiss_topk(index, ids, queries, k, tier="float16"):
+    """(scores [n_q, k], [[(set, id), ...], ...]) of each query's k best rows of a faiss_index."""
+    scores, rows = index.search(queries.float().numpy(), k)
+    names = [[ids[j] if j >= 0 else None for j in row] for row in rows]
+    return finish_scores(torch.from_numpy(scores), tier), names

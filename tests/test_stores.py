@@ -55,3 +55,25 @@ def test_nan_rows_never_win():
     d[1] = float("nan")
     values, index = topk_scores(q, d, 4)
     assert (index[:, :3] != 1).all() and math.isinf(values[0, 3].item())
+
+
+def test_faiss_index_matches_blocked_topk(tmp_path):
+    """Optional FAISS path: a flat index over two stores gives the exact top-k; IVF-PQ finds most of it."""
+    pytest.importorskip("faiss", reason="faiss-cpu is optional (pip install -e '.[faiss]')")
+    from lark.stores import faiss_index, faiss_topk
+
+    a, b = vectors(300, 64, 6), vectors(200, 64, 7)
+    save_store(tmp_path / "a.safetensors", a, [f"a{i}" for i in range(300)], {"set": "A"})
+    save_store(tmp_path / "b.safetensors", b, [f"b{i}" for i in range(200)], {"set": "B"})
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    q = stored_view(vectors(5, 64, 8), "float16")
+    docs = torch.cat([stored_view(a, "float16"), stored_view(b, "float16")])
+    want_v, want_i = topk_scores(q, docs, 5)
+    index, ids = faiss_index(paths, "flat")
+    got_v, got_ids = faiss_topk(index, ids, q, 5)
+    names = [("A", f"a{i}") if i < 300 else ("B", f"b{i - 300}") for i in range(500)]
+    assert [[names[i] for i in row] for row in want_i.tolist()] == got_ids
+    assert torch.allclose(got_v, want_v, atol=1e-5)
+    index, ids = faiss_index(paths, "ivfpq", nlist=4, m=8, train_size=300, nprobe=4)
+    _, approx = faiss_topk(index, ids, q, 5)
+    assert index.ntotal == 500 and sum(len(set(r) & set(g)) for r, g in zip(approx, got_ids)) >= 10
