@@ -84,9 +84,9 @@ class HookSketch:
         if key in self.cache:
             return self.cache[key]
         index = torch.arange(numel, dtype=torch.int64, device=device)
-        sign = (hashed(index, name_key(self.seed, name, "sign")) & 1).to(torch.float32) * 2 - 1
+        sign = ((hashed(index, name_key(self.seed, name, "sign")) & 1) * 2 - 1).to(torch.int8)
         if numel <= self.cache_elements:
-            self.cache[key] = sign
+            self.cache[key] = sign   # int8: a quarter of float32's memory; chunks are widened as they are used
         return sign
 
     def offsets(self, name, chunks):
@@ -123,9 +123,10 @@ class HookSketch:
             start = c * self.k
             length = min(self.k, n - start)
             head = min(length, self.k - offset)          # lands on [offset, offset + head)
-            out[:, offset:offset + head].addcmul_(flat[:, start:start + head], sign[start:start + head])
+            s = sign[start:start + length].float()
+            out[:, offset:offset + head].addcmul_(flat[:, start:start + head], s[:head])
             if length > head:                            # wraps around to [0, length - head)
-                out[:, :length - head].addcmul_(flat[:, start + head:start + length], sign[start + head:start + length])
+                out[:, :length - head].addcmul_(flat[:, start + head:start + length], s[head:])
         return out
 
     def use_tensorsketch(self, t, n_in, n_out, element_size):
@@ -203,14 +204,18 @@ class HookSketch:
 
     # -- the pass -------------------------------------------------------------------------------------------
     def project_batch(self, model, batch):
-        """[B, k] sketches of the per-example gradients of the mean loss over each example's loss tokens."""
-        saved, grads, handles = {}, {}, []
+        """[B, k] sketches of the per-example gradients of the mean loss over each example's loss tokens.
+
+        Each layer is sketched inside the backward pass, as soon as its output gradient arrives, and its saved
+        input is released then: no more than one layer's (X, Delta) is held beyond what the floor holds."""
+        saved, handles = {}, []
+        total = torch.zeros(batch["input_ids"].shape[0], self.k, device=batch["input_ids"].device)
 
         def keep_input(name):
             def hook(mod, args, output):   # norms need their output (xhat = out / w); linears only the input
                 saved[name] = (args[0].detach(), output.detach() if name in self.norms else None)
                 if output.requires_grad:
-                    output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+                    output.register_hook(lambda g: self.consume(total, name, saved.pop(name), g.detach()))
             return hook
 
         for group in (self.linears, self.norms):
@@ -224,62 +229,48 @@ class HookSketch:
             embeds = embedding(batch["input_ids"]).detach().requires_grad_(True)
             logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
             losses = per_example_loss(logits, batch["labels"])
+            del logits
             losses.nan_to_num(0.0).sum().backward()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
             for h in handles:
                 h.remove()
-        sketches = self.combine(saved, grads, batch["input_ids"], embeds.grad, embedding)
-        sketches[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
-        return sketches
-
-    def combine(self, saved, grads, tokens, embed_grad, embedding):
-        """Sum every covered parameter's sketch (normalised per tensor if asked) into [B, k]."""
-        B = tokens.shape[0]
-        total = torch.zeros(B, self.k, device=tokens.device)
-
-        def add(name, kind, value, norm=None):
-            nonlocal total
-            if isinstance(value, ChunkedGemm):
-                for part, rows in value:
-                    sub = torch.zeros(tokens.shape[0], self.k, device=tokens.device)
-                    if self.normalize == "per_tensor":
-                        part = part.float() / part.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-                    sub[rows] = self.sketch_flat(name, part)
-                    total = total + sub
-                return
-            if kind == "flat":
-                if self.normalize == "per_tensor":
-                    value = value.float() / value.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-                total = total + self.sketch_flat(name, value)
-            else:
-                if self.normalize == "per_tensor":
-                    value = value / norm.clamp_min(1e-30).unsqueeze(1)
-                total = total + value
-
-        for name, mod in self.linears.items():
-            if name not in grads:
-                continue
-            for pname, part in self.linear_sketch(name, mod, saved[name][0], grads[name]).items():
-                add(pname, *part)
-        for name, mod in self.norms.items():
-            if name not in grads:
-                continue
-            _, out = saved[name]
-            g = grads[name].float()
-            out = out.float()
-            bias = getattr(mod, "bias", None)
-            if bias is not None:
-                add(self.param_names[id(bias)], "flat", g.flatten(1, -2).sum(1))
-                out = out - bias.detach().float()
-            xhat = out / mod.weight.detach().float()
-            add(self.param_names[id(mod.weight)], "flat", (g * xhat).flatten(1, -2).sum(1))
-        for mod in self.embeddings.values():
-            if mod is embedding and embed_grad is not None:
-                name, sketch, norm = self.embedding_sketch(mod, tokens, embed_grad)
-                add(name, "sketch", sketch, norm)
+        if embedding in self.embeddings.values() and embeds.grad is not None:
+            name, sketch, norm = self.embedding_sketch(embedding, batch["input_ids"], embeds.grad)
+            self.add(total, name, "sketch", sketch, norm)
+        total[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
         return total
+
+    def consume(self, total, name, inputs, grad):
+        """Add one layer's per-example sketches to `total` (called from the layer's output-gradient hook)."""
+        x, out = inputs
+        if name in self.linears:
+            for pname, part in self.linear_sketch(name, self.linears[name], x, grad).items():
+                self.add(total, pname, *part)
+            return
+        mod, g, out = self.norms[name], grad.float(), out.float()
+        bias = getattr(mod, "bias", None)
+        if bias is not None:
+            self.add(total, self.param_names[id(bias)], "flat", g.flatten(1, -2).sum(1))
+            out = out - bias.detach().float()
+        xhat = out / mod.weight.detach().float()
+        self.add(total, self.param_names[id(mod.weight)], "flat", (g * xhat).flatten(1, -2).sum(1))
+
+    def add(self, total, name, kind, value, norm=None):
+        """total += the sketch of one parameter's per-example gradients (normalised per tensor if asked)."""
+        per_tensor = self.normalize == "per_tensor"
+        if isinstance(value, ChunkedGemm):
+            for part, rows in value:
+                if per_tensor:
+                    part = part.float() / part.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
+                total[rows] += self.sketch_flat(name, part)
+        elif kind == "flat":
+            if per_tensor:
+                value = value.float() / value.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
+            total += self.sketch_flat(name, value)
+        else:
+            total += value / norm.clamp_min(1e-30).unsqueeze(1) if per_tensor else value
 
 
 class ChunkedGemm:
