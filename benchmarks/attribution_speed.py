@@ -8,10 +8,11 @@ activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 
 speed as a multiple of the training step's examples/s (higher is faster), peak memory of the row (process RSS
 on a CPU, allocated GPU memory with --device cuda) and as a multiple of the training step's, and fidelity against exact gradient cosines on real text: Pearson and max |error| over
 all (query, document) pairs of `--fidelity-examples` examples (a third of them queries), via lark.fidelity. Timings are medians of `--repeats` batches after one warm-up.
-Peers (TRAK's BasicProjector, dattri's random_project; `pip install -e ".[peers]"`) run at k = 1024 on the two
-small models only (the tiny one with --quick): dense projections regenerate P x k random numbers per call, which at k = 65536 would take
-hours on a CPU. Captum's TracInCP is not measured: its random projection (TracInCPFastRandProj) covers only the
-final layer, so it is not the same computation.
+Peers (TRAK's BasicProjector, dattri's random_project; `pip install -e ".[peers]"`) run at k = 1024 on the tiny
+model only: dense projections regenerate P x k random numbers per call (single-threaded in TRAK); on the 8.4M
+model TRAK's row (6 batches at k = 1024) had not finished after 10 minutes, and k = 65536 would take hours.
+Captum's TracInCP is not measured: its random projection (TracInCPFastRandProj) covers only the final layer, so
+it is not the same computation.
 The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
 """
 import argparse
@@ -178,7 +179,7 @@ def main():
                              CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
                 label = kind if method in (None, "auto") else f"{kind} ({method})"
                 rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
-        if name in (("tiny-olmo3",) if args.quick else ("tiny-olmo3", "llama-8.4M")):   # dense peers: P x k per call
+        if name == "tiny-olmo3":   # dense peers regenerate P x k random numbers per call: minutes per batch above
             for peer, make in PEERS.items():
                 projector = make(model, 1024)
                 if projector is None:

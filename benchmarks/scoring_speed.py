@@ -1,6 +1,6 @@
 """Scoring speed: all-pairs cosine and blocked top-k against this machine's plain matrix-multiply rate.
 
-    python benchmarks/scoring_speed.py              # 2,048 queries x 8,192 documents, k = 65,536
+    python benchmarks/scoring_speed.py              # 1,024 queries x 4,096 documents, k = 65,536
     python benchmarks/scoring_speed.py --quick      # 512 x 2,048
 
 Rows: torch.mm on the same float32 operands (the machine's rate, = 1.0), lark.stores.cosine_scores (blocked
@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--k", type=int, default=65536)
     ap.add_argument("--block", type=int, default=4096)
     args = ap.parse_args()
-    n_q, n_d = (512, 2048) if args.quick else (2048, 8192)
+    n_q, n_d = (512, 2048) if args.quick else (1024, 4096)
     gen = torch.Generator().manual_seed(0)
     raw_q, raw_d = torch.randn(n_q, args.k, generator=gen), torch.randn(n_d, args.k, generator=gen)
     flops = 2 * n_q * n_d * args.k
