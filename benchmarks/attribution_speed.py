@@ -44,10 +44,14 @@ MODELS = {
                                  num_key_value_heads=4), 8192),
     "llama-42M": ("llama", dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                                 num_key_value_heads=8), 8192),
-    # ~1.2B parameters, OLMo-3 layout: for benchmarks/gpu_check.sh on a lent GPU
+    # ~1.2B parameters, OLMo-3 layout: only for benchmarks/gpu_check.sh on a lent GPU (never in a CPU run: its
+    # exact-gradient reference alone would need ~115 GB)
     "olmo3-1b": ("olmo3", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
                                num_key_value_heads=16), 32768),
 }
+
+
+CPU_MODELS = ["tiny-olmo3", "llama-8.4M", "llama-42M"]
 
 
 def texts():
@@ -123,6 +127,44 @@ def floor_step(model, batch):
         p.requires_grad_(flag)
 
 
+def bench_model(name, args, repeats, n_fid, corpus):
+    """Rows (label, k, examples/s, peak MB, fidelity) of one model."""
+    family, config, vocab = MODELS[name]
+    tokenizer = train_tokenizer(corpus, vocab)
+    model = build_model(family, config, len(tokenizer)).to(args.device, getattr(torch, args.dtype))
+    long_texts = [t for t in corpus if len(t) > 4 * args.seq]
+    encoded = [encode_text(tokenizer, t, args.seq) for t in long_texts]
+    batch = {k: v.to(args.device) for k, v in collate(encoded[: args.batch], tokenizer.pad_token_id).items()}
+    fid = [encode_text(tokenizer, t, args.seq) for t in long_texts[args.batch: args.batch + n_fid]]
+    queries, docs = fid[: n_fid // 3], fid[n_fid // 3:]
+    exact = exact_scores(model, queries, docs, tokenizer.pad_token_id) if n_fid else None
+
+    def row(label, k, fn, projector=None, repeats=repeats):
+        peak_rss_reset()
+        seconds = timed(fn, repeats)
+        rss = peak_rss_mb()
+        quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, exact)
+                   if projector and exact is not None else None)
+        return label, k, args.batch / seconds, rss, quality
+
+    rows = [row("train step", "-", lambda: train_step(model, batch)),
+            row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
+    for kind, method in args.projectors:
+        for k in (8192, 65536):
+            projector = (HookSketch(model, k, 0, "none", method) if kind == "sketch" else
+                         CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
+            label = kind if method in (None, "auto") else f"{kind} ({method})"
+            rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
+    if name == "tiny-olmo3":   # dense peers regenerate P x k random numbers per call: minutes per batch above
+        for peer, make in PEERS.items():
+            projector = make(model, 1024)
+            if projector is None:
+                print(f"# {peer}: not installed (pip install -e '.[peers]')")
+                continue
+            rows.append(row(peer, 1024, lambda: projector.project_batch(model, batch), projector, repeats=2))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny + 8.4M models, fewer repeats")
@@ -141,51 +183,19 @@ def main():
         [("sketch", "tensorsketch")] if args.with_tensorsketch else [])
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else list(MODELS))
+    names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else CPU_MODELS)
     repeats = args.repeats or (3 if args.quick else 7)
     n_fid = 24 if args.fidelity_examples is None else args.fidelity_examples
     corpus = texts()
-    print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq} tokens, "
-          f"median of {repeats}, fidelity over {n_fid} real-text examples")
+    print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch} x {args.seq} tokens, median of {repeats}, fidelity over {n_fid} real-text examples")
     header = f"{'model':<11} {'row':<26} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} " \
              f"{'pearson':>8} {'max|err|':>8}"
     print(header)
     print("-" * len(header))
     summary = None
     for name in names:
-        family, config, vocab = MODELS[name]
-        tokenizer = train_tokenizer(corpus, vocab)
-        model = build_model(family, config, len(tokenizer)).to(args.device, getattr(torch, args.dtype))
-        long_texts = [t for t in corpus if len(t) > 4 * args.seq]
-        encoded = [encode_text(tokenizer, t, args.seq) for t in long_texts]
-        batch = {k: v.to(args.device) for k, v in collate(encoded[: args.batch], tokenizer.pad_token_id).items()}
-        fid = [encode_text(tokenizer, t, args.seq) for t in long_texts[args.batch: args.batch + n_fid]]
-        queries, docs = fid[: n_fid // 3], fid[n_fid // 3:]
-        exact = exact_scores(model, queries, docs, tokenizer.pad_token_id) if n_fid else None
-
-        def row(label, k, fn, projector=None, repeats=repeats):
-            peak_rss_reset()
-            seconds = timed(fn, repeats)
-            rss = peak_rss_mb()
-            quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, exact)
-                       if projector and exact is not None else None)
-            return label, k, args.batch / seconds, rss, quality
-
-        rows = [row("train step", "-", lambda: train_step(model, batch)),
-                row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
-        for kind, method in args.projectors:
-            for k in (8192, 65536):
-                projector = (HookSketch(model, k, 0, "none", method) if kind == "sketch" else
-                             CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
-                label = kind if method in (None, "auto") else f"{kind} ({method})"
-                rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
-        if name == "tiny-olmo3":   # dense peers regenerate P x k random numbers per call: minutes per batch above
-            for peer, make in PEERS.items():
-                projector = make(model, 1024)
-                if projector is None:
-                    print(f"# {peer}: not installed (pip install -e '.[peers]')")
-                    continue
-                rows.append(row(peer, 1024, lambda: projector.project_batch(model, batch), projector, repeats=2))
+        rows = bench_model(name, args, repeats, n_fid, corpus)
         base_speed, base_rss = rows[0][2], rows[0][3]
         for label, k, speed, rss, quality in rows:
             p, e = (quality["pearson"], quality["max_abs_err"]) if quality else (float("nan"), float("nan"))
@@ -194,8 +204,7 @@ def main():
             if name == "llama-8.4M" and label == "sketch" and k == 65536:
                 summary = (speed / base_speed, p, e, rss / base_rss)
         sys.stdout.flush()
-        del model, exact, rows, row   # the next model starts from a clean heap
-        gc.collect()
+        gc.collect()   # the next model starts from a clean heap
     if summary:
         print(f"SUMMARY projector=sketch k=65536 speed_vs_train_step={summary[0]:.2f} pearson={summary[1]:.4f} "
               f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f}")
