@@ -10,12 +10,12 @@ Layout written under attribution/epoch_NNN/:
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from lark import metrics as M
+from lark.data import replacing
 from lark.formats import encode
 from lark.projector import make_projector, trainable
 from lark.sources import example_text
@@ -115,19 +115,12 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
 
 
 def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def write_csv(path, header, rows):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)

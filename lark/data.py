@@ -5,7 +5,9 @@ Every loader returns plain dicts. A QA item: {id, question, contexts: [str], lab
 final_decision: yes|no|maybe}. A document: {id, text}. Bad input raises DataError naming the file, line and field.
 """
 import json
+import os
 import random
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -38,10 +40,22 @@ def read_jsonl(path):
             yield line_no, record
 
 
-def write_jsonl(records, path):
+@contextmanager
+def replacing(path):
+    """Yield a temporary path beside `path` and rename it into place on success: a reader never sees half a
+    file (every file LARK writes goes through here)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(records, path):
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 

@@ -6,9 +6,9 @@ document is the same) and top-10 overlap (mean share of the exact top 10 found i
 """
 import torch
 
+from lark.attribution import project_examples
 from lark.projector import ExactProjector, trainable
 from lark.stores import cosine_scores, stored_view
-from lark.training import collate
 
 
 def ranks(x):
@@ -30,20 +30,12 @@ def agreement(exact, approx, top=10):
     }
 
 
-def project_all(model, encoded, projector, pad_id, batch_size=8):
-    """[n, k] projections (float32, on the CPU) of encoded examples, on the model's device."""
-    device = next(model.parameters()).device
-    return torch.cat([projector.project_batch(model, {k: v.to(device) for k, v in
-                                                      collate(encoded[i:i + batch_size], pad_id).items()}).float().cpu()
-                      for i in range(0, len(encoded), batch_size)])
-
-
 def exact_scores(model, queries, docs, pad_id):
     """Exact cosines [n_q, n_d] from full per-example gradients (normalised in place: they are large)."""
     exact = ExactProjector({n: tuple(p.shape) for n, p in trainable(model)})
-    q = project_all(model, queries, exact, pad_id)
+    q = project_examples(model, queries, exact, pad_id)
     q.div_(q.norm(dim=1, keepdim=True).clamp_min(1e-30))
-    d = project_all(model, docs, exact, pad_id)
+    d = project_examples(model, docs, exact, pad_id)
     d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-30))
     return q @ d.T
 
@@ -51,6 +43,6 @@ def exact_scores(model, queries, docs, pad_id):
 def fidelity(model, queries, docs, projector, pad_id, exact=None, tier="float16"):
     """agreement() of a projector (and store tier) on encoded query and document examples."""
     exact = exact_scores(model, queries, docs, pad_id) if exact is None else exact
-    q = stored_view(project_all(model, queries, projector, pad_id), tier)
-    d = stored_view(project_all(model, docs, projector, pad_id), tier)
+    q = stored_view(project_examples(model, queries, projector, pad_id), tier)
+    d = stored_view(project_examples(model, docs, projector, pad_id), tier)
     return agreement(exact, cosine_scores(q, d, tier))

@@ -43,6 +43,11 @@ def hashed(index, key):
     return mix32((index * GOLDEN + key) & MASK32)
 
 
+def random_signs(index, key):
+    """+1 / -1 (float32) for coordinates `index` under `key`."""
+    return (hashed(index, key) & 1).to(torch.float32) * 2 - 1
+
+
 def normalize_tensors(grads, how):
     """RapidIn's per-tensor L2 normalisation (how = per_tensor), or nothing (how = none)."""
     if how == "none":
@@ -91,7 +96,7 @@ class CountSketch(PerExample):
             return self.cache[name]
         index = torch.arange(numel, dtype=torch.int64, device=device)
         bucket = hashed(index, name_key(self.seed, name, "bucket")) % self.k
-        sign = (hashed(index, name_key(self.seed, name, "sign")) & 1).to(torch.float32) * 2 - 1
+        sign = random_signs(index, name_key(self.seed, name, "sign"))
         if self.cache_ok:
             self.cache[name] = (bucket, sign)
         return bucket, sign

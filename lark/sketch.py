@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lark.formats import IGNORE
-from lark.projector import hashed, name_key
+from lark.projector import hashed, name_key, random_signs
 
 
 class HookSketch:
@@ -84,7 +84,7 @@ class HookSketch:
         if key in self.cache:
             return self.cache[key]
         index = torch.arange(numel, dtype=torch.int64, device=device)
-        sign = ((hashed(index, name_key(self.seed, name, "sign")) & 1) * 2 - 1).to(torch.int8)
+        sign = random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
         if numel <= self.cache_elements:
             self.cache[key] = sign   # int8: a quarter of float32's memory; chunks are widened as they are used
         return sign
@@ -105,7 +105,7 @@ class HookSketch:
         if key not in self.cache:
             index = torch.arange(size, dtype=torch.int64, device=device)
             bucket = hashed(index, name_key(self.seed, name, f"ts-bucket-{axis}")) % self.k
-            sign = (hashed(index, name_key(self.seed, name, f"ts-sign-{axis}")) & 1).to(torch.float32) * 2 - 1
+            sign = random_signs(index, name_key(self.seed, name, f"ts-sign-{axis}"))
             self.cache[key] = (bucket, sign)
         return self.cache[key]
 
@@ -191,7 +191,7 @@ class HookSketch:
         d = grad.shape[-1]
         flat_index = tokens.unsqueeze(-1) * d + torch.arange(d, device=tokens.device)   # [B, T, d]
         bucket = self.buckets(name, flat_index)
-        sign = (hashed(flat_index, name_key(self.seed, name, "sign")) & 1).float() * 2 - 1
+        sign = random_signs(flat_index, name_key(self.seed, name, "sign"))
         out = torch.zeros(grad.shape[0], self.k, device=grad.device)
         out.scatter_add_(1, bucket.flatten(1), (grad.float() * sign).flatten(1))
         norm = None

@@ -12,12 +12,13 @@ Tiers (`attribution.store_dtype`), bytes per dimension, and how cosine is recove
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from lark.data import replacing
 
 TIERS = ("float16", "bfloat16", "int8", "bit")
 
@@ -68,11 +69,8 @@ def unit_rows(vectors):
 
 def atomic_save(tensors, path, metadata):
     """safetensors written to a temporary name and renamed: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_store(path, vectors, ids, meta, tier="float16"):
