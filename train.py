@@ -4,8 +4,10 @@
     python train.py +experiment=pubmedqa              # the paper: OLMo-3-7B-Instruct on PubMedQA (GPU, hub access)
     python train.py data=pubmedqa_local model=...     # PubMedQA from ../shared/data
     python train.py -m format=chatml,noformat trainer.max_epochs=2,5   # a sweep into multirun/
+    python train.py <same overrides> hydra.run.dir=<run> resume=true   # continue a killed run
 """
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,11 +17,15 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg):
+    from lark.errors import LarkError
     from lark.experiment import train
 
     run_dir = None
     try:
         run_dir = train(cfg)
+    except LarkError as e:  # bad data, config or run directory: the message says what and where
+        print(f"[lark] error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         print(f"[lark] outputs: {run_dir or cfg.paths.output_dir}")
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from lark.data import replacing
+from lark.rundir import require_complete
+
 TITLES = {
     "table1": "TABLE I: Influence score comparison across data sources",
     "table2": "TABLE II: Influence score evolution during fine-tuning",
@@ -241,7 +244,8 @@ def write_tables(tables, out_dir):
     files = []
     for name, rows in tables.items():
         md, csv_file = out_dir / f"{name}.md", out_dir / f"{name}.csv"
-        md.write_text(to_markdown(name, rows))
+        with replacing(md) as tmp:
+            tmp.write_text(to_markdown(name, rows))
         write_csv(rows, csv_file)
         files += [md, csv_file]
     return files
@@ -249,7 +253,7 @@ def write_tables(tables, out_dir):
 
 def write_csv(rows, path):
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
         writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
@@ -419,7 +423,7 @@ def plot_influence(runs, path):
     finish(ax_format, "(A) Formatted sources", "Mean max influence")
     finish(ax_raw, "(B) Raw (noformat) sources", "Mean max influence")
     figure.suptitle("Influence scores across training epochs")
-    figure.savefig(path, dpi=DPI)
+    save_figure(figure, path)
 
 
 def plot_pt_wins(runs, path):
@@ -434,7 +438,7 @@ def plot_pt_wins(runs, path):
             ax.axvspan(epoch - 0.5, epoch + 0.5, color=color, alpha=0.12, linewidth=0, label=shade_label if i == 0 else None)
     ax.set_ylim(bottom=0)
     finish(ax, "Pretraining influence during fine-tuning", "PT wins (% of test queries)")
-    figure.savefig(path, dpi=DPI)
+    save_figure(figure, path)
 
 
 def plot_method(runs, path, table1_epoch="best"):
@@ -470,7 +474,13 @@ def plot_method(runs, path, table1_epoch="best"):
     finish(ax_wins, "(B) Attribution accuracy", "FT wins (% of test queries)", xlabel="",
            legend_loc="upper center")
     figure.suptitle("LARK vs full-gradient storage (TracIn) and lexical attribution (BM25)")
-    figure.savefig(path, dpi=DPI)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path):
+    """A PNG written to a temporary name and renamed (lark.data.replacing)."""
+    with replacing(path) as tmp:
+        figure.savefig(tmp, dpi=DPI, format="png")
 
 
 def bar_pair(ax, x, width, values, labels, first, text):
@@ -492,6 +502,8 @@ def analyze(path, out_dir=None, table1_epoch="best"):
     """Tables (out_dir/tables) and figures (out_dir/figures) of a run or multirun folder; out_dir defaults
     to `path`. Returns {"tables", "table_files", "figure_files", "runs"}."""
     run_dirs = find_runs(path)
+    for run_dir in run_dirs.values():
+        require_complete(run_dir)
     runs = {label: load_metrics(run_dir) for label, run_dir in run_dirs.items()}
     out_dir = Path(path if out_dir is None else out_dir)
     tables = build_tables(runs, table1_epoch)

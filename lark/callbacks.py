@@ -1,9 +1,13 @@
 """The epoch-end attribution callback: at epoch 0 (before any step) and after every epoch it saves the
-checkpoint itself, measures test accuracy, runs the LARK kernel, and logs metrics, a top-k table and accuracy."""
+checkpoint itself, measures test accuracy, runs the LARK kernel, and logs metrics, a top-k table and accuracy.
+With `resume=true` an epoch whose metrics.json matches (same fingerprint) is not attributed again."""
+import json
+
 import lightning as L
 from omegaconf import OmegaConf
 
 from lark.attribution import attribute_checkpoint
+from lark.fingerprints import fingerprints, sha
 from lark.loggers import log_metrics, log_table
 from lark.models import save_checkpoint
 from lark.sources import query_examples
@@ -17,7 +21,8 @@ class AttributionCallback(L.Callback):
         self.epoch_lr = None
 
     def on_train_start(self, trainer, pl_module):
-        self.checkpoint(trainer, pl_module, epoch=0, lr=None)
+        if trainer.global_step == 0:   # not when resuming from a later epoch's state
+            self.checkpoint(trainer, pl_module, epoch=0, lr=None)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
@@ -29,7 +34,7 @@ class AttributionCallback(L.Callback):
         gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
         logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
                                            self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
-                                           gather, self.report)
+                                           gather, self.report, reuse=bool(self.cfg.get("resume")))
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:
@@ -45,11 +50,36 @@ def wanted(attr, epoch):
     return attr.enabled and (attr.checkpoints == "all" or epoch in list(attr.checkpoints))
 
 
+def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
+    """Everything an epoch's attribution depends on: the checkpoint, tokenizer and format fingerprints, the
+    attribution and source configs, the examples."""
+    attr = {k: v for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
+            if k not in ("enabled", "checkpoints", "save_checkpoints")}
+    return sha(prints, attr, OmegaConf.to_container(cfg.source, resolve=True), cfg.max_length, test_items, sets, epoch)
+
+
+def completed(folder, fingerprint):
+    """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("fingerprint") == fingerprint else None
+
+
 def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, rank=0, world=1, gather=None,
-                        log=print):
-    """Save the checkpoint (if asked), measure accuracy, attribute (if asked). Returns (scalars to log, top-k rows)."""
+                        log=print, reuse=False):
+    """Save the checkpoint (if asked), measure accuracy, attribute (if asked). Returns (scalars to log, top-k rows).
+    reuse: skip an epoch already complete for this checkpoint and config, and reuse its matching stores and shards."""
     fmt, attr = cfg.format, cfg.attribution
     name = f"epoch_{epoch:03d}"
+    prints = fingerprints(model, tokenizer, fmt) if wanted(attr, epoch) else None
+    fingerprint = prints and epoch_fingerprint(cfg, prints, test_items, sets, epoch)
+    done = completed(run_dir / "attribution" / name, fingerprint) if reuse and prints else None
+    saved = not attr.save_checkpoints or (run_dir / "checkpoints" / name / "model.safetensors").is_file()
+    if done and saved:
+        log(f"[lark] {name}: complete (metrics.json matches this checkpoint and config), not attributed again")
+        return {"test/accuracy": done["accuracy"], "checkpoint_epoch": epoch, **influence_logs(done)}, []
     if attr.save_checkpoints and rank == 0:
         save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
                         {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True)})
@@ -62,8 +92,9 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
     queries = query_examples(test_items, fmt, predicted if attr.query_target == "predicted" else None)
     metrics, rows = attribute_checkpoint(
         model, tokenizer, sets, queries, fmt, attr, cfg.source,
-        run_dir / "attribution" / name, cfg.max_length, {"epoch": epoch, "accuracy": accuracy, "lr": lr},
-        rank, world, gather, log)
+        run_dir / "attribution" / name, cfg.max_length,
+        {"epoch": epoch, "accuracy": accuracy, "lr": lr, "fingerprint": fingerprint}, rank, world, gather, log,
+        reuse, prints)
     log(f"[lark] {name}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins")
                                        if metrics[k] is not None))
     return {**logged, **influence_logs(metrics)}, rows

@@ -33,7 +33,10 @@ def build_loggers(cfg):
 
 def log_metrics(trainer, metrics, step):
     for lg in trainer.loggers:
-        lg.log_metrics(metrics, step=step)
+        try:
+            lg.log_metrics(metrics, step=step)
+        except Exception as e:  # e.g. a full disk under wandb/: the run goes on without this logger's entry
+            warnings.warn(f"{type(lg).__name__}: could not log metrics: {e}")
 
 
 def log_table(trainer, key, columns, rows):

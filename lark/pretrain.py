@@ -1,6 +1,7 @@
 """The embedded default's base model: a tokenizer and a tiny OLMo-3 trained here on the generated pretraining
 corpus, so that the "pretraining data" of the experiment really is the model's pretraining data.
-The result (= epoch 0 of fine-tuning) is cached by a hash of the corpus and the configs."""
+The result (= epoch 0 of fine-tuning) is cached by a hash of the corpus and the configs; the cache folder is
+written under a temporary name and renamed when complete, so a killed pretraining leaves nothing that is trusted."""
 import functools
 import hashlib
 from pathlib import Path
@@ -40,6 +41,12 @@ def pretrain_tiny(model_cfg, texts, cache_dir, log=print):
         log(f"[lark] base model from cache: {folder}")
         return folder
     log(f"[lark] pretraining the tiny model on {len(texts)} documents ({spec['pretrain']['steps']} steps)")
+    with torch.random.fork_rng(devices=[]):  # fine-tuning's RNG state does not depend on a cache hit
+        pretrain(model_cfg, texts, folder)
+    return folder
+
+
+def pretrain(model_cfg, texts, folder):
     p = model_cfg.pretrain
     tokenizer = train_tokenizer(texts, model_cfg.tokenizer.vocab_size)
     torch.manual_seed(p.seed)
@@ -51,6 +58,7 @@ def pretrain_tiny(model_cfg, texts, cache_dir, log=print):
         optimizer=functools.partial(torch.optim.AdamW, lr=p.lr, weight_decay=0.0),
         scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=p.steps, eta_min=p.lr * 0.1),
         scheduler_interval="step",
+        stage="pretrain",
     )
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=p.steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, deterministic=True,
@@ -58,5 +66,4 @@ def pretrain_tiny(model_cfg, texts, cache_dir, log=print):
     trainer.fit(module, loader)
     folder.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, tokenizer, folder)
-    return folder
 

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from lark.data import replacing
+from lark.errors import StoreMismatch
 
 TIERS = ("float16", "bfloat16", "int8", "bit")
+# Header fields two stores must agree on to be scored against each other: the projection (kind, k, seed, version,
+# ...), the tier, and the fingerprints of the checkpoint, the tokenizer and the format that produced them.
+MATCH = ("k", "tier", "projector", "checkpoint", "tokenizer", "format")
 
 
 def bytes_per_vector(tier, k):
@@ -68,9 +72,22 @@ def unit_rows(vectors):
 
 
 def atomic_save(tensors, path, metadata):
-    """safetensors written to a temporary name and renamed: a reader never sees half a file."""
-    with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    """safetensors written to a temporary name and renamed: a reader never sees half a file. The header's keys
+    are sorted (safetensors writes them in hash-map order), so equal contents give byte-identical files."""
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(blob[:8])
+        f.write(header.ljust(n) if len(header) <= n else blob[8:8 + n])
+        f.write(memoryview(blob)[8 + n:])
+
+
+def decoded(tensors, tier, k):
+    """decode(), with the rows of non-finite gradients (non-finite norms) NaN in every tier (the bit tier would
+    otherwise turn them into valid-looking sign vectors)."""
+    vectors = decode(tensors, tier, k)
+    return torch.where(torch.isfinite(tensors["norms"]).unsqueeze(1), vectors, float("nan"))
 
 
 def save_store(path, vectors, ids, meta, tier="float16"):
@@ -80,20 +97,42 @@ def save_store(path, vectors, ids, meta, tier="float16"):
     metadata = {"ids": json.dumps(ids), "tier": json.dumps(tier), "k": json.dumps(vectors.shape[1]),
                 **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_save(tensors, path, metadata)
-    return decode(tensors, tier, vectors.shape[1])
+    return decoded(tensors, tier, vectors.shape[1])
 
 
 def stored_view(vectors, tier):
     """What the scores see of vectors stored in a tier (without writing them)."""
-    return decode(encode(unit_rows(vectors), tier), tier, vectors.shape[1])
+    return decoded({**encode(unit_rows(vectors), tier), "norms": vectors.norm(dim=1)}, tier, vectors.shape[1])
 
 
 def load_store(path):
-    """(decoded unit vectors float32 [n, k], norms [n], ids, metadata)."""
+    """(decoded unit vectors float32 [n, k], norms [n], ids, metadata). safetensors: nothing is unpickled."""
     with safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return decode(tensors, meta["tier"], meta["k"]), tensors["norms"], meta.pop("ids"), meta
+    return decoded(tensors, meta["tier"], meta["k"]), tensors["norms"], meta.pop("ids"), meta
+
+
+def check_compatible(a, b, a_name="a", b_name="b"):
+    """Refuse (StoreMismatch, naming the field) to score stores whose headers disagree on a MATCH field."""
+    for key in MATCH:
+        x, y = a.get(key), b.get(key)
+        if x == y:
+            continue
+        field = key
+        if isinstance(x, dict) and isinstance(y, dict):
+            sub = next(s for s in sorted(set(x) | set(y)) if x.get(s) != y.get(s))
+            field, x, y = f"{key}.{sub}", x.get(sub), y.get(sub)
+        raise StoreMismatch(f"cannot score {a_name} against {b_name}: {field} differs ({x!r} vs {y!r}); "
+                            "stores from different projectors, checkpoints, tokenizers or formats never mix")
+
+
+def score_stores(query_path, doc_path, block=4096):
+    """[n_q, n_d] cosine scores between two stores on disk, after checking that they can be compared."""
+    q, _, _, q_meta = load_store(query_path)
+    d, _, _, d_meta = load_store(doc_path)
+    check_compatible(q_meta, d_meta, Path(query_path).name, Path(doc_path).name)
+    return cosine_scores(q, d, q_meta["tier"], block)
 
 
 def cosine_scores(queries, docs, tier="float16", block=4096):
@@ -129,9 +168,11 @@ def faiss_index(paths, kind="flat", nlist=64, m=64, train_size=20000, nprobe=8):
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("faiss_index: no store paths")
-    index, ids, pending = None, [], []
+    index, ids, pending, first = None, [], [], None
     for path in paths:
         vectors, _, store_ids, meta = load_store(path)
+        first = first or (meta, path.name)
+        check_compatible(first[0], meta, first[1], path.name)
         if index is None:
             dim = vectors.shape[1]
             if kind == "flat":

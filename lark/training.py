@@ -3,6 +3,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lark import faults
 from lark.data import LABELS
 from lark.formats import IGNORE, candidate_answer, encode_qa
 
@@ -11,16 +12,18 @@ class CausalLMModule(L.LightningModule):
     """Full-parameter training of a causal LM on batches of {input_ids, attention_mask, labels}.
 
     `optimizer` and `scheduler` are factories (Hydra `_partial_`): optimizer(params), scheduler(optimizer).
+    `stage` names the kill point of each step (lark.faults): train_step, pretrain_step.
     """
 
-    def __init__(self, model, optimizer, scheduler=None, scheduler_interval="epoch"):
+    def __init__(self, model, optimizer, scheduler=None, scheduler_interval="epoch", stage="train"):
         super().__init__()
-        self.model = model
+        self.model, self.stage = model, stage
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
 
     def training_step(self, batch, batch_idx):
+        faults.point(f"{self.stage}_step")
         loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(batch["input_ids"]))

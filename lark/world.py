@@ -21,6 +21,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lark import data
+
 LABELS = ("yes", "no", "maybe")
 EFFECTS = {"yes": "positive", "no": "null", "maybe": "mixed"}
 
@@ -472,25 +474,26 @@ def save_world(world: World, folder) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for attr, name in FILES.items():
-        with open(folder / name, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in getattr(world, attr))
+        data.write_jsonl(getattr(world, attr), folder / name)
     counts = {attr: len(getattr(world, attr)) for attr in FILES}
     meta = {"config": world.config, "counts": counts}
     for name, obj in [("provenance.json", world.provenance), ("world.json", meta)]:
-        (folder / name).write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        with data.replacing(folder / name) as tmp:
+            tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def doc_check(record, where):
+    return data.document(record, where) and record
 
 
 def load_world(folder) -> World:
     """Read a folder written by save_world."""
     folder = Path(folder)
 
-    def read(name):
-        path = folder / name
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    parts = {attr: read(name) for attr, name in FILES.items()}
-    provenance = json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
-    config = json.loads((folder / "world.json").read_text(encoding="utf-8"))["config"]
+    checks = {"train": data.qa_record, "test": data.qa_record, "medical_docs": doc_check,
+              "entertainment_docs": doc_check, "facts": lambda r, where: r}
+    parts = {attr: data.read_examples(folder / name, checks[attr]) for attr, name in FILES.items()}
+    provenance, meta = (json.loads((folder / name).read_text(encoding="utf-8"))
+                        for name in ("provenance.json", "world.json"))
+    config = meta["config"]
     return World(provenance=provenance, config=config, **parts)

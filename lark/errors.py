@@ -1,0 +1,22 @@
+"""Errors meant for the user: the message says what is wrong and where (file, line, field or config key).
+train.py and attribute.py print them without a traceback and exit with status 2."""
+
+
+class LarkError(ValueError):
+    """A problem with the input, the config or the run directory, not a bug in LARK."""
+
+
+class DataError(LarkError):
+    """Invalid input data; the message names the file, the line and the field."""
+
+
+class ConfigError(LarkError):
+    """An invalid config value; the message names the key."""
+
+
+class StoreMismatch(LarkError):
+    """Two gradient stores that were not produced the same way; the message names the differing field."""
+
+
+class RunDirError(LarkError):
+    """A run directory that is incomplete, partially written, or holds another run."""

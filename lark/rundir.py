@@ -1,0 +1,87 @@
+"""Checks on a run directory: files left half-written by a killed process, incomplete epochs, a folder that
+already holds another run, and whether the disk has room for the attribution stores."""
+import re
+import shutil
+from pathlib import Path
+
+from lark.errors import RunDirError
+from lark.stores import bytes_per_vector
+
+TMP = re.compile(r"\.tmp\d+$")   # lark.data.replacing and lark.models.save_checkpoint name temporaries so
+
+
+def leftovers(run_dir):
+    """Temporary files and folders left by interrupted writes (W&B's own folder aside)."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.rglob("*") if TMP.search(p.name) and "wandb" not in p.relative_to(run_dir).parts)
+
+
+def problems(run_dir):
+    """What makes a run directory incomplete: leftovers, checkpoints without weights, attributed epochs without
+    metrics.json (written last), attribution shards of a set still in progress."""
+    run_dir = Path(run_dir)
+    found = [f"{p.relative_to(run_dir)}: left by an interrupted write" for p in leftovers(run_dir)]
+    for folder in sorted((run_dir / "checkpoints").glob("epoch_[0-9][0-9][0-9]")):
+        if not (folder / "model.safetensors").is_file() and not TMP.search(folder.name):
+            found.append(f"{folder.relative_to(run_dir)}: no model.safetensors")
+    for folder in sorted((run_dir / "attribution").glob("epoch_[0-9][0-9][0-9]")):
+        if not (folder / "metrics.json").is_file():
+            found.append(f"{folder.relative_to(run_dir)}: no metrics.json (attribution did not finish)")
+    return found
+
+
+def require_complete(run_dir):
+    """Refuse to trust (analyse) a run directory with problems()."""
+    found = problems(run_dir)
+    if found:
+        raise RunDirError(f"{run_dir} is incomplete, not trusted:\n  " + "\n  ".join(found[:20]) +
+                          "\nfinish it with `python train.py <its overrides> hydra.run.dir=<it> resume=true` or "
+                          "`python attribute.py run_dir=<it>`")
+
+
+def clean(run_dir, log=print):
+    """Report the problems of a run directory about to be resumed and delete its leftovers."""
+    for line in problems(run_dir):
+        log(f"[lark] {run_dir}: {line}")
+    for path in leftovers(run_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def require_new(run_dir):
+    """A run without resume=true must not write into a folder that holds another run's results."""
+    for name in ("checkpoints", "attribution"):
+        if (Path(run_dir) / name).exists():
+            raise RunDirError(f"{run_dir} already holds a run ({name}/): add resume=true to continue it, or choose "
+                              "another hydra.run.dir")
+
+
+def store_bytes(n_examples, n_queries, n_docs, k, tier, save_scores):
+    """Bytes written per attributed checkpoint: stores (vectors + float32 norms) and float32 score matrices."""
+    return n_examples * (bytes_per_vector(tier, k) + 4) + (4 * n_queries * n_docs if save_scores else 0)
+
+
+def require_space(folder, needed, detail):
+    """Refuse to start when `folder` (or its nearest existing parent) has less than `needed` bytes free."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise RunDirError(f"attribution needs about {needed / 1e9:.2f} GB in {folder} ({detail}) but only "
+                          f"{free / 1e9:.2f} GB is free: free space, lower attribution.projector.k, choose a smaller "
+                          "attribution.store_dtype (int8, bit), set attribution.save_scores=false or attribute "
+                          "fewer attribution.checkpoints")
+
+
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def require_safetensors(folder):
+    """A checkpoint folder is loaded only from safetensors: refuse one that holds pickled weights (unpickling runs
+    arbitrary code) or no safetensors at all."""
+    folder = Path(folder)
+    pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
+    if pickled or not any(folder.glob("*.safetensors")):
+        raise RunDirError(f"{folder}: refusing to load a checkpoint without safetensors weights or with pickled "
+                          f"files ({', '.join(pickled) or 'no *.safetensors'}); LARK loads safetensors only")
+    return folder
