@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lark import faults
 from lark import metrics as M
@@ -70,7 +70,7 @@ def project_set(model, encoded, ids, projector, meta, folder, cfg, pad_id, rank,
     """[n, k] projected gradients of one set, computed shard by shard (attribution.shard_size examples): when a
     set spans several shards, each finished shard is saved under shards/ so that a killed run recomputes at most
     the shard in flight. A saved shard is reused only if its header (ids, projector, fingerprints) matches."""
-    size = int(cfg.shard_size)
+    size = int(cfg.get("shard_size") or len(encoded) or 1)   # runs from before shards: one shard per set
     parts = []
     for start in range(0, len(encoded), size):
         part_ids, path = ids[start:start + size], folder / f"{meta['set']}.{start:06d}.safetensors"
@@ -89,21 +89,21 @@ def project_set(model, encoded, ids, projector, meta, folder, cfg, pad_id, rank,
 
 
 def read_shard(path, ids, meta):
-    """The raw vectors of a saved shard, or None when absent or produced from other inputs."""
-    if not path.is_file():
+    """The raw vectors of a saved shard, or None when absent, unreadable or produced from other inputs."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: json.loads(v) for k, v in f.metadata().items()}
+            return f.get_tensor("vectors") if header == {"ids": ids, **meta} else None
+    except (OSError, ValueError, SafetensorError):
         return None
-    with safe_open(str(path), framework="pt") as f:
-        header = {k: json.loads(v) for k, v in f.metadata().items()}
-        if header != {"ids": ids, **meta}:
-            return None
-        return f.get_tensor("vectors")
 
 
 def reusable_store(path, ids, meta, tier, k):
-    """The decoded vectors of a complete store written from the same inputs, else None."""
-    if not path.is_file():
+    """The decoded vectors of a complete store written from the same inputs, else None (then it is recomputed)."""
+    try:
+        vectors, _, stored_ids, header = load_store(path)
+    except (OSError, ValueError, KeyError, SafetensorError):
         return None
-    vectors, _, stored_ids, header = load_store(path)
     return vectors if stored_ids == ids and header == {**meta, "tier": tier, "k": k} else None
 
 

@@ -82,7 +82,8 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
         return {"test/accuracy": done["accuracy"], "checkpoint_epoch": epoch, **influence_logs(done)}, []
     if attr.save_checkpoints and rank == 0:
         save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
-                        {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True)})
+                        {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+                         "lark_epoch.json": json.dumps({"epoch": epoch, "lr": lr})})
     accuracy, predicted = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
                                           cfg.max_length)
     log(f"[lark] {name}: test accuracy {accuracy:.3f}")

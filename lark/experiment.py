@@ -4,7 +4,7 @@
 Run directory layout:
   data/            train.jsonl, test.jsonl, sources/<source>.jsonl (the exact examples attributed),
                    world/ (the generated world with provenance.json, embedded default only)
-  checkpoints/     epoch_000 (base model) ... epoch_NNN, HF safetensors + tokenizer + lark_config.yaml
+  checkpoints/     epoch_000 (base model) ... epoch_NNN, HF safetensors + tokenizer + lark_config.yaml, lark_epoch.json
   attribution/     epoch_NNN/{stores, scores, top_influences.csv, metrics.json}
   tables/ figures/ Tables I-IV (.md, .csv) and Figures 1-3 (.png)
   wandb/           the offline W&B run
@@ -178,6 +178,16 @@ def load_run_config(run_dir):
     return OmegaConf.load(path)
 
 
+def epoch_lr(checkpoint, metrics):
+    """The learning rate of a checkpoint's epoch as training recorded it (runs before lark_epoch.json: metrics)."""
+    for path in (checkpoint / "lark_epoch.json", metrics):
+        try:
+            return json.loads(path.read_text()).get("lr")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def attribute(run_dir, overrides=None, log=print, resume=True):
     """(Re)attribute the saved checkpoints of a run, with its saved config and data (plus attribution overrides).
     resume: epochs whose metrics.json matches are not redone, and complete stores and shards are reused."""
@@ -199,7 +209,6 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
         model, tokenizer = load_pretrained(rundir.require_safetensors(folder), cfg.model)
         if epoch == min(epochs):
             check_attribution(cfg, run_dir, model, sets, len(test_items), epochs)
-        old = run_dir / "attribution" / folder.name / "metrics.json"
-        lr = json.loads(old.read_text()).get("lr") if old.is_file() else None
+        lr = epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
         evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, log=log, reuse=resume)
     return run_dir

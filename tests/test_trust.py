@@ -176,6 +176,30 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_and_a_reported_lef
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, like the subprocess runs: bit-identical results need the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_truncated_store_is_recomputed_not_trusted(reference, tmp_path, one_thread):
+    from lark.experiment import attribute
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    store = run_dir / "attribution/epoch_001/stores/finetune.safetensors"
+    store.write_bytes(store.read_bytes()[:1000])                      # as if cut off by a crash or a full disk
+    (run_dir / "attribution/epoch_001/metrics.json").unlink()
+    logs = []
+    attribute(run_dir, {"checkpoints": [1]}, log=logs.append)
+    assert not any("finetune.safetensors: store complete" in line for line in logs)
+    assert any("test_queries.safetensors: store complete, reused" in line for line in logs)
+    assert_same_results(reference["dir"], run_dir)
+
+
 def test_analysis_refuses_a_partial_run(reference, tmp_path):
     from lark.analysis import analyze
     from lark.errors import RunDirError
