@@ -49,7 +49,14 @@ def load_pretrained(path, model_cfg):
     trust = bool(model_cfg.get("trust_remote_code", False))
     revision = model_cfg.get("revision") if not Path(str(path)).is_dir() else None
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust)
+    # use_safetensors: never unpickle weights (a folder or hub repo with only *.bin files is refused)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust,
+                                                 use_safetensors=True)
+    return ready(model, tokenizer, model_cfg)
+
+
+def ready(model, tokenizer, model_cfg):
+    """The settings every loaded model gets: a pad token, gradient checkpointing if asked, no KV cache."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_cfg.get("gradient_checkpointing"):
@@ -94,12 +101,7 @@ def load_gguf(model_cfg):
     model.hf_quantizer = None                         # weights are dequantised tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-    return model, tokenizer
+    return ready(model, tokenizer, model_cfg)
 
 
 def save_checkpoint(model, tokenizer, folder, extra_files=None):

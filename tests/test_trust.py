@@ -573,6 +573,21 @@ def test_stores_checkpoints_and_resume_state_never_unpickle(reference, tmp_path)
     assert not marker.exists()
 
 
+def test_model_folders_with_only_pickled_weights_are_refused(reference, tmp_path):
+    """Base models and checkpoints load with use_safetensors=True: a folder (or hub repo) whose weights are only a
+    pickle is refused before anything is unpickled."""
+    from lark.models import load_pretrained
+
+    folder = tmp_path / "model"
+    shutil.copytree(reference["dir"] / "checkpoints" / "epoch_001", folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"lm_head.weight": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_pretrained(folder, compose(RUN).model)
+    assert not marker.exists()
+
+
 def test_remote_code_is_never_run_unless_configured(reference, tmp_path):
     """A checkpoint whose config maps AutoModelForCausalLM to its own code: loaded with the default config the
     code is never imported; only model.trust_remote_code=true runs it."""
