@@ -354,7 +354,8 @@ def lr_footnotes(rows):
             epochs = ", ".join(str(row["epoch"]) for row in reduced)
             lrs = ", ".join(f"{lr:g}" for lr in dict.fromkeys(row["lr"] for row in reduced))
             prefix = "" if job is None else f"{job}: "
-            notes.append(f"\\*{prefix}Epochs {epochs} use a lower learning rate ({lrs}) than the run's maximum ({max_lr:g}).")
+            which = f"Epochs {epochs} use" if len(reduced) > 1 else f"Epoch {epochs} uses"
+            notes.append(f"\\*{prefix}{which} a lower learning rate ({lrs}) than the run's maximum ({max_lr:g}).")
     return notes
 
 
