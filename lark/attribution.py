@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from lark import faults
 from lark import metrics as M
 from lark.data import replacing
-from lark.fingerprints import PROJECTOR_VERSION, fingerprints, sha
+from lark.fingerprints import PROJECTOR_VERSION, fingerprints
+from lark.models import content_hash
 from lark.formats import encode
 from lark.projector import make_projector, trainable
 from lark.sources import example_text
@@ -63,7 +64,7 @@ def top_rows(values, index, query_ids, doc_ids, source):
 
 
 def examples_fingerprint(encoded):
-    return sha([(e["input_ids"], e["labels"]) for e in encoded])
+    return content_hash([(e["input_ids"], e["labels"]) for e in encoded])
 
 
 def project_set(model, encoded, ids, projector, meta, folder, cfg, pad_id, rank, world, gather, reuse, log):

@@ -7,9 +7,9 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from lark.attribution import attribute_checkpoint
-from lark.fingerprints import fingerprints, sha
+from lark.fingerprints import fingerprints
 from lark.loggers import log_metrics, log_table
-from lark.models import save_checkpoint
+from lark.models import content_hash, save_checkpoint
 from lark.sources import query_examples
 from lark.training import answer_accuracy
 
@@ -55,7 +55,7 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     attribution and source configs, the examples."""
     attr = {k: v for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
             if k not in ("enabled", "checkpoints", "save_checkpoints")}
-    return sha(prints, attr, OmegaConf.to_container(cfg.source, resolve=True), cfg.max_length, test_items, sets, epoch)
+    return content_hash(prints, attr, OmegaConf.to_container(cfg.source, resolve=True), cfg.max_length, test_items, sets, epoch)
 
 
 def completed(folder, fingerprint):

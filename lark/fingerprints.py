@@ -2,17 +2,13 @@
 Stores and metrics.json record them, so that results of different inputs are never mixed or mistaken for
 each other (a resumed run reuses only what matches)."""
 import hashlib
-import json
 
 import torch
 from omegaconf import OmegaConf
 
+from lark.models import content_hash
+
 PROJECTOR_VERSION = 1   # bump when a projector gives other vectors for the same spec (stores of two versions never mix)
-
-
-def sha(*parts):
-    """A short hash of JSON-serialisable parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_fingerprint(model):
@@ -29,12 +25,12 @@ def tokenizer_fingerprint(tokenizer):
     """Hash of the tokenizer's full definition (vocabulary, merges, normaliser, specials) and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    return sha(vocab, getattr(tokenizer, "chat_template", None), tokenizer.pad_token, tokenizer.eos_token)
+    return content_hash(vocab, getattr(tokenizer, "chat_template", None), tokenizer.pad_token, tokenizer.eos_token)
 
 
 def format_fingerprint(fmt):
     """The format's name and a hash of its whole config (templates, system prompt, answer template)."""
-    return f"{fmt.name}:{sha(OmegaConf.to_container(fmt, resolve=True))}"
+    return f"{fmt.name}:{content_hash(OmegaConf.to_container(fmt, resolve=True))}"
 
 
 def fingerprints(model, tokenizer, fmt):
