@@ -3,7 +3,17 @@
 Given exact scores S [n_q, n_d] (ExactProjector) and approximate scores A of the same pairs:
 Pearson and Spearman correlation over all pairs, max |A - S|, top-1 agreement (share of queries whose best
 document is the same) and top-10 overlap (mean share of the exact top 10 found in the approximate top 10).
+
+pearson_ceiling(exact, k) is what a k-dimensional random projection can be expected to reach on those pairs: for a dense Gaussian
+projection the projected cosine of two unit vectors with cosine c is the (uncentred) sample correlation of k
+bivariate normal pairs, so its error has variance ~ (1 - c^2)^2 / k whatever the vectors; count sketches have at
+most the same variance, and the Johnson-Lindenstrauss lower bound (Larsen & Nelson 2017) says no linear sketch of k
+dimensions does better than ~1/k. Pearson against exact is then capped by the spread of the exact cosines:
+sqrt(var(c) / (var(c) + mean((1 - c^2)^2) / k)). benchmarks/fidelity_ceiling.py checks it against measured
+Gaussian and sketch projections.
 """
+import math
+
 import torch
 
 from lark.attribution import project_examples
@@ -28,6 +38,13 @@ def agreement(exact, approx, top=10):
         "top1": (exact.argmax(dim=1) == approx.argmax(dim=1)).double().mean().item(),
         f"top{top}": sum(overlap) / len(overlap),
     }
+
+
+def pearson_ceiling(exact, k):
+    """Expected Pearson (against `exact`) of an ideal k-dimensional random projection of the same vectors."""
+    c = exact.flatten().double()
+    noise = ((1 - c**2) ** 2).mean().item() / k
+    return math.sqrt(c.var().item() / (c.var().item() + noise))
 
 
 def exact_scores(model, queries, docs, pad_id):

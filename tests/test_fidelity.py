@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lark.fidelity import agreement, exact_scores, fidelity
+from lark.fidelity import agreement, exact_scores, fidelity, pearson_ceiling
 from lark.formats import encode_qa, encode_text, qa_fields
 from lark.models import build_tiny, train_tokenizer
 from lark.projector import make_projector
@@ -59,3 +59,33 @@ def test_agreement_on_hand_matrices():
     assert same["pearson"] == pytest.approx(1) and same["max_abs_err"] == 0 and same["top1"] == 1 and same["top2"] == 1
     swapped = agreement(exact, torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.8, 0.3]]), top=2)
     assert swapped["top1"] == 0.5 and swapped["max_abs_err"] == pytest.approx(0.8) and swapped["top2"] == 0.75
+
+
+def test_pearson_ceiling_predicts_a_dense_gaussian_projection():
+    """The ceiling formula against 20 draws of an actual N(0, 1) projection of vectors with spread-out cosines."""
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(20000, generator=gen)
+    a = torch.randn(8, 20000, generator=gen) + torch.rand(8, 1, generator=gen) * 0.6 * common
+    b = torch.randn(24, 20000, generator=gen) + torch.rand(24, 1, generator=gen) * 0.6 * common
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    exact = a @ b.T
+    for k, tolerance in ((256, 0.025), (1024, 0.01)):
+        measured = []
+        for seed in range(20):
+            r = torch.randn(20000, k, generator=torch.Generator().manual_seed(seed))
+            pa, pb = a @ r, b @ r
+            measured.append(agreement(exact, (pa / pa.norm(dim=1, keepdim=True)) @ (pb / pb.norm(dim=1, keepdim=True)).T)
+                            ["pearson"])
+        assert sum(measured) / 20 == pytest.approx(pearson_ceiling(exact, k), abs=tolerance)
+    assert pearson_ceiling(exact, 1024) > pearson_ceiling(exact, 256)
+
+
+def test_sketch_error_is_the_projection_limit_not_more(setup):
+    """The sketch's 1 - Pearson is what an ideal projection of k dimensions gives (within noise), on real text."""
+    model, pad, queries, docs, exact = setup
+    for k in (256, 1024):
+        measured = [fidelity(model, queries, docs, make_projector(OmegaConf.create(
+            {"kind": "sketch", "k": k, "seed": seed, "normalize": "none", "method": "auto"}), model), pad, exact)
+            ["pearson"] for seed in range(3)]
+        ratio = (1 - sum(measured) / 3) / (1 - pearson_ceiling(exact, k))
+        assert 0.6 <= ratio <= 1.4, (k, measured, pearson_ceiling(exact, k))
