@@ -5,12 +5,17 @@
 
 Rows: the training step (forward + backward of the mean loss, = 1.0), the floor (forward + backward through the
 activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536. Columns: examples/s,
-speed as a multiple of the training step's examples/s (higher is faster), peak memory of the row (process RSS
-on a CPU, allocated GPU memory with --device cuda) and as a multiple of the training step's, and fidelity against exact gradient cosines on real text: Pearson and max |error| over
-all (query, document) pairs of `--fidelity-examples` examples (a third of them queries), via lark.fidelity, and the
-ceiling: the Pearson an ideal k-dimensional random projection is expected to reach on the same pairs
-(lark.fidelity.pearson_ceiling; it is below 0.99 at k = 65536 when the exact cosines are narrowly spread, as on
-the random-init Llama models -- benchmarks/fidelity_ceiling.py measures it against a dense Gaussian). Timings are medians of `--repeats` batches after one warm-up.
+speed as a multiple of the training step's (higher is faster), peak memory of the row (the memory every row holds -- model,
+batch, references -- plus the row's own growth of the process RSS above it; allocated memory on a GPU) and as a
+multiple of the training step's, and fidelity against exact
+gradient cosines on real text: Pearson and max |error| over all (query, document) pairs of
+`--fidelity-examples` examples (a third of them queries), via lark.fidelity, and the ceiling: the Pearson an
+ideal k-dimensional random projection is expected to reach on the same pairs (lark.fidelity.pearson_ceiling; it
+is below 0.99 at k = 65536 when the exact cosines are narrowly spread, as on the random-init Llama models --
+benchmarks/fidelity_ceiling.py measures it against a dense Gaussian).
+Timings: after one warm-up (which alone gives the row's peak memory), `--repeats` alternations of a training step
+and the row on the same batch; examples/s is the row's median, "x train" the median of the paired ratios (robust
+to the load of other jobs on a shared machine, which comes and goes within a run).
 Peers (TRAK's BasicProjector, dattri's random_project; `pip install -e ".[peers]"`) run at k = 1024 on the tiny
 model only: dense projections regenerate P x k random numbers per call (single-threaded in TRAK); on the 8.4M
 model TRAK's row (6 batches at k = 1024) had not finished after 10 minutes, and k = 65536 would take hours.
@@ -22,6 +27,7 @@ example, which is exact): its fidelity against all-parameter cosines is limited 
 The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
 """
 import argparse
+import ctypes
 import gc
 import os
 import statistics
@@ -96,22 +102,31 @@ def setup(name, corpus, seq, batch, n_fid):
     return model, tokenizer, encoded[:batch], fid[: n_fid // 3], fid[n_fid // 3:]
 
 
+def memory_mb(field="VmRSS"):
+    """Memory in use (VmRSS) or its high-water mark (VmHWM) of this process; on a GPU, allocated memory."""
+    if torch.cuda.is_available():   # on a GPU the accelerator's memory is the number that matters
+        return (torch.cuda.max_memory_allocated() if field == "VmHWM" else torch.cuda.memory_allocated()) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_reset():
+    """Restart the high-water mark from the memory actually in use, and return that: glibc keeps freed heap
+    (earlier rows, the fidelity pass) mapped until malloc_trim, and the mark would start from there."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def peak_rss_mb():
-    if torch.cuda.is_available():   # on a GPU the accelerator's peak is the number that matters
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory_mb()
 
 
 def sync():
@@ -119,16 +134,23 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats):
-    fn()  # warm-up (hash caches, allocator)
+def clock(fn):
+    start = time.perf_counter()
+    fn()
     sync()
-    times = []
+    return time.perf_counter() - start
+
+
+def paired(fn, base, repeats):
+    """(median seconds of fn, median of base's seconds / fn's seconds) over `repeats` alternations of base and fn:
+    each ratio compares two runs a moment apart, so load that comes and goes on a shared machine cancels out."""
+    base()
+    seconds, ratios = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        t_base, t_fn = clock(base), clock(fn)
+        seconds.append(t_fn)
+        ratios.append(t_base / t_fn)
+    return statistics.median(seconds), statistics.median(ratios)
 
 
 def train_step(model, batch):
@@ -152,22 +174,25 @@ def bench_model(name, args, repeats, n_fid, corpus):
     model = model.to(args.device, getattr(torch, args.dtype))
     batch = {k: v.to(args.device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
     exact = exact_scores(model, queries, docs, tokenizer.pad_token_id) if n_fid else None
+    resident = peak_rss_reset()
 
     def row(label, k, fn, projector=None, repeats=repeats):
-        peak_rss_reset()
-        seconds = timed(fn, repeats)
-        rss = peak_rss_mb()
+        start = peak_rss_reset()
+        fn()   # warm-up (hash caches, allocator), alone: the row's peak memory
+        sync()
+        rss = resident + memory_mb("VmHWM") - start   # what every row holds (model, batch) + what this one adds
+        seconds, speed = paired(fn, lambda: train_step(model, batch), repeats)
         quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, exact)
                    if projector and exact is not None else None)
         if quality:   # (a peer that does not project, k = P, has no projection error to bound)
             quality["ceiling"] = pearson_ceiling(exact, k) if k < sum(p.numel() for p in model.parameters()) else 1.0
-        return label, k, args.batch / seconds, rss, quality
+        return label, k, args.batch / seconds, speed, rss, quality
 
     rows = [row("train step", "-", lambda: train_step(model, batch)),
             row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
     for kind, method in args.projectors:
         for k in (8192, 65536):
-            projector = (HookSketch(model, k, 0, "none", method) if kind == "sketch" else
+            projector = (HookSketch(model, k, 0, "none", method, plan_tokens=args.seq) if kind == "sketch" else
                          CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
             label = kind if method in (None, "auto") else f"{kind} ({method})"
             rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
@@ -204,7 +229,7 @@ def main():
     n_fid = 24 if args.fidelity_examples is None else args.fidelity_examples
     corpus = texts()
     print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq} tokens, median of {repeats}, fidelity over {n_fid} real-text examples")
+          f"batch {args.batch} x {args.seq} tokens, median of {repeats} paired with a training step, fidelity over {n_fid} real-text examples")
     header = f"{'model':<11} {'row':<28} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} " \
              f"{'pearson':>8} {'ceiling':>8} {'max|err|':>8}"
     print(header)
@@ -212,14 +237,14 @@ def main():
     summary = None
     for name in names:
         rows = bench_model(name, args, repeats, n_fid, corpus)
-        base_speed, base_rss = rows[0][2], rows[0][3]
-        for label, k, speed, rss, quality in rows:
+        base_rss = rows[0][4]
+        for label, k, examples, speed, rss, quality in rows:
             p, c, e = ((quality["pearson"], quality["ceiling"], quality["max_abs_err"]) if quality
                        else (float("nan"),) * 3)
-            print(f"{name:<11} {label:<28} {k:>6} {speed:>8.1f} {speed / base_speed:>8.2f} {rss:>10.0f} "
+            print(f"{name:<11} {label:<28} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
                   f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f}")
             if name == "llama-8.4M" and label == "sketch" and k == 65536:
-                summary = (speed / base_speed, p, e, rss / base_rss, c)
+                summary = (speed, p, e, rss / base_rss, c)
         sys.stdout.flush()
         gc.collect()   # the next model starts from a clean heap
     if summary:

@@ -80,7 +80,7 @@ def main():
             if total * k <= args.gaussian_budget:
                 g = unit(dense_gaussian(grads, k, seed=0))
                 gaussian = agreement(exact, g[: len(queries)] @ g[len(queries):].T)["pearson"]
-            sketch = [pearson_of(HookSketch(model, k, seed), model, queries, docs, pad, exact)
+            sketch = [pearson_of(HookSketch(model, k, seed, plan_tokens=args.seq), model, queries, docs, pad, exact)
                       for seed in range(args.seeds)]
             rapidin = pearson_of(CountSketch(shapes, k, 0), model, queries, docs, pad, exact)
             spread = f"{sum(sketch) / len(sketch):.4f} [{min(sketch):.4f}, {max(sketch):.4f}]"

@@ -5,15 +5,18 @@ layer input and delta_t = dL/dy_t. The hooks see X [B, T, in] and Delta [B, T, o
 model's own weight-gradient GEMMs are switched off (parameters do not require grad during the pass) and each
 layer's contribution to the global k-dim count sketch is computed from (X, Delta) directly:
 
-- `materialize`: G_b = Delta_b^T X_b by one batched GEMM, then a "rotated-chunk" count sketch (sketch_flat): the
+- `materialize`: G_b = Delta_b^T X_b by batched GEMMs, then a "rotated-chunk" count sketch (sketch_flat): the
   flat index is cut into k-long chunks, each rotated by a random offset, with a random sign per coordinate, all
   from a counter-based hash of (seed, parameter name, index). Contiguous adds instead of a scatter; the same
   unbiasedness and (at most) the variance of `rapidin`'s fully hashed count sketch, but not the same vectors.
+  On a CPU, G is produced a block of rows at a time, small enough to stay in cache (`block_elements`), and each
+  block is folded while it is there: G never travels to and from main memory, which is what the fold used to
+  cost (a per-example G is B times a training step's weight gradient). On a GPU one block holds the layer.
 - `tensorsketch`: TensorSketch (Pham & Pagh 2013) of G without forming it: coordinate (i, j) goes to bucket
   (h1(i) + h2(j)) mod k with sign s1(i) s2(j); count-sketch delta_t and x_t into k dims, multiply their FFTs,
   sum over tokens, one inverse FFT per example. Cost T * k log k per example instead of T * in * out: the
   cheaper choice for large layers (7B: in * out = 16.7M >> k log k = 1M). Variance close to a count sketch's.
-- `auto`: per layer, the one that moves fewer bytes (see use_tensorsketch).
+- `auto`: per layer, the one that moves fewer bytes at `plan_tokens` tokens (see use_tensorsketch).
 
 Embedding rows: dL/dE[v] = sum over positions t with token v of dL/d(embedding_t): sketched token by token with
 the same bucket and sign as sketch_flat gives coordinate (v, column) -- the V x d gradient is never formed
@@ -33,12 +36,14 @@ from lark.projector import hashed, name_key, random_signs
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto"):
+    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
             raise ValueError(f"attribution.projector.method: unknown '{method}' (auto, materialize, tensorsketch)")
         self.k, self.seed, self.normalize, self.method = int(k), int(seed), normalize, method
+        self.plan_tokens = int(plan_tokens)   # T that `auto` plans each layer for: not the batch's, so an
+                                              # example's vector never depends on how its batch is padded
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         input_embedding = model.get_input_embeddings()
         self.linears, self.norms, self.embeddings = {}, {}, {}
@@ -66,7 +71,8 @@ class HookSketch:
                              "kind=rapidin")
         self.input_weight = input_embedding.weight
         self.cache, self.workspace = {}, None
-        self.max_workspace = 2**28     # float32 elements of the per-example GEMM workspace (1 GiB)
+        self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
+        self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
         self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
 
     def coverage(self):
@@ -75,7 +81,7 @@ class HookSketch:
 
     def spec(self):
         return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
-                "method": self.method, "hash": "murmur3-fmix32", "coverage": round(self.coverage(), 6)}
+                "method": self.method, "plan_tokens": self.plan_tokens, "hash": "murmur3-fmix32", "coverage": round(self.coverage(), 6)}
 
     # -- hashing -------------------------------------------------------------------------------------------
     def signs(self, name, numel, device):
@@ -91,8 +97,11 @@ class HookSketch:
 
     def offsets(self, name, chunks):
         """Random rotation of each k-long chunk of a parameter's flat index."""
-        index = torch.arange(chunks, dtype=torch.int64)
-        return (hashed(index, name_key(self.seed, name, "offset")) % self.k).tolist()
+        key = ("offsets", name, chunks)
+        if key not in self.cache:
+            index = torch.arange(chunks, dtype=torch.int64)
+            self.cache[key] = (hashed(index, name_key(self.seed, name, "offset")) % self.k).tolist()
+        return self.cache[key]
 
     def buckets(self, name, flat_index):
         """Bucket of flat coordinates: chunk c = index // k is rotated by offset(c)."""
@@ -116,17 +125,23 @@ class HookSketch:
         of different chunks collide with probability 1/k and those of one chunk never do, so inner products keep
         the count sketch's unbiasedness and (at most) its variance -- at the cost of contiguous adds, not a
         scatter."""
-        n = flat.shape[1]
-        sign = self.signs(name, n, flat.device)
         out = torch.zeros(flat.shape[0], self.k, device=flat.device)
-        for c, offset in enumerate(self.offsets(name, -(-n // self.k))):
-            start = c * self.k
-            length = min(self.k, n - start)
-            head = min(length, self.k - offset)          # lands on [offset, offset + head)
-            s = sign[start:start + length].float()
-            out[:, offset:offset + head].addcmul_(flat[:, start:start + head], s[:head])
-            if length > head:                            # wraps around to [0, length - head)
-                out[:, :length - head].addcmul_(flat[:, start + head:start + length], s[head:])
+        return self.fold_into(out, name, flat, 0, flat.shape[1])
+
+    def fold_into(self, out, name, part, start, numel):
+        """out [B, k] += sketch_flat of the coordinates [start, start + width) of a parameter of `numel`
+        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients)."""
+        sign = self.signs(name, numel, part.device)
+        offsets = self.offsets(name, -(-numel // self.k))
+        end = start + part.shape[1]
+        for c in range(start // self.k, -(-end // self.k)):
+            lo, hi = max(start, c * self.k), min(end, (c + 1) * self.k)    # this chunk's share of the block
+            pos = (offsets[c] + lo - c * self.k) % self.k                  # where lo lands
+            head = min(hi - lo, self.k - pos)
+            s = sign[lo:hi].float()
+            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], s[:head])
+            if hi - lo > head:                                             # wraps around to [0, ...)
+                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], s[head:])
         return out
 
     def use_tensorsketch(self, t, n_in, n_out, element_size):
@@ -155,25 +170,22 @@ class HookSketch:
         if mod.bias is not None:
             parts[self.param_names[id(mod.bias)]] = ("flat", delta.float().sum(dim=1))
         tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
-        if not tied and self.use_tensorsketch(x.shape[1], x.shape[-1], delta.shape[-1], x.element_size()):
+        if not tied and self.use_tensorsketch(self.plan_tokens, x.shape[-1], delta.shape[-1], x.element_size()):
             parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta.float(), x.float()))
         else:
             parts[w_name] = ("flat", self.per_example_gemm(delta, x))
         return parts
 
     def per_example_gemm(self, delta, x):
-        """[B, out * in] per-example weight gradients (float32) in a reused workspace of at most
-        `max_workspace` elements: a layer too large for it is taken a few examples at a time (the caller consumes
-        each part before the next overwrites it, see combine)."""
-        rows = max(1, min(delta.shape[0], self.max_workspace // (delta.shape[-1] * x.shape[-1])))
-        if rows >= delta.shape[0]:
-            return torch.bmm(delta.transpose(1, 2), x, out=self.buffer(delta, x)).flatten(1)
-        return ChunkedGemm(self, delta, x, rows)
+        """The layer's per-example weight gradients as blocks of rows (see BlockedGemm): on a CPU blocks of
+        `block_elements` (cache-sized), on a GPU of up to `max_workspace` (usually the whole layer)."""
+        budget = self.max_workspace if x.is_cuda else self.block_elements
+        rows = max(1, min(delta.shape[-1], budget // (delta.shape[0] * x.shape[-1])))
+        return BlockedGemm(self, delta, x, rows)
 
-    def buffer(self, delta, x):
-        """A reused [B, out, in] workspace for the per-example GEMM: fresh allocations of this size cost more in
+    def buffer(self, shape, x):
+        """A reused [B, rows, in] workspace for the per-example GEMM: fresh allocations of this size cost more in
         page faults than the GEMM itself on a CPU."""
-        shape = (delta.shape[0], delta.shape[-1], x.shape[-1])
         need = math.prod(shape)
         if (self.workspace is None or self.workspace.numel() < need or self.workspace.device != x.device
                 or self.workspace.dtype != x.dtype):
@@ -260,11 +272,15 @@ class HookSketch:
     def add(self, total, name, kind, value, norm=None):
         """total += the sketch of one parameter's per-example gradients (normalised per tensor if asked)."""
         per_tensor = self.normalize == "per_tensor"
-        if isinstance(value, ChunkedGemm):
-            for part, rows in value:
+        if isinstance(value, BlockedGemm):
+            layer = torch.zeros_like(total) if per_tensor else total
+            squares = 0
+            for part, start in value:
+                self.fold_into(layer, name, part, start, value.numel)
                 if per_tensor:
-                    part = part.float() / part.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-                total[rows] += self.sketch_flat(name, part)
+                    squares = squares + part.float().pow(2).sum(dim=1)
+            if per_tensor:
+                total += layer / squares.sqrt().clamp_min(1e-30).unsqueeze(1)
         elif kind == "flat":
             if per_tensor:
                 value = value.float() / value.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -273,16 +289,21 @@ class HookSketch:
             total += value / norm.clamp_min(1e-30).unsqueeze(1) if per_tensor else value
 
 
-class ChunkedGemm:
-    """Per-example weight gradients of a layer produced a few examples at a time: yields ([rows, out*in], rows)."""
+class BlockedGemm:
+    """A layer's per-example weight gradients Delta_b^T X_b produced `rows` output rows at a time into one
+    reused buffer: yields ([B, rows * in] block, flat index of its first coordinate). Each block must be consumed
+    before the next overwrites it (add does)."""
 
     def __init__(self, sketch, delta, x, rows):
         self.sketch, self.delta, self.x, self.rows = sketch, delta, x, rows
+        self.numel = delta.shape[-1] * x.shape[-1]
 
     def __iter__(self):
-        for start in range(0, self.delta.shape[0], self.rows):
-            d, x = self.delta[start:start + self.rows], self.x[start:start + self.rows]
-            yield torch.bmm(d.transpose(1, 2), x, out=self.sketch.buffer(d, x)).flatten(1), slice(start, start + len(d))
+        b, n_in = self.x.shape[0], self.x.shape[-1]
+        for r0 in range(0, self.delta.shape[-1], self.rows):
+            d = self.delta[..., r0:r0 + self.rows]
+            out = self.sketch.buffer((b, d.shape[-1], n_in), self.x)
+            yield torch.bmm(d.transpose(1, 2), self.x, out=out).flatten(1), r0 * n_in
 
 
 def per_example_loss(logits, labels):

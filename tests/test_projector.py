@@ -315,8 +315,9 @@ def test_gaussian_preserves_norms_on_average():
 
 # ----------------------------------------------------------------------------- make_projector
 def projector_cfg(**over):
-    cfg = OmegaConf.load(__file__.rsplit("/tests/", 1)[0] + "/conf/attribution/default.yaml").projector
-    return OmegaConf.merge(cfg, over)
+    shipped = OmegaConf.load(__file__.rsplit("/tests/", 1)[0] + "/conf/attribution/default.yaml")
+    root = OmegaConf.create({"max_length": 256, "attribution": shipped})   # what ${max_length} refers to
+    return OmegaConf.merge(root.attribution.projector, over)
 
 
 def test_make_projector_kinds(setup):
@@ -506,6 +507,19 @@ def test_project_examples_rows_do_not_depend_on_the_other_examples(setup, kind):
     if kind == "rapidin":
         torch.testing.assert_close(full[2], CountSketch(setup["shapes"], 512).project(setup["grads"][2]), **tol)
     assert project_examples(model, [], proj, pad).shape == (0, 512)
+
+
+def test_sketch_auto_plans_layers_for_fixed_tokens_not_the_batch_padding(setup):
+    """`auto` picks tensorsketch or materialize per layer by sequence length: with the batch's padded length the
+    600 x 32 output layer at k = 32 would flip at T = 225 between these batches; plan_tokens fixes the plan."""
+    model, enc, pad = setup["model"], setup["encoded"], setup["tok"].pad_token_id
+    lengths = [len(e["input_ids"]) for e in enc]
+    assert min(lengths) < 225 < max(lengths)
+    for plan in (128, 256):     # one plan of each method for the output layer
+        proj = make(setup, kind="sketch", k=32, plan_tokens=plan)
+        assert proj.use_tensorsketch(plan, 32, 600, 4) == (plan < 225)
+        full = project_examples(model, enc, proj, pad, batch_size=len(enc))
+        torch.testing.assert_close(project_examples(model, enc, proj, pad, batch_size=1), full, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["rapidin", "sketch"])
