@@ -191,7 +191,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
     rows = [row("train step", "-", lambda: train_step(model, batch)),
             row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
     for kind, method in args.projectors:
-        for k in (8192, 65536):
+        for k in args.ks:
             projector = (HookSketch(model, k, 0, "none", method, plan_tokens=args.seq) if kind == "sketch" else
                          CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
             label = kind if method in (None, "auto") else f"{kind} ({method})"
@@ -212,6 +212,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--ks", nargs="*", type=int, default=[8192, 65536], help="projection dimensions of the rows")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--fidelity-examples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
