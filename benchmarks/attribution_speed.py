@@ -196,7 +196,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
                          CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
             label = kind if method in (None, "auto") else f"{kind} ({method})"
             rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
-    if name == "tiny-olmo3":   # dense peers regenerate P x k random numbers per call: minutes per batch above
+    if name == "tiny-olmo3" and not args.no_peers:   # dense peers regenerate P x k numbers per call: minutes above
         for peer, make in PEERS.items():
             projector = make(model, 1024)
             if projector is None:
@@ -218,6 +218,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
+    ap.add_argument("--no-peers", action="store_true", help="leave out the peer libraries' rows")
     ap.add_argument("--with-tensorsketch", action="store_true",
                     help="also time sketch (tensorsketch) on every layer (slow on a CPU with small layers)")
     args = ap.parse_args()
