@@ -10,8 +10,9 @@ layer's contribution to the global k-dim count sketch is computed from (X, Delta
   from a counter-based hash of (seed, parameter name, index). Contiguous adds instead of a scatter; the same
   unbiasedness and (at most) the variance of `rapidin`'s fully hashed count sketch, but not the same vectors.
   On a CPU, G is produced a block of rows at a time, small enough to stay in cache (`block_elements`), and each
-  block is folded while it is there: G never travels to and from main memory, which is what the fold used to
-  cost (a per-example G is B times a training step's weight gradient). On a GPU one block holds the layer.
+  block is folded while it is there: no round trip of G through main memory, and a 2 MiB workspace instead of
+  B * out * in numbers (a per-example G is B times a training step's weight gradient). On a GPU one block
+  usually holds the layer.
 - `tensorsketch`: TensorSketch (Pham & Pagh 2013) of G without forming it: coordinate (i, j) goes to bucket
   (h1(i) + h2(j)) mod k with sign s1(i) s2(j); count-sketch delta_t and x_t into k dims, multiply their FFTs,
   sum over tokens, one inverse FFT per example. Cost T * k log k per example instead of T * in * out: the
@@ -81,7 +82,8 @@ class HookSketch:
 
     def spec(self):
         return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
-                "method": self.method, "plan_tokens": self.plan_tokens, "hash": "murmur3-fmix32", "coverage": round(self.coverage(), 6)}
+                "method": self.method, "plan_tokens": self.plan_tokens, "hash": "murmur3-fmix32",
+                "coverage": round(self.coverage(), 6)}
 
     # -- hashing -------------------------------------------------------------------------------------------
     def signs(self, name, numel, device):
