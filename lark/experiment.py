@@ -194,6 +194,8 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     with open_dict(cfg):
+        if "plan_tokens" not in cfg.attribution.projector:   # a run saved before the key existed
+            cfg.attribution.projector.plan_tokens = cfg.max_length
         cfg.attribution = OmegaConf.merge(cfg.attribution, overrides or {})
         cfg.attribution.save_checkpoints = False
     validate(cfg)

@@ -63,13 +63,14 @@ IGNORED = ("resume", "trainer.enable_progress_bar", "trainer.default_root_dir", 
 
 
 def check_same_run(cfg, run_dir):
-    """Refuse to resume a run with other settings than it was started with (its epoch_000 config)."""
+    """Refuse to resume a run with other settings than it was started with (its epoch_000 config). Keys the run's
+    config does not have (added to LARK since it started) take today's value."""
     saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
     if not saved.is_file():
         return
     old = flat(OmegaConf.to_container(OmegaConf.load(saved)))
     new = flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k in old)
                      and not k.startswith(IGNORED))
     if changed:
         k = changed[0]

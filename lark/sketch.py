@@ -10,9 +10,9 @@ layer's contribution to the global k-dim count sketch is computed from (X, Delta
   from a counter-based hash of (seed, parameter name, index). Contiguous adds instead of a scatter; the same
   unbiasedness and (at most) the variance of `rapidin`'s fully hashed count sketch, but not the same vectors.
   On a CPU, G is produced a block of rows at a time, small enough to stay in cache (`block_elements`), and each
-  block is folded while it is there: no round trip of G through main memory, and a 2 MiB workspace instead of
-  B * out * in numbers (a per-example G is B times a training step's weight gradient). On a GPU one block
-  usually holds the layer.
+  block is folded while it is there: no round trip of G through main memory, and a workspace of about 2^19
+  numbers (at least T rows) instead of B * out * in (a per-example G is B times a training step's weight
+  gradient). On a GPU one block usually holds the layer.
 - `tensorsketch`: TensorSketch (Pham & Pagh 2013) of G without forming it: coordinate (i, j) goes to bucket
   (h1(i) + h2(j)) mod k with sign s1(i) s2(j); count-sketch delta_t and x_t into k dims, multiply their FFTs,
   sum over tokens, one inverse FFT per example. Cost T * k log k per example instead of T * in * out: the
@@ -181,9 +181,9 @@ class HookSketch:
     def per_example_gemm(self, delta, x):
         """The layer's per-example weight gradients as blocks of rows (see BlockedGemm): on a CPU blocks of
         `block_elements` (cache-sized), on a GPU of up to `max_workspace` (usually the whole layer)."""
-        budget = self.max_workspace if x.is_cuda else self.block_elements
-        rows = max(1, min(delta.shape[-1], budget // (delta.shape[0] * x.shape[-1])))
-        return BlockedGemm(self, delta, x, rows)
+        budget = self.block_elements if x.device.type == "cpu" else self.max_workspace
+        rows = max(budget // (delta.shape[0] * x.shape[-1]), x.shape[1], 1)   # at least T rows: thinner GEMMs
+        return BlockedGemm(self, delta, x, min(rows, delta.shape[-1]))      # re-read X for too little work
 
     def buffer(self, shape, x):
         """A reused [B, rows, in] workspace for the per-example GEMM: fresh allocations of this size cost more in

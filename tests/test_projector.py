@@ -384,6 +384,19 @@ def test_sketch_materialize_is_the_sketch_of_the_per_example_gradients(setup, ho
     assert want.norm(dim=1).min() > 0
 
 
+@pytest.mark.parametrize("how", ["none", "per_tensor"])
+def test_sketch_materialize_in_blocks_across_chunks_is_the_same_sketch(setup, how):
+    """Row blocks that start and end inside k-chunks (and partial last blocks) fold to the same vectors."""
+    model, enc, pad = setup["model"], setup["encoded"][:6], setup["tok"].pad_token_id
+    whole = make(setup, kind="sketch", k=100, normalize=how, method="materialize")
+    whole.block_elements = 2**40
+    blocked = make(setup, kind="sketch", k=100, normalize=how, method="materialize")
+    blocked.block_elements = 7                                        # the floor: T rows per block
+    want = torch.stack([sketch_of_gradients(whole, g, how) for g in setup["grads"][:6]])
+    torch.testing.assert_close(project_examples(model, enc, blocked, pad), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(project_examples(model, enc, whole, pad), want, rtol=1e-4, atol=1e-5)
+
+
 def test_sketch_materialize_with_linear_biases(setup):
     torch.manual_seed(0)
     biased = build_tiny(OmegaConf.merge(TINY, {"config": {"attention_bias": True}}), setup["tok"])

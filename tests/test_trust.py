@@ -760,3 +760,22 @@ def test_influence_metrics_ignore_nan_queries_and_empty_sources(data, n_queries,
     shuffled = influence_metrics({k: v[list(perm)] for k, v in maxinf.items()}, "ft", "pt", {"x": ["xf", "xr"]})
     for key in ("ft_wins", "pt_wins"):
         assert shuffled[key] == m[key]
+
+
+def test_resume_accepts_keys_added_since_the_run_started(tmp_path):
+    """A run started before a config key existed resumes (the key takes today's value); a changed key still stops."""
+    from omegaconf import OmegaConf
+
+    from lark.errors import RunDirError
+    from lark.resume import check_same_run
+
+    cfg = compose([f"paths.output_dir={tmp_path}"])
+    saved = tmp_path / "checkpoints" / "epoch_000" / "lark_config.yaml"
+    saved.parent.mkdir(parents=True)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["attribution"]["projector"]["plan_tokens"]
+    OmegaConf.save(OmegaConf.create(old), saved)
+    check_same_run(cfg, tmp_path)                                   # no error: the key is new
+    changed = OmegaConf.merge(cfg, {"attribution": {"projector": {"k": 1024}}})
+    with pytest.raises(RunDirError, match=r"attribution\.projector\.k was 65536, now 1024"):
+        check_same_run(changed, tmp_path)
