@@ -9,13 +9,13 @@ speed as a multiple of the training step's (higher is faster), peak memory of th
 batch, references -- plus the row's own growth of the process RSS above it; allocated memory on a GPU) and as a
 multiple of the training step's, and fidelity against exact
 gradient cosines on real text: Pearson and max |error| over all (query, document) pairs of
-`--fidelity-examples` examples (a third of them queries), via lark.fidelity, and the ceiling: the Pearson an
-ideal k-dimensional random projection is expected to reach on the same pairs (lark.fidelity.pearson_ceiling; it
-is below 0.99 at k = 65536 when the exact cosines are narrowly spread, as on the random-init Llama models --
-benchmarks/fidelity_ceiling.py measures it against a dense Gaussian).
+`--fidelity-examples` examples (a third of them queries), via lark.fidelity, and "JL exp.": the Pearson a
+dense Gaussian projection to the same k is expected to give on the same pairs (lark.fidelity.jl_pearson; below
+0.99 at k = 65536 when the exact cosines are narrowly spread, as on the random-init Llama models --
+benchmarks/projection_noise.py measures it against a dense Gaussian).
 Timings: after one warm-up (which alone gives the row's peak memory), `--repeats` alternations of a training step
 and the row on the same batch; examples/s is the row's median, "x train" the median of the paired ratios (robust
-to the load of other jobs on a shared machine, which comes and goes within a run).
+to the load of other jobs on a shared machine, which comes and goes within a run). Peer rows: 2 alternations.
 Peers (TRAK's BasicProjector, dattri's random_project; `pip install -e ".[peers]"`) run at k = 1024 on the tiny
 model only: dense projections regenerate P x k random numbers per call (single-threaded in TRAK); on the 8.4M
 model TRAK's row (6 batches at k = 1024) had not finished after 10 minutes, and k = 65536 would take hours.
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lark.formats import encode_text  # noqa: E402
 from lark.models import train_tokenizer  # noqa: E402
-from lark.fidelity import exact_scores, fidelity, pearson_ceiling  # noqa: E402
+from lark.fidelity import exact_scores, fidelity, jl_pearson  # noqa: E402
 from lark.projector import CountSketch, trainable  # noqa: E402
 from lark.sketch import HookSketch  # noqa: E402
 from peers import PEERS  # noqa: E402
@@ -185,7 +185,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
         quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, exact)
                    if projector and exact is not None else None)
         if quality:   # (a peer that does not project, k = P, has no projection error to bound)
-            quality["ceiling"] = pearson_ceiling(exact, k) if k < sum(p.numel() for p in model.parameters()) else 1.0
+            quality["jl"] = jl_pearson(exact, k) if k < sum(p.numel() for p in model.parameters()) else 1.0
         return label, k, args.batch / seconds, speed, rss, quality
 
     rows = [row("train step", "-", lambda: train_step(model, batch)),
@@ -233,7 +233,7 @@ def main():
     print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
           f"batch {args.batch} x {args.seq} tokens, median of {repeats} paired with a training step, fidelity over {n_fid} real-text examples")
     header = f"{'model':<11} {'row':<28} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} " \
-             f"{'pearson':>8} {'ceiling':>8} {'max|err|':>8}"
+             f"{'pearson':>8} {'JL exp.':>8} {'max|err|':>8}"
     print(header)
     print("-" * len(header))
     summary = None
@@ -241,7 +241,7 @@ def main():
         rows = bench_model(name, args, repeats, n_fid, corpus)
         base_rss = rows[0][4]
         for label, k, examples, speed, rss, quality in rows:
-            p, c, e = ((quality["pearson"], quality["ceiling"], quality["max_abs_err"]) if quality
+            p, c, e = ((quality["pearson"], quality["jl"], quality["max_abs_err"]) if quality
                        else (float("nan"),) * 3)
             print(f"{name:<11} {label:<28} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
                   f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f}")
@@ -251,7 +251,7 @@ def main():
         gc.collect()   # the next model starts from a clean heap
     if summary:
         print(f"SUMMARY projector=sketch k=65536 speed_vs_train_step={summary[0]:.2f} pearson={summary[1]:.4f} "
-              f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f} pearson_ceiling={summary[4]:.4f}")
+              f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f} pearson_dense_jl={summary[4]:.4f}")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ Given exact scores S [n_q, n_d] (ExactProjector) and approximate scores A of the
 Pearson and Spearman correlation over all pairs, max |A - S|, top-1 agreement (share of queries whose best
 document is the same) and top-10 overlap (mean share of the exact top 10 found in the approximate top 10).
 
-pearson_ceiling(exact, k) is what a k-dimensional random projection can be expected to reach on those pairs: for a dense Gaussian
-projection the projected cosine of two unit vectors with cosine c is the (uncentred) sample correlation of k
-bivariate normal pairs, so its error has variance ~ (1 - c^2)^2 / k whatever the vectors; count sketches have at
-most the same variance, and the Johnson-Lindenstrauss lower bound (Larsen & Nelson 2017) says no linear sketch of k
-dimensions does better than ~1/k. Pearson against exact is then capped by the spread of the exact cosines:
-sqrt(var(c) / (var(c) + mean((1 - c^2)^2) / k)). benchmarks/fidelity_ceiling.py checks it against measured
-Gaussian and sketch projections.
+jl_pearson(exact, k) is the Pearson a dense Gaussian (Johnson-Lindenstrauss) projection to k dimensions is expected
+to give on those pairs -- the reference for any oblivious random projection of that size, not an upper bound. For
+a dense Gaussian projection the projected cosine of two unit vectors with cosine c is the (uncentred) sample
+correlation of k bivariate normal pairs, with variance ~ (1 - c^2)^2 / k whatever the vectors, so Pearson against
+exact is about sqrt(var(c) / (var(c) + mean((1 - c^2)^2) / k)) (pair errors taken as independent). A count
+sketch's variance is that minus a data-dependent term, so it can do a little better on some pairs; distributional
+JL lower bounds (Kane, Meka & Nelson 2011; Jayram & Woodruff 2013) say no oblivious linear sketch does better than
+order 1/k. benchmarks/projection_noise.py checks it against measured Gaussian and sketch projections.
 """
 import math
 
@@ -40,8 +41,8 @@ def agreement(exact, approx, top=10):
     }
 
 
-def pearson_ceiling(exact, k):
-    """Expected Pearson (against `exact`) of an ideal k-dimensional random projection of the same vectors."""
+def jl_pearson(exact, k):
+    """Expected Pearson (against `exact`) of a dense Gaussian projection of the same vectors to k dimensions."""
     c = exact.flatten().double()
     noise = ((1 - c**2) ** 2).mean().item() / k
     return math.sqrt(c.var().item() / (c.var().item() + noise))

@@ -15,24 +15,24 @@ def run(script, *args):
     return done.stdout
 
 
-def test_attribution_speed_prints_paired_rows_with_fidelity_and_ceiling():
+def test_attribution_speed_prints_paired_rows_with_fidelity_and_the_jl_reference():
     out = run("attribution_speed.py", "--models", "tiny-olmo3", "--ks", "1024", "--repeats", "2",
               "--fidelity-examples", "6", "--no-peers")
     rows = {m.group(1).strip(): [float(x) for x in m.group(2).split()]
             for m in re.finditer(rf"^tiny-olmo3\s+(\S[\w ()]*?)\s+(?:-|1024)\s+((?:{NUMBER}\s*){{7}})$", out, re.M)}
     assert set(rows) == {"train step", "floor (no weight GEMMs)", "sketch", "rapidin"}, out
     for label in ("sketch", "rapidin"):
-        examples, speed, peak, peak_ratio, pearson, ceiling, error = rows[label]
+        examples, speed, peak, peak_ratio, pearson, jl, error = rows[label]
         assert examples > 0 and 0.05 < speed < 5 and peak > 0 and 0.5 < peak_ratio < 3
-        assert 0 < ceiling < 1 and -1 <= pearson <= 1 and 0 <= error < 1
+        assert 0 < jl < 1 and -1 <= pearson <= 1 and 0 <= error < 1
 
 
-def test_fidelity_ceiling_prints_the_ceiling_the_gaussian_and_the_sketch():
-    out = run("fidelity_ceiling.py", "--models", "tiny-olmo3", "--ks", "256", "1024", "--seeds", "1",
+def test_projection_noise_prints_the_jl_expectation_the_gaussian_and_the_sketch():
+    out = run("projection_noise.py", "--models", "tiny-olmo3", "--ks", "256", "1024", "--seeds", "1",
               "--fidelity-examples", "6", "--gaussian-budget", "1e9")
     rows = re.findall(rf"^tiny-olmo3\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER}) \[", out, re.M)
     assert [int(r[0]) for r in rows] == [256, 1024], out
-    ceilings = [float(r[2]) for r in rows]
-    assert 0 < ceilings[0] < ceilings[1] < 1                    # more dimensions, a higher ceiling
+    expected = [float(r[2]) for r in rows]
+    assert 0 < expected[0] < expected[1] < 1                    # more dimensions, less noise
     assert all(-1 <= float(r[3]) <= 1 for r in rows)           # the dense Gaussian was measured (P * k <= 1e9)
     assert re.search(r"# tiny-olmo3: [\d,]+ parameters; Pearson 0.99 needs k >= [\d,]+", out)

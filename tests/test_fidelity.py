@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lark.fidelity import agreement, exact_scores, fidelity, pearson_ceiling
+from lark.fidelity import agreement, exact_scores, fidelity, jl_pearson
 from lark.formats import encode_qa, encode_text, qa_fields
 from lark.models import build_tiny, train_tokenizer
 from lark.projector import make_projector
@@ -61,8 +61,8 @@ def test_agreement_on_hand_matrices():
     assert swapped["top1"] == 0.5 and swapped["max_abs_err"] == pytest.approx(0.8) and swapped["top2"] == 0.75
 
 
-def test_pearson_ceiling_predicts_a_dense_gaussian_projection():
-    """The ceiling formula against 20 draws of an actual N(0, 1) projection of vectors with spread-out cosines."""
+def test_jl_pearson_predicts_a_dense_gaussian_projection():
+    """The dense-JL formula against 20 draws of an actual N(0, 1) projection of vectors with spread-out cosines."""
     gen = torch.Generator().manual_seed(0)
     common = torch.randn(20000, generator=gen)
     a = torch.randn(8, 20000, generator=gen) + torch.rand(8, 1, generator=gen) * 0.6 * common
@@ -76,8 +76,8 @@ def test_pearson_ceiling_predicts_a_dense_gaussian_projection():
             pa, pb = a @ r, b @ r
             measured.append(agreement(exact, (pa / pa.norm(dim=1, keepdim=True)) @ (pb / pb.norm(dim=1, keepdim=True)).T)
                             ["pearson"])
-        assert sum(measured) / 20 == pytest.approx(pearson_ceiling(exact, k), abs=tolerance)
-    assert pearson_ceiling(exact, 1024) > pearson_ceiling(exact, 256)
+        assert sum(measured) / 20 == pytest.approx(jl_pearson(exact, k), abs=tolerance)
+    assert jl_pearson(exact, 1024) > jl_pearson(exact, 256)
 
 
 def test_sketch_error_is_the_projection_limit_not_more(setup):
@@ -87,5 +87,5 @@ def test_sketch_error_is_the_projection_limit_not_more(setup):
         measured = [fidelity(model, queries, docs, make_projector(OmegaConf.create(
             {"kind": "sketch", "k": k, "seed": seed, "normalize": "none", "method": "auto"}), model), pad, exact)
             ["pearson"] for seed in range(3)]
-        ratio = (1 - sum(measured) / 3) / (1 - pearson_ceiling(exact, k))
-        assert 0.6 <= ratio <= 1.4, (k, measured, pearson_ceiling(exact, k))
+        ratio = (1 - sum(measured) / 3) / (1 - jl_pearson(exact, k))
+        assert 0.6 <= ratio <= 1.4, (k, measured, jl_pearson(exact, k))

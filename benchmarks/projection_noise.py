@@ -1,13 +1,13 @@
-"""Why Pearson stops short of 0.99 on some models: the projection limit, measured.
+"""Why Pearson stops short of 0.99 on some models: the noise of any k-dimensional projection, measured.
 
-    python benchmarks/fidelity_ceiling.py            # tiny OLMo-3, 8.4M and 42M Llama-style models
-    python benchmarks/fidelity_ceiling.py --quick    # tiny + 8.4M, dense Gaussian only where it is cheap
+    python benchmarks/projection_noise.py            # tiny OLMo-3, 8.4M and 42M Llama-style models
+    python benchmarks/projection_noise.py --quick    # tiny + 8.4M, dense Gaussian only where it is cheap
 
 On the same (query, document) pairs as benchmarks/attribution_speed.py, for k = 1024 ... 65536: the spread of the
 exact gradient cosines, the Pearson an ideal k-dimensional random projection is expected to reach
-(lark.fidelity.pearson_ceiling), a dense Gaussian projection actually measured (streamed over the exact gradients,
+(lark.fidelity.jl_pearson), a dense Gaussian projection actually measured (streamed over the exact gradients,
 where P x k random numbers are affordable: --gaussian-budget), `sketch` over --seeds seeds and `rapidin`.
-If sketch matches the ceiling and the Gaussian does too, the shortfall is the spread of the exact cosines against
+If the sketch matches that expectation and the Gaussian does too, the shortfall is the spread of the exact cosines against
 the 1/k variance every k-dimensional projection has, not the sketch.
 """
 import argparse
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attribution_speed import CPU_MODELS, setup, texts  # noqa: E402
 from lark.attribution import project_examples  # noqa: E402
-from lark.fidelity import agreement, pearson_ceiling  # noqa: E402
+from lark.fidelity import agreement, jl_pearson  # noqa: E402
 from lark.projector import CountSketch, ExactProjector, trainable  # noqa: E402
 from lark.sketch import HookSketch  # noqa: E402
 from lark.stores import cosine_scores, stored_view  # noqa: E402
@@ -65,7 +65,7 @@ def main():
     n = args.fidelity_examples
     print(f"# fidelity over {n // 3} x {n - n // 3} real-text pairs, {args.seq} tokens; sketch: mean [min, max] of "
           f"{args.seeds} seeds; gaussian where P x k <= {args.gaussian_budget:.0e}")
-    header = f"{'model':<11} {'k':>6} {'cos std':>8} {'ceiling':>8} {'gaussian':>9} {'sketch':>26} {'rapidin':>8}"
+    header = f"{'model':<11} {'k':>6} {'cos std':>8} {'JL exp.':>8} {'gaussian':>9} {'sketch':>26} {'rapidin':>8}"
     print(header)
     print("-" * len(header))
     for name in names:
@@ -84,12 +84,12 @@ def main():
                       for seed in range(args.seeds)]
             rapidin = pearson_of(CountSketch(shapes, k, 0), model, queries, docs, pad, exact)
             spread = f"{sum(sketch) / len(sketch):.4f} [{min(sketch):.4f}, {max(sketch):.4f}]"
-            print(f"{name:<11} {k:>6} {exact.std().item():>8.4f} {pearson_ceiling(exact, k):>8.4f} {gaussian:>9.4f} "
+            print(f"{name:<11} {k:>6} {exact.std().item():>8.4f} {jl_pearson(exact, k):>8.4f} {gaussian:>9.4f} "
                   f"{spread:>26} {rapidin:>8.4f}")
             sys.stdout.flush()
-        need = next((k for k in (2**i for i in range(10, 30)) if pearson_ceiling(exact, k) >= 0.99), None)
-        print(f"# {name}: {total:,} parameters; Pearson 0.99 needs k >= {need:,} on these pairs "
-              f"(ceiling at 65536: {pearson_ceiling(exact, 65536):.4f})")
+        need = next((f"{k:,}" for k in (2**i for i in range(10, 30)) if jl_pearson(exact, k) >= 0.99), "> 2^29")
+        print(f"# {name}: {total:,} parameters; Pearson 0.99 needs k >= {need} on these pairs "
+              f"(dense JL expects {jl_pearson(exact, 65536):.4f} at 65536)")
         del grads
 
 
