@@ -125,7 +125,9 @@ def peak_rss_reset():
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        if not torch.cuda.is_available():
+            print("# warning: /proc/self/clear_refs is not writable: peak MB counts earlier rows' peaks too",
+                  file=sys.stderr)
     return memory_mb()
 
 
