@@ -1,7 +1,7 @@
 """Speed, memory and fidelity of every projector against a training step, in one run.
 
     python benchmarks/attribution_speed.py            # tiny OLMo-3, 8.4M and 42M Llama-style models
-    python benchmarks/attribution_speed.py --quick    # tiny + 8.4M, fewer repeats (< 5 min on 2 cores)
+    python benchmarks/attribution_speed.py --quick    # tiny + 8.4M, 5 pairs per row (about 2 min on 2 cores)
 
 Rows: the training step (forward + backward of the mean loss, = 1.0), the floor (forward + backward through the
 activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536. Columns: examples/s,
@@ -210,7 +210,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny + 8.4M models, fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="tiny + 8.4M models, 5 pairs per row instead of 7")
     ap.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -229,7 +229,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else CPU_MODELS)
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (5 if args.quick else 7)
     n_fid = 24 if args.fidelity_examples is None else args.fidelity_examples
     corpus = texts()
     print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
