@@ -22,10 +22,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attribution_speed import CPU_MODELS, setup, texts  # noqa: E402
 from lark.attribution import project_examples  # noqa: E402
-from lark.fidelity import agreement, jl_pearson  # noqa: E402
+from lark.fidelity import agreement, fidelity, jl_pearson  # noqa: E402
 from lark.projector import CountSketch, ExactProjector, trainable  # noqa: E402
 from lark.sketch import HookSketch  # noqa: E402
-from lark.stores import cosine_scores, stored_view  # noqa: E402
 
 
 def unit(x):
@@ -40,12 +39,6 @@ def dense_gaussian(grads, k, seed, rows=2**16):
         block = torch.randn(min(rows, grads.shape[1] - start), k, generator=gen)
         out.addmm_(grads[:, start:start + block.shape[0]], block)
     return out
-
-
-def pearson_of(projector, model, queries, docs, pad, exact):
-    q = stored_view(project_examples(model, queries, projector, pad), "float16")
-    d = stored_view(project_examples(model, docs, projector, pad), "float16")
-    return agreement(exact, cosine_scores(q, d, "float16"))["pearson"]
 
 
 def main():
@@ -80,9 +73,9 @@ def main():
             if total * k <= args.gaussian_budget:
                 g = unit(dense_gaussian(grads, k, seed=0))
                 gaussian = agreement(exact, g[: len(queries)] @ g[len(queries):].T)["pearson"]
-            sketch = [pearson_of(HookSketch(model, k, seed, plan_tokens=args.seq), model, queries, docs, pad, exact)
-                      for seed in range(args.seeds)]
-            rapidin = pearson_of(CountSketch(shapes, k, 0), model, queries, docs, pad, exact)
+            sketches = [HookSketch(model, k, seed, plan_tokens=args.seq) for seed in range(args.seeds)]
+            sketch = [fidelity(model, queries, docs, h, pad, exact)["pearson"] for h in sketches]
+            rapidin = fidelity(model, queries, docs, CountSketch(shapes, k, 0), pad, exact)["pearson"]
             spread = f"{sum(sketch) / len(sketch):.4f} [{min(sketch):.4f}, {max(sketch):.4f}]"
             print(f"{name:<11} {k:>6} {exact.std().item():>8.4f} {jl_pearson(exact, k):>8.4f} {gaussian:>9.4f} "
                   f"{spread:>26} {rapidin:>8.4f}")

@@ -274,21 +274,18 @@ class HookSketch:
     def add(self, total, name, kind, value, norm=None):
         """total += the sketch of one parameter's per-example gradients (normalised per tensor if asked)."""
         per_tensor = self.normalize == "per_tensor"
-        if isinstance(value, BlockedGemm):
-            layer = torch.zeros_like(total) if per_tensor else total
-            squares = 0
-            for part, start in value:
-                self.fold_into(layer, name, part, start, value.numel)
-                if per_tensor:
-                    squares = squares + part.float().pow(2).sum(dim=1)
-            if per_tensor:
-                total += layer / squares.sqrt().clamp_min(1e-30).unsqueeze(1)
-        elif kind == "flat":
-            if per_tensor:
-                value = value.float() / value.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-            total += self.sketch_flat(name, value)
-        else:
+        if kind != "flat":
             total += value / norm.clamp_min(1e-30).unsqueeze(1) if per_tensor else value
+            return
+        blocks, numel = (value, value.numel) if isinstance(value, BlockedGemm) else ([(value, 0)], value.shape[1])
+        layer = torch.zeros_like(total) if per_tensor else total
+        squares = 0
+        for part, start in blocks:
+            self.fold_into(layer, name, part, start, numel)
+            if per_tensor:
+                squares = squares + part.float().pow(2).sum(dim=1)
+        if per_tensor:
+            total += layer / squares.sqrt().clamp_min(1e-30).unsqueeze(1)
 
 
 class BlockedGemm:
