@@ -171,7 +171,7 @@ def floor_step(model, batch):
 
 
 def bench_model(name, args, repeats, n_fid, corpus):
-    """Rows (label, k, examples/s, peak MB, fidelity) of one model."""
+    """Rows (label, k, examples/s, speed as a multiple of a training step, peak MB, fidelity) of one model."""
     model, tokenizer, encoded, queries, docs = setup(name, corpus, args.seq, args.batch, n_fid)
     model = model.to(args.device, getattr(torch, args.dtype))
     batch = {k: v.to(args.device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
