@@ -76,7 +76,7 @@ class HookSketch:
         self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
         self.cache_bytes = int(cache_bytes)   # attribution.projector.cache_bytes: signs kept between batches
         self.cached_bytes = 0
-        self.loop_chunks = 4           # fold_into: blocks within at most this many k-chunks are added chunk by chunk
+        self.fold_schedule = "auto"    # fold_into: auto (slices on a CPU, index elsewhere) | index | slices
 
     def coverage(self):
         """Share of trainable parameters whose gradient the sketch includes."""
@@ -139,23 +139,31 @@ class HookSketch:
         """out [B, k] += sketch_flat of the coordinates [start, start + width) of a parameter of `numel`
         coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients).
 
-        A bounded number of tensor operations per block, whatever width / k (a loop over chunks would launch
-        P / k ~ 10^5 small kernels per batch at 7B, where a block is a whole layer): a block within at most
-        `loop_chunks` chunks -- the CPU's cache-sized blocks at k = 65536 -- is added chunk by chunk as two
-        contiguous slices each (the cheapest on a CPU: index_add_ costs about 5x a contiguous add there);
-        a longer one in one index_add_ of the signed block at its buckets (chunk c = i // k starts at
-        offset_c: bucket (offset_c + i mod k) mod k). On a CPU index_add_ adds in index order, i.e. chunk by
-        chunk, so both give the same float32 sums bit for bit; on a GPU its atomic adds may round the last
-        bit differently from run to run."""
+        Two schedules of the same sums (`fold_schedule`; auto: slices on a CPU, index elsewhere):
+        - index: a fixed number of tensor operations per block whatever width / k -- one index_add_ of the
+          signed block at its buckets (chunk c = i // k is rotated by offset_c: bucket (offset_c + i mod k)
+          mod k). A GPU's block is a whole layer, and a loop over its chunks would launch P / k ~ 10^5 small
+          kernels per batch at 7B (benchmarks/fold_profile.py counts them).
+        - slices: each chunk the block touches as at most two contiguous adds. On a CPU an operation costs
+          microseconds, not a launch, its blocks are cache-sized (a few chunks), and index_add_ costs 3-9x
+          more per coordinate (measured: docs/benchmarks.md).
+        On a CPU index_add_ adds in index order, i.e. chunk by chunk like the slices: both give the same
+        float32 sums bit for bit (tested); on a GPU its atomic adds may round the last bit differently from
+        run to run."""
         k, width = self.k, part.shape[1]
         first, last = start // k, -(-(start + width) // k)
         sign = self.signs(name, numel, start, start + width, part.device)
         offsets = self.offsets(name, first, last, part.device)
-        if last - first > self.loop_chunks:
+        schedule = self.fold_schedule
+        if schedule == "auto":
+            schedule = "slices" if part.device.type == "cpu" else "index"
+        if schedule == "index":
             bucket = torch.arange(k, device=part.device) + offsets.unsqueeze(1)          # [chunks, k]
             bucket = torch.where(bucket >= k, bucket - k, bucket).view(-1)[start - first * k:][:width]
             signed = torch.mul(part, sign, out=self.scratch("signed", part.shape, part.device))
             return out.index_add_(1, bucket, signed)
+        if schedule != "slices":
+            raise ValueError(f"HookSketch.fold_schedule: unknown '{schedule}' (auto, index or slices)")
         sign = sign.float()
         for c, offset in enumerate(offsets.tolist(), start=first):
             lo, hi = max(start, c * k), min(start + width, (c + 1) * k)    # this chunk's share of the block

@@ -63,10 +63,10 @@ SHAPES = [(16, 100, 0, 100), (16, 100, 5, 40), (7, 50, 3, 1), (64, 1000, 63, 130
 
 
 @pytest.mark.parametrize("k, numel, start, width", SHAPES)
-@pytest.mark.parametrize("loop_chunks", [0, 4, 10**9], ids=["index_add", "default", "loop"])
-def test_fold_is_the_chunk_by_chunk_fold_bit_for_bit(k, numel, start, width, loop_chunks):
+@pytest.mark.parametrize("schedule", ["index", "slices", "auto"])
+def test_fold_is_the_chunk_by_chunk_fold_bit_for_bit(k, numel, start, width, schedule):
     hook = HookSketch(OneLinear(), k, seed=3)
-    hook.loop_chunks = loop_chunks
+    hook.fold_schedule = schedule
     gen = torch.Generator().manual_seed(k + start)
     part, before = torch.randn(3, width, generator=gen), torch.randn(3, k, generator=gen)
     got = hook.fold_into(before.clone(), "w", part, start, numel)
@@ -76,7 +76,7 @@ def test_fold_is_the_chunk_by_chunk_fold_bit_for_bit(k, numel, start, width, loo
 
 def test_fold_of_a_bf16_block_is_the_fold_of_its_float32_values():
     hook = HookSketch(OneLinear(), 64, seed=1)
-    hook.loop_chunks = 0
+    hook.fold_schedule = "index"
     part = torch.randn(2, 1000).bfloat16()
     got = hook.fold_into(torch.zeros(2, 64), "w", part, 24, 5000)
     assert got.dtype == torch.float32
@@ -118,8 +118,9 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fold_ops(n_in, n_out, k, start_row=0, cache_bytes=2**30):
+def fold_ops(n_in, n_out, k, start_row=0, cache_bytes=2**30, schedule="index"):
     hook = HookSketch(OneLinear(n_in, n_out), k, seed=0, cache_bytes=cache_bytes)
+    hook.fold_schedule = schedule
     part = torch.randn(2, (n_out - start_row) * n_in)
     hook.fold_into(torch.zeros(2, k), "w", part, start_row * n_in, n_in * n_out)   # warm-up: fills the cache
     with OpCounter() as counter:
@@ -129,8 +130,9 @@ def fold_ops(n_in, n_out, k, start_row=0, cache_bytes=2**30):
 
 @pytest.mark.parametrize("cache_bytes", [0, 2**30], ids=["signs hashed per block", "signs cached"])
 def test_fold_launches_a_fixed_number_of_operations_whatever_p_over_k(cache_bytes):
-    """P / k from 8 to 2048 chunks (two layer widths, two k, a block starting mid-chunk): the same count, which a
-    loop over chunks (2 adds per chunk) would multiply by 256."""
+    """The GPU's schedule (index), run here on the CPU: P / k from 8 to 2048 chunks (two layer widths, two k, a
+    block starting mid-chunk) give the same count, which a loop over chunks (2 adds per chunk) would multiply
+    by 256."""
     counts = {(n_in, n_out, k, r): fold_ops(n_in, n_out, k, r, cache_bytes)
               for n_in, n_out, k, r in [(64, 32, 256, 0), (256, 256, 256, 0), (256, 256, 32, 0), (256, 256, 32, 3)]}
     assert len({tuple(sorted(c.items())) for c in counts.values()}) == 1, counts
@@ -139,9 +141,16 @@ def test_fold_launches_a_fixed_number_of_operations_whatever_p_over_k(cache_byte
     assert sum(ops.values()) <= (50 if cache_bytes == 0 else 32)   # mostly the offsets' (and signs') hash
 
 
-def test_cpu_blocks_within_a_few_chunks_are_added_as_contiguous_slices():
-    ops = fold_ops(64, 32, 1024)                       # 2048 coordinates: 2 chunks, <= 2 slices each
-    assert 2 <= ops["aten.addcmul_"] <= 4 and "aten.index_add_" not in ops
+def test_auto_schedule_adds_slices_on_a_cpu():
+    ops = fold_ops(64, 32, 512, schedule="auto")       # 2048 coordinates: 4 chunks, <= 2 slices each
+    assert 4 <= ops["aten.addcmul_"] <= 8 and "aten.index_add_" not in ops
+
+
+def test_unknown_fold_schedule_is_refused():
+    hook = HookSketch(OneLinear(), 16)
+    hook.fold_schedule = "gather"
+    with pytest.raises(ValueError, match="fold_schedule"):
+        hook.fold_into(torch.zeros(1, 16), "w", torch.ones(1, 16), 0, 16)
 
 
 # ----------------------------------------------------------------------------- bf16: the GPU path's numerics
@@ -222,3 +231,22 @@ def test_bf16_sketch_matches_the_float32_sketch_and_the_exact_cosines(tiny, how,
     assert torch.nn.functional.cosine_similarity(b16.double(), f32.double(), dim=1).min() >= 0.999
     assert (pair_cosines(b16) - pair_cosines(f32)).abs().max() <= 0.02
     assert (pair_cosines(b16) - exact).abs().max() <= (pair_cosines(f32) - exact).abs().max() + 0.02
+
+
+@pytest.mark.parametrize("how", ["none", "per_tensor"])
+def test_both_fold_schedules_give_the_same_vectors_end_to_end(tiny, how):
+    """The GPU's schedule (one index_add_ per block) and the CPU's (slices), whole layers and cache-sized row
+    blocks, end to end through project_examples: equal bit for bit for one blocking (per_tensor's norms add up
+    per block, so two blockings agree to rounding)."""
+    rows = {}
+    for schedule in ("slices", "index"):
+        for block in (2**40, 2**12):
+            hook = HookSketch(tiny["model"], 1000, normalize=how, method="materialize")
+            hook.fold_schedule, hook.block_elements = schedule, block
+            rows[schedule, block] = project_examples(tiny["model"], tiny["encoded"], hook, tiny["pad"])
+    for block in (2**40, 2**12):
+        assert torch.equal(rows["index", block], rows["slices", block])
+    torch.testing.assert_close(rows["index", 2**12], rows["index", 2**40], rtol=1e-5, atol=1e-6)
+    if how == "none":
+        assert torch.equal(rows["index", 2**12], rows["index", 2**40])
+    assert rows["index", 2**40].norm(dim=1).min() > 0
