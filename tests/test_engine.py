@@ -250,3 +250,28 @@ def test_both_fold_schedules_give_the_same_vectors_end_to_end(tiny, how):
     if how == "none":
         assert torch.equal(rows["index", 2**12], rows["index", 2**40])
     assert rows["index", 2**40].norm(dim=1).min() > 0
+
+
+# ----------------------------------------------------------------------------- the benchmark scripts
+def run_script(*args, env=None):
+    import os
+
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fold_profile_counts_the_same_fold_operations_at_two_k():
+    """benchmarks/fold_profile.py on a tiny stack: the GPU schedule's fold operations per batch are the same at
+    P / k x 8 apart; the chunk-by-chunk fold's grow with P / k."""
+    import re
+
+    out = run_script(sys.executable, "benchmarks/fold_profile.py", "--quick", "--layers", "1", "--hidden", "32",
+                     "--mlp", "64", "--heads", "2", "--seq", "8", "--repeats", "1", "--ks", "512", "64",
+                     "--dtype", "float32", "--threads", "1")
+    summary = dict(re.findall(r"(\w+)=([\d.]+)", out.strip().splitlines()[-1]))
+    assert out.strip().splitlines()[-1].startswith("SUMMARY"), out
+    assert int(summary["fold_ops_gpu_k512"]) == int(summary["fold_ops_gpu_k64"]) > 0
+    assert int(summary["fold_ops_chunk_loop_k64"]) > 4 * int(summary["fold_ops_chunk_loop_k512"])
+    assert 0 < float(summary["speed_vs_train_step"]) < 10 and 0 <= float(summary["fold_share"]) < 1
