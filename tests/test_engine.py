@@ -275,3 +275,22 @@ def test_fold_profile_counts_the_same_fold_operations_at_two_k():
     assert int(summary["fold_ops_gpu_k512"]) == int(summary["fold_ops_gpu_k64"]) > 0
     assert int(summary["fold_ops_chunk_loop_k64"]) > 4 * int(summary["fold_ops_chunk_loop_k512"])
     assert 0 < float(summary["speed_vs_train_step"]) < 10 and 0 <= float(summary["fold_share"]) < 1
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu():
+    """benchmarks/gpu_check.sh --device cpu on the tiny OLMo-3 config, in bf16 (the GPU run's dtype): every row
+    of the table, a SUMMARY line, and the sketch's fidelity against the exact cosines (k >> P here, so errors are
+    the sketch's collisions and bf16 rounding only)."""
+    import re
+
+    out = run_script("bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--configs", "tiny", "--batch", "2",
+                     "--seq", "16", "--repeats", "1", "--rapidin-repeats", "1", "--fidelity-examples", "3",
+                     env={"PYTHON": sys.executable})
+    rows = re.findall(r"^tiny\s+(\S.*?)\s+(-|65536)\s+([\d.]+)\s+([\d.]+)\s+(nan|[\d.]+)\s+(nan|[\d.]+)\s+"
+                      r"(nan|[\d.]+)\s+(nan|[\d.]+)$", out, re.M)
+    labels = [r[0] for r in rows]
+    assert labels == ["train step (AdamW)", "sketch none", "sketch per_tensor", "sketch none (all signs cached)",
+                      "rapidin per_tensor"], out
+    for label, k, ex, speed, *_, err_max, err_mean in rows[1:]:
+        assert float(ex) > 0 and float(speed) > 0 and 0 <= float(err_mean) <= float(err_max) < 0.05, (label, out)
+    assert re.search(r"^SUMMARY device=cpu config=tiny sketch_vs_train_step=[\d.]+ .*seconds=\d+$", out, re.M)
