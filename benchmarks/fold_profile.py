@@ -157,6 +157,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="defaults T = 64, B = 2, 2 pairs (CI)")
     parser.add_argument("--seq", type=int, help="tokens per example (512; --quick 64)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of the timing rows (2 4 8; --quick 2)")
+    parser.add_argument("--ops-seq", type=int, help="tokens per example of the op-count batch (default --seq; "
+                        "the one-block-per-layer rows' counts do not depend on it)")
     parser.add_argument("--repeats", type=int, help="alternations with a training step per row (3; --quick 2)")
     parser.add_argument("--ks", type=int, nargs=2, default=[65536, 8192], help="two k for the op counts")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -181,8 +183,9 @@ def main(argv=None):
     log(f"# torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
         f"threads, {str(dtype).replace('torch.', '')}; {args.layers} layers of hidden {args.hidden} x MLP {args.mlp}, "
         f"{args.heads} heads; P = {p:,}; T = {args.seq}")
-    log(f"## tensor operations per batch (B = {args.batches[0]})")
-    counts = op_table(model, batch_of(args.batches[0], args.seq, 512), args.ks, log)
+    ops_seq = args.ops_seq or args.seq
+    log(f"## tensor operations per batch (B = {args.batches[0]}, T = {ops_seq})")
+    counts = op_table(model, batch_of(args.batches[0], ops_seq, 512), args.ks, log)
     log()
     log(f"## time per example, median of {args.repeats} alternations with a training step")
     log(f"{'B':>3s} {'row':24s} {'k':>6s} {'train s/ex':>10s} {'sketch s/ex':>10s} {'x train':>8s} {'fold share':>10s}")
