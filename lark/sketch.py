@@ -81,7 +81,7 @@ class HookSketch:
         # per_tensor: the tied weight's two parts (output layer, input embedding) add up in `pending` and are
         # divided once by the norm of their sum (see finish); `last_norms` keeps each parameter's per-example
         # gradient norms of the last batch (what the per-tensor division used), for checking against autograd
-        self.pending, self.output_rows, self.last_norms, self.layer_buffer = {}, None, {}, None
+        self.pending, self.output_rows, self.last_norms = {}, None, {}
         self.cache, self.workspace, self.scratches = {}, None, {}
         self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
         self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
@@ -379,7 +379,7 @@ class HookSketch:
                 inverse = self.inverse_norm(name, self.squares(part)).unsqueeze(1)
                 self.fold_into(total, name, part.mul_(inverse) if gemm else part * inverse, 0, numel)
                 return
-            layer = self.scratch(total) if layer is None else layer
+            layer = self.scratch("layer", total.shape, total.device).zero_() if layer is None else layer
             self.fold_into(layer, name, part, start, numel)
             squares = squares + self.squares(part)
         total.addcmul_(layer, self.inverse_norm(name, squares).unsqueeze(1))
@@ -407,14 +407,6 @@ class HookSketch:
         norm = squares.clamp_min(0).sqrt()
         self.last_norms[name] = norm
         return 1 / norm.clamp_min(1e-30)
-
-    def scratch(self, total):
-        """A zeroed [B, k] buffer for a layer folded in several blocks, reused from layer to layer."""
-        if self.layer_buffer is None or self.layer_buffer.shape != total.shape or \
-                self.layer_buffer.device != total.device:
-            self.layer_buffer = torch.zeros_like(total)
-            return self.layer_buffer
-        return self.layer_buffer.zero_()
 
     def finish(self, total):
         """Normalise and add the parts of tied weights collected over the pass (per_tensor only)."""
