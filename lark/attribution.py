@@ -5,6 +5,7 @@ Layout written under attribution/epoch_NNN/:
                               (float32); header metadata: ids, set, epoch, tier, projector spec (lark.stores)
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
+  predictions.jsonl           per test question: gold and predicted answer, log-likelihood of each label, loss
   metrics.json                the paper's metrics (see lark.metrics) + accuracy, lr, storage, BM25 baseline, the
                               ids of examples with non-finite gradients, fingerprints; written last (= complete)
   shards/                     only while a set larger than attribution.shard_size is in progress
@@ -19,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from lark import faults
 from lark import metrics as M
-from lark.data import replacing
+from lark.data import LABELS, replacing, write_jsonl
 from lark.fingerprints import PROJECTOR_VERSION, fingerprints
 from lark.models import content_hash
 from lark.formats import encode
@@ -184,6 +185,17 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         write_csv(out_dir / "top_influences.csv", ["query_id", "source", "rank", "doc_id", "score"], rows)
         write_json(out_dir / "metrics.json", result)
     return result, rows
+
+
+def write_predictions(path, items, predicted, logp):
+    """predictions.jsonl: per test question its gold and predicted answer, the summed log-likelihood of each label
+    ([n, 3] logp, lark.training.answer_log_likelihoods) and the loss = -log-likelihood of the gold answer."""
+    rows = []
+    for item, answer, scores in zip(items, predicted, logp.tolist()):
+        scores, gold = dict(zip(LABELS, scores)), item["final_decision"]
+        rows.append({"id": item["id"], "gold": gold, "predicted": answer, "correct": answer == gold,
+                     "loss": M.clean(-scores[gold]) if gold in scores else None, "logp": M.clean(scores)})
+    write_jsonl(rows, path)
 
 
 def write_json(path, obj):

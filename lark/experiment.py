@@ -164,7 +164,8 @@ def train(cfg, log=print):
             trainer.fit(module, loader, ckpt_path=last_checkpoint(run_dir, log) if resume else None,
                         weights_only=True)
         if cfg.analysis.enabled and trainer.global_rank == 0:
-            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch)
+            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch,
+                                      report=cfg.analysis.report, snippet_chars=cfg.analysis.report_snippet_chars)
             log_images(loggers, "figures", result["figure_files"])
     finally:
         finish(loggers)

@@ -75,12 +75,13 @@ def answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length, batch
     return torch.cat(scores).view(len(fields_list), len(LABELS))
 
 
-def answer_accuracy(model, tokenizer, items, fields_list, fmt, max_length):
-    """(accuracy, predicted labels): the answer with the highest likelihood is the model's answer."""
+def answer_accuracy(model, tokenizer, items, fields_list, fmt, max_length, with_scores=False):
+    """(accuracy, predicted labels): the answer with the highest likelihood is the model's answer.
+    with_scores: also the [n, 3] log-likelihoods of yes / no / maybe (answer_log_likelihoods)."""
     was_training = model.training
     model.eval()
     scores = answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length)
     model.train(was_training)
     predicted = [LABELS[i] for i in scores.argmax(-1).tolist()]
     correct = sum(p == item["final_decision"] for p, item in zip(predicted, items))
-    return correct / max(1, len(items)), predicted
+    return (correct / max(1, len(items)), predicted) + ((scores,) if with_scores else ())
