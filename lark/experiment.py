@@ -24,6 +24,7 @@ from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
 from lark.loggers import build_loggers, finish, log_images
 from lark.models import load_base_model, load_pretrained
+from lark.preflight import preflight
 from lark.pretrain import pretrain_tiny
 from lark.projector import KINDS, trainable
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
@@ -131,6 +132,7 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
+    preflight(cfg, log)
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     resume = bool(cfg.get("resume"))
