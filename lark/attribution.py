@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lark import faults
+from lark.console import progress
 from lark import metrics as M
 from lark.data import LABELS, replacing, write_jsonl
 from lark.fingerprints import PROJECTOR_VERSION, fingerprints
@@ -33,7 +34,7 @@ from lark.training import collate
 QUERY_SET = "test_queries"
 
 
-def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None):
+def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None, desc="projecting"):
     """[n, k] projected gradients (float32), computed in batches. Examples whose loss or gradient is not finite
     get a NaN row. With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects
     them. Batches are formed by length (less padding): an example's vector does not depend on its batch."""
@@ -43,7 +44,7 @@ def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, wo
     was_training = model.training
     model.eval()
     rows = {}
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), desc, unit="batch"):
         index = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
         for i, v in zip(index, projector.project_batch(model, batch).float().cpu()):
@@ -79,7 +80,7 @@ def project_set(model, encoded, ids, projector, meta, folder, cfg, pad_id, rank,
         saved = read_shard(path, part_ids, meta) if reuse and len(encoded) > size else None
         if saved is None:
             saved = project_examples(model, encoded[start:start + size], projector, pad_id, cfg.batch_size, rank,
-                                     world, gather)
+                                     world, gather, f"projecting {meta['set']}")
             if rank == 0 and len(encoded) > size:
                 atomic_save({"vectors": saved.contiguous()}, path,
                             {"ids": json.dumps(part_ids), **{k: json.dumps(v) for k, v in meta.items()}})

@@ -4,6 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lark import faults
+from lark.console import progress
 from lark.data import LABELS
 from lark.formats import IGNORE, candidate_answer, encode_qa
 
@@ -64,7 +65,7 @@ def answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length, batch
     encoded = [encode_qa(tokenizer, f, fmt, max_length, answer=candidate_answer(tokenizer, fmt, label))
                for f in fields_list for label in LABELS]
     scores = []
-    for start in range(0, len(encoded), batch_size):
+    for start in progress(range(0, len(encoded), batch_size), "accuracy", unit="batch"):
         batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
