@@ -225,14 +225,14 @@ def section(title, body, anchor):
     return f"<section id='{anchor}'><h2>{esc(title)}</h2>{body}</section>" if body else ""
 
 
-def page(title, body, data=None, script=True):
+def page(title, body, data=None):
     """A whole HTML document with the stylesheet, the data blob and the script inline."""
     css = (RESOURCES / "report.css").read_text()
     blob = ""
     if data is not None:  # "</" cannot close the script element inside JSON: escape it
         blob = ("<script type='application/json' id='lark-data'>" +
                 json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/") + "</script>")
-    js = f"<script>{(RESOURCES / 'report.js').read_text()}</script>" if script else ""
+    js = f"<script>{(RESOURCES / 'report.js').read_text()}</script>"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{css}</style></head>"
