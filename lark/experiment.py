@@ -18,7 +18,8 @@ from omegaconf import OmegaConf, open_dict
 
 from lark import analysis, console, rundir
 from lark.attribution import write_json
-from lark.callbacks import AttributionCallback, evaluate_checkpoint, wanted
+from lark.callbacks import AttributionCallback
+from lark.checkpoint import evaluate_checkpoint, wanted
 from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
 from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
