@@ -18,6 +18,11 @@ def main(cfg):
     result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch)
     for path in result["table_files"] + result["figure_files"]:
         print(path)
+    if cfg.validate:   # Table V as `python validate.py run_dir=<run>` with conf/validate.yaml, for each run
+        from lark.validation import load_config, validate_run
+
+        for run_dir in result["runs"].values():
+            print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))
 
 
 if __name__ == "__main__":

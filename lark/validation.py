@@ -329,6 +329,10 @@ def plot_validation(result, path):
 def load_config(overrides=None):
     """conf/validate.yaml (without its hydra block) merged with overrides: what analyze.py's validate uses."""
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "validate.yaml")
+    overrides = dict(overrides or {})
+    kernels = overrides.pop("kernels", None)
     with open_dict(cfg):
         cfg.pop("hydra", None)
-    return OmegaConf.merge(cfg, overrides or {})
+        if kernels is not None:   # the kernel list is replaced, not merged into the default one
+            cfg.kernels = kernels
+    return OmegaConf.merge(cfg, overrides)
