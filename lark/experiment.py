@@ -19,10 +19,12 @@ from omegaconf import OmegaConf, open_dict
 from lark import analysis, console, rundir
 from lark.attribution import write_json
 from lark.callbacks import AttributionCallback
+from lark.canary import plant as plant_canary
 from lark.checkpoint import evaluate_checkpoint, wanted
 from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
 from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
+from lark.lds import train_subset
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
@@ -95,6 +97,8 @@ def prepare_data(cfg, run_dir, log=print):
         corpora = {"medical": load_corpus(cfg.data.corpus.medical, bad=bad),
                    "entertainment": load_corpus(cfg.data.corpus.entertainment, bad=bad),
                    "exclude_medical": cfg.data.corpus.entertainment.get("exclude_medical", False)}
+    train, test = plant_canary(train, test, cfg.data.get("canary"))   # off unless data.canary (+experiment=canary)
+    train = train_subset(train, cfg.data.get("train_subset"))           # a mini-LDS retrain's subset (validate.py)
     log(f"[lark] data: {len(train)} train / {len(test)} test questions, "
         f"{len(corpora['medical'])} medical and {len(corpora['entertainment'])} entertainment documents")
     if bad.messages:
@@ -197,6 +201,12 @@ def epoch_lr(checkpoint, metrics):
     return None
 
 
+def saved_checkpoints(run_dir):
+    """{epoch: folder} of a run's complete checkpoints/epoch_NNN folders."""
+    return {int(f.name.split("_")[1]): f for f in sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9]"))
+            if not rundir.TMP.search(f.name)}
+
+
 def attribute(run_dir, overrides=None, log=print, resume=True):
     """(Re)attribute the saved checkpoints of a run, with its saved config and data (plus attribution overrides).
     resume: epochs whose metrics.json matches are not redone, and complete stores and shards are reused."""
@@ -212,9 +222,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     rundir.clean(run_dir, log)
     test_items = read_examples(run_dir / "data" / "test.jsonl", qa_record)
     sets = {name: read_examples(run_dir / "data" / "sources" / f"{name}.jsonl") for name in cfg.source.sources}
-    epochs = {int(f.name.split("_")[1]): f for f in sorted((run_dir / "checkpoints").glob("epoch_[0-9][0-9][0-9]"))
-              if not rundir.TMP.search(f.name)}
-    epochs = {e: f for e, f in epochs.items() if wanted(cfg.attribution, e)}
+    epochs = {e: f for e, f in saved_checkpoints(run_dir).items() if wanted(cfg.attribution, e)}
     if not epochs:
         raise RunDirError(f"{run_dir / 'checkpoints'}: no epoch_NNN checkpoints to attribute")
     for epoch, folder in epochs.items():
