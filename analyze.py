@@ -24,5 +24,6 @@ def main(cfg):
     for path in result["table_files"] + result["figure_files"] + ([result["report"]] if result["report"] else []):
         print(path)
 
+
 if __name__ == "__main__":
     main()
