@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from lark.attribution import attribute_checkpoint
 from lark.fingerprints import fingerprints
+from lark.kernels import MOMENTS_FILE, checkpoint_moments
 from lark.loggers import log_metrics, log_table
 from lark.models import content_hash, save_checkpoint
 from lark.sources import query_examples
@@ -32,9 +33,11 @@ class AttributionCallback(L.Callback):
 
     def checkpoint(self, trainer, pl_module, epoch, lr):
         gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
+        moments = checkpoint_moments(self.cfg.attribution, pl_module.model, epoch, trainer.optimizers[0],
+                                     trainer.train_dataloader, self.cfg.get("gradient_clip_val"))
         logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
                                            self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
-                                           gather, self.report, reuse=bool(self.cfg.get("resume")))
+                                           gather, self.report, reuse=bool(self.cfg.get("resume")), moments=moments)
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:
@@ -68,7 +71,7 @@ def completed(folder, fingerprint):
 
 
 def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, rank=0, world=1, gather=None,
-                        log=print, reuse=False):
+                        log=print, reuse=False, moments=None):
     """Save the checkpoint (if asked), measure accuracy, attribute (if asked). Returns (scalars to log, top-k rows).
     reuse: skip an epoch already complete for this checkpoint and config, and reuse its matching stores and shards."""
     fmt, attr = cfg.format, cfg.attribution
@@ -84,6 +87,8 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
         save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
                         {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                          "lark_epoch.json": json.dumps({"epoch": epoch, "lr": lr})})
+        if moments is not None:   # the AdamW moments of this checkpoint, for attribute.py (lark.kernels)
+            moments.save(run_dir / "checkpoints" / name / MOMENTS_FILE)
     accuracy, predicted = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
                                           cfg.max_length)
     log(f"[lark] {name}: test accuracy {accuracy:.3f}")
@@ -95,7 +100,7 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
         model, tokenizer, sets, queries, fmt, attr, cfg.source,
         run_dir / "attribution" / name, cfg.max_length,
         {"epoch": epoch, "accuracy": accuracy, "lr": lr, "fingerprint": fingerprint}, rank, world, gather, log,
-        reuse, prints)
+        reuse, prints, moments)
     log(f"[lark] {name}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins")
                                        if metrics[k] is not None))
     return {**logged, **influence_logs(metrics)}, rows

@@ -24,6 +24,11 @@ the same bucket and sign as sketch_flat gives coordinate (v, column) -- the V x 
 (and a tied output layer adds into the same buckets). RMSNorm/LayerNorm weights (1-D, out = w * xhat + b):
 exact per-example gradient sum_t g_t * xhat_t (xhat = (out - b) / w), then sketched. Everything the hooks do not
 reach is reported by `coverage()`; for the OLMo-3 family it is 100%.
+
+Optimizer correction (`precondition`, lark.kernels.AdamScale, kernels adam/trackstar): with factored moments the
+per-coordinate factor of a matrix is row_i * col_j, so G_b's correction is diag(row) G_b diag(col) =
+(Delta_b * row)^T (X_b * col): Delta and X are scaled before the GEMM (or TensorSketch), nothing else is formed;
+embedding gradients get row[token] * col per position, 1-D parameters (norms, biases) the exact division.
 """
 import math
 
@@ -37,7 +42,7 @@ from lark.projector import hashed, name_key, random_signs
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512):
+    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, precondition=None):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
@@ -71,6 +76,7 @@ class HookSketch:
                              "supported by kind=sketch (the two uses of the weight are sketched apart); use "
                              "kind=rapidin")
         self.input_weight = input_embedding.weight
+        self.precondition = precondition   # lark.kernels.AdamScale or None
         self.cache, self.workspace = {}, None
         self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
         self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
@@ -81,9 +87,14 @@ class HookSketch:
         return self.covered / max(1, self.total)
 
     def spec(self):
-        return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
+        spec = {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
                 "method": self.method, "plan_tokens": self.plan_tokens, "hash": "murmur3-fmix32",
                 "coverage": round(self.coverage(), 6)}
+        return {**spec, "precondition": self.precondition.spec()} if self.precondition is not None else spec
+
+    def corrected(self, name, value):
+        """A 1-D parameter's per-example gradients [B, n] times the optimizer correction (if any)."""
+        return value if self.precondition is None else value * self.precondition.vector(name, value.device)
 
     # -- hashing -------------------------------------------------------------------------------------------
     def signs(self, name, numel, device):
@@ -170,7 +181,11 @@ class HookSketch:
         w_name = self.param_names[id(mod.weight)]
         parts = {}
         if mod.bias is not None:
-            parts[self.param_names[id(mod.bias)]] = ("flat", delta.float().sum(dim=1))
+            b_name = self.param_names[id(mod.bias)]
+            parts[b_name] = ("flat", self.corrected(b_name, delta.float().sum(dim=1)))
+        if self.precondition is not None:   # diag(row) G diag(col) = (Delta * row)^T (X * col)
+            row, col = self.precondition.factors(w_name, x.device)
+            delta, x = delta * row.to(delta.dtype), x * col.to(x.dtype)
         tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
         if not tied and self.use_tensorsketch(self.plan_tokens, x.shape[-1], delta.shape[-1], x.element_size()):
             parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta.float(), x.float()))
@@ -251,7 +266,9 @@ class HookSketch:
             for h in handles:
                 h.remove()
         if embedding in self.embeddings.values() and embeds.grad is not None:
-            name, sketch, norm = self.embedding_sketch(embedding, batch["input_ids"], embeds.grad)
+            grad = embeds.grad if self.precondition is None else self.precondition.rows(
+                self.param_names[id(embedding.weight)], batch["input_ids"], embeds.grad)
+            name, sketch, norm = self.embedding_sketch(embedding, batch["input_ids"], grad)
             self.add(total, name, "sketch", sketch, norm)
         total[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
         return total
@@ -266,10 +283,12 @@ class HookSketch:
         mod, g, out = self.norms[name], grad.float(), out.float()
         bias = getattr(mod, "bias", None)
         if bias is not None:
-            self.add(total, self.param_names[id(bias)], "flat", g.flatten(1, -2).sum(1))
+            b_name = self.param_names[id(bias)]
+            self.add(total, b_name, "flat", self.corrected(b_name, g.flatten(1, -2).sum(1)))
             out = out - bias.detach().float()
         xhat = out / mod.weight.detach().float()
-        self.add(total, self.param_names[id(mod.weight)], "flat", (g * xhat).flatten(1, -2).sum(1))
+        w_name = self.param_names[id(mod.weight)]
+        self.add(total, w_name, "flat", self.corrected(w_name, (g * xhat).flatten(1, -2).sum(1)))
 
     def add(self, total, name, kind, value, norm=None):
         """total += the sketch of one parameter's per-example gradients (normalised per tensor if asked)."""
