@@ -194,7 +194,10 @@ LEGACY_KERNELS = {"none": "lark.kernels.Cosine", "per_tensor": "lark.kernels.Rap
 def upgrade(attr):
     """An `attribution` config in today's form. One saved before the projector and kernel groups (a projector with
     `kind`, `normalize`) is mapped to the `_target_` configs it meant; so are such keys given as overrides
-    (attribute.py): `kind` picks the projector, `normalize` the kernel (none -> cosine, per_tensor -> rapidin)."""
+    (attribute.py): `kind` picks the projector, `normalize` the kernel (none -> cosine, per_tensor -> rapidin).
+    A bare projector config (`{kind: ..., k: ...}`, as older callers pass) is read as {projector: it}."""
+    if "projector" not in attr and {"kind", "_target_"} & set(attr):
+        attr = OmegaConf.create({"projector": OmegaConf.to_container(attr, resolve=True)})
     projector = attr.get("projector")
     if projector is None or not {"kind", "normalize"} & set(projector):
         return attr
@@ -215,6 +218,8 @@ def upgrade(attr):
             raise ValueError("attribution.projector.normalize is the kernel's choice now: use attribution/kernel="
                              "rapidin (per-tensor) or the kernel's own normalize key")
         new.kernel = {"_target_": LEGACY_KERNELS[normalize]}
+    if "kernel" not in new:   # a config from before the kernels: the unnormalised cosine it computed
+        new.kernel = {"_target_": LEGACY_KERNELS["none"]}
     return new
 
 
