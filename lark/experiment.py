@@ -18,14 +18,15 @@ from omegaconf import OmegaConf, open_dict
 
 from lark import analysis, rundir
 from lark.attribution import write_json
-from lark.callbacks import AttributionCallback, evaluate_checkpoint, wanted
+from lark.callbacks import AttributionCallback
+from lark.checkpoint import evaluate_checkpoint, wanted
 from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
 from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
+from lark.kernels import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.loggers import build_loggers, finish, log_images
 from lark.models import load_base_model, load_pretrained
 from lark.pretrain import pretrain_tiny
-from lark.kernels import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.projector import make_kernel, trainable, upgrade
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
 from lark.sources import build_sources

@@ -39,9 +39,10 @@ def write_tracin_cp(run_dir, cfg, log=print):
         lr = json.loads(metrics_file.read_text()).get("lr") if metrics_file.is_file() else None
         if lr is not None:
             epochs.append((int(folder.name.split("_")[1]), float(lr), folder / "stores"))
-    if not epochs:
-        raise RunDirError(f"{run_dir / 'attribution'}: no attributed checkpoint after a training step (with an lr); "
-                          "attribution/kernel=tracin_cp needs at least one (trainer.max_epochs >= 1)")
+    if not epochs:   # e.g. trainer.max_epochs=0: nothing to sum, and nothing computed is lost
+        log(f"[lark] tracin_cp: {run_dir / 'attribution'} has no attributed checkpoint after a training step (with "
+            "an lr); TracIn-CP needs trainer.max_epochs >= 1, not written")
+        return None
     queries = {e: load_store(stores / f"{QUERY_SET}.safetensors") for e, _, stores in epochs}
     query_ids = queries[epochs[0][0]][2]
     maxinf, rows, out = {}, [], run_dir / "attribution" / FOLDER
