@@ -128,7 +128,7 @@ def build_tables(runs, table1_epoch="best"):
     """runs: label -> that run's metrics (load_metrics). Returns {"table1": rows, ..., "table4": rows}, each row
     a dict column -> number/str/None. Tables I, III and IV use epoch `table1_epoch` of each run (pick_epoch)."""
     multirun = list(runs) != ["run"]
-    tables = {name: [] for name in TITLES}
+    tables = {name: [] for name in TITLES if name != "tracin_cp"}   # tracin_cp: analyze() adds it if a run has it
     for job, metrics in runs.items():
         if not metrics:
             raise ValueError(f"run {job!r} has no metrics")
