@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lark import analysis, rundir
+from lark import analysis, console, rundir
 from lark.attribution import write_json
 from lark.callbacks import AttributionCallback
 from lark.checkpoint import evaluate_checkpoint, wanted
@@ -24,8 +24,9 @@ from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, w
 from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
 from lark.kernels import MOMENTS_FILE, Moments, checkpoint_moments
-from lark.loggers import build_loggers, finish, log_images
+from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
+from lark.preflight import preflight
 from lark.pretrain import pretrain_tiny
 from lark.projector import make_kernel, trainable, upgrade
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
@@ -153,6 +154,8 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
+    preflight(cfg, log)
+    console.setup()
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     resume = bool(cfg.get("resume"))
@@ -178,7 +181,8 @@ def train(cfg, log=print):
     callbacks = [AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log)]
     if cfg.trainer.enable_checkpointing:
         callbacks += resume_callbacks(run_dir, loader.generator)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                          enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar))
     try:
         if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
             moments = checkpoint_moments(cfg.attribution, model, 0, loader=loader, clip=cfg.get("gradient_clip_val"))
@@ -190,8 +194,12 @@ def train(cfg, log=print):
         if make_kernel(cfg.attribution).run_level and trainer.global_rank == 0:
             write_tracin_cp(run_dir, cfg, log)
         if cfg.analysis.enabled and trainer.global_rank == 0:
-            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch)
+            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch,
+                                      report=cfg.analysis.report, snippet_chars=cfg.analysis.report_snippet_chars)
             log_images(loggers, "figures", result["figure_files"])
+            if result["report"]:
+                log_report(loggers, result["report"])
+            console.summary(run_dir, result, loggers, log)
     finally:
         finish(loggers)
     return run_dir
@@ -218,6 +226,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     """(Re)attribute the saved checkpoints of a run, with its saved config and data (plus attribution overrides).
     resume: epochs whose metrics.json matches are not redone, and complete stores and shards are reused."""
     run_dir = Path(run_dir)
+    console.setup()
     cfg = load_run_config(run_dir)
     overrides = OmegaConf.create(overrides or {})
     with open_dict(cfg):

@@ -184,7 +184,7 @@ class ExactProjector(PerExample):
 
 # Configs saved before attribution/projector and attribution/kernel existed: `attribution.projector.kind` (+ the
 # keys below, the others had no effect on that kind) and `normalize` (none -> cosine, per_tensor -> rapidin).
-LEGACY = {"sketch": ("lark.sketch.HookSketch", ("k", "seed", "method", "plan_tokens")),
+LEGACY = {"sketch": ("lark.sketch.HookSketch", ("k", "seed", "method", "plan_tokens", "cache_bytes")),
           "rapidin": ("lark.projector.CountSketch.of_model", ("k", "seed")),
           "gaussian": ("lark.projector.GaussianProjector.of_model", ("k", "seed", "max_dense_elements")),
           "exact": ("lark.projector.ExactProjector.of_model", ())}
