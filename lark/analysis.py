@@ -27,6 +27,7 @@ TITLES = {
     "table2": "TABLE II: Influence score evolution during fine-tuning",
     "table3": "TABLE III: Storage requirements for attribution methods",
     "table4": "TABLE IV: Attribution accuracy: LARK (gradient) vs BM25",
+    "tracin_cp": "TracIn-CP: run-level influence (learning-rate-weighted sum over checkpoints)",
 }
 DPI = 120
 MARKERS = "osD^vP*X"
@@ -128,7 +129,7 @@ def build_tables(runs, table1_epoch="best"):
     """runs: label -> that run's metrics (load_metrics). Returns {"table1": rows, ..., "table4": rows}, each row
     a dict column -> number/str/None. Tables I, III and IV use epoch `table1_epoch` of each run (pick_epoch)."""
     multirun = list(runs) != ["run"]
-    tables = {name: [] for name in TITLES}
+    tables = {name: [] for name in TITLES if name != "tracin_cp"}   # tracin_cp: analyze() adds it if a run has it
     for job, metrics in runs.items():
         if not metrics:
             raise ValueError(f"run {job!r} has no metrics")
@@ -238,15 +239,16 @@ def method_rows(m):
 # ------------------------------------------------------------------------------------- writing tables
 
 
-def write_tables(tables, out_dir):
-    """out_dir/tableN.md (rounded, GitHub markdown, titled like the paper) and tableN.csv (full precision)."""
+def write_tables(tables, out_dir, captions=None):
+    """out_dir/tableN.md (rounded, GitHub markdown, titled like the paper, with captions[name] under the title)
+    and tableN.csv (full precision)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for name, rows in tables.items():
         md, csv_file = out_dir / f"{name}.md", out_dir / f"{name}.csv"
         with replacing(md) as tmp:
-            tmp.write_text(to_markdown(name, rows))
+            tmp.write_text(to_markdown(name, rows, (captions or {}).get(name)))
         write_csv(rows, csv_file)
         files += [md, csv_file]
     return files
@@ -260,9 +262,9 @@ def write_csv(rows, path):
         writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
 
 
-def to_markdown(name, rows):
+def to_markdown(name, rows, caption=None):
     columns = md_columns(name, rows)
-    lines = [f"### {TITLES[name]}{epoch_suffix(name, rows)}", ""]
+    lines = [f"### {TITLES[name]}{epoch_suffix(name, rows)}", ""] + ([caption, ""] if caption else [])
     lines.append("| " + " | ".join(header for header, _ in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
@@ -295,6 +297,8 @@ def md_columns(name, rows):
                    ("Compression", lambda r: fmt(r["compression"], ",.0f", "×"))],
         "table4": [("Method", lambda r: r["method"]), ("FT Wins", table4_cell),
                    ("Interpretation", lambda r: r["interpretation"])],
+        "tracin_cp": [("Data Source", lambda r: r["source"]), ("Mean Max", lambda r: fmt(r["mean_max"], ".4g")),
+                      ("FT Wins", lambda r: fmt(r["ft_wins_pct"], ".1f", "%")), ("Epochs", lambda r: r["epochs"])],
     }[name]
     if name in ("table1", "table4") and len({row["epoch"] for row in rows}) > 1:
         columns = [("Epoch", lambda r: str(r["epoch"]))] + columns
@@ -497,6 +501,29 @@ def format_bytes_short(n):
     return scale_bytes(n, 1024, "KiB MiB GiB TiB PiB")
 
 
+def loss_target_caption(runs):
+    """What carried the loss of fine-tuning items and of queries (metrics.json loss_target), per run."""
+    parts = []
+    for job, metrics in runs.items():
+        targets = {json.dumps(m["loss_target"], sort_keys=True) for m in metrics if m.get("loss_target")}
+        for target in map(json.loads, sorted(targets)):
+            prefix = "" if job == "run" else f"{job}: "
+            parts.append(f"{prefix}answer `{target.get('answer_template')}`, queries `{target.get('query_target')}`")
+    return f"Loss target: {'; '.join(parts)}." if parts else None
+
+
+def tracin_rows(run_dirs):
+    """TracIn-CP rows (attribution/tracin_cp/metrics.json, attribution/kernel=tracin_cp): one per run and source."""
+    rows = []
+    for job, run_dir in run_dirs.items():
+        file = Path(run_dir) / "attribution" / "tracin_cp" / "metrics.json"
+        if file.is_file():
+            m = read_metrics(file)
+            lead = {} if list(run_dirs) == ["run"] else {"job": job}
+            rows += [lead | row | {"epochs": ", ".join(map(str, m["epochs"]))} for row in source_rows(m)]
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- analyze
 
 
@@ -510,7 +537,11 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
     runs = {label: load_metrics(run_dir) for label, run_dir in run_dirs.items()}
     out_dir = Path(path if out_dir is None else out_dir)
     tables = build_tables(runs, table1_epoch)
-    result = {"tables": tables, "table_files": write_tables(tables, out_dir / "tables"),
+    tracin = tracin_rows(run_dirs)
+    if tracin:
+        tables["tracin_cp"] = tracin
+    captions = {"table2": loss_target_caption(runs)}
+    result = {"tables": tables, "table_files": write_tables(tables, out_dir / "tables", captions),
               "figure_files": plot_figures(runs, out_dir / "figures", table1_epoch), "report": None, "runs": run_dirs}
     if report:
         chosen = {label: pick_epoch(metrics, table1_epoch) for label, metrics in runs.items()}

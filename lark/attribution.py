@@ -25,7 +25,7 @@ from lark.data import LABELS, replacing, write_jsonl
 from lark.fingerprints import PROJECTOR_VERSION, fingerprints
 from lark.models import content_hash
 from lark.formats import encode
-from lark.projector import make_projector, trainable
+from lark.projector import make_kernel, make_projector, trainable
 from lark.sources import example_text
 from lark.stores import (atomic_save, bytes_per_vector, check_compatible, cosine_scores, load_store, save_store,
                          stored_view, topk_scores)
@@ -111,19 +111,21 @@ def reusable_store(path, ids, meta, tier, k):
 
 
 def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir, max_length, info,
-                         rank=0, world=1, gather=None, log=print, reuse=False, prints=None):
+                         rank=0, world=1, gather=None, log=print, reuse=False, prints=None, moments=None):
     """Stores, score matrices and metrics of one checkpoint.
 
     sets: {source: [example]}; queries: [example] (test queries); cfg: the `attribution` config; src: the `source`
     config; info: {epoch, accuracy, lr, ...} copied into metrics.json; prints: the fingerprints of the checkpoint,
     tokenizer and format (lark.fingerprints; computed when None). reuse: keep complete stores and shards written
-    from the same inputs (resume). metrics.json is written last: it marks the epoch complete. Returns the metrics."""
+    from the same inputs (resume). moments: the checkpoint's AdamW moments for the kernels that use them
+    (lark.kernels). metrics.json is written last: it marks the epoch complete. Returns the metrics."""
     out_dir = Path(out_dir)
     if rank == 0:
         (out_dir / "metrics.json").unlink(missing_ok=True)
-    projector = make_projector(cfg.projector, model)
+    kernel = make_kernel(cfg)
+    projector = make_projector(cfg, model, kernel, moments)
     prints = prints or fingerprints(model, tokenizer, fmt)
-    spec = {**projector.spec(), "version": PROJECTOR_VERSION}
+    spec = {**projector.spec(), "kernel": kernel.spec(), "version": PROJECTOR_VERSION}   # two kernels never mix
     tier, decoded, nonfinite, metas = cfg.store_dtype, {}, {}, {}
     for name, examples in {QUERY_SET: queries, **sets}.items():
         encoded = [encode(tokenizer, e, fmt, max_length) for e in examples]
@@ -149,6 +151,7 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
     if rank == 0 and (out_dir / "shards").is_dir() and not any((out_dir / "shards").iterdir()):
         (out_dir / "shards").rmdir()
     query_ids = [q["id"] for q in queries]
+    decoded = kernel.transform(decoded, QUERY_SET)   # the vectors whose dot products are the kernel's scores
     maxinf, rows = {}, []
     for name, examples in sets.items():
         check_compatible(metas[QUERY_SET], metas[name], QUERY_SET, name)
@@ -178,6 +181,8 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         "storage": M.storage(sum(p.numel() for _, p in trainable(model)), p.element_size(), projector.k,
                              bytes_per_vector(tier, projector.k) / projector.k, src.size),
         "projector": projector.spec(),
+        "kernel": kernel.spec(),
+        "loss_target": {"answer_template": fmt.get("answer_template"), "query_target": cfg.get("query_target")},
         "nonfinite": {"count": sum(map(len, nonfinite.values())), "ids": nonfinite},
         "fingerprints": prints,
     }

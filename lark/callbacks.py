@@ -3,6 +3,7 @@ checkpoint (lark.checkpoint: save, accuracy, attribution) and logs metrics, a to
 import lightning as L
 
 from lark.checkpoint import evaluate_checkpoint
+from lark.kernels import checkpoint_moments
 from lark.loggers import log_metrics, log_table
 from lark.sources import example_text
 
@@ -25,9 +26,11 @@ class AttributionCallback(L.Callback):
 
     def checkpoint(self, trainer, pl_module, epoch, lr):
         gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
+        moments = checkpoint_moments(self.cfg.attribution, pl_module.model, epoch, trainer.optimizers[0],
+                                     trainer.train_dataloader, self.cfg.get("gradient_clip_val"))
         logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
                                            self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
-                                           gather, self.report, reuse=bool(self.cfg.get("resume")))
+                                           gather, self.report, reuse=bool(self.cfg.get("resume")), moments=moments)
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:

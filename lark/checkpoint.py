@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from lark.attribution import attribute_checkpoint, write_predictions
 from lark.fingerprints import fingerprints
+from lark.kernels import MOMENTS_FILE
 from lark.models import content_hash, save_checkpoint
 from lark.sources import query_examples
 from lark.training import answer_accuracy
@@ -36,7 +37,7 @@ def completed(folder, fingerprint):
 
 
 def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, rank=0, world=1, gather=None,
-                        log=print, reuse=False):
+                        log=print, reuse=False, moments=None):
     """Save the checkpoint (if asked), measure accuracy, attribute (if asked). Returns (scalars to log, top-k rows).
     reuse: skip an epoch already complete for this checkpoint and config, and reuse its matching stores and shards."""
     fmt, attr = cfg.format, cfg.attribution
@@ -52,6 +53,8 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
         save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
                         {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                          "lark_epoch.json": json.dumps({"epoch": epoch, "lr": lr})})
+        if moments is not None:   # the AdamW moments of this checkpoint, for attribute.py (lark.kernels)
+            moments.save(run_dir / "checkpoints" / name / MOMENTS_FILE)
     accuracy, predicted, logp = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
                                                 cfg.max_length, with_scores=True)
     log(f"[lark] {name}: test accuracy {accuracy:.3f}")
@@ -65,7 +68,7 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
         model, tokenizer, sets, queries, fmt, attr, cfg.source,
         run_dir / "attribution" / name, cfg.max_length,
         {"epoch": epoch, "accuracy": accuracy, "lr": lr, "fingerprint": fingerprint}, rank, world, gather, log,
-        reuse, prints)
+        reuse, prints, moments)
     log(f"[lark] {name}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins")
                                        if metrics[k] is not None))
     return {**logged, **influence_logs(metrics)}, rows

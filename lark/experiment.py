@@ -24,15 +24,17 @@ from lark.checkpoint import evaluate_checkpoint, wanted
 from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
 from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
+from lark.kernels import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.lds import train_subset
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
 from lark.pretrain import pretrain_tiny
-from lark.projector import KINDS, trainable
+from lark.projector import make_kernel, trainable, upgrade
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
 from lark.sources import build_sources
 from lark.stores import TIERS
+from lark.tracin import write_tracin_cp
 from lark.training import CausalLMModule, make_loader
 
 SOURCE_KINDS = ("finetune", "medical", "entertainment")
@@ -46,9 +48,9 @@ def validate(cfg):
 
     epochs, attr, projector = cfg.trainer.max_epochs, cfg.attribution, cfg.attribution.projector
     need(isinstance(epochs, int) and epochs >= 0, f"trainer.max_epochs must be an integer >= 0, got {epochs}")
-    need(isinstance(projector.k, int) and projector.k > 0, f"attribution.projector.k must be a positive integer, "
-                                                            f"got {projector.k}")
-    need(projector.kind in KINDS, f"attribution.projector.kind: unknown '{projector.kind}' ({', '.join(KINDS)})")
+    k = projector.get("k", 1)
+    need(isinstance(k, int) and k > 0, f"attribution.projector.k must be a positive integer, got {k}")
+    check_targets(attr)
     need(attr.store_dtype in TIERS, f"attribution.store_dtype: unknown '{attr.store_dtype}' ({', '.join(TIERS)})")
     need(isinstance(attr.get("shard_size", 1), int) and attr.get("shard_size", 1) > 0,
          f"attribution.shard_size must be a positive integer, got {attr.get('shard_size')}")
@@ -76,6 +78,25 @@ def validate(cfg):
         paths[f"data.corpus.{name}.path"] = corpus.get("path") if corpus.kind == "local" else None
     for key, path in paths.items():
         need(path is None or Path(path).is_file(), f"{key}: {path} is not a file")
+
+
+def check_targets(attr):
+    """The projector and kernel `_target_`s import, and the kernel accepts its options (ConfigError naming them)."""
+    from hydra.utils import get_object
+
+    for key in ("projector", "kernel"):
+        target = (attr.get(key) or {}).get("_target_")
+        if target is None:
+            raise ConfigError(f"attribution.{key}: no _target_ (choose one with attribution/{key}=<name>)")
+        try:
+            get_object(target)
+        except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
+            raise ConfigError(f"attribution.{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})") \
+                from None
+    kernel = make_kernel(attr)
+    if kernel.name == "trackstar" and attr.store_dtype == "bit":
+        raise ConfigError("attribution.store_dtype=bit cannot be whitened by attribution/kernel=trackstar (sign "
+                          "vectors, SimHash cosine); use float16, bfloat16 or int8")
 
 
 def prepare_data(cfg, run_dir, log=print):
@@ -122,7 +143,7 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
     """Before any attribution: k must fit the model, and the disk must hold the stores (and score matrices)."""
     attr = cfg.attribution
     n_params = sum(p.numel() for _, p in trainable(model))
-    k = n_params if attr.projector.kind == "exact" else attr.projector.k
+    k = attr.projector.get("k") or n_params   # exact: no k, the full gradient
     if k > n_params:
         raise ConfigError(f"attribution.projector.k={k:,} is larger than the {n_params:,} trainable parameters it "
                           "projects")
@@ -168,10 +189,14 @@ def train(cfg, log=print):
                           enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar))
     try:
         if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
-            evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, 0, None, log=log, reuse=resume)
+            moments = checkpoint_moments(cfg.attribution, model, 0, loader=loader, clip=cfg.get("gradient_clip_val"))
+            evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, 0, None, log=log, reuse=resume,
+                                moments=moments)
         else:
             trainer.fit(module, loader, ckpt_path=last_checkpoint(run_dir, log) if resume else None,
                         weights_only=True)
+        if make_kernel(cfg.attribution).run_level and trainer.global_rank == 0:
+            write_tracin_cp(run_dir, cfg, log)
         if cfg.analysis.enabled and trainer.global_rank == 0:
             result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch,
                                       report=cfg.analysis.report, snippet_chars=cfg.analysis.report_snippet_chars)
@@ -213,10 +238,16 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     run_dir = Path(run_dir)
     console.setup()
     cfg = load_run_config(run_dir)
+    overrides = OmegaConf.create(overrides or {})
     with open_dict(cfg):
-        if "plan_tokens" not in cfg.attribution.projector:   # a run saved before the key existed
+        cfg.attribution = upgrade(cfg.attribution)            # a run saved before attribution/projector, /kernel
+        sketch = cfg.attribution.projector._target_ == "lark.sketch.HookSketch"
+        if sketch and "plan_tokens" not in cfg.attribution.projector:   # a run saved before the key existed
             cfg.attribution.projector.plan_tokens = cfg.max_length
-        cfg.attribution = OmegaConf.merge(cfg.attribution, overrides or {})
+        for key in ("projector", "kernel"):   # another projector or kernel (a _target_): replaced, not merged
+            if "_target_" in (overrides.get(key) or {}):
+                cfg.attribution[key] = overrides.pop(key)
+        cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
         cfg.attribution.save_checkpoints = False
     validate(cfg)
     rundir.clean(run_dir, log)
@@ -230,5 +261,13 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
         if epoch == min(epochs):
             check_attribution(cfg, run_dir, model, sets, len(test_items), epochs)
         lr = epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
-        evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, log=log, reuse=resume)
+        moments = Moments.load(folder / MOMENTS_FILE) if (folder / MOMENTS_FILE).is_file() else None
+        if moments is None and make_kernel(cfg.attribution).uses_optimizer:
+            raise RunDirError(f"{folder / MOMENTS_FILE}: not found; attribution.kernel="
+                              f"{make_kernel(cfg.attribution).name} needs the run's AdamW moments at each checkpoint "
+                              "(written by train.py with attribution.save_moments=true)")
+        evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, log=log, reuse=resume,
+                            moments=moments)
+    if make_kernel(cfg.attribution).run_level:
+        write_tracin_cp(run_dir, cfg, log)
     return run_dir

@@ -13,11 +13,16 @@ Cosine similarity of projections approximates cosine similarity of the full grad
   batched, without the model's weight-gradient GEMMs.
 
 Every projector has project_batch(model, batch) -> [B, k]; the first three also project(grads) one gradient.
+Projectors are chosen with `attribution/projector=<sketch|rapidin|gaussian|exact>` (conf/attribution/projector/,
+`_target_` configs built by make_projector with the model and the kernel's normalisation and optimizer
+correction, lark/kernels.py); a class of your own plugs in by its `_target_`.
 """
 import hashlib
 import math
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B1
@@ -69,13 +74,26 @@ def example_gradient(model, batch, params):
 
 
 class PerExample:
-    """project_batch by one backward pass per example on the materialised gradient (the reference path)."""
+    """project_batch by one backward pass per example on the materialised gradient (the reference path).
+    `precondition` (lark.kernels.AdamScale, set by make_projector) corrects each gradient before the projection."""
+
+    precondition = None
+
+    @classmethod
+    def of_model(cls, model, **options):
+        """The projector for a model's trainable parameters (the `_target_` of the projector configs)."""
+        return cls({n: tuple(p.shape) for n, p in trainable(model)}, **options)
+
+    def described(self, spec):
+        return {**spec, "precondition": self.precondition.spec()} if self.precondition is not None else spec
 
     def project_batch(self, model, batch):
         params = trainable(model)
         rows = []
         for b, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
             loss, grads = example_gradient(model, {k: v[b:b + 1, :n] for k, v in batch.items()}, params)
+            if self.precondition is not None:
+                grads = self.precondition.apply(grads)
             v = self.project(grads)
             rows.append(v if torch.isfinite(loss) else torch.full_like(v, float("nan")))
         return torch.stack(rows)
@@ -86,8 +104,9 @@ class CountSketch(PerExample):
 
     kind = "rapidin"
 
-    def __init__(self, shapes, k, seed=0, normalize="none", cache_elements=2**26):
+    def __init__(self, shapes, k, seed=0, normalize="none", cache_elements=2**26, precondition=None):
         self.shapes, self.k, self.seed, self.normalize = dict(shapes), int(k), int(seed), normalize
+        self.precondition = precondition
         self.cache = {}
         self.cache_ok = sum(math.prod(s) for s in self.shapes.values()) <= cache_elements
 
@@ -113,7 +132,8 @@ class CountSketch(PerExample):
         return out
 
     def spec(self):
-        return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize, "hash": "murmur3-fmix32"}
+        return self.described({"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
+                               "hash": "murmur3-fmix32"})
 
 
 class GaussianProjector(PerExample):
@@ -121,13 +141,14 @@ class GaussianProjector(PerExample):
 
     kind = "gaussian"
 
-    def __init__(self, shapes, k, seed=0, normalize="none", max_dense_elements=200_000_000):
+    def __init__(self, shapes, k, seed=0, normalize="none", max_dense_elements=200_000_000, precondition=None):
         self.shapes, self.k, self.seed, self.normalize = dict(shapes), int(k), int(seed), normalize
+        self.precondition = precondition
         total = sum(math.prod(s) for s in self.shapes.values()) * self.k
         if total > max_dense_elements:
-            raise ValueError(f"attribution.projector.kind=gaussian needs a P x k = {total:,} matrix, more than "
-                             f"attribution.projector.max_dense_elements={max_dense_elements:,}; use kind=rapidin "
-                             "or a smaller k")
+            raise ValueError(f"attribution/projector=gaussian needs a P x k = {total:,} matrix, more than "
+                             f"attribution.projector.max_dense_elements={max_dense_elements:,}; use "
+                             "attribution/projector=rapidin or a smaller k")
         self.matrices = {}
 
     def matrix(self, name, numel, device):
@@ -141,7 +162,7 @@ class GaussianProjector(PerExample):
         return sum(g.reshape(-1).float() @ self.matrix(n, g.numel(), g.device) for n, g in grads.items())
 
     def spec(self):
-        return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize}
+        return self.described({"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize})
 
 
 class ExactProjector(PerExample):
@@ -149,8 +170,8 @@ class ExactProjector(PerExample):
 
     kind = "exact"
 
-    def __init__(self, shapes, normalize="none"):
-        self.shapes, self.normalize = dict(shapes), normalize
+    def __init__(self, shapes, normalize="none", precondition=None):
+        self.shapes, self.normalize, self.precondition = dict(shapes), normalize, precondition
         self.k = sum(math.prod(s) for s in self.shapes.values())
 
     def project(self, grads):
@@ -158,26 +179,77 @@ class ExactProjector(PerExample):
         return torch.cat([g.reshape(-1).float() for g in grads.values()])
 
     def spec(self):
-        return {"kind": self.kind, "k": self.k, "normalize": self.normalize}
+        return self.described({"kind": self.kind, "k": self.k, "normalize": self.normalize})
 
 
-KINDS = ("sketch", "rapidin", "gaussian", "exact")
+# Configs saved before attribution/projector and attribution/kernel existed: `attribution.projector.kind` (+ the
+# keys below, the others had no effect on that kind) and `normalize` (none -> cosine, per_tensor -> rapidin).
+LEGACY = {"sketch": ("lark.sketch.HookSketch", ("k", "seed", "method", "plan_tokens", "cache_bytes")),
+          "rapidin": ("lark.projector.CountSketch.of_model", ("k", "seed")),
+          "gaussian": ("lark.projector.GaussianProjector.of_model", ("k", "seed", "max_dense_elements")),
+          "exact": ("lark.projector.ExactProjector.of_model", ())}
+LEGACY_KERNELS = {"none": "lark.kernels.Cosine", "per_tensor": "lark.kernels.RapidIn"}
 
 
-def make_projector(cfg, model):
-    """The projector of an `attribution.projector` config for the model's trainable parameters."""
-    if cfg.k is None or int(cfg.k) <= 0:
-        raise ValueError(f"attribution.projector.k must be a positive integer, got {cfg.k}")
-    shapes = {n: tuple(p.shape) for n, p in trainable(model)}
-    if cfg.kind == "sketch":
-        from lark.sketch import HookSketch
+def upgrade(attr):
+    """An `attribution` config in today's form. One saved before the projector and kernel groups (a projector with
+    `kind`, `normalize`) is mapped to the `_target_` configs it meant; so are such keys given as overrides
+    (attribute.py): `kind` picks the projector, `normalize` the kernel (none -> cosine, per_tensor -> rapidin).
+    A bare projector config (`{kind: ..., k: ...}`, as older callers pass) is read as {projector: it}."""
+    if "projector" not in attr and {"kind", "_target_"} & set(attr):
+        attr = OmegaConf.create({"projector": OmegaConf.to_container(attr, resolve=True)})
+    projector = attr.get("projector")
+    if projector is None or not {"kind", "normalize"} & set(projector):
+        return attr
+    old = OmegaConf.to_container(projector, resolve=True)
+    new = OmegaConf.create(OmegaConf.to_container(attr, resolve=True))
+    if "kind" in old:
+        if old["kind"] not in LEGACY:
+            raise ValueError(f"attribution.projector.kind: unknown '{old['kind']}' ({', '.join(LEGACY)})")
+        target, keys = LEGACY[old["kind"]]
+        new.projector = {"_target_": target, "_partial_": True, **{k: old[k] for k in keys if k in old}}
+    else:
+        new.projector = {k: v for k, v in old.items() if k != "normalize"}
+    if "normalize" in old:
+        normalize = old["normalize"]
+        if normalize not in LEGACY_KERNELS:
+            raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
+        if "kernel" in new and new.kernel.get("_target_") not in LEGACY_KERNELS.values():
+            raise ValueError("attribution.projector.normalize is the kernel's choice now: use attribution/kernel="
+                             "rapidin (per-tensor) or the kernel's own normalize key")
+        new.kernel = {"_target_": LEGACY_KERNELS[normalize]}
+    if "kernel" not in new:   # a config from before the kernels: the unnormalised cosine it computed
+        new.kernel = {"_target_": LEGACY_KERNELS["none"]}
+    return new
 
-        return HookSketch(model, cfg.k, cfg.seed, cfg.normalize, cfg.get("method", "auto"), cfg.get("plan_tokens", 512),
-                          cache_bytes=cfg.get("cache_bytes", 2**30))
-    if cfg.kind == "rapidin":
-        return CountSketch(shapes, cfg.k, cfg.seed, cfg.normalize)
-    if cfg.kind == "gaussian":
-        return GaussianProjector(shapes, cfg.k, cfg.seed, cfg.normalize, cfg.max_dense_elements)
-    if cfg.kind == "exact":
-        return ExactProjector(shapes, cfg.normalize)
-    raise ValueError(f"attribution.projector.kind: unknown '{cfg.kind}' (sketch, rapidin, gaussian or exact)")
+
+def built(build):
+    """build() with Hydra's InstantiationException unwrapped: a bad value's own error (naming its key) is raised."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return build()
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise
+
+
+def make_kernel(attr):
+    """The kernel (lark.kernels) of an `attribution` config."""
+    return built(lambda: instantiate(upgrade(attr).kernel))
+
+
+def make_projector(attr, model, kernel=None, moments=None):
+    """The projector of an `attribution` config for the model's trainable parameters: the `attribution.projector`
+    factory called as factory(model, normalize=<the kernel's>, precondition=<the kernel's optimizer correction,
+    when it has one>). moments: the checkpoint's AdamW moments (lark.kernels.Moments) for kernels that use them."""
+    attr = upgrade(attr)
+    if "k" in attr.projector and (attr.projector.k is None or int(attr.projector.k) <= 0):
+        raise ValueError(f"attribution.projector.k must be a positive integer, got {attr.projector.k}")
+    kernel = kernel or make_kernel(attr)
+    options = {"normalize": kernel.normalize}
+    precondition = kernel.preconditioner(moments, model)
+    if precondition is not None:
+        options["precondition"] = precondition
+    return built(lambda: instantiate(attr.projector, _partial_=True))(model, **options)

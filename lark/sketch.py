@@ -33,6 +33,11 @@ materialised layers sum the squares of their blocks while they are in cache, Ten
 sketched into one vector and divided once by ||a + b||^2 = ||a||^2 + ||b||^2 + 2<a, b>, where
 <a, b> = sum_s e_s . b[tok_s] and the rows b[tok_s] = sum_t delta[t, tok_s] x_t come from the output layer's
 (X, Delta): O(T^2 d) per example, V x d never formed. Other weights shared between modules are refused.
+
+Optimizer correction (`precondition`, lark.kernels.AdamScale, kernels adam/trackstar): with factored moments the
+per-coordinate factor of a matrix is row_i * col_j, so G_b's correction is diag(row) G_b diag(col) =
+(Delta_b * row)^T (X_b * col): Delta and X are scaled before the GEMM (or TensorSketch), nothing else is formed;
+embedding gradients get row[token] * col per position, 1-D parameters (norms, biases) the exact division.
 """
 import math
 
@@ -46,7 +51,8 @@ from lark.projector import hashed, name_key, random_signs
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30):
+    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30,
+                 precondition=None):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
@@ -78,6 +84,7 @@ class HookSketch:
         if normalize == "per_tensor":
             self.refuse_other_shared_weights(out)
         self.input_weight = input_embedding.weight
+        self.precondition = precondition   # lark.kernels.AdamScale or None
         # per_tensor: the tied weight's two parts (output layer, input embedding) add up in `pending` and are
         # divided once by the norm of their sum (see finish); `last_norms` keeps each parameter's per-example
         # gradient norms of the last batch (what the per-tensor division used), for checking against autograd
@@ -112,9 +119,14 @@ class HookSketch:
         return self.covered / max(1, self.total)
 
     def spec(self):
-        return {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
+        spec = {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
                 "method": self.method, "plan_tokens": self.plan_tokens, "hash": "murmur3-fmix32",
                 "coverage": round(self.coverage(), 6)}
+        return {**spec, "precondition": self.precondition.spec()} if self.precondition is not None else spec
+
+    def corrected(self, name, value):
+        """A 1-D parameter's per-example gradients [B, n] times the optimizer correction (if any)."""
+        return value if self.precondition is None else value * self.precondition.vector(name, value.device)
 
     # -- hashing -------------------------------------------------------------------------------------------
     def signs(self, name, numel, start, end, device):
@@ -235,7 +247,11 @@ class HookSketch:
         w_name = self.param_names[id(mod.weight)]
         parts = {}
         if mod.bias is not None:
-            parts[self.param_names[id(mod.bias)]] = ("flat", delta.float().sum(dim=1))
+            b_name = self.param_names[id(mod.bias)]
+            parts[b_name] = ("flat", self.corrected(b_name, delta.float().sum(dim=1)))
+        if self.precondition is not None:   # diag(row) G diag(col) = (Delta * row)^T (X * col)
+            row, col = self.precondition.factors(w_name, x.device)
+            delta, x = delta * row.to(delta.dtype), x * col.to(x.dtype)
         tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
         if tied and self.normalize == "per_tensor":
             self.output_rows = self.rows_at_tokens(delta, x)
@@ -327,7 +343,9 @@ class HookSketch:
             for h in handles:
                 h.remove()
         if embedding in self.embeddings.values() and embeds.grad is not None:
-            name, sketch, squares = self.embedding_sketch(embedding, batch["input_ids"], embeds.grad)
+            grad = embeds.grad if self.precondition is None else self.precondition.rows(
+                self.param_names[id(embedding.weight)], batch["input_ids"], embeds.grad)
+            name, sketch, squares = self.embedding_sketch(embedding, batch["input_ids"], grad)
             self.add(total, name, "sketch", sketch, squares)
         self.finish(total)
         total[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
@@ -343,10 +361,12 @@ class HookSketch:
         mod, g, out = self.norms[name], grad.float(), out.float()
         bias = getattr(mod, "bias", None)
         if bias is not None:
-            self.add(total, self.param_names[id(bias)], "flat", g.flatten(1, -2).sum(1))
+            b_name = self.param_names[id(bias)]
+            self.add(total, b_name, "flat", self.corrected(b_name, g.flatten(1, -2).sum(1)))
             out = out - bias.detach().float()
         xhat = out / mod.weight.detach().float()
-        self.add(total, self.param_names[id(mod.weight)], "flat", (g * xhat).flatten(1, -2).sum(1))
+        w_name = self.param_names[id(mod.weight)]
+        self.add(total, w_name, "flat", self.corrected(w_name, (g * xhat).flatten(1, -2).sum(1)))
 
     def add(self, total, name, kind, value, squares=None):
         """total += the sketch of one parameter's per-example gradients: kind "flat" = [B, numel] or a

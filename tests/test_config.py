@@ -7,7 +7,7 @@ from conftest import ROOT, compose
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
           for group in ("model", "data", "source", "format", "scheduler", "trainer", "logger", "attribution",
-                        "analysis")}
+                        "attribution/projector", "attribution/kernel", "analysis")}
 
 
 def test_default_is_the_embedded_run():
@@ -22,7 +22,12 @@ def test_default_is_the_embedded_run():
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group, option):
     cfg = compose([f"{group}={option}"])
-    assert group in cfg
+    node = cfg
+    for key in group.split("/"):
+        node = node[key]
+    if "_target_" in node:                   # the projector and kernel files are _target_ configs that import
+        from hydra.utils import get_object
+        get_object(node._target_)
 
 
 def test_experiment_pubmedqa_is_the_paper():
@@ -33,7 +38,9 @@ def test_experiment_pubmedqa_is_the_paper():
         "qiaojin/PubMedQA", "pqa_labeled", 500, 500)
     assert cfg.source.size == 500 and len(cfg.source.sources) == 5
     assert cfg.trainer.max_epochs == 5 and cfg.batch_size == 4 and cfg.trainer.precision == "bf16-true"
-    assert cfg.attribution.projector.kind == "rapidin" and cfg.attribution.projector.k == 65536
+    assert cfg.attribution.projector._target_ == "lark.projector.CountSketch.of_model"    # RapidIn's RapidGrad
+    assert cfg.attribution.projector.k == 65536
+    assert cfg.attribution.kernel._target_ == "lark.kernels.RapidIn"                    # per-tensor normalisation
     assert cfg.optimizer.lr == pytest.approx(2e-4)
     assert learning_rates(cfg) == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5, 2e-5])
 
@@ -73,7 +80,8 @@ def test_trainer_gpu_and_ddp():
 @pytest.mark.parametrize("override,key", [
     ("trainer.max_epochs=-1", "trainer.max_epochs"),
     ("attribution.projector.k=0", "attribution.projector.k"),
-    ("attribution.projector.kind=bogus", "attribution.projector.kind"),
+    ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
+    ("attribution.kernel._target_=lark.kernels.Nope", "attribution.kernel._target_"),
     ("source.pt_source=nope", "source.pt_source"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(override, key):
@@ -81,3 +89,49 @@ def test_bad_values_fail_at_start_naming_the_key(override, key):
 
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         validate(compose([override]))
+
+
+@pytest.mark.parametrize("recipe,projector", [("pubmedqa", "lark.projector.CountSketch.of_model"),
+                                              ("pubmedqa_small", "lark.sketch.HookSketch")])
+def test_both_paper_recipes_compose_to_rapidins_per_tensor_normalisation(recipe, projector):
+    """+experiment=pubmedqa: RapidIn's projector and kernel; pubmedqa_small: the hook sketch with RapidIn's kernel.
+    Both name their loss target (the decision alone, gold queries)."""
+    from lark.projector import make_kernel
+
+    cfg = compose([f"+experiment={recipe}"])
+    assert cfg.attribution.projector._target_ == projector and cfg.attribution.projector.k == 65536
+    kernel = make_kernel(cfg.attribution)
+    assert kernel.name == "rapidin" and kernel.normalize == "per_tensor"
+    assert (cfg.format.answer_template, cfg.attribution.query_target) == ("{final_decision}", "gold")
+    text = (ROOT / "conf" / "experiment" / f"{recipe}.yaml").read_text()
+    assert "answer_template:" in text and "query_target:" in text        # named in the recipe, with its reason
+
+
+def test_kernel_menu_composes_and_the_loss_target_sweeps_like_multirun():
+    """`python train.py -m format.answer_template=...,... attribution.query_target=gold,predicted
+    attribution/kernel=rapidin,adam` expands to 8 jobs, each composing to its own loss target and kernel."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lark.projector import make_kernel
+
+    sweep = OverridesParser.create().parse_overrides([
+        'format.answer_template="{final_decision}","{final_decision}. {long_answer}"',
+        "attribution.query_target=gold,predicted", "attribution/kernel=rapidin,adam"])
+    jobs = list(itertools.product(*[[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+                                    for o in sweep]))
+    assert len(jobs) == 8
+    seen = set()
+    for job in jobs:
+        cfg = compose(list(job))
+        seen.add((cfg.format.answer_template, cfg.attribution.query_target, make_kernel(cfg.attribution).name))
+    assert seen == set(itertools.product(["{final_decision}", "{final_decision}. {long_answer}"],
+                                         ["gold", "predicted"], ["rapidin", "adam"]))
+
+
+def test_attribute_py_takes_another_projector_or_kernel_by_group():
+    cfg = compose(["run_dir=x", "attribution/kernel=trackstar", "attribution/projector=rapidin"], "attribute")
+    assert cfg.attribution.kernel._target_ == "lark.kernels.TrackStar"
+    assert cfg.attribution.projector._target_ == "lark.projector.CountSketch.of_model"
+    assert dict(compose(["run_dir=x"], "attribute").attribution) == {}   # default: the run's own

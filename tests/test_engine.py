@@ -100,10 +100,10 @@ def test_sign_cache_stays_under_its_byte_budget_and_never_changes_a_vector():
 def test_cache_bytes_is_the_config_key():
     from tests.conftest import compose
 
-    cfg = compose(["attribution.projector.cache_bytes=12345"]).attribution.projector
+    cfg = compose(["attribution.projector.cache_bytes=12345"]).attribution
     assert make_projector(cfg, OneLinear()).cache_bytes == 12345
-    default = compose().attribution.projector
-    assert make_projector(default, OneLinear()).cache_bytes == default.cache_bytes > 0
+    default = compose().attribution
+    assert make_projector(default, OneLinear()).cache_bytes == default.projector.cache_bytes > 0
 
 
 class OpCounter(TorchDispatchMode):

@@ -7,12 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import ROOT
 from lark.attribution import project_examples
 from lark.fidelity import jl_pearson
 from lark.formats import document_fields, encode, qa_fields
 from lark.models import build_tiny, train_tokenizer
 from lark.projector import (CountSketch, ExactProjector, GaussianProjector, example_gradient, make_projector, mix32,
-                            name_key, normalize_tensors, trainable)
+                            name_key, normalize_tensors, trainable, upgrade)
 from lark.sketch import HookSketch
 from lark.training import collate
 from lark.world import generate_world
@@ -315,10 +316,19 @@ def test_gaussian_preserves_norms_on_average():
 
 
 # ----------------------------------------------------------------------------- make_projector
-def projector_cfg(**over):
-    shipped = OmegaConf.load(__file__.rsplit("/tests/", 1)[0] + "/conf/attribution/default.yaml")
-    root = OmegaConf.create({"max_length": 256, "attribution": shipped})   # what ${max_length} refers to
-    return OmegaConf.merge(root.attribution.projector, over)
+CONF = ROOT / "conf" / "attribution"
+
+
+def projector_cfg(kind="sketch", normalize="none", kernel=None, **over):
+    """The `attribution` config that attribution/projector=<kind> and attribution/kernel=<kernel> compose (the
+    shipped files), with projector overrides; `normalize` picks the kernel as before the groups existed
+    (none -> cosine, per_tensor -> rapidin)."""
+    kernel = kernel or {"none": "cosine", "per_tensor": "rapidin"}.get(normalize, "cosine")
+    projector = OmegaConf.merge(OmegaConf.load(CONF / "projector" / f"{kind}.yaml"), over)
+    root = OmegaConf.create({"max_length": 256,            # what ${max_length} refers to
+                             "attribution": {"projector": projector,
+                                             "kernel": OmegaConf.load(CONF / "kernel" / f"{kernel}.yaml")}})
+    return root.attribution
 
 
 def test_make_projector_kinds(setup):
@@ -353,12 +363,16 @@ def test_make_projector_rejects_non_positive_k(setup, k):
 
 
 def test_make_projector_rejects_unknown_kind_method_and_normalisation(setup):
+    """Configs saved before the groups name a kind and a normalisation: unknown ones are refused naming the key."""
     with pytest.raises(ValueError, match=r"attribution\.projector\.kind: unknown 'srht'"):
-        make(setup, kind="srht")
+        make_projector(OmegaConf.create({"projector": {"kind": "srht", "k": 8}}), setup["model"])
     with pytest.raises(ValueError, match=r"attribution\.projector\.method: unknown 'fft'"):
         make(setup, kind="sketch", method="fft")
     with pytest.raises(ValueError, match=r"attribution\.projector\.normalize: unknown 'l1'"):
-        make(setup, kind="sketch", normalize="l1")
+        make_projector(OmegaConf.create({"projector": {"kind": "sketch", "k": 8, "normalize": "l1"}}), setup["model"])
+    bad_kernel = OmegaConf.merge(projector_cfg(kernel="adam"), {"kernel": {"normalize": "l1"}})
+    with pytest.raises(ValueError, match=r"attribution\.kernel\.normalize: unknown 'l1'"):
+        make_projector(bad_kernel, setup["model"])
 
 
 # ----------------------------------------------------------------------------- the hook sketch (kind sketch)
@@ -669,3 +683,54 @@ def test_example_gradient_is_the_models_mean_loss_gradient(setup):
     for n, p in params:
         torch.testing.assert_close(grads[n], p.grad)
     model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- the optimizer correction (adam)
+def random_moments(model, seed=0):
+    from lark.kernels import Moments, shaped
+
+    gen = torch.Generator().manual_seed(seed)
+    return Moments({n: shaped(torch.rand(p.shape, generator=gen) * 1e-4 + 1e-6, True) for n, p in trainable(model)},
+                   "optimizer")
+
+
+@pytest.mark.parametrize("how", ["none", "per_tensor"])
+def test_sketch_with_factored_adam_moments_is_the_sketch_of_the_corrected_gradients(setup, how):
+    """Scaling Delta and X before the GEMM (and embedding rows, norm weights) gives exactly the sketch of
+    every gradient coordinate times the factored 1 / sqrt(v_hat) (AdamScale.apply, the per-example path)."""
+    from lark.kernels import AdamScale
+
+    model, enc, pad = setup["model"], setup["encoded"][:6], setup["tok"].pad_token_id
+    moments = random_moments(model)
+    cfg = OmegaConf.merge(projector_cfg(kind="sketch", k=512, method="materialize", kernel="adam"),
+                          {"kernel": {"normalize": how}})
+    hook = make_projector(cfg, model, moments=moments)
+    scale = AdamScale(moments, 1e-8, model)
+    want = torch.stack([sketch_of_gradients(hook, scale.apply(g), how) for g in setup["grads"][:6]])
+    got = project_examples(model, enc, hook, pad)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    plain = project_examples(model, enc, make(setup, kind="sketch", k=512, method="materialize", normalize=how), pad)
+    assert (got - plain).abs().max() > 0.1 * plain.abs().max()        # the correction does change the vectors
+    assert hook.spec()["precondition"]["moments"] == moments.fingerprint()
+
+
+def test_sketch_tensorsketch_layers_take_the_same_correction(setup):
+    """TensorSketch of the scaled (Delta, X) tracks the exact corrected cosines like the uncorrected ones do."""
+    from lark.kernels import AdamScale
+
+    model, enc, pad = setup["model"], setup["encoded"][:8], setup["tok"].pad_token_id
+    moments = random_moments(model, 1)
+    cfg = projector_cfg(kind="sketch", k=4096, method="tensorsketch", kernel="adam")
+    approx = pair_cosines(list(project_examples(model, enc, make_projector(cfg, model, moments=moments), pad)))
+    scale = AdamScale(moments, 1e-8, model)
+    exact = pair_cosines([ExactProjector(setup["shapes"]).project(scale.apply(g)) for g in setup["grads"][:8]])
+    assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.9
+
+
+def test_sketch_refuses_full_moments_naming_the_key(setup):
+    from lark.kernels import Moments
+
+    full = Moments({n: {"v": torch.ones(p.shape)} for n, p in trainable(setup["model"])}, "optimizer")
+    hook = make_projector(projector_cfg(kind="sketch", k=64, kernel="adam"), setup["model"], moments=full)
+    with pytest.raises(ValueError, match=r"attribution\.kernel\.factored=false"):
+        project_examples(setup["model"], setup["encoded"][:1], hook, setup["tok"].pad_token_id)

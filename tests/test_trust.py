@@ -438,7 +438,8 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
     ("source.sources.finetune.kind=bogus", "source.sources.finetune.kind"),
     ("attribution.projector.k=0", "attribution.projector.k"),
     ("attribution.projector.k=-4", "attribution.projector.k"),
-    ("attribution.projector.kind=unknown", "attribution.projector.kind"),
+    ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
+    ("attribution.kernel._target_=lark.kernels.Nope", "attribution.kernel._target_"),
     ("trainer.max_epochs=-1", "trainer.max_epochs"),
     ("attribution.store_dtype=float8", "attribution.store_dtype"),
     ("attribution.shard_size=0", "attribution.shard_size"),
@@ -491,8 +492,8 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
            for e, value in ((queries[3], float("inf")), (sets["medical_format"][2], float("nan")))}
     real = A.make_projector
 
-    def poisoned(pcfg, model):
-        projector = real(pcfg, model)
+    def poisoned(*args, **kwargs):
+        projector = real(*args, **kwargs)
         project = projector.project_batch
 
         def project_batch(m, batch):
