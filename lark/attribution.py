@@ -5,7 +5,8 @@ Layout written under attribution/epoch_NNN/:
                               (float32); header metadata: ids, set, epoch, tier, projector spec (lark.stores)
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
-  metrics.json                the paper's metrics (see lark.metrics) + accuracy, lr, storage, BM25 baseline, the
+  metrics.json                (schema: lark/metrics_schema.py) the paper's metrics (see lark.metrics) + the
+                              evaluation, lr, storage, BM25 baseline, the
                               ids of examples with non-finite gradients, fingerprints; written last (= complete)
   shards/                     only while a set larger than attribution.shard_size is in progress
 """
@@ -21,8 +22,9 @@ from lark import faults
 from lark import metrics as M
 from lark.data import replacing
 from lark.fingerprints import PROJECTOR_VERSION, fingerprints
+from lark.metrics_schema import check as check_metrics
 from lark.models import content_hash
-from lark.formats import encode
+from lark.formats import Encoder
 from lark.projector import make_projector, trainable
 from lark.sources import example_text
 from lark.stores import (atomic_save, bytes_per_vector, check_compatible, cosine_scores, load_store, save_store,
@@ -109,22 +111,24 @@ def reusable_store(path, ids, meta, tier, k):
 
 
 def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir, max_length, info,
-                         rank=0, world=1, gather=None, log=print, reuse=False, prints=None):
+                         rank=0, world=1, gather=None, log=print, reuse=False, prints=None, encoder=None):
     """Stores, score matrices and metrics of one checkpoint.
 
     sets: {source: [example]}; queries: [example] (test queries); cfg: the `attribution` config; src: the `source`
     config; info: {epoch, accuracy, lr, ...} copied into metrics.json; prints: the fingerprints of the checkpoint,
     tokenizer and format (lark.fingerprints; computed when None). reuse: keep complete stores and shards written
-    from the same inputs (resume). metrics.json is written last: it marks the epoch complete. Returns the metrics."""
+    from the same inputs (resume). encoder: a memoised lark.formats.Encoder (the run's; made here when None).
+    metrics.json is written last: it marks the epoch complete. Returns the metrics."""
     out_dir = Path(out_dir)
     if rank == 0:
         (out_dir / "metrics.json").unlink(missing_ok=True)
     projector = make_projector(cfg.projector, model)
+    encoder = encoder or Encoder(tokenizer, fmt, max_length)
     prints = prints or fingerprints(model, tokenizer, fmt)
     spec = {**projector.spec(), "version": PROJECTOR_VERSION}
     tier, decoded, nonfinite, metas = cfg.store_dtype, {}, {}, {}
     for name, examples in {QUERY_SET: queries, **sets}.items():
-        encoded = [encode(tokenizer, e, fmt, max_length) for e in examples]
+        encoded = [encoder(e) for e in examples]
         ids = [e["id"] for e in examples]
         meta = metas[name] = {"epoch": info["epoch"], "set": name, "projector": spec, **prints,
                               "examples": examples_fingerprint(encoded)}
@@ -162,7 +166,8 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
                             {"queries": json.dumps(query_ids), "docs": json.dumps(doc_ids)})
     result = M.influence_metrics(maxinf, src.ft_source, src.pt_source, src.format_pairs)
     for name, spec_ in src.sources.items():
-        result["sources"][name].update(n_docs=len(sets[name]), kind=spec_.kind, formatted=bool(spec_.formatted))
+        result["sources"][name].update(n_docs=len(sets[name]), kind=spec_.kind, corpus=spec_.get("corpus"),
+                                       formatted=bool(spec_.formatted))
     bm25 = M.bm25_max_scores([q["question"] for q in queries],
                              {name: [example_text(e) for e in examples] for name, examples in sets.items()})
     bm25_metrics = M.influence_metrics(bm25, src.ft_source, src.pt_source, {})
@@ -179,7 +184,7 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         "nonfinite": {"count": sum(map(len, nonfinite.values())), "ids": nonfinite},
         "fingerprints": prints,
     }
-    result = M.clean(result)
+    result = check_metrics(M.clean(result), out_dir / "metrics.json")
     if rank == 0:
         write_csv(out_dir / "top_influences.csv", ["query_id", "source", "rank", "doc_id", "score"], rows)
         write_json(out_dir / "metrics.json", result)

@@ -7,8 +7,8 @@ from lark.loggers import log_metrics, log_table
 
 
 class AttributionCallback(L.Callback):
-    def __init__(self, cfg, tokenizer, test_items, sets, run_dir, log=print):
-        self.cfg, self.tokenizer, self.test_items, self.sets = cfg, tokenizer, test_items, sets
+    def __init__(self, cfg, tokenizer, test_items, sets, run_dir, log=print, encoder=None):
+        self.cfg, self.tokenizer, self.test_items, self.sets, self.encoder = cfg, tokenizer, test_items, sets, encoder
         self.run_dir, self.report = run_dir, log  # not self.log: Lightning assigns callback.log
         self.epoch_lr = None
 
@@ -26,7 +26,8 @@ class AttributionCallback(L.Callback):
         gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
         logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
                                            self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
-                                           gather, self.report, reuse=bool(self.cfg.get("resume")))
+                                           gather, self.report, reuse=bool(self.cfg.get("resume")),
+                                           encoder=self.encoder)
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lark.models import build_tiny, content_hash, save_checkpoint, train_tokenizer
+from lark.models import build_tiny, content_hash, load_pretrained, save_checkpoint, train_tokenizer
 from lark.training import CausalLMModule, make_loader
 
 
@@ -67,3 +67,9 @@ def pretrain(model_cfg, texts, folder):
     folder.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, tokenizer, folder)
 
+
+def tiny_model(model_cfg, corpora, cache_dir, log=print, **_):
+    """The embedded default's base model (model=tiny's `load`): pretrained here on every corpus's documents, in
+    data.corpora's order (cached), then loaded like any checkpoint."""
+    texts = [d["text"] for docs in corpora.values() for d in docs]
+    return load_pretrained(pretrain_tiny(model_cfg, texts, cache_dir, log), model_cfg)
