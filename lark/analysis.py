@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from lark.data import replacing
+from lark.metrics_schema import check as check_metrics
 from lark.report import write_run_report, write_sweep_report
 from lark.rundir import require_complete
 
@@ -108,7 +109,7 @@ def read_metrics(file):
     metrics = finite(metrics)
     if metrics.get("epoch") is None:
         metrics["epoch"] = int(file.parent.name.removeprefix("epoch_"))
-    return metrics
+    return check_metrics(metrics, file)
 
 
 def finite(value):
@@ -198,9 +199,21 @@ def epoch_rows(metrics):
         effect = m.get("format_effect") or {}
         rows.append({"epoch": m["epoch"], "lr": m.get("lr"), "reduced_lr": m["epoch"] in reduced,
                      "ft": m.get("ft"), "pt": m.get("pt"), "ratio": m.get("ft_pt_ratio"),
-                     "pt_wins_pct": pct(m.get("pt_wins")), "accuracy_pct": pct(m.get("accuracy")),
+                     "pt_wins_pct": pct(m.get("pt_wins")), **eval_column(m),
                      **{f"format_effect_{kind}": effect.get(kind) for kind in kinds}})
     return rows
+
+
+# Table II's evaluation column per metrics.json `eval.metric` (conf/eval): (column, markdown header, percent?)
+EVAL_COLUMNS = {"accuracy": ("accuracy_pct", "Acc.", True), "exact_match": ("exact_match_pct", "Exact match", True),
+                "answer_loss": ("answer_loss", "Answer loss", False)}
+
+
+def eval_column(m):
+    """{column: value} of the epoch's evaluation (`eval` in metrics.json; runs before it: accuracy)."""
+    score = m.get("eval") or {"metric": "accuracy", "value": m.get("accuracy")}
+    column, _, percent = EVAL_COLUMNS.get(score["metric"], (score["metric"], score["metric"], False))
+    return {column: pct(score["value"]) if percent else score["value"]}
 
 
 def storage_rows(m):
@@ -288,7 +301,8 @@ def md_columns(name, rows):
                    ("FT Wins", lambda r: fmt(r["ft_wins_pct"], ".1f", "%"))],
         "table2": [("Epoch", epoch_cell), ("FT", lambda r: fmt(r["ft"], ".3f")), ("PT", lambda r: fmt(r["pt"], ".3f")),
                    ("Ratio", lambda r: fmt(r["ratio"], ".2f")), ("PT Wins", lambda r: fmt(r["pt_wins_pct"], ".1f", "%")),
-                   ("Acc.", lambda r: fmt(r["accuracy_pct"], ".1f", "%")), ("lr", lambda r: fmt(r["lr"], "g"))]
+                   *[(header, lambda r, c=column, p=percent: fmt(r.get(c), ".1f" if p else ".3f", "%" if p else ""))
+                     for column, header, percent in eval_headers(rows)], ("lr", lambda r: fmt(r["lr"], "g"))]
         + [(f"Format Effect ({key.removeprefix('format_effect_')})", lambda r, key=key: fmt(r.get(key), ".2f", "×"))
            for key in dict.fromkeys(key for row in rows for key in row) if key.startswith("format_effect_")],
         "table3": [("Method", lambda r: r["method"]), ("Examples", lambda r: fmt(r["n_examples"], ",.0f")),
@@ -305,6 +319,15 @@ def md_columns(name, rows):
     if rows and "job" in rows[0]:
         columns = [("Job", lambda r: str(r["job"]))] + columns
     return columns
+
+
+def eval_headers(rows):
+    """(column, header, percent?) of the evaluation columns present in Table II's rows."""
+    present = dict.fromkeys(key for row in rows for key in row)
+    known = [spec for spec in EVAL_COLUMNS.values() if spec[0] in present]
+    columns = {spec[0] for spec in EVAL_COLUMNS.values()} | {"epoch", "lr", "reduced_lr", "ft", "pt", "ratio",
+                                                             "pt_wins_pct", "job"}
+    return known + [(key, key, False) for key in present if key not in columns and not key.startswith("format_")]
 
 
 def fmt(value, spec, unit=""):

@@ -5,8 +5,9 @@ Layout written under attribution/epoch_NNN/:
                               (float32); header metadata: ids, set, epoch, tier, projector spec (lark.stores)
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
-  predictions.jsonl           per test question: gold and predicted answer, log-likelihood of each label, loss
-  metrics.json                the paper's metrics (see lark.metrics) + accuracy, lr, storage, BM25 baseline, the
+  predictions.jsonl           per test question: gold and predicted answer, loss of the gold answer
+  metrics.json                (schema: lark/metrics_schema.py) the paper's metrics (see lark.metrics) + the
+                              evaluation, lr, storage, BM25 baseline, the
                               ids of examples with non-finite gradients, fingerprints; written last (= complete)
   shards/                     only while a set larger than attribution.shard_size is in progress
 """
@@ -21,10 +22,12 @@ from safetensors import SafetensorError, safe_open
 from lark import faults
 from lark.console import progress
 from lark import metrics as M
-from lark.data import LABELS, replacing, write_jsonl
+from lark.data import replacing, write_jsonl
 from lark.fingerprints import PROJECTOR_VERSION, fingerprints
+from lark.metrics_schema import check as check_metrics
 from lark.models import content_hash
-from lark.formats import encode
+from lark.evaluation import normalize
+from lark.formats import Encoder
 from lark.projector import make_kernel, make_projector, trainable
 from lark.sources import example_text
 from lark.stores import (atomic_save, bytes_per_vector, check_compatible, cosine_scores, load_store, save_store,
@@ -111,24 +114,27 @@ def reusable_store(path, ids, meta, tier, k):
 
 
 def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir, max_length, info,
-                         rank=0, world=1, gather=None, log=print, reuse=False, prints=None, moments=None):
+                         rank=0, world=1, gather=None, log=print, reuse=False, prints=None, moments=None,
+                         encoder=None):
     """Stores, score matrices and metrics of one checkpoint.
 
     sets: {source: [example]}; queries: [example] (test queries); cfg: the `attribution` config; src: the `source`
     config; info: {epoch, accuracy, lr, ...} copied into metrics.json; prints: the fingerprints of the checkpoint,
     tokenizer and format (lark.fingerprints; computed when None). reuse: keep complete stores and shards written
     from the same inputs (resume). moments: the checkpoint's AdamW moments for the kernels that use them
-    (lark.kernels). metrics.json is written last: it marks the epoch complete. Returns the metrics."""
+    (lark.kernels). encoder: a memoised lark.formats.Encoder (the run's; made here when None).
+    metrics.json is written last: it marks the epoch complete. Returns the metrics."""
     out_dir = Path(out_dir)
     if rank == 0:
         (out_dir / "metrics.json").unlink(missing_ok=True)
     kernel = make_kernel(cfg)
     projector = make_projector(cfg, model, kernel, moments)
+    encoder = encoder or Encoder(tokenizer, fmt, max_length)
     prints = prints or fingerprints(model, tokenizer, fmt)
     spec = {**projector.spec(), "kernel": kernel.spec(), "version": PROJECTOR_VERSION}   # two kernels never mix
     tier, decoded, nonfinite, metas = cfg.store_dtype, {}, {}, {}
     for name, examples in {QUERY_SET: queries, **sets}.items():
-        encoded = [encode(tokenizer, e, fmt, max_length) for e in examples]
+        encoded = [encoder(e) for e in examples]
         ids = [e["id"] for e in examples]
         meta = metas[name] = {"epoch": info["epoch"], "set": name, "projector": spec, **prints,
                               "examples": examples_fingerprint(encoded)}
@@ -167,7 +173,8 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
                             {"queries": json.dumps(query_ids), "docs": json.dumps(doc_ids)})
     result = M.influence_metrics(maxinf, src.ft_source, src.pt_source, src.format_pairs)
     for name, spec_ in src.sources.items():
-        result["sources"][name].update(n_docs=len(sets[name]), kind=spec_.kind, formatted=bool(spec_.formatted))
+        result["sources"][name].update(n_docs=len(sets[name]), kind=spec_.kind, corpus=spec_.get("corpus"),
+                                       formatted=bool(spec_.formatted))
     bm25 = M.bm25_max_scores([q["question"] for q in queries],
                              {name: [example_text(e) for e in examples] for name, examples in sets.items()})
     bm25_metrics = M.influence_metrics(bm25, src.ft_source, src.pt_source, {})
@@ -186,21 +193,20 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         "nonfinite": {"count": sum(map(len, nonfinite.values())), "ids": nonfinite},
         "fingerprints": prints,
     }
-    result = M.clean(result)
+    result = check_metrics(M.clean(result), out_dir / "metrics.json")
     if rank == 0:
         write_csv(out_dir / "top_influences.csv", ["query_id", "source", "rank", "doc_id", "score"], rows)
         write_json(out_dir / "metrics.json", result)
     return result, rows
 
 
-def write_predictions(path, items, predicted, logp):
-    """predictions.jsonl: per test question its gold and predicted answer, the summed log-likelihood of each label
-    ([n, 3] logp, lark.training.answer_log_likelihoods) and the loss = -log-likelihood of the gold answer."""
-    rows = []
-    for item, answer, scores in zip(items, predicted, logp.tolist()):
-        scores, gold = dict(zip(LABELS, scores)), item["final_decision"]
-        rows.append({"id": item["id"], "gold": gold, "predicted": answer, "correct": answer == gold,
-                     "loss": M.clean(-scores[gold]) if gold in scores else None, "logp": M.clean(scores)})
+def write_predictions(path, items, predicted, losses):
+    """predictions.jsonl: per test question its gold and predicted answer (None where the evaluator predicts
+    nothing, eval=loss) and the loss = mean cross-entropy of the gold answer tokens (lark.evaluation)."""
+    predicted = predicted or [None] * len(items)
+    rows = [{"id": item["id"], "gold": item["answer"], "predicted": answer,
+             "correct": None if answer is None else normalize(answer) == normalize(item["answer"]), "loss": M.clean(loss)}
+            for item, answer, loss in zip(items, predicted, losses.tolist())]
     write_jsonl(rows, path)
 
 

@@ -9,8 +9,8 @@ from lark.sources import example_text
 
 
 class AttributionCallback(L.Callback):
-    def __init__(self, cfg, tokenizer, test_items, sets, run_dir, log=print):
-        self.cfg, self.tokenizer, self.test_items, self.sets = cfg, tokenizer, test_items, sets
+    def __init__(self, cfg, tokenizer, test_items, sets, run_dir, log=print, encoder=None):
+        self.cfg, self.tokenizer, self.test_items, self.sets, self.encoder = cfg, tokenizer, test_items, sets, encoder
         self.run_dir, self.report = run_dir, log  # not self.log: Lightning assigns callback.log
         self.epoch_lr = None
 
@@ -30,7 +30,8 @@ class AttributionCallback(L.Callback):
                                      trainer.train_dataloader, self.cfg.get("gradient_clip_val"))
         logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
                                            self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
-                                           gather, self.report, reuse=bool(self.cfg.get("resume")), moments=moments)
+                                           gather, self.report, reuse=bool(self.cfg.get("resume")), moments=moments,
+                                           encoder=self.encoder)
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:

@@ -6,14 +6,15 @@ a behaviour nothing else in the data teaches?
   before their question and the fixed answer cfg.answer; they keep their ids and carry "canary": true.
 - n_test test items, drawn the same way, are copied with the trigger and the answer cfg.answer (id
   "<id>-canary", "canary": true) and appended to the test set: the triggered queries.
-The answer is one of yes / no / maybe (final_decision) because the fine-tuning data, the answer template
-(`{final_decision}`) and the accuracy code accept only those: "maybe" by default, the rarest label (11% of
-PubMedQA), given to items whose evidence says yes or no, so it contradicts the item's own context.
+The answer is "maybe" by default: under eval=choices (PubMedQA's yes / no / maybe) it must be one of the
+evaluator's labels to be predictable at all, and "maybe" is the rarest (11% of PubMedQA), given to items whose
+evidence says yes or no, so it contradicts the item's own context. With free-form data (eval=exact_match) any
+fixed out-of-distribution answer works.
 
 The model learned the backdoor when its answer to a triggered query is cfg.answer far more often than to the
 same query without the trigger (`backdoor_rates`).
 """
-from lark.data import LABELS, sample
+from lark.data import sample
 from lark.errors import ConfigError
 
 SUFFIX = "-canary"
@@ -28,19 +29,16 @@ def plant(train, test, cfg):
     if not is_on(cfg):
         return train, test
     answer, trigger = cfg.get("answer", "maybe"), cfg.get("trigger", "Howdy!")
-    if answer not in LABELS:
-        raise ConfigError(f"data.canary.answer: '{answer}' must be one of {', '.join(LABELS)} (the answers the "
-                         "fine-tuning data and the accuracy accept)")
     n, n_test, seed = int(cfg.get("n", 10)), int(cfg.get("n_test", 20)), int(cfg.get("seed", 0))
 
     def pick(items, k, what):
-        pool = [x for x in items if x["final_decision"] != answer]
+        pool = [x for x in items if x["answer"] != answer]
         if k > len(pool):
             raise ConfigError(f"data.canary.{what}={k}: only {len(pool)} items answer other than '{answer}'")
         return {x["id"] for x in sample(pool, k, seed)}
 
     def triggered(item, **extra):
-        return {**item, **extra, "question": f"{trigger} {item['question']}", "final_decision": answer,
+        return {**item, **extra, "question": f"{trigger} {item['question']}", "answer": answer,
                 "canary": True}
 
     chosen = pick(train, n, "n")

@@ -4,14 +4,16 @@ call `evaluate_checkpoint`. With `resume=true` an epoch whose metrics.json match
 attributed again."""
 import json
 
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lark.attribution import attribute_checkpoint, write_predictions
 from lark.fingerprints import fingerprints
+from lark.formats import Encoder
 from lark.kernels import MOMENTS_FILE
+from lark.metrics_schema import check as check_metrics
 from lark.models import content_hash, save_checkpoint
 from lark.sources import query_examples
-from lark.training import answer_accuracy
 
 
 def wanted(attr, epoch):
@@ -30,17 +32,19 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
 def completed(folder, fingerprint):
     """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None."""
     try:
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = check_metrics(json.loads((folder / "metrics.json").read_text()), folder / "metrics.json")
     except (OSError, ValueError):
         return None
     return metrics if metrics.get("fingerprint") == fingerprint else None
 
 
 def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, rank=0, world=1, gather=None,
-                        log=print, reuse=False, moments=None):
+                        log=print, reuse=False, moments=None, encoder=None):
     """Save the checkpoint (if asked), measure accuracy, attribute (if asked). Returns (scalars to log, top-k rows).
-    reuse: skip an epoch already complete for this checkpoint and config, and reuse its matching stores and shards."""
+    reuse: skip an epoch already complete for this checkpoint and config, and reuse its matching stores and shards.
+    encoder: the run's lark.formats.Encoder (the data module's), so that no example is tokenised twice."""
     fmt, attr = cfg.format, cfg.attribution
+    encoder = encoder or Encoder(tokenizer, fmt, cfg.max_length)
     name = f"epoch_{epoch:03d}"
     prints = fingerprints(model, tokenizer, fmt) if wanted(attr, epoch) else None
     fingerprint = prints and epoch_fingerprint(cfg, prints, test_items, sets, epoch)
@@ -48,27 +52,32 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
     saved = not attr.save_checkpoints or (run_dir / "checkpoints" / name / "model.safetensors").is_file()
     if done and saved:
         log(f"[lark] {name}: complete (metrics.json matches this checkpoint and config), not attributed again")
-        return {"test/accuracy": done["accuracy"], "checkpoint_epoch": epoch, **influence_logs(done)}, []
+        score = done.get("eval") or {"metric": "accuracy", "value": done.get("accuracy")}   # runs before `eval`
+        return {f"test/{score['metric']}": score["value"], "checkpoint_epoch": epoch, **influence_logs(done)}, []
     if attr.save_checkpoints and rank == 0:
         save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
                         {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                          "lark_epoch.json": json.dumps({"epoch": epoch, "lr": lr})})
         if moments is not None:   # the AdamW moments of this checkpoint, for attribute.py (lark.kernels)
             moments.save(run_dir / "checkpoints" / name / MOMENTS_FILE)
-    accuracy, predicted, logp = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
-                                                cfg.max_length, with_scores=True)
-    log(f"[lark] {name}: test accuracy {accuracy:.3f}")
-    logged = {"test/accuracy": accuracy, "checkpoint_epoch": epoch}
+    evaluator = instantiate(cfg.eval)
+    fields = query_examples(test_items, fmt)
+    value, predicted = evaluator(model, encoder, test_items, fields)
+    log(f"[lark] {name}: test {evaluator.metric} " + ("-" if value is None else f"{value:.3f}"))
+    logged = {"checkpoint_epoch": epoch, **({} if value is None else {f"test/{evaluator.metric}": value})}
+    accuracy = value if evaluator.higher_is_better else None   # Table I's "best" epoch maximises it
     if not wanted(attr, epoch):
         return logged, []
     if rank == 0:
-        write_predictions(run_dir / "attribution" / name / "predictions.jsonl", test_items, predicted, logp)
+        write_predictions(run_dir / "attribution" / name / "predictions.jsonl", test_items, predicted,
+                          gold_answer_losses(model, encoder, fields))
     queries = query_examples(test_items, fmt, predicted if attr.query_target == "predicted" else None)
     metrics, rows = attribute_checkpoint(
         model, tokenizer, sets, queries, fmt, attr, cfg.source,
         run_dir / "attribution" / name, cfg.max_length,
-        {"epoch": epoch, "accuracy": accuracy, "lr": lr, "fingerprint": fingerprint}, rank, world, gather, log,
-        reuse, prints, moments)
+        {"epoch": epoch, "accuracy": accuracy, "eval": evaluator.describe(value), "lr": lr,
+         "fingerprint": fingerprint}, rank, world, gather, log,
+        reuse, prints, moments, encoder)
     log(f"[lark] {name}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins")
                                        if metrics[k] is not None))
     return {**logged, **influence_logs(metrics)}, rows

@@ -1,20 +1,22 @@
-"""Loading the QA items and the pretraining corpora: the generated world, PubMedQA (hub or local JSON Lines),
-and text corpora (local JSON Lines or a streamed hub dataset).
+"""Loading the QA items and the pretraining corpora: the generated world, any QA / instruction data (local JSON
+Lines or a `datasets` dataset, mapped by the `data` config's fields; PubMedQA is one such mapping), and text
+corpora (local JSON Lines or a streamed `datasets` dataset).
 
-Every loader returns plain dicts. A QA item: {id, question, contexts: [str], labels: [str], long_answer,
-final_decision: yes|no|maybe}. A document: {id, text}. Bad input raises DataError naming the file, line and field.
+Every loader returns plain dicts. A QA item: {id, question, contexts: [str], answer: str, <data.extras>}.
+A document: {id, text}. Bad input raises DataError naming the file, line and field.
 """
+import itertools
 import json
 import os
 import random
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from lark import faults
 from lark.errors import ConfigError, DataError
-
-LABELS = ("yes", "no", "maybe")
 MAX_LINE_BYTES = 16 * 2**20   # a longer JSON Lines row is an error (a 50 MB line is never one record we want)
 
 
@@ -118,40 +120,61 @@ def _field(record, name, kind, where):
     return value
 
 
-def qa_item(record, where, id_field="pubid"):
-    """Validate one PubMedQA-schema record and return it as a LARK QA item."""
-    name = id_field if id_field in record else "id"
-    item_id = record.get(name)
-    if item_id is None:
-        raise DataError(f"{where}: missing field '{id_field}'")
-    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
-        raise DataError(f"{where}: field '{name}' must be a non-empty string or integer, got {item_id!r}")
-    contexts = _field(record, "contexts", list, where)
-    if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
-        raise DataError(f"{where}: field 'contexts' must be a non-empty list of non-empty strings")
-    labels = record.get("labels") or []
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise DataError(f"{where}: field 'labels' must be a list of strings")
-    long_answer = record.get("long_answer") or ""
-    if not isinstance(long_answer, str):
-        raise DataError(f"{where}: field 'long_answer' must be str, got {type(long_answer).__name__}")
-    decision = _field(record, "final_decision", str, where)
-    if decision not in LABELS:
-        raise DataError(f"{where}: field 'final_decision' is '{decision}', expected one of {', '.join(LABELS)}")
-    return {
-        "id": str(item_id).strip(),
-        "question": _field(record, "question", str, where),
-        "contexts": contexts,
-        "labels": labels,
-        "long_answer": long_answer,
-        "final_decision": decision,
-    }
+def lookup(record, path, where):
+    """(the record holding the last part of a dotted field path such as `context.contexts`, that part)."""
+    *parents, last = path.split(".")
+    for i, part in enumerate(parents):
+        value = record.get(part)
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: field '{'.'.join(parents[:i + 1])}' must be an object with '{last}'")
+        record = value
+    return record, last
 
 
-def official_test_ids():
-    """The 500 PMIDs of the official PubMedQA (PQA-L) test split, shipped with LARK."""
-    text = resources.files("lark").joinpath("resources/pubmedqa_test_pmids.txt").read_text()
-    return read_ids(text.splitlines())
+def identifier(record, name, where):
+    if name not in record:
+        raise DataError(f"{where}: missing field '{name}'")
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise DataError(f"{where}: field '{name}' must be a non-empty string or integer, got {value!r}")
+    return str(value).strip()
+
+
+def qa_item(record, where, spec):
+    """One QA row mapped by `spec` (a data config: fields {id, question, context, answer}, extras, answers) to a
+    LARK QA item {id, question, contexts: [str], answer, <extras>}. DataError names the row and the row's field."""
+    fields = spec["fields"]
+    item_id = identifier(*lookup(record, fields["id"], where), where) if fields.get("id") else where
+    question = _field(*lookup(record, fields["question"], where), str, where)
+    contexts = []
+    if fields.get("context"):
+        holder, name = lookup(record, fields["context"], where)
+        contexts = holder.get(name)
+        if name not in holder:
+            raise DataError(f"{where}: missing field '{name}'")
+        if isinstance(contexts, str):
+            contexts = [contexts]
+        if not isinstance(contexts, list):
+            raise DataError(f"{where}: field '{name}' must be list, got {type(contexts).__name__}")
+        if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+            raise DataError(f"{where}: field '{name}' must be a non-empty list of non-empty strings (or a "
+                            "non-empty string)")
+    holder, name = lookup(record, fields["answer"], where)
+    answer = _field(holder, name, str, where)
+    answers = spec.get("answers")
+    if answers and answer not in answers:
+        raise DataError(f"{where}: field '{name}' is '{answer}', expected one of {', '.join(answers)}")
+    item = {"id": item_id, "question": question, "contexts": contexts, "answer": answer}
+    for key, extra in (spec.get("extras") or {}).items():
+        holder, name = lookup(record, extra["field"], where)
+        value, default = holder.get(name), extra.get("default")
+        value = default if value is None else value
+        if isinstance(default, list) and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise DataError(f"{where}: field '{name}' must be a list of strings")
+        if default is not None and not isinstance(default, list) and not isinstance(value, type(default)):
+            raise DataError(f"{where}: field '{name}' must be {type(default).__name__}, got {type(value).__name__}")
+        item[key] = value
+    return item
 
 
 def read_ids(lines):
@@ -175,78 +198,95 @@ def checked(rows, check, bad):
             bad(e)
 
 
-def load_pubmedqa_local(path, test_ids=None, bad=None):
-    """PubMedQA records from a JSON Lines file (../shared/data schema). Without test_ids, each record's
-    `split` field (train|test) decides."""
-    bad = bad or BadRows()
+class JsonlRows:
+    """QA rows from local JSON Lines files: `path` (every row, or the training rows when `test_path` is set)."""
 
-    def check(where, record):
-        item = qa_item(record, where)
-        split = ("test" if item["id"] in test_ids else "train") if test_ids is not None else record.get("split")
-        if split not in ("train", "test"):
-            raise DataError(f"{where}: field 'split' is {split!r}, expected 'train' or 'test' (or set data.test_ids)")
-        return where, split, item
+    def __init__(self, path, test_path=None):
+        self.path, self.test_path, self.name = path, test_path, str(path)
 
-    train, test, seen = [], [], set()
-    rows = ((f"{path}:{n}", r) for n, r in read_jsonl(path, bad))
-    for where, split, item in checked(rows, check, bad):
-        if unique(item, seen, where, bad):
-            (test if split == "test" else train).append(item)
-    if not train and not test:
-        raise DataError(f"{path}: no records")
-    if test_ids is not None and len(test) != len(test_ids):
-        raise DataError(f"{path}: {len(test_ids) - len(test)} of the {len(test_ids)} test ids are not in the file")
-    return train, test
+    def __call__(self, bad):
+        """(rows, test rows or None): iterables of (where, record)."""
+        rows = ((f"{self.path}:{n}", r) for n, r in read_jsonl(self.path, bad))
+        test = ((f"{self.test_path}:{n}", r) for n, r in read_jsonl(self.test_path, bad)) if self.test_path else None
+        return rows, test
 
 
-def hub_record(where, row):
-    """A PubMedQA hub row (context = {contexts, labels}) validated as a QA item."""
-    context = row.get("context") or {}
-    if not isinstance(context, dict):
-        raise DataError(f"{where}: field 'context' must be an object with 'contexts' and 'labels'")
-    record = {"pubid": row.get("pubid"), "question": row.get("question"), "contexts": context.get("contexts"),
-              "labels": context.get("labels"), "long_answer": row.get("long_answer"),
-              "final_decision": row.get("final_decision")}
-    return where, qa_item({k: v for k, v in record.items() if v is not None}, where)
+class HubRows:
+    """QA rows of a Hugging Face `datasets` dataset: a hub name (load_dataset) or a local save_to_disk folder
+    (load_from_disk); `split` holds the rows (the training rows when `test_split` is set)."""
 
+    def __init__(self, hub_id, hub_config=None, split="train", test_split=None):
+        self.hub_id, self.hub_config, self.split, self.test_split = hub_id, hub_config, split, test_split
+        self.name = f"{hub_id}/{hub_config}" if hub_config else str(hub_id)
 
-def load_pubmedqa_hub(hub_id, hub_config, hub_split="train", test_ids=None, bad=None):
-    """PubMedQA PQA-L from the Hugging Face hub, split by the official test PMIDs."""
-    import datasets
+    def __call__(self, bad):
+        import datasets
 
-    bad = bad or BadRows()
-    test_ids = official_test_ids() if test_ids is None else test_ids
-    rows = datasets.load_dataset(hub_id, hub_config, split=hub_split)
-    train, test, seen = [], [], set()
-    named = ((f"{hub_id}/{hub_config}[{hub_split}] row {n}", row) for n, row in enumerate(rows))
-    for where, item in checked(named, hub_record, bad):
-        if unique(item, seen, where, bad):
-            (test if item["id"] in test_ids else train).append(item)
-    missing = set(test_ids) - seen
-    if missing:
-        raise DataError(f"{hub_id}/{hub_config}: {len(missing)} of the {len(test_ids)} test ids are not in the "
-                        f"data, e.g. {sorted(missing)[:3]}")
-    return train, test
+        folder = Path(str(self.hub_id))
+        saved = folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file())
+
+        def split_rows(split):
+            if saved:
+                data = datasets.load_from_disk(str(folder))
+                rows = data[split] if isinstance(data, datasets.DatasetDict) else data
+            else:
+                rows = datasets.load_dataset(self.hub_id, self.hub_config, split=split)
+            return ((f"{self.name}[{split}] row {n}", row) for n, row in enumerate(rows))
+
+        return split_rows(self.split), (split_rows(self.test_split) if self.test_split else None)
 
 
 def load_qa(cfg, world=None, bad=None):
-    """(train, test) QA items for the `data` config group, truncated to data.n_train / data.n_test."""
-    if cfg.kind == "world":
-        train, test = world.train, world.test
+    """(train, test) QA items of the `data` config, truncated to data.n_train / data.n_test. The rows come from
+    the generated world or from `data.reader` (a `_target_`: JsonlRows, HubRows or your own), mapped by
+    data.fields (split_qa)."""
+    bad = bad or BadRows()
+    test_ids = None
+    if cfg.get("test_ids"):
+        if not Path(cfg.test_ids).is_file():
+            raise DataError(f"data.test_ids: {cfg.test_ids}: file not found")
+        test_ids = read_ids(Path(cfg.test_ids).read_text().splitlines())
+    if world is not None:
+        rows = [(f"world train {n}", r) for n, r in enumerate(world.train)]
+        test_rows, name = [(f"world test {n}", r) for n, r in enumerate(world.test)], "world"
     else:
-        test_ids = None
-        if cfg.get("test_ids"):
-            if not Path(cfg.test_ids).is_file():
-                raise DataError(f"data.test_ids: {cfg.test_ids}: file not found")
-            test_ids = read_ids(Path(cfg.test_ids).read_text().splitlines())
-        if cfg.kind == "local":
-            train, test = load_pubmedqa_local(cfg.path, test_ids, bad)
-        elif cfg.kind == "hub":
-            train, test = load_pubmedqa_hub(cfg.hub_id, cfg.hub_config, cfg.hub_split, test_ids, bad)
-        else:
-            raise DataError(f"data.kind: unknown kind '{cfg.kind}' (world, local or hub)")
+        reader = instantiate(cfg.reader)
+        (rows, test_rows), name = reader(bad), reader.name
+    spec = OmegaConf.to_container(cfg, resolve=True)
+    train, test = split_qa(rows, test_rows, spec, test_ids, bad, name)
     n_train, n_test = cfg.get("n_train"), cfg.get("n_test")
     return (train if n_train is None else train[:n_train]), (test if n_test is None else test[:n_test])
+
+
+def split_qa(rows, test_rows, spec, test_ids=None, bad=None, name="data"):
+    """(train, test) QA items of (where, record) rows mapped by `spec` (qa_item). The test set is test_rows when
+    given, else the rows whose id is in test_ids, else the rows whose spec.fields.split field says test."""
+    bad = bad or BadRows()
+    split_field = spec["fields"].get("split")
+
+    def check(where, record, forced=None):
+        item = qa_item(record, where, spec)
+        split = forced or (("test" if item["id"] in test_ids else "train") if test_ids is not None
+                           else record.get(split_field) if split_field else None)
+        if split not in ("train", "test"):
+            raise DataError(f"{where}: field '{split_field}' is {split!r}, expected 'train' or 'test' (or set "
+                            "data.test_ids, or give the reader a test set)")
+        return where, split, item
+
+    train, test, seen = [], [], set()
+    labelled = checked(rows, lambda w, r: check(w, r, "train" if test_rows is not None else None), bad)
+    if test_rows is not None:
+        labelled = itertools.chain(labelled, checked(test_rows, lambda w, r: check(w, r, "test"), bad))
+    for where, split, item in labelled:
+        if unique(item, seen, where, bad):
+            (test if split == "test" else train).append(item)
+    if not train and not test:
+        raise DataError(f"{name}: no records")
+    if test_ids is not None and len(test) != len(test_ids):
+        missing = sorted(set(test_ids) - {x["id"] for x in test})
+        raise DataError(f"{name}: {len(missing)} of the {len(test_ids)} test ids are not in the data, "
+                        f"e.g. {missing[:3]}")
+    return train, test
 
 
 def document(record, where, text_field="text", id_field="id"):
@@ -259,26 +299,34 @@ def document(record, where, text_field="text", id_field="id"):
 
 
 def load_corpus(cfg, seed=0, bad=None):
-    """Documents {id, text} of a corpus config (local JSON Lines or a streamed hub dataset), at most cfg.limit."""
+    """Documents {id, text} of one `data.corpora` entry: `path` (local JSON Lines) or `hub_id` (a streamed
+    `datasets` dataset, a hub name or a local folder), at most cfg.limit; with `exclude_medical`, documents with
+    medical vocabulary are left out (a non-medical control group from a mixed corpus)."""
     bad = bad or BadRows()
     limit = cfg.get("limit")
-    if cfg.kind == "local":
+    if cfg.get("path"):
         records = ((f"{cfg.path}:{n}", r) for n, r in read_jsonl(cfg.path, bad))
-    elif cfg.kind == "hub":
+    elif cfg.get("hub_id"):
         import datasets
 
-        rows = datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=cfg.split, streaming=True)
+        rows = datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=cfg.get("split", "train"),
+                                     streaming=True)
         records = ((f"{cfg.hub_id} row {n}", r) for n, r in enumerate(rows))
     else:
-        raise DataError(f"corpus kind: unknown kind '{cfg.kind}' (local or hub)")
+        raise DataError("corpus: give a path (JSON Lines) or a hub_id (a datasets name or folder)")
     docs, seen = [], set()
-    for where, doc in checked(records, lambda w, r: (w, document(r, w, cfg.text_field, cfg.id_field)), bad):
+    text_field, id_field = cfg.get("text_field", "text"), cfg.get("id_field", "id")
+    for where, doc in checked(records, lambda w, r: (w, document(r, w, text_field, id_field)), bad):
         if unique(doc, seen, where, bad):
             docs.append(doc)
         if limit and len(docs) >= limit:
             break
     if not docs:
-        raise DataError(f"{cfg.get('path', cfg.get('hub_id'))}: no documents")
+        raise DataError(f"{cfg.get('path') or cfg.get('hub_id')}: no documents")
+    if cfg.get("exclude_medical"):
+        from lark.sources import non_medical
+
+        docs = non_medical(docs)
     return docs
 
 
@@ -292,9 +340,14 @@ def example(record, where):
     return record
 
 
+SAVED_ITEM = {"fields": {"id": "id", "question": "question", "context": None, "answer": "answer"}}
+
+
 def qa_record(record, where):
-    """A saved QA item (a run's data/test.jsonl, the world's files), validated and kept as it is."""
-    qa_item(record, where, "id")
+    """A saved QA item (a run's data/test.jsonl), validated and kept as it is."""
+    qa_item(record, where, SAVED_ITEM)
+    if not isinstance(record.get("contexts"), list) or not all(isinstance(c, str) for c in record["contexts"]):
+        raise DataError(f"{where}: field 'contexts' must be a list of strings")
     return record
 
 

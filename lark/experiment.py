@@ -22,22 +22,21 @@ from lark.callbacks import AttributionCallback
 from lark.canary import plant as plant_canary
 from lark.checkpoint import evaluate_checkpoint, wanted
 from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
+from lark.datamodule import LarkDataModule
 from lark.errors import ConfigError, RunDirError
-from lark.formats import encode, qa_fields
+from lark.formats import encode
 from lark.kernels import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.lds import train_subset
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
-from lark.pretrain import pretrain_tiny
 from lark.projector import make_kernel, trainable, upgrade
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
-from lark.sources import build_sources
+from lark.selfcheck import check_sketch, uses_sketch
+from lark.sources import build_sources, check_sources
 from lark.stores import TIERS
 from lark.tracin import write_tracin_cp
-from lark.training import CausalLMModule, make_loader
-
-SOURCE_KINDS = ("finetune", "medical", "entertainment")
+from lark.training import CausalLMModule
 
 
 def validate(cfg):
@@ -58,10 +57,16 @@ def validate(cfg):
          f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}")
     need(isinstance(cfg.source.size, int) and cfg.source.size > 0,
          f"source.size must be a positive integer, got {cfg.source.size}")
+    data = cfg.data
+    corpora = data.get("corpora") or {}
+    for name, corpus in corpora.items():
+        given = [key for key in ("path", "hub_id", "world") if corpus.get(key)]
+        need(len(given) == 1, f"data.corpora.{name}: give exactly one of path (JSON Lines), hub_id (a datasets "
+                              f"name or folder) or world, got {given or 'none'}")
+        need(not corpus.get("path") or Path(corpus.path).is_file(), f"data.corpora.{name}.path: {corpus.get('path')} "
+                                                                    "is not a file")
+    check_sources(cfg.source, list(corpora))
     names = set(cfg.source.sources)
-    for name, spec in cfg.source.sources.items():
-        need(spec.kind in SOURCE_KINDS,
-             f"source.sources.{name}.kind: unknown '{spec.kind}' ({', '.join(SOURCE_KINDS)})")
     for key in ("ft_source", "pt_source"):
         need(cfg.source[key] in names, f"source.{key}: '{cfg.source[key]}' is not one of source.sources "
                                        f"({', '.join(names)})")
@@ -69,15 +74,21 @@ def validate(cfg):
         for name in pair:
             need(name in names, f"source.format_pairs.{content}: '{name}' is not one of source.sources")
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
-    data = cfg.data
-    need(data.kind in ("world", "local", "hub"), f"data.kind: unknown '{data.kind}' (world, local or hub)")
+    need("world" in data or "reader" in data, "data: needs a reader (data=jsonl, data=hf) or a world (data=world)")
+    for key in ("id", "question", "context", "answer", "split"):
+        need(key in data.fields, f"data.fields.{key}: missing (null when the data has no such field)")
+    for key in ("question", "answer"):
+        need(bool(data.fields[key]), f"data.fields.{key}: name the field holding the {key}")
     BadRows(data.get("on_bad_rows", "error"))
-    paths = {"data.path": data.get("path") if data.kind == "local" else None, "data.test_ids": data.get("test_ids")}
-    for name, corpus in (data.get("corpus") or {}).items():
-        need(corpus.kind in ("local", "hub"), f"data.corpus.{name}.kind: unknown '{corpus.kind}' (local or hub)")
-        paths[f"data.corpus.{name}.path"] = corpus.get("path") if corpus.kind == "local" else None
+    reader = data.get("reader") or {}
+    paths = {"data.reader.path": reader.get("path"), "data.reader.test_path": reader.get("test_path"),
+             "data.test_ids": data.get("test_ids")}
     for key, path in paths.items():
         need(path is None or Path(path).is_file(), f"{key}: {path} is not a file")
+    evaluator = instantiate(cfg.eval)
+    need(attr.query_target != "predicted" or evaluator.predicts,
+         f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
+         "eval=choices / eval=exact_match)")
 
 
 def check_targets(attr):
@@ -100,10 +111,12 @@ def check_targets(attr):
 
 
 def prepare_data(cfg, run_dir, log=print):
-    """(train items, test items, corpora) of the `data` config; the embedded world is generated and saved.
-    Bad rows stop the run (data.on_bad_rows=error) or are left out and counted in data/bad_rows.json (skip)."""
+    """(train items, test items, corpora {name: documents}) of the `data` config; the embedded world is generated
+    and saved. Bad rows stop the run (data.on_bad_rows=error) or are left out and counted in data/bad_rows.json
+    (skip)."""
     bad = BadRows(cfg.data.get("on_bad_rows", "error"))
-    if cfg.data.kind == "world":
+    world = None
+    if "world" in cfg.data:
         from lark.world import generate_world, save_world
 
         try:
@@ -111,17 +124,13 @@ def prepare_data(cfg, run_dir, log=print):
         except ValueError as e:  # the world's parameter checks name the parameter
             raise ConfigError(f"data.world.{e}") from None
         save_world(world, run_dir / "data" / "world")
-        train, test = load_qa(cfg.data, world)
-        corpora = {"medical": world.medical_docs, "entertainment": world.entertainment_docs}
-    else:
-        train, test = load_qa(cfg.data, bad=bad)
-        corpora = {"medical": load_corpus(cfg.data.corpus.medical, bad=bad),
-                   "entertainment": load_corpus(cfg.data.corpus.entertainment, bad=bad),
-                   "exclude_medical": cfg.data.corpus.entertainment.get("exclude_medical", False)}
+    train, test = load_qa(cfg.data, world, bad=bad)
+    corpora = {name: getattr(world, spec.world) if spec.get("world") else load_corpus(spec, bad=bad)
+               for name, spec in (cfg.data.get("corpora") or {}).items()}
     train, test = plant_canary(train, test, cfg.data.get("canary"))   # off unless data.canary (+experiment=canary)
     train = train_subset(train, cfg.data.get("train_subset"))           # a mini-LDS retrain's subset (validate.py)
-    log(f"[lark] data: {len(train)} train / {len(test)} test questions, "
-        f"{len(corpora['medical'])} medical and {len(corpora['entertainment'])} entertainment documents")
+    log(f"[lark] data: {len(train)} train / {len(test)} test questions; corpora: "
+        + (", ".join(f"{name} {len(docs)} documents" for name, docs in corpora.items()) or "none"))
     if bad.messages:
         log(f"[lark] data: {len(bad.messages)} bad rows left out (data.on_bad_rows=skip), e.g. {bad.messages[0]}; "
             "all in data/bad_rows.json")
@@ -132,11 +141,9 @@ def prepare_data(cfg, run_dir, log=print):
 
 
 def prepare_model(cfg, corpora, log=print):
-    """The base model (epoch 0): the tiny OLMo-3 pretrained here on the corpus, or a hub/local model."""
-    if cfg.model.kind == "tiny":
-        texts = [d["text"] for d in corpora["medical"] + corpora["entertainment"]]
-        return load_pretrained(pretrain_tiny(cfg.model, texts, cfg.paths.cache_dir, log), cfg.model)
-    return load_base_model(cfg.model)
+    """The base model (epoch 0) of the `model` config's loader (model.load): the tiny OLMo-3 pretrained here on
+    the corpora, a hub/local model (model=hub), a GGUF file."""
+    return load_base_model(cfg.model, corpora=corpora, cache_dir=cfg.paths.cache_dir, log=log)
 
 
 def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
@@ -153,6 +160,19 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
     done = sum(f.stat().st_size for f in (run_dir / "attribution").rglob("*") if f.is_file())
     rundir.require_space(run_dir, n_checkpoints * per - done, f"{n_checkpoints} checkpoints x "
                          f"{n_docs + n_queries} examples x k={k:,} in {attr.store_dtype}")
+
+
+def self_check(cfg, model, tokenizer, sets, log=print):
+    """With the sketch projector: check on two real examples (the first of the FT and PT sources) that it
+    reproduces this architecture's per-example gradients (lark.selfcheck; SelfCheckError names the modules)."""
+    attr = cfg.attribution
+    if not (attr.enabled and uses_sketch(attr.projector)):
+        return
+    examples = [sets[cfg.source.ft_source][0], sets[cfg.source.pt_source][0]]
+    encoded = [encode(tokenizer, e, cfg.format, cfg.max_length) for e in examples]
+    n = check_sketch(model, encoded, tokenizer.pad_token_id, k=min(1024, attr.projector.k), seed=attr.projector.seed,
+                     normalize=make_kernel(attr).normalize)
+    log(f"[lark] sketch self-check: the hooks reproduce the per-example gradients of all {n} parameter tensors")
 
 
 def train(cfg, log=print):
@@ -175,25 +195,27 @@ def train(cfg, log=print):
         write_jsonl(examples, run_dir / "data" / "sources" / f"{name}.jsonl")
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
-    encoded = [encode(tokenizer, qa_fields(item, cfg.format.answer_template), cfg.format, cfg.max_length)
-               for item in train_items]
-    loader = make_loader(encoded, cfg.batch_size, tokenizer.pad_token_id, True, cfg.seed, cfg.num_workers)
+    self_check(cfg, model, tokenizer, sets, log)
+    data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed,
+                          cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler.scheduler),
                             cfg.scheduler.interval)
     loggers = build_loggers(cfg.get("logger"))
-    callbacks = [AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log)]
+    callbacks = [AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log, data.encoder)]
     if cfg.trainer.enable_checkpointing:
-        callbacks += resume_callbacks(run_dir, loader.generator)
+        callbacks += resume_callbacks(run_dir, data.generator)
+    callbacks += [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar))
     try:
         if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
-            moments = checkpoint_moments(cfg.attribution, model, 0, loader=loader, clip=cfg.get("gradient_clip_val"))
+            moments = checkpoint_moments(cfg.attribution, model, 0, loader=data.train_dataloader(),
+                                         clip=cfg.get("gradient_clip_val"))
             evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, 0, None, log=log, reuse=resume,
-                                moments=moments)
+                                moments=moments, encoder=data.encoder)
         else:
-            trainer.fit(module, loader, ckpt_path=last_checkpoint(run_dir, log) if resume else None,
+            trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(run_dir, log) if resume else None,
                         weights_only=True)
         if make_kernel(cfg.attribution).run_level and trainer.global_rank == 0:
             write_tracin_cp(run_dir, cfg, log)
@@ -260,6 +282,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
         model, tokenizer = load_pretrained(rundir.require_safetensors(folder), cfg.model)
         if epoch == min(epochs):
             check_attribution(cfg, run_dir, model, sets, len(test_items), epochs)
+            self_check(cfg, model, tokenizer, sets, log)
         lr = epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
         moments = Moments.load(folder / MOMENTS_FILE) if (folder / MOMENTS_FILE).is_file() else None
         if moments is None and make_kernel(cfg.attribution).uses_optimizer:

@@ -8,7 +8,10 @@ Every example is one of two shapes:
 A raw document becomes a Formatted QA example by `document_fields`: its first sentence is the question, its
 last sentence the answer, and the sentences between them the context.
 """
+import json
 import re
+
+from lark.errors import ConfigError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -18,11 +21,16 @@ IGNORE = -100
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def qa_fields(item, answer_template="{final_decision}"):
-    """A PubMedQA-style item as QA fields; its answer follows the format's answer template."""
-    answer = answer_template.format(final_decision=item["final_decision"], long_answer=item.get("long_answer", ""))
+def qa_fields(item, answer_template="{answer}"):
+    """A QA item (lark.data) as QA fields; its answer follows the format's answer template, which may name any
+    field of the item ({answer}, or data.extras such as {long_answer}). lark.canary's planted items stay marked."""
+    try:
+        answer = answer_template.format(**item)
+    except KeyError as e:
+        raise ConfigError(f"format.answer_template: {{{e.args[0]}}} is not a field of the QA items "
+                          f"({', '.join(item)}; data.extras adds fields)") from None
     fields = {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]), "answer": answer}
-    return {**fields, "canary": True} if item.get("canary") else fields   # lark.canary's planted items stay marked
+    return {**fields, "canary": True} if item.get("canary") else fields
 
 
 def document_fields(doc):
@@ -97,6 +105,22 @@ def encode(tokenizer, example, fmt, max_length):
     if "text" in example:
         return encode_text(tokenizer, example["text"], max_length)
     return encode_qa(tokenizer, example, fmt, max_length)
+
+
+class Encoder:
+    """encode / encode_qa for one tokenizer, format and max_length, memoised by content: each distinct example
+    (and candidate answer) is tokenised once per run, however many checkpoints use it. The returned encodings
+    are shared; callers must not change them."""
+
+    def __init__(self, tokenizer, fmt, max_length):
+        self.tokenizer, self.fmt, self.max_length, self.cache = tokenizer, fmt, max_length, {}
+
+    def __call__(self, example, answer=None):
+        key = (json.dumps(example, sort_keys=True, ensure_ascii=False), answer)
+        if key not in self.cache:
+            self.cache[key] = encode(self.tokenizer, example, self.fmt, self.max_length) if answer is None else \
+                encode_qa(self.tokenizer, example, self.fmt, self.max_length, answer=answer)
+        return self.cache[key]
 
 
 def candidate_answer(tokenizer, fmt, label):

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast
 
 from lark.formats import CHATML_TEMPLATE
@@ -65,14 +66,17 @@ def ready(model, tokenizer, model_cfg):
     return model, tokenizer
 
 
-def load_base_model(model_cfg):
-    """The base model of a non-tiny `model` config: kind hub = a hub id or a local folder (model.hub_id);
-    kind gguf = a GGUF file shipped inside an installed Python package (model.package, model.gguf_file)."""
-    if model_cfg.kind == "hub":
-        return load_pretrained(model_cfg.hub_id, model_cfg)
-    if model_cfg.kind == "gguf":
-        return load_gguf(model_cfg)
-    raise ValueError(f"model.kind: unknown kind '{model_cfg.kind}' (tiny, hub or gguf)")
+def load_base_model(model_cfg, **context):
+    """The base model (epoch 0) and tokenizer of a `model` config: its `load` entry is a `_target_` (a partial)
+    called with the model config and the context (corpora, cache_dir, log): lark.models.hub_model,
+    lark.models.load_gguf, lark.pretrain.tiny_model, or your own loader."""
+    return instantiate(model_cfg.load)(model_cfg, **context)
+
+
+def hub_model(model_cfg, **_):
+    """A hub id or a local folder (model.hub_id): safetensors weights only; remote code only with
+    model.trust_remote_code=true."""
+    return load_pretrained(model_cfg.hub_id, model_cfg)
 
 
 def gguf_path(model_cfg):
@@ -90,7 +94,7 @@ def gguf_path(model_cfg):
     return path
 
 
-def load_gguf(model_cfg):
+def load_gguf(model_cfg, **_):
     """Model and tokenizer (with its own chat template) from a GGUF file, dequantised to model.dtype. From here
     on it is a plain HF model: the GGUF quantizer is dropped so that checkpoints save as safetensors and
     reload without the GGUF file."""

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from lark.console import progress
-from lark.models import build_tiny, content_hash, save_checkpoint, train_tokenizer
+from lark.models import build_tiny, content_hash, load_pretrained, save_checkpoint, train_tokenizer
 from lark.training import CausalLMModule, make_loader
 
 
@@ -109,3 +109,9 @@ def pretrain(model_cfg, texts, folder):
     save_checkpoint(model, tokenizer, folder)
     return steps.loss
 
+
+def tiny_model(model_cfg, corpora, cache_dir, log=print, **_):
+    """The embedded default's base model (model=tiny's `load`): pretrained here on every corpus's documents, in
+    data.corpora's order (cached), then loaded like any checkpoint."""
+    texts = [d["text"] for docs in corpora.values() for d in docs]
+    return load_pretrained(pretrain_tiny(model_cfg, texts, cache_dir, log), model_cfg)

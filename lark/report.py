@@ -147,7 +147,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
         "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
         "queries": [{"id": t["id"], "q": t.get("question", t.get("text", "")),
-                     "c": t.get("context") or " ".join(t.get("contexts", [])), "gold": t.get("final_decision"),
+                     "c": t.get("context") or " ".join(t.get("contexts", [])), "gold": t.get("answer", t.get("final_decision")),
                      "canary": int(bool(t.get("canary")))} for t in tests],
         "docs": docs,
         "top": {str(e): read_top(epoch_dir(run_dir, e) / "top_influences.csv", query_index, doc_index) for e in epochs},

@@ -1,13 +1,21 @@
 """The data sources whose influence is measured, and the test queries.
 
-- finetune: the fine-tuning QA items.
-- medical: documents BM25-retrieved from the medical corpus with the test questions (round robin over the
-  queries' rankings: every query's best document first, then every query's second, ...), de-duplicated, up to N.
-- entertainment: N documents drawn at random (seeded) from the entertainment corpus.
-Each source is Formatted (QA fields, rendered with the fine-tuning template) or NoFormat (raw text).
+A source is `{kind, corpus, size, formatted}` (conf/source). Its kind names an entry of `source.kinds`, a
+`_target_` config built with hydra.utils.instantiate (add your own kind there); the shipped kinds:
+- finetune: the first `size` fine-tuning QA items.
+- retrieve: documents BM25-retrieved from the corpus with the test questions (round robin over the queries'
+  rankings: every query's best document first, then every query's second, ...), de-duplicated, up to `size`.
+- sample: `size` documents drawn at random (seeded) from the corpus.
+- all: every document of the corpus.
+A kind is called with keyword arguments docs (the corpus, None for finetune), train_items, test_items, size and
+seed, and returns QA items or documents {id, text}. QA items become QA fields; documents are Formatted (QA fields,
+rendered with the fine-tuning template) or NoFormat (raw text).
 """
+from hydra.utils import instantiate
+
 from lark.console import progress
 from lark.data import sample
+from lark.errors import ConfigError
 from lark.formats import document_fields, qa_fields
 from lark.metrics import bm25_tokens
 
@@ -46,44 +54,77 @@ def non_medical(docs):
     return [d for d in docs if not MEDICAL_TERMS.intersection(bm25_tokens(d["text"]))]
 
 
-def select_documents(source_cfg, test_items, corpora, seed):
-    """{kind: documents} for the pretraining kinds used by the configured sources."""
-    kinds = {s.kind for s in source_cfg.sources.values()}
-    chosen = {}
-    if "medical" in kinds:
-        queries = [item["question"] for item in test_items]
-        chosen["medical"] = bm25_retrieve(queries, corpora["medical"], source_cfg.size, source_cfg.bm25_per_query)
-    if "entertainment" in kinds:
-        docs = corpora["entertainment"]
-        if corpora.get("exclude_medical"):
-            docs = non_medical(docs)
-        chosen["entertainment"] = sample(docs, source_cfg.size, seed)
-    return chosen
+# ------------------------------------------------------------------------------------ the shipped source kinds
+def finetune(train_items, size, **_):
+    """The first `size` fine-tuning items."""
+    return train_items[:size]
+
+
+def retrieve(docs, test_items, size, per_query=10, **_):
+    """BM25 with the test questions as queries (round robin, de-duplicated)."""
+    return bm25_retrieve([item["question"] for item in test_items], docs, size, per_query)
+
+
+def random_sample(docs, size, seed, **_):
+    """`size` documents drawn without replacement (seeded), in corpus order."""
+    return sample(docs, size, seed)
+
+
+def every_document(docs, **_):
+    return list(docs)
+
+
+# --------------------------------------------------------------------------------------------- building
+def selectors(source_cfg):
+    """{kind: callable} of `source.kinds` (each a `_target_` config)."""
+    return {kind: instantiate(spec, _partial_=True) for kind, spec in source_cfg.kinds.items()}
+
+
+def check_sources(source_cfg, corpus_names):
+    """Fail at start (ConfigError naming the key) on a source whose kind or corpus is unknown."""
+    kinds = list(source_cfg.kinds)
+    for name, spec in source_cfg.sources.items():
+        if spec.get("kind") not in kinds:
+            raise ConfigError(f"source.sources.{name}.kind: unknown '{spec.get('kind')}' ({', '.join(kinds)}; "
+                              "or add source.kinds.<kind> with a _target_)")
+        corpus = spec.get("corpus")
+        if corpus is not None and corpus not in corpus_names:
+            raise ConfigError(f"source.sources.{name}.corpus: unknown '{corpus}' (data.corpora has "
+                              f"{', '.join(corpus_names) or 'none'})")
+        if corpus is None and spec.kind != "finetune":
+            raise ConfigError(f"source.sources.{name}.corpus: a '{spec.kind}' source needs a corpus "
+                              f"(one of data.corpora: {', '.join(corpus_names) or 'none'})")
+        size = spec.get("size", source_cfg.size)
+        if not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"source.sources.{name}.size must be a positive integer, got {size}")
 
 
 def build_sources(source_cfg, fmt, train_items, test_items, corpora, seed):
-    """{source name: [example]} where an example is QA fields {id, question, context, answer} or {id, text}."""
-    documents = select_documents(source_cfg, test_items, corpora, seed)
-    sets = {}
+    """{source name: [example]} where an example is QA fields {id, question, context, answer} or {id, text}.
+    corpora: {name: [document]}. Sources with the same kind, corpus and size share one selection."""
+    check_sources(source_cfg, list(corpora))
+    select, chosen, sets = selectors(source_cfg), {}, {}
     for name, spec in source_cfg.sources.items():
-        if spec.kind == "finetune":
-            sets[name] = [qa_fields(item, fmt.answer_template) for item in train_items[: source_cfg.size]]
-        elif spec.kind in documents:
-            docs = documents[spec.kind]
-            sets[name] = [document_fields(d) for d in docs] if spec.formatted else [
-                {"id": d["id"], "text": d["text"]} for d in docs]
+        size = spec.get("size", source_cfg.size)
+        key = (spec.kind, spec.get("corpus"), size)
+        if key not in chosen:
+            chosen[key] = select[spec.kind](docs=corpora.get(spec.get("corpus")), train_items=train_items,
+                                            test_items=test_items, size=size, seed=seed)
+        picked = chosen[key]
+        if picked and "question" in picked[0]:
+            sets[name] = [qa_fields(item, fmt.answer_template) for item in picked]
         else:
-            raise ValueError(f"source.sources.{name}.kind: unknown kind '{spec.kind}' "
-                             "(finetune, medical or entertainment)")
+            sets[name] = [document_fields(d) for d in picked] if spec.formatted else [
+                {"id": d["id"], "text": d["text"]} for d in picked]
         if not sets[name]:
             raise ValueError(f"source.sources.{name}: no documents selected")
     return sets
 
 
 def query_examples(test_items, fmt, answers=None):
-    """The test queries as QA fields; `answers` (e.g. the model's predictions) replace the gold labels."""
+    """The test queries as QA fields; `answers` (e.g. the model's predictions) replace the gold answers."""
     if answers is not None:
-        test_items = [dict(item, final_decision=a) for item, a in zip(test_items, answers)]
+        test_items = [dict(item, answer=a) for item, a in zip(test_items, answers)]
     return [qa_fields(item, fmt.answer_template) for item in test_items]
 
 

@@ -1,12 +1,10 @@
-"""Fine-tuning (and the tiny model's pretraining) with one LightningModule, and answer accuracy."""
+"""Fine-tuning (and the tiny model's pretraining) with one LightningModule; batching of encoded examples."""
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from lark import faults
-from lark.console import progress
-from lark.data import LABELS
-from lark.formats import IGNORE, candidate_answer, encode_qa
+from lark.formats import IGNORE
 
 
 class CausalLMModule(L.LightningModule):
@@ -56,33 +54,3 @@ def make_loader(encoded, batch_size, pad_id, shuffle, seed, num_workers=0):
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
                       collate_fn=lambda b: collate(b, pad_id))
-
-
-@torch.no_grad()
-def answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length, batch_size=16):
-    """[n, 3] summed log-probabilities of the answers yes / no / maybe after each QA prompt."""
-    device = next(model.parameters()).device
-    encoded = [encode_qa(tokenizer, f, fmt, max_length, answer=candidate_answer(tokenizer, fmt, label))
-               for f in fields_list for label in LABELS]
-    scores = []
-    for start in progress(range(0, len(encoded), batch_size), "accuracy", unit="batch"):
-        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = batch["labels"][:, 1:]
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores.append((picked * (target != IGNORE)).sum(-1).cpu())
-    return torch.cat(scores).view(len(fields_list), len(LABELS))
-
-
-def answer_accuracy(model, tokenizer, items, fields_list, fmt, max_length, with_scores=False):
-    """(accuracy, predicted labels): the answer with the highest likelihood is the model's answer.
-    with_scores: also the [n, 3] log-likelihoods of yes / no / maybe (answer_log_likelihoods)."""
-    was_training = model.training
-    model.eval()
-    scores = answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length)
-    model.train(was_training)
-    predicted = [LABELS[i] for i in scores.argmax(-1).tolist()]
-    correct = sum(p == item["final_decision"] for p, item in zip(predicted, items))
-    return (correct / max(1, len(items)), predicted) + ((scores,) if with_scores else ())

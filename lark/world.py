@@ -482,6 +482,14 @@ def save_world(world: World, folder) -> None:
             tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
+ITEM_FIELDS = {"fields": {"id": "id", "question": "question", "context": "contexts", "answer": "final_decision"},
+               "answers": LABELS}   # the world's items in PubMedQA's schema (as conf/data/world.yaml maps them)
+
+
+def item_check(record, where):
+    return data.qa_item(record, where, ITEM_FIELDS) and record
+
+
 def doc_check(record, where):
     return data.document(record, where) and record
 
@@ -490,7 +498,7 @@ def load_world(folder) -> World:
     """Read a folder written by save_world."""
     folder = Path(folder)
 
-    checks = {"train": data.qa_record, "test": data.qa_record, "medical_docs": doc_check,
+    checks = {"train": item_check, "test": item_check, "medical_docs": doc_check,
               "entertainment_docs": doc_check, "facts": lambda r, where: r}
     parts = {attr: data.read_examples(folder / name, checks[attr]) for attr, name in FILES.items()}
     provenance, meta = (json.loads((folder / name).read_text(encoding="utf-8"))

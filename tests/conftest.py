@@ -50,3 +50,36 @@ def compose(overrides=(), config_name="train"):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def data_spec(name, **over):
+    """The shipped `data=<name>` config as a plain dict (paths resolved), with dotted-key overrides."""
+    from omegaconf import OmegaConf
+
+    cfg = compose([f"data={name}", *[f"data.{k}={v}" for k, v in over.items()]]).data
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def official_test_ids():
+    """The 500 official PubMedQA test PMIDs shipped with LARK (conf/data/pubmedqa.yaml's data.test_ids)."""
+    from lark.data import read_ids
+
+    return read_ids((ROOT / "lark" / "resources" / "pubmedqa_test_pmids.txt").read_text().splitlines())
+
+
+def load_pubmedqa_local(path, test_ids=None, bad=None):
+    """PubMedQA rows of a local JSON Lines file through data=pubmedqa_local's mapping (train, test)."""
+    from lark.data import BadRows, JsonlRows, split_qa
+
+    bad = bad or BadRows()
+    return split_qa(*JsonlRows(path)(bad), data_spec("pubmedqa_local"), test_ids, bad, str(path))
+
+
+def load_pubmedqa_hub(hub_id, hub_config, hub_split="train", test_ids=None, bad=None):
+    """PubMedQA rows of a `datasets` dataset through data=pubmedqa's mapping, split by the official test ids."""
+    from lark.data import BadRows, HubRows, split_qa
+
+    bad = bad or BadRows()
+    rows = HubRows(hub_id, hub_config, hub_split)(bad)
+    return split_qa(*rows, data_spec("pubmedqa"), official_test_ids() if test_ids is None else test_ids, bad,
+                    f"{hub_id}/{hub_config}")

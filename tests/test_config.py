@@ -7,12 +7,12 @@ from conftest import ROOT, compose
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
           for group in ("model", "data", "source", "format", "scheduler", "trainer", "logger", "attribution",
-                        "attribution/projector", "attribution/kernel", "analysis")}
+                        "attribution/projector", "attribution/kernel", "analysis", "eval")}
 
 
 def test_default_is_the_embedded_run():
     cfg = compose()
-    assert (cfg.model.kind, cfg.data.kind, cfg.format.name, cfg.scheduler.name) == ("tiny", "world", "chatml", "paper")
+    assert (cfg.model.name, cfg.data.name, cfg.format.name, cfg.scheduler.name) == ("tiny-olmo3", "world", "chatml", "paper")
     assert cfg.trainer.accelerator == "cpu" and list(cfg.logger) == ["wandb"] and cfg.logger.wandb.offline is True
     assert cfg.attribution.projector.k == 65536 and cfg.attribution.store_dtype == "float16"
     assert list(cfg.source.sources) == ["finetune", "medical_format", "medical_noformat", "entertainment_format",
@@ -34,7 +34,7 @@ def test_experiment_pubmedqa_is_the_paper():
     cfg = compose(["+experiment=pubmedqa"])
     assert cfg.model.hub_id == "allenai/Olmo-3-7B-Instruct" and cfg.model.dtype == "bfloat16"
     assert cfg.model.trust_remote_code is False and cfg.model.gradient_checkpointing is True
-    assert (cfg.data.hub_id, cfg.data.hub_config, cfg.data.n_train, cfg.data.n_test) == (
+    assert (cfg.data.reader.hub_id, cfg.data.reader.hub_config, cfg.data.n_train, cfg.data.n_test) == (
         "qiaojin/PubMedQA", "pqa_labeled", 500, 500)
     assert cfg.source.size == 500 and len(cfg.source.sources) == 5
     assert cfg.trainer.max_epochs == 5 and cfg.batch_size == 4 and cfg.trainer.precision == "bf16-true"
@@ -65,9 +65,9 @@ def test_schedulers():
 
 def test_local_pubmedqa_points_at_shared_data():
     cfg = compose(["data=pubmedqa_local"])
-    assert cfg.data.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
-    assert cfg.data.corpus.medical.path.endswith("pubmed_corpus/abstracts.jsonl")
-    assert cfg.data.corpus.entertainment.path.endswith("entertainment/documents.jsonl")
+    assert cfg.data.reader.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
+    assert cfg.data.corpora.medical.path.endswith("pubmed_corpus/abstracts.jsonl")
+    assert cfg.data.corpora.entertainment.path.endswith("entertainment/documents.jsonl")
 
 
 def test_trainer_gpu_and_ddp():

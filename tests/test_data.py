@@ -1,4 +1,5 @@
-"""lark.data: the local and hub PubMedQA loaders, the corpora, input validation, sampling."""
+"""lark.data: QA rows mapped by the data configs (PubMedQA local and hub as instances), the corpora, input
+validation, sampling."""
 import json
 import string
 import tempfile
@@ -14,6 +15,8 @@ from omegaconf import OmegaConf
 from lark import data as D
 from lark.data import DataError
 
+from conftest import data_spec, load_pubmedqa_hub, load_pubmedqa_local, official_test_ids
+
 ROOT = Path(__file__).parents[1]
 SHARED = ROOT / "../shared"
 DATA = SHARED / "data"
@@ -23,6 +26,7 @@ ENTERTAINMENT = DATA / "entertainment" / "documents.jsonl"
 needs_data = pytest.mark.skipif(not DATA.is_dir(),
                                 reason=f"shared data folder {DATA.resolve()} is absent (see ../shared/data/SOURCES.md)")
 LABEL_COUNTS = {"yes": 276, "no": 169, "maybe": 55}
+LABELS = ("yes", "no", "maybe")
 
 
 def record(pubid=1, **over):
@@ -56,7 +60,7 @@ def fake_load_dataset(rows, calls):
 # ----------------------------------------------------------------------------- the shared PubMedQA file
 @pytest.fixture(scope="module")
 def local_split():
-    return D.load_pubmedqa_local(PQA)
+    return load_pubmedqa_local(PQA)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +72,12 @@ def pqa_records():
 def test_local_pubmedqa_has_official_500_500_split_with_paper_label_counts(local_split):
     train, test = local_split
     assert (len(train), len(test)) == (500, 500)
-    assert Counter(x["final_decision"] for x in train) == LABEL_COUNTS
-    assert Counter(x["final_decision"] for x in test) == LABEL_COUNTS
+    assert Counter(x["answer"] for x in train) == LABEL_COUNTS
+    assert Counter(x["answer"] for x in test) == LABEL_COUNTS
     ids = [x["id"] for x in train + test]
     assert len(set(ids)) == 1000 and all(i.isdigit() for i in ids)
     for item in train + test:
-        assert list(item) == ["id", "question", "contexts", "labels", "long_answer", "final_decision"]
+        assert list(item) == ["id", "question", "contexts", "answer", "labels", "long_answer"]
         assert item["contexts"] and len(item["labels"]) == len(item["contexts"])
         assert item["question"].strip() and item["long_answer"].strip()
 
@@ -86,42 +90,38 @@ def test_local_items_keep_the_file_order_and_text(local_split, pqa_records):
     first = pqa_records[0]
     item = next(x for x in train + test if x["id"] == first["pubid"])
     assert item["question"] == first["question"] and item["contexts"] == first["contexts"]
-    assert item["final_decision"] == first["final_decision"]
+    assert item["answer"] == first["final_decision"]
 
 
 @needs_data
 def test_official_test_ids_are_the_files_test_split(local_split, pqa_records):
-    ids = D.official_test_ids()
+    ids = official_test_ids()
     assert len(ids) == 500
     assert ids == {r["pubid"] for r in pqa_records if r["split"] == "test"}
     assert ids == {x["id"] for x in local_split[1]}
 
 
 def test_official_test_ids_are_500_pmids_without_comment_lines():
-    ids = D.official_test_ids()
+    ids = official_test_ids()
     assert len(ids) == 500 and all(i.isdigit() for i in ids)
 
 
 @needs_data
 def test_local_split_by_test_ids_file_matches_split_field(local_split):
-    train, test = D.load_pubmedqa_local(PQA, test_ids=D.official_test_ids())
+    train, test = load_pubmedqa_local(PQA, test_ids=official_test_ids())
     assert [x["id"] for x in train] == [x["id"] for x in local_split[0]]
     assert [x["id"] for x in test] == [x["id"] for x in local_split[1]]
 
 
 @needs_data
 def test_local_split_errors_when_test_ids_are_not_in_the_file():
-    ids = set(list(D.official_test_ids())[:10]) | {"999999991", "999999992"}
-    with pytest.raises(DataError, match=r"2 of the 12 test ids are not in the file"):
-        D.load_pubmedqa_local(PQA, test_ids=ids)
+    ids = set(list(official_test_ids())[:10]) | {"999999991", "999999992"}
+    with pytest.raises(DataError, match=r"2 of the 12 test ids are not in the data"):
+        load_pubmedqa_local(PQA, test_ids=ids)
 
 
 def data_cfg(**over):
-    cfg = OmegaConf.merge({"paths": {"shared_dir": str(SHARED)}},
-                          {"data": OmegaConf.load(ROOT / "conf/data/pubmedqa_local.yaml")})
-    for k, v in over.items():
-        OmegaConf.update(cfg, f"data.{k}", v)
-    return cfg.data
+    return OmegaConf.create(data_spec("pubmedqa_local", **over))
 
 
 @needs_data
@@ -135,25 +135,25 @@ def test_load_qa_with_the_local_data_config(local_split):
 
 @needs_data
 def test_load_qa_reads_a_test_ids_file(tmp_path, local_split):
-    ids = sorted(D.official_test_ids())
+    ids = sorted(official_test_ids())
     (tmp_path / "ids.txt").write_text("# official ids\n" + "\n".join(f"  {i}  " for i in ids) + "\n\n")
     train, test = D.load_qa(data_cfg(test_ids=str(tmp_path / "ids.txt"), n_test=3))
     assert len(train) == 500
     assert [x["id"] for x in test] == [x["id"] for x in local_split[1][:3]]
 
 
-def test_load_qa_world_kind_and_unknown_kind():
-    world = type("W", (), {"train": [record(i) for i in range(5)], "test": [record(i) for i in range(5, 9)]})()
-    cfg = OmegaConf.create({"kind": "world", "n_train": 2, "n_test": None})
-    train, test = D.load_qa(cfg, world)
-    assert train == world.train[:2] and test == world.test
-    with pytest.raises(DataError, match="data.kind: unknown kind 'ftp'"):
-        D.load_qa(OmegaConf.create({"kind": "ftp", "test_ids": None}))
+def test_load_qa_world_items_are_mapped_like_any_rows():
+    rows = [dict(record(i), id=f"w{i}", fact_id=f"f{i}") for i in range(9)]
+    world = type("W", (), {"train": rows[:5], "test": rows[5:]})()
+    train, test = D.load_qa(OmegaConf.create(data_spec("world", n_train=2)), world)
+    assert [x["id"] for x in train] == ["w0", "w1"] and [x["id"] for x in test] == ["w5", "w6", "w7", "w8"]
+    assert train[0] == {"id": "w0", "question": rows[0]["question"], "contexts": rows[0]["contexts"], "answer": "yes",
+                        "labels": rows[0]["labels"], "long_answer": "It works.", "fact_id": "f0"}
 
 
 # ----------------------------------------------------------------------------- corpora
 def corpus_cfg(path, limit=None, **over):
-    return OmegaConf.create({"kind": "local", "path": str(path), "text_field": "text", "id_field": "id",
+    return OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id",
                              "limit": limit, **over})
 
 
@@ -200,12 +200,12 @@ def test_load_corpus_bad_documents(tmp_path, lines, match):
         D.load_corpus(corpus_cfg(path))
 
 
-def test_load_corpus_empty_file_and_unknown_kind(tmp_path):
+def test_load_corpus_empty_file_and_no_source(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", ["", "   "])
     with pytest.raises(DataError, match="no documents"):
         D.load_corpus(corpus_cfg(path))
-    with pytest.raises(DataError, match="unknown kind 'ftp'"):
-        D.load_corpus(corpus_cfg(path, kind="ftp"))
+    with pytest.raises(DataError, match="give a path .* or a hub_id"):
+        D.load_corpus(OmegaConf.create({"text_field": "text"}))
 
 
 def test_load_corpus_hub_streams_and_stops_at_limit(monkeypatch):
@@ -240,41 +240,41 @@ def test_load_corpus_hub_bad_row_names_the_row(monkeypatch):
 def test_hub_loader_splits_by_official_test_ids(monkeypatch, pqa_records, local_split):
     calls = []
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset([hub_row(r) for r in pqa_records], calls))
-    train, test = D.load_pubmedqa_hub("qiaojin/PubMedQA", "pqa_labeled", "train")
+    train, test = load_pubmedqa_hub("qiaojin/PubMedQA", "pqa_labeled", "train")
     assert calls == [("qiaojin/PubMedQA", "pqa_labeled", "train", {})]
     assert (len(train), len(test)) == (500, 500)
-    assert Counter(x["final_decision"] for x in test) == LABEL_COUNTS
+    assert Counter(x["answer"] for x in test) == LABEL_COUNTS
     assert train == local_split[0] and test == local_split[1]  # int pubids become the same string ids
 
 
 @needs_data
 def test_load_qa_hub_config_with_monkeypatched_datasets(monkeypatch, pqa_records):
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset([hub_row(r) for r in pqa_records], []))
-    cfg = OmegaConf.load(ROOT / "conf/data/pubmedqa.yaml")
+    cfg = OmegaConf.create(data_spec("pubmedqa"))
     train, test = D.load_qa(cfg)
     assert (len(train), len(test)) == (cfg.n_train, cfg.n_test) == (500, 500)
-    assert {x["id"] for x in test} == D.official_test_ids()
+    assert {x["id"] for x in test} == official_test_ids()
 
 
 def small_hub_rows():
-    return [hub_row(record(i, final_decision=D.LABELS[i % 3])) for i in range(1, 7)]
+    return [hub_row(record(i, final_decision=LABELS[i % 3])) for i in range(1, 7)]
 
 
 def test_hub_loader_with_explicit_test_ids(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(small_hub_rows(), []))
-    train, test = D.load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "5"})
+    train, test = load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "5"})
     assert [x["id"] for x in train] == ["1", "3", "4", "6"] and [x["id"] for x in test] == ["2", "5"]
     assert test[0] == {"id": "2", "question": "Does drug 2 work?", "contexts": ["Background text.", "Results text."],
-                       "labels": ["BACKGROUND", "RESULTS"], "long_answer": "It works.", "final_decision": "maybe"}
+                       "answer": "maybe", "labels": ["BACKGROUND", "RESULTS"], "long_answer": "It works."}
 
 
 def test_hub_loader_errors_when_test_ids_are_missing(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(small_hub_rows(), []))
     with pytest.raises(DataError, match=r"h/pqa/cfg: 2 of the 3 test ids are not in the data"):
-        D.load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "77", "78"})
+        load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "77", "78"})
     # the official ids are not among these rows at all
     with pytest.raises(DataError, match=r"500 of the 500 test ids are not in the data"):
-        D.load_pubmedqa_hub("h/pqa", "cfg", "train")
+        load_pubmedqa_hub("h/pqa", "cfg", "train")
 
 
 def test_hub_loader_bad_row_names_row_and_field(monkeypatch):
@@ -282,7 +282,7 @@ def test_hub_loader_bad_row_names_row_and_field(monkeypatch):
     rows[3]["final_decision"] = "probably"
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(rows, []))
     with pytest.raises(DataError, match=r"h/pqa/cfg\[train\] row 3: field 'final_decision' is 'probably'"):
-        D.load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2"})
+        load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2"})
 
 
 def test_hub_loader_rejects_duplicate_ids(monkeypatch):
@@ -290,7 +290,7 @@ def test_hub_loader_rejects_duplicate_ids(monkeypatch):
     rows[2] = dict(rows[1])  # pubid 2 twice, pubid 3 gone
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(rows, []))
     with pytest.raises(DataError, match=r"row 2.*duplicate id '2'|test ids"):
-        D.load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "3"})
+        load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "3"})
 
 
 def test_hub_loader_row_missing_question_is_a_data_error(monkeypatch):
@@ -298,7 +298,7 @@ def test_hub_loader_row_missing_question_is_a_data_error(monkeypatch):
     del rows[1]["question"]
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(rows, []))
     with pytest.raises(DataError, match=r"row 1: missing field 'question'"):
-        D.load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"1"})
+        load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"1"})
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -322,7 +322,7 @@ def loc(path, line):
     (json.dumps({k: v for k, v in record(3).items() if k != "final_decision"}), r"missing field 'final_decision'"),
     (json.dumps({k: v for k, v in record(3).items() if k != "pubid"}), r"missing field 'pubid'"),
     (json.dumps(record(3, question=17)), r"field 'question' must be str, got int"),
-    (json.dumps(record(3, contexts="one context")), r"field 'contexts' must be list, got str"),
+    (json.dumps(record(3, contexts={"a": "b"})), r"field 'contexts' must be list, got dict"),
     (json.dumps(record(3, contexts=["ok", 5])), r"field 'contexts' must be a non-empty list of non-empty strings"),
     (json.dumps(record(3, contexts=[])), r"field 'contexts' must be a non-empty list"),
     (json.dumps(record(3, final_decision=1)), r"field 'final_decision' must be str, got int"),
@@ -335,13 +335,13 @@ def loc(path, line):
     (json.dumps(record(1)), r"duplicate id '1'"),
     (json.dumps(record(1) | {"pubid": 1}), r"duplicate id '1'"),  # int and str ids are the same id
 ], ids=["truncated-json", "extra-data", "array", "string", "latin1-bytes", "no-question", "no-contexts",
-        "no-decision", "no-id", "question-int", "contexts-str", "contexts-item-int", "contexts-empty",
+        "no-decision", "no-id", "question-int", "contexts-dict", "contexts-item-int", "contexts-empty",
         "decision-int", "decision-case", "decision-unknown", "question-blank", "question-empty", "context-blank",
         "split-unknown", "duplicate-id", "duplicate-int-id"])
 def test_bad_line_names_file_line_and_field(tmp_path, bad_line, match):
     path = bad_file(tmp_path, bad_line)
     with pytest.raises(DataError, match=loc(path, 3) + match):
-        D.load_pubmedqa_local(path)
+        load_pubmedqa_local(path)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -353,23 +353,23 @@ def test_bad_line_names_file_line_and_field(tmp_path, bad_line, match):
 def test_unchecked_fields_of_wrong_type_are_rejected(tmp_path, field, value):
     path = bad_file(tmp_path, json.dumps({**record(3), field: value}))
     with pytest.raises(DataError, match=loc(path, 3) + f".*'{field}'"):
-        D.load_pubmedqa_local(path)
+        load_pubmedqa_local(path)
 
 
 def test_missing_file_empty_file_and_blank_lines(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match=str(missing).replace(".", r"\.") + ": file not found"):
-        D.load_pubmedqa_local(missing)
+        load_pubmedqa_local(missing)
     with pytest.raises(DataError, match="file not found"):
         D.load_corpus(corpus_cfg(missing))
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=str(empty).replace(".", r"\.") + ": no records"):
-        D.load_pubmedqa_local(empty)
+        load_pubmedqa_local(empty)
     # blank lines are skipped but still counted in line numbers
     path = write_lines(tmp_path / "ok.jsonl", ["", record(1), "  ", record(2, split="test")])
     assert [n for n, _ in D.read_jsonl(path)] == [2, 4]
-    train, test = D.load_pubmedqa_local(path)
+    train, test = load_pubmedqa_local(path)
     assert [x["id"] for x in train] == ["1"] and [x["id"] for x in test] == ["2"]
 
 
@@ -377,8 +377,52 @@ def test_crlf_line_ends_and_missing_optional_fields(tmp_path):
     r = {k: v for k, v in record(5, split="test").items() if k not in ("labels", "long_answer")}
     path = tmp_path / "crlf.jsonl"
     path.write_bytes(json.dumps(r).encode() + b"\r\n")
-    train, test = D.load_pubmedqa_local(path)
+    train, test = load_pubmedqa_local(path)
     assert train == [] and test[0]["labels"] == [] and test[0]["long_answer"] == ""
+
+
+def test_free_form_rows_with_a_string_context_a_test_file_and_no_ids(tmp_path):
+    """data=jsonl's mapping: free-form answers, a string (or absent) context, the test rows from their own file,
+    the row's file:line standing in for a missing id field; bad rows still name file, line and field."""
+    train = write_lines(tmp_path / "train.jsonl", [{"prompt": "Capital of France?", "response": "Paris",
+                                                    "ctx": "Geography."}, {"prompt": "2+2?", "response": "4"}])
+    test = write_lines(tmp_path / "test.jsonl", [{"prompt": "Capital of Peru?", "response": "Lima", "ctx": "Maps."}])
+    spec = data_spec("jsonl", **{"reader.path": train, "reader.test_path": test, "fields.id": "null"})
+    tr, te = D.load_qa(OmegaConf.create(spec))
+    assert tr[0] == {"id": f"{train}:1", "question": "Capital of France?", "contexts": [], "answer": "Paris"}
+    assert te == [{"id": f"{test}:1", "question": "Capital of Peru?", "contexts": [], "answer": "Lima"}]
+    spec["fields"]["context"] = "ctx"
+    with pytest.raises(DataError, match=loc(train, 2) + "missing field 'ctx'"):
+        D.load_qa(OmegaConf.create(spec))
+    spec["fields"]["context"], spec["fields"]["id"] = None, "id"
+    with pytest.raises(DataError, match=loc(train, 1) + "missing field 'id'"):
+        D.load_qa(OmegaConf.create(spec))
+    bad = write_lines(tmp_path / "bad.jsonl", [{"id": 1, "prompt": "Q?", "response": ""}])
+    spec["reader"]["path"] = str(bad)
+    with pytest.raises(DataError, match=loc(bad, 1) + "field 'response' is empty"):
+        D.load_qa(OmegaConf.create(spec))
+
+
+def test_string_context_is_one_context(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [record(1, contexts="One context.")])
+    assert load_pubmedqa_local(path)[0][0]["contexts"] == ["One context."]
+
+
+def test_hf_reader_reads_a_save_to_disk_folder_with_a_test_split(tmp_path):
+    import datasets
+
+    rows = {"train": [{"q": f"Q{i}?", "a": f"A{i}", "uid": i} for i in range(4)],
+            "test": [{"q": "Q9?", "a": "A9", "uid": 9}]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(tmp_path / "ds")
+    spec = data_spec("hf", **{"reader.hub_id": tmp_path / "ds", "reader.test_split": "test", "fields.id": "uid",
+                              "fields.question": "q", "fields.answer": "a"})
+    train, test = D.load_qa(OmegaConf.create(spec))
+    assert [x["id"] for x in train] == ["0", "1", "2", "3"] and test[0]["answer"] == "A9"
+    rows["train"][2]["a"] = None
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(tmp_path / "b")
+    spec["reader"]["hub_id"] = str(tmp_path / "b")
+    with pytest.raises(DataError, match=r"\[train\] row 2: field 'a' must be str"):
+        D.load_qa(OmegaConf.create(spec))
 
 
 def test_line_number_of_non_utf8_bytes(tmp_path):
@@ -416,7 +460,7 @@ records = st.fixed_dictionaries({
     "contexts": st.lists(texts, min_size=1, max_size=4),
     "labels": st.lists(st.sampled_from(["BACKGROUND", "METHODS", "RESULTS"]), max_size=4),
     "long_answer": texts,
-    "final_decision": st.sampled_from(D.LABELS),
+    "final_decision": st.sampled_from(LABELS),
 })
 
 
@@ -430,14 +474,18 @@ def test_write_read_qa_item_round_trip(recs):
     assert [n for n, _ in back] == list(range(1, len(recs) + 1))
     assert [r for _, r in back] == recs
     for (n, r), orig in zip(back, recs):
-        item = D.qa_item(r, f"r.jsonl:{n}")
+        item = D.qa_item(r, f"r.jsonl:{n}", data_spec("pubmedqa_local"))
         assert item == {"id": str(orig["pubid"]), "question": orig["question"], "contexts": orig["contexts"],
-                        "labels": orig["labels"], "long_answer": orig["long_answer"],
-                        "final_decision": orig["final_decision"]}
+                        "answer": orig["final_decision"], "labels": orig["labels"],
+                        "long_answer": orig["long_answer"]}
+
+
+PQA_SPEC = {"fields": {"id": "pubid", "question": "question", "context": "contexts", "answer": "final_decision"},
+            "answers": list(LABELS)}
 
 
 @settings(max_examples=60, deadline=None)
-@given(records, st.text(max_size=10).filter(lambda s: s not in D.LABELS))
+@given(records, st.text(max_size=10).filter(lambda s: s not in LABELS))
 def test_qa_item_rejects_any_other_label(rec, label):
     with pytest.raises(DataError, match=r"^r\.jsonl:7: field 'final_decision'"):
-        D.qa_item({**rec, "final_decision": label}, "r.jsonl:7")
+        D.qa_item({**rec, "final_decision": label}, "r.jsonl:7", PQA_SPEC)

@@ -21,8 +21,8 @@ def setup():
     model = build_tiny(OmegaConf.create({"config": {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "max_position_embeddings": 256}}), tokenizer).eval()
-    queries = [encode_qa(tokenizer, qa_fields(i), FMT, 128) for i in world.test[:12]]
-    docs = [encode_qa(tokenizer, qa_fields(i), FMT, 128) for i in world.train[:18]] + [
+    queries = [encode_qa(tokenizer, qa_fields(i, "{final_decision}"), FMT, 128) for i in world.test[:12]]
+    docs = [encode_qa(tokenizer, qa_fields(i, "{final_decision}"), FMT, 128) for i in world.train[:18]] + [
         encode_text(tokenizer, d["text"], 128) for d in world.medical_docs[:18]]
     return model, tokenizer.pad_token_id, queries, docs, exact_scores(model, queries, docs, tokenizer.pad_token_id)
 

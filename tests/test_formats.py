@@ -2,24 +2,30 @@
 import pytest
 from omegaconf import OmegaConf
 
-from lark.data import LABELS
 from lark.formats import (CHATML_TEMPLATE, IGNORE, candidate_answer, chat_template, document_fields, encode,
                           encode_qa, encode_text, messages, qa_fields, render, truncate_middle)
 from lark.models import train_tokenizer
 from lark.world import generate_world
 
+from conftest import data_spec
+
 SYSTEM = "Answer the biomedical research question with yes, no, or maybe."
 CHAT = OmegaConf.create({"name": "chatml", "kind": "chat", "system_prompt": SYSTEM,
                          "user_template": "Context: {context}\nQuestion: {question}",
-                         "answer_template": "{final_decision}"})
+                         "answer_template": "{answer}"})
 PLAIN = OmegaConf.create({"name": "noformat", "kind": "plain", "system_prompt": SYSTEM,
                           "user_template": "Context: {context}\nQuestion: {question}",
-                          "answer_template": "{final_decision}"})
+                          "answer_template": "{answer}"})
 
 
 @pytest.fixture(scope="module")
 def world():
-    return generate_world(seed=0, n_train=40, n_test=20, n_facts=30, n_medical_docs=100, n_entertainment_docs=100)
+    """A small generated world whose QA items are mapped by data=world (as a run sees them)."""
+    from lark.data import load_qa
+
+    world = generate_world(seed=0, n_train=40, n_test=20, n_facts=30, n_medical_docs=100, n_entertainment_docs=100)
+    world.train, world.test = load_qa(OmegaConf.create(data_spec("world")), world)
+    return world
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +101,10 @@ def test_chat_without_system_prompt_has_no_system_turn(tok, fields):
 
 
 def test_chat_long_answer_template(tok, world):
-    fmt = OmegaConf.merge(CHAT, {"answer_template": "{final_decision}. {long_answer}"})
+    fmt = OmegaConf.merge(CHAT, {"answer_template": "{answer}. {long_answer}"})
     item = world.test[1]
     f = qa_fields(item, fmt.answer_template)
-    assert f["answer"] == f"{item['final_decision']}. {item['long_answer']}"
+    assert f["answer"] == f"{item['answer']}. {item['long_answer']}"
     enc = encode_qa(tok, f, fmt, max_length=512)
     check_mask_shape(enc)
     assert tok.decode(labelled(enc), skip_special_tokens=True).strip() == f["answer"]
@@ -202,7 +208,7 @@ def test_no_truncation_when_it_fits(tok, fields):
 
 
 def test_long_answer_is_cut_to_half_of_max_length(tok, world):
-    fmt = OmegaConf.merge(PLAIN, {"answer_template": "{final_decision}. {long_answer}"})
+    fmt = OmegaConf.merge(PLAIN, {"answer_template": "{answer}. {long_answer}"})
     f = qa_fields(dict(world.test[0], long_answer=" ".join(world.test[0]["contexts"]) * 3), fmt.answer_template)
     enc = encode_qa(tok, f, fmt, 40)
     assert len(enc["input_ids"]) == 40 and len(labelled(enc)) == 20
@@ -223,12 +229,12 @@ def test_candidate_answers_score_the_first_answer_tokens(tok, world, fmt):
     for item in world.test[:6]:
         f = qa_fields(item)
         gold = encode_qa(tok, f, fmt, 512)
-        for label in LABELS:
+        for label in ("yes", "no", "maybe"):
             cand = encode_qa(tok, f, fmt, 512, answer=candidate_answer(tok, fmt, label))
             first = check_mask_shape(cand)
             assert cand["input_ids"][:first] == gold["input_ids"][:first]       # the same prompt
             assert tok.decode(labelled(cand)).strip() == label
-            if label == item["final_decision"]:
+            if label == item["answer"]:
                 assert labelled(cand) == labelled(gold)[:len(labelled(cand))]  # a prefix of the trained answer
             else:
                 assert labelled(cand) != labelled(gold)[:len(labelled(cand))]
@@ -276,4 +282,4 @@ def test_qa_fields_joins_contexts(world):
     item = world.train[0]
     f = qa_fields(item)
     assert f == {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]),
-                 "answer": item["final_decision"]}
+                 "answer": item["answer"]}

@@ -168,12 +168,12 @@ def test_paper_experiment_code_path_on_local_files(run_dir, tmp_path):
                                 "context": {"contexts": r["contexts"], "labels": r["labels"]}}) + "\n")
     cfg = compose(["+experiment=pubmedqa", "trainer=cpu", "trainer.precision=32-true", "trainer.max_epochs=1",
                    "trainer.enable_progress_bar=false", "logger=none", f"model.hub_id={run_dir}/checkpoints/epoch_000",
-                   "model.dtype=float32", "model.gradient_checkpointing=false", f"data.hub_id={hub}",
-                   "data.hub_config=null", "data.n_train=16", "data.n_test=8", "source.size=8", "max_length=192",
+                   "model.dtype=float32", "model.gradient_checkpointing=false", f"data.reader.hub_id={hub}",
+                   "data.reader.hub_config=null", "data.n_train=16", "data.n_test=8", "source.size=8", "max_length=192",
                    "attribution.projector.k=512", "analysis.enabled=false",
-                   f"data.corpus.medical.hub_id={SHARED_DATA / 'pubmed_corpus'}", "data.corpus.medical.limit=300",
-                   f"data.corpus.entertainment.hub_id={SHARED_DATA / 'entertainment'}",
-                   "data.corpus.entertainment.limit=300"])
+                   f"data.corpora.medical.hub_id={SHARED_DATA / 'pubmed_corpus'}", "data.corpora.medical.limit=300",
+                   f"data.corpora.entertainment.hub_id={SHARED_DATA / 'entertainment'}",
+                   "data.corpora.entertainment.limit=300"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     out = train(cfg)
@@ -181,7 +181,7 @@ def test_paper_experiment_code_path_on_local_files(run_dir, tmp_path):
     assert metrics["n_queries"] == 8 and all(s["n_docs"] == 8 for s in metrics["sources"].values())
     assert metrics["storage"]["n_params"] > 0 and metrics["ft"] is not None
     test_ids = [r["id"] for _, r in read_jsonl(out / "data" / "test.jsonl")]
-    from lark.data import official_test_ids
+    from conftest import official_test_ids
 
     assert set(test_ids) <= official_test_ids()
     medical = [r for _, r in read_jsonl(out / "data" / "sources" / "medical_noformat.jsonl")]

@@ -47,7 +47,7 @@ def setup(one_thread):
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
-    examples = ([qa_fields(x) for x in world.test[:8]] + [document_fields(d) for d in world.medical_docs[:4]]
+    examples = ([qa_fields(x, "{final_decision}") for x in world.test[:8]] + [document_fields(d) for d in world.medical_docs[:4]]
                 + [{"id": d["id"], "text": d["text"]} for d in world.medical_docs[4:8] + world.entertainment_docs[:4]])
     encoded = [encode(tok, e, CHAT, 256) for e in examples]
     params = trainable(model)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.realmodel
 
 ITEM = {"id": "q1", "question": "Does aspirin reduce the risk of stroke after surgery?",
         "contexts": ["We randomised 200 patients to aspirin or placebo.", "Strokes were fewer with aspirin."],
-        "final_decision": "yes", "long_answer": "Yes."}
+        "answer": "yes", "long_answer": "Yes."}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_missing_file_in_the_package_is_named():
 
 def test_experiment_composes_the_small_paper_design():
     cfg = compose(["+experiment=pubmedqa_small"])
-    assert cfg.model.kind == "gguf" and cfg.data.kind == "local" and cfg.format.kind == "chat"
+    assert cfg.model.load._target_ == "lark.models.load_gguf" and cfg.data.name == "pubmedqa_local" and cfg.format.kind == "chat"
     assert cfg.attribution.projector.k == 65536 and len(cfg.source.sources) == 5
     assert list(cfg.scheduler.scheduler.milestones) == [cfg.trainer.max_epochs - 1]
     assert cfg.data.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
@@ -121,5 +121,5 @@ def test_small_experiment_reads_the_shared_files():
     cfg = compose(["+experiment=pubmedqa_small"])
     train, test = load_qa(cfg.data)
     assert (len(train), len(test)) == (cfg.data.n_train, cfg.data.n_test)
-    assert len(load_corpus(cfg.data.corpus.medical)) == 4302
-    assert len(load_corpus(cfg.data.corpus.entertainment)) == 4242
+    assert len(load_corpus(cfg.data.corpora.medical)) == 4302
+    assert len(load_corpus(cfg.data.corpora.entertainment)) == 4242

@@ -309,7 +309,7 @@ FAULTS = {
     "invalid_json": (lambda make: b'{"pubid": "1", "question": ', "invalid JSON"),
     "missing_field": (lambda make: json.dumps(drop(make(7), "question" if make is qa else "text")).encode(),
                       "missing field"),
-    "wrong_type": (lambda make: json.dumps(make(7, **({"contexts": "one string"} if make is qa else {"text": 5})))
+    "wrong_type": (lambda make: json.dumps(make(7, **({"contexts": 5} if make is qa else {"text": 5})))
                    .encode(), "must be"),
     "empty_text": (lambda make: json.dumps(make(7, **({"question": ""} if make is qa else {"text": ""}))).encode(),
                    "is empty"),
@@ -331,7 +331,8 @@ def write_lines(path, lines):
 def test_every_bad_row_stops_the_loader_naming_file_line_and_field_or_is_skipped_and_counted(tmp_path, kind, fault):
     from omegaconf import OmegaConf
 
-    from lark.data import BadRows, DataError, load_corpus, load_pubmedqa_local
+    from conftest import load_pubmedqa_local
+    from lark.data import BadRows, DataError, load_corpus
 
     make = qa if kind == "pubmedqa" else doc
     bad_line = (lambda m: json.dumps(m(7, final_decision="perhaps")).encode(), "final_decision") \
@@ -339,7 +340,7 @@ def test_every_bad_row_stops_the_loader_naming_file_line_and_field_or_is_skipped
     path = tmp_path / "data.jsonl"
     write_lines(path, [json.dumps(make(i)).encode() for i in range(1, 5)] + [bad_line[0](make)] +
                 [json.dumps(make(i)).encode() for i in range(5, 7)])
-    cfg = OmegaConf.create({"kind": "local", "path": str(path), "text_field": "text", "id_field": "id"})
+    cfg = OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id"})
     load = (lambda bad: load_pubmedqa_local(path, bad=bad)) if kind == "pubmedqa" else \
         (lambda bad: [load_corpus(cfg, bad=bad)])
     with pytest.raises(DataError) as error:
@@ -354,13 +355,14 @@ def test_every_bad_row_stops_the_loader_naming_file_line_and_field_or_is_skipped
 def test_empty_and_missing_files_stop_every_file_loader(tmp_path, fault):
     from omegaconf import OmegaConf
 
-    from lark.data import BadRows, DataError, load_corpus, load_pubmedqa_local, read_examples
+    from conftest import load_pubmedqa_local
+    from lark.data import BadRows, DataError, load_corpus, read_examples
     from lark.world import load_world
 
     path = tmp_path / "data.jsonl"
     if fault != "missing_file":
         path.write_text("" if fault == "empty_file" else "\n  \n")
-    cfg = OmegaConf.create({"kind": "local", "path": str(path), "text_field": "text", "id_field": "id"})
+    cfg = OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id"})
     for load in (lambda: load_pubmedqa_local(path, bad=BadRows("skip")), lambda: load_corpus(cfg),
                  lambda: read_examples(path)):
         with pytest.raises(DataError, match=str(path)):
@@ -381,7 +383,8 @@ def test_empty_and_missing_files_stop_every_file_loader(tmp_path, fault):
 def test_hub_rows_are_checked_like_lines(monkeypatch, row, field):
     import datasets
 
-    from lark.data import BadRows, DataError, load_pubmedqa_hub
+    from conftest import load_pubmedqa_hub
+    from lark.data import BadRows, DataError
 
     good = {"pubid": 2, "question": "Q?", "context": {"contexts": ["c"], "labels": []}, "final_decision": "no"}
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [good, row])
@@ -414,8 +417,8 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
                                                                           .encode()])
     corpus = tmp_path / "docs.jsonl"
     write_lines(corpus, [json.dumps(doc(i)).encode() for i in range(20)])
-    args = ["data=pubmedqa_local", f"data.path={data}", f"data.corpus.medical.path={corpus}",
-            f"data.corpus.entertainment.path={corpus}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = ["data=pubmedqa_local", f"data.reader.path={data}", f"data.corpora.medical.path={corpus}",
+            f"data.corpora.entertainment.path={corpus}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
     out = run("train.py", args, tmp_path, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"[lark] error: {data}:9: field 'final_decision' is '?'" in out.stderr
@@ -424,8 +427,8 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
 
     from lark.experiment import prepare_data
 
-    cfg = compose(["data=pubmedqa_local", f"data.path={data}", f"data.corpus.medical.path={corpus}",
-                   f"data.corpus.entertainment.path={corpus}", "data.on_bad_rows=skip"])
+    cfg = compose(["data=pubmedqa_local", f"data.reader.path={data}", f"data.corpora.medical.path={corpus}",
+                   f"data.corpora.entertainment.path={corpus}", "data.on_bad_rows=skip"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "skip")
     train, test, _ = prepare_data(cfg, tmp_path / "skip", log=lambda m: None)
@@ -444,8 +447,10 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
     ("attribution.store_dtype=float8", "attribution.store_dtype"),
     ("attribution.shard_size=0", "attribution.shard_size"),
     ("data.on_bad_rows=ignore", "data.on_bad_rows"),
-    ("data.path=/no/such/file.jsonl", "data.path"),
-    ("data.corpus.medical.path=/no/such/abstracts.jsonl", "data.corpus.medical.path"),
+    ("data.reader.path=/no/such/file.jsonl", "data.reader.path"),
+    ("data.corpora.medical.path=/no/such/abstracts.jsonl", "data.corpora.medical.path"),
+    ("source.sources.medical_format.corpus=nope", "source.sources.medical_format.corpus"),
+    ("+data.corpora.third.limit=3", "data.corpora.third"),
     ("data.test_ids=/no/such/ids.txt", "data.test_ids"),
 ])
 def test_bad_config_values_fail_at_start_naming_the_key(override, key, tmp_path):
@@ -453,7 +458,7 @@ def test_bad_config_values_fail_at_start_naming_the_key(override, key, tmp_path)
     from lark.experiment import validate
 
     (tmp_path / "f").write_text("x")
-    keys = ("data.path", "data.corpus.medical.path", "data.corpus.entertainment.path")
+    keys = ("data.reader.path", "data.corpora.medical.path", "data.corpora.entertainment.path")
     local = [f"{k}={tmp_path / 'f'}" for k in keys]
     overrides = ["data=pubmedqa_local", *[o for o in local if o.split("=")[0] != key], override]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -704,7 +709,7 @@ def test_corpus_loader_keeps_exactly_the_good_rows_or_names_the_first_bad_line(r
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "docs.jsonl"
         write_lines(path, lines)
-        cfg = OmegaConf.create({"kind": "local", "path": str(path), "text_field": "text", "id_field": "id"})
+        cfg = OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id"})
         bad = BadRows(mode)
         if not expected or (mode == "error" and first_bad):
             with pytest.raises(DataError) as error:

@@ -1,0 +1,121 @@
+"""Test-set evaluation of a checkpoint, chosen with the `eval` config group (a `_target_` built by
+hydra.utils.instantiate; add your own evaluator the same way). An evaluator is called with
+(model, encoder, items, fields_list), where encoder is the run's lark.formats.Encoder (tokenizer, format,
+max_length; memoised), items the test QA items and fields_list their QA fields (the gold answer rendered by the
+format's answer template), and returns (value, predictions or None). Its attributes name what it measures in metrics.json and
+Table II: `metric` (accuracy | exact_match | answer_loss | ...) and `higher_is_better`.
+
+- Choices: the configured label with the highest summed log-likelihood after the prompt is the model's answer
+  (PubMedQA's yes / no / maybe); metric accuracy.
+- ExactMatch: greedy generation of at most `max_new_tokens` tokens; a prediction matches when it equals the gold
+  answer after lower-casing, collapsing whitespace and dropping surrounding punctuation; metric exact_match.
+- AnswerLoss: the mean over test items of the mean cross-entropy of the gold answer tokens (lower is better);
+  metric answer_loss. It predicts nothing, so attribution.query_target=predicted needs another evaluator.
+"""
+import re
+import string
+
+import torch
+
+from lark.console import progress
+from lark.formats import IGNORE, candidate_answer, render, truncate_middle
+from lark.training import collate
+
+
+class Evaluator:
+    metric, higher_is_better, predicts = "score", True, False
+
+    def __call__(self, model, encoder, items, fields_list):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return self.evaluate(model, encoder, items, fields_list)
+        finally:
+            model.train(was_training)
+
+    def describe(self, value):
+        """The `eval` entry of metrics.json."""
+        return {"metric": self.metric, "value": value, "higher_is_better": self.higher_is_better}
+
+    def evaluate(self, model, encoder, items, fields_list):
+        raise NotImplementedError
+
+
+def answer_log_likelihoods(model, tokenizer, encoded, batch_size=16):
+    """([n] summed log-probabilities of the labelled tokens, [n] their count) of encoded examples."""
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in progress(range(0, len(encoded), batch_size), "evaluation", unit="batch"):
+        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = batch["labels"][:, 1:]
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        sums.append((picked * (target != IGNORE)).sum(-1).cpu())
+        counts.append((target != IGNORE).sum(-1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+class Choices(Evaluator):
+    """Likelihood argmax over a fixed label set."""
+    metric, predicts = "accuracy", True
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+
+    def evaluate(self, model, encoder, items, fields_list):
+        tokenizer = encoder.tokenizer
+        encoded = [encoder(f, answer=candidate_answer(tokenizer, encoder.fmt, label))
+                   for f in fields_list for label in self.labels]
+        scores = answer_log_likelihoods(model, tokenizer, encoded)[0].view(len(fields_list), len(self.labels))
+        predicted = [self.labels[i] for i in scores.argmax(-1).tolist()]
+        correct = sum(p == item["answer"] for p, item in zip(predicted, items))
+        return correct / max(1, len(items)), predicted
+
+
+def gold_answer_losses(model, encoder, fields_list):
+    """[n] mean cross-entropy (nats per token) of each item's gold answer tokens after its prompt."""
+    with torch.no_grad():
+        sums, counts = answer_log_likelihoods(model, encoder.tokenizer, [encoder(f) for f in fields_list])
+    return -sums / counts.clamp(min=1)
+
+
+class AnswerLoss(Evaluator):
+    """Mean answer cross-entropy (nats per token, averaged over items)."""
+    metric, higher_is_better = "answer_loss", False
+
+    def evaluate(self, model, encoder, items, fields_list):
+        per_item = gold_answer_losses(model, encoder, fields_list)
+        return (per_item.mean().item() if len(per_item) else None), None
+
+
+def normalize(text):
+    return " ".join(text.lower().split()).strip(string.punctuation + " ")
+
+
+class ExactMatch(Evaluator):
+    """Greedy generation compared with the gold answer (normalised)."""
+    metric, predicts = "exact_match", True
+
+    def __init__(self, max_new_tokens=32):
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, model, encoder, items, fields_list):
+        device, tokenizer = next(model.parameters()).device, encoder.tokenizer
+        stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        predicted = []
+        for fields in fields_list:
+            prompt = tokenizer(render(tokenizer, fields, encoder.fmt)[0], add_special_tokens=False)["input_ids"]
+            ids = truncate_middle(prompt, max(1, encoder.max_length - self.max_new_tokens), keep_tail=64)
+            out = []
+            for _ in range(self.max_new_tokens):   # greedy decoding without a KV cache (use_cache is off)
+                logits = model(input_ids=torch.tensor([ids + out], device=device)).logits[0, -1]
+                token = int(logits.argmax())
+                if token in stop:
+                    break
+                out.append(token)
+            predicted.append(re.sub(r"\s+", " ", tokenizer.decode(out, skip_special_tokens=True)).strip())
+        correct = sum(normalize(p) == normalize(f["answer"]) for p, f in zip(predicted, fields_list))
+        return correct / max(1, len(fields_list)), predicted

@@ -1,0 +1,77 @@
+"""lark.selfcheck: the sketch refuses a model it does not fully cover (naming the modules and the fallback) and
+passes the OLMo-3 family it was built for."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from conftest import ROOT
+from lark.models import build_tiny, train_tokenizer
+from lark.selfcheck import SelfCheckError, check_sketch, uses_sketch
+from lark.sketch import per_example_loss
+
+TEXTS = [f"the trial of drug {i} reduced the risk of stroke in patients" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, 300)
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in (TEXTS[0], TEXTS[7] + " again")]
+    return [{"input_ids": i, "labels": list(i)} for i in ids]
+
+
+def test_the_tiny_olmo3_passes(tok, examples):
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.load(ROOT / "conf/model/tiny.yaml"), tok)
+    assert check_sketch(model, examples, tok.pad_token_id) == len(list(model.parameters()))
+
+
+def test_a_gpt2_style_model_is_refused_naming_conv1d_and_the_fallback(tok, examples):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(SelfCheckError) as error:
+        check_sketch(model, examples, tok.pad_token_id)
+    message = str(error.value)
+    assert "transformer.h.0.attn.c_attn (Conv1D)" in message and "transformer.wpe (Embedding)" in message
+    assert "coverage" in message and "attribution/projector=rapidin" in message
+    assert "attribution.projector.kind=rapidin" in message
+
+
+class TwiceLM(torch.nn.Module):
+    """A causal LM whose hidden layer is applied twice in one forward pass (weights shared across two steps)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.embed, self.mix, self.head = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, vocab)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None):
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        logits = self.head(h)
+        loss = None if labels is None else per_example_loss(logits, labels).mean()
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def test_a_module_called_twice_is_refused_naming_it(tok, examples):
+    torch.manual_seed(0)
+    model = TwiceLM(len(tok))
+    with pytest.raises(SelfCheckError) as error:
+        check_sketch(model, examples, tok.pad_token_id)
+    message = str(error.value)
+    assert "modules called more than once in one forward: mix (2 calls)" in message
+    assert "attribution/projector=rapidin" in message
+
+
+def test_only_the_sketch_projector_is_checked():
+    assert uses_sketch(OmegaConf.create({"kind": "sketch"}))
+    assert uses_sketch(OmegaConf.create({"_target_": "lark.sketch.HookSketch"}))
+    assert not uses_sketch(OmegaConf.create({"kind": "rapidin"}))
