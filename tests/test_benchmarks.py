@@ -20,11 +20,15 @@ def test_attribution_speed_prints_paired_rows_with_fidelity_and_the_jl_reference
               "--fidelity-examples", "6", "--no-peers")
     rows = {m.group(1).strip(): [float(x) for x in m.group(2).split()]
             for m in re.finditer(rf"^tiny-olmo3\s+(\S[\w ()]*?)\s+(?:-|1024)\s+((?:{NUMBER}\s*){{7}})$", out, re.M)}
-    assert set(rows) == {"train step", "floor (no weight GEMMs)", "sketch", "rapidin"}, out
-    for label in ("sketch", "rapidin"):
+    assert set(rows) == {"train step", "floor (no weight GEMMs)", "sketch", "sketch per_tensor", "rapidin"}, out
+    for label in ("sketch", "sketch per_tensor", "rapidin"):
         examples, speed, peak, peak_ratio, pearson, jl, error = rows[label]
         assert examples > 0 and 0.05 < speed < 5 and peak > 0 and 0.5 < peak_ratio < 3
         assert 0 < jl < 1 and -1 <= pearson <= 1 and 0 <= error < 1
+    assert rows["sketch per_tensor"][5] != rows["sketch"][5]     # its own exact (per-tensor) reference
+    ratio = re.search(r"^# tiny-olmo3: sketch per_tensor at k = 1024: ([0-9.]+) x the time of sketch without "
+                      r"normalisation \(median of 2 paired ratios\)$", out, re.M)
+    assert ratio and 0.2 < float(ratio.group(1)) < 5, out
 
 
 def test_projection_noise_prints_the_jl_expectation_the_gaussian_and_the_sketch():
