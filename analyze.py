@@ -1,4 +1,4 @@
-"""Tables I-IV and Figures 1-3 from a run directory or a multirun folder (one line/row per job).
+"""Tables I-IV, Figures 1-3 and report/index.html from a run directory or a multirun folder (one line/row per job).
 
     python analyze.py run_dir=outputs/train/2026-11-29_10-00-00
     python analyze.py run_dir=multirun/2026-11-29_10-00-00 table1_epoch=2
@@ -13,10 +13,15 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
 def main(cfg):
-    from lark.analysis import analyze
+    from lark.analysis import analyze, find_runs
 
-    result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch)
-    for path in result["table_files"] + result["figure_files"]:
+    if cfg.validate:   # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml), so the report has it
+        from lark.validation import load_config, validate_run
+
+        for run_dir in find_runs(cfg.run_dir).values():
+            print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))
+    result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch, cfg.report, cfg.snippet_chars)
+    for path in result["table_files"] + result["figure_files"] + ([result["report"]] if result["report"] else []):
         print(path)
 
 

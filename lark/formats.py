@@ -21,7 +21,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 def qa_fields(item, answer_template="{final_decision}"):
     """A PubMedQA-style item as QA fields; its answer follows the format's answer template."""
     answer = answer_template.format(final_decision=item["final_decision"], long_answer=item.get("long_answer", ""))
-    return {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]), "answer": answer}
+    fields = {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]), "answer": answer}
+    return {**fields, "canary": True} if item.get("canary") else fields   # lark.canary's planted items stay marked
 
 
 def document_fields(doc):

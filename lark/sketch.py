@@ -46,7 +46,7 @@ from lark.projector import hashed, name_key, random_signs
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512):
+    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
@@ -81,11 +81,13 @@ class HookSketch:
         # per_tensor: the tied weight's two parts (output layer, input embedding) add up in `pending` and are
         # divided once by the norm of their sum (see finish); `last_norms` keeps each parameter's per-example
         # gradient norms of the last batch (what the per-tensor division used), for checking against autograd
-        self.pending, self.output_rows, self.last_norms, self.layer_buffer = {}, None, {}, None
-        self.cache, self.workspace = {}, None
+        self.pending, self.output_rows, self.last_norms = {}, None, {}
+        self.cache, self.workspace, self.scratches = {}, None, {}
         self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
         self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
-        self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
+        self.cache_bytes = int(cache_bytes)   # attribution.projector.cache_bytes: signs kept between batches
+        self.cached_bytes = 0
+        self.fold_schedule = "auto"    # fold_into: auto (slices on a CPU, index elsewhere) | index | slices
 
     def refuse_other_shared_weights(self, output_layer):
         """per_tensor needs the norm of each parameter's whole gradient; a parameter used by several modules
@@ -115,24 +117,27 @@ class HookSketch:
                 "coverage": round(self.coverage(), 6)}
 
     # -- hashing -------------------------------------------------------------------------------------------
-    def signs(self, name, numel, device):
-        """Random sign of every coordinate of a parameter (counter-based hash of (seed, name, index))."""
-        key = ("sign", name, numel)
-        if key in self.cache:
-            return self.cache[key]
-        index = torch.arange(numel, dtype=torch.int64, device=device)
-        sign = random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
-        if numel <= self.cache_elements:
-            self.cache[key] = sign   # int8: a quarter of float32's memory; chunks are widened as they are used
-        return sign
+    def signs(self, name, numel, start, end, device):
+        """Random signs (int8) of coordinates [start, end) of a parameter of `numel` coordinates, from the counter
+        hash of (seed, name, index). A parameter's whole sign vector is kept while the cache has room
+        (`cache_bytes`, 1 byte per coordinate, first come first kept: the pass visits layers in a fixed cycle,
+        which evicting would turn into a miss every time); beyond it, only the block asked for is hashed, on the
+        spot."""
+        key = ("sign", name, numel, str(device))
+        sign = self.cache.get(key)
+        if sign is None and self.cached_bytes + numel <= self.cache_bytes:
+            sign = self.cache[key] = self.hash_signs(name, 0, numel, device)
+            self.cached_bytes += numel
+        return sign[start:end] if sign is not None else self.hash_signs(name, start, end, device)
 
-    def offsets(self, name, chunks):
-        """Random rotation of each k-long chunk of a parameter's flat index."""
-        key = ("offsets", name, chunks)
-        if key not in self.cache:
-            index = torch.arange(chunks, dtype=torch.int64)
-            self.cache[key] = (hashed(index, name_key(self.seed, name, "offset")) % self.k).tolist()
-        return self.cache[key]
+    def hash_signs(self, name, start, end, device):
+        index = torch.arange(start, end, dtype=torch.int64, device=device)
+        return random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
+
+    def offsets(self, name, first, last, device):
+        """Random rotation of the k-long chunks first..last - 1 of a parameter's flat index ([chunks] int64)."""
+        index = torch.arange(first, last, dtype=torch.int64, device=device)
+        return hashed(index, name_key(self.seed, name, "offset")) % self.k
 
     def buckets(self, name, flat_index):
         """Bucket of flat coordinates: chunk c = index // k is rotated by offset(c)."""
@@ -140,8 +145,8 @@ class HookSketch:
         return (hashed(chunk, name_key(self.seed, name, "offset")) % self.k + pos) % self.k
 
     def axis_hash(self, name, axis, size, device):
-        """TensorSketch's per-axis bucket and sign."""
-        key = ("axis", name, axis, size)
+        """TensorSketch's per-axis bucket and sign (size numbers: cached, a few MB even for a 100k vocabulary)."""
+        key = ("axis", name, axis, size, str(device))
         if key not in self.cache:
             index = torch.arange(size, dtype=torch.int64, device=device)
             bucket = hashed(index, name_key(self.seed, name, f"ts-bucket-{axis}")) % self.k
@@ -161,19 +166,50 @@ class HookSketch:
 
     def fold_into(self, out, name, part, start, numel):
         """out [B, k] += sketch_flat of the coordinates [start, start + width) of a parameter of `numel`
-        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients)."""
-        sign = self.signs(name, numel, part.device)
-        offsets = self.offsets(name, -(-numel // self.k))
-        end = start + part.shape[1]
-        for c in range(start // self.k, -(-end // self.k)):
-            lo, hi = max(start, c * self.k), min(end, (c + 1) * self.k)    # this chunk's share of the block
-            pos = (offsets[c] + lo - c * self.k) % self.k                  # where lo lands
-            head = min(hi - lo, self.k - pos)
-            s = sign[lo:hi].float()
-            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], s[:head])
+        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients).
+
+        Two schedules of the same sums (`fold_schedule`; auto: slices on a CPU, index elsewhere):
+        - index: a fixed number of tensor operations per block whatever width / k -- one index_add_ of the
+          signed block at its buckets (chunk c = i // k is rotated by offset_c: bucket (offset_c + i mod k)
+          mod k). A GPU's block is a whole layer, and a loop over its chunks would launch P / k ~ 10^5 small
+          kernels per batch at 7B (benchmarks/fold_profile.py counts them).
+        - slices: each chunk the block touches as at most two contiguous adds. On a CPU an operation costs
+          microseconds, not a launch, its blocks are cache-sized (a few chunks), and index_add_ costs 3-9x
+          more per coordinate (measured: docs/benchmarks.md).
+        On a CPU index_add_ adds in index order, i.e. chunk by chunk like the slices: both give the same
+        float32 sums bit for bit (tested); on a GPU its atomic adds may round the last bit differently from
+        run to run."""
+        k, width = self.k, part.shape[1]
+        first, last = start // k, -(-(start + width) // k)
+        sign = self.signs(name, numel, start, start + width, part.device)
+        offsets = self.offsets(name, first, last, part.device)
+        schedule = self.fold_schedule
+        if schedule == "auto":
+            schedule = "slices" if part.device.type == "cpu" else "index"
+        if schedule == "index":
+            bucket = torch.arange(k, device=part.device) + offsets.unsqueeze(1)          # [chunks, k]
+            bucket = torch.where(bucket >= k, bucket - k, bucket).view(-1)[start - first * k:][:width]
+            signed = torch.mul(part, sign, out=self.scratch("signed", part.shape, part.device))
+            return out.index_add_(1, bucket, signed)
+        if schedule != "slices":
+            raise ValueError(f"HookSketch.fold_schedule: unknown '{schedule}' (auto, index or slices)")
+        sign = sign.float()
+        for c, offset in enumerate(offsets.tolist(), start=first):
+            lo, hi = max(start, c * k), min(start + width, (c + 1) * k)    # this chunk's share of the block
+            pos = (offset + lo - c * k) % k                                # where lo lands
+            head = min(hi - lo, k - pos)
+            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], sign[lo - start:lo - start + head])
             if hi - lo > head:                                             # wraps around to [0, ...)
-                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], s[head:])
+                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], sign[lo - start + head:hi - start])
         return out
+
+    def scratch(self, role, shape, device):
+        """A reused float32 work array (fresh allocations of a block's size cost page faults on a CPU)."""
+        need = math.prod(shape)
+        buf = self.scratches.get(role)
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = self.scratches[role] = torch.empty(need, device=device)
+        return buf[:need].view(shape)
 
     def use_tensorsketch(self, t, n_in, n_out, element_size):
         """`auto`: TensorSketch where it moves fewer bytes per example -- about 8 passes over [T, k] float32
@@ -345,7 +381,7 @@ class HookSketch:
                 inverse = self.inverse_norm(name, self.squares(part)).unsqueeze(1)
                 self.fold_into(total, name, part.mul_(inverse) if gemm else part * inverse, 0, numel)
                 return
-            layer = self.scratch(total) if layer is None else layer
+            layer = self.scratch("layer", total.shape, total.device).zero_() if layer is None else layer
             self.fold_into(layer, name, part, start, numel)
             squares = squares + self.squares(part)
         total.addcmul_(layer, self.inverse_norm(name, squares).unsqueeze(1))
@@ -373,14 +409,6 @@ class HookSketch:
         norm = squares.clamp_min(0).sqrt()
         self.last_norms[name] = norm
         return 1 / norm.clamp_min(1e-30)
-
-    def scratch(self, total):
-        """A zeroed [B, k] buffer for a layer folded in several blocks, reused from layer to layer."""
-        if self.layer_buffer is None or self.layer_buffer.shape != total.shape or \
-                self.layer_buffer.device != total.device:
-            self.layer_buffer = torch.zeros_like(total)
-            return self.layer_buffer
-        return self.layer_buffer.zero_()
 
     def finish(self, total):
         """Normalise and add the parts of tied weights collected over the pass (per_tensor only)."""

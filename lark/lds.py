@@ -1,0 +1,199 @@
+"""The linear datamodeling score (LDS) and the subset retrains it needs.
+
+Conventions (as dattri's `dattri.metric.lds` and Bergson's `validate`):
+- score(q, d) > 0 means that training on d LOWERS the loss on query q (it helps q). LARK's gradient cosine has
+  this sign: a gradient step on d moves the parameters by -lr * g(d), which changes the loss of q by about
+  -lr * <g(q), g(d)>.
+- Subset scoring rule: a model trained on subset S is predicted to do well on q in proportion to
+  pred(q, S) = sum_{d in S} score(q, d) (the linear datamodel; documents outside S contribute nothing).
+- Target: the measured behaviour is -loss(q; model trained on S) (mean token loss on the gold answer), so a
+  perfect attribution gives LDS = +1 and a sign-flipped one -1.
+- LDS = mean over queries q of Spearman_m(pred(q, S_m), -loss(q; S_m)) over the M subsets; a query whose
+  predictions or losses are constant over the subsets has no correlation and is left out (counted).
+- The interval is a percentile bootstrap over queries (the M retrains are fixed).
+"""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lark.data import sample
+from lark.errors import ConfigError
+from lark.models import content_hash
+from lark.training import collate
+
+
+def subset(items, fraction, seed):
+    """The items of one random subset: round(fraction * n) items, seeded, in their original order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return sample(items, max(1, round(fraction * len(items))), seed)
+
+
+def train_subset(items, cfg):
+    """The `data.train_subset` of a mini-LDS retrain ({fraction, seed}; None = all items)."""
+    if not cfg:
+        return items
+    try:
+        return subset(items, float(cfg.fraction), int(cfg.seed))
+    except ValueError as e:
+        raise ConfigError(f"data.train_subset.{e}") from None
+
+
+def masks(subset_ids, doc_ids):
+    """[M, N] float membership of each document (column) in each subset (row)."""
+    index = {d: i for i, d in enumerate(doc_ids)}
+    out = torch.zeros(len(subset_ids), len(doc_ids), dtype=torch.float64)
+    for m, ids in enumerate(subset_ids):
+        missing = [d for d in ids if d not in index]
+        if missing:
+            raise KeyError(f"subset {m}: {len(missing)} training items have no score, e.g. {missing[:3]}")
+        out[m, [index[d] for d in ids]] = 1.0
+    return out
+
+
+def predictions(scores, membership):
+    """[M, Q] sum over each subset's documents of score(q, d); scores [Q, N], membership [M, N]."""
+    return membership @ scores.double().T
+
+
+def rank(x):
+    """Average 1-based ranks along dim 0 (ties share their mean rank), float64."""
+    x = x.double()
+    order = torch.argsort(x, dim=0, stable=True)
+    sorted_x = torch.gather(x, 0, order)
+    ranks = torch.empty_like(x)
+    n = x.shape[0]
+    positions = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1).expand_as(x)
+    for j in range(x.shape[1]):     # tie groups per column
+        col, pos = sorted_x[:, j], positions[:, j].clone()
+        start = 0
+        for i in range(1, n + 1):
+            if i == n or col[i] != col[start]:
+                pos[start:i] = (start + 1 + i) / 2
+                start = i
+        ranks[order[:, j], j] = pos
+    return ranks
+
+
+def spearman(a, b):
+    """[Q] Spearman correlation of each column of a [M, Q] with the same column of b; NaN where one is constant."""
+    ra, rb = rank(a), rank(b)
+    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
+    denom = (ra.pow(2).sum(0) * rb.pow(2).sum(0)).sqrt()
+    return torch.where(denom > 0, (ra * rb).sum(0) / denom.clamp_min(1e-300), float("nan"))
+
+
+def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
+    """{lds, low, high, n_queries, n_constant, per_query} of scores [Q, N] against measured losses [M, Q] of
+    models trained on the subsets membership [M, N]."""
+    per_query = spearman(predictions(scores, membership), -losses.double())
+    ok = torch.isfinite(per_query)
+    values = per_query[ok]
+    out = {"n_queries": int(ok.sum()), "n_constant": int((~ok).sum()),
+           "per_query": [None if not math.isfinite(v) else v for v in per_query.tolist()]}
+    if not values.numel():
+        return {"lds": None, "low": None, "high": None, **out}
+    g = torch.Generator().manual_seed(seed)
+    boots = values[torch.randint(len(values), (n_boot, len(values)), generator=g)].mean(1)
+    alpha = (1 - level) / 2
+    return {"lds": values.mean().item(), "low": torch.quantile(boots, alpha).item(),
+            "high": torch.quantile(boots, 1 - alpha).item(), **out}
+
+
+@torch.no_grad()
+def query_losses(model, encoded, pad_id, batch_size=16):
+    """[n] mean loss over each example's loss tokens (the quantity whose gradient the attribution projects)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        target = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0),
+                                                reduction="none")
+        keep = (target != -100).float()
+        out.append(((nll * keep).sum(1) / keep.sum(1).clamp_min(1)).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------- retrains
+RETRAIN_OFF = ["attribution.enabled=false", "analysis.enabled=false", "logger={}", "resume=false",
+               "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
+               "paths.output_dir=${hydra:runtime.output_dir}", "trainer.default_root_dir=${paths.output_dir}"]
+RECIPE_EXCLUDE = ("paths", "logger", "attribution", "analysis", "resume", "hydra", "trainer")
+
+
+def recipe_key(cfg, fraction):
+    """What a retrain's result depends on: the run's config (data, model, format, optimiser, schedule, seed...)
+    without paths, loggers, attribution and analysis, the trainer's epochs and precision, and the fraction."""
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in RECIPE_EXCLUDE}
+    trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "precision", "accelerator", "deterministic")}
+    return content_hash(recipe, trainer, float(fraction))
+
+
+def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
+    """train.py -m with the run's own saved config, attribution off, one job per subset seed."""
+    root = Path(__file__).resolve().parents[1]
+    launcher = [f"hydra/launcher={lds_cfg.launcher}"] + (
+        [f"hydra.launcher.n_jobs={lds_cfg.n_jobs}"] if lds_cfg.launcher == "joblib" else [])
+    return [sys.executable, str(root / "train.py"), "-m", f"--config-path={config_dir}", "--config-name=config",
+            *launcher, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=subset_${data.train_subset.seed}",
+            f"++data.train_subset.fraction={fraction}", f"++data.train_subset.seed={','.join(map(str, seeds))}",
+            *RETRAIN_OFF, *lds_cfg.get("extra_overrides", [])]
+
+
+def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
+    """{membership [M, N], losses [M, Q], seeds}: each subset's fine-tuned model's loss on every query. Subsets
+    already retrained (their query_losses.json present, same queries) are reused; the others are launched as one
+    Hydra multirun of ordinary LARK runs (lds_cfg.launcher: joblib locally, submitit_slurm on a cluster)."""
+    from lark.attribution import write_json
+    from lark.experiment import saved_checkpoints
+    from lark.formats import encode
+    from lark.models import load_pretrained
+
+    run_dir = Path(run_dir)
+    base = Path(lds_cfg.dir or run_dir / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
+    seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
+    query_ids = [q["id"] for q in queries]
+
+    def done(seed):
+        try:
+            saved = json.loads((base / f"subset_{seed}" / "query_losses.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return saved if saved.get("query_ids") == query_ids else None
+
+    missing = [s for s in seeds if done(s) is None]
+    if missing:
+        log(f"[lark] mini-LDS: retraining {len(missing)} of {len(seeds)} subsets into {base}")
+        command = retrain_command(run_dir.resolve() / ".hydra", base, lds_cfg.fraction, missing, lds_cfg)
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mini-LDS retrains failed (exit {proc.returncode}): {' '.join(command)}\n"
+                               f"{proc.stderr[-3000:]}")
+        for seed in missing:
+            job = base / f"subset_{seed}"
+            epochs = saved_checkpoints(job)
+            model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
+            encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
+            used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines()
+                    if line.strip()]
+            losses = query_losses(model, encoded, tokenizer.pad_token_id)
+            write_json(job / "query_losses.json", {"query_ids": query_ids, "train_ids": used,
+                                                   "epoch": max(epochs), "losses": losses.tolist()})
+            if not lds_cfg.keep_checkpoints:   # the losses are what LDS needs; the final checkpoint stays
+                for epoch, folder in epochs.items():
+                    if epoch != max(epochs):
+                        shutil.rmtree(folder)
+    saved = [done(s) for s in seeds]
+    return {"seeds": seeds, "membership": masks([s["train_ids"] for s in saved], train_ids),
+            "losses": torch.tensor([s["losses"] for s in saved], dtype=torch.float64)}

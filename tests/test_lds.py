@@ -1,0 +1,102 @@
+"""lark.lds and lark.retrieval on cases whose answers are known exactly."""
+import math
+
+import pytest
+import torch
+
+from lark import lds
+from lark import retrieval as R
+
+
+def linear_world(n_train=24, n_queries=6, dim=5, seed=0):
+    """A linear model theta . x with a linear loss -y * theta . x, 'trained' on a subset S by one gradient step of
+    the summed loss from theta0: the trained model's query losses are EXACTLY additive over S, and the true
+    influence of d on q is lr * <grad L_q, grad L_d> (a step on d lowers q's loss by that much)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train, dim, generator=g, dtype=torch.float64)
+    y = torch.randn(n_train, generator=g, dtype=torch.float64)
+    xq = torch.randn(n_queries, dim, generator=g, dtype=torch.float64)
+    yq = torch.randn(n_queries, generator=g, dtype=torch.float64)
+    theta0, lr = torch.randn(dim, generator=g, dtype=torch.float64), 0.1
+
+    def grads(xs, ys):
+        theta = theta0.clone().requires_grad_(True)
+        return torch.stack([torch.autograd.grad(-(yi * (xi @ theta)), theta)[0] for xi, yi in zip(xs, ys)])
+
+    def retrain(member):
+        theta = theta0.clone().requires_grad_(True)
+        loss = -(y[member] * (x[member] @ theta)).sum()
+        step = torch.autograd.grad(loss, theta)[0]
+        with torch.no_grad():
+            return -(yq * (xq @ (theta0 - lr * step)))   # each query's loss after training on the subset
+
+    return grads(xq, yq), grads(x, y), lr, retrain
+
+
+def test_lds_recovers_the_exact_influences_of_a_linear_model():
+    gq, gd, lr, retrain = linear_world()
+    ids = [f"d{i}" for i in range(len(gd))]
+    subsets = [lds.subset(ids, 0.5, seed) for seed in range(16)]
+    membership = lds.masks(subsets, ids)
+    losses = torch.stack([retrain(m.bool()) for m in membership])      # [M, Q] measured by "retraining"
+    true = lr * gq @ gd.T                                                # [Q, N]
+    exact = lds.lds(true, membership, losses)
+    assert exact["lds"] == pytest.approx(1.0, abs=1e-12) and exact["n_queries"] == 6
+    assert exact["low"] == pytest.approx(1.0) and exact["high"] == pytest.approx(1.0)
+    assert lds.lds(-true, membership, losses)["lds"] == pytest.approx(-1.0, abs=1e-12)   # the sign matters
+    noise = lds.lds(torch.randn(true.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                    membership, losses)
+    assert abs(noise["lds"]) < 0.35 and noise["low"] <= noise["lds"] <= noise["high"]
+    cosine = lds.lds(R_unit(gq) @ R_unit(gd).T, membership, losses)     # right direction, wrong magnitudes
+    assert noise["lds"] < cosine["lds"] < 1.0
+
+
+def R_unit(v):
+    return v / v.norm(dim=1, keepdim=True)
+
+
+def test_subsets_are_seeded_and_sized_and_a_constant_query_is_left_out():
+    ids = [f"d{i}" for i in range(10)]
+    assert lds.subset(ids, 0.5, 3) == lds.subset(ids, 0.5, 3) != lds.subset(ids, 0.5, 4)
+    assert len(lds.subset(ids, 0.5, 0)) == 5 and lds.subset(ids, 0.5, 0) == sorted(lds.subset(ids, 0.5, 0))
+    with pytest.raises(ValueError, match="fraction"):
+        lds.subset(ids, 0, 0)
+    membership = lds.masks([["d0", "d1"], ["d1", "d2"], ["d0", "d2"]], ["d0", "d1", "d2"])
+    scores = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    losses = torch.tensor([[3.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    result = lds.lds(scores, membership, losses)
+    # query 0: predictions 3, 5, 4 vs -loss -3, -1, -2: identical order -> 1; query 1: constant -> left out
+    assert result["lds"] == pytest.approx(1.0) and result["n_constant"] == 1 and result["per_query"][1] is None
+    with pytest.raises(KeyError, match="no score"):
+        lds.masks([["d9"]], ["d0"])
+
+
+def test_spearman_ranks_ties_by_their_mean_rank():
+    assert lds.rank(torch.tensor([[3.0], [1.0], [3.0], [2.0]])).squeeze(1).tolist() == [3.5, 1.0, 3.5, 2.0]
+    a = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 2.0], [4.0, 5.0]])
+    b = torch.tensor([[10.0, 4.0], [20.0, 3.0], [30.0, 2.0], [40.0, 1.0]])
+    rho = lds.spearman(a, b)
+    assert rho[0] == pytest.approx(1.0)
+    # column 1: ranks (1, 2.5, 2.5, 4) vs (4, 3, 2, 1): Pearson of the ranks
+    ra, rb = torch.tensor([1, 2.5, 2.5, 4]), torch.tensor([4.0, 3, 2, 1])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    assert rho[1].item() == pytest.approx(((ra * rb).sum() / (ra.norm() * rb.norm())).item())
+
+
+def test_retrieval_metrics_on_a_hand_made_ranking():
+    # query 0 ranks d2, d0, d3, d1, d4; relevant {d0, d4} at ranks 2 and 5
+    # query 1 ranks d1, d0, d2, d3, d4 (ties keep column order); relevant {d1} at rank 1
+    # query 2 has no relevant document: left out
+    scores = torch.tensor([[0.8, 0.2, 0.9, 0.5, 0.1], [0.5, 0.7, 0.5, 0.5, 0.5], [1.0, 0, 0, 0, 0]])
+    relevant = R.columns(["d0", "d1", "d2", "d3", "d4"], [["d0", "d4"], ["d1"], []])
+    assert relevant == [[0, 4], [1], []]
+    assert R.recall_at(scores, relevant, 1).tolist()[:2] == [0.0, 1.0]
+    assert R.recall_at(scores, relevant, 2).tolist()[:2] == [0.5, 1.0]
+    assert R.recall_at(scores, relevant, 5).tolist()[:2] == [1.0, 1.0]
+    assert R.reciprocal_rank(scores, relevant).tolist()[:2] == [0.5, 1.0]
+    assert R.precision_at(scores, relevant).tolist()[:2] == [0.5, 1.0]          # n = |relevant|
+    assert R.average_precision(scores, relevant)[0].item() == pytest.approx((1 / 2 + 2 / 5) / 2)
+    assert math.isnan(R.recall_at(scores, relevant, 1)[2].item())
+    assert R.mean(R.reciprocal_rank(scores, relevant)) == (0.75, 2)
+    with pytest.raises(KeyError, match="not among the candidates"):
+        R.columns(["d0"], [["d7"]])
