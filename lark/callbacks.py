@@ -4,6 +4,7 @@ import lightning as L
 
 from lark.checkpoint import evaluate_checkpoint
 from lark.loggers import log_metrics, log_table
+from lark.sources import example_text
 
 
 class AttributionCallback(L.Callback):
@@ -34,4 +35,9 @@ class AttributionCallback(L.Callback):
                 sources = [(s, logged.get(f"influence/mean_max/{s}"), logged.get(f"influence/ft_wins/{s}"))
                            for s in self.sets]
                 log_table(trainer, f"influence/{name}/sources", ["source", "mean_max", "ft_wins"], sources)
-                log_table(trainer, f"influence/{name}/top_k", ["query_id", "source", "rank", "doc_id", "score"], rows)
+                n = self.cfg.analysis.report_snippet_chars   # documents' text, not only ids (as in the report)
+                texts = {(s, e["id"]): example_text(e)[:n] for s, examples in self.sets.items() for e in examples}
+                questions = {item["id"]: item["question"] for item in self.test_items}
+                log_table(trainer, f"influence/{name}/top_k", ["query_id", "question", "source", "rank", "doc_id",
+                                                               "score", "text"],
+                          [(q, questions.get(q), s, r, d, v, texts.get((s, d))) for q, s, r, d, v in rows])

@@ -6,7 +6,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from lark.attribution import attribute_checkpoint
+from lark.attribution import attribute_checkpoint, write_predictions
 from lark.fingerprints import fingerprints
 from lark.models import content_hash, save_checkpoint
 from lark.sources import query_examples
@@ -52,12 +52,14 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
         save_checkpoint(model, tokenizer, run_dir / "checkpoints" / name,
                         {"lark_config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                          "lark_epoch.json": json.dumps({"epoch": epoch, "lr": lr})})
-    accuracy, predicted = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
-                                          cfg.max_length)
+    accuracy, predicted, logp = answer_accuracy(model, tokenizer, test_items, query_examples(test_items, fmt), fmt,
+                                                cfg.max_length, with_scores=True)
     log(f"[lark] {name}: test accuracy {accuracy:.3f}")
     logged = {"test/accuracy": accuracy, "checkpoint_epoch": epoch}
     if not wanted(attr, epoch):
         return logged, []
+    if rank == 0:
+        write_predictions(run_dir / "attribution" / name / "predictions.jsonl", test_items, predicted, logp)
     queries = query_examples(test_items, fmt, predicted if attr.query_target == "predicted" else None)
     metrics, rows = attribute_checkpoint(
         model, tokenizer, sets, queries, fmt, attr, cfg.source,

@@ -218,9 +218,12 @@ def test_bf16_sketch_matches_the_float32_sketch_and_the_exact_cosines(tiny, how,
         b16 = project_examples(bf16, tiny["encoded"], hook, tiny["pad"])
     assert b16.dtype == torch.float32 and torch.isfinite(b16).all()
     # the model's GEMMs and the per-example ones (bmm; TensorSketch's are float32 FFTs and Gram matrices) in bf16
-    gemms = [d for op, d in log.calls if op in ("aten.mm", "aten.addmm") + (("aten.bmm",) if method == "materialize"
-                                                                             else ())]
+    gemms = [d for op, d in log.calls if op in ("aten.mm", "aten.addmm")]
     assert gemms and all(torch.bfloat16 in d and torch.float32 not in d for d in gemms)
+    if method == "materialize":   # per-example GEMMs in bf16; per_tensor's embedding-norm Gram e e^T is float32
+        bmms = [d for op, d in log.calls if op == "aten.bmm"]
+        assert any(d == [torch.bfloat16] * 2 for d in bmms)
+        assert all(d == [torch.bfloat16] * 2 or (how == "per_tensor" and d == [torch.float32] * 2) for d in bmms)
     folds = [d for op, d in log.calls if op in ("aten.index_add_", "aten.addcmul_", "aten.add_", "aten.scatter_add_")]
     assert folds and all(d[0] == torch.float32 for d in folds)                            # sums in float32
     assert torch.nn.functional.cosine_similarity(b16.double(), f32.double(), dim=1).min() >= 0.999
