@@ -21,12 +21,7 @@ from lark.training import collate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_projector import one_thread  # noqa: E402,F401  (autouse: one thread, as there)
 
 
 class OneLinear(torch.nn.Module):
