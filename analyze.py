@@ -1,4 +1,4 @@
-"""Tables I-IV and Figures 1-3 from a run directory or a multirun folder (one line/row per job).
+"""Tables I-IV, Figures 1-3 and report/index.html from a run directory or a multirun folder (one line/row per job).
 
     python analyze.py run_dir=outputs/train/2026-11-29_10-00-00
     python analyze.py run_dir=multirun/2026-11-29_10-00-00 table1_epoch=2
@@ -15,8 +15,8 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 def main(cfg):
     from lark.analysis import analyze
 
-    result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch)
-    for path in result["table_files"] + result["figure_files"]:
+    result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch, cfg.report, cfg.snippet_chars)
+    for path in result["table_files"] + result["figure_files"] + ([result["report"]] if result["report"] else []):
         print(path)
     if cfg.validate:   # Table V as `python validate.py run_dir=<run>` with conf/validate.yaml, for each run
         from lark.validation import load_config, validate_run

@@ -18,10 +18,13 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg):
     from lark.errors import LarkError
-    from lark.experiment import train
+    from lark.preflight import preflight
 
     run_dir = None
     try:
+        preflight(cfg)  # seconds, before the heavy imports below: hub ids, GPU, disk
+        from lark.experiment import train
+
         run_dir = train(cfg)
     except LarkError as e:  # bad data, config or run directory: the message says what and where
         print(f"[lark] error: {e}", file=sys.stderr)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Where a GPU is lent (the `device` tool): the attribution benchmark on a ~1.2B random OLMo-3 config in bf16,
-# batch 8 x 512 tokens, printing the same table as on the CPU (< 5 minutes on an H200). Needs only torch (CUDA),
-# transformers, tokenizers, safetensors and lightning, which a stock PyTorch GPU image has; nothing is installed.
+# Where a GPU is lent (the `device` tool): benchmarks/gpu_check.py -- random-init OLMo-3 ~1B and 7B configs in bf16,
+# batch 8 x 512: an AdamW training step, `sketch` (normalize none / per_tensor), `rapidin`; examples/s, ratio to the
+# training step, peak GPU memory, fidelity against exact cosines; one table and a SUMMARY line (<= 8 minutes on one
+# H200). Needs only torch (CUDA) and transformers; nothing is installed or downloaded. Arguments go to the script:
+#   bash benchmarks/gpu_check.sh --device cpu --configs tiny --batch 2 --seq 32    # the same code on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-PYTHONUNBUFFERED=1 python3 benchmarks/attribution_speed.py --models olmo3-1b --device cuda --dtype bfloat16 \
-  --batch 8 --seq 512 --repeats 5 --fidelity-examples 6 "$@"
+if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; fi
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

@@ -5,7 +5,7 @@ model). A Hydra multirun folder holds numbered job folders, each a run directory
 `job` column (the job's overrides) and its figures one line per job.
 
     analyze("outputs/train/2025-01-01_12-00-00")   # -> tables/table{1..4}.{md,csv}, figures/fig{1,2,3}_*.png
-    analyze("multirun/2025-01-01_12-00-00", table1_epoch=2)
+    analyze("multirun/2025-01-01_12-00-00", table1_epoch=2)   # + report/index.html (lark.report)
 
 Numbers stay numbers in the table rows (and in the CSVs, at full precision); only the markdown is rounded.
 Fractions in metrics.json (accuracy, wins) become percentages here, in columns ending in `_pct`.
@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from lark.data import replacing
+from lark.report import write_run_report, write_sweep_report
 from lark.rundir import require_complete
 
 TITLES = {
@@ -499,14 +500,21 @@ def format_bytes_short(n):
 # ---------------------------------------------------------------------------------------------- analyze
 
 
-def analyze(path, out_dir=None, table1_epoch="best"):
-    """Tables (out_dir/tables) and figures (out_dir/figures) of a run or multirun folder; out_dir defaults
-    to `path`. Returns {"tables", "table_files", "figure_files", "runs"}."""
+def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=280):
+    """Tables (out_dir/tables), figures (out_dir/figures) and, with `report`, the browsable page
+    out_dir/report/index.html (lark.report) of a run or multirun folder; out_dir defaults to `path`.
+    Returns {"tables", "table_files", "figure_files", "report" (a path or None), "runs"}."""
     run_dirs = find_runs(path)
     for run_dir in run_dirs.values():
         require_complete(run_dir)
     runs = {label: load_metrics(run_dir) for label, run_dir in run_dirs.items()}
     out_dir = Path(path if out_dir is None else out_dir)
     tables = build_tables(runs, table1_epoch)
-    return {"tables": tables, "table_files": write_tables(tables, out_dir / "tables"),
-            "figure_files": plot_figures(runs, out_dir / "figures", table1_epoch), "runs": run_dirs}
+    result = {"tables": tables, "table_files": write_tables(tables, out_dir / "tables"),
+              "figure_files": plot_figures(runs, out_dir / "figures", table1_epoch), "report": None, "runs": run_dirs}
+    if report:
+        chosen = {label: pick_epoch(metrics, table1_epoch) for label, metrics in runs.items()}
+        result["report"] = (write_run_report(run_dirs["run"], runs["run"], out_dir, chosen["run"]["epoch"],
+                                             snippet_chars) if list(runs) == ["run"] else
+                            write_sweep_report(path, run_dirs, runs, chosen, out_dir, snippet_chars))
+    return result

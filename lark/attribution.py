@@ -5,6 +5,7 @@ Layout written under attribution/epoch_NNN/:
                               (float32); header metadata: ids, set, epoch, tier, projector spec (lark.stores)
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
+  predictions.jsonl           per test question: gold and predicted answer, log-likelihood of each label, loss
   metrics.json                the paper's metrics (see lark.metrics) + accuracy, lr, storage, BM25 baseline, the
                               ids of examples with non-finite gradients, fingerprints; written last (= complete)
   shards/                     only while a set larger than attribution.shard_size is in progress
@@ -18,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lark import faults
+from lark.console import progress
 from lark import metrics as M
-from lark.data import replacing
+from lark.data import LABELS, replacing, write_jsonl
 from lark.fingerprints import PROJECTOR_VERSION, fingerprints
 from lark.models import content_hash
 from lark.formats import encode
@@ -32,7 +34,7 @@ from lark.training import collate
 QUERY_SET = "test_queries"
 
 
-def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None):
+def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None, desc="projecting"):
     """[n, k] projected gradients (float32), computed in batches. Examples whose loss or gradient is not finite
     get a NaN row. With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects
     them. Batches are formed by length (less padding): an example's vector does not depend on its batch."""
@@ -42,7 +44,7 @@ def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, wo
     was_training = model.training
     model.eval()
     rows = {}
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), desc, unit="batch"):
         index = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
         for i, v in zip(index, projector.project_batch(model, batch).float().cpu()):
@@ -78,7 +80,7 @@ def project_set(model, encoded, ids, projector, meta, folder, cfg, pad_id, rank,
         saved = read_shard(path, part_ids, meta) if reuse and len(encoded) > size else None
         if saved is None:
             saved = project_examples(model, encoded[start:start + size], projector, pad_id, cfg.batch_size, rank,
-                                     world, gather)
+                                     world, gather, f"projecting {meta['set']}")
             if rank == 0 and len(encoded) > size:
                 atomic_save({"vectors": saved.contiguous()}, path,
                             {"ids": json.dumps(part_ids), **{k: json.dumps(v) for k, v in meta.items()}})
@@ -184,6 +186,17 @@ def attribute_checkpoint(model, tokenizer, sets, queries, fmt, cfg, src, out_dir
         write_csv(out_dir / "top_influences.csv", ["query_id", "source", "rank", "doc_id", "score"], rows)
         write_json(out_dir / "metrics.json", result)
     return result, rows
+
+
+def write_predictions(path, items, predicted, logp):
+    """predictions.jsonl: per test question its gold and predicted answer, the summed log-likelihood of each label
+    ([n, 3] logp, lark.training.answer_log_likelihoods) and the loss = -log-likelihood of the gold answer."""
+    rows = []
+    for item, answer, scores in zip(items, predicted, logp.tolist()):
+        scores, gold = dict(zip(LABELS, scores)), item["final_decision"]
+        rows.append({"id": item["id"], "gold": gold, "predicted": answer, "correct": answer == gold,
+                     "loss": M.clean(-scores[gold]) if gold in scores else None, "logp": M.clean(scores)})
+    write_jsonl(rows, path)
 
 
 def write_json(path, obj):

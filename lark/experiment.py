@@ -16,16 +16,18 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lark import analysis, rundir
+from lark import analysis, console, rundir
 from lark.attribution import write_json
-from lark.callbacks import AttributionCallback, evaluate_checkpoint, wanted
+from lark.callbacks import AttributionCallback
 from lark.canary import plant as plant_canary
+from lark.checkpoint import evaluate_checkpoint, wanted
 from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
 from lark.errors import ConfigError, RunDirError
 from lark.formats import encode, qa_fields
 from lark.lds import train_subset
-from lark.loggers import build_loggers, finish, log_images
+from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
+from lark.preflight import preflight
 from lark.pretrain import pretrain_tiny
 from lark.projector import KINDS, trainable
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
@@ -135,6 +137,8 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
+    preflight(cfg, log)
+    console.setup()
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     resume = bool(cfg.get("resume"))
@@ -160,7 +164,8 @@ def train(cfg, log=print):
     callbacks = [AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log)]
     if cfg.trainer.enable_checkpointing:
         callbacks += resume_callbacks(run_dir, loader.generator)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                          enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar))
     try:
         if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
             evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, 0, None, log=log, reuse=resume)
@@ -168,8 +173,12 @@ def train(cfg, log=print):
             trainer.fit(module, loader, ckpt_path=last_checkpoint(run_dir, log) if resume else None,
                         weights_only=True)
         if cfg.analysis.enabled and trainer.global_rank == 0:
-            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch)
+            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch,
+                                      report=cfg.analysis.report, snippet_chars=cfg.analysis.report_snippet_chars)
             log_images(loggers, "figures", result["figure_files"])
+            if result["report"]:
+                log_report(loggers, result["report"])
+            console.summary(run_dir, result, loggers, log)
     finally:
         finish(loggers)
     return run_dir
@@ -202,6 +211,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     """(Re)attribute the saved checkpoints of a run, with its saved config and data (plus attribution overrides).
     resume: epochs whose metrics.json matches are not redone, and complete stores and shards are reused."""
     run_dir = Path(run_dir)
+    console.setup()
     cfg = load_run_config(run_dir)
     with open_dict(cfg):
         if "plan_tokens" not in cfg.attribution.projector:   # a run saved before the key existed

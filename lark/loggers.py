@@ -1,6 +1,7 @@
 """Loggers: built from the `logger` config group (a dict, one entry per logger), never allowed to fail a run."""
 import os
 import warnings
+from pathlib import Path
 
 from hydra.utils import instantiate
 
@@ -18,6 +19,9 @@ def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, **kwarg
         os.makedirs(save_dir, exist_ok=True)
         logger = WandbLogger(project=project, name=name, save_dir=save_dir, offline=offline,
                              settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs)
+        # Lightning passes anonymous=None to wandb.init, which W&B answers with "The anonymous setting has no
+        # effect": a setting nobody set, so it is not passed at all
+        logger._wandb_init.pop("anonymous", None)
         logger.experiment  # start the run now, so that a failure happens here and not mid-training
         return logger
     except Exception as e:  # W&B must never stop the experiment
@@ -50,12 +54,31 @@ def log_table(trainer, key, columns, rows):
 
 
 def log_images(loggers, key, paths):
+    """Each image under its own key (key/<file stem>): figures differ in size, and W&B shows a list of images
+    of different sizes incorrectly (and says so)."""
     for lg in loggers:
         if hasattr(lg, "log_image"):
-            try:
-                lg.log_image(key=key, images=[str(p) for p in paths])
-            except Exception as e:
-                warnings.warn(f"{type(lg).__name__}: could not log images {key}: {e}")
+            for path in paths:
+                try:
+                    lg.log_image(key=f"{key}/{Path(path).stem}", images=[str(path)])
+                except Exception as e:
+                    warnings.warn(f"{type(lg).__name__}: could not log image {key}/{Path(path).stem}: {e}")
+
+
+def log_report(loggers, path):
+    """The report page (lark.report) as a W&B artifact of type "report"; loggers without artifacts ignore it."""
+    for lg in loggers:
+        experiment = getattr(lg, "experiment", None) if hasattr(lg, "log_image") else None
+        if experiment is None or not hasattr(experiment, "log_artifact"):
+            continue
+        try:
+            import wandb
+
+            artifact = wandb.Artifact("report", type="report", description="LARK report/index.html (offline page)")
+            artifact.add_file(str(path), name="index.html")
+            experiment.log_artifact(artifact)
+        except Exception as e:
+            warnings.warn(f"{type(lg).__name__}: could not log the report: {e}")
 
 
 def finish(loggers):

@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from lark.console import progress
+
 
 def max_influence(scores):
     """[n_queries] maximum score over a source's documents (NaN rows stay NaN; an empty source gives NaN)."""
@@ -72,7 +74,7 @@ def bm25_max_scores(queries, source_texts):
     names = list(source_texts)
     corpus = [bm25_tokens(t) for n in names for t in source_texts[n]]
     index = BM25Okapi(corpus)
-    scores = torch.from_numpy(np.stack([index.get_scores(bm25_tokens(q)) for q in queries]))
+    scores = torch.from_numpy(np.stack([index.get_scores(bm25_tokens(q)) for q in progress(queries, "BM25 baseline")]))
     out, start = {}, 0
     for n in names:
         out[n] = max_influence(scores[:, start:start + len(source_texts[n])]).float()

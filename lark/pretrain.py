@@ -4,11 +4,15 @@ The result (= epoch 0 of fine-tuning) is cached by a hash of the corpus and the 
 written under a temporary name and renamed when complete, so a killed pretraining leaves nothing that is trusted."""
 import functools
 import hashlib
+import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from lark.console import progress
 from lark.models import build_tiny, content_hash, save_checkpoint, train_tokenizer
 from lark.training import CausalLMModule, make_loader
 
@@ -41,9 +45,43 @@ def pretrain_tiny(model_cfg, texts, cache_dir, log=print):
         log(f"[lark] base model from cache: {folder}")
         return folder
     log(f"[lark] pretraining the tiny model on {len(texts)} documents ({spec['pretrain']['steps']} steps)")
+    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # fine-tuning's RNG state does not depend on a cache hit
-        pretrain(model_cfg, texts, folder)
+        loss = pretrain(model_cfg, texts, folder)
+    log(f"[lark] pretrained in {time.perf_counter() - start:.0f} s, last loss {loss:.3f}; cached: {folder}")
     return folder
+
+
+class StepProgress(L.Callback):
+    """Pretraining progress by optimizer step with an ETA (lark.console.progress; a terminal only): pretraining
+    is bounded by steps, so Lightning's epoch bar (`Epoch 5/-2` with max_epochs=-1) would mislead."""
+
+    def __init__(self, steps):
+        self.steps, self.bar, self.loss = steps, None, float("nan")
+
+    def on_train_start(self, trainer, pl_module):
+        self.bar = progress(None, "pretraining", total=self.steps, unit="step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {self.loss:.3f}")
+
+    def on_train_end(self, trainer, pl_module):
+        self.bar.close()
+
+
+@contextmanager
+def quiet_trainer():
+    """Lightning's per-Trainer notices (devices found, why fit stopped) at WARNING for the internal pretraining
+    Trainer: the fine-tuning Trainer prints the same lines, once."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def pretrain(model_cfg, texts, folder):
@@ -60,10 +98,14 @@ def pretrain(model_cfg, texts, folder):
         scheduler_interval="step",
         stage="pretrain",
     )
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=p.steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, deterministic=True,
-                        gradient_clip_val=1.0, log_every_n_steps=50)
-    trainer.fit(module, loader)
+    steps = StepProgress(p.steps)
+    with quiet_trainer():
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=p.steps, max_epochs=-1, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False, deterministic=True,
+                            gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
+                            callbacks=[steps])
+        trainer.fit(module, loader)
     folder.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, tokenizer, folder)
+    return steps.loss
 

@@ -172,7 +172,8 @@ def make_projector(cfg, model):
     if cfg.kind == "sketch":
         from lark.sketch import HookSketch
 
-        return HookSketch(model, cfg.k, cfg.seed, cfg.normalize, cfg.get("method", "auto"), cfg.get("plan_tokens", 512))
+        return HookSketch(model, cfg.k, cfg.seed, cfg.normalize, cfg.get("method", "auto"), cfg.get("plan_tokens", 512),
+                          cache_bytes=cfg.get("cache_bytes", 2**30))
     if cfg.kind == "rapidin":
         return CountSketch(shapes, cfg.k, cfg.seed, cfg.normalize)
     if cfg.kind == "gaussian":

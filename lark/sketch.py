@@ -24,6 +24,15 @@ the same bucket and sign as sketch_flat gives coordinate (v, column) -- the V x 
 (and a tied output layer adds into the same buckets). RMSNorm/LayerNorm weights (1-D, out = w * xhat + b):
 exact per-example gradient sum_t g_t * xhat_t (xhat = (out - b) / w), then sketched. Everything the hooks do not
 reach is reported by `coverage()`; for the OLMo-3 family it is 100%.
+
+`normalize="per_tensor"` (RapidIn's per-tensor L2 normalisation): each parameter's sketch is divided by the norm of
+that parameter's per-example gradient, which is computed without forming anything bigger than the sketch does --
+materialised layers sum the squares of their blocks while they are in cache, TensorSketch layers use
+||G||^2 = sum_{t,s} (x_t.x_s)(delta_t.delta_s) (frobenius), embeddings sum_{s,s'} [tok_s = tok_s'] e_s.e_s'
+(e_s = dL/d embedding_s). A tied input/output embedding's gradient is a + b (embedding part, output-layer part),
+sketched into one vector and divided once by ||a + b||^2 = ||a||^2 + ||b||^2 + 2<a, b>, where
+<a, b> = sum_s e_s . b[tok_s] and the rows b[tok_s] = sum_t delta[t, tok_s] x_t come from the output layer's
+(X, Delta): O(T^2 d) per example, V x d never formed. Other weights shared between modules are refused.
 """
 import math
 
@@ -37,7 +46,7 @@ from lark.projector import hashed, name_key, random_signs
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512):
+    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
@@ -66,15 +75,37 @@ class HookSketch:
         self.covered = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in covered)
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.tied = out is not None and out.weight is input_embedding.weight
-        if self.tied and normalize == "per_tensor":
-            raise ValueError("attribution.projector.normalize=per_tensor with tied input/output embeddings is not "
-                             "supported by kind=sketch (the two uses of the weight are sketched apart); use "
-                             "kind=rapidin")
+        if normalize == "per_tensor":
+            self.refuse_other_shared_weights(out)
         self.input_weight = input_embedding.weight
-        self.cache, self.workspace = {}, None
+        # per_tensor: the tied weight's two parts (output layer, input embedding) add up in `pending` and are
+        # divided once by the norm of their sum (see finish); `last_norms` keeps each parameter's per-example
+        # gradient norms of the last batch (what the per-tensor division used), for checking against autograd
+        self.pending, self.output_rows, self.last_norms = {}, None, {}
+        self.cache, self.workspace, self.scratches = {}, None, {}
         self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
         self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
-        self.cache_elements = 2**28    # signs of larger parameters are recomputed at each use
+        self.cache_bytes = int(cache_bytes)   # attribution.projector.cache_bytes: signs kept between batches
+        self.cached_bytes = 0
+        self.fold_schedule = "auto"    # fold_into: auto (slices on a CPU, index elsewhere) | index | slices
+
+    def refuse_other_shared_weights(self, output_layer):
+        """per_tensor needs the norm of each parameter's whole gradient; a parameter used by several modules
+        (other than the input embedding tied to the output layer, whose cross term embedding_sketch computes) would
+        be normalised per use."""
+        uses = {}
+        for group in (self.linears, self.norms, self.embeddings):
+            for mod_name, mod in group.items():
+                if mod is output_layer and self.tied:
+                    continue
+                for p in mod.parameters(recurse=False):
+                    uses.setdefault(id(p), []).append(mod_name)
+        shared = {self.param_names[i]: m for i, m in uses.items() if len(m) > 1}
+        if shared:
+            name, mods = next(iter(shared.items()))
+            raise ValueError(f"attribution.projector.normalize=per_tensor: parameter {name} is shared by modules "
+                             f"{', '.join(mods)}; kind=sketch normalises a shared weight only between the input "
+                             "embedding and a tied output layer (use kind=rapidin)")
 
     def coverage(self):
         """Share of trainable parameters whose gradient the sketch includes."""
@@ -86,24 +117,27 @@ class HookSketch:
                 "coverage": round(self.coverage(), 6)}
 
     # -- hashing -------------------------------------------------------------------------------------------
-    def signs(self, name, numel, device):
-        """Random sign of every coordinate of a parameter (counter-based hash of (seed, name, index))."""
-        key = ("sign", name, numel)
-        if key in self.cache:
-            return self.cache[key]
-        index = torch.arange(numel, dtype=torch.int64, device=device)
-        sign = random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
-        if numel <= self.cache_elements:
-            self.cache[key] = sign   # int8: a quarter of float32's memory; chunks are widened as they are used
-        return sign
+    def signs(self, name, numel, start, end, device):
+        """Random signs (int8) of coordinates [start, end) of a parameter of `numel` coordinates, from the counter
+        hash of (seed, name, index). A parameter's whole sign vector is kept while the cache has room
+        (`cache_bytes`, 1 byte per coordinate, first come first kept: the pass visits layers in a fixed cycle,
+        which evicting would turn into a miss every time); beyond it, only the block asked for is hashed, on the
+        spot."""
+        key = ("sign", name, numel, str(device))
+        sign = self.cache.get(key)
+        if sign is None and self.cached_bytes + numel <= self.cache_bytes:
+            sign = self.cache[key] = self.hash_signs(name, 0, numel, device)
+            self.cached_bytes += numel
+        return sign[start:end] if sign is not None else self.hash_signs(name, start, end, device)
 
-    def offsets(self, name, chunks):
-        """Random rotation of each k-long chunk of a parameter's flat index."""
-        key = ("offsets", name, chunks)
-        if key not in self.cache:
-            index = torch.arange(chunks, dtype=torch.int64)
-            self.cache[key] = (hashed(index, name_key(self.seed, name, "offset")) % self.k).tolist()
-        return self.cache[key]
+    def hash_signs(self, name, start, end, device):
+        index = torch.arange(start, end, dtype=torch.int64, device=device)
+        return random_signs(index, name_key(self.seed, name, "sign")).to(torch.int8)
+
+    def offsets(self, name, first, last, device):
+        """Random rotation of the k-long chunks first..last - 1 of a parameter's flat index ([chunks] int64)."""
+        index = torch.arange(first, last, dtype=torch.int64, device=device)
+        return hashed(index, name_key(self.seed, name, "offset")) % self.k
 
     def buckets(self, name, flat_index):
         """Bucket of flat coordinates: chunk c = index // k is rotated by offset(c)."""
@@ -111,8 +145,8 @@ class HookSketch:
         return (hashed(chunk, name_key(self.seed, name, "offset")) % self.k + pos) % self.k
 
     def axis_hash(self, name, axis, size, device):
-        """TensorSketch's per-axis bucket and sign."""
-        key = ("axis", name, axis, size)
+        """TensorSketch's per-axis bucket and sign (size numbers: cached, a few MB even for a 100k vocabulary)."""
+        key = ("axis", name, axis, size, str(device))
         if key not in self.cache:
             index = torch.arange(size, dtype=torch.int64, device=device)
             bucket = hashed(index, name_key(self.seed, name, f"ts-bucket-{axis}")) % self.k
@@ -132,19 +166,50 @@ class HookSketch:
 
     def fold_into(self, out, name, part, start, numel):
         """out [B, k] += sketch_flat of the coordinates [start, start + width) of a parameter of `numel`
-        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients)."""
-        sign = self.signs(name, numel, part.device)
-        offsets = self.offsets(name, -(-numel // self.k))
-        end = start + part.shape[1]
-        for c in range(start // self.k, -(-end // self.k)):
-            lo, hi = max(start, c * self.k), min(end, (c + 1) * self.k)    # this chunk's share of the block
-            pos = (offsets[c] + lo - c * self.k) % self.k                  # where lo lands
-            head = min(hi - lo, self.k - pos)
-            s = sign[lo:hi].float()
-            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], s[:head])
+        coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients).
+
+        Two schedules of the same sums (`fold_schedule`; auto: slices on a CPU, index elsewhere):
+        - index: a fixed number of tensor operations per block whatever width / k -- one index_add_ of the
+          signed block at its buckets (chunk c = i // k is rotated by offset_c: bucket (offset_c + i mod k)
+          mod k). A GPU's block is a whole layer, and a loop over its chunks would launch P / k ~ 10^5 small
+          kernels per batch at 7B (benchmarks/fold_profile.py counts them).
+        - slices: each chunk the block touches as at most two contiguous adds. On a CPU an operation costs
+          microseconds, not a launch, its blocks are cache-sized (a few chunks), and index_add_ costs 3-9x
+          more per coordinate (measured: docs/benchmarks.md).
+        On a CPU index_add_ adds in index order, i.e. chunk by chunk like the slices: both give the same
+        float32 sums bit for bit (tested); on a GPU its atomic adds may round the last bit differently from
+        run to run."""
+        k, width = self.k, part.shape[1]
+        first, last = start // k, -(-(start + width) // k)
+        sign = self.signs(name, numel, start, start + width, part.device)
+        offsets = self.offsets(name, first, last, part.device)
+        schedule = self.fold_schedule
+        if schedule == "auto":
+            schedule = "slices" if part.device.type == "cpu" else "index"
+        if schedule == "index":
+            bucket = torch.arange(k, device=part.device) + offsets.unsqueeze(1)          # [chunks, k]
+            bucket = torch.where(bucket >= k, bucket - k, bucket).view(-1)[start - first * k:][:width]
+            signed = torch.mul(part, sign, out=self.scratch("signed", part.shape, part.device))
+            return out.index_add_(1, bucket, signed)
+        if schedule != "slices":
+            raise ValueError(f"HookSketch.fold_schedule: unknown '{schedule}' (auto, index or slices)")
+        sign = sign.float()
+        for c, offset in enumerate(offsets.tolist(), start=first):
+            lo, hi = max(start, c * k), min(start + width, (c + 1) * k)    # this chunk's share of the block
+            pos = (offset + lo - c * k) % k                                # where lo lands
+            head = min(hi - lo, k - pos)
+            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], sign[lo - start:lo - start + head])
             if hi - lo > head:                                             # wraps around to [0, ...)
-                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], s[head:])
+                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], sign[lo - start + head:hi - start])
         return out
+
+    def scratch(self, role, shape, device):
+        """A reused float32 work array (fresh allocations of a block's size cost page faults on a CPU)."""
+        need = math.prod(shape)
+        buf = self.scratches.get(role)
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = self.scratches[role] = torch.empty(need, device=device)
+        return buf[:need].view(shape)
 
     def use_tensorsketch(self, t, n_in, n_out, element_size):
         """`auto`: TensorSketch where it moves fewer bytes per example -- about 8 passes over [T, k] float32
@@ -172,6 +237,8 @@ class HookSketch:
         if mod.bias is not None:
             parts[self.param_names[id(mod.bias)]] = ("flat", delta.float().sum(dim=1))
         tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
+        if tied and self.normalize == "per_tensor":
+            self.output_rows = self.rows_at_tokens(delta, x)
         if not tied and self.use_tensorsketch(self.plan_tokens, x.shape[-1], delta.shape[-1], x.element_size()):
             parts[w_name] = ("sketch", self.tensorsketch(w_name, delta, x), self.frobenius(delta.float(), x.float()))
         else:
@@ -196,8 +263,14 @@ class HookSketch:
 
     @staticmethod
     def frobenius(delta, x):
-        """||sum_t delta_t x_t^T||_F per example without forming it: sum_{t,s} (x_t.x_s)(delta_t.delta_s)."""
-        return ((x @ x.transpose(1, 2)) * (delta @ delta.transpose(1, 2))).sum(dim=(1, 2)).clamp_min(0).sqrt()
+        """||sum_t delta_t x_t^T||_F^2 per example without forming it: sum_{t,s} (x_t.x_s)(delta_t.delta_s)."""
+        return ((x @ x.transpose(1, 2)) * (delta @ delta.transpose(1, 2))).sum(dim=(1, 2)).clamp_min(0)
+
+    def rows_at_tokens(self, delta, x):
+        """Rows of a tied output layer's per-example gradient b = sum_t delta_t x_t^T at the input tokens,
+        [B, T, d]: row s is b[tok_s] = sum_t delta[t, tok_s] x_t. O(T^2 d) per example; V x d is never formed."""
+        tokens = self.tokens.unsqueeze(1).expand(-1, delta.shape[1], -1)           # [B, T (t), T (s)]
+        return delta.gather(2, tokens).float().transpose(1, 2) @ x.float()
 
     def embedding_sketch(self, mod, tokens, grad):
         """Count sketch of the embedding gradient from token ids [B, T] and d loss/d embedding [B, T, d]."""
@@ -208,13 +281,15 @@ class HookSketch:
         sign = random_signs(flat_index, name_key(self.seed, name, "sign"))
         out = torch.zeros(grad.shape[0], self.k, device=grad.device)
         out.scatter_add_(1, bucket.flatten(1), (grad.float() * sign).flatten(1))
-        norm = None
-        if self.normalize == "per_tensor":  # rows of one token id add up before the norm is taken
-            g = torch.zeros(grad.shape[0], mod.num_embeddings, d, device=grad.device)
-            g.index_put_((torch.arange(grad.shape[0]).unsqueeze(1).expand_as(tokens), tokens), grad.float(),
-                         accumulate=True)
-            norm = g.flatten(1).norm(dim=1)
-        return name, out, norm
+        squares = None
+        if self.normalize == "per_tensor":  # rows of one token id add up: sum_{s,s'} [tok_s = tok_s'] e_s.e_s'
+            e = grad.float()
+            same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
+            squares = ((e @ e.transpose(1, 2)) * same).sum(dim=(1, 2))
+            if self.output_rows is not None:   # tied: ||a + b||^2 = ||a||^2 + 2<a, b> (+ ||b||^2 from the output
+                squares = squares + 2 * (self.output_rows * e).sum(dim=(1, 2))   # layer): <a, b> = sum_s e_s.b[tok_s]
+                self.output_rows = None
+        return name, out, squares
 
     # -- the pass -------------------------------------------------------------------------------------------
     def project_batch(self, model, batch):
@@ -224,6 +299,7 @@ class HookSketch:
         input is released then: no more than one layer's (X, Delta) is held beyond what the floor holds."""
         saved, handles = {}, []
         total = torch.zeros(batch["input_ids"].shape[0], self.k, device=batch["input_ids"].device)
+        self.tokens, self.pending, self.output_rows, self.last_norms = batch["input_ids"], {}, None, {}
 
         def keep_input(name):
             def hook(mod, args, output):   # norms need their output (xhat = out / w); linears only the input
@@ -251,8 +327,9 @@ class HookSketch:
             for h in handles:
                 h.remove()
         if embedding in self.embeddings.values() and embeds.grad is not None:
-            name, sketch, norm = self.embedding_sketch(embedding, batch["input_ids"], embeds.grad)
-            self.add(total, name, "sketch", sketch, norm)
+            name, sketch, squares = self.embedding_sketch(embedding, batch["input_ids"], embeds.grad)
+            self.add(total, name, "sketch", sketch, squares)
+        self.finish(total)
         total[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
         return total
 
@@ -271,21 +348,71 @@ class HookSketch:
         xhat = out / mod.weight.detach().float()
         self.add(total, self.param_names[id(mod.weight)], "flat", (g * xhat).flatten(1, -2).sum(1))
 
-    def add(self, total, name, kind, value, norm=None):
-        """total += the sketch of one parameter's per-example gradients (normalised per tensor if asked)."""
-        per_tensor = self.normalize == "per_tensor"
-        if kind != "flat":
-            total += value / norm.clamp_min(1e-30).unsqueeze(1) if per_tensor else value
+    def add(self, total, name, kind, value, squares=None):
+        """total += the sketch of one parameter's per-example gradients: kind "flat" = [B, numel] or a
+        BlockedGemm, folded here; kind "sketch" = a [B, k] sketch, with `squares` its gradients' squared norms.
+        Under per_tensor each parameter is divided by its norm -- a gradient that comes whole (one block) before
+        it is folded, straight into total; one in several blocks after, from a reused [B, k] buffer -- and a tied
+        weight's two parts are only summed here, and divided by the norm of their sum in finish()."""
+        if self.normalize != "per_tensor":
+            if kind == "flat":
+                self.fold(total, name, value)
+            else:
+                total += value
             return
-        blocks, numel = (value, value.numel) if isinstance(value, BlockedGemm) else ([(value, 0)], value.shape[1])
-        layer = torch.zeros_like(total) if per_tensor else total
-        squares = 0
+        if self.tied and name == self.param_names[id(self.input_weight)]:
+            layer, so_far = self.pending.get(name) or (torch.zeros_like(total), 0)
+            if kind == "flat":
+                squares = self.fold(layer, name, value)
+            else:
+                layer += value
+            self.pending[name] = (layer, so_far + squares)
+            return
+        if kind != "flat":
+            total.addcmul_(value, self.inverse_norm(name, squares).unsqueeze(1))
+            return
+        gemm = isinstance(value, BlockedGemm)
+        blocks, numel = (value, value.numel) if gemm else ([(value, 0)], value.shape[1])
+        layer, squares = None, 0
         for part, start in blocks:
+            if start == 0 and part.shape[1] == numel:   # whole: divide (the GEMM's own buffer in place), fold
+                inverse = self.inverse_norm(name, self.squares(part)).unsqueeze(1)
+                self.fold_into(total, name, part.mul_(inverse) if gemm else part * inverse, 0, numel)
+                return
+            layer = self.scratch("layer", total.shape, total.device).zero_() if layer is None else layer
             self.fold_into(layer, name, part, start, numel)
-            if per_tensor:
-                squares = squares + part.float().pow(2).sum(dim=1)
-        if per_tensor:
-            total += layer / squares.sqrt().clamp_min(1e-30).unsqueeze(1)
+            squares = squares + self.squares(part)
+        total.addcmul_(layer, self.inverse_norm(name, squares).unsqueeze(1))
+
+    def fold(self, out, name, value):
+        """out [B, k] += sketch_flat of a per-example gradient (given whole or as BlockedGemm blocks); returns
+        the gradients' squared norms [B] under per_tensor (from the blocks while they are in cache), else None."""
+        blocks, numel = (value, value.numel) if isinstance(value, BlockedGemm) else ([(value, 0)], value.shape[1])
+        squares = 0 if self.normalize == "per_tensor" else None
+        for part, start in blocks:
+            self.fold_into(out, name, part, start, numel)
+            if squares is not None:
+                squares = squares + self.squares(part)
+        return squares
+
+    @staticmethod
+    def squares(part):
+        """[B] squared norms of the rows of a [B, width] block (accumulated in float32)."""
+        return torch.linalg.vector_norm(part, dim=1, dtype=None if part.dtype == torch.float32 else torch.float32
+                                        ).square()
+
+    def inverse_norm(self, name, squares):
+        """1 / ||gradient|| per example from its squared norm (a zero gradient stays zero, as in
+        normalize_tensors); the norm is kept in last_norms."""
+        norm = squares.clamp_min(0).sqrt()
+        self.last_norms[name] = norm
+        return 1 / norm.clamp_min(1e-30)
+
+    def finish(self, total):
+        """Normalise and add the parts of tied weights collected over the pass (per_tensor only)."""
+        for name, (layer, squares) in self.pending.items():
+            total.addcmul_(layer, self.inverse_norm(name, squares).unsqueeze(1))
+        self.pending = {}
 
 
 class BlockedGemm:

@@ -6,6 +6,7 @@
 - entertainment: N documents drawn at random (seeded) from the entertainment corpus.
 Each source is Formatted (QA fields, rendered with the fine-tuning template) or NoFormat (raw text).
 """
+from lark.console import progress
 from lark.data import sample
 from lark.formats import document_fields, qa_fields
 from lark.metrics import bm25_tokens
@@ -21,8 +22,9 @@ def bm25_retrieve(queries, docs, n, per_query=10):
     import numpy as np
     from rank_bm25 import BM25Okapi
 
-    index = BM25Okapi([bm25_tokens(d["text"]) for d in docs])
-    rankings = [np.argsort(-index.get_scores(bm25_tokens(q)), kind="stable")[:per_query] for q in queries]
+    index = BM25Okapi([bm25_tokens(d["text"]) for d in progress(docs, "BM25 indexing", unit="doc")])
+    rankings = [np.argsort(-index.get_scores(bm25_tokens(q)), kind="stable")[:per_query]
+                for q in progress(queries, "BM25 retrieval", unit="query")]
     picked, seen_ids, seen_text = [], set(), set()
     for rank in range(per_query):
         for ranking in rankings:

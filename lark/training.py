@@ -4,6 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lark import faults
+from lark.console import progress
 from lark.data import LABELS
 from lark.formats import IGNORE, candidate_answer, encode_qa
 
@@ -64,7 +65,7 @@ def answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length, batch
     encoded = [encode_qa(tokenizer, f, fmt, max_length, answer=candidate_answer(tokenizer, fmt, label))
                for f in fields_list for label in LABELS]
     scores = []
-    for start in range(0, len(encoded), batch_size):
+    for start in progress(range(0, len(encoded), batch_size), "accuracy", unit="batch"):
         batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -75,12 +76,13 @@ def answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length, batch
     return torch.cat(scores).view(len(fields_list), len(LABELS))
 
 
-def answer_accuracy(model, tokenizer, items, fields_list, fmt, max_length):
-    """(accuracy, predicted labels): the answer with the highest likelihood is the model's answer."""
+def answer_accuracy(model, tokenizer, items, fields_list, fmt, max_length, with_scores=False):
+    """(accuracy, predicted labels): the answer with the highest likelihood is the model's answer.
+    with_scores: also the [n, 3] log-likelihoods of yes / no / maybe (answer_log_likelihoods)."""
     was_training = model.training
     model.eval()
     scores = answer_log_likelihoods(model, tokenizer, fields_list, fmt, max_length)
     model.train(was_training)
     predicted = [LABELS[i] for i in scores.argmax(-1).tolist()]
     correct = sum(p == item["final_decision"] for p, item in zip(predicted, items))
-    return correct / max(1, len(items)), predicted
+    return (correct / max(1, len(items)), predicted) + ((scores,) if with_scores else ())

@@ -9,6 +9,7 @@ from omegaconf import open_dict
 from safetensors import safe_open
 
 from conftest import ROOT, SHARED_DATA, SMALL, compose
+from lark import browser
 
 pytestmark = pytest.mark.slow
 SOURCES = ["finetune", "medical_format", "medical_noformat", "entertainment_format", "entertainment_noformat"]
@@ -84,6 +85,25 @@ def test_data_tables_figures_and_wandb(run_dir):
         assert (run_dir / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs and runs[0].stat().st_size > 0
+
+
+@pytest.mark.skipif(browser.find() is None, reason="chromium is not installed (CI installs it)")
+def test_report_of_the_run_in_chromium(run_dir, tmp_path):
+    """The run's report/index.html in headless Chromium: every question, a top document's text, the filters."""
+    from test_report import assert_not_blank, lines, selftest
+
+    tests, result = lines(run_dir / "data" / "test.jsonl"), selftest(run_dir / "report" / "index.html")
+    assert result["queries"] == result["cards"] == len(tests) == 12
+    assert result["first_doc"]["full_text_shown"] and result["search_by_id"]["cards"] == 1
+    assert sum(result["labels"].values()) == 12
+    for epoch in range(3):
+        predictions = lines(run_dir / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl")
+        right = sum(p["correct"] for p in predictions)
+        assert result["correct"][str(epoch)] == [right, 12 - right]
+    doc = lines(run_dir / "data" / "sources" / f"{result['first_doc']['source']}.jsonl")
+    assert result["first_doc"]["id"] in {d["id"] for d in doc}
+    browser.screenshot(run_dir / "report" / "index.html", tmp_path / "report.png", "questions")
+    assert_not_blank(tmp_path / "report.png")
 
 
 def test_reattribution_reproduces_the_scores(run_dir):

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lark.attribution import project_examples
+from lark.fidelity import jl_pearson
 from lark.formats import document_fields, encode, qa_fields
 from lark.models import build_tiny, train_tokenizer
 from lark.projector import (CountSketch, ExactProjector, GaussianProjector, example_gradient, make_projector, mix32,
@@ -419,18 +420,109 @@ def tied_model(setup):
     return tied
 
 
-def test_sketch_materialize_with_tied_embeddings(setup):
-    tied, enc, pad = tied_model(setup), setup["encoded"][:4], setup["tok"].pad_token_id
-    hook = make_projector(projector_cfg(kind="sketch", k=256, method="materialize"), tied)
-    want = torch.stack([sketch_of_gradients(hook, g, "none") for g in model_gradients(tied, enc, pad)])
+@pytest.mark.parametrize("how", ["none", "per_tensor"])
+def test_sketch_materialize_with_tied_embeddings(setup, how):
+    """The tied weight's input-embedding and output-layer parts add into one sketch; under per_tensor it is
+    divided once by the norm of their sum (||a + b||, cross term from token ids), exactly as the sketch of the
+    normalised autograd gradient."""
+    tied, enc, pad = tied_model(setup), setup["encoded"][:6], setup["tok"].pad_token_id
+    hook = make_projector(projector_cfg(kind="sketch", k=256, method="materialize", normalize=how), tied)
+    want = torch.stack([sketch_of_gradients(hook, g, how) for g in model_gradients(tied, enc, pad)])
     torch.testing.assert_close(project_examples(tied, enc, hook, pad), want, rtol=1e-4, atol=1e-5)
 
 
-def test_sketch_per_tensor_with_tied_embeddings_is_refused(setup):
-    """The two uses of a tied weight are sketched apart, so their sum cannot be normalised: refuse, name the key."""
-    with pytest.raises(ValueError, match=r"attribution\.projector\.normalize=per_tensor with tied"):
-        make_projector(projector_cfg(kind="sketch", k=256, method="materialize", normalize="per_tensor"),
-                       tied_model(setup))
+def tiny_llama(setup, **config):
+    """A tiny LlamaForCausalLM (SmolLM2's architecture) on the test tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(setup["tok"]), pad_token_id=setup["tok"].pad_token_id,
+                                         **TINY.config, **config))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tied_parts(model, example, pad):
+    """Autograd's two parts of the tied weight's gradient for one example: a (input embedding) and b (output
+    layer), from the gradient with respect to the looked-up embeddings and the whole gradient."""
+    batch = collate([example], pad)
+    weight = model.get_input_embeddings().weight
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    whole, e = torch.autograd.grad(loss, [weight, embeds])
+    a = torch.zeros_like(weight).index_add_(0, batch["input_ids"][0], e[0])
+    return a, whole - a
+
+
+@pytest.mark.parametrize("arch, method", [("olmo3", "materialize"), ("olmo3", "tensorsketch"),
+                                          ("olmo3-tied", "materialize"), ("olmo3-tied", "tensorsketch"),
+                                          ("llama-tied-bias", "auto")])
+def test_sketch_per_tensor_norms_are_the_autograd_norms(setup, arch, method):
+    """The norms the per-tensor division uses -- from the GEMM blocks, TensorSketch's frobenius, the embedding's
+    token-equality sum and the tied cross term -- equal autograd's per-tensor gradient norms, example by example,
+    in a padded batch."""
+    model = {"olmo3": lambda: setup["model"], "olmo3-tied": lambda: tied_model(setup),
+             "llama-tied-bias": lambda: tiny_llama(setup, tie_word_embeddings=True, attention_bias=True,
+                                                   mlp_bias=True)}[arch]().eval()
+    enc, pad = setup["encoded"][:5], setup["tok"].pad_token_id
+    hook = make_projector(projector_cfg(kind="sketch", k=512, method=method, normalize="per_tensor"), model)
+    assert hook.coverage() == 1.0 and hook.tied == (arch != "olmo3")
+    hook.project_batch(model, collate(enc, pad))
+    grads = model_gradients(model, enc, pad)
+    assert set(hook.last_norms) == set(grads[0])                # every parameter, each normalised once
+    for name in grads[0]:
+        want = torch.stack([g[name].double().norm() for g in grads]).float()
+        torch.testing.assert_close(hook.last_norms[name], want, rtol=2e-4, atol=1e-7, msg=name)
+    if hook.tied:   # the cross term matters: ||a + b|| is not sqrt(||a||^2 + ||b||^2)
+        name = hook.param_names[id(hook.input_weight)]
+        for b, e in enumerate(enc):
+            a, out = tied_parts(model, e, pad)
+            apart = (a.double().norm() ** 2 + out.double().norm() ** 2).sqrt().item()
+            assert abs(hook.last_norms[name][b].item() - apart) > 1e-3 * apart
+            assert hook.last_norms[name][b].item() == pytest.approx((a + out).double().norm().item(), rel=2e-4)
+
+
+@pytest.mark.parametrize("method", ["materialize", "tensorsketch"])
+def test_sketch_per_tensor_on_tied_embeddings_tracks_exact_per_tensor_cosines(setup, method):
+    """Cosines of sketch + per_tensor against ExactProjector + per_tensor on autograd gradients of the tied model:
+    1 - Pearson within the dense-JL expectation's (mean of 3 seeds; ratio as in tests/test_fidelity.py)."""
+    tied, enc, pad = tied_model(setup), setup["encoded"][:12], setup["tok"].pad_token_id
+    grads = model_gradients(tied, enc, pad)
+    shapes = {n: tuple(g.shape) for n, g in grads[0].items()}
+    exact = pair_cosines([ExactProjector(shapes, "per_tensor").project(g) for g in grads])
+    k = 1024
+    rs = []
+    for seed in range(3):
+        hook = make_projector(projector_cfg(kind="sketch", k=k, seed=seed, method=method, normalize="per_tensor"),
+                              tied)
+        approx = pair_cosines(list(project_examples(tied, enc, hook, pad)))
+        rs.append(torch.corrcoef(torch.stack([approx, exact]))[0, 1].item())
+    ratio = (1 - sum(rs) / 3) / (1 - jl_pearson(exact, k))
+    assert 0.5 <= ratio <= 1.5, (rs, jl_pearson(exact, k))
+
+
+class Shared(torch.nn.Module):
+    """Two Linear layers sharing one weight (not an embedding tie)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.a, self.b = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_sketch_per_tensor_refuses_other_shared_weights_naming_the_key():
+    HookSketch(Shared(), 16, normalize="none")           # a plain sum of both uses is still right
+    with pytest.raises(ValueError, match=r"attribution\.projector\.normalize=per_tensor: parameter a\.weight is "
+                                         r"shared by modules a, b"):
+        HookSketch(Shared(), 16, normalize="per_tensor")
 
 
 class OneLinear(torch.nn.Module):

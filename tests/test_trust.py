@@ -59,10 +59,11 @@ def tensors(path):
 
 def assert_same_results(a, b):
     """Every artifact of run b equals run a's byte for byte (JSON, CSV, markdown, PNG, safetensors stores, scores and
-    weights), and the Lightning resume state tensor for tensor. Configs and logs hold paths, which may differ."""
+    weights), and the Lightning resume state tensor for tensor. Configs, logs and the report hold paths and times."""
     def results(run):
         return sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts
-                      and p.suffix != ".log" and p.name not in ("lark_config.yaml", "last.ckpt"))
+                      and p.suffix != ".log" and p.name not in ("lark_config.yaml", "last.ckpt")
+                      and "report" not in p.parts)  # the report page carries timings and paths, like the logs
 
     files = results(a)
     assert files == results(b)

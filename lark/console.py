@@ -1,0 +1,106 @@
+"""The console of a run: each line once, progress with an ETA only on a terminal, third-party notices that do
+not concern the user silenced at their source, and a closing summary (Table II and where everything is).
+
+    setup()                                  # once, at the start of experiment.train / attribute
+    for batch in progress(batches, "projecting finetune"): ...
+    summary(run_dir, analysis_result, loggers, log)
+"""
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+
+class DropNotice(logging.Filter):
+    """Rejects the records of a third-party logger that contain `text` (an advertisement, not a message)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
+def tty():
+    return sys.stderr.isatty()
+
+
+def setup():
+    """Idempotent. Lightning's own stream handler goes when the root logger has handlers (Hydra's console and
+    file handlers print its records then; Lightning itself only adds the handler because it cannot know); its
+    litlogger advertisement is dropped at its logger; transformers' per-file progress bars (writing shards,
+    loading weights) and the hub's download bars are off when the console is not a terminal; and Lightning's
+    own deprecation notice about torch's pytree API (not ours to fix) is ignored."""
+    if logging.getLogger().handlers:
+        package = logging.getLogger("lightning")
+        for handler in list(package.handlers):
+            if type(handler) is logging.StreamHandler:
+                package.removeHandler(handler)
+        logging.getLogger("lightning.pytorch").propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, DropNotice) for f in rank_zero.filters):
+        rank_zero.addFilter(DropNotice("litlogger"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    if not tty():
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        disable_progress_bars()
+
+
+def progress_enabled(setting=None):
+    """trainer.enable_progress_bar: null = on when the console is a terminal."""
+    return tty() if setting is None else bool(setting)
+
+
+class NoBar:
+    """What progress() gives for a manual bar when the console is not a terminal."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress(iterable, desc, total=None, unit="it"):
+    """`iterable` with a progress bar and ETA on a terminal (tqdm on stderr, cleared when done); unchanged otherwise.
+    iterable=None: a manual bar (update(n), set_postfix_str, close), a no-op off a terminal."""
+    if not tty():
+        return NoBar() if iterable is None else iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+
+
+def wandb_runs(loggers):
+    """The local folders of the W&B runs among the loggers."""
+    folders = []
+    for lg in loggers:
+        experiment = getattr(lg, "_experiment", None)
+        folder = getattr(experiment, "dir", None)
+        if folder:
+            folders.append(Path(folder).parent)   # .../wandb/offline-run-*/files -> the run folder
+    return folders
+
+
+def summary(run_dir, result, loggers=(), log=print):
+    """Table II and the paths of the tables, figures, report and W&B runs, after a run."""
+    run_dir = Path(run_dir)
+    table2 = run_dir / "tables" / "table2.md"
+    lines = [""] + (table2.read_text().rstrip().splitlines() if table2.is_file() else []) + [""]
+    if result:
+        lines.append(f"[lark] tables:  {run_dir / 'tables'} ({', '.join(p.name for p in result['table_files'])})")
+        lines.append(f"[lark] figures: {run_dir / 'figures'} ({', '.join(p.name for p in result['figure_files'])})")
+        if result.get("report"):
+            lines.append(f"[lark] report:  {result['report']}  (open it in a browser; offline)")
+    for folder in wandb_runs(loggers):
+        lines.append(f"[lark] W&B run: {folder}" + ("  (offline: `wandb sync " + str(folder) + "`)"
+                                                    if "offline-run" in folder.name else ""))
+    for line in lines:
+        log(line)

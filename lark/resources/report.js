@@ -1,0 +1,264 @@
+// LARK report: the question browser of a run page, and column sorting of a sweep page (lark/report.py).
+// Data (#lark-data): {epochs, epoch, sources, snippet, ft_source, accuracy: {epoch: acc},
+//   queries: [{id, q, c, gold, canary}], docs: {source: [[id, text, canary]]},
+//   top: {epoch: {source: [per query: [doc, score, doc, score, ...] by rank]}},
+//   pred: {epoch: [per query: [label, loss]] or null}, prov: {query id: [doc ids carrying its fact]}}
+// Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
+// URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect (&questions: only the
+// question browser); ?selftest runs the checks
+// below and writes their results into <pre id="selftest"> (the browser test reads it).
+(function () {
+  "use strict";
+  const t0 = performance.now();
+  const CHUNK = 25;
+  const STOP = new Set(("the and for with that this from are was were has have had not but its into than then " +
+    "does did can could would should will been being which what when where who whom whose how why all any " +
+    "each other some such only own same too very just also more most less least answer context question")
+    .split(" "));
+  const blobNode = document.getElementById("lark-data");
+  const D = blobNode ? JSON.parse(blobNode.textContent) : null;
+  const params = new URLSearchParams(location.search);
+
+  function el(tag, attrs, ...kids) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "text") node.textContent = v;
+      else if (k === "html") node.innerHTML = v;
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v);
+    }
+    for (const kid of kids) if (kid != null) node.append(kid);
+    return node;
+  }
+  const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) =>
+    ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+  const TOKEN = /([\p{L}\p{N}_]+)/u;
+  function words(text) {
+    const out = new Set();
+    for (const w of String(text).toLowerCase().split(/[^\p{L}\p{N}_]+/u))
+      if (w.length >= 3 && !STOP.has(w)) out.add(w);
+    return out;
+  }
+  // text as HTML with the words of `shared` wrapped in <mark>
+  function highlight(text, shared) {
+    return String(text).split(TOKEN).map((part, i) =>
+      i % 2 && shared.has(part.toLowerCase()) ? "<mark>" + escapeHtml(part) + "</mark>" : escapeHtml(part)).join("");
+  }
+  const fmt = (x, d) => (x == null ? "-" : Number(x).toFixed(d));
+
+  function sortableTables() {
+    for (const table of document.querySelectorAll("table.sortable")) {
+      table.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {
+        const body = table.tBodies[0];
+        const key = (tr) => { const t = tr.cells[col].textContent.replace(/[%×,]/g, "");
+          return isNaN(parseFloat(t)) ? t : parseFloat(t); };
+        const dir = th.dataset.dir === "asc" ? -1 : 1;
+        th.dataset.dir = dir === 1 ? "asc" : "desc";
+        [...body.rows].sort((a, b) => (key(a) > key(b) ? dir : key(a) < key(b) ? -dir : 0))
+          .forEach((tr) => body.append(tr));
+      }));
+    }
+  }
+  sortableTables();
+  if (!D || !D.queries) return;
+
+  const Q = D.queries;
+  const labels = [...new Set(Q.map((q) => q.gold).filter((g) => g != null))];
+  const haystack = Q.map((q) => (q.id + " " + q.q + " " + q.c).toLowerCase());
+  const queryWords = Q.map((q) => words(q.q));
+  const prov = Q.map((q) => new Set(D.prov[q.id] || []));
+  const firstEpoch = params.has("epoch") && D.epochs.includes(Number(params.get("epoch")))
+    ? Number(params.get("epoch")) : D.epoch;
+  const state = {epoch: firstEpoch, q: params.get("q") || "", label: params.get("label") || "",
+    correct: params.get("correct") || "", list: [], shown: 0};
+
+  const pred = (i, epoch) => { const p = D.pred[String(epoch)]; return p ? p[i] : null; };
+  const correct = (i, epoch) => { const p = pred(i, epoch); return p && p[0] != null ? p[0] === Q[i].gold : null; };
+
+  // ---- controls
+  const search = el("input", {type: "search", id: "f-text", placeholder: "search question text or id",
+    value: state.q, oninput: (e) => { state.q = e.target.value; refresh(); }});
+  const select = (id, options, value, key) => {
+    const s = el("select", {id, onchange: (e) => { state[key] = e.target.value; refresh(); }});
+    for (const [v, label] of options) s.append(el("option", {value: v, text: label}));
+    s.value = value;
+    return s;
+  };
+  const epochSelect = select("f-epoch", D.epochs.map((e) => [String(e), "checkpoint epoch " + e +
+    (e === 0 ? " (base)" : "") + (D.accuracy[e] != null ? ", acc. " + fmt(100 * D.accuracy[e], 1) + "%" : "")]),
+    String(state.epoch), "epoch");
+  const labelSelect = select("f-label", [["", "any gold label"], ...labels.map((l) => [l, "gold = " + l])],
+    state.label, "label");
+  const correctSelect = select("f-correct", [["", "correct and incorrect"], ["correct", "correct only"],
+    ["incorrect", "incorrect only"]], state.correct, "correct");
+  document.getElementById("controls").append(search, epochSelect, labelSelect, correctSelect);
+
+  function matches(i) {
+    if (state.q) for (const term of state.q.toLowerCase().split(/\s+/)) if (term && !haystack[i].includes(term)) return false;
+    if (state.label && Q[i].gold !== state.label) return false;
+    if (state.correct) { const c = correct(i, state.epoch); if (c === null || c !== (state.correct === "correct")) return false; }
+    return true;
+  }
+
+  const list = document.getElementById("list");
+  const count = document.getElementById("count");
+  const sentinel = document.getElementById("sentinel");
+  const more = el("button", {id: "more", onclick: () => renderMore()}, "show more questions");
+  sentinel.append(more);
+
+  function refresh() {
+    state.epoch = Number(epochSelect.value);
+    state.list = [];
+    for (let i = 0; i < Q.length; i++) if (matches(i)) state.list.push(i);
+    state.shown = 0;
+    list.replaceChildren();
+    const acc = D.accuracy[state.epoch];
+    count.textContent = state.list.length + " of " + Q.length + " questions" + " \u00b7 checkpoint epoch " +
+      state.epoch + (acc != null ? " \u00b7 accuracy " + fmt(100 * acc, 1) + "%" : "");
+    count.dataset.shown = state.list.length;
+    count.dataset.total = Q.length;
+    renderMore();
+    const url = new URLSearchParams(location.search);
+    for (const k of ["q", "label", "correct"]) state[k] ? url.set(k, state[k]) : url.delete(k);
+    url.set("epoch", state.epoch);
+    history.replaceState(null, "", "?" + url.toString());
+  }
+
+  function renderMore() {
+    const end = Math.min(state.list.length, state.shown + CHUNK);
+    const frag = document.createDocumentFragment();
+    for (let n = state.shown; n < end; n++) frag.append(card(state.list[n]));
+    list.append(frag);
+    state.shown = end;
+    more.hidden = state.shown >= state.list.length;
+  }
+
+  function badge(cls, text, title) { return el("span", {class: "badge " + cls, text, title: title || ""}); }
+
+  function card(i) {
+    const q = Q[i];
+    const p = pred(i, state.epoch);
+    const ok = correct(i, state.epoch);
+    const head = el("header", {},
+      el("span", {class: "qid", text: q.id}),
+      badge("gold", "gold: " + q.gold),
+      p ? badge(ok ? "ok" : "bad", "predicted: " + p[0] + (ok ? " \u2713" : " \u2717")) : null,
+      p && p[1] != null ? badge("loss", "loss " + fmt(p[1], 3), "negative log-likelihood of the gold answer") : null,
+      q.canary ? badge("canary", "canary") : null);
+    const ctx = el("details", {class: "ctx"}, el("summary", {text: "context"}));
+    ctx.addEventListener("toggle", () => { if (ctx.open && ctx.children.length === 1) ctx.append(el("p", {text: q.c})); },
+      {once: false});
+    const across = el("div", {class: "across"});
+    const acrossButton = el("button", {class: "across-btn", onclick: () => {
+      if (across.childElementCount) across.replaceChildren(); else across.append(acrossView(i));
+    }}, "top documents across epochs");
+    return el("article", {class: "q", "data-index": i, "data-id": q.id}, head,
+      el("p", {class: "question", text: q.q}), ctx, sourcesView(i, state.epoch), acrossButton, across);
+  }
+
+  function sourcesView(i, epoch) {
+    const box = el("div", {class: "sources"});
+    for (const source of D.sources) {
+      const ranked = ((D.top[String(epoch)] || {})[source] || [])[i] || [];
+      const ol = el("ol", {class: "docs"});
+      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1));
+      box.append(el("section", {class: "src", "data-source": source},
+        el("h4", {text: source + (source === D.ft_source ? " (fine-tuning)" : "")},
+          el("small", {text: ranked.length ? " top " + ranked.length / 2 : " no documents"})), ol));
+    }
+    return box;
+  }
+
+  function docItem(i, source, d, score, rank) {
+    const [id, text, canary] = D.docs[source][d];
+    const snippetLength = D.snippet;
+    const long = text.length > snippetLength;
+    const body = el("div", {class: "text", html: highlight(long ? text.slice(0, snippetLength) + "\u2026" : text,
+      queryWords[i])});
+    const toggle = long ? el("button", {class: "expand", onclick: () => {
+      const open = toggle.dataset.open === "1";
+      body.innerHTML = highlight(open ? text.slice(0, snippetLength) + "\u2026" : text, queryWords[i]);
+      toggle.dataset.open = open ? "0" : "1";
+      toggle.textContent = open ? "full text" : "less";
+    }}, "full text") : null;
+    return el("li", {"data-doc": id},
+      el("div", {class: "meta"}, el("span", {class: "rank", text: "#" + rank}),
+        el("span", {class: "score", text: fmt(score, 4)}), el("span", {class: "did", text: id}),
+        prov[i].has(id) ? badge("prov", "provenance", "this document carries the question's fact") : null,
+        canary ? badge("canary", "canary") : null, toggle),
+      body);
+  }
+
+  // one question's top documents at every epoch: rows = rank, columns = epochs
+  function acrossView(i) {
+    const box = el("div", {});
+    for (const source of D.sources) {
+      const byEpoch = D.epochs.map((e) => ((D.top[String(e)] || {})[source] || [])[i] || []);
+      const ranks = Math.max(0, ...byEpoch.map((r) => r.length / 2));
+      const idsAt = byEpoch.map((r) => new Set(r.filter((_, n) => n % 2 === 0)));
+      const table = el("table", {class: "across-table"},
+        el("thead", {}, el("tr", {}, el("th", {text: "rank"}), ...D.epochs.map((e) => el("th", {text: "epoch " + e})))));
+      const tbody = el("tbody");
+      for (let r = 0; r < ranks; r++) {
+        const tr = el("tr", {}, el("td", {text: "#" + (r + 1)}));
+        byEpoch.forEach((ranked) => {
+          if (2 * r >= ranked.length) { tr.append(el("td", {text: "-"})); return; }
+          const [id, text] = D.docs[source][ranked[2 * r]];
+          const stable = idsAt.every((s) => s.has(ranked[2 * r]));
+          tr.append(el("td", {class: (prov[i].has(id) ? "prov " : "") + (stable ? "stable" : ""),
+            title: text.slice(0, 300)}, el("span", {class: "did", text: id}), " ", el("small", {text: fmt(ranked[2 * r + 1], 3)})));
+        });
+        tbody.append(tr);
+      }
+      table.append(tbody);
+      box.append(el("h5", {text: source}), table);
+    }
+    box.append(el("p", {class: "note", text: "bold: in the top list at every epoch; green: carries the question's fact " +
+      "(provenance). Hover a cell for the document's text."}));
+    return box;
+  }
+
+  if ("IntersectionObserver" in window) {
+    new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting) && state.shown < state.list.length) renderMore(); })
+      .observe(sentinel);
+  }
+  refresh();
+  if (params.has("questions")) document.body.classList.add("questions-only");
+  if (location.hash && document.getElementById(location.hash.slice(1)))
+    document.getElementById(location.hash.slice(1)).scrollIntoView();
+  document.body.dataset.readyMs = Math.round(performance.now() - t0);
+
+  if (params.has("selftest")) {
+    const out = {ready_ms: Number(document.body.dataset.readyMs), queries: Q.length,
+      cards: list.querySelectorAll("article.q").length, count_text: count.textContent};
+    const first = list.querySelector("article.q li");
+    if (first) {
+      const source = first.closest("section.src").dataset.source;
+      const doc = D.docs[source].find((d) => d[0] === first.dataset.doc);
+      const expand = first.querySelector("button.expand");
+      if (expand) expand.click();
+      out.first_doc = {id: doc[0], source, full_text_shown: first.querySelector(".text").textContent === doc[1],
+        marks: first.querySelectorAll("mark").length};
+    }
+    const shown = () => list.querySelectorAll("article.q").length;
+    const set = (node, value, event) => { node.value = value; node.dispatchEvent(new Event(event)); };
+    set(search, Q[0].id, "input");
+    out.search_by_id = {value: Q[0].id, cards: shown(), first: list.querySelector("article.q")?.dataset.id};
+    set(search, "", "input");
+    out.labels = {};
+    for (const l of labels) { set(labelSelect, l, "change"); out.labels[l] = Number(count.dataset.shown); }
+    set(labelSelect, "", "change");
+    out.correct = {};
+    for (const e of D.epochs) {
+      set(epochSelect, String(e), "change");
+      set(correctSelect, "correct", "change");
+      out.correct[e] = Number(count.dataset.shown);
+      set(correctSelect, "incorrect", "change");
+      out.correct[e] = [out.correct[e], Number(count.dataset.shown)];
+      set(correctSelect, "", "change");
+    }
+    const button = list.querySelector("button.across-btn");
+    if (button) { button.click(); out.across_columns = list.querySelector(".across-table thead tr").children.length - 1; }
+    document.body.append(el("pre", {id: "selftest", text: JSON.stringify(out)}));
+  }
+})();

@@ -1,0 +1,73 @@
+"""The console of `python train.py` (lark.console): a tiny run, pretraining included, printed through Hydra's
+logging as a user sees it: no line twice, none of the third-party notices, no progress bars off a terminal,
+and a closing summary with Table II and the paths of tables, figures, report and W&B run."""
+import collections
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SMALL
+
+pytestmark = pytest.mark.slow
+NOTICES = ["litlogger", "Tip:", "anonymous setting", "Images sizes do not match", "/-", "LeafSpec",
+           "Writing model shards", "Loading weights", "Traceback", "\r"]
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory):
+    """(stdout + stderr, run dir) of train.py with W&B (offline) and a fresh model cache, so pretraining runs."""
+    tmp = tmp_path_factory.mktemp("console")
+    overrides = [o for o in SMALL if not o.startswith(("trainer.max_epochs", "trainer.enable_progress_bar"))]
+    env = dict(os.environ, LARK_CACHE=str(tmp / "cache"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "train.py", *overrides, "trainer.max_epochs=1", "logger=wandb",
+                           f"hydra.run.dir={tmp / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr, tmp / "run"
+
+
+def test_no_line_twice_and_no_notices(console):
+    out, _ = console
+    lines = [line for line in out.splitlines() if line.strip() and not re.fullmatch(r"\|[-|]+\|", line)]
+    twice = [line for line, n in collections.Counter(lines).items() if n > 1]
+    assert not twice, out
+    assert [notice for notice in NOTICES if notice in out] == [], out
+    assert "[lark] pretraining the tiny model" in out and "[lark] pretrained in" in out   # pretraining did run
+    assert "INFO: GPU available: False, used: False" in lines                 # Lightning's lines, once each
+
+
+def test_summary_prints_table2_and_the_paths(console):
+    out, run = console
+    table2 = (run / "tables" / "table2.md").read_text().strip()
+    assert table2 in out and out.index(table2) > out.index("[lark] epoch_001: test accuracy")
+    paths = dict(re.findall(r"^\[lark\] (tables|figures|report|W&B run): +(\S+)", out, re.M))
+    assert Path(paths["tables"]) == run / "tables" and Path(paths["figures"]) == run / "figures"
+    assert Path(paths["report"]) == run / "report" / "index.html" and Path(paths["report"]).is_file()
+    assert Path(paths["W&B run"]).parent == run / "wandb" and Path(paths["W&B run"]).is_dir()
+    assert out.rstrip().endswith(f"[lark] outputs: {run}")
+
+
+def test_wandb_tables_carry_document_text_and_the_report_is_an_artifact(console):
+    _, run = console
+    table = json.loads(Path(glob.glob(str(run / "wandb/offline-run-*/files/media/table/influence/epoch_001/"
+                                          "top_k_*.table.json"))[0]).read_text())
+    assert table["columns"] == ["query_id", "question", "source", "rank", "doc_id", "score", "text"]
+    docs = {}
+    for path in (run / "data" / "sources").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            docs[(path.stem, row["id"])] = row
+    for query, question, source, rank, doc, score, text in table["data"]:
+        row = docs[(source, doc)]
+        assert text and text.split()[0] in (row.get("text") or row["question"]) and question.endswith("?")
+    figures = sorted(Path(p).name.rsplit("_", 2)[0] for p in glob.glob(str(run / "wandb/offline-run-*/files/media/"
+                                                                             "images/figures/*.png")))
+    assert figures == ["fig1_influence", "fig2_pt_wins", "fig3_method"]     # one key per figure
+    record = Path(glob.glob(str(run / "wandb/offline-run-*/run-*.wandb"))[0]).read_bytes()
+    assert b"index.html" in record and b"report" in record                  # the artifact entry of the page
