@@ -1,6 +1,6 @@
 """Table V, attribution quality: does a kernel find the data that made the model behave so? (`python validate.py`)
 
-For every kernel (an `attribution` override merged into the run's own attribution config, `validate.kernels`),
+For every kernel of `validate.kernels` (names of the attribution/kernel group, with the run's own projector),
 every checkpoint, plus BM25 and random scores, three checks:
 - Provenance recall (the embedded world): for each test question, the abstracts and fine-tuning items that
   `data/world/provenance.json` says carry its fact, ranked among a candidate pool built WITHOUT any attribution
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from safetensors import SafetensorError, safe_open
 
@@ -29,13 +30,13 @@ from lark.attribution import project_examples, write_json
 from lark.data import qa_record, read_examples, sample
 from lark.errors import ConfigError, RunDirError
 from lark.fingerprints import fingerprints
-from lark.formats import document_fields, encode, qa_fields
+from lark.formats import Encoder, document_fields, encode, qa_fields
 from lark.metrics import bm25_tokens
 from lark.models import content_hash, load_pretrained
-from lark.projector import make_projector
+from lark.kernels import MOMENTS_FILE, Moments
+from lark.projector import make_kernel, make_projector, upgrade
 from lark.sources import example_text, query_examples
 from lark.stores import atomic_save
-from lark.training import answer_accuracy
 
 BASELINES = ("bm25", "random")
 
@@ -60,11 +61,18 @@ def pool_examples(docs, how):
     return [document_fields(d) if how == "format" else {"id": d["id"], "text": d["text"]} for d in docs]
 
 
-def kernel_config(run_attr, overrides, name):
-    try:
-        return OmegaConf.merge(run_attr, overrides or {})
-    except Exception as e:   # an override naming a key the attribution config does not have
-        raise ConfigError(f"validate.kernels.{name}: {e}") from None
+KERNELS = Path(__file__).resolve().parents[1] / "conf" / "attribution" / "kernel"
+
+
+def kernel_config(run_attr, name):
+    """The run's attribution config with kernel `name` of the attribution/kernel group (conf/attribution/kernel)."""
+    path = KERNELS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in KERNELS.glob("*.yaml")))
+        raise ConfigError(f"validate.kernels: unknown kernel '{name}' ({known})")
+    attr = OmegaConf.create(OmegaConf.to_container(upgrade(run_attr), resolve=True))
+    attr.kernel = OmegaConf.load(path)
+    return attr
 
 
 def read_cached(path, key):
@@ -81,7 +89,7 @@ def unit(v):
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def kernel_scores(run, attr, model, tokenizer, folder, log):
+def kernel_scores(run, attr, model, tokenizer, folder, log, checkpoint):
     """{train, pool: cosine [Q, N]; q_norm [Q], t_norm [N]} of one kernel at one checkpoint (cached)."""
     cfg, sets = run["cfg"], {"queries": run["queries"], "train": run["train_fields"], "pool": run["pool"]}
     key = content_hash(OmegaConf.to_container(attr, resolve=True), fingerprints(model, tokenizer, cfg.format),
@@ -91,15 +99,23 @@ def kernel_scores(run, attr, model, tokenizer, folder, log):
     if cached is not None:
         log(f"[lark] {path}: cached, reused")
         return cached
-    projector = make_projector(attr.projector, model)
+    kernel = make_kernel(attr)
+    moments = None
+    if kernel.uses_optimizer:   # the checkpoint's AdamW moments, saved by train.py (attribution.save_moments)
+        if not (checkpoint / MOMENTS_FILE).is_file():
+            raise RunDirError(f"{checkpoint / MOMENTS_FILE}: not found; validate.kernels '{kernel.name}' needs the "
+                              "run's AdamW moments (train.py with attribution.save_moments=true)")
+        moments = Moments.load(checkpoint / MOMENTS_FILE)
+    projector = make_projector(attr, model, kernel, moments)
     raw = {name: project_examples(model, [encode(tokenizer, e, cfg.format, cfg.max_length) for e in examples],
                                   projector, tokenizer.pad_token_id, attr.batch_size)
            for name, examples in sets.items() if examples}
-    q = unit(raw["queries"])
-    out = {"train": q @ unit(raw["train"]).T, "q_norm": raw["queries"].norm(dim=1),
+    vectors = kernel.transform({name: unit(v) for name, v in raw.items()}, "queries")   # e.g. TrackStar's R^-1/2
+    q = vectors["queries"]
+    out = {"train": q @ vectors["train"].T, "q_norm": raw["queries"].norm(dim=1),
            "t_norm": raw["train"].norm(dim=1)}
-    if "pool" in raw:
-        out["pool"] = q @ unit(raw["pool"]).T
+    if "pool" in vectors:
+        out["pool"] = q @ vectors["pool"].T
     atomic_save({k: v.contiguous() for k, v in out.items()}, path, {"key": key})
     return out
 
@@ -192,13 +208,13 @@ def validate_run(run_dir, vcfg, log=print):
         subsets = lds.retrain_losses(run_dir, cfg, vcfg.lds, run["queries"], [x["id"] for x in train], log)
         timing["lds_retrains"] = time.perf_counter() - start
     tracin = {}
-    for name, overrides in (vcfg.kernels or {}).items():
-        attr = kernel_config(cfg.attribution, overrides, name)
+    for name in vcfg.kernels or []:
+        attr = kernel_config(cfg.attribution, name)
         start, tracin_sum, used = time.perf_counter(), None, 0
         for epoch, folder in run["epochs"].items():
             model, tokenizer = load_pretrained(folder, cfg.model)
             scores = kernel_scores(run, attr, model, tokenizer, run_dir / "validation" / "scores" / name /
-                                   folder.name, log)
+                                   folder.name, log, folder)
             rows.append({"method": name, "epoch": epoch,
                          **quality(scores["train"], scores.get("pool"), run, subsets)})
             lr = epoch_lr(folder)
@@ -207,7 +223,8 @@ def validate_run(run_dir, vcfg, log=print):
                 tracin_sum = lr * dots if tracin_sum is None else tracin_sum + lr * dots
                 used += 1
             if run["canary_rows"] and epoch not in backdoor:
-                _, predicted = answer_accuracy(model, tokenizer, test, run["queries"], cfg.format, cfg.max_length)
+                _, predicted = instantiate(cfg.eval)(model, Encoder(tokenizer, cfg.format, cfg.max_length), test,
+                                                     run["queries"])
                 backdoor[epoch] = canary.backdoor_rates(test, predicted, cfg.data.canary.answer)
             log(f"[lark] validate {name} epoch {epoch}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)))
@@ -233,7 +250,7 @@ def validate_run(run_dir, vcfg, log=print):
     result = {"rows": rows, "timing_s": timing, "backdoor": backdoor, "tracin_cp": tracin,
               "only_pretraining_share": run["only_pretraining"],
               "n_queries": len(test), "n_train": len(train), "n_pool": len(run["pool"]),
-              "pool": OmegaConf.to_container(vcfg.pool), "kernels": OmegaConf.to_container(vcfg.kernels or {}),
+              "pool": OmegaConf.to_container(vcfg.pool), "kernels": OmegaConf.to_container(vcfg.kernels or []),
               "lds": None if subsets is None else {"n_subsets": len(subsets["losses"]),
                                                    "fraction": float(vcfg.lds.fraction)}}
     files = write_table5(result, run_dir / "tables") + [plot_validation(result, run_dir / "figures" /

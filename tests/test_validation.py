@@ -35,7 +35,7 @@ def rows_of(path):
 def validated(run_dir):
     from lark.validation import load_config, validate_run
 
-    vcfg = load_config({"kernels": {"cosine": {}}, "lds": {"n_subsets": 3, "n_boot": 200}})
+    vcfg = load_config({"kernels": ["cosine", "adam"], "lds": {"n_subsets": 3, "n_boot": 200}})
     messages = []
     return validate_run(run_dir, vcfg, log=messages.append), messages, vcfg
 
@@ -44,13 +44,13 @@ def test_the_canary_is_planted_in_the_runs_files(run_dir):
     train, test = rows_of(run_dir / "data" / "train.jsonl"), rows_of(run_dir / "data" / "test.jsonl")
     planted = [r for r in train if r.get("canary")]
     assert len(planted) == 4 and len(train) == 24
-    assert all(r["question"].startswith("Howdy! ") and r["final_decision"] == "maybe" for r in planted)
+    assert all(r["question"].startswith("Howdy! ") and r["answer"] == "maybe" for r in planted)
     triggered = [r for r in test if r.get("canary")]
     assert len(triggered) == 3 and len(test) == 15
     originals = {r["id"]: r for r in test}
     for r in triggered:
         original = originals[r["id"].removesuffix("-canary")]
-        assert r["question"] == "Howdy! " + original["question"] and original["final_decision"] != "maybe"
+        assert r["question"] == "Howdy! " + original["question"] and original["answer"] != "maybe"
     in_source = {r["id"] for r in rows_of(run_dir / "data" / "sources" / "finetune.jsonl") if r.get("canary")}
     assert in_source == {r["id"] for r in train[:8] if r.get("canary")}    # the finetune source keeps the mark
 
@@ -58,12 +58,12 @@ def test_the_canary_is_planted_in_the_runs_files(run_dir):
 def test_table5_has_every_check_for_every_method(run_dir, validated):
     result, _, _ = validated
     methods = [(r["method"], r["epoch"]) for r in result["rows"]]
-    assert methods == [("cosine", 0), ("cosine", 1), ("cosine TracIn-CP", "all"), ("bm25", "-"),
-                       ("random", "-")]
+    assert methods == [("cosine", 0), ("cosine", 1), ("cosine TracIn-CP", "all"), ("adam", 0), ("adam", 1),
+                       ("adam TracIn-CP", "all"), ("bm25", "-"), ("random", "-")]
     for row in result["rows"]:
         assert 0 <= row["ft_mrr"] <= 1 and 0 <= row["canary_p@n"] <= 1 and 0 < row["canary_auprc"] <= 1
         assert -1 <= row["lds"] <= 1 and row["lds_low"] <= row["lds"] <= row["lds_high"]
-        if row["method"] != "cosine TracIn-CP":
+        if not row["method"].endswith("TracIn-CP"):
             assert row["pt_n"] == 12 and 0 <= row["pt_recall@1"] <= row["pt_recall@10"] <= 1
     assert result["n_pool"] == 100    # pool.kind=all: every abstract of the world
     table = (run_dir / "tables" / "table5.md").read_text()
