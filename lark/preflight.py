@@ -1,7 +1,7 @@
 """Preflight: before any work, check that what the composed run needs is there, and stop in seconds with one
 `[lark] error:` line per missing thing and the way out.
 
-- every hub id of the config (model.hub_id, data.hub_id, data.corpus.<name>.hub_id) is a local folder, in the
+- every hub id of the config (model.hub_id, data.reader.hub_id, data.corpora.<name>.hub_id) is a local folder, in the
   local Hugging Face cache, or reachable on the hub (not tried with HF_HUB_OFFLINE=1);
 - `trainer=gpu` (accelerator gpu/cuda) has as many CUDA devices as trainer.devices asks, and each has the memory
   that full fine-tuning of the model at trainer.precision needs (weights + gradients + AdamW states; activations
@@ -59,13 +59,13 @@ def preflight(cfg, log=print):
 def hub_ids(cfg):
     """(config key, repo id, repo type) of every hub id the config loads that is not a local path."""
     found = []
-    if cfg.model.get("kind") == "hub":
+    if cfg.model.get("hub_id"):
         found.append(("model.hub_id", str(cfg.model.hub_id), "model"))
-    if cfg.data.get("kind") == "hub":
-        found.append(("data.hub_id", str(cfg.data.hub_id), "dataset"))
-    for name, corpus in (cfg.data.get("corpus") or {}).items():
-        if corpus.get("kind") == "hub":
-            found.append((f"data.corpus.{name}.hub_id", str(corpus.hub_id), "dataset"))
+    if (cfg.data.get("reader") or {}).get("hub_id"):
+        found.append(("data.reader.hub_id", str(cfg.data.reader.hub_id), "dataset"))
+    for name, corpus in (cfg.data.get("corpora") or {}).items():
+        if corpus.get("hub_id"):
+            found.append((f"data.corpora.{name}.hub_id", str(corpus.hub_id), "dataset"))
     return [(key, repo, kind) for key, repo, kind in found if not Path(repo).exists()]
 
 
@@ -114,9 +114,9 @@ def hub_problems(cfg):
         if reasons[(repo, kind)] is None:
             continue
         where = f"not in the local cache {constants.HF_HUB_CACHE}"
-        if all(k.startswith("data.corpus.") for k in keys):  # streamed: never downloaded whole
+        if all(k.startswith("data.corpora.") for k in keys):  # streamed: never downloaded whole
             way_out = ("a corpus streamed from the hub needs the hub; without it: `data=pubmedqa_local` (local "
-                       "corpora from ../shared/data) or data.corpus.<name>.kind=local data.corpus.<name>.path=<jsonl>")
+                       "corpora from ../shared/data) or data.corpora.<name>.path=<jsonl> (and data.corpora.<name>.hub_id=null)")
         else:
             way_out = WAY_OUT.format(repo_type_flag="--repo-type dataset " if kind == "dataset" else "", repo=repo)
         problems.append(f"{' and '.join(keys)}={repo}: {reasons[(repo, kind)]}, {where}; {way_out}")
@@ -130,10 +130,10 @@ def model_parameters(model_cfg):
     """About how many parameters the model has, from its config.json (local folder or hub cache; decoder-only
     transformer arithmetic: embeddings, attention with its key/value heads, gated MLP), or from the tiny model's
     config; None when unknown (e.g. a hub model neither cached nor local)."""
-    if model_cfg.get("kind") == "tiny":
+    if model_cfg.get("config") is not None and model_cfg.get("tokenizer") is not None:   # model=tiny
         config = dict(OmegaConf.to_container(model_cfg.config, resolve=True),
                       vocab_size=model_cfg.tokenizer.vocab_size)
-    elif model_cfg.get("kind") == "hub":
+    elif model_cfg.get("hub_id"):
         config = read_model_config(str(model_cfg.hub_id), model_cfg.get("revision"))
     else:
         return None
@@ -219,7 +219,7 @@ def disk_problems(cfg, n_params):
 
     epochs = int(cfg.trainer.get("max_epochs") or 0) + 1
     attr = cfg.attribution
-    k = attr.projector.k if attr.projector.get("kind") != "exact" else n_params
+    k = attr.projector.get("k") or n_params   # exact: no k, the full gradient
     n_queries = cfg.data.get("n_test") or (cfg.data.get("world") or {}).get("n_test") or 0
     n_docs = cfg.source.size * len(cfg.source.sources)
     checkpoint = n_params * DTYPE_BYTES.get(str(cfg.model.get("dtype", "float32")), 4)

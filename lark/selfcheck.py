@@ -98,7 +98,7 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
     if wrong:
         problems.append(f"sketch differs from the autograd gradients' count sketch in {', '.join(sorted(wrong))}")
     if problems:
-        raise SelfCheckError("attribution.projector.kind=sketch does not fully cover this model: "
+        raise SelfCheckError("the sketch projector (attribution/projector=sketch) does not fully cover this model: "
                              + "; ".join(problems) + f". Use {FALLBACK}.")
     return len(params)
 

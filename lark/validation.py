@@ -193,7 +193,7 @@ def load_run(run_dir, vcfg):
 
 def lds_enabled(vcfg, cfg):
     flag = vcfg.lds.enabled
-    return cfg.data.kind == "world" if flag == "auto" else bool(flag)
+    return "world" in cfg.data if flag == "auto" else bool(flag)
 
 
 def validate_run(run_dir, vcfg, log=print):
