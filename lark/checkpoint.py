@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lark.attribution import attribute_checkpoint, write_predictions
+from lark.evaluation import gold_answer_losses
 from lark.fingerprints import fingerprints
 from lark.formats import Encoder
 from lark.kernels import MOMENTS_FILE

@@ -102,7 +102,7 @@ def test_both_paper_recipes_compose_to_rapidins_per_tensor_normalisation(recipe,
     assert cfg.attribution.projector._target_ == projector and cfg.attribution.projector.k == 65536
     kernel = make_kernel(cfg.attribution)
     assert kernel.name == "rapidin" and kernel.normalize == "per_tensor"
-    assert (cfg.format.answer_template, cfg.attribution.query_target) == ("{final_decision}", "gold")
+    assert (cfg.format.answer_template, cfg.attribution.query_target) == ("{answer}", "gold")
     text = (ROOT / "conf" / "experiment" / f"{recipe}.yaml").read_text()
     assert "answer_template:" in text and "query_target:" in text        # named in the recipe, with its reason
 
@@ -117,7 +117,7 @@ def test_kernel_menu_composes_and_the_loss_target_sweeps_like_multirun():
     from lark.projector import make_kernel
 
     sweep = OverridesParser.create().parse_overrides([
-        'format.answer_template="{final_decision}","{final_decision}. {long_answer}"',
+        'format.answer_template="{answer}","{answer}. {long_answer}"',
         "attribution.query_target=gold,predicted", "attribution/kernel=rapidin,adam"])
     jobs = list(itertools.product(*[[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
                                     for o in sweep]))
@@ -126,7 +126,7 @@ def test_kernel_menu_composes_and_the_loss_target_sweeps_like_multirun():
     for job in jobs:
         cfg = compose(list(job))
         seen.add((cfg.format.answer_template, cfg.attribution.query_target, make_kernel(cfg.attribution).name))
-    assert seen == set(itertools.product(["{final_decision}", "{final_decision}. {long_answer}"],
+    assert seen == set(itertools.product(["{answer}", "{answer}. {long_answer}"],
                                          ["gold", "predicted"], ["rapidin", "adam"]))
 
 

@@ -215,7 +215,7 @@ def test_every_kernel_runs_end_to_end_and_writes_its_spec(kernel_runs, kernel):
     for epoch in (0, 1) if kernel == "adam" else (1,):
         metrics = json.loads((run / f"attribution/epoch_{epoch:03d}/metrics.json").read_text())
         assert metrics["kernel"]["name"] == kernel and metrics["ft"] is not None
-        assert metrics["loss_target"] == {"answer_template": "{final_decision}", "query_target": "gold"}
+        assert metrics["loss_target"] == {"answer_template": "{answer}", "query_target": "gold"}
         meta = header(run / f"attribution/epoch_{epoch:03d}/stores/test_queries.safetensors")
         assert meta["projector"]["kernel"]["name"] == kernel
         assert ("precondition" in meta["projector"]) == (kernel != "tracin_cp")
@@ -223,7 +223,7 @@ def test_every_kernel_runs_end_to_end_and_writes_its_spec(kernel_runs, kernel):
         assert moments.source == ("estimate" if epoch == 0 else "optimizer")
         if kernel != "tracin_cp":
             assert meta["projector"]["precondition"]["moments"] == moments.fingerprint()
-    assert "Loss target: answer `{final_decision}`, queries `gold`." in (run / "tables/table2.md").read_text()
+    assert "Loss target: answer `{answer}`, queries `gold`." in (run / "tables/table2.md").read_text()
     if kernel == "tracin_cp":
         tracin = json.loads((run / "attribution/tracin_cp/metrics.json").read_text())
         assert tracin["epochs"] == [1] and tracin["ft"] is not None

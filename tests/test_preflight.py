@@ -43,7 +43,7 @@ def test_paper_command_without_hub_and_gpu_stops_in_seconds(tmp_path, offline):
     assert done.returncode != 0 and seconds < 10, (seconds, done.stderr[-3000:])
     assert "Traceback" not in done.stderr
     assert [line.split(":")[1].split("=")[0].strip() for line in errors[:4]] == [
-        "model.hub_id", "data.hub_id", "data.corpus.medical.hub_id and data.corpus.entertainment.hub_id", "trainer"]
+        "model.hub_id", "data.reader.hub_id", "data.corpora.medical.hub_id and data.corpora.entertainment.hub_id", "trainer"]
     reason = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
     assert all(reason in line for line in errors[:3]), errors
     assert "allenai/Olmo-3-7B-Instruct" in errors[0] and "qiaojin/PubMedQA" in errors[1]
@@ -81,8 +81,8 @@ def test_a_cached_model_passes_and_is_sized_from_its_config(hub_cache, tmp_path,
     fake_cache(hub_cache, "allenai/Olmo-3-7B-Instruct", {"config.json": OLMO3_7B})
     cfg = compose(["+experiment=pubmedqa", f"hydra.run.dir={tmp_path}"])
     problems = P.hub_problems(cfg)
-    assert [p.split("=")[0] for p in problems] == ["data.hub_id", "data.corpus.medical.hub_id and "
-                                                   "data.corpus.entertainment.hub_id"]   # the model is cached
+    assert [p.split("=")[0] for p in problems] == ["data.reader.hub_id", "data.corpora.medical.hub_id and "
+                                                   "data.corpora.entertainment.hub_id"]   # the model is cached
     n = P.model_parameters(cfg.model)
     assert n == pytest.approx(7_298_011_136, rel=1e-3)
     assert P.training_bytes(n, "bf16-true") == 8 * n and P.training_bytes(n, "bf16-mixed") == 16 * n

@@ -54,7 +54,7 @@ def test_experiment_composes_the_small_paper_design():
     assert cfg.model.load._target_ == "lark.models.load_gguf" and cfg.data.name == "pubmedqa_local" and cfg.format.kind == "chat"
     assert cfg.attribution.projector.k == 65536 and len(cfg.source.sources) == 5
     assert list(cfg.scheduler.scheduler.milestones) == [cfg.trainer.max_epochs - 1]
-    assert cfg.data.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
+    assert cfg.data.reader.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
 
 
 def test_smollm2_loads_as_a_plain_hf_model(smollm):
