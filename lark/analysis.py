@@ -540,8 +540,8 @@ def tracin_rows(run_dirs):
     rows = []
     for job, run_dir in run_dirs.items():
         file = Path(run_dir) / "attribution" / "tracin_cp" / "metrics.json"
-        if file.is_file():
-            m = read_metrics(file)
+        if file.is_file():   # the run-level score's own metrics (epoch "all": not an epoch's metrics.json schema)
+            m = json.loads(file.read_text())
             lead = {} if list(run_dirs) == ["run"] else {"job": job}
             rows += [lead | row | {"epochs": ", ".join(map(str, m["epochs"]))} for row in source_rows(m)]
     return rows

@@ -170,7 +170,7 @@ def tiny(one_thread):
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
     model.eval()
-    examples = [qa_fields(x) for x in world.test[:5]] + [document_fields(d) for d in world.medical_docs[:5]]
+    examples = [qa_fields(x, "{final_decision}") for x in world.test[:5]] + [document_fields(d) for d in world.medical_docs[:5]]
     encoded = [encode(tok, e, CHAT, 128) for e in examples]
     params = trainable(model)
     grads = [example_gradient(model, collate([e], tok.pad_token_id), params)[1] for e in encoded]
