@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from lark.errors import ConfigError
+from lark.stores import unit_rows
 
 MOMENTS_FILE = "adam_moments.safetensors"   # beside each checkpoint: checkpoints/epoch_NNN/adam_moments.safetensors
 
@@ -303,5 +304,5 @@ def whiten(vectors, query_set, mix, damping):
     out = {}
     for name, x in vectors.items():
         y = x.double() + ((x.double() @ basis) * weight) @ basis.T
-        out[name] = (y / y.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
+        out[name] = unit_rows(y).float()
     return out

@@ -15,7 +15,6 @@ Every query and every training item is projected here, at every checkpoint (the 
 Outputs: tables/table5.{md,csv}, figures/fig5_validation.png, validation/validation.json (everything, with the
 time each column cost).
 """
-import json
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from lark.models import content_hash, load_pretrained
 from lark.kernels import MOMENTS_FILE, Moments
 from lark.projector import make_kernel, make_projector, upgrade
 from lark.sources import example_text, query_examples
-from lark.stores import atomic_save
+from lark.stores import atomic_save, unit_rows
 
 BASELINES = ("bm25", "random")
 
@@ -85,10 +84,6 @@ def read_cached(path, key):
         return None
 
 
-def unit(v):
-    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-
 def kernel_scores(run, attr, model, tokenizer, folder, log, checkpoint):
     """{train, pool: cosine [Q, N]; q_norm [Q], t_norm [N]} of one kernel at one checkpoint (cached)."""
     cfg, sets = run["cfg"], {"queries": run["queries"], "train": run["train_fields"], "pool": run["pool"]}
@@ -110,7 +105,7 @@ def kernel_scores(run, attr, model, tokenizer, folder, log, checkpoint):
     raw = {name: project_examples(model, [encode(tokenizer, e, cfg.format, cfg.max_length) for e in examples],
                                   projector, tokenizer.pad_token_id, attr.batch_size)
            for name, examples in sets.items() if examples}
-    vectors = kernel.transform({name: unit(v) for name, v in raw.items()}, "queries")   # e.g. TrackStar's R^-1/2
+    vectors = kernel.transform({name: unit_rows(v) for name, v in raw.items()}, "queries")   # e.g. TrackStar's R^-1/2
     q = vectors["queries"]
     out = {"train": q @ vectors["train"].T, "q_norm": raw["queries"].norm(dim=1),
            "t_norm": raw["train"].norm(dim=1)}
@@ -198,6 +193,8 @@ def lds_enabled(vcfg, cfg):
 
 def validate_run(run_dir, vcfg, log=print):
     """Table V of a run directory; returns the result dict also written to validation/validation.json."""
+    from lark.experiment import epoch_lr   # imported here, as in load_run
+
     run_dir = Path(run_dir)
     run = load_run(run_dir, vcfg)
     cfg, train, test = run["cfg"], run["train"], run["test"]
@@ -217,7 +214,7 @@ def validate_run(run_dir, vcfg, log=print):
                                    folder.name, log, folder)
             rows.append({"method": name, "epoch": epoch,
                          **quality(scores["train"], scores.get("pool"), run, subsets)})
-            lr = epoch_lr(folder)
+            lr = epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
             if lr:   # TracIn-CP: sum over the trained checkpoints of lr x <g(q), g(d)>
                 dots = scores["train"] * scores["q_norm"][:, None] * scores["t_norm"][None, :]
                 tracin_sum = lr * dots if tracin_sum is None else tracin_sum + lr * dots
@@ -258,13 +255,6 @@ def validate_run(run_dir, vcfg, log=print):
     write_json(run_dir / "validation" / "validation.json", result)
     result["files"] = [str(f) for f in files]
     return result
-
-
-def epoch_lr(folder):
-    try:
-        return json.loads((folder / "lark_epoch.json").read_text()).get("lr")
-    except (OSError, ValueError):
-        return None
 
 
 COLUMNS = [("pt_recall@1", "PT R@1"), ("pt_recall@10", "PT R@10"), ("pt_mrr", "PT MRR"),
