@@ -13,7 +13,7 @@ from lark.fidelity import jl_pearson
 from lark.formats import document_fields, encode, qa_fields
 from lark.models import build_tiny, train_tokenizer
 from lark.projector import (CountSketch, ExactProjector, GaussianProjector, example_gradient, make_projector, mix32,
-                            name_key, normalize_tensors, trainable, upgrade)
+                            name_key, normalize_tensors, trainable)
 from lark.sketch import HookSketch
 from lark.training import collate
 from lark.world import generate_world
