@@ -72,7 +72,15 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
         parts[name] = parts.get(name, 0) + share
         total += share
 
-    sketch.add = recording
+    def finishing(total):   # per_tensor: a tied weight's parts, normalised by the norm of their sum at the end
+        for name, entry in list(sketch.pending.items()):
+            sketch.pending = {name: entry}
+            share = torch.zeros_like(total)
+            finish(share)
+            parts[name] = parts.get(name, 0) + share
+            total += share
+
+    finish, sketch.add, sketch.finish = sketch.finish, recording, finishing
     was_training = model.training
     model.eval()
     wrong = set()
@@ -93,7 +101,7 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
                     wrong.add(module_of(model, name))
     finally:
         model.train(was_training)
-        sketch.add = add
+        sketch.add, sketch.finish = add, finish
     wrong -= set(missing)
     if wrong:
         problems.append(f"sketch differs from the autograd gradients' count sketch in {', '.join(sorted(wrong))}")

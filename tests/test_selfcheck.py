@@ -75,3 +75,36 @@ def test_only_the_sketch_projector_is_checked():
     assert uses_sketch(OmegaConf.create({"kind": "sketch"}))
     assert uses_sketch(OmegaConf.create({"_target_": "lark.sketch.HookSketch"}))
     assert not uses_sketch(OmegaConf.create({"kind": "rapidin"}))
+
+
+@pytest.mark.parametrize("normalize", ["none", "per_tensor"])
+def test_a_tied_model_passes_under_both_normalisations(tok, examples, normalize):
+    """The tied weight's two parts (input embedding, output layer) reach the sketch separately and, under
+    per_tensor, are normalised by the norm of their sum at the end of the pass: the check must see both."""
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.merge(OmegaConf.load(ROOT / "conf/model/tiny.yaml"),
+                                       {"config": {"tie_word_embeddings": True}}), tok)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert check_sketch(model, examples, tok.pad_token_id, normalize=normalize) == len(list(model.parameters()))
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding that scales its output inside the module (as Gemma's): the hooks see dL/d(output), so the
+    weight's gradient they build is off by the scale."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * 4.0
+
+
+def test_a_scaled_embedding_is_refused_naming_it(tok, examples):
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.load(ROOT / "conf/model/tiny.yaml"), tok)
+    old = model.get_input_embeddings()
+    scaled = ScaledEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx)
+    scaled.weight = old.weight
+    model.set_input_embeddings(scaled)
+    with pytest.raises(SelfCheckError) as error:
+        check_sketch(model, examples, tok.pad_token_id)
+    message = str(error.value)
+    assert "sketch differs from the autograd gradients' count sketch in model.embed_tokens (ScaledEmbedding)" \
+        in message and "attribution/projector=rapidin" in message
