@@ -51,7 +51,7 @@ def test_missing_file_in_the_package_is_named():
 
 def test_experiment_composes_the_small_paper_design():
     cfg = compose(["+experiment=pubmedqa_small"])
-    assert cfg.model.load._target_ == "lark.models.load_gguf" and cfg.data.name == "pubmedqa_local" and cfg.format.kind == "chat"
+    assert cfg.model.load._target_ == "lark.models.load_gguf" and cfg.data.name == "pubmedqa_local" and cfg.format.layout._target_ == "lark.formats.Chat"
     assert cfg.attribution.projector.k == 65536 and len(cfg.source.sources) == 5
     assert list(cfg.scheduler.scheduler.milestones) == [cfg.trainer.max_epochs - 1]
     assert cfg.data.reader.path.endswith("shared/data/pubmedqa/pqa_labeled.jsonl")
@@ -158,3 +158,21 @@ def test_sketch_per_tensor_norms_on_real_weights_are_autograd_norms(smollm, fmt)
         want = torch.stack([norms[i][name] for i in order]).float()
         torch.testing.assert_close(projector.last_norms[name], want, rtol=1e-3, atol=1e-9, msg=name)
     assert exact.shape == (3, 5) and torch.isfinite(exact).all() and torch.isfinite(vectors).all()
+
+
+@needs_gguf
+def test_the_faithful_recipe_passes_the_sketch_self_check_on_smollm2(smollm, fmt):
+    """train.py's self-check under +experiment=pubmedqa_small (sketch, per-tensor: SmolLM2's tied embedding is
+    normalised by the norm of both its parts): the hooks reproduce every parameter's count-sketched gradient."""
+    from lark.projector import make_kernel
+    from lark.selfcheck import check_sketch
+    from lark.world import generate_world
+
+    model, tokenizer = smollm
+    attr = compose(["+experiment=pubmedqa_small"]).attribution
+    world = generate_world()
+    examples = [encode(tokenizer, qa_fields(world.train[0], "{final_decision}"), fmt, 64),
+                encode(tokenizer, {"text": world.medical_docs[0]["text"]}, fmt, 64)]
+    normalize = make_kernel(attr).normalize
+    assert normalize == "per_tensor"
+    assert check_sketch(model, examples, tokenizer.pad_token_id, normalize=normalize) == len(list(model.parameters()))
