@@ -67,7 +67,7 @@ class Choices(Evaluator):
 
     def evaluate(self, model, encoder, items, fields_list):
         tokenizer = encoder.tokenizer
-        encoded = [encoder(f, answer=candidate_answer(tokenizer, encoder.fmt, label))
+        encoded = [encoder(f, answer=candidate_answer(encoder.fmt, label))
                    for f in fields_list for label in self.labels]
         scores = answer_log_likelihoods(model, tokenizer, encoded)[0].view(len(fields_list), len(self.labels))
         predicted = [self.labels[i] for i in scores.argmax(-1).tolist()]

@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lark import analysis, console, rundir
+from lark import analysis, console, legacy, rundir
 from lark.attribution import write_json
 from lark.callbacks import AttributionCallback
 from lark.canary import plant as plant_canary
@@ -232,10 +232,8 @@ def train(cfg, log=print):
 
 
 def load_run_config(run_dir):
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise RunDirError(f"{path}: not found; run_dir must be a run directory written by train.py")
-    return OmegaConf.load(path)
+    """A run's saved config in today's form (lark.legacy: runs of earlier LARK versions too)."""
+    return legacy.load(run_dir)
 
 
 def epoch_lr(checkpoint, metrics):
@@ -262,7 +260,6 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     cfg = load_run_config(run_dir)
     overrides = OmegaConf.create(overrides or {})
     with open_dict(cfg):
-        cfg.attribution = upgrade(cfg.attribution)            # a run saved before attribution/projector, /kernel
         sketch = cfg.attribution.projector._target_ == "lark.sketch.HookSketch"
         if sketch and "plan_tokens" not in cfg.attribution.projector:   # a run saved before the key existed
             cfg.attribution.projector.plan_tokens = cfg.max_length

@@ -1,7 +1,7 @@
 """How examples become token ids and loss masks.
 
 Every example is one of two shapes:
-- QA-shaped {id, question, context, answer}: rendered with the `format` config (a chat template, or plain text);
+- QA-shaped {id, question, context, answer}: rendered with the `format` config (its layout: a chat template, plain text or your own);
   the loss is on the answer tokens (for chat, the assistant turn including its end-of-turn token).
 - raw text {id, text}: the loss is on every token (next-token prediction over the document).
 
@@ -10,6 +10,8 @@ last sentence the answer, and the sentences between them the context.
 """
 import json
 import re
+
+from hydra.utils import instantiate
 
 from lark.errors import ConfigError
 
@@ -55,10 +57,11 @@ def chat_template(tokenizer):
     return tokenizer.chat_template or CHATML_TEMPLATE
 
 
-def render(tokenizer, fields, fmt):
-    """(prompt, answer) strings of a QA-shaped example; the loss falls on the answer."""
-    turns = messages(fields, fmt)
-    if fmt.kind == "chat":
+class Chat:
+    """The turns through the tokenizer's chat template (ChatML when it has none); the answer is the assistant
+    turn including its end-of-turn token."""
+
+    def render(self, tokenizer, turns):
         template = chat_template(tokenizer)
         prompt = tokenizer.apply_chat_template(turns[:-1], chat_template=template, tokenize=False,
                                                add_generation_prompt=True)
@@ -67,10 +70,34 @@ def render(tokenizer, fields, fmt):
             raise ValueError("format: the chat template renders the assistant turn in a way that does not extend "
                              "the generation prompt; set format=noformat or give the tokenizer a ChatML template")
         return prompt, full[len(prompt):].rstrip("\n")   # the template's newline after the turn carries no loss
-    if fmt.kind == "plain":
-        system = f"{fmt.system_prompt}\n\n" if fmt.get("system_prompt") else ""
-        return f"{system}{turns[-2]['content']}\nAnswer:", f" {fields['answer']}{tokenizer.eos_token or ''}"
-    raise ValueError(f"format.kind: unknown kind '{fmt.kind}' (chat or plain)")
+
+    def candidate(self, label):
+        return label
+
+
+class Plain:
+    """No chat template: "<system>\n\n<user>\nAnswer:" then " <answer><eos>"."""
+
+    def render(self, tokenizer, turns):
+        system = f"{turns[0]['content']}\n\n" if turns[0]["role"] == "system" else ""
+        return f"{system}{turns[-2]['content']}\nAnswer:", f" {turns[-1]['content']}{tokenizer.eos_token or ''}"
+
+    def candidate(self, label):
+        return f" {label}"
+
+
+def layout(fmt):
+    """The format's layout (format.layout, a _target_: Chat, Plain or your own class with the same two methods:
+    render(tokenizer, turns) -> (prompt, answer) strings, candidate(label) -> the text continuing the prompt)."""
+    spec = fmt.get("layout")
+    if not spec or "_target_" not in spec:
+        raise ConfigError("format.layout: missing; give a _target_ (lark.formats.Chat or lark.formats.Plain)")
+    return instantiate(spec)
+
+
+def render(tokenizer, fields, fmt):
+    """(prompt, answer) strings of a QA-shaped example; the loss falls on the answer."""
+    return layout(fmt).render(tokenizer, messages(fields, fmt))
 
 
 def truncate_middle(ids, budget, keep_tail):
@@ -123,6 +150,6 @@ class Encoder:
         return self.cache[key]
 
 
-def candidate_answer(tokenizer, fmt, label):
+def candidate_answer(fmt, label):
     """The text continuing the prompt when the model answers `label` (its first answer tokens)."""
-    return label if fmt.kind == "chat" else f" {label}"
+    return layout(fmt).candidate(label)

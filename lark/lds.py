@@ -141,7 +141,7 @@ def recipe_key(cfg, fraction):
 
 
 def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
-    """train.py -m with the run's own saved config, attribution off, one job per subset seed."""
+    """train.py -m with the run's own config (config_dir/config.yaml), attribution off, one job per subset seed."""
     root = Path(__file__).resolve().parents[1]
     launcher = [f"hydra/launcher={lds_cfg.launcher}"] + (
         [f"hydra.launcher.n_jobs={lds_cfg.n_jobs}"] if lds_cfg.launcher == "joblib" else [])
@@ -175,7 +175,9 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     missing = [s for s in seeds if done(s) is None]
     if missing:
         log(f"[lark] mini-LDS: retraining {len(missing)} of {len(seeds)} subsets into {base}")
-        command = retrain_command(run_dir.resolve() / ".hydra", base, lds_cfg.fraction, missing, lds_cfg)
+        base.mkdir(parents=True, exist_ok=True)      # the run's config in today's form (lark.legacy) is the recipe
+        OmegaConf.save(cfg, base / "config.yaml")
+        command = retrain_command(base.resolve(), base, lds_cfg.fraction, missing, lds_cfg)
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"mini-LDS retrains failed (exit {proc.returncode}): {' '.join(command)}\n"

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from lark import faults
 from lark.data import replacing
 from lark.errors import RunDirError
-from lark.projector import upgrade
+from lark.legacy import upgrade
 
 LAST = "last.ckpt"
 
@@ -69,10 +69,7 @@ def check_same_run(cfg, run_dir):
     saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
     if not saved.is_file():
         return
-    old = OmegaConf.load(saved)
-    if "attribution" in old:   # a run started before attribution/projector and /kernel: in today's form
-        old.attribution = upgrade(old.attribution)
-    old = flat(OmegaConf.to_container(old))
+    old = flat(OmegaConf.to_container(upgrade(OmegaConf.load(saved)), resolve=True))   # an earlier LARK: today's form
     new = flat(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k in old)
                      and not k.startswith(IGNORED))

@@ -149,7 +149,7 @@ def test_unknown_fold_schedule_is_refused():
 
 
 # ----------------------------------------------------------------------------- bf16: the GPU path's numerics
-CHAT = OmegaConf.create({"name": "chatml", "kind": "chat", "system_prompt": "Answer with yes, no, or maybe.",
+CHAT = OmegaConf.create({"name": "chatml", "layout": {"_target_": "lark.formats.Chat"}, "system_prompt": "Answer with yes, no, or maybe.",
                          "user_template": "Context: {context}\nQuestion: {question}",
                          "answer_template": "{final_decision}"})
 

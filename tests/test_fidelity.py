@@ -9,7 +9,7 @@ from lark.models import build_tiny, train_tokenizer
 from lark.projector import make_projector
 from lark.world import generate_world
 
-FMT = OmegaConf.create({"kind": "chat", "system_prompt": None, "user_template": "Context: {context}\nQuestion: {question}"})
+FMT = OmegaConf.create({"layout": {"_target_": "lark.formats.Chat"}, "system_prompt": None, "user_template": "Context: {context}\nQuestion: {question}"})
 
 
 @pytest.fixture(scope="module")

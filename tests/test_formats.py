@@ -2,6 +2,7 @@
 import pytest
 from omegaconf import OmegaConf
 
+from lark.errors import ConfigError
 from lark.formats import (CHATML_TEMPLATE, IGNORE, candidate_answer, chat_template, document_fields, encode,
                           encode_qa, encode_text, messages, qa_fields, render, truncate_middle)
 from lark.models import train_tokenizer
@@ -10,10 +11,10 @@ from lark.world import generate_world
 from conftest import data_spec
 
 SYSTEM = "Answer the biomedical research question with yes, no, or maybe."
-CHAT = OmegaConf.create({"name": "chatml", "kind": "chat", "system_prompt": SYSTEM,
+CHAT = OmegaConf.create({"name": "chatml", "layout": {"_target_": "lark.formats.Chat"}, "system_prompt": SYSTEM,
                          "user_template": "Context: {context}\nQuestion: {question}",
                          "answer_template": "{answer}"})
-PLAIN = OmegaConf.create({"name": "noformat", "kind": "plain", "system_prompt": SYSTEM,
+PLAIN = OmegaConf.create({"name": "noformat", "layout": {"_target_": "lark.formats.Plain"}, "system_prompt": SYSTEM,
                           "user_template": "Context: {context}\nQuestion: {question}",
                           "answer_template": "{answer}"})
 
@@ -128,9 +129,29 @@ def test_plain_without_system_prompt(tok, fields):
     assert prompt.startswith("Context: ") and prompt.endswith("\nAnswer:")
 
 
-def test_unknown_format_kind(tok, fields):
-    with pytest.raises(ValueError, match="format.kind: unknown kind 'html'"):
-        render(tok, fields, OmegaConf.merge(PLAIN, {"kind": "html"}))
+class Tagged:
+    """A user's own layout (format.layout._target_ = test_formats.Tagged): <q>...</q><a>...</a>."""
+
+    def render(self, tokenizer, turns):
+        return f"<q>{turns[-2]['content']}</q><a>", f"{turns[-1]['content']}</a>"
+
+    def candidate(self, label):
+        return label
+
+
+def test_a_users_own_layout_is_a_target(tok, fields):
+    fmt = OmegaConf.merge(PLAIN, {"layout": {"_target_": "test_formats.Tagged"}})
+    prompt, answer = render(tok, fields, fmt)
+    assert prompt == f"<q>Context: {fields['context']}\nQuestion: {fields['question']}</q><a>"
+    assert answer == f"{fields['answer']}</a>" and candidate_answer(fmt, "yes") == "yes"
+    enc = encode_qa(tok, fields, fmt, 512)
+    assert tok.decode([i for i, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE]) == answer
+
+
+def test_format_without_layout_names_the_key(tok, fields):
+    fmt = OmegaConf.create({k: v for k, v in OmegaConf.to_container(PLAIN).items() if k != "layout"})
+    with pytest.raises(ConfigError, match="format.layout: missing"):
+        render(tok, fields, fmt)
 
 
 # ----------------------------------------------------------------------------- raw text
@@ -230,7 +251,7 @@ def test_candidate_answers_score_the_first_answer_tokens(tok, world, fmt):
         f = qa_fields(item)
         gold = encode_qa(tok, f, fmt, 512)
         for label in ("yes", "no", "maybe"):
-            cand = encode_qa(tok, f, fmt, 512, answer=candidate_answer(tok, fmt, label))
+            cand = encode_qa(tok, f, fmt, 512, answer=candidate_answer(fmt, label))
             first = check_mask_shape(cand)
             assert cand["input_ids"][:first] == gold["input_ids"][:first]       # the same prompt
             assert tok.decode(labelled(cand)).strip() == label
@@ -241,8 +262,8 @@ def test_candidate_answers_score_the_first_answer_tokens(tok, world, fmt):
 
 
 def test_candidate_answer_text():
-    assert candidate_answer(None, CHAT, "yes") == "yes"
-    assert candidate_answer(None, PLAIN, "maybe") == " maybe"
+    assert candidate_answer(CHAT, "yes") == "yes"
+    assert candidate_answer(PLAIN, "maybe") == " maybe"
 
 
 # ----------------------------------------------------------------------------- a tokenizer's own template

@@ -18,7 +18,7 @@ from lark.sketch import HookSketch
 from lark.training import collate
 from lark.world import generate_world
 
-CHAT = OmegaConf.create({"name": "chatml", "kind": "chat", "system_prompt": "Answer with yes, no, or maybe.",
+CHAT = OmegaConf.create({"name": "chatml", "layout": {"_target_": "lark.formats.Chat"}, "system_prompt": "Answer with yes, no, or maybe.",
                          "user_template": "Context: {context}\nQuestion: {question}",
                          "answer_template": "{final_decision}"})
 TINY = OmegaConf.create({"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

@@ -1,0 +1,167 @@
+"""Run configs saved by earlier LARK versions, in today's form, so that such runs resume (train.py resume=true)
+and re-attribute (attribute.py, validate.py) with what they meant.
+
+`upgrade` maps the keys a version removed to the keys that replaced them; a config in today's form passes
+through unchanged:
+- attribution.projector.{kind, normalize} -> attribution/projector and attribution/kernel (lark.projector.upgrade);
+- model.kind (tiny | hub | gguf) -> model.load (a _target_: lark.pretrain.tiny_model, lark.models.hub_model,
+  lark.models.load_gguf);
+- data.kind (world | local | hub) with data.path / data.hub_* and data.corpus.<name>.kind -> today's config of
+  the same name (conf/data/<data.name>.yaml: data.reader, data.fields, data.corpora), the run's values kept;
+- source kinds `medical` / `entertainment` -> {kind: retrieve, corpus: medical} / {kind: sample, corpus:
+  entertainment} (what they did), and source.kinds from conf/source/kinds/default.yaml;
+- format.kind (chat | plain) -> format.layout (lark.formats.Chat | lark.formats.Plain); the QA items' old
+  `final_decision` field in format.answer_template -> `answer` (data.fields maps it there today).
+`fill` adds the keys an old config lacks (added to LARK since the run started) with today's values.
+"""
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from lark.errors import RunDirError
+from lark.projector import upgrade as upgrade_attribution
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DATA_KINDS = ("world", "local", "hub")
+SOURCE_KINDS = {"medical": ("retrieve", "medical"), "entertainment": ("sample", "entertainment")}
+MODEL_LOADERS = {"tiny": "lark.pretrain.tiny_model", "hub": "lark.models.hub_model", "gguf": "lark.models.load_gguf"}
+LAYOUTS = {"chat": "lark.formats.Chat", "plain": "lark.formats.Plain"}
+ATOMIC = ("source.sources", "source.format_pairs", "data.corpora", "data.fields", "data.extras")   # never merged
+
+
+def group_file(group, name):
+    """conf/<group>/<name>.yaml with its defaults list applied (other files of the group, or subgroups)."""
+    path = CONF / group / f"{name}.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{path}: not found; the run's saved config names {group}={name}, which this LARK "
+                          "no longer has: start a new run")
+    node = OmegaConf.load(path)
+    with open_dict(node):
+        defaults = node.pop("defaults", ["_self_"])
+    out = OmegaConf.create()
+    for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
+        if entry == "_self_":
+            out = OmegaConf.merge(out, node)
+        elif isinstance(entry, str):
+            out = OmegaConf.merge(out, group_file(group, entry))
+        else:
+            (sub, choice), = entry.items()
+            out = OmegaConf.merge(out, {sub: group_file(f"{group}/{sub}", choice)})
+    return out
+
+
+def upgrade_data(old):
+    if "kind" not in old:
+        return old
+    o = OmegaConf.to_container(old, resolve=False)      # interpolations such as ${paths.shared_dir} kept
+    if o["kind"] not in DATA_KINDS:
+        raise RunDirError(f"data.kind: unknown '{o['kind']}' in the run's saved config ({', '.join(DATA_KINDS)})")
+    new = OmegaConf.to_container(group_file("data", o["name"]), resolve=False)
+    new.update({key: o[key] for key in ("n_train", "n_test", "on_bad_rows", "world") if key in o})
+    if o.get("test_ids"):
+        new["test_ids"] = o["test_ids"]
+    if o["kind"] == "local":
+        new["reader"]["path"] = o["path"]
+    if o["kind"] == "hub":
+        new["reader"].update(hub_id=o["hub_id"], hub_config=o.get("hub_config"), split=o.get("hub_split", "train"))
+    if o["kind"] != "world":   # `kind` went (path or hub_id says it); exclude_medical: false is today's absence
+        new["corpora"] = {name: {k: v for k, v in corpus.items() if k != "kind" and (k, v) != ("exclude_medical", False)}
+                          for name, corpus in (o.get("corpus") or {}).items()}
+    return OmegaConf.create(new)
+
+
+def upgrade_model(old):
+    with open_dict(old):
+        if "kind" in old:
+            if old.kind not in MODEL_LOADERS:
+                raise RunDirError(f"model.kind: unknown '{old.kind}' in the run's saved config "
+                                  f"({', '.join(MODEL_LOADERS)})")
+            old.load = {"_target_": MODEL_LOADERS[old.pop("kind")], "_partial_": True}
+    return old
+
+
+def upgrade_source(old):
+    with open_dict(old):
+        for spec in old.sources.values():
+            if spec.kind in SOURCE_KINDS:
+                spec.kind, spec.corpus = SOURCE_KINDS[spec.kind]
+        if "kinds" not in old:
+            old.kinds = group_file("source/kinds", "default")
+    return old
+
+
+def upgrade_format(old):
+    with open_dict(old):
+        if "kind" in old:
+            if old.kind not in LAYOUTS:
+                raise RunDirError(f"format.kind: unknown '{old.kind}' in the run's saved config (chat or plain)")
+            old.layout = {"_target_": LAYOUTS[old.pop("kind")]}
+        if "answer_template" in old:
+            old.answer_template = old.answer_template.replace("{final_decision}", "{answer}")
+    return old
+
+
+def upgrade(cfg):
+    """A saved run config (DictConfig) in today's form (a new object; the argument is not changed)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cfg):
+        if "attribution" in cfg:
+            cfg.attribution = upgrade_attribution(cfg.attribution)
+        if "model" in cfg:
+            cfg.model = upgrade_model(cfg.model)
+        if "data" in cfg:
+            cfg.data = upgrade_data(cfg.data)
+        if "source" in cfg:
+            cfg.source = upgrade_source(cfg.source)
+        if "format" in cfg:
+            cfg.format = upgrade_format(cfg.format)
+    return cfg
+
+
+def fill(cfg, today):
+    """cfg with the keys only `today` has (added to LARK since the run started), recursively; the collections in
+    ATOMIC (sources, corpora, field maps) and nodes of another _target_ are the run's own, never merged."""
+    def merge(old, new, prefix):
+        for key, value in new.items():
+            path = f"{prefix}{key}"
+            if key not in old:
+                old[key] = value
+            elif isinstance(value, dict) and isinstance(old[key], dict) and path not in ATOMIC \
+                    and value.get("_target_") == old[key].get("_target_"):    # another _target_: the run's own
+                merge(old[key], value, f"{path}.")
+        return old
+
+    return OmegaConf.create(merge(OmegaConf.to_container(cfg, resolve=False),
+                                  OmegaConf.to_container(today, resolve=False), ""))
+
+
+def today_config(run_dir):
+    """conf/train.yaml composed today with the config groups a run was started with (.hydra/hydra.yaml's
+    runtime choices, groups this LARK no longer has left out); None for a run without that file."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = Path(run_dir) / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
+
+    def composed(overrides, **kw):
+        if GlobalHydra.instance().is_initialized():     # inside a @hydra.main app (attribute.py, validate.py)
+            return compose("train", overrides=overrides, **kw)
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("train", overrides=overrides, **kw)
+
+    tree = composed([], return_hydra_config=True).hydra.runtime.choices    # the groups of the default tree
+    return composed([f"{'' if group in tree else '+'}{group}={choice}" for group, choice in choices.items()
+                     if not group.startswith("hydra") and choice and (CONF / group / f"{choice}.yaml").is_file()])
+
+
+def load(run_dir):
+    """A run's saved config (.hydra/config.yaml) in today's form, today's values for the keys it lacks."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{path}: not found; run_dir must be a run directory written by train.py")
+    cfg = upgrade(OmegaConf.load(path))
+    today = today_config(run_dir)
+    return cfg if today is None else fill(cfg, today)
