@@ -64,7 +64,8 @@ def evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch,
     evaluator = instantiate(cfg.eval)
     fields = query_examples(test_items, fmt)
     value, predicted = evaluator(model, encoder, test_items, fields)
-    log(f"[lark] {name}: test {evaluator.metric} " + ("-" if value is None else f"{value:.3f}"))
+    log(f"[lark] {name}: not evaluated (eval=none)" if evaluator.metric == "none" else
+        f"[lark] {name}: test {evaluator.metric} " + ("-" if value is None else f"{value:.3f}"))
     logged = {"checkpoint_epoch": epoch, **({} if value is None else {f"test/{evaluator.metric}": value})}
     accuracy = value if evaluator.higher_is_better else None   # Table I's "best" epoch maximises it
     if not wanted(attr, epoch):

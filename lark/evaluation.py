@@ -91,6 +91,18 @@ class AnswerLoss(Evaluator):
         return (per_item.mean().item() if len(per_item) else None), None
 
 
+class Skip(Evaluator):
+    """No evaluation (eval=none): the checkpoints get no test metric. The mini-LDS retrains use it (they need
+    only their final model's losses, lark.lds); it takes, and ignores, the keys of an evaluator it replaces."""
+    metric = "none"
+
+    def __init__(self, **_):
+        pass
+
+    def evaluate(self, model, encoder, items, fields_list):
+        return None, None
+
+
 def normalize(text):
     return " ".join(text.lower().split()).strip(string.punctuation + " ")
 

@@ -122,11 +122,12 @@ def estimate_moments(model, batches, clip=None, factored=True):
 
 def checkpoint_moments(attr, model, epoch, optimizer=None, loader=None, clip=None):
     """The moments to save beside (and attribute) checkpoint `epoch`, or None when neither the kernel needs them
-    nor `attribution.save_moments` asks: the optimizer's state after an epoch, the one-pass estimate at epoch 0."""
+    nor `attribution.save_moments` asks (a run with attribution off needs them only to save them): the optimizer's
+    state after an epoch, the one-pass estimate at epoch 0."""
     from lark.projector import make_kernel
 
     kernel = make_kernel(attr)
-    if not (kernel.uses_optimizer or attr.get("save_moments", False)):
+    if not ((kernel.uses_optimizer and attr.get("enabled", True)) or attr.get("save_moments", False)):
         return None
     factored = getattr(kernel, "factored", True)
     if epoch > 0 and optimizer is not None:

@@ -126,7 +126,8 @@ def query_losses(model, encoded, pad_id, batch_size=16):
 
 
 # ---------------------------------------------------------------------------------------------- retrains
-RETRAIN_OFF = ["attribution.enabled=false", "analysis.enabled=false", "logger={}", "resume=false",
+RETRAIN_OFF = ["attribution.enabled=false", "attribution.save_moments=false", "eval._target_=lark.evaluation.Skip",
+               "analysis.enabled=false", "logger={}", "resume=false",
                "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
                "paths.output_dir=${hydra:runtime.output_dir}", "trainer.default_root_dir=${paths.output_dir}"]
 RECIPE_EXCLUDE = ("paths", "logger", "attribution", "analysis", "resume", "hydra", "trainer")

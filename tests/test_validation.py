@@ -95,7 +95,10 @@ def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
         used = [r["id"] for r in rows_of(job / "data" / "train.jsonl")]
         assert used == lds.subset(train_ids, 0.5, int(job.name.split("_")[1]))
         assert [p.name for p in (job / "checkpoints").iterdir()] == ["epoch_001"]      # only the final one kept
-        assert not (job / "attribution").exists()                                     # attribution was off
+        assert not (job / "attribution").exists()                                     # attribution was off,
+        assert not (job / "checkpoints" / "epoch_001" / "adam_moments.safetensors").exists()   # moments too,
+        saved = OmegaConf.load(job / "checkpoints" / "epoch_001" / "lark_config.yaml")   # and the test metric
+        assert saved.eval._target_ == "lark.evaluation.Skip" and not saved.attribution.save_moments
         assert len(json.loads((job / "query_losses.json").read_text())["losses"]) == 15
     stamps = {j: (j / "query_losses.json").stat().st_mtime_ns for j in jobs}
     again = []
