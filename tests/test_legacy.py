@@ -1,4 +1,5 @@
-"""lark.legacy: the configs that runs of earlier LARK versions saved (two are committed under docs/results) mean
+"""lark.legacy: the configs that runs of earlier LARK versions saved (tests/fixtures/legacy: the embedded run and the
+pubmedqa_small run committed under docs/results before the config groups, as they were saved) mean
 today's recipes, key for key, so that those runs resume and re-attribute (the end-to-end case, a run saved in the
 old form re-attributed to the same scores, is in test_kernels.py)."""
 import pytest
@@ -19,9 +20,9 @@ def differences(old, new):
 
 
 @pytest.mark.parametrize("saved, overrides", [
-    ("docs/results/embedded/config.yaml", []),
+    ("tests/fixtures/legacy/embedded.yaml", []),
     # the committed pubmedqa_small run predates the faithful kernel: the unnormalised cosine
-    ("docs/results/pubmedqa_small/config.yaml", ["+experiment=pubmedqa_small", "attribution/kernel=cosine"]),
+    ("tests/fixtures/legacy/pubmedqa_small.yaml", ["+experiment=pubmedqa_small", "attribution/kernel=cosine"]),
 ])
 def test_committed_old_runs_mean_todays_recipes(saved, overrides):
     old = OmegaConf.load(ROOT / saved)
@@ -30,7 +31,7 @@ def test_committed_old_runs_mean_todays_recipes(saved, overrides):
 
 
 def test_each_old_key_maps_to_what_it_did():
-    old = OmegaConf.load(ROOT / "docs/results/pubmedqa_small/config.yaml")
+    old = OmegaConf.load(ROOT / "tests/fixtures/legacy/pubmedqa_small.yaml")
     new = legacy.upgrade(old)
     assert new.data.reader == {"_target_": "lark.data.JsonlRows", "test_path": None,
                                "path": "${paths.shared_dir}/data/pubmedqa/pqa_labeled.jsonl"}    # not resolved
@@ -45,7 +46,7 @@ def test_each_old_key_maps_to_what_it_did():
 
 
 def test_an_unknown_old_kind_names_the_key():
-    old = OmegaConf.load(ROOT / "docs/results/embedded/config.yaml")
+    old = OmegaConf.load(ROOT / "tests/fixtures/legacy/embedded.yaml")
     old.data.kind = "sql"
     with pytest.raises(RunDirError, match="data.kind: unknown 'sql'"):
         legacy.upgrade(old)
