@@ -17,3 +17,20 @@ def test_readme_table2_is_the_committed_embedded_runs_table():
     readme = (ROOT / "README.md").read_text()
     missing = [row for row in table.splitlines() if row.startswith("|") and row not in readme]
     assert not missing, f"README.md's embedded Table II differs from the committed run's; rows missing: {missing}"
+
+
+def test_validation_md_table5_is_the_committed_embedded_runs_table(tmp_path):
+    """docs/validation.md's Table V must be the one lark.validation writes from the committed run's
+    validation.json (docs/results/embedded, from `python validate.py run_dir=<the embedded run>`)."""
+    import json
+
+    from lark.validation import write_table5
+
+    write_table5(json.loads((EMBEDDED / "validation.json").read_text()), tmp_path)
+    table = (tmp_path / "table5.md").read_text()
+    assert table == (EMBEDDED / "tables" / "table5.md").read_text()
+    doc = (ROOT / "docs" / "validation.md").read_text()
+    rows = [row for row in table.splitlines() if row.startswith("|")]
+    assert len(rows) == 2 + 4 * 7 + 2        # header, rule; 4 kernels x (6 epochs + TracIn-CP); bm25, random
+    missing = [row for row in rows if row not in doc]
+    assert not missing, f"docs/validation.md's Table V differs from the committed run's; rows missing: {missing}"
