@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from safetensors import SafetensorError, safe_open
 
-from lark import analysis, canary, lds
+from lark import analysis, canary, console, lds
 from lark import retrieval as R
 from lark.attribution import project_examples, write_json
 from lark.data import qa_record, read_examples, sample
@@ -196,6 +196,7 @@ def validate_run(run_dir, vcfg, log=print):
     from lark.experiment import epoch_lr   # imported here, as in load_run
 
     run_dir = Path(run_dir)
+    console.setup()   # as train.py: no per-file progress bars of transformers in a log
     run = load_run(run_dir, vcfg)
     cfg, train, test = run["cfg"], run["train"], run["test"]
     timing, rows, backdoor = {}, [], {}
