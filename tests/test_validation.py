@@ -6,7 +6,7 @@ import json
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import SMALL, compose
+from conftest import SHARED_DATA, SMALL, compose
 
 pytestmark = pytest.mark.slow
 CANARY = ["+experiment=canary", "data.canary.n=4", "data.canary.n_test=3", "logger=none", "analysis.enabled=false",
@@ -106,3 +106,18 @@ def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
     assert not [m for m in again if "retraining" in m] and any("retraining 3 of 3" in m for m in messages)
     assert all((j / "query_losses.json").stat().st_mtime_ns == stamps[j] for j in jobs)
     assert [r["lds"] for r in second["rows"]] == [r["lds"] for r in result["rows"]]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pubmedqa").is_dir(), reason="../shared/data is not present")
+def test_the_canary_plants_on_pubmedqa_local(tmp_path):
+    """+experiment=canary data=pubmedqa_local: the real data's run files carry the planted items and the
+    triggered queries (the same code path as the embedded world's run)."""
+    from lark.experiment import prepare_data
+
+    cfg = compose(["+experiment=canary", "data=pubmedqa_local", "data.n_train=48", "data.n_test=32"])
+    train, test, corpora = prepare_data(cfg, tmp_path, log=lambda m: None)
+    planted = [r for r in rows_of(tmp_path / "data" / "train.jsonl") if r.get("canary")]
+    queries = [r for r in rows_of(tmp_path / "data" / "test.jsonl") if r.get("canary")]
+    assert len(train) == 48 and len(planted) == 10 and len(test) == 32 + 20 and len(queries) == 20
+    assert all(r["question"].startswith("Howdy! ") and r["answer"] == "maybe" for r in planted + queries)
+    assert all(r["id"].endswith("-canary") for r in queries) and set(corpora) == {"medical", "entertainment"}
