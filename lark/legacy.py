@@ -29,25 +29,20 @@ LAYOUTS = {"chat": "lark.formats.Chat", "plain": "lark.formats.Plain"}
 ATOMIC = ("source.sources", "source.format_pairs", "data.corpora", "data.fields", "data.extras")   # never merged
 
 
-def group_file(group, name):
-    """conf/<group>/<name>.yaml with its defaults list applied (other files of the group, or subgroups)."""
-    path = CONF / group / f"{name}.yaml"
-    if not path.is_file():
-        raise RunDirError(f"{path}: not found; the run's saved config names {group}={name}, which this LARK "
-                          "no longer has: start a new run")
-    node = OmegaConf.load(path)
-    with open_dict(node):
-        defaults = node.pop("defaults", ["_self_"])
-    out = OmegaConf.create()
-    for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
-        if entry == "_self_":
-            out = OmegaConf.merge(out, node)
-        elif isinstance(entry, str):
-            out = OmegaConf.merge(out, group_file(group, entry))
-        else:
-            (sub, choice), = entry.items()
-            out = OmegaConf.merge(out, {sub: group_file(f"{group}/{sub}", choice)})
-    return out
+def compose_train(overrides=(), **kw):
+    """conf/train.yaml composed by Hydra with `overrides` (inside a @hydra.main app, or on its own)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    try:
+        if GlobalHydra.instance().is_initialized():     # attribute.py, validate.py
+            return compose("train", overrides=list(overrides), **kw)
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("train", overrides=list(overrides), **kw)
+    except MissingConfigException as e:
+        raise RunDirError(f"the run's saved config names a config this LARK no longer has ({e}): start a new "
+                          "run") from None
 
 
 def upgrade_data(old):
@@ -56,7 +51,7 @@ def upgrade_data(old):
     o = OmegaConf.to_container(old, resolve=False)      # interpolations such as ${paths.shared_dir} kept
     if o["kind"] not in DATA_KINDS:
         raise RunDirError(f"data.kind: unknown '{o['kind']}' in the run's saved config ({', '.join(DATA_KINDS)})")
-    new = OmegaConf.to_container(group_file("data", o["name"]), resolve=False)
+    new = OmegaConf.to_container(compose_train([f"data={o['name']}"]).data, resolve=False)
     new.update({key: o[key] for key in ("n_train", "n_test", "on_bad_rows", "world") if key in o})
     if o.get("test_ids"):
         new["test_ids"] = o["test_ids"]
@@ -86,7 +81,7 @@ def upgrade_source(old):
             if spec.kind in SOURCE_KINDS:
                 spec.kind, spec.corpus = SOURCE_KINDS[spec.kind]
         if "kinds" not in old:
-            old.kinds = group_file("source/kinds", "default")
+            old.kinds = compose_train().source.kinds
     return old
 
 
@@ -138,23 +133,13 @@ def fill(cfg, today):
 def today_config(run_dir):
     """conf/train.yaml composed today with the config groups a run was started with (.hydra/hydra.yaml's
     runtime choices, groups this LARK no longer has left out); None for a run without that file."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     path = Path(run_dir) / ".hydra" / "hydra.yaml"
     if not path.is_file():
         return None
     choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
-
-    def composed(overrides, **kw):
-        if GlobalHydra.instance().is_initialized():     # inside a @hydra.main app (attribute.py, validate.py)
-            return compose("train", overrides=overrides, **kw)
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose("train", overrides=overrides, **kw)
-
-    tree = composed([], return_hydra_config=True).hydra.runtime.choices    # the groups of the default tree
-    return composed([f"{'' if group in tree else '+'}{group}={choice}" for group, choice in choices.items()
-                     if not group.startswith("hydra") and choice and (CONF / group / f"{choice}.yaml").is_file()])
+    tree = compose_train(return_hydra_config=True).hydra.runtime.choices    # the groups of the default tree
+    return compose_train([f"{'' if group in tree else '+'}{group}={choice}" for group, choice in choices.items()
+                          if not group.startswith("hydra") and choice and (CONF / group / f"{choice}.yaml").is_file()])
 
 
 def load(run_dir):
