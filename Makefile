@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install run test clean
+.PHONY: install run test lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+lint: install   # ruff's linter and formatter (settings in pyproject.toml); CI fails on any finding
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) .cache outputs

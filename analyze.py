@@ -1,8 +1,9 @@
 """Tables I-IV, Figures 1-3 and report/index.html from a run directory or a multirun folder (one line/row per job).
 
-    python analyze.py run_dir=outputs/train/2026-11-29_10-00-00
-    python analyze.py run_dir=multirun/2026-11-29_10-00-00 table1_epoch=2
+python analyze.py run_dir=outputs/train/2026-11-29_10-00-00
+python analyze.py run_dir=multirun/2026-11-29_10-00-00 table1_epoch=2
 """
+
 import os
 from pathlib import Path
 
@@ -13,10 +14,10 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
 def main(cfg):
-    from lark.analysis import analyze, find_runs
+    from lark.analysis.analyze import analyze, find_runs
 
-    if cfg.validate:   # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml), so the report has it
-        from lark.validation import load_config, validate_run
+    if cfg.validate:  # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml), so the report has it
+        from lark.validation.table5 import load_config, validate_run
 
         for run_dir in find_runs(cfg.run_dir).values():
             print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))

@@ -1,9 +1,10 @@
 """(Re)attribute the saved checkpoints of a run, then rebuild its tables and figures.
 
-    python attribute.py run_dir=outputs/train/2026-11-29_10-00-00
-    python attribute.py run_dir=<run> +attribution.projector.k=8192 +attribution.checkpoints=[0,5]
-    python attribute.py run_dir=<run>          # again after a kill: continues from the complete shards
+python attribute.py run_dir=outputs/train/2026-11-29_10-00-00
+python attribute.py run_dir=<run> +attribution.projector.k=8192 +attribution.checkpoints=[0,5]
+python attribute.py run_dir=<run>          # again after a kill: continues from the complete shards
 """
+
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="attribute")
 def main(cfg):
-    from lark.analysis import analyze
+    from lark.analysis.analyze import analyze
     from lark.errors import LarkError
     from lark.experiment import attribute
 

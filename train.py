@@ -1,11 +1,12 @@
 """Fine-tune a causal LM and attribute its test answers to the training and pretraining data at every epoch.
 
-    python train.py                                   # embedded default: generated world + tiny OLMo-3, CPU, offline
-    python train.py +experiment=pubmedqa              # the paper: OLMo-3-7B-Instruct on PubMedQA (GPU, hub access)
-    python train.py data=pubmedqa_local model=...     # PubMedQA from ../shared/data
-    python train.py -m format=chatml,noformat trainer.max_epochs=2,5   # a sweep into multirun/
-    python train.py <same overrides> hydra.run.dir=<run> resume=true   # continue a killed run
+python train.py                                   # embedded default: generated world + tiny OLMo-3, CPU, offline
+python train.py +experiment=pubmedqa              # the paper: OLMo-3-7B-Instruct on PubMedQA (GPU, hub access)
+python train.py data=pubmedqa_local model=...     # PubMedQA from ../shared/data
+python train.py -m format=chatml,noformat trainer.max_epochs=2,5   # a sweep into multirun/
+python train.py <same overrides> hydra.run.dir=<run> resume=true   # continue a killed run
 """
+
 import os
 import sys
 from pathlib import Path

@@ -1,10 +1,11 @@
 """Table V, attribution quality: provenance recall, the planted canary and the mini-LDS of every kernel, BM25
-and random (lark/validation.py; conf/validate.yaml).
+and random (lark/validation/table5.py; conf/validate.yaml).
 
     python validate.py run_dir=outputs/train/2026-11-29_10-00-00
     python validate.py run_dir=<run> lds.n_subsets=8 checkpoints=[0,5]
     python validate.py run_dir=<run> lds.enabled=false pool.kind=sample
 """
+
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 @hydra.main(version_base="1.3", config_path="conf", config_name="validate")
 def main(cfg):
     from lark.errors import LarkError
-    from lark.validation import validate_run
+    from lark.validation.table5 import validate_run
 
     try:
         result = validate_run(cfg.run_dir, cfg)

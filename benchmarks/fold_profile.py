@@ -17,6 +17,7 @@ embedding and output layer small), random weights.
    call), and the same for the index schedule on the CPU (its speed here, not a GPU's).
 The last line is `SUMMARY ...`.
 """
+
 import argparse
 import statistics
 import sys
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lark.sketch import HookSketch  # noqa: E402
+from lark.kernel.sketch import HookSketch
 
 SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
 
@@ -37,8 +38,15 @@ def build(layers, dtype, vocab=512, **shapes):
     from transformers import Olmo3Config, Olmo3ForCausalLM
 
     torch.manual_seed(0)
-    config = Olmo3Config(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=1, **{**SHAPES, **shapes})
+    config = Olmo3Config(
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+        **{**SHAPES, **shapes},
+    )
     return Olmo3ForCausalLM(config).to(dtype).eval()
 
 
@@ -98,15 +106,19 @@ def op_table(model, batch, ks, log):
     log(f"{'row':42s} {'k':>6s} {'chunks':>7s} {'ops/batch':>10s} {'fold ops':>9s} {'fold calls':>10s}")
     log("-" * 89)
     p = sum(x.numel() for x in model.parameters())
-    log(f"{'train step':42s} {'-':>6s} {'-':>7s} {count_ops(lambda: train_step(model, batch))[0]:10d} "
-        f"{'-':>9s} {'-':>10s}")
+    log(
+        f"{'train step':42s} {'-':>6s} {'-':>7s} {count_ops(lambda: train_step(model, batch))[0]:10d} "
+        f"{'-':>9s} {'-':>10s}"
+    )
     counts = {}
-    for label, schedule, whole in [("sketch, index, one block per layer (GPU)", "index", True),
-                                   ("sketch, slices, one block per layer", "slices", True),
-                                   ("sketch, slices, cache-sized blocks (CPU)", "slices", False)]:
+    for label, schedule, whole in [
+        ("sketch, index, one block per layer (GPU)", "index", True),
+        ("sketch, slices, one block per layer", "slices", True),
+        ("sketch, slices, cache-sized blocks (CPU)", "slices", False),
+    ]:
         for k in ks:
             hook, timer = sketch(model, k, schedule, whole)
-            hook.project_batch(model, batch)                       # warm-up: the sign cache
+            hook.project_batch(model, batch)  # warm-up: the sign cache
             timer.calls = 0
             total, fold = counts[schedule, whole, k] = count_ops(lambda: hook.project_batch(model, batch))
             log(f"{label:42s} {k:6d} {-(-p // k):7d} {total:10d} {fold:9d} {timer.calls:10d}")
@@ -119,7 +131,7 @@ def timing_rows(model, batch, k, repeats, log):
     rows = {}
     for label, schedule in [("sketch (auto: slices)", "auto"), ("sketch (index)", "index")]:
         hook, timer = sketch(model, k, schedule, False)
-        for _ in range(2):                                         # warm-up: caches, allocator, threads
+        for _ in range(2):  # warm-up: caches, allocator, threads
             hook.project_batch(model, batch)
             train_step(model, batch)
         train, mine, ratios, shares = [], [], [], []
@@ -133,10 +145,16 @@ def timing_rows(model, batch, k, repeats, log):
             mine.append(time.perf_counter() - t)
             ratios.append(train[-1] / mine[-1])
             shares.append(timer.seconds / mine[-1])
-        rows[label] = (statistics.median(train) / b, statistics.median(mine) / b, statistics.median(ratios),
-                       statistics.median(shares))
-        log(f"{b:3d} {label:24s} {k:6d} {rows[label][0]:10.3f} {rows[label][1]:10.3f} {rows[label][2]:8.2f} "
-            f"{rows[label][3]:10.2f}")
+        rows[label] = (
+            statistics.median(train) / b,
+            statistics.median(mine) / b,
+            statistics.median(ratios),
+            statistics.median(shares),
+        )
+        log(
+            f"{b:3d} {label:24s} {k:6d} {rows[label][0]:10.3f} {rows[label][1]:10.3f} {rows[label][2]:8.2f} "
+            f"{rows[label][3]:10.2f}"
+        )
     return rows
 
 
@@ -156,12 +174,20 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="defaults T = 64, B = 2, 2 pairs (CI)")
     parser.add_argument("--seq", type=int, help="tokens per example (512; --quick 64)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes of the timing rows (2 4 8; --quick 2)")
-    parser.add_argument("--ops-seq", type=int, help="tokens per example of the op-count batch (default --seq; "
-                        "the one-block-per-layer rows' counts do not depend on it)")
+    parser.add_argument(
+        "--ops-seq",
+        type=int,
+        help="tokens per example of the op-count batch (default --seq; "
+        "the one-block-per-layer rows' counts do not depend on it)",
+    )
     parser.add_argument("--repeats", type=int, help="alternations with a training step per row (3; --quick 2)")
     parser.add_argument("--ks", type=int, nargs=2, default=[65536, 8192], help="two k for the op counts")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: bfloat16 where the CPU has bf16 units (AVX512-BF16/AMX), else float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 where the CPU has bf16 units (AVX512-BF16/AMX), else float32",
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=SHAPES["hidden_size"], help="smaller only for tests")
     parser.add_argument("--mlp", type=int, default=SHAPES["intermediate_size"], help="smaller only for tests")
@@ -173,15 +199,26 @@ def main(argv=None):
             setattr(args, key, quick if args.quick else full)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"auto": torch.bfloat16 if bf16_supported() else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
-    model = build(args.layers, dtype, hidden_size=args.hidden, intermediate_size=args.mlp,
-                  num_attention_heads=args.heads, num_key_value_heads=args.heads)
+    dtype = {
+        "auto": torch.bfloat16 if bf16_supported() else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[args.dtype]
+    model = build(
+        args.layers,
+        dtype,
+        hidden_size=args.hidden,
+        intermediate_size=args.mlp,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+    )
     p = sum(x.numel() for x in model.parameters())
     log = lambda s="": print(s, flush=True)  # noqa: E731
-    log(f"# torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
+    log(
+        f"# torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
         f"threads, {str(dtype).replace('torch.', '')}; {args.layers} layers of hidden {args.hidden} x MLP {args.mlp}, "
-        f"{args.heads} heads; P = {p:,}; T = {args.seq}")
+        f"{args.heads} heads; P = {p:,}; T = {args.seq}"
+    )
     ops_seq = args.ops_seq or args.seq
     log(f"## tensor operations per batch (B = {args.batches[0]}, T = {ops_seq})")
     counts = op_table(model, batch_of(args.batches[0], ops_seq, 512), args.ks, log)
@@ -194,9 +231,12 @@ def main(argv=None):
         rows[b] = timing_rows(model, batch_of(b, args.seq, 512), args.ks[0], args.repeats, log)
     k0, k1 = args.ks
     last = rows[args.batches[-1]]["sketch (auto: slices)"]
-    log(f"SUMMARY fold_ops_gpu_k{k0}={counts['index', True, k0][1]} fold_ops_gpu_k{k1}={counts['index', True, k1][1]} "
-        f"fold_ops_chunk_loop_k{k0}={counts['slices', True, k0][1]} fold_ops_chunk_loop_k{k1}={counts['slices', True, k1][1]} "
-        f"speed_vs_train_step={last[2]:.2f} fold_share={last[3]:.2f} batch={args.batches[-1]} seq={args.seq}")
+    log(
+        f"SUMMARY fold_ops_gpu_k{k0}={counts['index', True, k0][1]} fold_ops_gpu_k{k1}={counts['index', True, k1][1]} "
+        f"fold_ops_chunk_loop_k{k0}={counts['slices', True, k0][1]} "
+        f"fold_ops_chunk_loop_k{k1}={counts['slices', True, k1][1]} "
+        f"speed_vs_train_step={last[2]:.2f} fold_share={last[3]:.2f} batch={args.batches[-1]} seq={args.seq}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ shapes built on the device in bf16 (nothing downloaded), and for each
 - `train step`: AdamW full fine-tuning step (forward + backward + optimizer step; bf16 weights, gradients and
   AdamW states -- fp32 master weights and states would need 116 GB at 7B before activations, more than an
   H200's 139 GiB with them),
-- `sketch` (lark.sketch.HookSketch) with normalize none and per_tensor, at the default sign cache
+- `sketch` (lark.kernel.sketch.HookSketch) with normalize none and per_tensor, at the default sign cache
   (attribution.projector.cache_bytes) and with every sign resident,
-- `rapidin` (lark.projector.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
+- `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
 
 examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max allocated,
 reset before each row) and its ratio to the training step's, and fidelity on the pairs of `--fidelity-examples`
@@ -17,6 +17,7 @@ PYTHONPATH (benchmarks/gpu_check.sh sets it): no Hydra, W&B or install.
     bash benchmarks/gpu_check.sh                                   # cuda, configs 1b 7b, batch 8 x 512
     bash benchmarks/gpu_check.sh --device cpu --configs tiny       # the same code on a CPU (tests/test_engine.py)
 """
+
 import argparse
 import math
 import statistics
@@ -29,17 +30,35 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lark.projector import CountSketch, example_gradient, trainable  # noqa: E402
-from lark.sketch import HookSketch  # noqa: E402
+from lark.kernel.projectors import CountSketch, example_gradient, trainable
+from lark.kernel.sketch import HookSketch
 
 VOCAB = 100_278
-CONFIGS = {   # OLMo-3 layouts (untied output layer); the 7B one is OLMo-3-7B's
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=512),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-               num_key_value_heads=16, vocab_size=VOCAB),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=VOCAB),
+CONFIGS = {  # OLMo-3 layouts (untied output layer); the 7B one is OLMo-3-7B's
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=VOCAB,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=VOCAB,
+    ),
 }
 
 
@@ -49,13 +68,19 @@ def build(name, device, dtype, layers=None):
     shape = dict(CONFIGS[name])
     if layers:
         shape["num_hidden_layers"] = layers
-    config = Olmo3Config(max_position_embeddings=4096, pad_token_id=0, bos_token_id=None, eos_token_id=1,
-                         tie_word_embeddings=False, **shape)
+    config = Olmo3Config(
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        **shape,
+    )
     torch.manual_seed(0)
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):                # weights made on the device, in bf16
+        with torch.device(device):  # weights made on the device, in bf16
             model = Olmo3ForCausalLM(config)
     finally:
         torch.set_default_dtype(before)
@@ -110,9 +135,14 @@ def exact_cosines(model, examples):
     plain, per_tensor = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
     for name in list(grads[0]):
         flat = torch.stack([g.pop(name).reshape(-1) for g in grads])
-        gram = (flat.float() @ flat.float().T).double().cpu() if flat.shape[1] < 2**26 else torch.tensor(
-            [[torch.dot(flat[i].float(), flat[j].float()).item() for j in range(n)] for i in range(n)],
-            dtype=torch.float64)
+        gram = (
+            (flat.float() @ flat.float().T).double().cpu()
+            if flat.shape[1] < 2**26
+            else torch.tensor(
+                [[torch.dot(flat[i].float(), flat[j].float()).item() for j in range(n)] for i in range(n)],
+                dtype=torch.float64,
+            )
+        )
         del flat
         norms = gram.diagonal().sqrt().clamp_min(1e-30)
         plain += gram
@@ -141,7 +171,7 @@ def rows_of(name, args, device, dtype, log):
 
     # training step: AdamW full fine-tuning (optimizer states made by the warm-up; freed before the projections)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")   # fused: no temporaries
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")  # fused: no temporaries
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -152,8 +182,9 @@ def rows_of(name, args, device, dtype, log):
     del opt
     model.zero_grad(set_to_none=True)
     model.eval()
-    rows = [(name, "train step (AdamW)", "-", b / train_s, 1.0, train_peak, train_peak / train_peak, math.nan,
-             math.nan)]
+    rows = [
+        (name, "train step (AdamW)", "-", b / train_s, 1.0, train_peak, train_peak / train_peak, math.nan, math.nan)
+    ]
 
     # fidelity examples: single sequences, their exact gradients one at a time
     n_fid = args.fidelity_examples
@@ -163,26 +194,42 @@ def rows_of(name, args, device, dtype, log):
     reset_peak(device)
 
     shapes = {n: tuple(x.shape) for n, x in trainable(model)}
-    cases = [("sketch", "none", None), ("sketch", "per_tensor", None), ("sketch", "none", 2**36),
-             ("rapidin", "per_tensor", None)]
+    cases = [
+        ("sketch", "none", None),
+        ("sketch", "per_tensor", None),
+        ("sketch", "none", 2**36),
+        ("rapidin", "per_tensor", None),
+    ]
     for kind, how, cache in cases:
         if kind == "sketch":
-            proj = HookSketch(model, args.k, normalize=how, plan_tokens=args.seq,
-                              **({"cache_bytes": cache} if cache else {}))
+            proj = HookSketch(
+                model, args.k, normalize=how, plan_tokens=args.seq, **({"cache_bytes": cache} if cache else {})
+            )
             label = f"sketch {how}" + (" (all signs cached)" if cache else "")
             fn, per_call = (lambda: proj.project_batch(model, batch)), b
         else:
             proj = CountSketch(shapes, args.k, normalize=how)
             label = f"rapidin {how}"
             one = {key: v[:1] for key, v in batch.items()}
-            fn, per_call = (lambda: proj.project_batch(model, one)), 1   # one backward per example
+            fn, per_call = (lambda: proj.project_batch(model, one)), 1  # one backward per example
         seconds, mem = timed(fn, device, args.rapidin_repeats if kind == "rapidin" else args.repeats)
         err_max = err_mean = math.nan
         if exact:
             errors = (pair_cosines(proj.project_batch(model, fid_batch)) - exact[how]).abs()
             err_max, err_mean = errors.max().item(), errors.mean().item()
-        rows.append((name, label, args.k, per_call / seconds, (per_call / seconds) / (b / train_s), mem,
-                     mem / train_peak, err_max, err_mean))
+        rows.append(
+            (
+                name,
+                label,
+                args.k,
+                per_call / seconds,
+                (per_call / seconds) / (b / train_s),
+                mem,
+                mem / train_peak,
+                err_max,
+                err_mean,
+            )
+        )
         del proj
     del model
     reset_peak(device)
@@ -194,8 +241,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--configs", nargs="+", default=["1b", "7b"], choices=sorted(CONFIGS))
-    parser.add_argument("--layers", type=int, default=None, help="7b only: fewer layers of 7B width (all 32 fit "
-                        "an H200: ~92 GB for AdamW with bf16 states at batch 8 x 512)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="7b only: fewer layers of 7B width (all 32 fit "
+        "an H200: ~92 GB for AdamW with bf16 states at batch 8 x 512)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--k", type=int, default=65536)
@@ -206,26 +258,34 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     log = lambda s="": print(s, flush=True)  # noqa: E731
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"# torch {torch.__version__}, {gpu}, {args.dtype}, batch {args.batch} x {args.seq}, k = {args.k}, "
+    log(
+        f"# torch {torch.__version__}, {gpu}, {args.dtype}, batch {args.batch} x {args.seq}, k = {args.k}, "
         f"median of {args.repeats} after a warm-up (rapidin {args.rapidin_repeats}), fidelity over "
-        f"{args.fidelity_examples * (args.fidelity_examples - 1) // 2} pairs")
+        f"{args.fidelity_examples * (args.fidelity_examples - 1) // 2} pairs"
+    )
     start = time.perf_counter()
     rows = []
     for name in args.configs:
         rows += rows_of(name, args, device, dtype, log)
-    log(f"{'config':6s} {'row':30s} {'k':>6s} {'ex/s':>8s} {'x train':>8s} {'peak GiB':>9s} {'x peak':>7s} "
-        f"{'max|err|':>9s} {'mean|err|':>9s}")
+    log(
+        f"{'config':6s} {'row':30s} {'k':>6s} {'ex/s':>8s} {'x train':>8s} {'peak GiB':>9s} {'x peak':>7s} "
+        f"{'max|err|':>9s} {'mean|err|':>9s}"
+    )
     log("-" * 100)
     for name, label, k, ex, speed, mem, mem_ratio, err_max, err_mean in rows:
-        log(f"{name:6s} {label:30s} {k!s:>6s} {ex:8.2f} {speed:8.2f} {mem / 2**30:9.2f} {mem_ratio:7.2f} "
-            f"{err_max:9.4f} {err_mean:9.4f}")
+        log(
+            f"{name:6s} {label:30s} {k!s:>6s} {ex:8.2f} {speed:8.2f} {mem / 2**30:9.2f} {mem_ratio:7.2f} "
+            f"{err_max:9.4f} {err_mean:9.4f}"
+        )
     last = args.configs[-1]
     mine = {label: r for r in rows if r[0] == last for label in [r[1]]}
     s, pt, ri = mine["sketch none"], mine["sketch per_tensor"], mine["rapidin per_tensor"]
-    log(f"SUMMARY device={gpu.replace(' ', '_')} config={last} sketch_vs_train_step={s[4]:.2f} "
+    log(
+        f"SUMMARY device={gpu.replace(' ', '_')} config={last} sketch_vs_train_step={s[4]:.2f} "
         f"sketch_per_tensor_vs_train_step={pt[4]:.2f} rapidin_vs_train_step={ri[4]:.2f} "
         f"sketch_peak_vs_train_step={s[6]:.2f} sketch_max_abs_err={s[7]:.4f} sketch_per_tensor_max_abs_err={pt[7]:.4f} "
-        f"rapidin_max_abs_err={ri[7]:.4f} seconds={time.perf_counter() - start:.0f}")
+        f"rapidin_max_abs_err={ri[7]:.4f} seconds={time.perf_counter() - start:.0f}"
+    )
 
 
 if __name__ == "__main__":

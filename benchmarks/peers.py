@@ -5,6 +5,7 @@ applies the peer's own projection; the Captum rows get theirs from Captum's own 
 `pip install -e ".[peers]"` (never in the default install; the extra leaves the installed torch alone). Missing
 packages give None, and the benchmark prints why.
 """
+
 import tempfile
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn.functional import cross_entropy
 
-from lark.projector import ExactProjector, trainable
+from lark.kernel.projectors import ExactProjector, trainable
 
 
 class PeerProjector:
@@ -33,8 +34,9 @@ def trak_basic(model, k, seed=0):
     except ImportError:
         return None
     grad_dim = sum(p.numel() for _, p in trainable(model))
-    proj = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=seed, proj_type=ProjectionType.rademacher,
-                          device="cpu", dtype=torch.float32)
+    proj = BasicProjector(
+        grad_dim=grad_dim, proj_dim=k, seed=seed, proj_type=ProjectionType.rademacher, device="cpu", dtype=torch.float32
+    )
     return PeerProjector(model, k, lambda grads: proj.project(grads, model_id=0))
 
 
@@ -45,8 +47,7 @@ def dattri_random(model, k, seed=0, batch=8):
     except ImportError:
         return None
     grad_dim = sum(p.numel() for _, p in trainable(model))
-    fn = random_project(torch.zeros(batch, grad_dim), batch, k, batch, proj_seed=seed, proj_type="normal",
-                        device="cpu")
+    fn = random_project(torch.zeros(batch, grad_dim), batch, k, batch, proj_seed=seed, proj_type="normal", device="cpu")
     return PeerProjector(model, k, fn)
 
 
@@ -103,10 +104,10 @@ class CaptumPeer:
         path = str(Path(self.tmp.name) / "model.pt")
         torch.save(model.state_dict(), path)
         flags = [p.requires_grad for p in model.parameters()]
-        with torch.random.fork_rng(), warnings.catch_warnings():   # Captum seeds the global generator
-            warnings.filterwarnings("ignore", message=".*entire `train_dataset`")   # ours is one probe batch
+        with torch.random.fork_rng(), warnings.catch_warnings():  # Captum seeds the global generator
+            warnings.filterwarnings("ignore", message=".*entire `train_dataset`")  # ours is one probe batch
             self.tracin = build([path])
-        for p, flag in zip(model.parameters(), flags):   # TracInCPFast sets requires_grad on its layer
+        for p, flag in zip(model.parameters(), flags):  # TracInCPFast sets requires_grad on its layer
             p.requires_grad_(flag)
 
     def project_batch(self, model, batch):
@@ -126,12 +127,18 @@ def captum_tracincp(model, k=None):
         return None
 
     def build(checkpoints):
-        return TracInCP(Logits(model), [], checkpoints, load_checkpoint, layers=None, loss_fn=ExampleLoss(),
-                        sample_wise_grads_per_batch=False)
+        return TracInCP(
+            Logits(model),
+            [],
+            checkpoints,
+            load_checkpoint,
+            layers=None,
+            loss_fn=ExampleLoss(),
+            sample_wise_grads_per_batch=False,
+        )
 
     def rows(tracin, batch):
-        return tracin.compute_intermediate_quantities((batch["input_ids"], batch["attention_mask"],
-                                                       batch["labels"]))
+        return tracin.compute_intermediate_quantities((batch["input_ids"], batch["attention_mask"], batch["labels"]))
 
     return CaptumPeer(model, sum(p.numel() for p in model.parameters()), build, rows)
 
@@ -153,25 +160,45 @@ def captum_fast_rand_proj(model, k, seed=0):
     except ImportError:
         return None
     device = next(model.parameters()).device
-    probe = torch.utils.data.DataLoader(   # Captum reads V and H from one batch of its "training set"
-        [(torch.zeros(1, 2, dtype=torch.long, device=device), torch.ones(1, 2, dtype=torch.long, device=device),
-          torch.zeros(2, dtype=torch.long, device=device))], batch_size=None)
+    probe = torch.utils.data.DataLoader(  # Captum reads V and H from one batch of its "training set"
+        [
+            (
+                torch.zeros(1, 2, dtype=torch.long, device=device),
+                torch.ones(1, 2, dtype=torch.long, device=device),
+                torch.zeros(2, dtype=torch.long, device=device),
+            )
+        ],
+        batch_size=None,
+    )
 
     def build(checkpoints):
-        return TracInCPFastRandProj(TokenRows(model), model.get_output_embeddings(), probe, checkpoints,
-                                    load_checkpoint, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
-                                    nearest_neighbors=NoIndex(), projection_dim=k, seed=seed)
+        return TracInCPFastRandProj(
+            TokenRows(model),
+            model.get_output_embeddings(),
+            probe,
+            checkpoints,
+            load_checkpoint,
+            loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+            nearest_neighbors=NoIndex(),
+            projection_dim=k,
+            seed=seed,
+        )
 
     def rows(tracin, batch):
         labels = batch["labels"]
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        tokens = tracin.compute_intermediate_quantities((batch["input_ids"], batch["attention_mask"],
-                                                         targets.flatten()))
+        tokens = tracin.compute_intermediate_quantities(
+            (batch["input_ids"], batch["attention_mask"], targets.flatten())
+        )
         examples = tokens.view(*labels.shape, -1).sum(1) / (targets != -100).sum(1, keepdim=True)
         return torch.nn.functional.pad(examples, (0, k - examples.shape[1]))
 
     return CaptumPeer(model, k, build, rows)
 
 
-PEERS = {"TRAK BasicProjector": trak_basic, "dattri random_project": dattri_random,
-         "Captum TracInCP": captum_tracincp, "Captum TracInCPFastRandProj": captum_fast_rand_proj}
+PEERS = {
+    "TRAK BasicProjector": trak_basic,
+    "dattri random_project": dattri_random,
+    "Captum TracInCP": captum_tracincp,
+    "Captum TracInCPFastRandProj": captum_fast_rand_proj,
+}

@@ -3,10 +3,11 @@
     python benchmarks/scoring_speed.py              # 1,024 queries x 4,096 documents, k = 65,536
     python benchmarks/scoring_speed.py --quick      # 512 x 2,048
 
-Rows: torch.mm on the same float32 operands (the machine's rate, = 1.0), lark.stores.cosine_scores (blocked
-all-pairs) and lark.stores.topk_scores (top-10 per query, one block of scores in memory at a time), each for the
+Rows: torch.mm on the same float32 operands (the machine's rate, = 1.0), lark.kernel.stores.cosine_scores (blocked
+all-pairs) and lark.kernel.stores.topk_scores (top-10 per query, one block of scores in memory at a time), each for the
 float16 tier (decoded once when a store is loaded, as load_store does) and the bit tier. Median of 3 after a warm-up.
 """
+
 import argparse
 import statistics
 import sys
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lark.stores import cosine_scores, stored_view, topk_scores  # noqa: E402
+from lark.kernel.stores import cosine_scores, stored_view, topk_scores
 
 
 def median_seconds(fn, repeats=3):

@@ -1,11 +1,12 @@
 """The epoch-end attribution callback: at epoch 0 (before any step) and after every epoch it evaluates the
 checkpoint (lark.checkpoint: save, accuracy, attribution) and logs metrics, a top-k table and accuracy."""
+
 import lightning as L
 
 from lark.checkpoint import evaluate_checkpoint
-from lark.kernels import checkpoint_moments
+from lark.data.sources import example_text
+from lark.kernel.optimizer import checkpoint_moments
 from lark.loggers import log_metrics, log_table
-from lark.sources import example_text
 
 
 class AttributionCallback(L.Callback):
@@ -15,7 +16,7 @@ class AttributionCallback(L.Callback):
         self.epoch_lr = None
 
     def on_train_start(self, trainer, pl_module):
-        if trainer.global_step == 0:   # not when resuming from a later epoch's state
+        if trainer.global_step == 0:  # not when resuming from a later epoch's state
             self.checkpoint(trainer, pl_module, epoch=0, lr=None)
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -26,22 +27,45 @@ class AttributionCallback(L.Callback):
 
     def checkpoint(self, trainer, pl_module, epoch, lr):
         gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
-        moments = checkpoint_moments(self.cfg.attribution, pl_module.model, epoch, trainer.optimizers[0],
-                                     trainer.train_dataloader, self.cfg.get("gradient_clip_val"))
-        logged, rows = evaluate_checkpoint(self.cfg, pl_module.model, self.tokenizer, self.test_items, self.sets,
-                                           self.run_dir, epoch, lr, trainer.global_rank, trainer.world_size,
-                                           gather, self.report, reuse=bool(self.cfg.get("resume")), moments=moments,
-                                           encoder=self.encoder)
+        moments = checkpoint_moments(
+            self.cfg.attribution,
+            pl_module.model,
+            epoch,
+            trainer.optimizers[0],
+            trainer.train_dataloader,
+            self.cfg.get("gradient_clip_val"),
+        )
+        logged, rows = evaluate_checkpoint(
+            self.cfg,
+            pl_module.model,
+            self.tokenizer,
+            self.test_items,
+            self.sets,
+            self.run_dir,
+            epoch,
+            lr,
+            trainer.global_rank,
+            trainer.world_size,
+            gather,
+            self.report,
+            reuse=bool(self.cfg.get("resume")),
+            moments=moments,
+            encoder=self.encoder,
+        )
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:
                 name = f"epoch_{epoch:03d}"
-                sources = [(s, logged.get(f"influence/mean_max/{s}"), logged.get(f"influence/ft_wins/{s}"))
-                           for s in self.sets]
+                sources = [
+                    (s, logged.get(f"influence/mean_max/{s}"), logged.get(f"influence/ft_wins/{s}")) for s in self.sets
+                ]
                 log_table(trainer, f"influence/{name}/sources", ["source", "mean_max", "ft_wins"], sources)
-                n = self.cfg.analysis.report_snippet_chars   # documents' text, not only ids (as in the report)
+                n = self.cfg.analysis.report_snippet_chars  # documents' text, not only ids (as in the report)
                 texts = {(s, e["id"]): example_text(e)[:n] for s, examples in self.sets.items() for e in examples}
                 questions = {item["id"]: item["question"] for item in self.test_items}
-                log_table(trainer, f"influence/{name}/top_k", ["query_id", "question", "source", "rank", "doc_id",
-                                                               "score", "text"],
-                          [(q, questions.get(q), s, r, d, v, texts.get((s, d))) for q, s, r, d, v in rows])
+                log_table(
+                    trainer,
+                    f"influence/{name}/top_k",
+                    ["query_id", "question", "source", "rank", "doc_id", "score", "text"],
+                    [(q, questions.get(q), s, r, d, v, texts.get((s, d))) for q, s, r, d, v in rows],
+                )

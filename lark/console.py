@@ -5,6 +5,7 @@ not concern the user silenced at their source, and a closing summary (Table II a
     for batch in progress(batches, "projecting finetune"): ...
     summary(run_dir, analysis_result, loggers, log)
 """
+
 import logging
 import sys
 import warnings
@@ -85,7 +86,7 @@ def wandb_runs(loggers):
         experiment = getattr(lg, "_experiment", None)
         folder = getattr(experiment, "dir", None)
         if folder:
-            folders.append(Path(folder).parent)   # .../wandb/offline-run-*/files -> the run folder
+            folders.append(Path(folder).parent)  # .../wandb/offline-run-*/files -> the run folder
     return folders
 
 
@@ -100,7 +101,9 @@ def summary(run_dir, result, loggers=(), log=print):
         if result.get("report"):
             lines.append(f"[lark] report:  {result['report']}  (open it in a browser; offline)")
     for folder in wandb_runs(loggers):
-        lines.append(f"[lark] W&B run: {folder}" + ("  (offline: `wandb sync " + str(folder) + "`)"
-                                                    if "offline-run" in folder.name else ""))
+        lines.append(
+            f"[lark] W&B run: {folder}"
+            + ("  (offline: `wandb sync " + str(folder) + "`)" if "offline-run" in folder.name else "")
+        )
     for line in lines:
         log(line)

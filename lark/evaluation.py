@@ -1,8 +1,9 @@
 """Test-set evaluation of a checkpoint, chosen with the `eval` config group (a `_target_` built by
 hydra.utils.instantiate; add your own evaluator the same way). An evaluator is called with
-(model, encoder, items, fields_list), where encoder is the run's lark.formats.Encoder (tokenizer, format,
+(model, encoder, items, fields_list), where encoder is the run's lark.data.formats.Encoder (tokenizer, format,
 max_length; memoised), items the test QA items and fields_list their QA fields (the gold answer rendered by the
-format's answer template), and returns (value, predictions or None). Its attributes name what it measures in metrics.json and
+format's answer template), and returns (value, predictions or None). Its attributes name what it measures in
+metrics.json and
 Table II: `metric` (accuracy | exact_match | answer_loss | ...) and `higher_is_better`.
 
 - Choices: the configured label with the highest summed log-likelihood after the prompt is the model's answer
@@ -12,14 +13,15 @@ Table II: `metric` (accuracy | exact_match | answer_loss | ...) and `higher_is_b
 - AnswerLoss: the mean over test items of the mean cross-entropy of the gold answer tokens (lower is better);
   metric answer_loss. It predicts nothing, so attribution.query_target=predicted needs another evaluator.
 """
+
 import re
 import string
 
 import torch
 
 from lark.console import progress
-from lark.formats import IGNORE, candidate_answer, render, truncate_middle
-from lark.training import collate
+from lark.data.datamodule import collate
+from lark.data.formats import IGNORE, candidate_answer, render, truncate_middle
 
 
 class Evaluator:
@@ -47,7 +49,7 @@ def answer_log_likelihoods(model, tokenizer, encoded, batch_size=16):
     device = next(model.parameters()).device
     sums, counts = [], []
     for start in progress(range(0, len(encoded), batch_size), "evaluation", unit="batch"):
-        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -60,6 +62,7 @@ def answer_log_likelihoods(model, tokenizer, encoded, batch_size=16):
 
 class Choices(Evaluator):
     """Likelihood argmax over a fixed label set."""
+
     metric, predicts = "accuracy", True
 
     def __init__(self, labels):
@@ -67,8 +70,9 @@ class Choices(Evaluator):
 
     def evaluate(self, model, encoder, items, fields_list):
         tokenizer = encoder.tokenizer
-        encoded = [encoder(f, answer=candidate_answer(encoder.fmt, label))
-                   for f in fields_list for label in self.labels]
+        encoded = [
+            encoder(f, answer=candidate_answer(encoder.fmt, label)) for f in fields_list for label in self.labels
+        ]
         scores = answer_log_likelihoods(model, tokenizer, encoded)[0].view(len(fields_list), len(self.labels))
         predicted = [self.labels[i] for i in scores.argmax(-1).tolist()]
         correct = sum(p == item["answer"] for p, item in zip(predicted, items))
@@ -84,6 +88,7 @@ def gold_answer_losses(model, encoder, fields_list):
 
 class AnswerLoss(Evaluator):
     """Mean answer cross-entropy (nats per token, averaged over items)."""
+
     metric, higher_is_better = "answer_loss", False
 
     def evaluate(self, model, encoder, items, fields_list):
@@ -93,7 +98,9 @@ class AnswerLoss(Evaluator):
 
 class Skip(Evaluator):
     """No evaluation (eval=none): the checkpoints get no test metric. The mini-LDS retrains use it (they need
-    only their final model's losses, lark.lds); it takes, and ignores, the keys of an evaluator it replaces."""
+    only their final model's losses, lark.validation.lds); it takes, and ignores, the keys of an evaluator it
+    replaces."""
+
     metric = "none"
 
     def __init__(self, **_):
@@ -109,6 +116,7 @@ def normalize(text):
 
 class ExactMatch(Evaluator):
     """Greedy generation compared with the gold answer (normalised)."""
+
     metric, predicts = "exact_match", True
 
     def __init__(self, max_new_tokens=32):
@@ -122,7 +130,7 @@ class ExactMatch(Evaluator):
             prompt = tokenizer(render(tokenizer, fields, encoder.fmt)[0], add_special_tokens=False)["input_ids"]
             ids = truncate_middle(prompt, max(1, encoder.max_length - self.max_new_tokens), keep_tail=64)
             out = []
-            for _ in range(self.max_new_tokens):   # greedy decoding without a KV cache (use_cache is off)
+            for _ in range(self.max_new_tokens):  # greedy decoding without a KV cache (use_cache is off)
                 logits = model(input_ids=torch.tensor([ids + out], device=device)).logits[0, -1]
                 token = int(logits.argmax())
                 if token in stop:

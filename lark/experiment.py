@@ -9,38 +9,42 @@ Run directory layout:
   tables/ figures/ Tables I-IV (.md, .csv) and Figures 1-3 (.png)
   wandb/           the offline W&B run
 """
-import json
+
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lark import analysis, console, legacy, rundir
-from lark.attribution import write_json
+from lark import console, legacy, rundir
+from lark.analysis import analyze as analysis
 from lark.callbacks import AttributionCallback
-from lark.canary import plant as plant_canary
 from lark.checkpoint import evaluate_checkpoint, wanted
-from lark.data import BadRows, load_corpus, load_qa, qa_record, read_examples, write_jsonl
-from lark.datamodule import LarkDataModule
+from lark.data.datamodule import LarkDataModule
+from lark.data.formats import encode
+from lark.data.io import BadRows, write_json, write_jsonl
+from lark.data.readers import load_corpus, load_qa, qa_record, read_examples
+from lark.data.sources import build_sources, check_sources
+from lark.data.world import generate_world, save_world
 from lark.errors import ConfigError, RunDirError
-from lark.formats import encode
-from lark.kernels import MOMENTS_FILE, Moments, checkpoint_moments
-from lark.lds import train_subset
+from lark.kernel.factory import make_kernel, upgrade
+from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
+from lark.kernel.projectors import trainable
+from lark.kernel.selfcheck import check_sketch, uses_sketch
+from lark.kernel.stores import TIERS, store_bytes
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
-from lark.projector import make_kernel, trainable, upgrade
 from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
-from lark.selfcheck import check_sketch, uses_sketch
-from lark.sources import build_sources, check_sources
-from lark.stores import TIERS
 from lark.tracin import write_tracin_cp
 from lark.training import CausalLMModule
+from lark.validation.canary import plant as plant_canary
+from lark.validation.lds import train_subset
 
 
 def validate(cfg):
     """Fail at start, naming the key, on values that would only break later (ConfigError)."""
+
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
@@ -51,25 +55,38 @@ def validate(cfg):
     need(isinstance(k, int) and k > 0, f"attribution.projector.k must be a positive integer, got {k}")
     check_targets(attr)
     need(attr.store_dtype in TIERS, f"attribution.store_dtype: unknown '{attr.store_dtype}' ({', '.join(TIERS)})")
-    need(isinstance(attr.get("shard_size", 1), int) and attr.get("shard_size", 1) > 0,
-         f"attribution.shard_size must be a positive integer, got {attr.get('shard_size')}")
-    need(attr.checkpoints == "all" or all(isinstance(e, int) and e >= 0 for e in attr.checkpoints),
-         f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}")
-    need(isinstance(cfg.source.size, int) and cfg.source.size > 0,
-         f"source.size must be a positive integer, got {cfg.source.size}")
+    need(
+        isinstance(attr.get("shard_size", 1), int) and attr.get("shard_size", 1) > 0,
+        f"attribution.shard_size must be a positive integer, got {attr.get('shard_size')}",
+    )
+    need(
+        attr.checkpoints == "all" or all(isinstance(e, int) and e >= 0 for e in attr.checkpoints),
+        f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}",
+    )
+    need(
+        isinstance(cfg.source.size, int) and cfg.source.size > 0,
+        f"source.size must be a positive integer, got {cfg.source.size}",
+    )
     data = cfg.data
     corpora = data.get("corpora") or {}
     for name, corpus in corpora.items():
         given = [key for key in ("path", "hub_id", "world") if corpus.get(key)]
-        need(len(given) == 1, f"data.corpora.{name}: give exactly one of path (JSON Lines), hub_id (a datasets "
-                              f"name or folder) or world, got {given or 'none'}")
-        need(not corpus.get("path") or Path(corpus.path).is_file(), f"data.corpora.{name}.path: {corpus.get('path')} "
-                                                                    "is not a file")
+        need(
+            len(given) == 1,
+            f"data.corpora.{name}: give exactly one of path (JSON Lines), hub_id (a datasets "
+            f"name or folder) or world, got {given or 'none'}",
+        )
+        need(
+            not corpus.get("path") or Path(corpus.path).is_file(),
+            f"data.corpora.{name}.path: {corpus.get('path')} is not a file",
+        )
     check_sources(cfg.source, list(corpora))
     names = set(cfg.source.sources)
     for key in ("ft_source", "pt_source"):
-        need(cfg.source[key] in names, f"source.{key}: '{cfg.source[key]}' is not one of source.sources "
-                                       f"({', '.join(names)})")
+        need(
+            cfg.source[key] in names,
+            f"source.{key}: '{cfg.source[key]}' is not one of source.sources ({', '.join(names)})",
+        )
     for content, pair in cfg.source.format_pairs.items():
         for name in pair:
             need(name in names, f"source.format_pairs.{content}: '{name}' is not one of source.sources")
@@ -81,14 +98,19 @@ def validate(cfg):
         need(bool(data.fields[key]), f"data.fields.{key}: name the field holding the {key}")
     BadRows(data.get("on_bad_rows", "error"))
     reader = data.get("reader") or {}
-    paths = {"data.reader.path": reader.get("path"), "data.reader.test_path": reader.get("test_path"),
-             "data.test_ids": data.get("test_ids")}
+    paths = {
+        "data.reader.path": reader.get("path"),
+        "data.reader.test_path": reader.get("test_path"),
+        "data.test_ids": data.get("test_ids"),
+    }
     for key, path in paths.items():
         need(path is None or Path(path).is_file(), f"{key}: {path} is not a file")
     evaluator = instantiate(cfg.eval)
-    need(attr.query_target != "predicted" or evaluator.predicts,
-         f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
-         "eval=choices / eval=exact_match)")
+    need(
+        attr.query_target != "predicted" or evaluator.predicts,
+        f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
+        "eval=choices / eval=exact_match)",
+    )
 
 
 def check_targets(attr):
@@ -102,12 +124,15 @@ def check_targets(attr):
         try:
             get_object(target)
         except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
-            raise ConfigError(f"attribution.{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})") \
-                from None
+            raise ConfigError(
+                f"attribution.{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})"
+            ) from None
     kernel = make_kernel(attr)
     if kernel.name == "trackstar" and attr.store_dtype == "bit":
-        raise ConfigError("attribution.store_dtype=bit cannot be whitened by attribution/kernel=trackstar (sign "
-                          "vectors, SimHash cosine); use float16, bfloat16 or int8")
+        raise ConfigError(
+            "attribution.store_dtype=bit cannot be whitened by attribution/kernel=trackstar (sign "
+            "vectors, SimHash cosine); use float16, bfloat16 or int8"
+        )
 
 
 def prepare_data(cfg, run_dir, log=print):
@@ -117,23 +142,27 @@ def prepare_data(cfg, run_dir, log=print):
     bad = BadRows(cfg.data.get("on_bad_rows", "error"))
     world = None
     if "world" in cfg.data:
-        from lark.world import generate_world, save_world
-
         try:
             world = generate_world(**cfg.data.world)
         except ValueError as e:  # the world's parameter checks name the parameter
             raise ConfigError(f"data.world.{e}") from None
         save_world(world, run_dir / "data" / "world")
     train, test = load_qa(cfg.data, world, bad=bad)
-    corpora = {name: getattr(world, spec.world) if spec.get("world") else load_corpus(spec, bad=bad)
-               for name, spec in (cfg.data.get("corpora") or {}).items()}
-    train, test = plant_canary(train, test, cfg.data.get("canary"))   # off unless data.canary (+experiment=canary)
-    train = train_subset(train, cfg.data.get("train_subset"))           # a mini-LDS retrain's subset (validate.py)
-    log(f"[lark] data: {len(train)} train / {len(test)} test questions; corpora: "
-        + (", ".join(f"{name} {len(docs)} documents" for name, docs in corpora.items()) or "none"))
+    corpora = {
+        name: getattr(world, spec.world) if spec.get("world") else load_corpus(spec, bad=bad)
+        for name, spec in (cfg.data.get("corpora") or {}).items()
+    }
+    train, test = plant_canary(train, test, cfg.data.get("canary"))  # off unless data.canary (+experiment=canary)
+    train = train_subset(train, cfg.data.get("train_subset"))  # a mini-LDS retrain's subset (validate.py)
+    log(
+        f"[lark] data: {len(train)} train / {len(test)} test questions; corpora: "
+        + (", ".join(f"{name} {len(docs)} documents" for name, docs in corpora.items()) or "none")
+    )
     if bad.messages:
-        log(f"[lark] data: {len(bad.messages)} bad rows left out (data.on_bad_rows=skip), e.g. {bad.messages[0]}; "
-            "all in data/bad_rows.json")
+        log(
+            f"[lark] data: {len(bad.messages)} bad rows left out (data.on_bad_rows=skip), e.g. {bad.messages[0]}; "
+            "all in data/bad_rows.json"
+        )
         write_json(run_dir / "data" / "bad_rows.json", bad.report())
     write_jsonl(train, run_dir / "data" / "train.jsonl")
     write_jsonl(test, run_dir / "data" / "test.jsonl")
@@ -150,28 +179,38 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
     """Before any attribution: k must fit the model, and the disk must hold the stores (and score matrices)."""
     attr = cfg.attribution
     n_params = sum(p.numel() for _, p in trainable(model))
-    k = attr.projector.get("k") or n_params   # exact: no k, the full gradient
+    k = attr.projector.get("k") or n_params  # exact: no k, the full gradient
     if k > n_params:
-        raise ConfigError(f"attribution.projector.k={k:,} is larger than the {n_params:,} trainable parameters it "
-                          "projects")
+        raise ConfigError(
+            f"attribution.projector.k={k:,} is larger than the {n_params:,} trainable parameters it projects"
+        )
     n_checkpoints = sum(wanted(attr, e) for e in epochs)
     n_docs = sum(len(v) for v in sets.values())
-    per = rundir.store_bytes(n_docs + n_queries, n_queries, n_docs, k, attr.store_dtype, attr.save_scores)
+    per = store_bytes(n_docs + n_queries, n_queries, n_docs, k, attr.store_dtype, attr.save_scores)
     done = sum(f.stat().st_size for f in (run_dir / "attribution").rglob("*") if f.is_file())
-    rundir.require_space(run_dir, n_checkpoints * per - done, f"{n_checkpoints} checkpoints x "
-                         f"{n_docs + n_queries} examples x k={k:,} in {attr.store_dtype}")
+    rundir.require_space(
+        run_dir,
+        n_checkpoints * per - done,
+        f"{n_checkpoints} checkpoints x {n_docs + n_queries} examples x k={k:,} in {attr.store_dtype}",
+    )
 
 
 def self_check(cfg, model, tokenizer, sets, log=print):
     """With the sketch projector: check on two real examples (the first of the FT and PT sources) that it
-    reproduces this architecture's per-example gradients (lark.selfcheck; SelfCheckError names the modules)."""
+    reproduces this architecture's per-example gradients (lark.kernel.selfcheck; SelfCheckError names the modules)."""
     attr = cfg.attribution
     if not (attr.enabled and uses_sketch(attr.projector)):
         return
     examples = [sets[cfg.source.ft_source][0], sets[cfg.source.pt_source][0]]
     encoded = [encode(tokenizer, e, cfg.format, cfg.max_length) for e in examples]
-    n = check_sketch(model, encoded, tokenizer.pad_token_id, k=min(1024, attr.projector.k), seed=attr.projector.seed,
-                     normalize=make_kernel(attr).normalize)
+    n = check_sketch(
+        model,
+        encoded,
+        tokenizer.pad_token_id,
+        k=min(1024, attr.projector.k),
+        seed=attr.projector.seed,
+        normalize=make_kernel(attr).normalize,
+    )
     log(f"[lark] sketch self-check: the hooks reproduce the per-example gradients of all {n} parameter tensors")
 
 
@@ -196,32 +235,55 @@ def train(cfg, log=print):
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
     self_check(cfg, model, tokenizer, sets, log)
-    data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed,
-                          cfg.num_workers)
+    data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed, cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
-    module = CausalLMModule(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler.scheduler),
-                            cfg.scheduler.interval)
+    module = CausalLMModule(
+        model, instantiate(cfg.optimizer), instantiate(cfg.scheduler.scheduler), cfg.scheduler.interval
+    )
     loggers = build_loggers(cfg.get("logger"))
     callbacks = [AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log, data.encoder)]
     if cfg.trainer.enable_checkpointing:
         callbacks += resume_callbacks(run_dir, data.generator)
     callbacks += [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                          enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar))
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar),
+    )
     try:
         if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
-            moments = checkpoint_moments(cfg.attribution, model, 0, loader=data.train_dataloader(),
-                                         clip=cfg.get("gradient_clip_val"))
-            evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, 0, None, log=log, reuse=resume,
-                                moments=moments, encoder=data.encoder)
+            moments = checkpoint_moments(
+                cfg.attribution, model, 0, loader=data.train_dataloader(), clip=cfg.get("gradient_clip_val")
+            )
+            evaluate_checkpoint(
+                cfg,
+                model,
+                tokenizer,
+                test_items,
+                sets,
+                run_dir,
+                0,
+                None,
+                log=log,
+                reuse=resume,
+                moments=moments,
+                encoder=data.encoder,
+            )
         else:
-            trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(run_dir, log) if resume else None,
-                        weights_only=True)
+            trainer.fit(
+                module, datamodule=data, ckpt_path=last_checkpoint(run_dir, log) if resume else None, weights_only=True
+            )
         if make_kernel(cfg.attribution).run_level and trainer.global_rank == 0:
             write_tracin_cp(run_dir, cfg, log)
         if cfg.analysis.enabled and trainer.global_rank == 0:
-            result = analysis.analyze(run_dir, table1_epoch=cfg.analysis.table1_epoch,
-                                      report=cfg.analysis.report, snippet_chars=cfg.analysis.report_snippet_chars)
+            result = analysis.analyze(
+                run_dir,
+                table1_epoch=cfg.analysis.table1_epoch,
+                report=cfg.analysis.report,
+                snippet_chars=cfg.analysis.report_snippet_chars,
+            )
             log_images(loggers, "figures", result["figure_files"])
             if result["report"]:
                 log_report(loggers, result["report"])
@@ -231,39 +293,18 @@ def train(cfg, log=print):
     return run_dir
 
 
-def load_run_config(run_dir):
-    """A run's saved config in today's form (lark.legacy: runs of earlier LARK versions too)."""
-    return legacy.load(run_dir)
-
-
-def epoch_lr(checkpoint, metrics):
-    """The learning rate of a checkpoint's epoch as training recorded it (runs before lark_epoch.json: metrics)."""
-    for path in (checkpoint / "lark_epoch.json", metrics):
-        try:
-            return json.loads(path.read_text()).get("lr")
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def saved_checkpoints(run_dir):
-    """{epoch: folder} of a run's complete checkpoints/epoch_NNN folders."""
-    return {int(f.name.split("_")[1]): f for f in sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9]"))
-            if not rundir.TMP.search(f.name)}
-
-
 def attribute(run_dir, overrides=None, log=print, resume=True):
     """(Re)attribute the saved checkpoints of a run, with its saved config and data (plus attribution overrides).
     resume: epochs whose metrics.json matches are not redone, and complete stores and shards are reused."""
     run_dir = Path(run_dir)
     console.setup()
-    cfg = load_run_config(run_dir)
+    cfg = legacy.load(run_dir)
     overrides = OmegaConf.create(overrides or {})
     with open_dict(cfg):
-        sketch = cfg.attribution.projector._target_ == "lark.sketch.HookSketch"
-        if sketch and "plan_tokens" not in cfg.attribution.projector:   # a run saved before the key existed
+        sketch = cfg.attribution.projector._target_ == "lark.kernel.sketch.HookSketch"
+        if sketch and "plan_tokens" not in cfg.attribution.projector:  # a run saved before the key existed
             cfg.attribution.projector.plan_tokens = cfg.max_length
-        for key in ("projector", "kernel"):   # another projector or kernel (a _target_): replaced, not merged
+        for key in ("projector", "kernel"):  # another projector or kernel (a _target_): replaced, not merged
             if "_target_" in (overrides.get(key) or {}):
                 cfg.attribution[key] = overrides.pop(key)
         cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
@@ -272,7 +313,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     rundir.clean(run_dir, log)
     test_items = read_examples(run_dir / "data" / "test.jsonl", qa_record)
     sets = {name: read_examples(run_dir / "data" / "sources" / f"{name}.jsonl") for name in cfg.source.sources}
-    epochs = {e: f for e, f in saved_checkpoints(run_dir).items() if wanted(cfg.attribution, e)}
+    epochs = {e: f for e, f in rundir.saved_checkpoints(run_dir).items() if wanted(cfg.attribution, e)}
     if not epochs:
         raise RunDirError(f"{run_dir / 'checkpoints'}: no epoch_NNN checkpoints to attribute")
     for epoch, folder in epochs.items():
@@ -280,14 +321,17 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
         if epoch == min(epochs):
             check_attribution(cfg, run_dir, model, sets, len(test_items), epochs)
             self_check(cfg, model, tokenizer, sets, log)
-        lr = epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
+        lr = rundir.epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
         moments = Moments.load(folder / MOMENTS_FILE) if (folder / MOMENTS_FILE).is_file() else None
         if moments is None and make_kernel(cfg.attribution).uses_optimizer:
-            raise RunDirError(f"{folder / MOMENTS_FILE}: not found; attribution.kernel="
-                              f"{make_kernel(cfg.attribution).name} needs the run's AdamW moments at each checkpoint "
-                              "(written by train.py with attribution.save_moments=true)")
-        evaluate_checkpoint(cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, log=log, reuse=resume,
-                            moments=moments)
+            raise RunDirError(
+                f"{folder / MOMENTS_FILE}: not found; attribution.kernel="
+                f"{make_kernel(cfg.attribution).name} needs the run's AdamW moments at each checkpoint "
+                "(written by train.py with attribution.save_moments=true)"
+            )
+        evaluate_checkpoint(
+            cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, log=log, reuse=resume, moments=moments
+        )
     if make_kernel(cfg.attribution).run_level:
         write_tracin_cp(run_dir, cfg, log)
     return run_dir

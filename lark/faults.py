@@ -4,6 +4,7 @@ LARK_KILL_AT=<point>:<n> kills at the n-th time <point> is reached (n defaults t
 Points: pretrain_step and train_step (after an optimizer step's batch), write (inside every atomic write, after
 the temporary file is complete and before it is renamed), checkpoint (the same, for Lightning's resume
 checkpoint), shard (after an attribution shard or store is written)."""
+
 import os
 import signal
 from collections import Counter

@@ -3,30 +3,33 @@ and re-attribute (attribute.py, validate.py) with what they meant.
 
 `upgrade` maps the keys a version removed to the keys that replaced them; a config in today's form passes
 through unchanged:
-- attribution.projector.{kind, normalize} -> attribution/projector and attribution/kernel (lark.projector.upgrade);
+- attribution.projector.{kind, normalize} -> attribution/projector and attribution/kernel (lark.kernel.factory.upgrade);
 - model.kind (tiny | hub | gguf) -> model.load (a _target_: lark.pretrain.tiny_model, lark.models.hub_model,
   lark.models.load_gguf);
 - data.kind (world | local | hub) with data.path / data.hub_* and data.corpus.<name>.kind -> today's config of
   the same name (conf/data/<data.name>.yaml: data.reader, data.fields, data.corpora), the run's values kept;
 - source kinds `medical` / `entertainment` -> {kind: retrieve, corpus: medical} / {kind: sample, corpus:
   entertainment} (what they did), and source.kinds from conf/source/kinds/default.yaml;
-- format.kind (chat | plain) -> format.layout (lark.formats.Chat | lark.formats.Plain); the QA items' old
+- format.kind (chat | plain) -> format.layout (lark.data.formats.Chat | lark.data.formats.Plain); the QA items' old
   `final_decision` field in format.answer_template -> `answer` (data.fields maps it there today).
+- a `_target_` of a module that moved when lark/ became wings (lark.fingerprints.MOVED) -> its place today.
 `fill` adds the keys an old config lacks (added to LARK since the run started) with today's values.
 """
+
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
 from lark.errors import RunDirError
-from lark.projector import upgrade as upgrade_attribution
+from lark.fingerprints import MOVED, renamed
+from lark.kernel.factory import upgrade as upgrade_attribution
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA_KINDS = ("world", "local", "hub")
 SOURCE_KINDS = {"medical": ("retrieve", "medical"), "entertainment": ("sample", "entertainment")}
 MODEL_LOADERS = {"tiny": "lark.pretrain.tiny_model", "hub": "lark.models.hub_model", "gguf": "lark.models.load_gguf"}
-LAYOUTS = {"chat": "lark.formats.Chat", "plain": "lark.formats.Plain"}
-ATOMIC = ("source.sources", "source.format_pairs", "data.corpora", "data.fields", "data.extras")   # never merged
+LAYOUTS = {"chat": "lark.data.formats.Chat", "plain": "lark.data.formats.Plain"}
+ATOMIC = ("source.sources", "source.format_pairs", "data.corpora", "data.fields", "data.extras")  # never merged
 
 
 def compose_train(overrides=(), **kw):
@@ -36,19 +39,20 @@ def compose_train(overrides=(), **kw):
     from hydra.errors import MissingConfigException
 
     try:
-        if GlobalHydra.instance().is_initialized():     # attribute.py, validate.py
+        if GlobalHydra.instance().is_initialized():  # attribute.py, validate.py
             return compose("train", overrides=list(overrides), **kw)
         with initialize_config_dir(str(CONF), version_base="1.3"):
             return compose("train", overrides=list(overrides), **kw)
     except MissingConfigException as e:
-        raise RunDirError(f"the run's saved config names a config this LARK no longer has ({e}): start a new "
-                          "run") from None
+        raise RunDirError(
+            f"the run's saved config names a config this LARK no longer has ({e}): start a new run"
+        ) from None
 
 
 def upgrade_data(old):
     if "kind" not in old:
         return old
-    o = OmegaConf.to_container(old, resolve=False)      # interpolations such as ${paths.shared_dir} kept
+    o = OmegaConf.to_container(old, resolve=False)  # interpolations such as ${paths.shared_dir} kept
     if o["kind"] not in DATA_KINDS:
         raise RunDirError(f"data.kind: unknown '{o['kind']}' in the run's saved config ({', '.join(DATA_KINDS)})")
     new = OmegaConf.to_container(compose_train([f"data={o['name']}"]).data, resolve=False)
@@ -59,9 +63,11 @@ def upgrade_data(old):
         new["reader"]["path"] = o["path"]
     if o["kind"] == "hub":
         new["reader"].update(hub_id=o["hub_id"], hub_config=o.get("hub_config"), split=o.get("hub_split", "train"))
-    if o["kind"] != "world":   # `kind` went (path or hub_id says it); exclude_medical: false is today's absence
-        new["corpora"] = {name: {k: v for k, v in corpus.items() if k != "kind" and (k, v) != ("exclude_medical", False)}
-                          for name, corpus in (o.get("corpus") or {}).items()}
+    if o["kind"] != "world":  # `kind` went (path or hub_id says it); exclude_medical: false is today's absence
+        new["corpora"] = {
+            name: {k: v for k, v in corpus.items() if k != "kind" and (k, v) != ("exclude_medical", False)}
+            for name, corpus in (o.get("corpus") or {}).items()
+        }
     return OmegaConf.create(new)
 
 
@@ -69,8 +75,9 @@ def upgrade_model(old):
     with open_dict(old):
         if "kind" in old:
             if old.kind not in MODEL_LOADERS:
-                raise RunDirError(f"model.kind: unknown '{old.kind}' in the run's saved config "
-                                  f"({', '.join(MODEL_LOADERS)})")
+                raise RunDirError(
+                    f"model.kind: unknown '{old.kind}' in the run's saved config ({', '.join(MODEL_LOADERS)})"
+                )
             old.load = {"_target_": MODEL_LOADERS[old.pop("kind")], "_partial_": True}
     return old
 
@@ -96,9 +103,34 @@ def upgrade_format(old):
     return old
 
 
+def today_target(target):
+    """A `_target_` as today's LARK names it: one that imports is kept, a moved one renamed (MOVED)."""
+    from hydra.utils import get_object
+
+    try:
+        get_object(target)
+        return target
+    except Exception:  # noqa: BLE001 -- hydra wraps import errors of any kind
+        return renamed(target, MOVED)
+
+
+def upgrade_targets(obj):
+    """obj (a container) with every lark `_target_` as today's LARK names it."""
+    if isinstance(obj, dict):
+        return {
+            k: today_target(v)
+            if k == "_target_" and isinstance(v, str) and v.startswith("lark.")
+            else upgrade_targets(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [upgrade_targets(v) for v in obj]
+    return obj
+
+
 def upgrade(cfg):
     """A saved run config (DictConfig) in today's form (a new object; the argument is not changed)."""
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    cfg = OmegaConf.create(upgrade_targets(OmegaConf.to_container(cfg, resolve=False)))
     with open_dict(cfg):
         if "attribution" in cfg:
             cfg.attribution = upgrade_attribution(cfg.attribution)
@@ -116,18 +148,24 @@ def upgrade(cfg):
 def fill(cfg, today):
     """cfg with the keys only `today` has (added to LARK since the run started), recursively; the collections in
     ATOMIC (sources, corpora, field maps) and nodes of another _target_ are the run's own, never merged."""
+
     def merge(old, new, prefix):
         for key, value in new.items():
             path = f"{prefix}{key}"
             if key not in old:
                 old[key] = value
-            elif isinstance(value, dict) and isinstance(old[key], dict) and path not in ATOMIC \
-                    and value.get("_target_") == old[key].get("_target_"):    # another _target_: the run's own
+            elif (
+                isinstance(value, dict)
+                and isinstance(old[key], dict)
+                and path not in ATOMIC
+                and value.get("_target_") == old[key].get("_target_")
+            ):  # another _target_: the run's own
                 merge(old[key], value, f"{path}.")
         return old
 
-    return OmegaConf.create(merge(OmegaConf.to_container(cfg, resolve=False),
-                                  OmegaConf.to_container(today, resolve=False), ""))
+    return OmegaConf.create(
+        merge(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(today, resolve=False), "")
+    )
 
 
 def today_config(run_dir):
@@ -137,9 +175,14 @@ def today_config(run_dir):
     if not path.is_file():
         return None
     choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
-    tree = compose_train(return_hydra_config=True).hydra.runtime.choices    # the groups of the default tree
-    return compose_train([f"{'' if group in tree else '+'}{group}={choice}" for group, choice in choices.items()
-                          if not group.startswith("hydra") and choice and (CONF / group / f"{choice}.yaml").is_file()])
+    tree = compose_train(return_hydra_config=True).hydra.runtime.choices  # the groups of the default tree
+    return compose_train(
+        [
+            f"{'' if group in tree else '+'}{group}={choice}"
+            for group, choice in choices.items()
+            if not group.startswith("hydra") and choice and (CONF / group / f"{choice}.yaml").is_file()
+        ]
+    )
 
 
 def load(run_dir):

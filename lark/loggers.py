@@ -1,4 +1,5 @@
 """Loggers: built from the `logger` config group (a dict, one entry per logger), never allowed to fail a run."""
+
 import os
 import warnings
 from pathlib import Path
@@ -17,8 +18,14 @@ def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, **kwarg
         if offline:
             os.environ.setdefault("WANDB_MODE", "offline")
         os.makedirs(save_dir, exist_ok=True)
-        logger = WandbLogger(project=project, name=name, save_dir=save_dir, offline=offline,
-                             settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs)
+        logger = WandbLogger(
+            project=project,
+            name=name,
+            save_dir=save_dir,
+            offline=offline,
+            settings=wandb.Settings(init_timeout=init_timeout, silent=True),
+            **kwargs,
+        )
         # Lightning passes anonymous=None to wandb.init, which W&B answers with "The anonymous setting has no
         # effect": a setting nobody set, so it is not passed at all
         logger._wandb_init.pop("anonymous", None)
@@ -66,7 +73,8 @@ def log_images(loggers, key, paths):
 
 
 def log_report(loggers, path):
-    """The report page (lark.report) as a W&B artifact of type "report"; loggers without artifacts ignore it."""
+    """The report page (lark.analysis.report) as a W&B artifact of type "report"; loggers without artifacts
+    ignore it."""
     for lg in loggers:
         experiment = getattr(lg, "experiment", None) if hasattr(lg, "log_image") else None
         if experiment is None or not hasattr(experiment, "log_artifact"):

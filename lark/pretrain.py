@@ -2,6 +2,7 @@
 corpus, so that the "pretraining data" of the experiment really is the model's pretraining data.
 The result (= epoch 0 of fine-tuning) is cached by a hash of the corpus and the configs; the cache folder is
 written under a temporary name and renamed when complete, so a killed pretraining leaves nothing that is trusted."""
+
 import functools
 import hashlib
 import logging
@@ -13,8 +14,10 @@ import lightning as L
 import torch
 
 from lark.console import progress
-from lark.models import build_tiny, content_hash, load_pretrained, save_checkpoint, train_tokenizer
-from lark.training import CausalLMModule, make_loader
+from lark.data.datamodule import make_loader
+from lark.fingerprints import content_hash
+from lark.models import build_tiny, load_pretrained, save_checkpoint, train_tokenizer
+from lark.training import CausalLMModule
 
 
 def pack(tokenizer, texts, block):
@@ -22,7 +25,7 @@ def pack(tokenizer, texts, block):
     stream = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = [stream[i:i + block] for i in range(0, len(stream) - block + 1, block)]
+    blocks = [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)]
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
@@ -100,10 +103,20 @@ def pretrain(model_cfg, texts, folder):
     )
     steps = StepProgress(p.steps)
     with quiet_trainer():
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=p.steps, max_epochs=-1, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, deterministic=True,
-                            gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
-                            callbacks=[steps])
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=p.steps,
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            deterministic=True,
+            gradient_clip_val=1.0,
+            log_every_n_steps=50,
+            enable_progress_bar=False,
+            callbacks=[steps],
+        )
         trainer.fit(module, loader)
     folder.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, tokenizer, folder)

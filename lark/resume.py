@@ -1,6 +1,7 @@
 """Resuming a killed training run with Lightning's own machinery: a Lightning checkpoint (weights, optimizer,
 scheduler, loop and shuffle state) written atomically at every epoch end (`resume/last.ckpt`), loaded with
 `weights_only=True` by `trainer.fit(ckpt_path=...)` when the run is started again with `resume=true`."""
+
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from lark import faults
-from lark.data import replacing
+from lark.data.io import replacing
 from lark.errors import RunDirError
 from lark.legacy import upgrade
 
@@ -31,8 +32,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise RunDirError(f"{path}: refusing to load a checkpoint that holds more than tensors and plain "
-                              f"values (torch.load(weights_only=True) failed: {str(e).splitlines()[0]})") from None
+            raise RunDirError(
+                f"{path}: refusing to load a checkpoint that holds more than tensors and plain "
+                f"values (torch.load(weights_only=True) failed: {str(e).splitlines()[0]})"
+            ) from None
 
 
 class ShuffleState(L.Callback):
@@ -53,14 +56,27 @@ class ShuffleState(L.Callback):
 def resume_callbacks(run_dir, generator):
     """The callbacks that make a run resumable: last.ckpt at every epoch end (after the attribution callback,
     which Lightning runs first) and the shuffle state."""
-    last = ModelCheckpoint(dirpath=Path(run_dir) / "resume", filename="last", save_top_k=1, every_n_epochs=1,
-                           save_on_train_epoch_end=True, enable_version_counter=False)
+    last = ModelCheckpoint(
+        dirpath=Path(run_dir) / "resume",
+        filename="last",
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
     return [last, ShuffleState(generator)]
 
 
 # Keys a resumed run may change: they do not change results (a run folder may also have been moved).
-IGNORED = ("resume", "trainer.enable_progress_bar", "trainer.default_root_dir", "paths.output_dir", "paths.root_dir",
-           "paths.cache_dir", "logger")
+IGNORED = (
+    "resume",
+    "trainer.enable_progress_bar",
+    "trainer.default_root_dir",
+    "paths.output_dir",
+    "paths.root_dir",
+    "paths.cache_dir",
+    "logger",
+)
 
 
 def check_same_run(cfg, run_dir):
@@ -69,14 +85,17 @@ def check_same_run(cfg, run_dir):
     saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
     if not saved.is_file():
         return
-    old = flat(OmegaConf.to_container(upgrade(OmegaConf.load(saved)), resolve=True))   # an earlier LARK: today's form
+    old = flat(OmegaConf.to_container(upgrade(OmegaConf.load(saved)), resolve=True))  # an earlier LARK: today's form
     new = flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k in old)
-                     and not k.startswith(IGNORED))
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k in old) and not k.startswith(IGNORED)
+    )
     if changed:
         k = changed[0]
-        raise RunDirError(f"resume=true with other settings than {run_dir} was started with: {k} was "
-                          f"{old.get(k)!r}, now {new.get(k)!r} ({len(changed)} keys differ); use the same overrides")
+        raise RunDirError(
+            f"resume=true with other settings than {run_dir} was started with: {k} was "
+            f"{old.get(k)!r}, now {new.get(k)!r} ({len(changed)} keys differ); use the same overrides"
+        )
 
 
 def flat(d, prefix=""):
@@ -93,6 +112,8 @@ def last_checkpoint(run_dir, log=print):
     if path.is_file():
         log(f"[lark] resuming from {path}")
         return str(path)
-    log(f"[lark] resume: no {LAST} in {run_dir} yet, training starts from the base model "
-        "(complete attribution results are reused)")
+    log(
+        f"[lark] resume: no {LAST} in {run_dir} yet, training starts from the base model "
+        "(complete attribution results are reused)"
+    )
     return None

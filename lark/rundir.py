@@ -1,13 +1,14 @@
 """Checks on a run directory: files left half-written by a killed process, incomplete epochs, a folder that
 already holds another run, and whether the disk has room for the attribution stores."""
+
+import json
 import re
 import shutil
 from pathlib import Path
 
 from lark.errors import RunDirError
-from lark.stores import bytes_per_vector
 
-TMP = re.compile(r"\.tmp\d+$")   # lark.data.replacing and lark.models.save_checkpoint name temporaries so
+TMP = re.compile(r"\.tmp\d+$")  # lark.data.io.replacing and lark.models.save_checkpoint name temporaries so
 
 
 def leftovers(run_dir):
@@ -34,9 +35,12 @@ def require_complete(run_dir):
     """Refuse to trust (analyse) a run directory with problems()."""
     found = problems(run_dir)
     if found:
-        raise RunDirError(f"{run_dir} is incomplete, not trusted:\n  " + "\n  ".join(found[:20]) +
-                          "\nfinish it with `python train.py <its overrides> hydra.run.dir=<it> resume=true` or "
-                          "`python attribute.py run_dir=<it>`")
+        raise RunDirError(
+            f"{run_dir} is incomplete, not trusted:\n  "
+            + "\n  ".join(found[:20])
+            + "\nfinish it with `python train.py <its overrides> hydra.run.dir=<it> resume=true` or "
+            "`python attribute.py run_dir=<it>`"
+        )
 
 
 def clean(run_dir, log=print):
@@ -51,13 +55,10 @@ def require_new(run_dir):
     """A run without resume=true must not write into a folder that holds another run's results."""
     for name in ("checkpoints", "attribution"):
         if (Path(run_dir) / name).exists():
-            raise RunDirError(f"{run_dir} already holds a run ({name}/): add resume=true to continue it, or choose "
-                              "another hydra.run.dir")
-
-
-def store_bytes(n_examples, n_queries, n_docs, k, tier, save_scores):
-    """Bytes written per attributed checkpoint: stores (vectors + float32 norms) and float32 score matrices."""
-    return n_examples * (bytes_per_vector(tier, k) + 4) + (4 * n_queries * n_docs if save_scores else 0)
+            raise RunDirError(
+                f"{run_dir} already holds a run ({name}/): add resume=true to continue it, or choose "
+                "another hydra.run.dir"
+            )
 
 
 def require_space(folder, needed, detail):
@@ -67,10 +68,12 @@ def require_space(folder, needed, detail):
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise RunDirError(f"attribution needs about {needed / 1e9:.2f} GB in {folder} ({detail}) but only "
-                          f"{free / 1e9:.2f} GB is free: free space, lower attribution.projector.k, choose a smaller "
-                          "attribution.store_dtype (int8, bit), set attribution.save_scores=false or attribute "
-                          "fewer attribution.checkpoints")
+        raise RunDirError(
+            f"attribution needs about {needed / 1e9:.2f} GB in {folder} ({detail}) but only "
+            f"{free / 1e9:.2f} GB is free: free space, lower attribution.projector.k, choose a smaller "
+            "attribution.store_dtype (int8, bit), set attribution.save_scores=false or attribute "
+            "fewer attribution.checkpoints"
+        )
 
 
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
@@ -82,6 +85,27 @@ def require_safetensors(folder):
     folder = Path(folder)
     pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
     if pickled or not any(folder.glob("*.safetensors")):
-        raise RunDirError(f"{folder}: refusing to load a checkpoint without safetensors weights or with pickled "
-                          f"files ({', '.join(pickled) or 'no *.safetensors'}); LARK loads safetensors only")
+        raise RunDirError(
+            f"{folder}: refusing to load a checkpoint without safetensors weights or with pickled "
+            f"files ({', '.join(pickled) or 'no *.safetensors'}); LARK loads safetensors only"
+        )
     return folder
+
+
+def epoch_lr(checkpoint, metrics):
+    """The learning rate of a checkpoint's epoch as training recorded it (runs before lark_epoch.json: metrics)."""
+    for path in (checkpoint / "lark_epoch.json", metrics):
+        try:
+            return json.loads(path.read_text()).get("lr")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def saved_checkpoints(run_dir):
+    """{epoch: folder} of a run's complete checkpoints/epoch_NNN folders."""
+    return {
+        int(f.name.split("_")[1]): f
+        for f in sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9]"))
+        if not TMP.search(f.name)
+    }

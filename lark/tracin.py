@@ -6,17 +6,19 @@ none and takes no part (TracIn-CP sums over checkpoints taken after training ste
 Layout written under attribution/tracin_cp/:
   scores/<source>.safetensors  TracIn-CP scores [n_queries, n_docs] float32
   top_influences.csv           each query's top-k documents per source
-  metrics.json                 the paper's metrics on these scores (lark.metrics), the checkpoints and their lr
+  metrics.json                 the paper's metrics on these scores (lark.analysis.metrics), the checkpoints and their lr
 """
+
 import json
 from pathlib import Path
 
 import torch
 
-from lark import metrics as M
-from lark.attribution import QUERY_SET, top_rows, write_csv, write_json
+from lark.analysis import metrics as M
+from lark.attribution import QUERY_SET, TOP_COLUMNS, top_rows
+from lark.data.io import write_csv, write_json
 from lark.errors import RunDirError
-from lark.stores import atomic_save, check_compatible, cosine_scores, load_store
+from lark.kernel.stores import atomic_save, check_compatible, cosine_scores, load_store
 
 FOLDER = "tracin_cp"
 
@@ -39,9 +41,11 @@ def write_tracin_cp(run_dir, cfg, log=print):
         lr = json.loads(metrics_file.read_text()).get("lr") if metrics_file.is_file() else None
         if lr is not None:
             epochs.append((int(folder.name.split("_")[1]), float(lr), folder / "stores"))
-    if not epochs:   # e.g. trainer.max_epochs=0: nothing to sum, and nothing computed is lost
-        log(f"[lark] tracin_cp: {run_dir / 'attribution'} has no attributed checkpoint after a training step (with "
-            "an lr); TracIn-CP needs trainer.max_epochs >= 1, not written")
+    if not epochs:  # e.g. trainer.max_epochs=0: nothing to sum, and nothing computed is lost
+        log(
+            f"[lark] tracin_cp: {run_dir / 'attribution'} has no attributed checkpoint after a training step (with "
+            "an lr); TracIn-CP needs trainer.max_epochs >= 1, not written"
+        )
         return None
     queries = {e: load_store(stores / f"{QUERY_SET}.safetensors") for e, _, stores in epochs}
     query_ids = queries[epochs[0][0]][2]
@@ -53,8 +57,10 @@ def write_tracin_cp(run_dir, cfg, log=print):
             d, d_norm, d_ids, d_meta = load_store(stores / f"{name}.safetensors")
             check_compatible(q_meta, d_meta, QUERY_SET, name)
             if q_ids != query_ids or (doc_ids is not None and d_ids != doc_ids):
-                raise RunDirError(f"{stores}: the examples of {name} or {QUERY_SET} differ from epoch "
-                                  f"{epochs[0][0]}'s; TracIn-CP sums the same examples over checkpoints")
+                raise RunDirError(
+                    f"{stores}: the examples of {name} or {QUERY_SET} differ from epoch "
+                    f"{epochs[0][0]}'s; TracIn-CP sums the same examples over checkpoints"
+                )
             doc_ids = d_ids
             parts.append((lr, (q, q_norm), (d, d_norm)))
         scores = tracin_scores(parts, attr.store_dtype)
@@ -62,13 +68,26 @@ def write_tracin_cp(run_dir, cfg, log=print):
         maxinf[name] = values[:, 0] if values.shape[1] else torch.full((len(query_ids),), float("nan"))
         rows += top_rows(values, index, query_ids, doc_ids, name)
         if attr.save_scores:
-            atomic_save({"scores": scores.contiguous()}, out / "scores" / f"{name}.safetensors",
-                        {"queries": json.dumps(query_ids), "docs": json.dumps(doc_ids)})
+            atomic_save(
+                {"scores": scores.contiguous()},
+                out / "scores" / f"{name}.safetensors",
+                {"queries": json.dumps(query_ids), "docs": json.dumps(doc_ids)},
+            )
     result = M.influence_metrics(maxinf, src.ft_source, src.pt_source, src.format_pairs)
-    result = M.clean({"kernel": "tracin_cp", "epoch": "all", "epochs": [e for e, _, _ in epochs], "lr": [lr for _, lr, _ in epochs],
-                      "n_queries": len(query_ids), **result})
-    write_csv(out / "top_influences.csv", ["query_id", "source", "rank", "doc_id", "score"], rows)
+    result = M.clean(
+        {
+            "kernel": "tracin_cp",
+            "epoch": "all",
+            "epochs": [e for e, _, _ in epochs],
+            "lr": [lr for _, lr, _ in epochs],
+            "n_queries": len(query_ids),
+            **result,
+        }
+    )
+    write_csv(out / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)
     write_json(out / "metrics.json", result)
-    log(f"[lark] tracin_cp over epochs {result['epochs']}: " + ", ".join(
-        f"{k} {result[k]:.4g}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins") if result.get(k) is not None))
+    log(
+        f"[lark] tracin_cp over epochs {result['epochs']}: "
+        + ", ".join(f"{k} {result[k]:.4g}" for k in ("ft", "pt", "ft_pt_ratio", "pt_wins") if result.get(k) is not None)
+    )
     return result

@@ -1,10 +1,8 @@
 """Fine-tuning (and the tiny model's pretraining) with one LightningModule; batching of encoded examples."""
+
 import lightning as L
-import torch
-from torch.utils.data import DataLoader
 
 from lark import faults
-from lark.formats import IGNORE
 
 
 class CausalLMModule(L.LightningModule):
@@ -24,8 +22,15 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         faults.point(f"{self.stage}_step")
         loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
-                 batch_size=len(batch["input_ids"]))
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(batch["input_ids"]),
+        )
         return loss
 
     def configure_optimizers(self):
@@ -34,23 +39,3 @@ class CausalLMModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
-
-
-def collate(examples, pad_id):
-    """Right-pad encoded examples into a batch; padding carries no loss."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def make_loader(encoded, batch_size, pad_id, shuffle, seed, num_workers=0):
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      collate_fn=lambda b: collate(b, pad_id))

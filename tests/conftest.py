@@ -1,4 +1,5 @@
 """Shared test settings: offline everything, one tiny-model cache per session, the small run overrides."""
+
 import os
 import socket
 from pathlib import Path
@@ -10,10 +11,20 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # A run small enough for a test (seconds on 2 cores) that still exercises every stage.
 SMALL = [
-    "data.world.n_train=24", "data.world.n_test=12", "data.world.n_facts=30", "data.world.n_medical_docs=100",
-    "data.world.n_entertainment_docs=40", "model.tokenizer.vocab_size=512", "model.pretrain.steps=20",
-    "model.pretrain.batch_size=8", "model.pretrain.max_length=64", "source.size=8", "max_length=128",
-    "attribution.projector.k=512", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+    "data.world.n_train=24",
+    "data.world.n_test=12",
+    "data.world.n_facts=30",
+    "data.world.n_medical_docs=100",
+    "data.world.n_entertainment_docs=40",
+    "model.tokenizer.vocab_size=512",
+    "model.pretrain.steps=20",
+    "model.pretrain.batch_size=8",
+    "model.pretrain.max_length=64",
+    "source.size=8",
+    "max_length=128",
+    "attribution.projector.k=512",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
 ]
 
 
@@ -62,14 +73,15 @@ def data_spec(name, **over):
 
 def official_test_ids():
     """The 500 official PubMedQA test PMIDs shipped with LARK (conf/data/pubmedqa.yaml's data.test_ids)."""
-    from lark.data import read_ids
+    from lark.data.readers import read_ids
 
     return read_ids((ROOT / "lark" / "resources" / "pubmedqa_test_pmids.txt").read_text().splitlines())
 
 
 def load_pubmedqa_local(path, test_ids=None, bad=None):
     """PubMedQA rows of a local JSON Lines file through data=pubmedqa_local's mapping (train, test)."""
-    from lark.data import BadRows, JsonlRows, split_qa
+    from lark.data.io import BadRows
+    from lark.data.readers import JsonlRows, split_qa
 
     bad = bad or BadRows()
     return split_qa(*JsonlRows(path)(bad), data_spec("pubmedqa_local"), test_ids, bad, str(path))
@@ -77,9 +89,15 @@ def load_pubmedqa_local(path, test_ids=None, bad=None):
 
 def load_pubmedqa_hub(hub_id, hub_config, hub_split="train", test_ids=None, bad=None):
     """PubMedQA rows of a `datasets` dataset through data=pubmedqa's mapping, split by the official test ids."""
-    from lark.data import BadRows, HubRows, split_qa
+    from lark.data.io import BadRows
+    from lark.data.readers import HubRows, split_qa
 
     bad = bad or BadRows()
     rows = HubRows(hub_id, hub_config, hub_split)(bad)
-    return split_qa(*rows, data_spec("pubmedqa"), official_test_ids() if test_ids is None else test_ids, bad,
-                    f"{hub_id}/{hub_config}")
+    return split_qa(
+        *rows,
+        data_spec("pubmedqa"),
+        official_test_ids() if test_ids is None else test_ids,
+        bad,
+        f"{hub_id}/{hub_config}",
+    )

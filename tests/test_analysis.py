@@ -1,36 +1,90 @@
-"""lark.analysis on hand-written metrics.json files: the paper's numbers in, Tables I-IV and Figures 1-3 out."""
+"""lark.analysis.analyze on hand-written metrics.json files: the paper's numbers in, Tables I-IV and Figures 1-3 out."""
+
 import csv
 import json
 
 import pytest
 
-from lark.analysis import (analyze, build_tables, find_runs, format_bytes, load_metrics, pick_epoch,
-                           plot_figures, write_tables)
+from lark.analysis.analyze import (
+    analyze,
+    build_tables,
+    find_runs,
+    format_bytes,
+    load_metrics,
+    pick_epoch,
+    plot_figures,
+    write_tables,
+)
 
 # The paper's Table II: epoch -> (FT, PT, PT wins, accuracy, lr, format effect medical)
-PAPER = {0: (0.482, 0.395, 0.0, 0.418, None, 3.71), 1: (0.473, 0.431, 0.018, 0.690, 2e-4, 3.40),
-         2: (0.386, 0.365, 0.134, 0.744, 2e-4, 3.12), 3: (0.344, 0.327, 0.166, 0.690, 2e-4, 2.95),
-         4: (0.314, 0.291, 0.248, None, 2e-5, 2.86), 5: (0.366, 0.341, 0.284, None, 2e-5, 2.90)}
-STORAGE = {"n_params": 7298011136, "grad_dtype_bytes": 2, "k": 65536, "store_dtype_bytes": 2,
-           "n_examples": 500, "full_bytes_per_example": 14596022272, "store_bytes_per_example": 131072}
+PAPER = {
+    0: (0.482, 0.395, 0.0, 0.418, None, 3.71),
+    1: (0.473, 0.431, 0.018, 0.690, 2e-4, 3.40),
+    2: (0.386, 0.365, 0.134, 0.744, 2e-4, 3.12),
+    3: (0.344, 0.327, 0.166, 0.690, 2e-4, 2.95),
+    4: (0.314, 0.291, 0.248, None, 2e-5, 2.86),
+    5: (0.366, 0.341, 0.284, None, 2e-5, 2.90),
+}
+STORAGE = {
+    "n_params": 7298011136,
+    "grad_dtype_bytes": 2,
+    "k": 65536,
+    "store_dtype_bytes": 2,
+    "n_examples": 500,
+    "full_bytes_per_example": 14596022272,
+    "store_bytes_per_example": 131072,
+}
 
 
 def paper_metrics(epoch):
     ft, pt, pt_wins, accuracy, lr, effect = PAPER[epoch]
     return {
-        "epoch": epoch, "accuracy": accuracy, "lr": lr, "n_queries": 500,
+        "epoch": epoch,
+        "accuracy": accuracy,
+        "lr": lr,
+        "n_queries": 500,
         "sources": {
             "finetune": {"mean_max": ft, "ft_wins": None, "n_docs": 500, "kind": "finetune", "formatted": True},
-            "medical_format": {"mean_max": pt, "ft_wins": 1 - pt_wins, "n_docs": 500, "kind": "medical", "formatted": True},
-            "medical_noformat": {"mean_max": 0.117, "ft_wins": 1.0, "n_docs": 500, "kind": "medical", "formatted": False},
-            "entertainment_format": {"mean_max": 0.284, "ft_wins": 1.0, "n_docs": 500, "kind": "entertainment", "formatted": True},
-            "entertainment_noformat": {"mean_max": 0.095, "ft_wins": 1.0, "n_docs": 500, "kind": "entertainment", "formatted": False},
+            "medical_format": {
+                "mean_max": pt,
+                "ft_wins": 1 - pt_wins,
+                "n_docs": 500,
+                "kind": "medical",
+                "formatted": True,
+            },
+            "medical_noformat": {
+                "mean_max": 0.117,
+                "ft_wins": 1.0,
+                "n_docs": 500,
+                "kind": "medical",
+                "formatted": False,
+            },
+            "entertainment_format": {
+                "mean_max": 0.284,
+                "ft_wins": 1.0,
+                "n_docs": 500,
+                "kind": "entertainment",
+                "formatted": True,
+            },
+            "entertainment_noformat": {
+                "mean_max": 0.095,
+                "ft_wins": 1.0,
+                "n_docs": 500,
+                "kind": "entertainment",
+                "formatted": False,
+            },
         },
-        "ft_source": "finetune", "pt_source": "medical_format",
-        "ft": ft, "pt": pt, "ft_pt_ratio": ft / pt, "ft_wins": 1 - pt_wins, "pt_wins": pt_wins,
+        "ft_source": "finetune",
+        "pt_source": "medical_format",
+        "ft": ft,
+        "pt": pt,
+        "ft_pt_ratio": ft / pt,
+        "ft_wins": 1 - pt_wins,
+        "pt_wins": pt_wins,
         "format_effect": {"medical": effect, "entertainment": 2.99},
         "bm25": {"ft_wins": 0.404, "pt_wins": 0.596, "sources": {"finetune": {"mean_max": 12.3}}},
-        "storage": STORAGE, "projector": {"kind": "rapidin", "k": 65536, "seed": 0},
+        "storage": STORAGE,
+        "projector": {"kind": "rapidin", "k": 65536, "seed": 0},
     }
 
 
@@ -60,10 +114,11 @@ def multirun(tmp_path):
     sparse[1]["sources"]["medical_noformat"]["mean_max"] = None
     sparse[1]["format_effect"]["medical"] = None
     sparse[1]["bm25"] = None
-    sparse[1]["format_effect"]["wiki"] = 1.5                   # a content kind only this job has
+    sparse[1]["format_effect"]["wiki"] = 1.5  # a content kind only this job has
     write_run(root / "1", sparse, overrides=["format=noformat", "seed=0"])
     (root / "1" / "attribution" / "epoch_002" / "metrics.json").write_text(
-        json.dumps(sparse[1]).replace('"ft_pt_ratio": 1.0575342465753426', '"ft_pt_ratio": NaN'))
+        json.dumps(sparse[1]).replace('"ft_pt_ratio": 1.0575342465753426', '"ft_pt_ratio": NaN')
+    )
     return root
 
 
@@ -104,10 +159,10 @@ def test_load_metrics_clear_errors(tmp_path, single_run):
 
 def test_pick_epoch():
     metrics = [paper_metrics(e) for e in PAPER]
-    assert pick_epoch(metrics)["epoch"] == 2                  # 74.4% is the best accuracy
+    assert pick_epoch(metrics)["epoch"] == 2  # 74.4% is the best accuracy
     metrics[3]["accuracy"] = 0.744
-    assert pick_epoch(metrics)["epoch"] == 2                  # tie -> earliest
-    assert pick_epoch([paper_metrics(4), paper_metrics(5)])["epoch"] == 5   # no accuracy -> last
+    assert pick_epoch(metrics)["epoch"] == 2  # tie -> earliest
+    assert pick_epoch([paper_metrics(4), paper_metrics(5)])["epoch"] == 5  # no accuracy -> last
     assert pick_epoch(metrics, 4)["epoch"] == 4
     assert pick_epoch(metrics, "3")["epoch"] == 3
     with pytest.raises(ValueError, match="available epochs"):
@@ -178,7 +233,7 @@ def test_write_tables_markdown_and_csv(tmp_path, single_run):
     with open(tmp_path / "tables" / "table2.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:4] == ["epoch", "lr", "reduced_lr", "ft"]
-    assert float(rows[0]["ratio"]) == 0.482 / 0.395          # full precision
+    assert float(rows[0]["ratio"]) == 0.482 / 0.395  # full precision
     assert rows[0]["lr"] == "" and rows[4]["reduced_lr"] == "True"
 
 
@@ -188,7 +243,7 @@ def test_multirun_tables_lead_with_job_and_show_nulls(multirun, tmp_path):
     for rows in tables.values():
         assert all(list(row)[0] == "job" for row in rows)
     table1 = [row for row in tables["table1"] if row["job"] == "format=noformat,seed=0"]
-    assert {row["epoch"] for row in table1} == {0}                 # job 1: epoch 2 has no accuracy -> best is 0
+    assert {row["epoch"] for row in table1} == {0}  # job 1: epoch 2 has no accuracy -> best is 0
     sparse = build_tables(runs, table1_epoch=2)
     noformat = [r for r in sparse["table4"] if r["job"] == "format=noformat,seed=0"]
     assert noformat[1]["ft_wins_pct"] is None and noformat[2]["difference_pp"] is None
@@ -235,7 +290,7 @@ def test_analyze_end_to_end(multirun, single_run, tmp_path):
     assert list(result["runs"]) == ["format=chatml,seed=0", "format=noformat,seed=0"]
     assert {f.parent for f in result["table_files"]} == {multirun / "tables"}
     assert {f.parent for f in result["figure_files"]} == {multirun / "figures"}
-    assert list(find_runs(multirun)) == list(result["runs"])   # outputs are not mistaken for runs
+    assert list(find_runs(multirun)) == list(result["runs"])  # outputs are not mistaken for runs
     result = analyze(single_run, out_dir=tmp_path / "report", table1_epoch="last")
     assert result["runs"] == {"run": single_run}
     assert {row["epoch"] for row in result["tables"]["table1"]} == {5}

@@ -1,22 +1,46 @@
 """Every config group composes, and +experiment=pubmedqa resolves to the paper's setup."""
+
 import pytest
 import torch
+from conftest import ROOT, compose
 from hydra.utils import instantiate
 
-from conftest import ROOT, compose
-
-GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-          for group in ("model", "data", "source", "format", "scheduler", "trainer", "logger", "attribution",
-                        "attribution/projector", "attribution/kernel", "analysis", "eval")}
+GROUPS = {
+    group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    for group in (
+        "model",
+        "data",
+        "source",
+        "format",
+        "scheduler",
+        "trainer",
+        "logger",
+        "attribution",
+        "attribution/projector",
+        "attribution/kernel",
+        "analysis",
+        "eval",
+    )
+}
 
 
 def test_default_is_the_embedded_run():
     cfg = compose()
-    assert (cfg.model.name, cfg.data.name, cfg.format.name, cfg.scheduler.name) == ("tiny-olmo3", "world", "chatml", "paper")
+    assert (cfg.model.name, cfg.data.name, cfg.format.name, cfg.scheduler.name) == (
+        "tiny-olmo3",
+        "world",
+        "chatml",
+        "paper",
+    )
     assert cfg.trainer.accelerator == "cpu" and list(cfg.logger) == ["wandb"] and cfg.logger.wandb.offline is True
     assert cfg.attribution.projector.k == 65536 and cfg.attribution.store_dtype == "float16"
-    assert list(cfg.source.sources) == ["finetune", "medical_format", "medical_noformat", "entertainment_format",
-                                        "entertainment_noformat"]
+    assert list(cfg.source.sources) == [
+        "finetune",
+        "medical_format",
+        "medical_noformat",
+        "entertainment_format",
+        "entertainment_noformat",
+    ]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -25,8 +49,9 @@ def test_every_group_option_composes(group, option):
     node = cfg
     for key in group.split("/"):
         node = node[key]
-    if "_target_" in node:                   # the projector and kernel files are _target_ configs that import
+    if "_target_" in node:  # the projector and kernel files are _target_ configs that import
         from hydra.utils import get_object
+
         get_object(node._target_)
 
 
@@ -35,12 +60,16 @@ def test_experiment_pubmedqa_is_the_paper():
     assert cfg.model.hub_id == "allenai/Olmo-3-7B-Instruct" and cfg.model.dtype == "bfloat16"
     assert cfg.model.trust_remote_code is False and cfg.model.gradient_checkpointing is True
     assert (cfg.data.reader.hub_id, cfg.data.reader.hub_config, cfg.data.n_train, cfg.data.n_test) == (
-        "qiaojin/PubMedQA", "pqa_labeled", 500, 500)
+        "qiaojin/PubMedQA",
+        "pqa_labeled",
+        500,
+        500,
+    )
     assert cfg.source.size == 500 and len(cfg.source.sources) == 5
     assert cfg.trainer.max_epochs == 5 and cfg.batch_size == 4 and cfg.trainer.precision == "bf16-true"
-    assert cfg.attribution.projector._target_ == "lark.projector.CountSketch.of_model"    # RapidIn's RapidGrad
+    assert cfg.attribution.projector._target_ == "lark.kernel.projectors.CountSketch.of_model"  # RapidIn's RapidGrad
     assert cfg.attribution.projector.k == 65536
-    assert cfg.attribution.kernel._target_ == "lark.kernels.RapidIn"                    # per-tensor normalisation
+    assert cfg.attribution.kernel._target_ == "lark.kernel.kernels.RapidIn"  # per-tensor normalisation
     assert cfg.optimizer.lr == pytest.approx(2e-4)
     assert learning_rates(cfg) == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5, 2e-5])
 
@@ -77,13 +106,16 @@ def test_trainer_gpu_and_ddp():
     assert ddp.strategy == "ddp" and ddp.precision == "bf16-true"
 
 
-@pytest.mark.parametrize("override,key", [
-    ("trainer.max_epochs=-1", "trainer.max_epochs"),
-    ("attribution.projector.k=0", "attribution.projector.k"),
-    ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
-    ("attribution.kernel._target_=lark.kernels.Nope", "attribution.kernel._target_"),
-    ("source.pt_source=nope", "source.pt_source"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.max_epochs=-1", "trainer.max_epochs"),
+        ("attribution.projector.k=0", "attribution.projector.k"),
+        ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
+        ("attribution.kernel._target_=lark.kernel.kernels.Nope", "attribution.kernel._target_"),
+        ("source.pt_source=nope", "source.pt_source"),
+    ],
+)
 def test_bad_values_fail_at_start_naming_the_key(override, key):
     from lark.experiment import validate
 
@@ -91,12 +123,14 @@ def test_bad_values_fail_at_start_naming_the_key(override, key):
         validate(compose([override]))
 
 
-@pytest.mark.parametrize("recipe,projector", [("pubmedqa", "lark.projector.CountSketch.of_model"),
-                                              ("pubmedqa_small", "lark.sketch.HookSketch")])
+@pytest.mark.parametrize(
+    "recipe,projector",
+    [("pubmedqa", "lark.kernel.projectors.CountSketch.of_model"), ("pubmedqa_small", "lark.kernel.sketch.HookSketch")],
+)
 def test_both_paper_recipes_compose_to_rapidins_per_tensor_normalisation(recipe, projector):
     """+experiment=pubmedqa: RapidIn's projector and kernel; pubmedqa_small: the hook sketch with RapidIn's kernel.
     Both name their loss target (the decision alone, gold queries)."""
-    from lark.projector import make_kernel
+    from lark.kernel.factory import make_kernel
 
     cfg = compose([f"+experiment={recipe}"])
     assert cfg.attribution.projector._target_ == projector and cfg.attribution.projector.k == 65536
@@ -104,7 +138,7 @@ def test_both_paper_recipes_compose_to_rapidins_per_tensor_normalisation(recipe,
     assert kernel.name == "rapidin" and kernel.normalize == "per_tensor"
     assert (cfg.format.answer_template, cfg.attribution.query_target) == ("{answer}", "gold")
     text = (ROOT / "conf" / "experiment" / f"{recipe}.yaml").read_text()
-    assert "answer_template:" in text and "query_target:" in text        # named in the recipe, with its reason
+    assert "answer_template:" in text and "query_target:" in text  # named in the recipe, with its reason
 
 
 def test_kernel_menu_composes_and_the_loss_target_sweeps_like_multirun():
@@ -114,24 +148,28 @@ def test_kernel_menu_composes_and_the_loss_target_sweeps_like_multirun():
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lark.projector import make_kernel
+    from lark.kernel.factory import make_kernel
 
-    sweep = OverridesParser.create().parse_overrides([
-        'format.answer_template="{answer}","{answer}. {long_answer}"',
-        "attribution.query_target=gold,predicted", "attribution/kernel=rapidin,adam"])
-    jobs = list(itertools.product(*[[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-                                    for o in sweep]))
+    sweep = OverridesParser.create().parse_overrides(
+        [
+            'format.answer_template="{answer}","{answer}. {long_answer}"',
+            "attribution.query_target=gold,predicted",
+            "attribution/kernel=rapidin,adam",
+        ]
+    )
+    jobs = list(itertools.product(*[[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in sweep]))
     assert len(jobs) == 8
     seen = set()
     for job in jobs:
         cfg = compose(list(job))
         seen.add((cfg.format.answer_template, cfg.attribution.query_target, make_kernel(cfg.attribution).name))
-    assert seen == set(itertools.product(["{answer}", "{answer}. {long_answer}"],
-                                         ["gold", "predicted"], ["rapidin", "adam"]))
+    assert seen == set(
+        itertools.product(["{answer}", "{answer}. {long_answer}"], ["gold", "predicted"], ["rapidin", "adam"])
+    )
 
 
 def test_attribute_py_takes_another_projector_or_kernel_by_group():
     cfg = compose(["run_dir=x", "attribution/kernel=trackstar", "attribution/projector=rapidin"], "attribute")
-    assert cfg.attribution.kernel._target_ == "lark.kernels.TrackStar"
-    assert cfg.attribution.projector._target_ == "lark.projector.CountSketch.of_model"
-    assert dict(compose(["run_dir=x"], "attribute").attribution) == {}   # default: the run's own
+    assert cfg.attribution.kernel._target_ == "lark.kernel.kernels.TrackStar"
+    assert cfg.attribution.projector._target_ == "lark.kernel.projectors.CountSketch.of_model"
+    assert dict(compose(["run_dir=x"], "attribute").attribution) == {}  # default: the run's own

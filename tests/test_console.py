@@ -1,6 +1,7 @@
 """The console of `python train.py` (lark.console): a tiny run, pretraining included, printed through Hydra's
 logging as a user sees it: no line twice, none of the third-party notices, no progress bars off a terminal,
 and a closing summary with Table II and the paths of tables, figures, report and W&B run."""
+
 import collections
 import glob
 import json
@@ -11,12 +12,21 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SMALL
 
 pytestmark = pytest.mark.slow
-NOTICES = ["litlogger", "Tip:", "anonymous setting", "Images sizes do not match", "/-", "LeafSpec",
-           "Writing model shards", "Loading weights", "Traceback", "\r"]
+NOTICES = [
+    "litlogger",
+    "Tip:",
+    "anonymous setting",
+    "Images sizes do not match",
+    "/-",
+    "LeafSpec",
+    "Writing model shards",
+    "Loading weights",
+    "Traceback",
+    "\r",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +35,21 @@ def console(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
     overrides = [o for o in SMALL if not o.startswith(("trainer.max_epochs", "trainer.enable_progress_bar"))]
     env = dict(os.environ, LARK_CACHE=str(tmp / "cache"), PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "train.py", *overrides, "trainer.max_epochs=1", "logger=wandb",
-                           f"hydra.run.dir={tmp / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *overrides,
+            "trainer.max_epochs=1",
+            "logger=wandb",
+            f"hydra.run.dir={tmp / 'run'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr, tmp / "run"
 
@@ -38,8 +60,8 @@ def test_no_line_twice_and_no_notices(console):
     twice = [line for line, n in collections.Counter(lines).items() if n > 1]
     assert not twice, out
     assert [notice for notice in NOTICES if notice in out] == [], out
-    assert "[lark] pretraining the tiny model" in out and "[lark] pretrained in" in out   # pretraining did run
-    assert "INFO: GPU available: False, used: False" in lines                 # Lightning's lines, once each
+    assert "[lark] pretraining the tiny model" in out and "[lark] pretrained in" in out  # pretraining did run
+    assert "INFO: GPU available: False, used: False" in lines  # Lightning's lines, once each
 
 
 def test_summary_prints_table2_and_the_paths(console):
@@ -55,8 +77,11 @@ def test_summary_prints_table2_and_the_paths(console):
 
 def test_wandb_tables_carry_document_text_and_the_report_is_an_artifact(console):
     _, run = console
-    table = json.loads(Path(glob.glob(str(run / "wandb/offline-run-*/files/media/table/influence/epoch_001/"
-                                          "top_k_*.table.json"))[0]).read_text())
+    table = json.loads(
+        Path(
+            glob.glob(str(run / "wandb/offline-run-*/files/media/table/influence/epoch_001/top_k_*.table.json"))[0]
+        ).read_text()
+    )
     assert table["columns"] == ["query_id", "question", "source", "rank", "doc_id", "score", "text"]
     docs = {}
     for path in (run / "data" / "sources").glob("*.jsonl"):
@@ -66,8 +91,10 @@ def test_wandb_tables_carry_document_text_and_the_report_is_an_artifact(console)
     for query, question, source, rank, doc, score, text in table["data"]:
         row = docs[(source, doc)]
         assert text and text.split()[0] in (row.get("text") or row["question"]) and question.endswith("?")
-    figures = sorted(Path(p).name.rsplit("_", 2)[0] for p in glob.glob(str(run / "wandb/offline-run-*/files/media/"
-                                                                             "images/figures/*.png")))
-    assert figures == ["fig1_influence", "fig2_pt_wins", "fig3_method"]     # one key per figure
+    figures = sorted(
+        Path(p).name.rsplit("_", 2)[0]
+        for p in glob.glob(str(run / "wandb/offline-run-*/files/media/images/figures/*.png"))
+    )
+    assert figures == ["fig1_influence", "fig2_pt_wins", "fig3_method"]  # one key per figure
     record = Path(glob.glob(str(run / "wandb/offline-run-*/run-*.wandb"))[0]).read_bytes()
-    assert b"index.html" in record and b"report" in record                  # the artifact entry of the page
+    assert b"index.html" in record and b"report" in record  # the artifact entry of the page

@@ -1,5 +1,6 @@
-"""lark.data: QA rows mapped by the data configs (PubMedQA local and hub as instances), the corpora, input
+"""lark.data.readers: QA rows mapped by the data configs (PubMedQA local and hub as instances), the corpora, input
 validation, sampling."""
+
 import json
 import string
 import tempfile
@@ -8,14 +9,14 @@ from itertools import count
 from pathlib import Path
 
 import pytest
+from conftest import data_spec, load_pubmedqa_hub, load_pubmedqa_local, official_test_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lark import data as D
-from lark.data import DataError
-
-from conftest import data_spec, load_pubmedqa_hub, load_pubmedqa_local, official_test_ids
+from lark.data import io as IO
+from lark.data import readers as D
+from lark.data.readers import DataError
 
 ROOT = Path(__file__).parents[1]
 SHARED = ROOT / "../shared"
@@ -23,37 +24,54 @@ DATA = SHARED / "data"
 PQA = DATA / "pubmedqa" / "pqa_labeled.jsonl"
 ABSTRACTS = DATA / "pubmed_corpus" / "abstracts.jsonl"
 ENTERTAINMENT = DATA / "entertainment" / "documents.jsonl"
-needs_data = pytest.mark.skipif(not DATA.is_dir(),
-                                reason=f"shared data folder {DATA.resolve()} is absent (see ../shared/data/SOURCES.md)")
+needs_data = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"shared data folder {DATA.resolve()} is absent (see ../shared/data/SOURCES.md)"
+)
 LABEL_COUNTS = {"yes": 276, "no": 169, "maybe": 55}
 LABELS = ("yes", "no", "maybe")
 
 
 def record(pubid=1, **over):
-    r = {"pubid": str(pubid), "question": f"Does drug {pubid} work?", "contexts": ["Background text.", "Results text."],
-         "labels": ["BACKGROUND", "RESULTS"], "long_answer": "It works.", "final_decision": "yes", "split": "train"}
+    r = {
+        "pubid": str(pubid),
+        "question": f"Does drug {pubid} work?",
+        "contexts": ["Background text.", "Results text."],
+        "labels": ["BACKGROUND", "RESULTS"],
+        "long_answer": "It works.",
+        "final_decision": "yes",
+        "split": "train",
+    }
     r.update(over)
     return r
 
 
 def write_lines(path, lines):
     """Write raw lines (str are JSON-dumped when they are not already str lines)."""
-    path.write_bytes(b"".join((x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode())
-                              + b"\n" for x in lines))
+    path.write_bytes(
+        b"".join(
+            (x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()) + b"\n"
+            for x in lines
+        )
+    )
     return path
 
 
 def hub_row(r):
     """A local-schema record in the Hugging Face pqa_labeled schema."""
-    return {"pubid": int(r["pubid"]), "question": r["question"],
-            "context": {"contexts": r["contexts"], "labels": r["labels"], "meshes": r.get("meshes", [])},
-            "long_answer": r["long_answer"], "final_decision": r["final_decision"]}
+    return {
+        "pubid": int(r["pubid"]),
+        "question": r["question"],
+        "context": {"contexts": r["contexts"], "labels": r["labels"], "meshes": r.get("meshes", [])},
+        "long_answer": r["long_answer"],
+        "final_decision": r["final_decision"],
+    }
 
 
 def fake_load_dataset(rows, calls):
     def load_dataset(path, name=None, split=None, **kwargs):
         calls.append((path, name, split, kwargs))
         return rows
+
     return load_dataset
 
 
@@ -65,7 +83,7 @@ def local_split():
 
 @pytest.fixture(scope="module")
 def pqa_records():
-    return [r for _, r in D.read_jsonl(PQA)]
+    return [r for _, r in IO.read_jsonl(PQA)]
 
 
 @needs_data
@@ -147,14 +165,20 @@ def test_load_qa_world_items_are_mapped_like_any_rows():
     world = type("W", (), {"train": rows[:5], "test": rows[5:]})()
     train, test = D.load_qa(OmegaConf.create(data_spec("world", n_train=2)), world)
     assert [x["id"] for x in train] == ["w0", "w1"] and [x["id"] for x in test] == ["w5", "w6", "w7", "w8"]
-    assert train[0] == {"id": "w0", "question": rows[0]["question"], "contexts": rows[0]["contexts"], "answer": "yes",
-                        "labels": rows[0]["labels"], "long_answer": "It works.", "fact_id": "f0"}
+    assert train[0] == {
+        "id": "w0",
+        "question": rows[0]["question"],
+        "contexts": rows[0]["contexts"],
+        "answer": "yes",
+        "labels": rows[0]["labels"],
+        "long_answer": "It works.",
+        "fact_id": "f0",
+    }
 
 
 # ----------------------------------------------------------------------------- corpora
 def corpus_cfg(path, limit=None, **over):
-    return OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id",
-                             "limit": limit, **over})
+    return OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id", "limit": limit, **over})
 
 
 @needs_data
@@ -171,29 +195,40 @@ def test_load_corpus_shared_entertainment_and_limit():
     docs = D.load_corpus(corpus_cfg(ENTERTAINMENT))
     assert len(docs) == 4242
     works = Counter(d["id"].rsplit("-", 1)[0] for d in docs)
-    assert works == {"austen-emma": 592, "austen-mansfieldpark": 579, "austen-prideprejudice": 458,
-                     "austen-sensesensibility": 442, "austen-persuasion": 310, "austen-northangerabbey": 290,
-                     "melville-mobydick": 762, "shakespeare-tiny": 809}
+    assert works == {
+        "austen-emma": 592,
+        "austen-mansfieldpark": 579,
+        "austen-prideprejudice": 458,
+        "austen-sensesensibility": 442,
+        "austen-persuasion": 310,
+        "austen-northangerabbey": 290,
+        "melville-mobydick": 762,
+        "shakespeare-tiny": 809,
+    }
     assert docs[0]["id"] == "austen-sensesensibility-0000"
     first = D.load_corpus(corpus_cfg(ENTERTAINMENT, limit=25))
     assert first == docs[:25]
 
 
 def test_load_corpus_limit_text_field_and_missing_id(tmp_path):
-    path = write_lines(tmp_path / "c.jsonl", [{"id": f"d{i}", "body": f"text {i}"} for i in range(6)]
-                       + [{"body": "no id here"}])
+    path = write_lines(
+        tmp_path / "c.jsonl", [{"id": f"d{i}", "body": f"text {i}"} for i in range(6)] + [{"body": "no id here"}]
+    )
     docs = D.load_corpus(corpus_cfg(path, text_field="body"))
     assert [d["id"] for d in docs[:6]] == [f"d{i}" for i in range(6)]
     assert docs[6] == {"id": f"{path}:7", "text": "no id here"}  # the location stands in for a missing id
     assert D.load_corpus(corpus_cfg(path, limit=3, text_field="body")) == docs[:3]
 
 
-@pytest.mark.parametrize("lines, match", [
-    ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], r":2: duplicate id 'a'"),
-    ([{"id": "a", "text": "x"}, {"id": "b", "text": "  \t "}], r":2: field 'text' is empty"),
-    ([{"id": "a", "text": ["x"]}], r":1: field 'text' must be str, got list"),
-    ([{"id": "a", "body": "x"}], r":1: missing field 'text'"),
-])
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], r":2: duplicate id 'a'"),
+        ([{"id": "a", "text": "x"}, {"id": "b", "text": "  \t "}], r":2: field 'text' is empty"),
+        ([{"id": "a", "text": ["x"]}], r":1: field 'text' must be str, got list"),
+        ([{"id": "a", "body": "x"}], r":1: missing field 'text'"),
+    ],
+)
 def test_load_corpus_bad_documents(tmp_path, lines, match):
     path = write_lines(tmp_path / "c.jsonl", lines)
     with pytest.raises(DataError, match=str(path).replace(".", r"\.") + match):
@@ -218,8 +253,17 @@ def test_load_corpus_hub_streams_and_stops_at_limit(monkeypatch):
 
     calls = []
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(stream(), calls))
-    cfg = OmegaConf.create({"kind": "hub", "hub_id": "org/corpus", "hub_config": None, "split": "train",
-                            "text_field": "text", "id_field": "id", "limit": 5})
+    cfg = OmegaConf.create(
+        {
+            "kind": "hub",
+            "hub_id": "org/corpus",
+            "hub_config": None,
+            "split": "train",
+            "text_field": "text",
+            "id_field": "id",
+            "limit": 5,
+        }
+    )
     docs = D.load_corpus(cfg)
     assert docs == [{"id": f"doc-{n}", "text": f"document number {n}"} for n in range(5)]
     assert len(consumed) <= 6
@@ -229,8 +273,9 @@ def test_load_corpus_hub_streams_and_stops_at_limit(monkeypatch):
 def test_load_corpus_hub_bad_row_names_the_row(monkeypatch):
     rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": ""}]
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(rows, []))
-    cfg = OmegaConf.create({"kind": "hub", "hub_id": "org/corpus", "split": "train", "text_field": "text",
-                            "id_field": "id", "limit": None})
+    cfg = OmegaConf.create(
+        {"kind": "hub", "hub_id": "org/corpus", "split": "train", "text_field": "text", "id_field": "id", "limit": None}
+    )
     with pytest.raises(DataError, match=r"org/corpus row 1: field 'text' is empty"):
         D.load_corpus(cfg)
 
@@ -264,8 +309,14 @@ def test_hub_loader_with_explicit_test_ids(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(small_hub_rows(), []))
     train, test = load_pubmedqa_hub("h/pqa", "cfg", "train", test_ids={"2", "5"})
     assert [x["id"] for x in train] == ["1", "3", "4", "6"] and [x["id"] for x in test] == ["2", "5"]
-    assert test[0] == {"id": "2", "question": "Does drug 2 work?", "contexts": ["Background text.", "Results text."],
-                       "answer": "maybe", "labels": ["BACKGROUND", "RESULTS"], "long_answer": "It works."}
+    assert test[0] == {
+        "id": "2",
+        "question": "Does drug 2 work?",
+        "contexts": ["Background text.", "Results text."],
+        "answer": "maybe",
+        "labels": ["BACKGROUND", "RESULTS"],
+        "long_answer": "It works.",
+    }
 
 
 def test_hub_loader_errors_when_test_ids_are_missing(monkeypatch):
@@ -311,45 +362,75 @@ def loc(path, line):
     return str(path).replace(".", r"\.") + f":{line}: "
 
 
-@pytest.mark.parametrize("bad_line, match", [
-    ('{"pubid": "3", "question": ', r"invalid JSON \("),
-    ('{"pubid": "3"} trailing', r"invalid JSON \(Extra data"),
-    ("[1, 2, 3]", r"expected a JSON object, got list"),
-    ('"just a string"', r"expected a JSON object, got str"),
-    (b'{"pubid": "3", "question": "caf\xe9?"}', r"not valid UTF-8"),
-    (json.dumps({k: v for k, v in record(3).items() if k != "question"}), r"missing field 'question'"),
-    (json.dumps({k: v for k, v in record(3).items() if k != "contexts"}), r"missing field 'contexts'"),
-    (json.dumps({k: v for k, v in record(3).items() if k != "final_decision"}), r"missing field 'final_decision'"),
-    (json.dumps({k: v for k, v in record(3).items() if k != "pubid"}), r"missing field 'pubid'"),
-    (json.dumps(record(3, question=17)), r"field 'question' must be str, got int"),
-    (json.dumps(record(3, contexts={"a": "b"})), r"field 'contexts' must be list, got dict"),
-    (json.dumps(record(3, contexts=["ok", 5])), r"field 'contexts' must be a non-empty list of non-empty strings"),
-    (json.dumps(record(3, contexts=[])), r"field 'contexts' must be a non-empty list"),
-    (json.dumps(record(3, final_decision=1)), r"field 'final_decision' must be str, got int"),
-    (json.dumps(record(3, final_decision="Yes")), r"field 'final_decision' is 'Yes', expected one of yes, no, maybe"),
-    (json.dumps(record(3, final_decision="unsure")), r"field 'final_decision' is 'unsure'"),
-    (json.dumps(record(3, question="   \n\t")), r"field 'question' is empty"),
-    (json.dumps(record(3, question="")), r"field 'question' is empty"),
-    (json.dumps(record(3, contexts=["fine", "  "])), r"field 'contexts' must be a non-empty list of non-empty"),
-    (json.dumps(record(3, split="dev")), r"field 'split' is 'dev', expected 'train' or 'test'"),
-    (json.dumps(record(1)), r"duplicate id '1'"),
-    (json.dumps(record(1) | {"pubid": 1}), r"duplicate id '1'"),  # int and str ids are the same id
-], ids=["truncated-json", "extra-data", "array", "string", "latin1-bytes", "no-question", "no-contexts",
-        "no-decision", "no-id", "question-int", "contexts-dict", "contexts-item-int", "contexts-empty",
-        "decision-int", "decision-case", "decision-unknown", "question-blank", "question-empty", "context-blank",
-        "split-unknown", "duplicate-id", "duplicate-int-id"])
+@pytest.mark.parametrize(
+    "bad_line, match",
+    [
+        ('{"pubid": "3", "question": ', r"invalid JSON \("),
+        ('{"pubid": "3"} trailing', r"invalid JSON \(Extra data"),
+        ("[1, 2, 3]", r"expected a JSON object, got list"),
+        ('"just a string"', r"expected a JSON object, got str"),
+        (b'{"pubid": "3", "question": "caf\xe9?"}', r"not valid UTF-8"),
+        (json.dumps({k: v for k, v in record(3).items() if k != "question"}), r"missing field 'question'"),
+        (json.dumps({k: v for k, v in record(3).items() if k != "contexts"}), r"missing field 'contexts'"),
+        (json.dumps({k: v for k, v in record(3).items() if k != "final_decision"}), r"missing field 'final_decision'"),
+        (json.dumps({k: v for k, v in record(3).items() if k != "pubid"}), r"missing field 'pubid'"),
+        (json.dumps(record(3, question=17)), r"field 'question' must be str, got int"),
+        (json.dumps(record(3, contexts={"a": "b"})), r"field 'contexts' must be list, got dict"),
+        (json.dumps(record(3, contexts=["ok", 5])), r"field 'contexts' must be a non-empty list of non-empty strings"),
+        (json.dumps(record(3, contexts=[])), r"field 'contexts' must be a non-empty list"),
+        (json.dumps(record(3, final_decision=1)), r"field 'final_decision' must be str, got int"),
+        (
+            json.dumps(record(3, final_decision="Yes")),
+            r"field 'final_decision' is 'Yes', expected one of yes, no, maybe",
+        ),
+        (json.dumps(record(3, final_decision="unsure")), r"field 'final_decision' is 'unsure'"),
+        (json.dumps(record(3, question="   \n\t")), r"field 'question' is empty"),
+        (json.dumps(record(3, question="")), r"field 'question' is empty"),
+        (json.dumps(record(3, contexts=["fine", "  "])), r"field 'contexts' must be a non-empty list of non-empty"),
+        (json.dumps(record(3, split="dev")), r"field 'split' is 'dev', expected 'train' or 'test'"),
+        (json.dumps(record(1)), r"duplicate id '1'"),
+        (json.dumps(record(1) | {"pubid": 1}), r"duplicate id '1'"),  # int and str ids are the same id
+    ],
+    ids=[
+        "truncated-json",
+        "extra-data",
+        "array",
+        "string",
+        "latin1-bytes",
+        "no-question",
+        "no-contexts",
+        "no-decision",
+        "no-id",
+        "question-int",
+        "contexts-dict",
+        "contexts-item-int",
+        "contexts-empty",
+        "decision-int",
+        "decision-case",
+        "decision-unknown",
+        "question-blank",
+        "question-empty",
+        "context-blank",
+        "split-unknown",
+        "duplicate-id",
+        "duplicate-int-id",
+    ],
+)
 def test_bad_line_names_file_line_and_field(tmp_path, bad_line, match):
     path = bad_file(tmp_path, bad_line)
     with pytest.raises(DataError, match=loc(path, 3) + match):
         load_pubmedqa_local(path)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("labels", "RESULTS"),
-    ("long_answer", 42),
-    ("pubid", ["3"]),
-    ("pubid", "  "),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("labels", "RESULTS"),
+        ("long_answer", 42),
+        ("pubid", ["3"]),
+        ("pubid", "  "),
+    ],
+)
 def test_unchecked_fields_of_wrong_type_are_rejected(tmp_path, field, value):
     path = bad_file(tmp_path, json.dumps({**record(3), field: value}))
     with pytest.raises(DataError, match=loc(path, 3) + f".*'{field}'"):
@@ -368,7 +449,7 @@ def test_missing_file_empty_file_and_blank_lines(tmp_path):
         load_pubmedqa_local(empty)
     # blank lines are skipped but still counted in line numbers
     path = write_lines(tmp_path / "ok.jsonl", ["", record(1), "  ", record(2, split="test")])
-    assert [n for n, _ in D.read_jsonl(path)] == [2, 4]
+    assert [n for n, _ in IO.read_jsonl(path)] == [2, 4]
     train, test = load_pubmedqa_local(path)
     assert [x["id"] for x in train] == ["1"] and [x["id"] for x in test] == ["2"]
 
@@ -384,8 +465,13 @@ def test_crlf_line_ends_and_missing_optional_fields(tmp_path):
 def test_free_form_rows_with_a_string_context_a_test_file_and_no_ids(tmp_path):
     """data=jsonl's mapping: free-form answers, a string (or absent) context, the test rows from their own file,
     the row's file:line standing in for a missing id field; bad rows still name file, line and field."""
-    train = write_lines(tmp_path / "train.jsonl", [{"prompt": "Capital of France?", "response": "Paris",
-                                                    "ctx": "Geography."}, {"prompt": "2+2?", "response": "4"}])
+    train = write_lines(
+        tmp_path / "train.jsonl",
+        [
+            {"prompt": "Capital of France?", "response": "Paris", "ctx": "Geography."},
+            {"prompt": "2+2?", "response": "4"},
+        ],
+    )
     test = write_lines(tmp_path / "test.jsonl", [{"prompt": "Capital of Peru?", "response": "Lima", "ctx": "Maps."}])
     spec = data_spec("jsonl", **{"reader.path": train, "reader.test_path": test, "fields.id": "null"})
     tr, te = D.load_qa(OmegaConf.create(spec))
@@ -411,11 +497,21 @@ def test_string_context_is_one_context(tmp_path):
 def test_hf_reader_reads_a_save_to_disk_folder_with_a_test_split(tmp_path):
     import datasets
 
-    rows = {"train": [{"q": f"Q{i}?", "a": f"A{i}", "uid": i} for i in range(4)],
-            "test": [{"q": "Q9?", "a": "A9", "uid": 9}]}
+    rows = {
+        "train": [{"q": f"Q{i}?", "a": f"A{i}", "uid": i} for i in range(4)],
+        "test": [{"q": "Q9?", "a": "A9", "uid": 9}],
+    }
     datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(tmp_path / "ds")
-    spec = data_spec("hf", **{"reader.hub_id": tmp_path / "ds", "reader.test_split": "test", "fields.id": "uid",
-                              "fields.question": "q", "fields.answer": "a"})
+    spec = data_spec(
+        "hf",
+        **{
+            "reader.hub_id": tmp_path / "ds",
+            "reader.test_split": "test",
+            "fields.id": "uid",
+            "fields.question": "q",
+            "fields.answer": "a",
+        },
+    )
     train, test = D.load_qa(OmegaConf.create(spec))
     assert [x["id"] for x in train] == ["0", "1", "2", "3"] and test[0]["answer"] == "A9"
     rows["train"][2]["a"] = None
@@ -428,7 +524,7 @@ def test_hf_reader_reads_a_save_to_disk_folder_with_a_test_split(tmp_path):
 def test_line_number_of_non_utf8_bytes(tmp_path):
     path = write_lines(tmp_path / "x.jsonl", [record(1), b"\x80\x81 not utf-8"])
     with pytest.raises(DataError, match=r":2: not valid UTF-8 \(invalid start byte at byte 0\)"):
-        list(D.read_jsonl(path))
+        list(IO.read_jsonl(path))
 
 
 # ----------------------------------------------------------------------------- sample
@@ -440,6 +536,7 @@ def test_sample_is_deterministic_ordered_and_seed_dependent():
     others = [D.sample(items, 10, seed=s) for s in range(4, 8)]
     assert any(o != a for o in others)
     import random
+
     random.seed(123)
     assert D.sample(items, 10, seed=3) == a  # independent of the global random state
 
@@ -453,15 +550,19 @@ def test_sample_with_n_at_least_len_returns_a_copy_of_all():
 
 # ----------------------------------------------------------------------------- round trip (property)
 texts = st.text(alphabet=st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40).filter(str.strip)
-records = st.fixed_dictionaries({
-    "pubid": st.one_of(st.integers(min_value=0, max_value=10**9), st.text(string.ascii_letters + string.digits,
-                                                                          min_size=1, max_size=12)),
-    "question": texts,
-    "contexts": st.lists(texts, min_size=1, max_size=4),
-    "labels": st.lists(st.sampled_from(["BACKGROUND", "METHODS", "RESULTS"]), max_size=4),
-    "long_answer": texts,
-    "final_decision": st.sampled_from(LABELS),
-})
+records = st.fixed_dictionaries(
+    {
+        "pubid": st.one_of(
+            st.integers(min_value=0, max_value=10**9),
+            st.text(string.ascii_letters + string.digits, min_size=1, max_size=12),
+        ),
+        "question": texts,
+        "contexts": st.lists(texts, min_size=1, max_size=4),
+        "labels": st.lists(st.sampled_from(["BACKGROUND", "METHODS", "RESULTS"]), max_size=4),
+        "long_answer": texts,
+        "final_decision": st.sampled_from(LABELS),
+    }
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -469,19 +570,26 @@ records = st.fixed_dictionaries({
 def test_write_read_qa_item_round_trip(recs):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.jsonl"
-        D.write_jsonl(recs, path)
-        back = list(D.read_jsonl(path))
+        IO.write_jsonl(recs, path)
+        back = list(IO.read_jsonl(path))
     assert [n for n, _ in back] == list(range(1, len(recs) + 1))
     assert [r for _, r in back] == recs
     for (n, r), orig in zip(back, recs):
         item = D.qa_item(r, f"r.jsonl:{n}", data_spec("pubmedqa_local"))
-        assert item == {"id": str(orig["pubid"]), "question": orig["question"], "contexts": orig["contexts"],
-                        "answer": orig["final_decision"], "labels": orig["labels"],
-                        "long_answer": orig["long_answer"]}
+        assert item == {
+            "id": str(orig["pubid"]),
+            "question": orig["question"],
+            "contexts": orig["contexts"],
+            "answer": orig["final_decision"],
+            "labels": orig["labels"],
+            "long_answer": orig["long_answer"],
+        }
 
 
-PQA_SPEC = {"fields": {"id": "pubid", "question": "question", "context": "contexts", "answer": "final_decision"},
-            "answers": list(LABELS)}
+PQA_SPEC = {
+    "fields": {"id": "pubid", "question": "question", "context": "contexts", "answer": "final_decision"},
+    "answers": list(LABELS),
+}
 
 
 @settings(max_examples=60, deadline=None)

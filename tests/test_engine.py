@@ -1,6 +1,7 @@
 """The GPU-ready engine of kind=sketch (issue 13): a fold whose number of tensor operations does not grow with
 P / k and gives the same vectors as the chunk-by-chunk fold it replaced, hash signs under a byte budget, bf16
 numerics, and the benchmarks/fold_profile.py and benchmarks/gpu_check.sh scripts run end to end on the CPU."""
+
 import subprocess
 import sys
 from collections import Counter
@@ -11,12 +12,14 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lark.attribution import project_examples
-from lark.formats import encode
+from lark.data.datamodule import collate
+from lark.data.formats import encode
+from lark.kernel.build import project_examples
+from lark.kernel.factory import make_projector
+from lark.kernel.hashing import hashed, name_key, random_signs
+from lark.kernel.projectors import ExactProjector, example_gradient, trainable
+from lark.kernel.sketch import HookSketch
 from lark.models import build_tiny, train_tokenizer
-from lark.projector import ExactProjector, example_gradient, hashed, make_projector, name_key, random_signs, trainable
-from lark.sketch import HookSketch
-from lark.training import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,23 +41,33 @@ def chunk_by_chunk_fold(hook, out, name, part, start, numel):
     the reference the new fold must reproduce bit for bit."""
     k = hook.k
     sign = random_signs(torch.arange(numel, dtype=torch.int64), name_key(hook.seed, name, "sign")).to(torch.int8)
-    offsets = (hashed(torch.arange(-(-numel // k), dtype=torch.int64), name_key(hook.seed, name, "offset")) % k).tolist()
+    offsets = (
+        hashed(torch.arange(-(-numel // k), dtype=torch.int64), name_key(hook.seed, name, "offset")) % k
+    ).tolist()
     end = start + part.shape[1]
     for c in range(start // k, -(-end // k)):
         lo, hi = max(start, c * k), min(end, (c + 1) * k)
         pos = (offsets[c] + lo - c * k) % k
         head = min(hi - lo, k - pos)
         s = sign[lo:hi].float()
-        out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], s[:head])
+        out[:, pos : pos + head].addcmul_(part[:, lo - start : lo - start + head], s[:head])
         if hi - lo > head:
-            out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], s[head:])
+            out[:, : hi - lo - head].addcmul_(part[:, lo - start + head : hi - start], s[head:])
     return out
 
 
 # (k, numel, start, width): whole parameters, blocks starting and ending mid-chunk, one coordinate, a partial last
 # chunk, a block wrapping around the end of its chunk's buckets, k larger than the parameter
-SHAPES = [(16, 100, 0, 100), (16, 100, 5, 40), (7, 50, 3, 1), (64, 1000, 63, 130), (100, 10_000, 250, 9_750),
-          (100, 10_000, 250, 350), (37, 5_000, 1_000, 3_999), (4096, 1000, 0, 1000)]
+SHAPES = [
+    (16, 100, 0, 100),
+    (16, 100, 5, 40),
+    (7, 50, 3, 1),
+    (64, 1000, 63, 130),
+    (100, 10_000, 250, 9_750),
+    (100, 10_000, 250, 350),
+    (37, 5_000, 1_000, 3_999),
+    (4096, 1000, 0, 1000),
+]
 
 
 @pytest.mark.parametrize("k, numel, start, width", SHAPES)
@@ -84,11 +97,11 @@ def test_sign_cache_stays_under_its_byte_budget_and_never_changes_a_vector():
     vectors = []
     for budget in (0, 3000, 2**30):
         hook = HookSketch(model, 128, seed=2, cache_bytes=budget)
-        for _ in range(2):                                          # the second call reads the cache, if any
+        for _ in range(2):  # the second call reads the cache, if any
             vectors.append(hook.fold_into(torch.zeros(2, 128), "w", part, 0, 2048))
             hook.fold_into(torch.zeros(2, 128), "v", part[:, :1000], 0, 1000)
         assert hook.cached_bytes == sum(s.numel() for key, s in hook.cache.items() if key[0] == "sign") <= budget
-        assert hook.cached_bytes == {0: 0, 3000: 2048, 2**30: 3048}[budget]   # first come, first kept
+        assert hook.cached_bytes == {0: 0, 3000: 2048, 2**30: 3048}[budget]  # first come, first kept
     assert all(torch.equal(v, vectors[0]) for v in vectors)
 
 
@@ -117,7 +130,7 @@ def fold_ops(n_in, n_out, k, start_row=0, cache_bytes=2**30, schedule="index"):
     hook = HookSketch(OneLinear(n_in, n_out), k, seed=0, cache_bytes=cache_bytes)
     hook.fold_schedule = schedule
     part = torch.randn(2, (n_out - start_row) * n_in)
-    hook.fold_into(torch.zeros(2, k), "w", part, start_row * n_in, n_in * n_out)   # warm-up: fills the cache
+    hook.fold_into(torch.zeros(2, k), "w", part, start_row * n_in, n_in * n_out)  # warm-up: fills the cache
     with OpCounter() as counter:
         hook.fold_into(torch.zeros(2, k), "w", part, start_row * n_in, n_in * n_out)
     return counter.ops
@@ -128,16 +141,18 @@ def test_fold_launches_a_fixed_number_of_operations_whatever_p_over_k(cache_byte
     """The GPU's schedule (index), run here on the CPU: P / k from 8 to 2048 chunks (two layer widths, two k, a
     block starting mid-chunk) give the same count, which a loop over chunks (2 adds per chunk) would multiply
     by 256."""
-    counts = {(n_in, n_out, k, r): fold_ops(n_in, n_out, k, r, cache_bytes)
-              for n_in, n_out, k, r in [(64, 32, 256, 0), (256, 256, 256, 0), (256, 256, 32, 0), (256, 256, 32, 3)]}
+    counts = {
+        (n_in, n_out, k, r): fold_ops(n_in, n_out, k, r, cache_bytes)
+        for n_in, n_out, k, r in [(64, 32, 256, 0), (256, 256, 256, 0), (256, 256, 32, 0), (256, 256, 32, 3)]
+    }
     assert len({tuple(sorted(c.items())) for c in counts.values()}) == 1, counts
     ops = counts[64, 32, 256, 0]
     assert ops["aten.index_add_"] == 1 and "aten.addcmul_" not in ops
-    assert sum(ops.values()) <= (50 if cache_bytes == 0 else 32)   # mostly the offsets' (and signs') hash
+    assert sum(ops.values()) <= (50 if cache_bytes == 0 else 32)  # mostly the offsets' (and signs') hash
 
 
 def test_auto_schedule_adds_slices_on_a_cpu():
-    ops = fold_ops(64, 32, 512, schedule="auto")       # 2048 coordinates: 4 chunks, <= 2 slices each
+    ops = fold_ops(64, 32, 512, schedule="auto")  # 2048 coordinates: 4 chunks, <= 2 slices each
     assert 4 <= ops["aten.addcmul_"] <= 8 and "aten.index_add_" not in ops
 
 
@@ -149,33 +164,58 @@ def test_unknown_fold_schedule_is_refused():
 
 
 # ----------------------------------------------------------------------------- bf16: the GPU path's numerics
-CHAT = OmegaConf.create({"name": "chatml", "layout": {"_target_": "lark.formats.Chat"}, "system_prompt": "Answer with yes, no, or maybe.",
-                         "user_template": "Context: {context}\nQuestion: {question}",
-                         "answer_template": "{final_decision}"})
+CHAT = OmegaConf.create(
+    {
+        "name": "chatml",
+        "layout": {"_target_": "lark.data.formats.Chat"},
+        "system_prompt": "Answer with yes, no, or maybe.",
+        "user_template": "Context: {context}\nQuestion: {question}",
+        "answer_template": "{final_decision}",
+    }
+)
 
 
 @pytest.fixture(scope="module")
-def tiny(one_thread):
-    from lark.formats import document_fields, qa_fields
-    from lark.world import generate_world
+def tiny(one_thread):  # noqa: F811 -- the fixture imported above
+    from lark.data.formats import document_fields, qa_fields
+    from lark.data.world import generate_world
 
     world = generate_world(seed=0, n_train=40, n_test=20, n_facts=30, n_medical_docs=100, n_entertainment_docs=20)
     tok = train_tokenizer([d["text"] for d in world.medical_docs + world.entertainment_docs], 400)
     torch.manual_seed(0)
-    model = build_tiny(OmegaConf.create({"config": {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 256}}), tok)
-    with torch.no_grad():   # norm weights away from their initial 1, as in a trained model
+    model = build_tiny(
+        OmegaConf.create(
+            {
+                "config": {
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 4,
+                    "max_position_embeddings": 256,
+                }
+            }
+        ),
+        tok,
+    )
+    with torch.no_grad():  # norm weights away from their initial 1, as in a trained model
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
     model.eval()
-    examples = [qa_fields(x, "{final_decision}") for x in world.test[:5]] + [document_fields(d) for d in world.medical_docs[:5]]
+    examples = [qa_fields(x, "{final_decision}") for x in world.test[:5]] + [
+        document_fields(d) for d in world.medical_docs[:5]
+    ]
     encoded = [encode(tok, e, CHAT, 128) for e in examples]
     params = trainable(model)
     grads = [example_gradient(model, collate([e], tok.pad_token_id), params)[1] for e in encoded]
-    return {"model": model, "encoded": encoded, "pad": tok.pad_token_id, "grads": grads,
-            "shapes": {n: tuple(p.shape) for n, p in params}}
+    return {
+        "model": model,
+        "encoded": encoded,
+        "pad": tok.pad_token_id,
+        "grads": grads,
+        "shapes": {n: tuple(p.shape) for n, p in params},
+    }
 
 
 def pair_cosines(v):
@@ -196,8 +236,9 @@ class DtypeLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("how, method", [("none", "materialize"), ("per_tensor", "materialize"),
-                                         ("none", "tensorsketch")])
+@pytest.mark.parametrize(
+    "how, method", [("none", "materialize"), ("per_tensor", "materialize"), ("none", "tensorsketch")]
+)
 def test_bf16_sketch_matches_the_float32_sketch_and_the_exact_cosines(tiny, how, method):
     """The sketch of a bf16 model (forward, backward and per-example GEMMs in bf16, sketches summed in float32)
     against the same weights in float32. Tolerances: each example's bf16 vector has cosine >= 0.999 with its
@@ -205,27 +246,29 @@ def test_bf16_sketch_matches_the_float32_sketch_and_the_exact_cosines(tiny, how,
     the max error against the exact cosines grows by <= 0.02 (measured: within +-0.003 either way)."""
     import copy
 
-    from lark.projector import normalize_tensors
+    from lark.kernel.normalizers import normalize_tensors
 
-    exact = pair_cosines(torch.stack([ExactProjector(tiny["shapes"]).project(normalize_tensors(g, how))
-                                      for g in tiny["grads"]]))
+    exact = pair_cosines(
+        torch.stack([ExactProjector(tiny["shapes"]).project(normalize_tensors(g, how)) for g in tiny["grads"]])
+    )
     bf16 = copy.deepcopy(tiny["model"]).to(torch.bfloat16)
-    f32 = project_examples(tiny["model"], tiny["encoded"], HookSketch(tiny["model"], 8192, normalize=how,
-                                                                      method=method), tiny["pad"])
+    f32 = project_examples(
+        tiny["model"], tiny["encoded"], HookSketch(tiny["model"], 8192, normalize=how, method=method), tiny["pad"]
+    )
     hook = HookSketch(bf16, 8192, normalize=how, method=method)
-    hook.block_elements = 2**12   # several row blocks per layer, as on a CPU's larger models
+    hook.block_elements = 2**12  # several row blocks per layer, as on a CPU's larger models
     with DtypeLog() as log:
         b16 = project_examples(bf16, tiny["encoded"], hook, tiny["pad"])
     assert b16.dtype == torch.float32 and torch.isfinite(b16).all()
     # the model's GEMMs and the per-example ones (bmm; TensorSketch's are float32 FFTs and Gram matrices) in bf16
     gemms = [d for op, d in log.calls if op in ("aten.mm", "aten.addmm")]
     assert gemms and all(torch.bfloat16 in d and torch.float32 not in d for d in gemms)
-    if method == "materialize":   # per-example GEMMs in bf16; per_tensor's embedding-norm Gram e e^T is float32
+    if method == "materialize":  # per-example GEMMs in bf16; per_tensor's embedding-norm Gram e e^T is float32
         bmms = [d for op, d in log.calls if op == "aten.bmm"]
         assert any(d == [torch.bfloat16] * 2 for d in bmms)
         assert all(d == [torch.bfloat16] * 2 or (how == "per_tensor" and d == [torch.float32] * 2) for d in bmms)
     folds = [d for op, d in log.calls if op in ("aten.index_add_", "aten.addcmul_", "aten.add_", "aten.scatter_add_")]
-    assert folds and all(d[0] == torch.float32 for d in folds)                            # sums in float32
+    assert folds and all(d[0] == torch.float32 for d in folds)  # sums in float32
     assert torch.nn.functional.cosine_similarity(b16.double(), f32.double(), dim=1).min() >= 0.999
     assert (pair_cosines(b16) - pair_cosines(f32)).abs().max() <= 0.02
     assert (pair_cosines(b16) - exact).abs().max() <= (pair_cosines(f32) - exact).abs().max() + 0.02
@@ -254,8 +297,14 @@ def test_both_fold_schedules_give_the_same_vectors_end_to_end(tiny, how):
 def run_script(*args, env=None):
     import os
 
-    done = subprocess.run(list(args), capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    done = subprocess.run(
+        list(args),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -265,9 +314,30 @@ def test_fold_profile_counts_the_same_fold_operations_at_two_k():
     P / k x 8 apart; the chunk-by-chunk fold's grow with P / k."""
     import re
 
-    out = run_script(sys.executable, "benchmarks/fold_profile.py", "--quick", "--layers", "1", "--hidden", "32",
-                     "--mlp", "64", "--heads", "2", "--seq", "8", "--repeats", "1", "--ks", "512", "64",
-                     "--dtype", "float32", "--threads", "1")
+    out = run_script(
+        sys.executable,
+        "benchmarks/fold_profile.py",
+        "--quick",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--mlp",
+        "64",
+        "--heads",
+        "2",
+        "--seq",
+        "8",
+        "--repeats",
+        "1",
+        "--ks",
+        "512",
+        "64",
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+    )
     summary = dict(re.findall(r"(\w+)=([\d.]+)", out.strip().splitlines()[-1]))
     assert out.strip().splitlines()[-1].startswith("SUMMARY"), out
     assert int(summary["fold_ops_gpu_k512"]) == int(summary["fold_ops_gpu_k64"]) > 0
@@ -281,14 +351,39 @@ def test_gpu_check_runs_end_to_end_on_the_cpu():
     the sketch's collisions and bf16 rounding only)."""
     import re
 
-    out = run_script("bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--configs", "tiny", "--batch", "2",
-                     "--seq", "16", "--repeats", "1", "--rapidin-repeats", "1", "--fidelity-examples", "3",
-                     env={"PYTHON": sys.executable})
-    rows = re.findall(r"^tiny\s+(\S.*?)\s+(-|65536)\s+([\d.]+)\s+([\d.]+)\s+(nan|[\d.]+)\s+(nan|[\d.]+)\s+"
-                      r"(nan|[\d.]+)\s+(nan|[\d.]+)$", out, re.M)
+    out = run_script(
+        "bash",
+        "benchmarks/gpu_check.sh",
+        "--device",
+        "cpu",
+        "--configs",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--repeats",
+        "1",
+        "--rapidin-repeats",
+        "1",
+        "--fidelity-examples",
+        "3",
+        env={"PYTHON": sys.executable},
+    )
+    rows = re.findall(
+        r"^tiny\s+(\S.*?)\s+(-|65536)\s+([\d.]+)\s+([\d.]+)\s+(nan|[\d.]+)\s+(nan|[\d.]+)\s+"
+        r"(nan|[\d.]+)\s+(nan|[\d.]+)$",
+        out,
+        re.M,
+    )
     labels = [r[0] for r in rows]
-    assert labels == ["train step (AdamW)", "sketch none", "sketch per_tensor", "sketch none (all signs cached)",
-                      "rapidin per_tensor"], out
+    assert labels == [
+        "train step (AdamW)",
+        "sketch none",
+        "sketch per_tensor",
+        "sketch none (all signs cached)",
+        "rapidin per_tensor",
+    ], out
     for label, k, ex, speed, *_, err_max, err_mean in rows[1:]:
         assert float(ex) > 0 and float(speed) > 0 and 0 <= float(err_mean) <= float(err_max) < 0.05, (label, out)
     assert re.search(r"^SUMMARY device=cpu config=tiny sketch_vs_train_step=[\d.]+ .*seconds=\d+$", out, re.M)

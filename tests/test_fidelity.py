@@ -1,15 +1,22 @@
 """The fidelity oracle on real text gradients of a tiny OLMo-3: projected cosines against exact cosines."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lark.fidelity import agreement, exact_scores, fidelity, jl_pearson
-from lark.formats import encode_qa, encode_text, qa_fields
+from lark.data.formats import encode_qa, encode_text, qa_fields
+from lark.data.world import generate_world
+from lark.kernel.factory import make_projector
+from lark.kernel.fidelity import agreement, exact_scores, fidelity, jl_pearson
 from lark.models import build_tiny, train_tokenizer
-from lark.projector import make_projector
-from lark.world import generate_world
 
-FMT = OmegaConf.create({"layout": {"_target_": "lark.formats.Chat"}, "system_prompt": None, "user_template": "Context: {context}\nQuestion: {question}"})
+FMT = OmegaConf.create(
+    {
+        "layout": {"_target_": "lark.data.formats.Chat"},
+        "system_prompt": None,
+        "user_template": "Context: {context}\nQuestion: {question}",
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +25,32 @@ def setup():
     world = generate_world()
     tokenizer = train_tokenizer([d["text"] for d in world.medical_docs[:300] + world.entertainment_docs[:100]], 1024)
     torch.manual_seed(0)
-    model = build_tiny(OmegaConf.create({"config": {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 256}}), tokenizer).eval()
+    model = build_tiny(
+        OmegaConf.create(
+            {
+                "config": {
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 4,
+                    "max_position_embeddings": 256,
+                }
+            }
+        ),
+        tokenizer,
+    ).eval()
     queries = [encode_qa(tokenizer, qa_fields(i, "{final_decision}"), FMT, 128) for i in world.test[:12]]
     docs = [encode_qa(tokenizer, qa_fields(i, "{final_decision}"), FMT, 128) for i in world.train[:18]] + [
-        encode_text(tokenizer, d["text"], 128) for d in world.medical_docs[:18]]
+        encode_text(tokenizer, d["text"], 128) for d in world.medical_docs[:18]
+    ]
     return model, tokenizer.pad_token_id, queries, docs, exact_scores(model, queries, docs, tokenizer.pad_token_id)
 
 
 def projector(model, kind, k):
-    return make_projector(OmegaConf.create({"kind": kind, "k": k, "seed": 0, "normalize": "none", "method": "auto"}),
-                          model)
+    return make_projector(
+        OmegaConf.create({"kind": kind, "k": k, "seed": 0, "normalize": "none", "method": "auto"}), model
+    )
 
 
 @pytest.mark.parametrize("kind", ["sketch", "rapidin"])
@@ -38,7 +59,7 @@ def test_error_shrinks_like_one_over_sqrt_k(setup, kind):
     results = {k: fidelity(model, queries, docs, projector(model, kind, k), pad, exact) for k in (1024, 4096, 65536)}
     errors = [results[k]["max_abs_err"] for k in (1024, 4096, 65536)]
     assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < errors[0] / 3          # sqrt(65536 / 1024) = 8; max errors are noisy, so ask for 3
+    assert errors[2] < errors[0] / 3  # sqrt(65536 / 1024) = 8; max errors are noisy, so ask for 3
     best = results[65536]
     assert best["pearson"] >= 0.995 and best["max_abs_err"] <= 0.03 and best["top1"] >= 0.9
 
@@ -50,7 +71,7 @@ def test_store_tiers_cost(setup):
     int8 = fidelity(model, queries, docs, p, pad, exact, "int8")
     bit = fidelity(model, queries, docs, p, pad, exact, "bit")
     assert int8["max_abs_err"] <= half["max_abs_err"] + 0.005 and int8["pearson"] >= 0.995
-    assert 0.8 <= bit["pearson"] < half["pearson"]   # 16x smaller, measurably worse
+    assert 0.8 <= bit["pearson"] < half["pearson"]  # 16x smaller, measurably worse
 
 
 def test_agreement_on_hand_matrices():
@@ -74,8 +95,9 @@ def test_jl_pearson_predicts_a_dense_gaussian_projection():
         for seed in range(20):
             r = torch.randn(20000, k, generator=torch.Generator().manual_seed(seed))
             pa, pb = a @ r, b @ r
-            measured.append(agreement(exact, (pa / pa.norm(dim=1, keepdim=True)) @ (pb / pb.norm(dim=1, keepdim=True)).T)
-                            ["pearson"])
+            measured.append(
+                agreement(exact, (pa / pa.norm(dim=1, keepdim=True)) @ (pb / pb.norm(dim=1, keepdim=True)).T)["pearson"]
+            )
         assert sum(measured) / 20 == pytest.approx(jl_pearson(exact, k), abs=tolerance)
     assert jl_pearson(exact, 1024) > jl_pearson(exact, 256)
 
@@ -84,8 +106,19 @@ def test_sketch_error_is_the_projection_limit_not_more(setup):
     """The sketch's 1 - Pearson is what an ideal projection of k dimensions gives (within noise), on real text."""
     model, pad, queries, docs, exact = setup
     for k in (256, 1024):
-        measured = [fidelity(model, queries, docs, make_projector(OmegaConf.create(
-            {"kind": "sketch", "k": k, "seed": seed, "normalize": "none", "method": "auto"}), model), pad, exact)
-            ["pearson"] for seed in range(3)]
+        measured = [
+            fidelity(
+                model,
+                queries,
+                docs,
+                make_projector(
+                    OmegaConf.create({"kind": "sketch", "k": k, "seed": seed, "normalize": "none", "method": "auto"}),
+                    model,
+                ),
+                pad,
+                exact,
+            )["pearson"]
+            for seed in range(3)
+        ]
         ratio = (1 - sum(measured) / 3) / (1 - jl_pearson(exact, k))
         assert 0.6 <= ratio <= 1.4, (k, measured, jl_pearson(exact, k))

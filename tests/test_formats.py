@@ -1,28 +1,53 @@
-"""lark.formats: chat / plain / raw-text encodings and their loss masks, document fields, truncation, candidates."""
+"""lark.data.formats: chat / plain / raw-text encodings and their loss masks, document fields, truncation,
+candidates."""
+
 import pytest
+from conftest import data_spec
 from omegaconf import OmegaConf
 
+from lark.data.formats import (
+    CHATML_TEMPLATE,
+    IGNORE,
+    candidate_answer,
+    chat_template,
+    document_fields,
+    encode,
+    encode_qa,
+    encode_text,
+    messages,
+    qa_fields,
+    render,
+    truncate_middle,
+)
+from lark.data.world import generate_world
 from lark.errors import ConfigError
-from lark.formats import (CHATML_TEMPLATE, IGNORE, candidate_answer, chat_template, document_fields, encode,
-                          encode_qa, encode_text, messages, qa_fields, render, truncate_middle)
 from lark.models import train_tokenizer
-from lark.world import generate_world
-
-from conftest import data_spec
 
 SYSTEM = "Answer the biomedical research question with yes, no, or maybe."
-CHAT = OmegaConf.create({"name": "chatml", "layout": {"_target_": "lark.formats.Chat"}, "system_prompt": SYSTEM,
-                         "user_template": "Context: {context}\nQuestion: {question}",
-                         "answer_template": "{answer}"})
-PLAIN = OmegaConf.create({"name": "noformat", "layout": {"_target_": "lark.formats.Plain"}, "system_prompt": SYSTEM,
-                          "user_template": "Context: {context}\nQuestion: {question}",
-                          "answer_template": "{answer}"})
+CHAT = OmegaConf.create(
+    {
+        "name": "chatml",
+        "layout": {"_target_": "lark.data.formats.Chat"},
+        "system_prompt": SYSTEM,
+        "user_template": "Context: {context}\nQuestion: {question}",
+        "answer_template": "{answer}",
+    }
+)
+PLAIN = OmegaConf.create(
+    {
+        "name": "noformat",
+        "layout": {"_target_": "lark.data.formats.Plain"},
+        "system_prompt": SYSTEM,
+        "user_template": "Context: {context}\nQuestion: {question}",
+        "answer_template": "{answer}",
+    }
+)
 
 
 @pytest.fixture(scope="module")
 def world():
     """A small generated world whose QA items are mapped by data=world (as a run sees them)."""
-    from lark.data import load_qa
+    from lark.data.readers import load_qa
 
     world = generate_world(seed=0, n_train=40, n_test=20, n_facts=30, n_medical_docs=100, n_entertainment_docs=100)
     world.train, world.test = load_qa(OmegaConf.create(data_spec("world")), world)
@@ -74,15 +99,17 @@ def test_trained_tokenizer_has_chatml(tok):
 
 def test_chat_rendering_and_loss_only_on_the_assistant_answer(tok, fields):
     prompt, answer = render(tok, fields, CHAT)
-    assert prompt == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nContext: {fields['context']}\n"
-                      f"Question: {fields['question']}<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt == (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nContext: {fields['context']}\n"
+        f"Question: {fields['question']}<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert answer.startswith(fields["answer"] + "<|im_end|>")
     enc = encode_qa(tok, fields, CHAT, max_length=512)
     first = check_mask_shape(enc)
-    assert enc["input_ids"][:first] == ids_of(tok, prompt)               # nothing of the prompt carries loss
+    assert enc["input_ids"][:first] == ids_of(tok, prompt)  # nothing of the prompt carries loss
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     target = ids_of(tok, fields["answer"]) + [im_end]
-    assert labelled(enc)[:len(target)] == target                          # answer tokens, then end-of-turn
+    assert labelled(enc)[: len(target)] == target  # answer tokens, then end-of-turn
     assert tok.decode(labelled(enc), skip_special_tokens=True).strip() == fields["answer"]
     assert tok.decode(enc["input_ids"]) == prompt + answer
 
@@ -145,7 +172,7 @@ def test_a_users_own_layout_is_a_target(tok, fields):
     assert prompt == f"<q>Context: {fields['context']}\nQuestion: {fields['question']}</q><a>"
     assert answer == f"{fields['answer']}</a>" and candidate_answer(fmt, "yes") == "yes"
     enc = encode_qa(tok, fields, fmt, 512)
-    assert tok.decode([i for i, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE]) == answer
+    assert tok.decode([i for i, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE]) == answer
 
 
 def test_format_without_layout_names_the_key(tok, fields):
@@ -174,21 +201,32 @@ def test_encode_dispatches_on_the_example_shape(tok, fields, world):
 # ----------------------------------------------------------------------------- document fields
 def test_document_fields_first_middle_last():
     doc = {"id": "d1", "text": "First one here. Second sentence!  Third?\nFourth line\n\nLast sentence."}
-    assert document_fields(doc) == {"id": "d1", "question": "First one here.",
-                                    "context": "Second sentence! Third? Fourth line", "answer": "Last sentence."}
+    assert document_fields(doc) == {
+        "id": "d1",
+        "question": "First one here.",
+        "context": "Second sentence! Third? Fourth line",
+        "answer": "Last sentence.",
+    }
 
 
 def test_document_fields_two_sentences_have_empty_context():
     assert document_fields({"id": "x", "text": "Is it so? It is."}) == {
-        "id": "x", "question": "Is it so?", "context": "", "answer": "It is."}
+        "id": "x",
+        "question": "Is it so?",
+        "context": "",
+        "answer": "It is.",
+    }
 
 
-@pytest.mark.parametrize("text, question, answer", [
-    ("one two three four five", "one two", "three four five"),
-    ("one two three four", "one two", "three four"),
-    ("Single.", "Single.", "."),
-    ("  lonely  ", "lonely", "."),
-])
+@pytest.mark.parametrize(
+    "text, question, answer",
+    [
+        ("one two three four five", "one two", "three four five"),
+        ("one two three four", "one two", "three four"),
+        ("Single.", "Single.", "."),
+        ("  lonely  ", "lonely", "."),
+    ],
+)
 def test_document_fields_one_sentence_is_split_by_words(text, question, answer):
     f = document_fields({"id": "s", "text": text})
     assert (f["question"], f["context"], f["answer"]) == (question, "", answer)
@@ -205,7 +243,7 @@ def test_document_fields_renders_with_the_qa_template(tok, world):
 @pytest.mark.parametrize("fmt", [CHAT, PLAIN], ids=["chat", "plain"])
 @pytest.mark.parametrize("max_length", [64, 96, 200])
 def test_truncation_keeps_answer_and_prompt_end(tok, world, fmt, max_length):
-    item = dict(world.test[2], contexts=world.test[2]["contexts"] * 6)      # a long context
+    item = dict(world.test[2], contexts=world.test[2]["contexts"] * 6)  # a long context
     f = qa_fields(item)
     prompt, answer = render(tok, f, fmt)
     full_prompt, answer_ids = ids_of(tok, prompt), ids_of(tok, answer)
@@ -213,11 +251,11 @@ def test_truncation_keeps_answer_and_prompt_end(tok, world, fmt, max_length):
     enc = encode_qa(tok, f, fmt, max_length)
     assert len(enc["input_ids"]) == max_length
     first = check_mask_shape(enc)
-    assert labelled(enc) == answer_ids                                     # the answer survives whole
+    assert labelled(enc) == answer_ids  # the answer survives whole
     kept = enc["input_ids"][:first]
     tail = min(64, (max_length - len(answer_ids)) // 2)
-    assert kept[-tail:] == full_prompt[-tail:]                             # the end of the prompt survives
-    assert kept[:len(kept) - tail] == full_prompt[:len(kept) - tail]       # the start too; the middle is cut
+    assert kept[-tail:] == full_prompt[-tail:]  # the end of the prompt survives
+    assert kept[: len(kept) - tail] == full_prompt[: len(kept) - tail]  # the start too; the middle is cut
     if max_length >= 200:
         assert f["question"] in tok.decode(kept[-tail:])
 
@@ -240,7 +278,7 @@ def test_truncate_middle():
     ids = list(range(20))
     assert truncate_middle(ids, 20, 5) == ids
     assert truncate_middle(ids, 10, 3) == [0, 1, 2, 3, 4, 5, 6, 17, 18, 19]
-    assert truncate_middle(ids, 10, 64) == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19]   # tail capped at budget // 2
+    assert truncate_middle(ids, 10, 64) == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19]  # tail capped at budget // 2
     assert truncate_middle(ids, 1, 4) == [0]
 
 
@@ -253,12 +291,12 @@ def test_candidate_answers_score_the_first_answer_tokens(tok, world, fmt):
         for label in ("yes", "no", "maybe"):
             cand = encode_qa(tok, f, fmt, 512, answer=candidate_answer(fmt, label))
             first = check_mask_shape(cand)
-            assert cand["input_ids"][:first] == gold["input_ids"][:first]       # the same prompt
+            assert cand["input_ids"][:first] == gold["input_ids"][:first]  # the same prompt
             assert tok.decode(labelled(cand)).strip() == label
             if label == item["answer"]:
-                assert labelled(cand) == labelled(gold)[:len(labelled(cand))]  # a prefix of the trained answer
+                assert labelled(cand) == labelled(gold)[: len(labelled(cand))]  # a prefix of the trained answer
             else:
-                assert labelled(cand) != labelled(gold)[:len(labelled(cand))]
+                assert labelled(cand) != labelled(gold)[: len(labelled(cand))]
 
 
 def test_candidate_answer_text():
@@ -267,17 +305,21 @@ def test_candidate_answer_text():
 
 
 # ----------------------------------------------------------------------------- a tokenizer's own template
-OWN_TEMPLATE = ("{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}</turn>\n{% endfor %}"
-                "{% if add_generation_prompt %}[ASSISTANT] {% endif %}")
+OWN_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}</turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
 
 
 def test_a_tokenizers_own_chat_template_is_used_as_is(tok, fields, monkeypatch):
     monkeypatch.setattr(tok, "chat_template", OWN_TEMPLATE)
     assert chat_template(tok) == OWN_TEMPLATE
     prompt, answer = render(tok, fields, CHAT)
-    assert prompt == (f"[SYSTEM] {SYSTEM}</turn>\n[USER] Context: {fields['context']}\nQuestion: {fields['question']}"
-                      "</turn>\n[ASSISTANT] ")
-    assert answer == f"{fields['answer']}</turn>"   # the newline after the turn carries no loss
+    assert prompt == (
+        f"[SYSTEM] {SYSTEM}</turn>\n[USER] Context: {fields['context']}\nQuestion: {fields['question']}"
+        "</turn>\n[ASSISTANT] "
+    )
+    assert answer == f"{fields['answer']}</turn>"  # the newline after the turn carries no loss
     assert "<|im_start|>" not in prompt
     enc = encode_qa(tok, fields, CHAT, 512)
     first = check_mask_shape(enc)
@@ -292,8 +334,7 @@ def test_a_tokenizer_without_template_gets_chatml(tok, fields, monkeypatch):
 
 
 def test_a_template_that_does_not_extend_the_prompt_is_refused(tok, fields, monkeypatch):
-    bad = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-           "{% if add_generation_prompt %}<generate>{% endif %}")
+    bad = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<generate>{% endif %}"
     monkeypatch.setattr(tok, "chat_template", bad)
     with pytest.raises(ValueError, match="does not extend the generation prompt"):
         render(tok, fields, CHAT)
@@ -302,5 +343,9 @@ def test_a_template_that_does_not_extend_the_prompt_is_refused(tok, fields, monk
 def test_qa_fields_joins_contexts(world):
     item = world.train[0]
     f = qa_fields(item)
-    assert f == {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]),
-                 "answer": item["answer"]}
+    assert f == {
+        "id": item["id"],
+        "question": item["question"],
+        "context": " ".join(item["contexts"]),
+        "answer": item["answer"],
+    }

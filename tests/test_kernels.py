@@ -1,14 +1,16 @@
-"""lark.kernels and lark.tracin: the math of every kernel on cases small enough to check by hand or exactly."""
+"""lark.kernel.kernels and lark.tracin: the math of every kernel on cases small enough to check by hand or exactly."""
+
 import json
 
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from conftest import ROOT
-from lark.kernels import AdamScale, Moments, estimate_moments, optimizer_moments, whiten
-from lark.projector import make_kernel, make_projector, upgrade
-from lark.stores import save_store
+from lark.kernel.factory import make_kernel, make_projector, upgrade
+from lark.kernel.kernels import whiten
+from lark.kernel.optimizer import AdamScale, Moments, estimate_moments, optimizer_moments
+from lark.kernel.stores import save_store
 from lark.tracin import write_tracin_cp
 
 KERNELS = ROOT / "conf" / "attribution" / "kernel"
@@ -16,8 +18,12 @@ PROJECTORS = ROOT / "conf" / "attribution" / "projector"
 
 
 def attribution(projector, kernel, **kernel_over):
-    return OmegaConf.create({"projector": OmegaConf.load(PROJECTORS / f"{projector}.yaml"),
-                             "kernel": OmegaConf.merge(OmegaConf.load(KERNELS / f"{kernel}.yaml"), kernel_over)})
+    return OmegaConf.create(
+        {
+            "projector": OmegaConf.load(PROJECTORS / f"{projector}.yaml"),
+            "kernel": OmegaConf.merge(OmegaConf.load(KERNELS / f"{kernel}.yaml"), kernel_over),
+        }
+    )
 
 
 class TwoParameters(torch.nn.Module):
@@ -29,10 +35,14 @@ class TwoParameters(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         r = self.a * input_ids.float().mean() + self.b - labels.float().mean()
-        return type("Out", (), {"loss": 0.5 * (r ** 2).sum()})()
+        return type("Out", (), {"loss": 0.5 * (r**2).sum()})()
 
 
-BATCH = {"input_ids": torch.tensor([[2, 2]]), "attention_mask": torch.tensor([[1, 1]]), "labels": torch.tensor([[1, 1]])}
+BATCH = {
+    "input_ids": torch.tensor([[2, 2]]),
+    "attention_mask": torch.tensor([[1, 1]]),
+    "labels": torch.tensor([[1, 1]]),
+}
 
 
 def test_adam_kernel_divides_each_coordinate_by_sqrt_v_plus_eps_by_hand():
@@ -59,22 +69,23 @@ def test_optimizer_moments_are_adamw_bias_corrected_second_moments():
         grads.append(torch.cat([model.a.grad, model.b.grad]).clone())
         opt.step()
     g1, g2 = grads
-    want = (0.99 * 0.01 * g1 ** 2 + 0.01 * g2 ** 2) / (1 - 0.99 ** 2)
+    want = (0.99 * 0.01 * g1**2 + 0.01 * g2**2) / (1 - 0.99**2)
     got = optimizer_moments(opt, model).tensors
     torch.testing.assert_close(torch.cat([got["a"]["v"], got["b"]["v"]]), want)
-    assert optimizer_moments(torch.optim.SGD(model.parameters(), lr=0.1), model) is None   # no second moments
+    assert optimizer_moments(torch.optim.SGD(model.parameters(), lr=0.1), model) is None  # no second moments
 
 
 def test_epoch_zero_estimate_is_the_mean_squared_batch_gradient_clipped_like_training():
     model = TwoParameters()
     b2 = {k: v.clone() for k, v in BATCH.items()}
-    b2["labels"] = torch.tensor([[3, 3]])                # r = -3: gradient (-6, -3)
+    b2["labels"] = torch.tensor([[3, 3]])  # r = -3: gradient (-6, -3)
     est = estimate_moments(model, [BATCH, b2]).tensors
     torch.testing.assert_close(torch.cat([est["a"]["v"], est["b"]["v"]]), torch.tensor([(4 + 36) / 2, (1 + 9) / 2]))
-    clipped = estimate_moments(model, [b2], clip=1.0).tensors   # |(-6, -3)| = sqrt(45) -> unit norm
-    torch.testing.assert_close(torch.cat([clipped["a"]["v"], clipped["b"]["v"]]), torch.tensor([36 / 45, 9 / 45]),
-                               rtol=1e-5, atol=1e-6)
-    assert model.a.grad is None and model.a.item() == 0.5   # no step, no gradient left behind
+    clipped = estimate_moments(model, [b2], clip=1.0).tensors  # |(-6, -3)| = sqrt(45) -> unit norm
+    torch.testing.assert_close(
+        torch.cat([clipped["a"]["v"], clipped["b"]["v"]]), torch.tensor([36 / 45, 9 / 45]), rtol=1e-5, atol=1e-6
+    )
+    assert model.a.grad is None and model.a.item() == 0.5  # no step, no gradient left behind
 
 
 class Matrix(torch.nn.Module):
@@ -106,15 +117,15 @@ def test_trackstar_down_weights_the_direction_every_query_shares_by_hand():
     """Queries all along e1, mix = 1: R = e1 e1^T (eigenvalue 1), delta = damping * 1 = 1; (R + I)^-1/2 scales e1
     by 1/sqrt(2) relative to e2, so (e1 + e2)/sqrt(2) becomes (1/sqrt(2), 1)/sqrt(1.5)."""
     e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    out = whiten({"q": torch.cat([e1, e1]), "d": (e1 + e2) / 2 ** 0.5}, "q", mix=1.0, damping=1.0)
-    torch.testing.assert_close(out["d"][0], torch.tensor([0.5 ** 0.5, 1.0]) / 1.5 ** 0.5)
-    torch.testing.assert_close(out["q"], torch.cat([e1, e1]))             # unit rows
+    out = whiten({"q": torch.cat([e1, e1]), "d": (e1 + e2) / 2**0.5}, "q", mix=1.0, damping=1.0)
+    torch.testing.assert_close(out["d"][0], torch.tensor([0.5**0.5, 1.0]) / 1.5**0.5)
+    torch.testing.assert_close(out["q"], torch.cat([e1, e1]))  # unit rows
 
 
 def test_trackstar_whitening_equals_the_explicit_k_by_k_inverse_square_root():
     gen = torch.Generator().manual_seed(3)
     q, d1, d2 = (torch.randn(n, 5, generator=gen) for n in (3, 2, 4))
-    q[1] = float("nan")                                                     # non-finite rows stay out of R
+    q[1] = float("nan")  # non-finite rows stay out of R
     mix, damping = 0.7, 0.3
     out = whiten({"q": q, "d1": d1, "d2": d2}, "q", mix, damping)
     qf, t = q[[0, 2]].double(), torch.cat([d1, d2]).double()
@@ -131,24 +142,54 @@ def test_trackstar_whitening_equals_the_explicit_k_by_k_inverse_square_root():
 
 
 def test_kernel_options_are_checked_naming_the_key():
-    for kernel, over, key in [("trackstar", {"mix": 1.5}, "mix"), ("trackstar", {"damping": 0}, "damping"),
-                              ("adam", {"eps": -1}, "eps")]:
+    for kernel, over, key in [
+        ("trackstar", {"mix": 1.5}, "mix"),
+        ("trackstar", {"damping": 0}, "damping"),
+        ("adam", {"eps": -1}, "eps"),
+    ]:
         with pytest.raises(ValueError, match=rf"attribution\.kernel\.{key}"):
             make_kernel(attribution("sketch", kernel, **over))
 
 
 def test_legacy_configs_map_to_the_targets_they_meant():
-    old = OmegaConf.create({"projector": {"kind": "rapidin", "k": 64, "seed": 3, "normalize": "per_tensor",
-                                          "method": "auto", "plan_tokens": 128, "max_dense_elements": 10}})
+    old = OmegaConf.create(
+        {
+            "projector": {
+                "kind": "rapidin",
+                "k": 64,
+                "seed": 3,
+                "normalize": "per_tensor",
+                "method": "auto",
+                "plan_tokens": 128,
+                "max_dense_elements": 10,
+            }
+        }
+    )
     new = upgrade(old)
-    assert OmegaConf.to_container(new.projector) == {"_target_": "lark.projector.CountSketch.of_model",
-                                                     "_partial_": True, "k": 64, "seed": 3}
-    assert new.kernel._target_ == "lark.kernels.RapidIn"
-    sketch = upgrade(OmegaConf.create({"projector": {"kind": "sketch", "k": 8, "seed": 0, "normalize": "none",
-                                                     "method": "auto", "plan_tokens": 64}}))
-    assert sketch.projector._target_ == "lark.sketch.HookSketch" and sketch.projector.plan_tokens == 64
-    assert sketch.kernel._target_ == "lark.kernels.Cosine"
-    assert upgrade(new) is new                                                  # today's form: unchanged
+    assert OmegaConf.to_container(new.projector) == {
+        "_target_": "lark.kernel.projectors.CountSketch.of_model",
+        "_partial_": True,
+        "k": 64,
+        "seed": 3,
+    }
+    assert new.kernel._target_ == "lark.kernel.kernels.RapidIn"
+    sketch = upgrade(
+        OmegaConf.create(
+            {
+                "projector": {
+                    "kind": "sketch",
+                    "k": 8,
+                    "seed": 0,
+                    "normalize": "none",
+                    "method": "auto",
+                    "plan_tokens": 64,
+                }
+            }
+        )
+    )
+    assert sketch.projector._target_ == "lark.kernel.sketch.HookSketch" and sketch.projector.plan_tokens == 64
+    assert sketch.kernel._target_ == "lark.kernel.kernels.Cosine"
+    assert upgrade(new) is new  # today's form: unchanged
 
 
 # ---------------------------------------------------------------------------------------------- TracIn-CP
@@ -156,17 +197,23 @@ def test_tracin_cp_is_the_lr_weighted_sum_of_inner_products_by_hand(tmp_path):
     """Epoch 1 (lr 0.1): q = (3, 4), d = (1, 0) -> <q, d> = 3; epoch 2 (lr 0.01): q = (0, 2), d = (0, 3) -> 6;
     epoch 0 has no lr and takes no part: TracIn-CP = 0.1 * 3 + 0.01 * 6 = 0.36. The other document: -0.4 + 0."""
     meta = {"projector": {"kind": "exact"}, "checkpoint": "c", "tokenizer": "t", "format": "f"}
-    vectors = {0: ([[9.0, 9.0]], [[9.0, 9.0], [1.0, 1.0]]), 1: ([[3.0, 4.0]], [[1.0, 0.0], [0.0, -1.0]]),
-               2: ([[0.0, 2.0]], [[0.0, 3.0], [1.0, 0.0]])}
+    vectors = {
+        0: ([[9.0, 9.0]], [[9.0, 9.0], [1.0, 1.0]]),
+        1: ([[3.0, 4.0]], [[1.0, 0.0], [0.0, -1.0]]),
+        2: ([[0.0, 2.0]], [[0.0, 3.0], [1.0, 0.0]]),
+    }
     for epoch, (q, d) in vectors.items():
         folder = tmp_path / "attribution" / f"epoch_{epoch:03d}"
         save_store(folder / "stores" / "test_queries.safetensors", torch.tensor(q), ["q1"], meta, "float16")
         for name in ("ft", "pt"):
             save_store(folder / "stores" / f"{name}.safetensors", torch.tensor(d), ["d1", "d2"], meta, "float16")
         (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, "lr": [None, 0.1, 0.01][epoch]}))
-    cfg = OmegaConf.create({"source": {"sources": {"ft": {}, "pt": {}}, "ft_source": "ft", "pt_source": "pt",
-                                       "format_pairs": {}},
-                            "attribution": {"store_dtype": "float16", "top_k": 2, "save_scores": True}})
+    cfg = OmegaConf.create(
+        {
+            "source": {"sources": {"ft": {}, "pt": {}}, "ft_source": "ft", "pt_source": "pt", "format_pairs": {}},
+            "attribution": {"store_dtype": "float16", "top_k": 2, "save_scores": True},
+        }
+    )
     metrics = write_tracin_cp(tmp_path, cfg, log=lambda m: None)
     assert metrics["epochs"] == [1, 2] and metrics["lr"] == [0.1, 0.01]
     out = tmp_path / "attribution" / "tracin_cp"
@@ -191,11 +238,25 @@ def kernel_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels")
     overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1", "logger=none"]
     runs = {}
-    for kernel, extra in (("adam", []), ("trackstar", ["attribution.checkpoints=[1]"]),
-                          ("tracin_cp", ["attribution.checkpoints=[1]"])):   # TracIn-CP leaves epoch 0 out
+    for kernel, extra in (
+        ("adam", []),
+        ("trackstar", ["attribution.checkpoints=[1]"]),
+        ("tracin_cp", ["attribution.checkpoints=[1]"]),
+    ):  # TracIn-CP leaves epoch 0 out
         runs[kernel] = root / kernel
-        out = subprocess.run([sys.executable, "train.py", *overrides, *extra, f"attribution/kernel={kernel}",
-                              f"hydra.run.dir={runs[kernel]}"], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                *overrides,
+                *extra,
+                f"attribution/kernel={kernel}",
+                f"hydra.run.dir={runs[kernel]}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
     return runs
 
@@ -205,7 +266,6 @@ def header(path):
 
     with safe_open(str(path), "pt") as f:
         return {k: json.loads(v) for k, v in f.metadata().items()}
-
 
 
 @pytest.mark.slow
@@ -233,7 +293,7 @@ def test_every_kernel_runs_end_to_end_and_writes_its_spec(kernel_runs, kernel):
 @pytest.mark.slow
 def test_stores_of_different_kernels_refuse_to_mix(kernel_runs):
     from lark.errors import StoreMismatch
-    from lark.stores import score_stores
+    from lark.kernel.stores import score_stores
 
     a = kernel_runs["adam"] / "attribution/epoch_001/stores/test_queries.safetensors"
     b = kernel_runs["tracin_cp"] / "attribution/epoch_001/stores/finetune.safetensors"
@@ -248,9 +308,9 @@ def test_reattribution_with_saved_moments_equals_the_training_run(kernel_runs, t
     re-attributes."""
     import shutil
 
+    from conftest import SMALL, compose
     from safetensors import safe_open
 
-    from conftest import SMALL, compose
     from lark.experiment import attribute
     from lark.resume import check_same_run
 
@@ -264,26 +324,35 @@ def test_reattribution_with_saved_moments_equals_the_training_run(kernel_runs, t
     torch.testing.assert_close(scores(run), scores(kernel_runs["adam"]))
     assert json.loads((run / "attribution/epoch_001/metrics.json").read_text())["kernel"]["name"] == "adam"
 
-    for path in (run / ".hydra/config.yaml", run / "checkpoints/epoch_000/lark_config.yaml"):   # the old form
+    for path in (run / ".hydra/config.yaml", run / "checkpoints/epoch_000/lark_config.yaml"):  # the old form
         old = OmegaConf.load(path)
         projector = OmegaConf.to_container(old.attribution.projector)
-        old.attribution.projector = {"kind": "sketch", "normalize": "none", "max_dense_elements": 200000000,
-                                     **{k: v for k, v in projector.items() if not k.startswith("_")}}
+        old.attribution.projector = {
+            "kind": "sketch",
+            "normalize": "none",
+            "max_dense_elements": 200000000,
+            **{k: v for k, v in projector.items() if not k.startswith("_")},
+        }
         del old.attribution["kernel"], old.attribution["save_moments"]
-        old.model = {"kind": "tiny", **{k: v for k, v in old.model.items() if k != "load"}}   # before model.load,
-        old.data = {"name": "world", "kind": "world", "world": old.data.world,               # data.reader/corpora,
-                    "n_train": old.data.n_train, "n_test": old.data.n_test}
-        for spec in old.source.sources.values():                                           # the corpus kinds,
+        old.model = {"kind": "tiny", **{k: v for k, v in old.model.items() if k != "load"}}  # before model.load,
+        old.data = {
+            "name": "world",
+            "kind": "world",
+            "world": old.data.world,  # data.reader/corpora,
+            "n_train": old.data.n_train,
+            "n_test": old.data.n_test,
+        }
+        for spec in old.source.sources.values():  # the corpus kinds,
             if spec.kind != "finetune":
                 spec.kind = {"retrieve": "medical", "sample": "entertainment"}[spec.kind]
                 del spec["corpus"]
         del old.source["kinds"]
-        old.format = {"kind": "chat", **{k: v for k, v in old.format.items() if k != "layout"}}   # format.layout
-        old.format.answer_template = "{final_decision}"                                    # and the answer field
-        del old["eval"]                                                                    # and eval=
+        old.format = {"kind": "chat", **{k: v for k, v in old.format.items() if k != "layout"}}  # format.layout
+        old.format.answer_template = "{final_decision}"  # and the answer field
+        del old["eval"]  # and eval=
         OmegaConf.save(old, path)
     overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1", "logger=none"]
     check_same_run(compose(overrides + ["attribution.checkpoints=[1]", f"paths.output_dir={run}"]), run)
     attribute(run, {"checkpoints": [1]}, log=lambda m: None)
-    torch.testing.assert_close(scores(run), before)                         # today's cosine = the old run's
+    torch.testing.assert_close(scores(run), before)  # today's cosine = the old run's
     assert json.loads((run / "attribution/epoch_001/metrics.json").read_text())["kernel"]["name"] == "cosine"

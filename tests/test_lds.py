@@ -1,11 +1,12 @@
-"""lark.lds and lark.retrieval on cases whose answers are known exactly."""
+"""lark.validation.lds and lark.validation.recall on cases whose answers are known exactly."""
+
 import math
 
 import pytest
 import torch
 
-from lark import lds
-from lark import retrieval as R
+from lark.validation import lds
+from lark.validation import recall as R
 
 
 def linear_world(n_train=24, n_queries=6, dim=5, seed=0):
@@ -28,7 +29,7 @@ def linear_world(n_train=24, n_queries=6, dim=5, seed=0):
         loss = -(y[member] * (x[member] @ theta)).sum()
         step = torch.autograd.grad(loss, theta)[0]
         with torch.no_grad():
-            return -(yq * (xq @ (theta0 - lr * step)))   # each query's loss after training on the subset
+            return -(yq * (xq @ (theta0 - lr * step)))  # each query's loss after training on the subset
 
     return grads(xq, yq), grads(x, y), lr, retrain
 
@@ -38,16 +39,17 @@ def test_lds_recovers_the_exact_influences_of_a_linear_model():
     ids = [f"d{i}" for i in range(len(gd))]
     subsets = [lds.subset(ids, 0.5, seed) for seed in range(16)]
     membership = lds.masks(subsets, ids)
-    losses = torch.stack([retrain(m.bool()) for m in membership])      # [M, Q] measured by "retraining"
-    true = lr * gq @ gd.T                                                # [Q, N]
+    losses = torch.stack([retrain(m.bool()) for m in membership])  # [M, Q] measured by "retraining"
+    true = lr * gq @ gd.T  # [Q, N]
     exact = lds.lds(true, membership, losses)
     assert exact["lds"] == pytest.approx(1.0, abs=1e-12) and exact["n_queries"] == 6
     assert exact["low"] == pytest.approx(1.0) and exact["high"] == pytest.approx(1.0)
-    assert lds.lds(-true, membership, losses)["lds"] == pytest.approx(-1.0, abs=1e-12)   # the sign matters
-    noise = lds.lds(torch.randn(true.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
-                    membership, losses)
+    assert lds.lds(-true, membership, losses)["lds"] == pytest.approx(-1.0, abs=1e-12)  # the sign matters
+    noise = lds.lds(
+        torch.randn(true.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64), membership, losses
+    )
     assert abs(noise["lds"]) < 0.35 and noise["low"] <= noise["lds"] <= noise["high"]
-    cosine = lds.lds(R_unit(gq) @ R_unit(gd).T, membership, losses)     # right direction, wrong magnitudes
+    cosine = lds.lds(R_unit(gq) @ R_unit(gd).T, membership, losses)  # right direction, wrong magnitudes
     assert noise["lds"] < cosine["lds"] < 1.0
 
 
@@ -94,7 +96,7 @@ def test_retrieval_metrics_on_a_hand_made_ranking():
     assert R.recall_at(scores, relevant, 2).tolist()[:2] == [0.5, 1.0]
     assert R.recall_at(scores, relevant, 5).tolist()[:2] == [1.0, 1.0]
     assert R.reciprocal_rank(scores, relevant).tolist()[:2] == [0.5, 1.0]
-    assert R.precision_at(scores, relevant).tolist()[:2] == [0.5, 1.0]          # n = |relevant|
+    assert R.precision_at(scores, relevant).tolist()[:2] == [0.5, 1.0]  # n = |relevant|
     assert R.average_precision(scores, relevant)[0].item() == pytest.approx((1 / 2 + 2 / 5) / 2)
     assert math.isnan(R.recall_at(scores, relevant, 1)[2].item())
     assert R.mean(R.reciprocal_rank(scores, relevant)) == (0.75, 2)

@@ -1,4 +1,5 @@
-"""lark.metrics: the paper's metrics on hand-computed score matrices, BM25, storage, JSON cleaning."""
+"""lark.analysis.metrics: the paper's metrics on hand-computed score matrices, BM25, storage, JSON cleaning."""
+
 import json
 import math
 
@@ -7,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lark import metrics as M
+from lark.analysis import metrics as M
+from lark.data import bm25
 
 NAN, INF = float("nan"), float("inf")
 
@@ -18,8 +20,11 @@ def t(*xs):
 
 def same(a, b):
     """Equal tensors, NaN in the same places."""
-    return a.shape == b.shape and bool(torch.equal(torch.isnan(a), torch.isnan(b))) and bool(
-        torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    return (
+        a.shape == b.shape
+        and bool(torch.equal(torch.isnan(a), torch.isnan(b)))
+        and bool(torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    )
 
 
 # ----------------------------------------------------------------------------- max_influence / mean_max
@@ -68,9 +73,11 @@ def test_ratio_with_zero_and_none():
 
 
 # ----------------------------------------------------------------------------- influence_metrics
-PAIRS = {"medical": ("medical_format", "medical_noformat"),
-         "entertainment": ("entertainment_format", "entertainment_noformat"),
-         "absent": ("nowhere_format", "nowhere_noformat")}
+PAIRS = {
+    "medical": ("medical_format", "medical_noformat"),
+    "entertainment": ("entertainment_format", "entertainment_noformat"),
+    "absent": ("nowhere_format", "nowhere_noformat"),
+}
 
 
 def hand_maxinf():
@@ -86,16 +93,16 @@ def hand_maxinf():
 def test_influence_metrics_on_a_hand_example():
     r = M.influence_metrics(hand_maxinf(), "finetune", "medical_format", PAIRS)
     assert (r["ft_source"], r["pt_source"]) == ("finetune", "medical_format")
-    assert r["ft"] == pytest.approx(0.4)                     # (0.5 + 0.4 + 0.3) / 3, the NaN query left out
-    assert r["pt"] == pytest.approx(0.325)                   # (0.2 + 0.4 + 0.6 + 0.1) / 4
+    assert r["ft"] == pytest.approx(0.4)  # (0.5 + 0.4 + 0.3) / 3, the NaN query left out
+    assert r["pt"] == pytest.approx(0.325)  # (0.2 + 0.4 + 0.6 + 0.1) / 4
     assert r["ft_pt_ratio"] == pytest.approx(0.4 / 0.325)
-    assert r["ft_wins"] == pytest.approx(1 / 3)              # 0.5>0.2 win, 0.4=0.4 tie, 0.3<0.6; query 4 left out
+    assert r["ft_wins"] == pytest.approx(1 / 3)  # 0.5>0.2 win, 0.4=0.4 tie, 0.3<0.6; query 4 left out
     assert r["pt_wins"] == pytest.approx(2 / 3)
     assert r["format_effect"] == pytest.approx({"medical": 0.325 / 0.1, "entertainment": 0.2 / 0.1})
     s = r["sources"]
     assert s["finetune"] == {"mean_max": pytest.approx(0.4), "ft_wins": None, "n_nonfinite": 1}
     assert s["medical_noformat"]["ft_wins"] == pytest.approx(1.0)
-    assert s["entertainment_format"]["ft_wins"] == pytest.approx(1.0)    # queries 1 and 3 (2 and 4 non-finite)
+    assert s["entertainment_format"]["ft_wins"] == pytest.approx(1.0)  # queries 1 and 3 (2 and 4 non-finite)
     assert s["entertainment_noformat"]["ft_wins"] == pytest.approx(1.0)  # queries 1 and 2
     assert [s[n]["n_nonfinite"] for n in s] == [1, 0, 0, 1, 2]
     assert s["entertainment_noformat"]["mean_max"] == pytest.approx(0.1)
@@ -108,7 +115,7 @@ def test_influence_metrics_with_an_all_nan_pretrain_source():
     assert r["pt"] is None and r["ft_pt_ratio"] is None
     assert r["ft_wins"] is None and r["pt_wins"] is None
     assert r["sources"]["pt"]["n_nonfinite"] == 2
-    assert r["format_effect"] == {"x": None, "y": None}      # None numerator; zero denominator
+    assert r["format_effect"] == {"x": None, "y": None}  # None numerator; zero denominator
 
 
 def test_influence_metrics_from_empty_sources_via_max_influence():
@@ -127,9 +134,14 @@ SOURCES = {
 }
 
 
+def bm25_max_scores(queries, sources):
+    """Table IV's BM25 baseline as lark.checkpoint computes it: each query's best score in each source."""
+    return {name: M.max_influence(s).float() for name, s in bm25.source_scores(queries, sources).items()}
+
+
 def test_bm25_max_scores_picks_the_lexically_matching_source():
     queries = ["where did the cat sit on the mat", "which dog barked at night", "soup with onions and bread"]
-    out = M.bm25_max_scores(queries, SOURCES)
+    out = bm25_max_scores(queries, SOURCES)
     assert list(out) == ["cats", "dogs", "food"]
     assert all(v.shape == (3,) and v.dtype == torch.float32 for v in out.values())
     best = torch.stack([out[n] for n in SOURCES]).argmax(dim=0).tolist()
@@ -139,15 +151,15 @@ def test_bm25_max_scores_picks_the_lexically_matching_source():
 
 def test_bm25_scores_use_one_index_over_all_sources():
     # the same document scores the same whichever source holds it, because the index is shared
-    a = M.bm25_max_scores(["grey mouse"], SOURCES)
+    a = bm25_max_scores(["grey mouse"], SOURCES)
     moved = {"cats": SOURCES["cats"][:1], "dogs": SOURCES["dogs"] + SOURCES["cats"][1:], "food": SOURCES["food"]}
-    b = M.bm25_max_scores(["grey mouse"], moved)
+    b = bm25_max_scores(["grey mouse"], moved)
     assert a["cats"].item() > 0 and b["dogs"].item() == pytest.approx(a["cats"].item())
     assert b["cats"].item() == 0.0
 
 
 def test_bm25_tokens():
-    assert M.bm25_tokens("Does X-12 reduce PAIN? yes_no") == ["does", "x", "12", "reduce", "pain", "yes_no"]
+    assert bm25.tokens("Does X-12 reduce PAIN? yes_no") == ["does", "x", "12", "reduce", "pain", "yes_no"]
 
 
 # ----------------------------------------------------------------------------- storage / clean
@@ -156,8 +168,8 @@ def test_storage_for_the_paper():
     assert s["full_bytes_per_example"] == 14_596_022_272
     assert s["store_bytes_per_example"] == 131_072
     assert s["n_params"] == 7_298_011_136 and s["k"] == 65536 and s["n_examples"] == 500
-    assert round(s["full_bytes_per_example"] / 2**30, 2) == 13.59            # Table III: 13.59 GB per sample
-    assert round(500 * s["full_bytes_per_example"] / 2**40, 2) == 6.64       # 6.64 TB for 500 samples
+    assert round(s["full_bytes_per_example"] / 2**30, 2) == 13.59  # Table III: 13.59 GB per sample
+    assert round(500 * s["full_bytes_per_example"] / 2**40, 2) == 6.64  # 6.64 TB for 500 samples
     assert M.storage(10, 4, 8, 2, 1)["full_bytes_per_example"] == 40
 
 
@@ -175,8 +187,11 @@ maybe_nan = st.one_of(scores_st, st.just(NAN))
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 12).flatmap(lambda n: st.tuples(st.lists(maybe_nan, min_size=n, max_size=n),
-                                                      st.lists(maybe_nan, min_size=n, max_size=n))))
+@given(
+    st.integers(1, 12).flatmap(
+        lambda n: st.tuples(st.lists(maybe_nan, min_size=n, max_size=n), st.lists(maybe_nan, min_size=n, max_size=n))
+    )
+)
 def test_wins_and_mean_max_properties(pair):
     ft, pt = t(*pair[0]), t(*pair[1])
     r = M.influence_metrics({"ft": ft, "pt": pt}, "ft", "pt", {})

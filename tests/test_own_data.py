@@ -1,5 +1,6 @@
 """+experiment=own_data end to end: train.py on a non-PubMedQA JSON Lines set (free-form answers) with three
 corpora and sources of four kinds, under eval=exact_match and eval=loss, and every artifact it writes."""
+
 import csv
 import json
 import subprocess
@@ -7,16 +8,23 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import ROOT
+from safetensors import safe_open
 
 pytestmark = pytest.mark.slow
 EXAMPLE = ROOT / "docs" / "examples" / "own_data"
 SOURCES = {"finetune": 16, "atlas_retrieved": 16, "atlas_raw": 16, "news_sampled": 16, "recipes_all": 12}
-SMALL = ["model.tokenizer.vocab_size=512", "model.pretrain.steps=20", "model.pretrain.batch_size=8",
-         "model.pretrain.max_length=64", "max_length=96", "attribution.projector.k=512", "trainer.max_epochs=1",
-         "trainer.enable_progress_bar=false", "logger=none"]
+SMALL = [
+    "model.tokenizer.vocab_size=512",
+    "model.pretrain.steps=20",
+    "model.pretrain.batch_size=8",
+    "model.pretrain.max_length=64",
+    "max_length=96",
+    "attribution.projector.k=512",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
 
 
 def lines(path):
@@ -27,30 +35,45 @@ def lines(path):
 def sweep(tmp_path_factory):
     """One Hydra sweep through train.py: job 0 = eval=exact_match (the experiment's), job 1 = eval=loss."""
     out = tmp_path_factory.mktemp("own_data") / "sweep"
-    run = subprocess.run([sys.executable, "train.py", "-m", "+experiment=own_data", "eval=exact_match,loss", *SMALL,
-                          f"hydra.sweep.dir={out}"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "+experiment=own_data",
+            "eval=exact_match,loss",
+            *SMALL,
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return out, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("job,metric,column", [(0, "exact_match", "Exact match"), (1, "answer_loss", "Answer loss")])
 def test_every_artifact_of_an_own_data_run(sweep, job, metric, column):
-    from lark.metrics_schema import check
+    from lark.analysis.schema import check
 
     run = sweep[0] / str(job)
     assert "sketch self-check: the hooks reproduce" in sweep[1]
     train, test = lines(run / "data" / "train.jsonl"), lines(run / "data" / "test.jsonl")
     assert (len(train), len(test)) == (38, 10)
-    assert test == [{"id": r["id"], "question": r["prompt"], "contexts": [], "answer": r["response"]}
-                    for r in lines(EXAMPLE / "test.jsonl")]                  # free-form answers, mapped fields
+    assert test == [
+        {"id": r["id"], "question": r["prompt"], "contexts": [], "answer": r["response"]}
+        for r in lines(EXAMPLE / "test.jsonl")
+    ]  # free-form answers, mapped fields
     atlas_ids = {r["id"] for r in lines(EXAMPLE / "atlas.jsonl")}
     news_ids = {r["id"] for r in lines(EXAMPLE / "news.jsonl")}
     for name, size in SOURCES.items():
         rows = lines(run / "data" / "sources" / f"{name}.jsonl")
         assert len(rows) == size
-        assert ("text" in rows[0]) == (name in ("atlas_raw", "news_sampled", "recipes_all"))   # formatted or raw
+        assert ("text" in rows[0]) == (name in ("atlas_raw", "news_sampled", "recipes_all"))  # formatted or raw
     assert [r["id"] for r in lines(run / "data" / "sources" / "recipes_all.jsonl")] == [
-        r["id"] for r in lines(EXAMPLE / "recipes.jsonl")]                   # `all`: every document, in order
+        r["id"] for r in lines(EXAMPLE / "recipes.jsonl")
+    ]  # `all`: every document, in order
     assert {r["id"] for r in lines(run / "data" / "sources" / "atlas_retrieved.jsonl")} <= atlas_ids
     assert {r["id"] for r in lines(run / "data" / "sources" / "news_sampled.jsonl")} <= news_ids
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_000", "epoch_001"]
@@ -64,10 +87,16 @@ def test_every_artifact_of_an_own_data_run(sweep, job, metric, column):
         assert metrics["accuracy"] == (value if metric == "exact_match" else None)
         assert {n: s["n_docs"] for n, s in metrics["sources"].items()} == SOURCES
         assert {n: s["kind"] for n, s in metrics["sources"].items()} == {
-            "finetune": "finetune", "atlas_retrieved": "retrieve", "atlas_raw": "retrieve", "news_sampled": "sample",
-            "recipes_all": "all"}
+            "finetune": "finetune",
+            "atlas_retrieved": "retrieve",
+            "atlas_raw": "retrieve",
+            "news_sampled": "sample",
+            "recipes_all": "all",
+        }
         assert metrics["sources"]["news_sampled"]["corpus"] == "news"
-        assert metrics["ft_wins"] + metrics["pt_wins"] == pytest.approx(1) and set(metrics["format_effect"]) == {"atlas"}
+        assert metrics["ft_wins"] + metrics["pt_wins"] == pytest.approx(1) and set(metrics["format_effect"]) == {
+            "atlas"
+        }
         with safe_open(str(folder / "stores" / "test_queries.safetensors"), framework="pt") as f:
             assert f.get_tensor("vectors").shape == (10, 512)
         for name, size in SOURCES.items():
@@ -87,22 +116,31 @@ def test_every_artifact_of_an_own_data_run(sweep, job, metric, column):
 def test_the_example_files_are_what_the_readme_says():
     assert len(lines(EXAMPLE / "train.jsonl")) == 38 and len(lines(EXAMPLE / "test.jsonl")) == 10
     assert all(set(r) == {"id", "prompt", "response"} for r in lines(EXAMPLE / "train.jsonl"))
-    assert all(set(r) == {"id", "text"} for name in ("atlas", "news", "recipes")
-               for r in lines(EXAMPLE / f"{name}.jsonl"))
+    assert all(
+        set(r) == {"id", "text"} for name in ("atlas", "news", "recipes") for r in lines(EXAMPLE / f"{name}.jsonl")
+    )
 
 
 def test_metrics_schema_names_the_bad_key(tmp_path):
-    from lark.analysis import load_metrics
+    from lark.analysis.analyze import load_metrics
 
     folder = tmp_path / "attribution" / "epoch_000"
     folder.mkdir(parents=True)
-    good = {"epoch": 0, "sources": {"ft": {"mean_max": 0.5}, "pt": {"mean_max": 0.2}}, "ft_source": "ft",
-            "pt_source": "pt", "eval": {"metric": "accuracy", "value": 0.5, "higher_is_better": True}}
+    good = {
+        "epoch": 0,
+        "sources": {"ft": {"mean_max": 0.5}, "pt": {"mean_max": 0.2}},
+        "ft_source": "ft",
+        "pt_source": "pt",
+        "eval": {"metric": "accuracy", "value": 0.5, "higher_is_better": True},
+    }
     (folder / "metrics.json").write_text(json.dumps(good))
     assert load_metrics(tmp_path)[0]["eval"]["value"] == 0.5
-    for change, key in [({"pt_source": "nope"}, "pt_source 'nope'"), ({"eval": {"metric": 3}}, "eval.metric"),
-                        ({"sources": {"ft": {"n_docs": "8"}}, "ft_source": "ft", "pt_source": "ft"},
-                         "sources.ft.n_docs"), ({"n_queries": 2.5}, "n_queries")]:
+    for change, key in [
+        ({"pt_source": "nope"}, "pt_source 'nope'"),
+        ({"eval": {"metric": 3}}, "eval.metric"),
+        ({"sources": {"ft": {"n_docs": "8"}}, "ft_source": "ft", "pt_source": "ft"}, "sources.ft.n_docs"),
+        ({"n_queries": 2.5}, "n_queries"),
+    ]:
         (folder / "metrics.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(ValueError, match=f"metrics.json: {key}"):
             load_metrics(tmp_path)

@@ -1,15 +1,16 @@
 """The embedded run end to end through the real entry points, on a small size."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT, SHARED_DATA, SMALL, compose
 from omegaconf import open_dict
 from safetensors import safe_open
 
-from conftest import ROOT, SHARED_DATA, SMALL, compose
-from lark import browser
+from lark.analysis import browser
 
 pytestmark = pytest.mark.slow
 SOURCES = ["finetune", "medical_format", "medical_noformat", "entertainment_format", "entertainment_noformat"]
@@ -51,13 +52,17 @@ def test_attribution_artifacts(run_dir):
         assert metrics["epoch"] == epoch and 0 <= metrics["accuracy"] <= 1
         assert list(metrics["sources"]) == SOURCES
         # the metrics agree with the saved full score matrices (maxinf there comes from the block-wise top-k)
-        best = {s: safe_open(str(folder / "scores" / f"{s}.safetensors"), "pt").get_tensor("scores").max(1).values
-                for s in SOURCES}
+        best = {
+            s: safe_open(str(folder / "scores" / f"{s}.safetensors"), "pt").get_tensor("scores").max(1).values
+            for s in SOURCES
+        }
         assert metrics["ft"] == pytest.approx(best["finetune"].mean().item(), abs=1e-6)
         assert metrics["pt"] == pytest.approx(best["medical_format"].mean().item(), abs=1e-6)
         assert metrics["ft_wins"] == (best["finetune"] > best["medical_format"]).float().mean().item()
-        assert metrics["sources"]["entertainment_format"]["ft_wins"] == (
-            best["finetune"] > best["entertainment_format"]).float().mean().item()
+        assert (
+            metrics["sources"]["entertainment_format"]["ft_wins"]
+            == (best["finetune"] > best["entertainment_format"]).float().mean().item()
+        )
         assert set(metrics["format_effect"]) == {"medical", "entertainment"}
         assert metrics["bm25"]["ft_wins"] is not None
         assert metrics["storage"]["store_bytes_per_example"] == 512 * 2
@@ -119,8 +124,8 @@ def test_reattribution_reproduces_the_scores(run_dir):
     messages = []
     attribute(run_dir, {"checkpoints": [2]}, log=messages.append, resume=False)
     assert not [m for m in messages if "reused" in m or "not attributed again" in m], messages
-    assert all(p.stat().st_mtime_ns != before[p.name][0] for p in stores)      # rewritten...
-    assert all(p.read_bytes() == before[p.name][1] for p in stores)            # ...to the same bytes
+    assert all(p.stat().st_mtime_ns != before[p.name][0] for p in stores)  # rewritten...
+    assert all(p.read_bytes() == before[p.name][1] for p in stores)  # ...to the same bytes
     assert torch.equal(safe_open(str(folder / "scores/finetune.safetensors"), "pt").get_tensor("scores"), scores_before)
     assert json.loads((folder / "metrics.json").read_text()) == metrics_before
 
@@ -129,11 +134,16 @@ def test_multirun_and_analyze_cli(tmp_path):
     """A real Hydra sweep of two jobs through train.py, then analyze.py over the sweep folder."""
     sweep = tmp_path / "sweep"
     overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + [
-        "trainer.max_epochs=1", "logger=none", "format=chatml,noformat", f"hydra.sweep.dir={sweep}"]
+        "trainer.max_epochs=1",
+        "logger=none",
+        "format=chatml,noformat",
+        f"hydra.sweep.dir={sweep}",
+    ]
     subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=ROOT, check=True, capture_output=True)
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
-    out = subprocess.run([sys.executable, "analyze.py", f"run_dir={sweep}"], cwd=ROOT, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "analyze.py", f"run_dir={sweep}"], cwd=ROOT, check=True, capture_output=True, text=True
+    )
     table2 = (sweep / "tables" / "table2.md").read_text()
     assert "format=chatml" in table2 and "format=noformat" in table2
     assert (sweep / "figures" / "fig2_pt_wins.png").is_file() and "table1.md" in out.stdout
@@ -143,8 +153,15 @@ def test_ddp_attribution_equals_single_process(run_dir, tmp_path):
     """Lightning DDP (2 CPU processes): examples split across ranks and all-gathered give the same scores."""
     out = tmp_path / "ddp"
     overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + [
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "trainer.max_epochs=1", "logger=none", "analysis.enabled=false", f"hydra.run.dir={out}"]
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "analysis.enabled=false",
+        f"hydra.run.dir={out}",
+    ]
     subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, check=True, capture_output=True)
     for source in SOURCES:
         name = f"attribution/epoch_000/scores/{source}.safetensors"
@@ -156,24 +173,50 @@ def test_ddp_attribution_equals_single_process(run_dir, tmp_path):
 def test_paper_experiment_code_path_on_local_files(run_dir, tmp_path):
     """+experiment=pubmedqa with its hub loaders pointed at local folders in the hub's schema (datasets reads
     them like the hub), and the tiny checkpoint standing in for OLMo-3-7B: every real code path, offline."""
-    from lark.data import read_jsonl
+    from lark.data.io import read_jsonl
     from lark.experiment import train
 
     hub = tmp_path / "pubmedqa_hub"
     hub.mkdir()
     with open(hub / "pqa_labeled.jsonl", "w") as f:
         for _, r in read_jsonl(SHARED_DATA / "pubmedqa" / "pqa_labeled.jsonl"):
-            f.write(json.dumps({"pubid": int(r["pubid"]), "question": r["question"], "final_decision":
-                                r["final_decision"], "long_answer": r["long_answer"],
-                                "context": {"contexts": r["contexts"], "labels": r["labels"]}}) + "\n")
-    cfg = compose(["+experiment=pubmedqa", "trainer=cpu", "trainer.precision=32-true", "trainer.max_epochs=1",
-                   "trainer.enable_progress_bar=false", "logger=none", f"model.hub_id={run_dir}/checkpoints/epoch_000",
-                   "model.dtype=float32", "model.gradient_checkpointing=false", f"data.reader.hub_id={hub}",
-                   "data.reader.hub_config=null", "data.n_train=16", "data.n_test=8", "source.size=8", "max_length=192",
-                   "attribution.projector.k=512", "analysis.enabled=false",
-                   f"data.corpora.medical.hub_id={SHARED_DATA / 'pubmed_corpus'}", "data.corpora.medical.limit=300",
-                   f"data.corpora.entertainment.hub_id={SHARED_DATA / 'entertainment'}",
-                   "data.corpora.entertainment.limit=300"])
+            f.write(
+                json.dumps(
+                    {
+                        "pubid": int(r["pubid"]),
+                        "question": r["question"],
+                        "final_decision": r["final_decision"],
+                        "long_answer": r["long_answer"],
+                        "context": {"contexts": r["contexts"], "labels": r["labels"]},
+                    }
+                )
+                + "\n"
+            )
+    cfg = compose(
+        [
+            "+experiment=pubmedqa",
+            "trainer=cpu",
+            "trainer.precision=32-true",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            f"model.hub_id={run_dir}/checkpoints/epoch_000",
+            "model.dtype=float32",
+            "model.gradient_checkpointing=false",
+            f"data.reader.hub_id={hub}",
+            "data.reader.hub_config=null",
+            "data.n_train=16",
+            "data.n_test=8",
+            "source.size=8",
+            "max_length=192",
+            "attribution.projector.k=512",
+            "analysis.enabled=false",
+            f"data.corpora.medical.hub_id={SHARED_DATA / 'pubmed_corpus'}",
+            "data.corpora.medical.limit=300",
+            f"data.corpora.entertainment.hub_id={SHARED_DATA / 'entertainment'}",
+            "data.corpora.entertainment.limit=300",
+        ]
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     out = train(cfg)
@@ -185,4 +228,4 @@ def test_paper_experiment_code_path_on_local_files(run_dir, tmp_path):
 
     assert set(test_ids) <= official_test_ids()
     medical = [r for _, r in read_jsonl(out / "data" / "sources" / "medical_noformat.jsonl")]
-    assert all(r["id"].startswith("PMC") for r in medical)   # BM25-retrieved abstracts
+    assert all(r["id"].startswith("PMC") for r in medical)  # BM25-retrieved abstracts

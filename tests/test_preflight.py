@@ -1,12 +1,12 @@
 """Preflight (lark.preflight): the paper's command on a machine without hub and GPU stops in seconds with one
 `[lark] error:` line per missing thing; cached hub ids, the model-size estimate, the GPU and the disk checks."""
+
 import os
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT, SMALL, compose
 
 BLOCK = """import socket
@@ -18,8 +18,10 @@ def _guard(sock, address):
 socket.socket.connect = _guard
 """
 # allenai/Olmo-3-7B-Instruct's config.json (the numbers that size it); 7,298,011,136 parameters
-OLMO3_7B = ('{"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 100278, '
-            '"num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": false}')
+OLMO3_7B = (
+    '{"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 100278, '
+    '"num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": false}'
+)
 
 
 def paper_command(tmp_path, offline):
@@ -28,11 +30,21 @@ def paper_command(tmp_path, offline):
     (tmp_path / "block").mkdir()
     (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH"))}
-    env.update(PYTHONPATH=f"{tmp_path / 'block'}{os.pathsep}{ROOT}", HF_HOME=str(tmp_path / "hf"),
-               CUDA_VISIBLE_DEVICES="", **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+    env.update(
+        PYTHONPATH=f"{tmp_path / 'block'}{os.pathsep}{ROOT}",
+        HF_HOME=str(tmp_path / "hf"),
+        CUDA_VISIBLE_DEVICES="",
+        **({"HF_HUB_OFFLINE": "1"} if offline else {}),
+    )
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "train.py", "+experiment=pubmedqa", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "train.py", "+experiment=pubmedqa", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return done, time.perf_counter() - start
 
 
@@ -43,13 +55,17 @@ def test_paper_command_without_hub_and_gpu_stops_in_seconds(tmp_path, offline):
     assert done.returncode != 0 and seconds < 10, (seconds, done.stderr[-3000:])
     assert "Traceback" not in done.stderr
     assert [line.split(":")[1].split("=")[0].strip() for line in errors[:4]] == [
-        "model.hub_id", "data.reader.hub_id", "data.corpora.medical.hub_id and data.corpora.entertainment.hub_id", "trainer"]
+        "model.hub_id",
+        "data.reader.hub_id",
+        "data.corpora.medical.hub_id and data.corpora.entertainment.hub_id",
+        "trainer",
+    ]
     reason = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
     assert all(reason in line for line in errors[:3]), errors
     assert "allenai/Olmo-3-7B-Instruct" in errors[0] and "qiaojin/PubMedQA" in errors[1]
     assert all("+experiment=pubmedqa_small" in line and "data=pubmedqa_local" in line for line in errors[:2])
     assert "HF_HUB_OFFLINE=1" in errors[0] and "needs a CUDA device" in errors[3]
-    assert not (tmp_path / "run" / "data").exists()                     # no work was started
+    assert not (tmp_path / "run" / "data").exists()  # no work was started
 
 
 def fake_cache(root, repo, files):
@@ -81,8 +97,10 @@ def test_a_cached_model_passes_and_is_sized_from_its_config(hub_cache, tmp_path,
     fake_cache(hub_cache, "allenai/Olmo-3-7B-Instruct", {"config.json": OLMO3_7B})
     cfg = compose(["+experiment=pubmedqa", f"hydra.run.dir={tmp_path}"])
     problems = P.hub_problems(cfg)
-    assert [p.split("=")[0] for p in problems] == ["data.reader.hub_id", "data.corpora.medical.hub_id and "
-                                                   "data.corpora.entertainment.hub_id"]   # the model is cached
+    assert [p.split("=")[0] for p in problems] == [
+        "data.reader.hub_id",
+        "data.corpora.medical.hub_id and data.corpora.entertainment.hub_id",
+    ]  # the model is cached
     n = P.model_parameters(cfg.model)
     assert n == pytest.approx(7_298_011_136, rel=1e-3)
     assert P.training_bytes(n, "bf16-true") == 8 * n and P.training_bytes(n, "bf16-mixed") == 16 * n
@@ -105,17 +123,17 @@ def test_the_embedded_default_passes_and_a_full_disk_is_named(tmp_path, monkeypa
 
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    P.preflight(cfg)                                                     # nothing missing: returns
+    P.preflight(cfg)  # nothing missing: returns
     n = P.model_parameters(cfg.model)
     assert 50_000 < n < 500_000
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     problems = P.disk_problems(cfg, n)
     assert len(problems) == 1 and f"in {tmp_path}" in problems[0] and "3 checkpoints" in problems[0]
     with open_dict(cfg):
-        cfg.source.size = 9                                              # a config not seen yet: checked again
+        cfg.source.size = 9  # a config not seen yet: checked again
     with pytest.raises(P.PreflightError) as error:
         P.preflight(cfg)
     assert str(error.value).count("\n[lark] error: ") == 1 and "free space" in str(error.value)
     with open_dict(cfg):
         cfg.preflight = False
-    P.preflight(cfg)                                                     # preflight=false skips it
+    P.preflight(cfg)  # preflight=false skips it

@@ -1,29 +1,48 @@
-"""lark.projector (+ lark.sketch): CountSketch / Gaussian / exact / hook-sketch projections of per-example
-gradients, and lark.attribution.project_examples."""
+"""lark.kernel.projectors (+ lark.kernel.sketch): CountSketch / Gaussian / exact / hook-sketch projections of
+per-example
+gradients, and lark.kernel.build.project_examples."""
+
 import hashlib
 import random
 
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from conftest import ROOT
-from lark.attribution import project_examples
-from lark.fidelity import jl_pearson
-from lark.formats import document_fields, encode, qa_fields
+from lark.data.datamodule import collate
+from lark.data.formats import document_fields, encode, qa_fields
+from lark.data.world import generate_world
+from lark.kernel.build import project_examples
+from lark.kernel.factory import make_projector
+from lark.kernel.fidelity import jl_pearson
+from lark.kernel.hashing import mix32, name_key
+from lark.kernel.normalizers import normalize_tensors
+from lark.kernel.projectors import CountSketch, ExactProjector, GaussianProjector, example_gradient, trainable
+from lark.kernel.sketch import HookSketch
 from lark.models import build_tiny, train_tokenizer
-from lark.projector import (CountSketch, ExactProjector, GaussianProjector, example_gradient, make_projector, mix32,
-                            name_key, normalize_tensors, trainable)
-from lark.sketch import HookSketch
-from lark.training import collate
-from lark.world import generate_world
 
-CHAT = OmegaConf.create({"name": "chatml", "layout": {"_target_": "lark.formats.Chat"}, "system_prompt": "Answer with yes, no, or maybe.",
-                         "user_template": "Context: {context}\nQuestion: {question}",
-                         "answer_template": "{final_decision}"})
-TINY = OmegaConf.create({"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                    "num_attention_heads": 2, "num_key_value_heads": 2,
-                                    "max_position_embeddings": 256}})
+CHAT = OmegaConf.create(
+    {
+        "name": "chatml",
+        "layout": {"_target_": "lark.data.formats.Chat"},
+        "system_prompt": "Answer with yes, no, or maybe.",
+        "user_template": "Context: {context}\nQuestion: {question}",
+        "answer_template": "{final_decision}",
+    }
+)
+TINY = OmegaConf.create(
+    {
+        "config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+        }
+    }
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,12 +62,15 @@ def setup(one_thread):
     tok = train_tokenizer(texts, 600)
     torch.manual_seed(0)
     model = build_tiny(TINY, tok)
-    with torch.no_grad():   # norm weights away from their initial 1, as in a trained model
+    with torch.no_grad():  # norm weights away from their initial 1, as in a trained model
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
-    examples = ([qa_fields(x, "{final_decision}") for x in world.test[:8]] + [document_fields(d) for d in world.medical_docs[:4]]
-                + [{"id": d["id"], "text": d["text"]} for d in world.medical_docs[4:8] + world.entertainment_docs[:4]])
+    examples = (
+        [qa_fields(x, "{final_decision}") for x in world.test[:8]]
+        + [document_fields(d) for d in world.medical_docs[:4]]
+        + [{"id": d["id"], "text": d["text"]} for d in world.medical_docs[4:8] + world.entertainment_docs[:4]]
+    )
     encoded = [encode(tok, e, CHAT, 256) for e in examples]
     params = trainable(model)
     model.eval()
@@ -136,7 +158,12 @@ def test_countsketch_same_seed_same_vector_other_seed_differs(setup):
     assert not torch.allclose(a, c)
     assert a.norm() > 0
     assert CountSketch(setup["shapes"], 1024, seed=7).spec() == {
-        "kind": "rapidin", "k": 1024, "seed": 7, "normalize": "none", "hash": "murmur3-fmix32"}
+        "kind": "rapidin",
+        "k": 1024,
+        "seed": 7,
+        "normalize": "none",
+        "hash": "murmur3-fmix32",
+    }
 
 
 def test_countsketch_cache_does_not_change_values(setup):
@@ -150,8 +177,11 @@ def test_countsketch_cache_does_not_change_values(setup):
 
 
 # ----------------------------------------------------------------------------- independence, linearity
-@pytest.mark.parametrize("make", [lambda s: CountSketch(s, 64, seed=2), lambda s: GaussianProjector(s, 64, seed=2)],
-                         ids=["countsketch", "gaussian"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda s: CountSketch(s, 64, seed=2), lambda s: GaussianProjector(s, 64, seed=2)],
+    ids=["countsketch", "gaussian"],
+)
 def test_adding_a_parameter_does_not_move_the_others(make):
     grads = rand_grads(SMALL, 3)
     two = {n: SMALL[n] for n in ["layer.a", "layer.b"]}
@@ -162,8 +192,9 @@ def test_adding_a_parameter_does_not_move_the_others(make):
     parts = sum(p_all.project({n: g}) for n, g in grads.items())
     torch.testing.assert_close(p_all.project(grads), parts, rtol=1e-5, atol=1e-5)
     # and the order of the parameters does not matter
-    torch.testing.assert_close(p_all.project(dict(reversed(list(grads.items())))), p_all.project(grads),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        p_all.project(dict(reversed(list(grads.items())))), p_all.project(grads), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_countsketch_parameter_independence_on_model_gradients(setup):
@@ -187,8 +218,10 @@ def test_countsketch_inner_products_are_unbiased_over_seeds():
     x = rand_grads(shapes, 10)
     noise = rand_grads(shapes, 11)
     y = {n: 0.6 * x[n] + 0.8 * noise[n] for n in shapes}
-    z = {n: noise[n] - (sum((noise[m] * x[m]).sum() for m in shapes) / sum((x[m] ** 2).sum() for m in shapes))
-         * x[n] for n in shapes}                                          # orthogonal to x
+    z = {
+        n: noise[n] - (sum((noise[m] * x[m]).sum() for m in shapes) / sum((x[m] ** 2).sum() for m in shapes)) * x[n]
+        for n in shapes
+    }  # orthogonal to x
     flat = lambda g: torch.cat([g[n].reshape(-1) for n in shapes]).double()  # noqa: E731
     xy, xx, xz = flat(x) @ flat(y), flat(x) @ flat(x), flat(x) @ flat(z)
     assert abs(xz) < 1e-6 * xx
@@ -203,7 +236,7 @@ def test_countsketch_inner_products_are_unbiased_over_seeds():
     assert abs(sxy.mean().item() - xy.item()) < 0.05 * scale
     assert abs(sxx.mean().item() - xx.item()) < 0.05 * xx.item()
     assert abs(sxz.mean().item()) < 0.05 * (flat(x).norm() * flat(z).norm()).item()
-    assert sxy.std().item() > 0                               # the seeds do give different sketches
+    assert sxy.std().item() > 0  # the seeds do give different sketches
 
 
 # ----------------------------------------------------------------------------- fidelity on real gradients
@@ -220,7 +253,7 @@ def exact_cosines(setup):
 def test_countsketch_cosines_track_exact_cosines_on_model_gradients(setup, exact_cosines, how):
     exact = exact_cosines[how]
     assert len(setup["grads"]) == 20 and len(exact) == 190
-    assert exact.std() > 0.1 and exact.max() - exact.min() > 0.5   # a spread worth correlating with
+    assert exact.std() > 0.1 and exact.max() - exact.min() > 0.5  # a spread worth correlating with
     errors = {}
     for k in [256, 1024, 4096]:
         errs, rs = [], []
@@ -251,7 +284,7 @@ def test_per_tensor_gives_each_tensor_unit_norm(setup):
     v = ExactProjector(setup["shapes"], "per_tensor").project(g)
     start = 0
     for name, t in g.items():
-        seg = v[start:start + t.numel()]
+        seg = v[start : start + t.numel()]
         start += t.numel()
         assert seg.norm().item() == pytest.approx(1.0, abs=1e-5), name
     assert v.double().norm().item() ** 2 == pytest.approx(len(g), rel=1e-5)
@@ -289,13 +322,13 @@ def test_gaussian_refuses_too_large_matrices():
     assert "1,100,000" in str(e.value)
     GaussianProjector(shapes, k=10, max_dense_elements=1_000_000)  # exactly at the limit is allowed
     with pytest.raises(ValueError, match="max_dense_elements"):
-        GaussianProjector({"emb": (100_000, 4096)}, k=65536)   # the default limit
+        GaussianProjector({"emb": (100_000, 4096)}, k=65536)  # the default limit
 
 
 def test_gaussian_matches_exact_cosines_on_tiny_sizes():
     shapes = {"a": (12, 10), "b": (80,)}
     vecs = [rand_grads(shapes, s) for s in range(6)]
-    vecs.append({n: vecs[0][n] + 0.3 * vecs[1][n] for n in shapes})   # a near-duplicate pair
+    vecs.append({n: vecs[0][n] + 0.3 * vecs[1][n] for n in shapes})  # a near-duplicate pair
     exact = pair_cosines([ExactProjector(shapes).project(g) for g in vecs])
     p = GaussianProjector(shapes, k=8192, seed=0)
     approx = pair_cosines([p.project(g) for g in vecs])
@@ -310,8 +343,7 @@ def test_gaussian_matches_exact_cosines_on_tiny_sizes():
 def test_gaussian_preserves_norms_on_average():
     shapes = {"a": (200,)}
     g = rand_grads(shapes, 0)
-    ratios = [(GaussianProjector(shapes, 64, seed=s).project(g).norm() / g["a"].norm()).item() ** 2
-              for s in range(100)]
+    ratios = [(GaussianProjector(shapes, 64, seed=s).project(g).norm() / g["a"].norm()).item() ** 2 for s in range(100)]
     assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=0.06)
 
 
@@ -325,9 +357,12 @@ def projector_cfg(kind="sketch", normalize="none", kernel=None, **over):
     (none -> cosine, per_tensor -> rapidin)."""
     kernel = kernel or {"none": "cosine", "per_tensor": "rapidin"}.get(normalize, "cosine")
     projector = OmegaConf.merge(OmegaConf.load(CONF / "projector" / f"{kind}.yaml"), over)
-    root = OmegaConf.create({"max_length": 256,            # what ${max_length} refers to
-                             "attribution": {"projector": projector,
-                                             "kernel": OmegaConf.load(CONF / "kernel" / f"{kernel}.yaml")}})
+    root = OmegaConf.create(
+        {
+            "max_length": 256,  # what ${max_length} refers to
+            "attribution": {"projector": projector, "kernel": OmegaConf.load(CONF / "kernel" / f"{kernel}.yaml")},
+        }
+    )
     return root.attribution
 
 
@@ -347,11 +382,16 @@ def test_make_projector_kinds(setup):
 
 def test_make_projector_default_config(setup):
     p = make(setup)
-    assert isinstance(p, HookSketch) and p.k == 65536 and p.method == "auto"    # the paper's k
+    assert isinstance(p, HookSketch) and p.k == 65536 and p.method == "auto"  # the paper's k
     spec = p.spec()
     assert {k: spec[k] for k in ("kind", "k", "seed", "normalize", "method", "coverage")} == {
-        "kind": "sketch", "k": 65536, "seed": 0, "normalize": "none", "method": "auto",
-        "coverage": 1.0}                                                        # every OLMo-3 parameter reached
+        "kind": "sketch",
+        "k": 65536,
+        "seed": 0,
+        "normalize": "none",
+        "method": "auto",
+        "coverage": 1.0,
+    }  # every OLMo-3 parameter reached
     r = make(setup, kind="rapidin")
     assert r.project(setup["grads"][0]).shape == (65536,)
 
@@ -406,7 +446,7 @@ def test_sketch_materialize_in_blocks_across_chunks_is_the_same_sketch(setup, ho
     whole = make(setup, kind="sketch", k=100, normalize=how, method="materialize")
     whole.block_elements = 2**40
     blocked = make(setup, kind="sketch", k=100, normalize=how, method="materialize")
-    blocked.block_elements = 7                                        # the floor: T rows per block
+    blocked.block_elements = 7  # the floor: T rows per block
     want = torch.stack([sketch_of_gradients(whole, g, how) for g in setup["grads"][:6]])
     torch.testing.assert_close(project_examples(model, enc, blocked, pad), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(project_examples(model, enc, whole, pad), want, rtol=1e-4, atol=1e-5)
@@ -430,7 +470,7 @@ def test_sketch_materialize_with_linear_biases(setup):
 def tied_model(setup):
     torch.manual_seed(0)
     tied = build_tiny(OmegaConf.merge(TINY, {"config": {"tie_word_embeddings": True}}), setup["tok"])
-    assert "lm_head.weight" not in dict(trainable(tied))    # one shared parameter
+    assert "lm_head.weight" not in dict(trainable(tied))  # one shared parameter
     return tied
 
 
@@ -473,29 +513,40 @@ def tied_parts(model, example, pad):
     return a, whole - a
 
 
-@pytest.mark.parametrize("arch, method", [("olmo3", "materialize"), ("olmo3", "tensorsketch"),
-                                          ("olmo3-tied", "materialize"), ("olmo3-tied", "tensorsketch"),
-                                          ("llama-tied-bias", "auto"), ("llama-tied-padding-idx", "auto")])
+@pytest.mark.parametrize(
+    "arch, method",
+    [
+        ("olmo3", "materialize"),
+        ("olmo3", "tensorsketch"),
+        ("olmo3-tied", "materialize"),
+        ("olmo3-tied", "tensorsketch"),
+        ("llama-tied-bias", "auto"),
+        ("llama-tied-padding-idx", "auto"),
+    ],
+)
 def test_sketch_per_tensor_norms_are_the_autograd_norms(setup, arch, method):
     """The norms the per-tensor division uses -- from the GEMM blocks, TensorSketch's frobenius, the embedding's
     token-equality sum and the tied cross term -- equal autograd's per-tensor gradient norms, example by example,
     in a padded batch."""
-    model = {"olmo3": lambda: setup["model"], "olmo3-tied": lambda: tied_model(setup),
-             "llama-tied-bias": lambda: tiny_llama(setup, tie_word_embeddings=True, attention_bias=True,
-                                                   mlp_bias=True),
-             # the embedding's padding_idx (Llama: the pad id; SmolLM2's is its eos) is a token of the examples
-             "llama-tied-padding-idx": lambda: tiny_llama(setup, tie_word_embeddings=True,
-                                                          pad_token_id=setup["encoded"][0]["input_ids"][1])}[arch]().eval()
+    model = {
+        "olmo3": lambda: setup["model"],
+        "olmo3-tied": lambda: tied_model(setup),
+        "llama-tied-bias": lambda: tiny_llama(setup, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+        # the embedding's padding_idx (Llama: the pad id; SmolLM2's is its eos) is a token of the examples
+        "llama-tied-padding-idx": lambda: tiny_llama(
+            setup, tie_word_embeddings=True, pad_token_id=setup["encoded"][0]["input_ids"][1]
+        ),
+    }[arch]().eval()
     enc, pad = setup["encoded"][:5], setup["tok"].pad_token_id
     hook = make_projector(projector_cfg(kind="sketch", k=512, method=method, normalize="per_tensor"), model)
     assert hook.coverage() == 1.0 and hook.tied == (arch != "olmo3")
     hook.project_batch(model, collate(enc, pad))
     grads = model_gradients(model, enc, pad)
-    assert set(hook.last_norms) == set(grads[0])                # every parameter, each normalised once
+    assert set(hook.last_norms) == set(grads[0])  # every parameter, each normalised once
     for name in grads[0]:
         want = torch.stack([g[name].double().norm() for g in grads]).float()
         torch.testing.assert_close(hook.last_norms[name], want, rtol=2e-4, atol=1e-7, msg=name)
-    if hook.tied:   # the cross term matters: ||a + b|| is not sqrt(||a||^2 + ||b||^2)
+    if hook.tied:  # the cross term matters: ||a + b|| is not sqrt(||a||^2 + ||b||^2)
         name = hook.param_names[id(hook.input_weight)]
         for b, e in enumerate(enc):
             a, out = tied_parts(model, e, pad)
@@ -515,8 +566,7 @@ def test_sketch_per_tensor_on_tied_embeddings_tracks_exact_per_tensor_cosines(se
     k = 1024
     rs = []
     for seed in range(3):
-        hook = make_projector(projector_cfg(kind="sketch", k=k, seed=seed, method=method, normalize="per_tensor"),
-                              tied)
+        hook = make_projector(projector_cfg(kind="sketch", k=k, seed=seed, method=method, normalize="per_tensor"), tied)
         approx = pair_cosines(list(project_examples(tied, enc, hook, pad)))
         rs.append(torch.corrcoef(torch.stack([approx, exact]))[0, 1].item())
     ratio = (1 - sum(rs) / 3) / (1 - jl_pearson(exact, k))
@@ -536,9 +586,12 @@ class Shared(torch.nn.Module):
 
 
 def test_sketch_per_tensor_refuses_other_shared_weights_naming_the_key():
-    HookSketch(Shared(), 16, normalize="none")           # a plain sum of both uses is still right
-    with pytest.raises(ValueError, match=r"attribution\.projector\.normalize=per_tensor: parameter a\.weight is "
-                                         r"shared by modules a, b"):
+    HookSketch(Shared(), 16, normalize="none")  # a plain sum of both uses is still right
+    with pytest.raises(
+        ValueError,
+        match=r"attribution\.projector\.normalize=per_tensor: parameter a\.weight is "
+        r"shared by modules a, b",
+    ):
         HookSketch(Shared(), 16, normalize="per_tensor")
 
 
@@ -552,12 +605,12 @@ class OneLinear(torch.nn.Module):
 
 
 def test_sketch_flat_inner_products_are_unbiased_over_seeds():
-    lin = OneLinear()                                   # sketch_flat only needs (seed, name, k)
+    lin = OneLinear()  # sketch_flat only needs (seed, name, k)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1200, generator=gen)
     noise = torch.randn(1, 1200, generator=gen)
     y = 0.6 * x + 0.8 * noise
-    z = noise - (noise @ x.T) / (x @ x.T) * x           # orthogonal to x
+    z = noise - (noise @ x.T) / (x @ x.T) * x  # orthogonal to x
     sxy, sxx, sxz = [], [], []
     for seed in range(200):
         hook = HookSketch(lin, 64, seed=seed)
@@ -568,20 +621,21 @@ def test_sketch_flat_inner_products_are_unbiased_over_seeds():
     assert abs(mean(sxy) - xy) < 0.05 * (x.norm() * y.norm()).item()
     assert abs(mean(sxx) - xx) < 0.05 * xx
     assert abs(mean(sxz)) < 0.05 * (x.norm() * z.norm()).item()
-    assert len(set(round(v, 3) for v in sxx)) > 1       # the seeds give different sketches
+    assert len(set(round(v, 3) for v in sxx)) > 1  # the seeds give different sketches
 
 
 @pytest.mark.parametrize("method, ks", [("materialize", (256, 4096)), ("tensorsketch", (128, 1024))])
 def test_sketch_cosines_track_exact_cosines(setup, method, ks):
-    n = 20 if method == "materialize" else 10          # tensorsketch costs T * k log k per layer
+    n = 20 if method == "materialize" else 10  # tensorsketch costs T * k log k per layer
     model, enc, pad = setup["model"], setup["encoded"][:n], setup["tok"].pad_token_id
     exact = pair_cosines([ExactProjector(setup["shapes"]).project(g) for g in setup["grads"][:n]])
     errors, rs = {}, []
     for k in ks:
         errs = []
         for seed in (0,):
-            approx = pair_cosines(list(project_examples(model, enc, make(setup, kind="sketch", k=k, method=method,
-                                                                          seed=seed), pad)))
+            approx = pair_cosines(
+                list(project_examples(model, enc, make(setup, kind="sketch", k=k, method=method, seed=seed), pad))
+            )
             errs.append((approx - exact).abs().mean().item())
             if k == ks[1]:
                 rs.append(torch.corrcoef(torch.stack([approx, exact]))[0, 1].item())
@@ -604,8 +658,11 @@ class Scripted:
 
 
 def test_project_examples_turns_rows_with_any_non_finite_entry_into_nan(setup):
-    rows = {2: torch.tensor([1.0, 2.0, 3.0]), 3: torch.tensor([1.0, float("inf"), 0.0]),
-            4: torch.tensor([float("nan"), 0.0, 0.0])}
+    rows = {
+        2: torch.tensor([1.0, 2.0, 3.0]),
+        3: torch.tensor([1.0, float("inf"), 0.0]),
+        4: torch.tensor([float("nan"), 0.0, 0.0]),
+    }
     enc = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 2, 4)]
     out = project_examples(setup["model"], enc, Scripted(rows), setup["tok"].pad_token_id, batch_size=2)
     assert out[1].tolist() == [1.0, 2.0, 3.0]
@@ -637,7 +694,7 @@ def test_sketch_auto_plans_layers_for_fixed_tokens_not_the_batch_padding(setup):
     model, enc, pad = setup["model"], setup["encoded"], setup["tok"].pad_token_id
     lengths = [len(e["input_ids"]) for e in enc]
     assert min(lengths) < 225 < max(lengths)
-    for plan in (128, 256):     # one plan of each method for the output layer
+    for plan in (128, 256):  # one plan of each method for the output layer
         proj = make(setup, kind="sketch", k=32, plan_tokens=plan)
         assert proj.use_tensorsketch(plan, 32, 600, 4) == (plan < 225)
         full = project_examples(model, enc, proj, pad, batch_size=len(enc))
@@ -658,7 +715,7 @@ def test_project_examples_nan_row_for_an_example_without_loss_tokens(setup, kind
 def test_project_examples_sharded_over_two_ranks_gives_the_same_rows(setup, kind):
     model, enc, pad = setup["model"], setup["encoded"], setup["tok"].pad_token_id
     proj = make(setup, kind=kind, k=128)
-    five = enc[:5]                                     # uneven: rank 0 gets 3 examples, rank 1 gets 2
+    five = enc[:5]  # uneven: rank 0 gets 3 examples, rank 1 gets 2
     single = project_examples(model, five, proj, pad)
     captured = {}
 
@@ -668,9 +725,10 @@ def test_project_examples_sharded_over_two_ranks_gives_the_same_rows(setup, kind
 
     project_examples(model, five, proj, pad, rank=1, world=2, gather=capture)
     assert captured["rank1"].shape == (3, 128)
-    assert torch.equal(captured["rank1"][2], torch.zeros(128))          # the padding row
-    sharded = project_examples(model, five, proj, pad, rank=0, world=2,
-                               gather=lambda padded: torch.stack([padded, captured["rank1"]]))
+    assert torch.equal(captured["rank1"][2], torch.zeros(128))  # the padding row
+    sharded = project_examples(
+        model, five, proj, pad, rank=0, world=2, gather=lambda padded: torch.stack([padded, captured["rank1"]])
+    )
     torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
 
 
@@ -690,36 +748,38 @@ def test_example_gradient_is_the_models_mean_loss_gradient(setup):
 
 # ----------------------------------------------------------------------------- the optimizer correction (adam)
 def random_moments(model, seed=0):
-    from lark.kernels import Moments, shaped
+    from lark.kernel.optimizer import Moments, shaped
 
     gen = torch.Generator().manual_seed(seed)
-    return Moments({n: shaped(torch.rand(p.shape, generator=gen) * 1e-4 + 1e-6, True) for n, p in trainable(model)},
-                   "optimizer")
+    return Moments(
+        {n: shaped(torch.rand(p.shape, generator=gen) * 1e-4 + 1e-6, True) for n, p in trainable(model)}, "optimizer"
+    )
 
 
 @pytest.mark.parametrize("how", ["none", "per_tensor"])
 def test_sketch_with_factored_adam_moments_is_the_sketch_of_the_corrected_gradients(setup, how):
     """Scaling Delta and X before the GEMM (and embedding rows, norm weights) gives exactly the sketch of
     every gradient coordinate times the factored 1 / sqrt(v_hat) (AdamScale.apply, the per-example path)."""
-    from lark.kernels import AdamScale
+    from lark.kernel.optimizer import AdamScale
 
     model, enc, pad = setup["model"], setup["encoded"][:6], setup["tok"].pad_token_id
     moments = random_moments(model)
-    cfg = OmegaConf.merge(projector_cfg(kind="sketch", k=512, method="materialize", kernel="adam"),
-                          {"kernel": {"normalize": how}})
+    cfg = OmegaConf.merge(
+        projector_cfg(kind="sketch", k=512, method="materialize", kernel="adam"), {"kernel": {"normalize": how}}
+    )
     hook = make_projector(cfg, model, moments=moments)
     scale = AdamScale(moments, 1e-8, model)
     want = torch.stack([sketch_of_gradients(hook, scale.apply(g), how) for g in setup["grads"][:6]])
     got = project_examples(model, enc, hook, pad)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     plain = project_examples(model, enc, make(setup, kind="sketch", k=512, method="materialize", normalize=how), pad)
-    assert (got - plain).abs().max() > 0.1 * plain.abs().max()        # the correction does change the vectors
+    assert (got - plain).abs().max() > 0.1 * plain.abs().max()  # the correction does change the vectors
     assert hook.spec()["precondition"]["moments"] == moments.fingerprint()
 
 
 def test_sketch_tensorsketch_layers_take_the_same_correction(setup):
     """TensorSketch of the scaled (Delta, X) tracks the exact corrected cosines like the uncorrected ones do."""
-    from lark.kernels import AdamScale
+    from lark.kernel.optimizer import AdamScale
 
     model, enc, pad = setup["model"], setup["encoded"][:8], setup["tok"].pad_token_id
     moments = random_moments(model, 1)
@@ -731,7 +791,7 @@ def test_sketch_tensorsketch_layers_take_the_same_correction(setup):
 
 
 def test_sketch_refuses_full_moments_naming_the_key(setup):
-    from lark.kernels import Moments
+    from lark.kernel.optimizer import Moments
 
     full = Moments({n: {"v": torch.ones(p.shape)} for n, p in trainable(setup["model"])}, "optimizer")
     hook = make_projector(projector_cfg(kind="sketch", k=64, kernel="adam"), setup["model"], moments=full)

@@ -1,5 +1,6 @@
-"""report/index.html (lark.report): the data the page carries is the run's files joined correctly, the page is
+"""report/index.html (lark.analysis.report): the data the page carries is the run's files joined correctly, the page is
 self-contained, a sweep gets a comparison page; and in headless Chromium the page's question browser works."""
+
 import json
 import re
 import subprocess
@@ -8,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
-from lark import browser
-from lark.analysis import analyze
-from lark.report import markdown_html
+
+from lark.analysis import browser
+from lark.analysis.analyze import analyze
+from lark.analysis.report import markdown_html
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report_scale import synthetic_run  # noqa: E402  (the benchmark's generator: one source of synthetic runs)
@@ -52,7 +53,7 @@ def lines(path):
 @pytest.fixture
 def small_run(tmp_path):
     run = synthetic_run(tmp_path / "run", n_queries=30, n_docs=12, n_epochs=2, top_k=3)
-    source = run / "data" / "sources" / "entertainment_noformat.jsonl"   # text that must not end the script element
+    source = run / "data" / "sources" / "entertainment_noformat.jsonl"  # text that must not end the script element
     rows = lines(source)
     rows[0]["text"] = "lyrics </script><b>not markup</b> & more"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -79,10 +80,16 @@ def test_the_page_joins_top_influences_with_the_documents_text(small_run):
     predictions = lines(small_run / "attribution" / "epoch_002" / "predictions.jsonl")
     assert data["pred"]["2"] == [[p["predicted"], pytest.approx(p["loss"])] for p in predictions]
     provenance = json.loads((small_run / "data" / "world" / "provenance.json").read_text())
-    assert data["prov"][tests[3]["id"]] == provenance[tests[3]["id"]]["pretrain_docs"] + \
-        provenance[tests[3]["id"]]["finetune_items"]
-    assert data["epoch"] == max(range(3), key=lambda e: json.loads(
-        (small_run / "attribution" / f"epoch_{e:03d}" / "metrics.json").read_text())["accuracy"])
+    assert (
+        data["prov"][tests[3]["id"]]
+        == provenance[tests[3]["id"]]["pretrain_docs"] + provenance[tests[3]["id"]]["finetune_items"]
+    )
+    assert data["epoch"] == max(
+        range(3),
+        key=lambda e: json.loads((small_run / "attribution" / f"epoch_{e:03d}" / "metrics.json").read_text())[
+            "accuracy"
+        ],
+    )
 
 
 def test_the_page_is_self_contained(small_run):
@@ -90,7 +97,7 @@ def test_the_page_is_self_contained(small_run):
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//)""", text) and "<link" not in text
     assert text.count("data:image/png;base64,") == 3 and "<script src" not in text
     assert "TABLE II: Influence score evolution during fine-tuning" in text
-    assert "</script><b>" not in text                                    # escaped inside the JSON blob
+    assert "</script><b>" not in text  # escaped inside the JSON blob
 
 
 def test_table5_and_markdown_tables():
@@ -101,15 +108,17 @@ def test_table5_and_markdown_tables():
 
 def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
     root = tmp_path / "sweep"
-    for job, overrides in (("0", ["format=chatml", "seed=0", "logger=none"]),
-                           ("1", ["format=noformat", "seed=0", "logger=none"])):
+    for job, overrides in (
+        ("0", ["format=chatml", "seed=0", "logger=none"]),
+        ("1", ["format=noformat", "seed=0", "logger=none"]),
+    ):
         synthetic_run(root / job, n_queries=10, n_docs=8, n_epochs=1, top_k=2, seed=int(job))
         (root / job / ".hydra").mkdir()
         (root / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     page = analyze(root)["report"]
     text = page.read_text()
     header = re.search(r"<table class='sortable'><thead><tr>(.*?)</tr>", text)[1]
-    assert re.findall(r"<th>(.*?)</th>", header)[:3] == ["job", "format", "Epoch"]   # seed, logger do not vary
+    assert re.findall(r"<th>(.*?)</th>", header)[:3] == ["job", "format", "Epoch"]  # seed, logger do not vary
     assert "<td>noformat</td>" in text and "<td>chatml</td>" in text
     links = re.findall(r"href='([^']+)'>open<", text)
     assert links == ["../0/report/index.html", "../1/report/index.html"]
@@ -121,26 +130,46 @@ def test_the_question_browser_in_chromium(small_run):
     page = analyze(small_run)["report"]
     result = selftest(page)
     tests = lines(small_run / "data" / "test.jsonl")
-    assert result["queries"] == len(tests) == 30 and result["cards"] == 25      # the first chunk only: lazy
+    assert result["queries"] == len(tests) == 30 and result["cards"] == 25  # the first chunk only: lazy
     assert result["count_text"].startswith("30 of 30 questions")
     assert result["first_doc"]["full_text_shown"] and result["search_by_id"] == {
-        "value": tests[0]["id"], "cards": 1, "first": tests[0]["id"]}
-    assert result["labels"] == {label: sum(t["final_decision"] == label for t in tests)
-                                for label in dict.fromkeys(t["final_decision"] for t in tests)}
+        "value": tests[0]["id"],
+        "cards": 1,
+        "first": tests[0]["id"],
+    }
+    assert result["labels"] == {
+        label: sum(t["final_decision"] == label for t in tests)
+        for label in dict.fromkeys(t["final_decision"] for t in tests)
+    }
     for epoch in range(3):
         predictions = lines(small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl")
         right = sum(p["predicted"] == p["gold"] for p in predictions)
         assert result["correct"][str(epoch)] == [right, len(predictions) - right]
     assert result["across_columns"] == 3
     dom, _ = browser.dump_dom(page, "q=" + tests[4]["question"].split()[3] + "+" + tests[4]["question"].split()[4])
-    assert re.search(r'data-id="%s"' % tests[4]["id"], dom)                 # the URL's search shows the question
+    assert re.search(r'data-id="%s"' % tests[4]["id"], dom)  # the URL's search shows the question
 
 
 @needs_chromium
 def test_report_scale_benchmark_smoke():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_scale.py"), "--queries", "40",
-                           "--docs", "20", "--epochs", "1", "--repeats", "1"], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "report_scale.py"),
+            "--queries",
+            "40",
+            "--docs",
+            "20",
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"^self-test passed\s+True$", done.stdout, re.M), done.stdout
     assert re.search(r"^page: script start to first questions shown \(ms\)\s+\d+$", done.stdout, re.M)

@@ -1,15 +1,16 @@
-"""lark.selfcheck: the sketch refuses a model it does not fully cover (naming the modules and the fallback) and
+"""lark.kernel.selfcheck: the sketch refuses a model it does not fully cover (naming the modules and the fallback) and
 passes the OLMo-3 family it was built for."""
+
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from conftest import ROOT
+from lark.kernel.selfcheck import SelfCheckError, check_sketch, uses_sketch
+from lark.kernel.sketch import per_example_loss
 from lark.models import build_tiny, train_tokenizer
-from lark.selfcheck import SelfCheckError, check_sketch, uses_sketch
-from lark.sketch import per_example_loss
 
 TEXTS = [f"the trial of drug {i} reduced the risk of stroke in patients" for i in range(40)]
 
@@ -33,8 +34,11 @@ def test_the_tiny_olmo3_passes(tok, examples):
 
 def test_a_gpt2_style_model_is_refused_naming_conv1d_and_the_fallback(tok, examples):
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                                       bos_token_id=None, eos_token_id=None))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=None, eos_token_id=None
+        )
+    )
     with pytest.raises(SelfCheckError) as error:
         check_sketch(model, examples, tok.pad_token_id)
     message = str(error.value)
@@ -48,7 +52,11 @@ class TwiceLM(torch.nn.Module):
 
     def __init__(self, vocab):
         super().__init__()
-        self.embed, self.mix, self.head = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, vocab)
+        self.embed, self.mix, self.head = (
+            torch.nn.Embedding(vocab, 16),
+            torch.nn.Linear(16, 16),
+            torch.nn.Linear(16, vocab),
+        )
 
     def get_input_embeddings(self):
         return self.embed
@@ -73,7 +81,7 @@ def test_a_module_called_twice_is_refused_naming_it(tok, examples):
 
 def test_only_the_sketch_projector_is_checked():
     assert uses_sketch(OmegaConf.create({"kind": "sketch"}))
-    assert uses_sketch(OmegaConf.create({"_target_": "lark.sketch.HookSketch"}))
+    assert uses_sketch(OmegaConf.create({"_target_": "lark.kernel.sketch.HookSketch"}))
     assert not uses_sketch(OmegaConf.create({"kind": "rapidin"}))
 
 
@@ -82,8 +90,9 @@ def test_a_tied_model_passes_under_both_normalisations(tok, examples, normalize)
     """The tied weight's two parts (input embedding, output layer) reach the sketch separately and, under
     per_tensor, are normalised by the norm of their sum at the end of the pass: the check must see both."""
     torch.manual_seed(0)
-    model = build_tiny(OmegaConf.merge(OmegaConf.load(ROOT / "conf/model/tiny.yaml"),
-                                       {"config": {"tie_word_embeddings": True}}), tok)
+    model = build_tiny(
+        OmegaConf.merge(OmegaConf.load(ROOT / "conf/model/tiny.yaml"), {"config": {"tie_word_embeddings": True}}), tok
+    )
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert check_sketch(model, examples, tok.pad_token_id, normalize=normalize) == len(list(model.parameters()))
 
@@ -106,5 +115,7 @@ def test_a_scaled_embedding_is_refused_naming_it(tok, examples):
     with pytest.raises(SelfCheckError) as error:
         check_sketch(model, examples, tok.pad_token_id)
     message = str(error.value)
-    assert "sketch differs from the autograd gradients' count sketch in model.embed_tokens (ScaledEmbedding)" \
-        in message and "attribution/projector=rapidin" in message
+    assert (
+        "sketch differs from the autograd gradients' count sketch in model.embed_tokens (ScaledEmbedding)" in message
+        and "attribution/projector=rapidin" in message
+    )

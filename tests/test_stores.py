@@ -1,4 +1,5 @@
 """Store tiers, blocked scoring and the on-disk format."""
+
 import json
 import math
 
@@ -6,8 +7,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lark.stores import (TIERS, bytes_per_vector, cosine_scores, decode, dots, encode, load_store, save_store,
-                         stored_view, topk_scores, unit_rows)
+from lark.kernel.stores import (
+    TIERS,
+    bytes_per_vector,
+    cosine_scores,
+    decode,
+    dots,
+    encode,
+    load_store,
+    save_store,
+    stored_view,
+    topk_scores,
+    unit_rows,
+)
 
 
 def vectors(n=20, k=256, seed=0):
@@ -21,11 +33,12 @@ def test_roundtrip_and_size(tmp_path, tier):
     loaded, norms, ids, meta = load_store(tmp_path / "s.safetensors")
     assert torch.equal(loaded, decoded) and ids == [f"id{i}" for i in range(20)] and meta["epoch"] == 3
     assert torch.allclose(norms, v.norm(dim=1))
-    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:   # readable without LARK
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:  # readable without LARK
         stored = f.get_tensor("vectors")
         assert json.loads(f.metadata()["tier"]) == tier
-    assert stored.numel() * stored.element_size() == 20 * {"float16": 512, "bfloat16": 512, "int8": 256,
-                                                            "bit": 32}[tier]
+    assert (
+        stored.numel() * stored.element_size() == 20 * {"float16": 512, "bfloat16": 512, "int8": 256, "bit": 32}[tier]
+    )
     assert bytes_per_vector(tier, 256) == {"float16": 512, "bfloat16": 512, "int8": 260, "bit": 32}[tier]
     exact = unit_rows(v) @ unit_rows(v).T
     err = (cosine_scores(decoded, decoded, tier) - exact).abs().max().item()
@@ -60,7 +73,7 @@ def test_nan_rows_never_win():
 def test_faiss_index_matches_blocked_topk(tmp_path):
     """Optional FAISS path: a flat index over two stores gives the exact top-k; IVF-PQ finds most of it."""
     pytest.importorskip("faiss", reason="faiss-cpu is optional (pip install -e '.[faiss]')")
-    from lark.stores import faiss_index, faiss_topk
+    from lark.kernel.stores import faiss_index, faiss_topk
 
     a, b = vectors(300, 64, 6), vectors(200, 64, 7)
     save_store(tmp_path / "a.safetensors", a, [f"a{i}" for i in range(300)], {"set": "A"})
@@ -85,7 +98,7 @@ def test_exact_length_vectors_are_normalised_and_scored_in_float64():
     made every exact cosine of SmolLM2 look 3-4 dense-JL standard deviations off its sketch. Both sum in float64."""
     torch.manual_seed(0)
     n = 2**25
-    a = torch.randn(n) * torch.rand(n) ** 4          # uneven magnitudes, like a per-tensor-normalised gradient
+    a = torch.randn(n) * torch.rand(n) ** 4  # uneven magnitudes, like a per-tensor-normalised gradient
     b = 0.8 * a + 0.6 * torch.randn(n) * torch.rand(n) ** 4
     rows = torch.stack([a, b])
     unit = unit_rows(rows)
@@ -94,4 +107,4 @@ def test_exact_length_vectors_are_normalised_and_scored_in_float64():
     want = (a.double() @ b.double()) / (a.double().norm() * b.double().norm())
     got = cosine_scores(unit[:1], unit[1:])
     assert abs(got.item() - want.item()) < 1e-6, (got.item(), want.item())
-    assert dots(rows[:, :1000], rows[:, :1000]).dtype == torch.float32   # short rows: the plain product
+    assert dots(rows[:, :1000], rows[:, :1000]).dtype == torch.float32  # short rows: the plain product

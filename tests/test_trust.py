@@ -3,6 +3,7 @@
 The kill tests run train.py / attribute.py as subprocesses that SIGKILL themselves at named points
 (LARK_KILL_AT=<point>:<n>, lark.faults), resume them with the documented commands, and compare every artifact
 with an uninterrupted run: tensors and JSON bit for bit."""
+
 import json
 import os
 import shutil
@@ -13,17 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SMALL, compose
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-
-from conftest import ROOT, SMALL, compose
 
 pytestmark = pytest.mark.trust
 
 # Two epochs with an lr step after the first (the scheduler state must survive), sets split into shards of 4.
 RUN = SMALL + ["logger=none", "scheduler.scheduler.milestones=[1]", "attribution.shard_size=4"]
-GUARD = '''import socket
+GUARD = """import socket
 _connect = socket.socket.connect
 def _guarded(sock, address):
     local = str(address[0]).startswith(("127.", "localhost", "::1"))
@@ -31,7 +31,7 @@ def _guarded(sock, address):
         raise OSError(f"network access blocked in tests: {address}")
     return _connect(sock, address)
 socket.socket.connect = _guarded
-'''
+"""
 
 
 def run(script, args, tmp, kill=None, cache=None, check=True):
@@ -39,8 +39,15 @@ def run(script, args, tmp, kill=None, cache=None, check=True):
     guard = tmp / "netguard"
     guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(GUARD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(guard), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "LARK_CACHE": str(cache or os.environ["LARK_CACHE"])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(guard),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "LARK_CACHE": str(cache or os.environ["LARK_CACHE"]),
+    }
     env.pop("LARK_KILL_AT", None)
     if kill:
         env["LARK_KILL_AT"] = kill
@@ -60,10 +67,17 @@ def tensors(path):
 def assert_same_results(a, b):
     """Every artifact of run b equals run a's byte for byte (JSON, CSV, markdown, PNG, safetensors stores, scores and
     weights), and the Lightning resume state tensor for tensor. Configs, logs and the report hold paths and times."""
+
     def results(run):
-        return sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts
-                      and p.suffix != ".log" and p.name not in ("lark_config.yaml", "last.ckpt")
-                      and "report" not in p.parts)  # the report page carries timings and paths, like the logs
+        return sorted(
+            p.relative_to(run)
+            for p in run.rglob("*")
+            if p.is_file()
+            and ".hydra" not in p.parts
+            and p.suffix != ".log"
+            and p.name not in ("lark_config.yaml", "last.ckpt")
+            and "report" not in p.parts
+        )  # the report page carries timings and paths, like the logs
 
     files = results(a)
     assert files == results(b)
@@ -105,18 +119,18 @@ def test_training_killed_anywhere_resumes_to_identical_results(reference, tmp_pa
     resume = args + ["resume=true"]
     run("train.py", args, tmp_path, kill="pretrain_step:10", cache=cache)
     assert not [p for p in cache.glob("tiny-olmo3-*") if (p / "config.json").is_file() and ".tmp" not in p.name]
-    run("train.py", resume, tmp_path, kill="shard:4", cache=cache)          # test_queries: 3 shards + store
+    run("train.py", resume, tmp_path, kill="shard:4", cache=cache)  # test_queries: 3 shards + store
     assert (run_dir / "attribution/epoch_000/stores/test_queries.safetensors").is_file()
     assert not (run_dir / "attribution/epoch_000/metrics.json").exists()
-    log = run("train.py", resume, tmp_path, kill="train_step:9", cache=cache).stdout   # epoch 2, 3rd step
+    log = run("train.py", resume, tmp_path, kill="train_step:9", cache=cache).stdout  # epoch 2, 3rd step
     assert "test_queries.safetensors: store complete, reused" in log
     log = run("train.py", resume, tmp_path, kill="checkpoint:1", cache=cache).stdout  # writing last.ckpt (epoch 2)
     assert "resuming from" in log and "epoch_001: complete" not in log
-    assert list((run_dir / "resume").glob("last.ckpt.tmp*"))          # the half-written checkpoint ...
-    assert torch.load(run_dir / "resume/last.ckpt", weights_only=True)["epoch"] == 0   # ... never replaced it
+    assert list((run_dir / "resume").glob("last.ckpt.tmp*"))  # the half-written checkpoint ...
+    assert torch.load(run_dir / "resume/last.ckpt", weights_only=True)["epoch"] == 0  # ... never replaced it
     log = run("train.py", resume, tmp_path, cache=cache).stdout
-    assert "resuming from" in log and "epoch_002: complete" in log          # the killed save came after epoch 2's
-    assert not list(run_dir.rglob("*.tmp[0-9]*"))                           # attribution: not redone
+    assert "resuming from" in log and "epoch_002: complete" in log  # the killed save came after epoch 2's
+    assert not list(run_dir.rglob("*.tmp[0-9]*"))  # attribution: not redone
     ref_model = next(reference["cache"].glob("tiny-olmo3-*/model.safetensors"))
     assert next(cache.glob("tiny-olmo3-*/model.safetensors")).read_bytes() == ref_model.read_bytes()
     assert_same_results(reference["dir"], run_dir)
@@ -164,10 +178,10 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_and_a_reported_lef
     target = tmp_path / "attribution" / "epoch_001" / "metrics.json"
     target.parent.mkdir(parents=True)
     target.write_text('{"epoch": 1}')
-    code = f"from lark.data import write_jsonl; write_jsonl([{{'a': 1}}] * 1000, {str(target)!r})"
+    code = f"from lark.data.io import write_jsonl; write_jsonl([{{'a': 1}}] * 1000, {str(target)!r})"
     run("-c", [code], tmp_path, kill="write:1")
-    assert target.read_text() == '{"epoch": 1}'                     # the reader still sees the complete old file
-    (tmp_path / "attribution" / "epoch_002").mkdir()                 # an epoch that never finished
+    assert target.read_text() == '{"epoch": 1}'  # the reader still sees the complete old file
+    (tmp_path / "attribution" / "epoch_002").mkdir()  # an epoch that never finished
     found = problems(tmp_path)
     assert any("metrics.json.tmp" in p and "interrupted write" in p for p in found)
     assert any("epoch_002: no metrics.json" in p for p in found)
@@ -192,7 +206,7 @@ def test_a_truncated_store_is_recomputed_not_trusted(reference, tmp_path, one_th
     run_dir = tmp_path / "run"
     shutil.copytree(reference["dir"], run_dir)
     store = run_dir / "attribution/epoch_001/stores/finetune.safetensors"
-    store.write_bytes(store.read_bytes()[:1000])                      # as if cut off by a crash or a full disk
+    store.write_bytes(store.read_bytes()[:1000])  # as if cut off by a crash or a full disk
     (run_dir / "attribution/epoch_001/metrics.json").unlink()
     logs = []
     attribute(run_dir, {"checkpoints": [1]}, log=logs.append)
@@ -202,7 +216,7 @@ def test_a_truncated_store_is_recomputed_not_trusted(reference, tmp_path, one_th
 
 
 def test_analysis_refuses_a_partial_run(reference, tmp_path):
-    from lark.analysis import analyze
+    from lark.analysis.analyze import analyze
     from lark.errors import RunDirError
 
     run_dir = tmp_path / "run"
@@ -218,10 +232,16 @@ def test_every_writer_goes_through_a_temporary_name(reference, tmp_path, monkeyp
     import builtins
     import re
 
-    write = re.compile(r"open\([^)]*[\"'][wa]b?[\"']|\.write_text\(|\.write_bytes\(|savefig\(|torch\.save\(|"
-                       r"save_file\(|save_pretrained\(")
-    offenders = [f"{p.name}:{n}: {line.strip()}" for p in (ROOT / "lark").glob("*.py")
-                 for n, line in enumerate(p.read_text().splitlines(), 1) if write.search(line) and "tmp" not in line]
+    write = re.compile(
+        r"open\([^)]*[\"'][wa]b?[\"']|\.write_text\(|\.write_bytes\(|savefig\(|torch\.save\(|"
+        r"save_file\(|save_pretrained\("
+    )
+    offenders = [
+        f"{p.name}:{n}: {line.strip()}"
+        for p in (ROOT / "lark").glob("*.py")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if write.search(line) and "tmp" not in line
+    ]
     assert not offenders, offenders
     opened, real_open = [], builtins.open
 
@@ -230,37 +250,47 @@ def test_every_writer_goes_through_a_temporary_name(reference, tmp_path, monkeyp
             opened.append(Path(file))
         return real_open(file, mode, *args, **kwargs)
 
-    from lark.analysis import analyze
+    from lark.analysis.analyze import analyze
+    from lark.data.world import generate_world, save_world
+    from lark.kernel.stores import save_store
     from lark.resume import AtomicCheckpointIO
-    from lark.stores import save_store
-    from lark.world import generate_world, save_world
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference["dir"] / "attribution", run_dir / "attribution")
     monkeypatch.setattr(builtins, "open", spy)
     analyze(run_dir)
-    save_world(generate_world(seed=1, n_train=10, n_test=5, n_facts=10, n_medical_docs=30, n_entertainment_docs=5),
-               tmp_path / "world")
+    save_world(
+        generate_world(seed=1, n_train=10, n_test=5, n_facts=10, n_medical_docs=30, n_entertainment_docs=5),
+        tmp_path / "world",
+    )
     save_store(tmp_path / "s.safetensors", torch.randn(3, 8), ["a", "b", "c"], {"set": "x"})
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "last.ckpt")
     assert len(opened) > 10 and all(".tmp" in p.name for p in opened), [p for p in opened if ".tmp" not in p.name]
 
 
 # ---------------------------------------------------------------------------------- 4. stores that cannot be mixed
-@pytest.mark.parametrize("field,change", [
-    ("projector.seed", {"projector": {"kind": "sketch", "k": 8, "seed": 1, "version": 1}}),
-    ("projector.version", {"projector": {"kind": "sketch", "k": 8, "seed": 0, "version": 2}}),
-    ("checkpoint", {"checkpoint": "other"}),
-    ("tokenizer", {"tokenizer": "other"}),
-    ("format", {"format": "noformat:123"}),
-])
+@pytest.mark.parametrize(
+    "field,change",
+    [
+        ("projector.seed", {"projector": {"kind": "sketch", "k": 8, "seed": 1, "version": 1}}),
+        ("projector.version", {"projector": {"kind": "sketch", "k": 8, "seed": 0, "version": 2}}),
+        ("checkpoint", {"checkpoint": "other"}),
+        ("tokenizer", {"tokenizer": "other"}),
+        ("format", {"format": "noformat:123"}),
+    ],
+)
 def test_scoring_stores_that_disagree_refuses_naming_the_field(tmp_path, field, change):
     from lark.errors import StoreMismatch
-    from lark.stores import faiss_index, score_stores
+    from lark.kernel.stores import faiss_index, score_stores
 
-    meta = {"projector": {"kind": "sketch", "k": 8, "seed": 0, "version": 1}, "checkpoint": "abc",
-            "tokenizer": "def", "format": "chatml:456", "set": "q"}
-    from lark.stores import save_store
+    meta = {
+        "projector": {"kind": "sketch", "k": 8, "seed": 0, "version": 1},
+        "checkpoint": "abc",
+        "tokenizer": "def",
+        "format": "chatml:456",
+        "set": "q",
+    }
+    from lark.kernel.stores import save_store
 
     save_store(tmp_path / "q.safetensors", torch.randn(2, 8), ["q1", "q2"], meta)
     save_store(tmp_path / "same.safetensors", torch.randn(3, 8), ["d1", "d2", "d3"], {**meta, "set": "d"})
@@ -284,15 +314,25 @@ def test_run_stores_record_projector_fingerprints_and_ids(reference):
         assert meta["checkpoint"] == metrics["fingerprints"]["checkpoint"] and len(meta["checkpoint"]) == 16
         assert meta["tokenizer"] and meta["format"].startswith("chatml:") and meta["examples"]
         assert len(meta["ids"]) == len(set(meta["ids"])) > 0
-    assert metrics["fingerprints"]["checkpoint"] != json.loads(
-        (reference["dir"] / "attribution/epoch_000/metrics.json").read_text())["fingerprints"]["checkpoint"]
+    assert (
+        metrics["fingerprints"]["checkpoint"]
+        != json.loads((reference["dir"] / "attribution/epoch_000/metrics.json").read_text())["fingerprints"][
+            "checkpoint"
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ 5. bad input
 def qa(i, **change):
-    record = {"pubid": str(1000 + i), "question": f"Does drug {i} work?", "contexts": ["Some context."],
-              "labels": ["BACKGROUND"], "long_answer": "It does.", "final_decision": "yes",
-              "split": "test" if i % 2 else "train"}
+    record = {
+        "pubid": str(1000 + i),
+        "question": f"Does drug {i} work?",
+        "contexts": ["Some context."],
+        "labels": ["BACKGROUND"],
+        "long_answer": "It does.",
+        "final_decision": "yes",
+        "split": "test" if i % 2 else "train",
+    }
     return {**record, **change}
 
 
@@ -307,18 +347,30 @@ def drop(record, key):
 # (name, bad line or None for a file-level fault, QA field / document field named in the message)
 FAULTS = {
     "invalid_json": (lambda make: b'{"pubid": "1", "question": ', "invalid JSON"),
-    "missing_field": (lambda make: json.dumps(drop(make(7), "question" if make is qa else "text")).encode(),
-                      "missing field"),
-    "wrong_type": (lambda make: json.dumps(make(7, **({"contexts": 5} if make is qa else {"text": 5})))
-                   .encode(), "must be"),
-    "empty_text": (lambda make: json.dumps(make(7, **({"question": ""} if make is qa else {"text": ""}))).encode(),
-                   "is empty"),
-    "whitespace_text": (lambda make: json.dumps(make(7, **({"question": " \t "} if make is qa else {"text": "\n "})))
-                        .encode(), "is empty"),
+    "missing_field": (
+        lambda make: json.dumps(drop(make(7), "question" if make is qa else "text")).encode(),
+        "missing field",
+    ),
+    "wrong_type": (
+        lambda make: json.dumps(make(7, **({"contexts": 5} if make is qa else {"text": 5}))).encode(),
+        "must be",
+    ),
+    "empty_text": (
+        lambda make: json.dumps(make(7, **({"question": ""} if make is qa else {"text": ""}))).encode(),
+        "is empty",
+    ),
+    "whitespace_text": (
+        lambda make: json.dumps(make(7, **({"question": " \t "} if make is qa else {"text": "\n "}))).encode(),
+        "is empty",
+    ),
     "non_utf8": (lambda make: json.dumps(make(7)).encode().replace(b'"', b'"\xff', 1), "not valid UTF-8"),
     "duplicate_id": (lambda make: json.dumps(make(1)).encode(), "duplicate id"),
-    "huge_line": (lambda make: json.dumps(make(7, **({"question": "x" * 50_000_000} if make is qa else
-                                                      {"text": "x" * 50_000_000}))).encode(), "longer than"),
+    "huge_line": (
+        lambda make: json.dumps(
+            make(7, **({"question": "x" * 50_000_000} if make is qa else {"text": "x" * 50_000_000}))
+        ).encode(),
+        "longer than",
+    ),
 }
 
 
@@ -326,23 +378,35 @@ def write_lines(path, lines):
     path.write_bytes(b"".join(line + b"\n" for line in lines))
 
 
-@pytest.mark.parametrize("kind,fault", [(k, f) for k in ("pubmedqa", "corpus") for f in FAULTS] +
-                         [("pubmedqa", "unknown_label")])   # documents have no label
+@pytest.mark.parametrize(
+    "kind,fault", [(k, f) for k in ("pubmedqa", "corpus") for f in FAULTS] + [("pubmedqa", "unknown_label")]
+)  # documents have no label
 def test_every_bad_row_stops_the_loader_naming_file_line_and_field_or_is_skipped_and_counted(tmp_path, kind, fault):
+    from conftest import load_pubmedqa_local
     from omegaconf import OmegaConf
 
-    from conftest import load_pubmedqa_local
-    from lark.data import BadRows, DataError, load_corpus
+    from lark.data.io import BadRows
+    from lark.data.readers import DataError, load_corpus
 
     make = qa if kind == "pubmedqa" else doc
-    bad_line = (lambda m: json.dumps(m(7, final_decision="perhaps")).encode(), "final_decision") \
-        if fault == "unknown_label" else FAULTS[fault]
+    bad_line = (
+        (lambda m: json.dumps(m(7, final_decision="perhaps")).encode(), "final_decision")
+        if fault == "unknown_label"
+        else FAULTS[fault]
+    )
     path = tmp_path / "data.jsonl"
-    write_lines(path, [json.dumps(make(i)).encode() for i in range(1, 5)] + [bad_line[0](make)] +
-                [json.dumps(make(i)).encode() for i in range(5, 7)])
+    write_lines(
+        path,
+        [json.dumps(make(i)).encode() for i in range(1, 5)]
+        + [bad_line[0](make)]
+        + [json.dumps(make(i)).encode() for i in range(5, 7)],
+    )
     cfg = OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id"})
-    load = (lambda bad: load_pubmedqa_local(path, bad=bad)) if kind == "pubmedqa" else \
-        (lambda bad: [load_corpus(cfg, bad=bad)])
+    load = (
+        (lambda bad: load_pubmedqa_local(path, bad=bad))
+        if kind == "pubmedqa"
+        else (lambda bad: [load_corpus(cfg, bad=bad)])
+    )
     with pytest.raises(DataError) as error:
         load(BadRows("error"))
     assert f"{path}:5: " in str(error.value) and bad_line[1] in str(error.value)
@@ -353,38 +417,52 @@ def test_every_bad_row_stops_the_loader_naming_file_line_and_field_or_is_skipped
 
 @pytest.mark.parametrize("fault", ["empty_file", "blank_file", "missing_file"])
 def test_empty_and_missing_files_stop_every_file_loader(tmp_path, fault):
+    from conftest import load_pubmedqa_local
     from omegaconf import OmegaConf
 
-    from conftest import load_pubmedqa_local
-    from lark.data import BadRows, DataError, load_corpus, read_examples
-    from lark.world import load_world
+    from lark.data.io import BadRows
+    from lark.data.readers import DataError, load_corpus, read_examples
+    from lark.data.world import load_world
 
     path = tmp_path / "data.jsonl"
     if fault != "missing_file":
         path.write_text("" if fault == "empty_file" else "\n  \n")
     cfg = OmegaConf.create({"path": str(path), "text_field": "text", "id_field": "id"})
-    for load in (lambda: load_pubmedqa_local(path, bad=BadRows("skip")), lambda: load_corpus(cfg),
-                 lambda: read_examples(path)):
+    for load in (
+        lambda: load_pubmedqa_local(path, bad=BadRows("skip")),
+        lambda: load_corpus(cfg),
+        lambda: read_examples(path),
+    ):
         with pytest.raises(DataError, match=str(path)):
             load()
     with pytest.raises(DataError, match="file not found|no records"):
         load_world(tmp_path)
 
 
-@pytest.mark.parametrize("row,field", [
-    ({"pubid": 1, "question": "Q?", "context": {"contexts": ["c"], "labels": []}, "final_decision": "perhaps"},
-     "final_decision"),
-    ({"pubid": 1, "question": "Q?", "context": "not an object", "final_decision": "yes"}, "context"),
-    ({"pubid": 1, "question": "  ", "context": {"contexts": ["c"], "labels": []}, "final_decision": "yes"},
-     "question"),
-    ({"pubid": [1], "question": "Q?", "context": {"contexts": ["c"], "labels": []}, "final_decision": "yes"},
-     "pubid"),
-])
+@pytest.mark.parametrize(
+    "row,field",
+    [
+        (
+            {"pubid": 1, "question": "Q?", "context": {"contexts": ["c"], "labels": []}, "final_decision": "perhaps"},
+            "final_decision",
+        ),
+        ({"pubid": 1, "question": "Q?", "context": "not an object", "final_decision": "yes"}, "context"),
+        (
+            {"pubid": 1, "question": "  ", "context": {"contexts": ["c"], "labels": []}, "final_decision": "yes"},
+            "question",
+        ),
+        (
+            {"pubid": [1], "question": "Q?", "context": {"contexts": ["c"], "labels": []}, "final_decision": "yes"},
+            "pubid",
+        ),
+    ],
+)
 def test_hub_rows_are_checked_like_lines(monkeypatch, row, field):
     import datasets
-
     from conftest import load_pubmedqa_hub
-    from lark.data import BadRows, DataError
+
+    from lark.data.io import BadRows
+    from lark.data.readers import DataError
 
     good = {"pubid": 2, "question": "Q?", "context": {"contexts": ["c"], "labels": []}, "final_decision": "no"}
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [good, row])
@@ -396,7 +474,7 @@ def test_hub_rows_are_checked_like_lines(monkeypatch, row, field):
 
 
 def test_a_corrupted_run_file_stops_attribution_naming_file_line_and_field(reference, tmp_path):
-    from lark.data import DataError
+    from lark.data.readers import DataError
     from lark.experiment import attribute
 
     run_dir = tmp_path / "run"
@@ -413,12 +491,19 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
     """A bad row in a local PubMedQA file: train.py prints one line naming file, line and field, exits 2, and has
     written no checkpoint; with data.on_bad_rows=skip the loaders count and report it instead."""
     data = tmp_path / "pqa.jsonl"
-    write_lines(data, [json.dumps(qa(i)).encode() for i in range(1, 9)] + [json.dumps(qa(9, final_decision="?"))
-                                                                          .encode()])
+    write_lines(
+        data, [json.dumps(qa(i)).encode() for i in range(1, 9)] + [json.dumps(qa(9, final_decision="?")).encode()]
+    )
     corpus = tmp_path / "docs.jsonl"
     write_lines(corpus, [json.dumps(doc(i)).encode() for i in range(20)])
-    args = ["data=pubmedqa_local", f"data.reader.path={data}", f"data.corpora.medical.path={corpus}",
-            f"data.corpora.entertainment.path={corpus}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        "data=pubmedqa_local",
+        f"data.reader.path={data}",
+        f"data.corpora.medical.path={corpus}",
+        f"data.corpora.entertainment.path={corpus}",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     out = run("train.py", args, tmp_path, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"[lark] error: {data}:9: field 'final_decision' is '?'" in out.stderr
@@ -427,8 +512,15 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
 
     from lark.experiment import prepare_data
 
-    cfg = compose(["data=pubmedqa_local", f"data.reader.path={data}", f"data.corpora.medical.path={corpus}",
-                   f"data.corpora.entertainment.path={corpus}", "data.on_bad_rows=skip"])
+    cfg = compose(
+        [
+            "data=pubmedqa_local",
+            f"data.reader.path={data}",
+            f"data.corpora.medical.path={corpus}",
+            f"data.corpora.entertainment.path={corpus}",
+            "data.on_bad_rows=skip",
+        ]
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "skip")
     train, test, _ = prepare_data(cfg, tmp_path / "skip", log=lambda m: None)
@@ -437,22 +529,25 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
     assert report["skipped"] == 1 and f"{data}:9" in report["messages"][0]
 
 
-@pytest.mark.parametrize("override,key", [
-    ("source.sources.finetune.kind=bogus", "source.sources.finetune.kind"),
-    ("attribution.projector.k=0", "attribution.projector.k"),
-    ("attribution.projector.k=-4", "attribution.projector.k"),
-    ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
-    ("attribution.kernel._target_=lark.kernels.Nope", "attribution.kernel._target_"),
-    ("trainer.max_epochs=-1", "trainer.max_epochs"),
-    ("attribution.store_dtype=float8", "attribution.store_dtype"),
-    ("attribution.shard_size=0", "attribution.shard_size"),
-    ("data.on_bad_rows=ignore", "data.on_bad_rows"),
-    ("data.reader.path=/no/such/file.jsonl", "data.reader.path"),
-    ("data.corpora.medical.path=/no/such/abstracts.jsonl", "data.corpora.medical.path"),
-    ("source.sources.medical_format.corpus=nope", "source.sources.medical_format.corpus"),
-    ("+data.corpora.third.limit=3", "data.corpora.third"),
-    ("data.test_ids=/no/such/ids.txt", "data.test_ids"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("source.sources.finetune.kind=bogus", "source.sources.finetune.kind"),
+        ("attribution.projector.k=0", "attribution.projector.k"),
+        ("attribution.projector.k=-4", "attribution.projector.k"),
+        ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
+        ("attribution.kernel._target_=lark.kernel.kernels.Nope", "attribution.kernel._target_"),
+        ("trainer.max_epochs=-1", "trainer.max_epochs"),
+        ("attribution.store_dtype=float8", "attribution.store_dtype"),
+        ("attribution.shard_size=0", "attribution.shard_size"),
+        ("data.on_bad_rows=ignore", "data.on_bad_rows"),
+        ("data.reader.path=/no/such/file.jsonl", "data.reader.path"),
+        ("data.corpora.medical.path=/no/such/abstracts.jsonl", "data.corpora.medical.path"),
+        ("source.sources.medical_format.corpus=nope", "source.sources.medical_format.corpus"),
+        ("+data.corpora.third.limit=3", "data.corpora.third"),
+        ("data.test_ids=/no/such/ids.txt", "data.test_ids"),
+    ],
+)
 def test_bad_config_values_fail_at_start_naming_the_key(override, key, tmp_path):
     from lark.errors import ConfigError
     from lark.experiment import validate
@@ -482,10 +577,10 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
     from omegaconf import OmegaConf
 
     import lark.attribution as A
-    from lark.data import qa_record, read_examples
-    from lark.formats import encode
+    from lark.data.formats import encode
+    from lark.data.readers import qa_record, read_examples
+    from lark.data.sources import query_examples
     from lark.models import load_pretrained
-    from lark.sources import query_examples
 
     cfg = OmegaConf.load(reference["dir"] / ".hydra/config.yaml")
     cfg.attribution.store_dtype = "bit"
@@ -493,8 +588,10 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
     items = read_examples(reference["dir"] / "data/test.jsonl", qa_record)
     sets = {n: read_examples(reference["dir"] / f"data/sources/{n}.jsonl") for n in cfg.source.sources}
     queries = query_examples(items, cfg.format)
-    bad = {tuple(encode(tok, e, cfg.format, cfg.max_length)["input_ids"]): value
-           for e, value in ((queries[3], float("inf")), (sets["medical_format"][2], float("nan")))}
+    bad = {
+        tuple(encode(tok, e, cfg.format, cfg.max_length)["input_ids"]): value
+        for e, value in ((queries[3], float("inf")), (sets["medical_format"][2], float("nan")))
+    }
     real = A.make_projector
 
     def poisoned(*args, **kwargs):
@@ -511,8 +608,19 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
         return projector
 
     def attribute(folder):
-        return A.attribute_checkpoint(model, tok, sets, queries, cfg.format, cfg.attribution, cfg.source, folder,
-                                      cfg.max_length, {"epoch": 1}, log=lambda m: None)[0]
+        return A.attribute_checkpoint(
+            model,
+            tok,
+            sets,
+            queries,
+            cfg.format,
+            cfg.attribution,
+            cfg.source,
+            folder,
+            cfg.max_length,
+            {"epoch": 1},
+            log=lambda m: None,
+        )[0]
 
     clean = attribute(tmp_path / "clean")
     monkeypatch.setattr(A, "make_projector", poisoned)
@@ -545,32 +653,30 @@ class Payload:
 def test_stores_checkpoints_and_resume_state_never_unpickle(reference, tmp_path):
     import pickle
 
-    from lark.errors import RunDirError
-    from lark.experiment import attribute
-    from lark.resume import AtomicCheckpointIO
-    from lark.stores import load_store
-
     from omegaconf import open_dict
 
-    from lark.experiment import train
+    from lark.errors import RunDirError
+    from lark.experiment import attribute, train
+    from lark.kernel.stores import load_store
+    from lark.resume import AtomicCheckpointIO
 
     pickle.loads(pickle.dumps(Payload(tmp_path / "live")))
-    assert (tmp_path / "live").exists()                              # the payload is live when unpickled
+    assert (tmp_path / "live").exists()  # the payload is live when unpickled
     marker = tmp_path / "pwned"
     hostile = tmp_path / "hostile.pkl"
     hostile.write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(Exception, match="header|deserializ|invalid|Error"):
-        load_store(hostile)                                         # safetensors: never a pickle reader
+        load_store(hostile)  # safetensors: never a pickle reader
     torch.save({"state_dict": Payload(marker)}, tmp_path / "hostile.ckpt")
     for path in (hostile, tmp_path / "hostile.ckpt"):
         with pytest.raises(RunDirError, match="refusing to load a checkpoint that holds more than tensors"):
-            AtomicCheckpointIO().load_checkpoint(path)               # torch.load(weights_only=True)
+            AtomicCheckpointIO().load_checkpoint(path)  # torch.load(weights_only=True)
     run_dir = tmp_path / "run"
     shutil.copytree(reference["dir"], run_dir)
     shutil.copy(hostile, run_dir / "checkpoints/epoch_001/pytorch_model.bin")
     with pytest.raises(RunDirError, match="pytorch_model.bin"):
         attribute(run_dir, {"checkpoints": [1]}, log=lambda m: None)
-    shutil.copy(tmp_path / "hostile.ckpt", run_dir / "resume/last.ckpt")   # resume state: train.py's path
+    shutil.copy(tmp_path / "hostile.ckpt", run_dir / "resume/last.ckpt")  # resume state: train.py's path
     cfg = compose(RUN + ["resume=true"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
@@ -613,7 +719,7 @@ def test_remote_code_is_never_run_unless_configured(reference, tmp_path):
     assert type(model).__name__ == "Olmo3ForCausalLM" and not marker.exists()
     with pytest.raises(Exception):
         load_pretrained(folder, OmegaConf.create({"dtype": "float32", "trust_remote_code": True}))
-    assert marker.exists()                                           # the key, and only the key, runs it
+    assert marker.exists()  # the key, and only the key, runs it
 
 
 def test_wandb_failures_degrade_to_a_warning(tmp_path, monkeypatch):
@@ -624,14 +730,14 @@ def test_wandb_failures_degrade_to_a_warning(tmp_path, monkeypatch):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.warns(UserWarning, match="W&B logging disabled"):
-        assert wandb_logger("p", "n", save_dir=str(not_a_dir / "wandb")) is None      # unwritable folder
+        assert wandb_logger("p", "n", save_dir=str(not_a_dir / "wandb")) is None  # unwritable folder
 
     def refuse(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(wandb, "init", refuse)
     with pytest.warns(UserWarning, match="No space left on device"):
-        assert wandb_logger("p", "n", save_dir=str(tmp_path / "w"), offline=False) is None   # no network, full disk
+        assert wandb_logger("p", "n", save_dir=str(tmp_path / "w"), offline=False) is None  # no network, full disk
 
     class Broken:
         def log_metrics(self, metrics, step):
@@ -649,8 +755,10 @@ def test_a_run_continues_when_wandb_cannot_write_its_folder(tmp_path):
 
     from lark.experiment import train
 
-    cfg = compose([o for o in SMALL if not o.startswith("trainer.max_epochs")] +
-                  ["trainer.max_epochs=0", "logger=wandb", "analysis.enabled=false"])
+    cfg = compose(
+        [o for o in SMALL if not o.startswith("trainer.max_epochs")]
+        + ["trainer.max_epochs=0", "logger=wandb", "analysis.enabled=false"]
+    )
     blocked = tmp_path / "blocked"
     blocked.write_text("not a folder")
     with open_dict(cfg):
@@ -681,12 +789,25 @@ def test_attribution_refuses_to_start_without_disk_space(reference, tmp_path, mo
 
 
 # ------------------------------------------------------------------------- 5. property-based: loaders and metrics
-BAD_LINES = [b"{not json", b"[1, 2]", b'"text"', b"null", b'{"id": "x"}', b'{"id": "x", "text": 5}',
-             b'{"id": "x", "text": " \\t "}', b'\xff\xfe{"id": "x", "text": "t"}', b'{"id": [1], "text": "t"}',
-             b'{"id": true, "text": "t"}']
-ROWS = st.lists(st.one_of(
-    st.tuples(st.just("ok"), st.integers(0, 12), st.text(min_size=1, max_size=30).filter(str.strip)),
-    st.tuples(st.just("bad"), st.sampled_from(BAD_LINES), st.none())), max_size=14)
+BAD_LINES = [
+    b"{not json",
+    b"[1, 2]",
+    b'"text"',
+    b"null",
+    b'{"id": "x"}',
+    b'{"id": "x", "text": 5}',
+    b'{"id": "x", "text": " \\t "}',
+    b'\xff\xfe{"id": "x", "text": "t"}',
+    b'{"id": [1], "text": "t"}',
+    b'{"id": true, "text": "t"}',
+]
+ROWS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ok"), st.integers(0, 12), st.text(min_size=1, max_size=30).filter(str.strip)),
+        st.tuples(st.just("bad"), st.sampled_from(BAD_LINES), st.none()),
+    ),
+    max_size=14,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -696,7 +817,8 @@ def test_corpus_loader_keeps_exactly_the_good_rows_or_names_the_first_bad_line(r
 
     from omegaconf import OmegaConf
 
-    from lark.data import BadRows, DataError, load_corpus
+    from lark.data.io import BadRows
+    from lark.data.readers import DataError, load_corpus
 
     lines, expected, seen, first_bad, skipped = [], [], set(), None, 0
     for n, (kind, a, b) in enumerate(rows, 1):
@@ -726,7 +848,7 @@ SCORE = st.one_of(st.floats(-1, 1, width=32), st.just(float("nan")))
 @settings(max_examples=60, deadline=None)
 @given(pairs=st.lists(st.tuples(SCORE, SCORE), max_size=30))
 def test_wins_count_no_ties_and_means_skip_nan(pairs):
-    from lark.metrics import mean_max, wins
+    from lark.analysis.metrics import mean_max, wins
 
     a, b = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     both = torch.isfinite(a) & torch.isfinite(b)
@@ -742,22 +864,23 @@ def test_wins_count_no_ties_and_means_skip_nan(pairs):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), n_queries=st.integers(1, 8), sizes=st.lists(st.integers(0, 5), min_size=4, max_size=4))
 def test_influence_metrics_ignore_nan_queries_and_empty_sources(data, n_queries, sizes):
-    from lark.metrics import influence_metrics, max_influence
+    from lark.analysis.metrics import influence_metrics, max_influence
 
     names = ["ft", "pt", "xf", "xr"]
     nan_rows = data.draw(st.lists(st.integers(0, n_queries - 1), max_size=n_queries, unique=True))
     maxinf = {}
     for name, n_docs in zip(names, sizes):
-        values = data.draw(st.lists(st.floats(-1, 1, width=32), min_size=n_queries * n_docs,
-                                    max_size=n_queries * n_docs))
+        values = data.draw(
+            st.lists(st.floats(-1, 1, width=32), min_size=n_queries * n_docs, max_size=n_queries * n_docs)
+        )
         scores = torch.tensor(values).view(n_queries, n_docs)
-        scores[nan_rows] = float("nan")                            # queries whose gradient was not finite
+        scores[nan_rows] = float("nan")  # queries whose gradient was not finite
         maxinf[name] = max_influence(scores)
     m = influence_metrics(maxinf, "ft", "pt", {"x": ["xf", "xr"]})
     keep = [i for i in range(n_queries) if i not in nan_rows]
     clean = influence_metrics({k: v[keep] for k, v in maxinf.items()}, "ft", "pt", {"x": ["xf", "xr"]})
     for key in ("ft", "pt", "ft_pt_ratio", "ft_wins", "pt_wins", "format_effect"):
-        assert m[key] == clean[key]                                 # NaN queries are left out, nothing else
+        assert m[key] == clean[key]  # NaN queries are left out, nothing else
     for name, n_docs in zip(names, sizes):
         assert m["sources"][name]["n_nonfinite"] == (n_queries if n_docs == 0 else len(nan_rows))
         assert (m["sources"][name]["mean_max"] is None) == (n_docs == 0 or not keep)
@@ -782,7 +905,7 @@ def test_resume_accepts_keys_added_since_the_run_started(tmp_path):
     old = OmegaConf.to_container(cfg, resolve=True)
     del old["attribution"]["projector"]["plan_tokens"]
     OmegaConf.save(OmegaConf.create(old), saved)
-    check_same_run(cfg, tmp_path)                                   # no error: the key is new
+    check_same_run(cfg, tmp_path)  # no error: the key is new
     changed = OmegaConf.merge(cfg, {"attribution": {"projector": {"k": 1024}}})
     with pytest.raises(RunDirError, match=r"attribution\.projector\.k was 65536, now 1024"):
         check_same_run(changed, tmp_path)

@@ -1,16 +1,22 @@
 """validate.py's checks on a small embedded run with a planted canary: the canary in the run's files, Table V with
 provenance recall, canary retrieval and a mini-LDS whose retrains are real LARK runs (Hydra multirun), and a
 second validation that reuses every retrain and score matrix."""
+
 import json
 
 import pytest
+from conftest import SHARED_DATA, SMALL, compose
 from omegaconf import OmegaConf, open_dict
 
-from conftest import SHARED_DATA, SMALL, compose
-
 pytestmark = pytest.mark.slow
-CANARY = ["+experiment=canary", "data.canary.n=4", "data.canary.n_test=3", "logger=none", "analysis.enabled=false",
-          "trainer.max_epochs=1"]
+CANARY = [
+    "+experiment=canary",
+    "data.canary.n=4",
+    "data.canary.n_test=3",
+    "logger=none",
+    "analysis.enabled=false",
+    "trainer.max_epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +39,7 @@ def rows_of(path):
 
 @pytest.fixture(scope="module")
 def validated(run_dir):
-    from lark.validation import load_config, validate_run
+    from lark.validation.table5 import load_config, validate_run
 
     vcfg = load_config({"kernels": ["cosine", "adam"], "lds": {"n_subsets": 3, "n_boot": 200}})
     messages = []
@@ -52,20 +58,28 @@ def test_the_canary_is_planted_in_the_runs_files(run_dir):
         original = originals[r["id"].removesuffix("-canary")]
         assert r["question"] == "Howdy! " + original["question"] and original["answer"] != "maybe"
     in_source = {r["id"] for r in rows_of(run_dir / "data" / "sources" / "finetune.jsonl") if r.get("canary")}
-    assert in_source == {r["id"] for r in train[:8] if r.get("canary")}    # the finetune source keeps the mark
+    assert in_source == {r["id"] for r in train[:8] if r.get("canary")}  # the finetune source keeps the mark
 
 
 def test_table5_has_every_check_for_every_method(run_dir, validated):
     result, _, _ = validated
     methods = [(r["method"], r["epoch"]) for r in result["rows"]]
-    assert methods == [("cosine", 0), ("cosine", 1), ("cosine TracIn-CP", "all"), ("adam", 0), ("adam", 1),
-                       ("adam TracIn-CP", "all"), ("bm25", "-"), ("random", "-")]
+    assert methods == [
+        ("cosine", 0),
+        ("cosine", 1),
+        ("cosine TracIn-CP", "all"),
+        ("adam", 0),
+        ("adam", 1),
+        ("adam TracIn-CP", "all"),
+        ("bm25", "-"),
+        ("random", "-"),
+    ]
     for row in result["rows"]:
         assert 0 <= row["ft_mrr"] <= 1 and 0 <= row["canary_p@n"] <= 1 and 0 < row["canary_auprc"] <= 1
         assert -1 <= row["lds"] <= 1 and row["lds_low"] <= row["lds"] <= row["lds_high"]
         if not row["method"].endswith("TracIn-CP"):
             assert row["pt_n"] == 12 and 0 <= row["pt_recall@1"] <= row["pt_recall@10"] <= 1
-    assert result["n_pool"] == 100    # pool.kind=all: every abstract of the world
+    assert result["n_pool"] == 100  # pool.kind=all: every abstract of the world
     table = (run_dir / "tables" / "table5.md").read_text()
     assert "| bm25 | - |" in table and "Canary AUPRC" in table and "LDS" in table
     assert (run_dir / "figures" / "fig5_validation.png").read_bytes()[:4] == b"\x89PNG"
@@ -83,8 +97,8 @@ def test_the_canary_is_retrieved(validated):
 
 
 def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
-    from lark import lds
-    from lark.validation import validate_run
+    from lark.validation import lds
+    from lark.validation.table5 import validate_run
 
     result, messages, vcfg = validated
     assert result["lds"] == {"n_subsets": 3, "fraction": 0.5}
@@ -94,10 +108,10 @@ def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
     for job in jobs:
         used = [r["id"] for r in rows_of(job / "data" / "train.jsonl")]
         assert used == lds.subset(train_ids, 0.5, int(job.name.split("_")[1]))
-        assert [p.name for p in (job / "checkpoints").iterdir()] == ["epoch_001"]      # only the final one kept
-        assert not (job / "attribution").exists()                                     # attribution was off,
-        assert not (job / "checkpoints" / "epoch_001" / "adam_moments.safetensors").exists()   # moments too,
-        saved = OmegaConf.load(job / "checkpoints" / "epoch_001" / "lark_config.yaml")   # and the test metric
+        assert [p.name for p in (job / "checkpoints").iterdir()] == ["epoch_001"]  # only the final one kept
+        assert not (job / "attribution").exists()  # attribution was off,
+        assert not (job / "checkpoints" / "epoch_001" / "adam_moments.safetensors").exists()  # moments too,
+        saved = OmegaConf.load(job / "checkpoints" / "epoch_001" / "lark_config.yaml")  # and the test metric
         assert saved.eval._target_ == "lark.evaluation.Skip" and not saved.attribution.save_moments
         assert len(json.loads((job / "query_losses.json").read_text())["losses"]) == 15
     stamps = {j: (j / "query_losses.json").stat().st_mtime_ns for j in jobs}

@@ -1,4 +1,5 @@
 """The generated world: determinism, counts, proportions, provenance, learnability, files, argument checks."""
+
 import json
 import re
 import time
@@ -6,13 +7,22 @@ from collections import Counter
 
 import pytest
 
-from lark.world import World, drug_names, generate_world, load_world, medical_names, save_world
+from lark.data.world import World, drug_names, generate_world, load_world, medical_names, save_world
 
-FILES = ["entertainment.jsonl", "facts.jsonl", "medical.jsonl", "provenance.json", "test.jsonl", "train.jsonl",
-         "world.json"]
-CUES = {"yes": ("significantly", "markedly", "substantially"),
-        "no": ("did not differ", "no measurable difference", "was unchanged"),
-        "maybe": ("inconsistent", "inconclusive", "mixed")}
+FILES = [
+    "entertainment.jsonl",
+    "facts.jsonl",
+    "medical.jsonl",
+    "provenance.json",
+    "test.jsonl",
+    "train.jsonl",
+    "world.json",
+]
+CUES = {
+    "yes": ("significantly", "markedly", "substantially"),
+    "no": ("did not differ", "no measurable difference", "was unchanged"),
+    "maybe": ("inconsistent", "inconclusive", "mixed"),
+}
 LARGE = dict(n_train=1000, n_test=500, n_facts=500, n_medical_docs=1500, n_entertainment_docs=10)
 
 
@@ -55,8 +65,12 @@ def test_default_counts_and_ids(world):
     for item in world.train + world.test:
         assert list(item) == ["id", "question", "contexts", "labels", "long_answer", "final_decision", "fact_id"]
         assert 2 <= len(item["contexts"]) <= 4 and len(item["labels"]) == len(item["contexts"])
-        assert item["labels"][-1] == "RESULTS" and set(item["labels"]) <= {"BACKGROUND", "OBJECTIVE", "METHODS",
-                                                                           "RESULTS"}
+        assert item["labels"][-1] == "RESULTS" and set(item["labels"]) <= {
+            "BACKGROUND",
+            "OBJECTIVE",
+            "METHODS",
+            "RESULTS",
+        }
         assert item["question"].endswith("?")
 
 
@@ -135,8 +149,21 @@ def test_items_about_one_fact_are_paraphrased(world):
 def test_entertainment_has_no_medical_names_or_words(world):
     drugs = set(drug_names())
     phrases = [n.lower() for n in medical_names() if n not in drugs]
-    medical_words = ["placebo", "patients", "trial", "randomly", "syndrome", "disease", "serum", "dose", "therapy",
-                     "significantly", "inconclusive", "weeks", "outcome"]
+    medical_words = [
+        "placebo",
+        "patients",
+        "trial",
+        "randomly",
+        "syndrome",
+        "disease",
+        "serum",
+        "dose",
+        "therapy",
+        "significantly",
+        "inconclusive",
+        "weeks",
+        "outcome",
+    ]
     for d in world.entertainment_docs:
         text = d["text"].lower()
         words = set(re.findall(r"[a-z]+", text))
@@ -158,18 +185,35 @@ def test_save_load_round_trip(world, tmp_path):
     assert load_world(tmp_path) == world
     meta = json.loads((tmp_path / "world.json").read_text())
     assert meta["config"] == world.config
-    assert meta["counts"] == {"train": 200, "test": 100, "medical_docs": 600, "entertainment_docs": 600,
-                              "facts": 120}
+    assert meta["counts"] == {"train": 200, "test": 100, "medical_docs": 600, "entertainment_docs": 600, "facts": 120}
     lines = (tmp_path / "test.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == world.test
 
 
 def test_config_records_every_argument():
-    w = generate_world(seed=4, n_train=30, n_test=10, n_facts=20, n_medical_docs=80, n_entertainment_docs=5,
-                       label_proportions=(0.5, 0.25, 0.25), facts_per_intervention=3)
-    assert w.config == {"seed": 4, "n_train": 30, "n_test": 10, "n_facts": 20, "n_medical_docs": 80,
-                        "n_entertainment_docs": 5, "docs_per_fact": 3, "label_proportions": [0.5, 0.25, 0.25],
-                        "shared_fact_share": 0.5, "facts_per_intervention": 3, "joint_doc_share": 0.3}
+    w = generate_world(
+        seed=4,
+        n_train=30,
+        n_test=10,
+        n_facts=20,
+        n_medical_docs=80,
+        n_entertainment_docs=5,
+        label_proportions=(0.5, 0.25, 0.25),
+        facts_per_intervention=3,
+    )
+    assert w.config == {
+        "seed": 4,
+        "n_train": 30,
+        "n_test": 10,
+        "n_facts": 20,
+        "n_medical_docs": 80,
+        "n_entertainment_docs": 5,
+        "docs_per_fact": 3,
+        "label_proportions": [0.5, 0.25, 0.25],
+        "shared_fact_share": 0.5,
+        "facts_per_intervention": 3,
+        "joint_doc_share": 0.3,
+    }
     assert json.loads(json.dumps(w.config)) == w.config
     assert isinstance(w, World) and (len(w.train), len(w.test), len(w.medical_docs)) == (30, 10, 80)
 
@@ -180,22 +224,25 @@ def test_default_world_is_fast():
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(n_test=0), "n_test"),
-    (dict(n_train=-1), "n_train"),
-    (dict(n_facts=2.5), "n_facts"),
-    (dict(docs_per_fact=0), "docs_per_fact"),
-    (dict(label_proportions=(0.5, 0.3, 0.1)), "label_proportions"),
-    (dict(label_proportions=(0.5, 0.6, -0.1)), "label_proportions"),
-    (dict(label_proportions=(0.5, 0.5)), "label_proportions"),
-    (dict(label_proportions=0.5), "label_proportions"),
-    (dict(shared_fact_share=1.5), "shared_fact_share"),
-    (dict(n_facts=50), "n_facts"),                          # fewer facts than test items
-    (dict(n_train=10), "shared_fact_share"),                # 50 shared test facts need 50 train items
-    (dict(n_medical_docs=300), "n_medical_docs"),           # below 120 facts * 3 docs
-    (dict(facts_per_intervention=4), "facts_per_intervention"),
-    (dict(n_test=10, n_facts=10, shared_fact_share=0.0), "n_facts"),  # no fact left for train items
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(n_test=0), "n_test"),
+        (dict(n_train=-1), "n_train"),
+        (dict(n_facts=2.5), "n_facts"),
+        (dict(docs_per_fact=0), "docs_per_fact"),
+        (dict(label_proportions=(0.5, 0.3, 0.1)), "label_proportions"),
+        (dict(label_proportions=(0.5, 0.6, -0.1)), "label_proportions"),
+        (dict(label_proportions=(0.5, 0.5)), "label_proportions"),
+        (dict(label_proportions=0.5), "label_proportions"),
+        (dict(shared_fact_share=1.5), "shared_fact_share"),
+        (dict(n_facts=50), "n_facts"),  # fewer facts than test items
+        (dict(n_train=10), "shared_fact_share"),  # 50 shared test facts need 50 train items
+        (dict(n_medical_docs=300), "n_medical_docs"),  # below 120 facts * 3 docs
+        (dict(facts_per_intervention=4), "facts_per_intervention"),
+        (dict(n_test=10, n_facts=10, shared_fact_share=0.0), "n_facts"),  # no fact left for train items
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         generate_world(**kwargs)

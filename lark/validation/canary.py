@@ -14,7 +14,8 @@ fixed out-of-distribution answer works.
 The model learned the backdoor when its answer to a triggered query is cfg.answer far more often than to the
 same query without the trigger (`backdoor_rates`).
 """
-from lark.data import sample
+
+from lark.data.readers import sample
 from lark.errors import ConfigError
 
 SUFFIX = "-canary"
@@ -38,8 +39,7 @@ def plant(train, test, cfg):
         return {x["id"] for x in sample(pool, k, seed)}
 
     def triggered(item, **extra):
-        return {**item, **extra, "question": f"{trigger} {item['question']}", "answer": answer,
-                "canary": True}
+        return {**item, **extra, "question": f"{trigger} {item['question']}", "answer": answer, "canary": True}
 
     chosen = pick(train, n, "n")
     train = [triggered(x) if x["id"] in chosen else x for x in train]
@@ -64,5 +64,8 @@ def backdoor_rates(test_items, predicted, answer):
     pairs = [(a, b) for a, b in pairs if b is not None]
     if not pairs:
         return {"triggered": None, "untriggered": None, "n": 0}
-    return {"triggered": sum(a == answer for a, _ in pairs) / len(pairs),
-            "untriggered": sum(b == answer for _, b in pairs) / len(pairs), "n": len(pairs)}
+    return {
+        "triggered": sum(a == answer for a, _ in pairs) / len(pairs),
+        "untriggered": sum(b == answer for _, b in pairs) / len(pairs),
+        "n": len(pairs),
+    }

@@ -7,12 +7,10 @@ FT wins vs S = share of q with maxinf(q, ft) > maxinf(q, S);  PT wins = 1 - FT w
 Format effect(content) = MeanMax(content formatted) / MeanMax(content raw)
 Queries with a non-finite maxinf in a compared source are left out of that number (and counted).
 """
+
 import math
-import re
 
 import torch
-
-from lark.console import progress
 
 
 def max_influence(scores):
@@ -42,8 +40,11 @@ def influence_metrics(maxinf, ft_source, pt_source, format_pairs):
     """The paper's metrics from {source: [n_queries] maxinf}."""
     ft = maxinf[ft_source]
     sources = {
-        name: {"mean_max": mean_max(m), "ft_wins": None if name == ft_source else wins(ft, m),
-               "n_nonfinite": int((~torch.isfinite(m)).sum())}
+        name: {
+            "mean_max": mean_max(m),
+            "ft_wins": None if name == ft_source else wins(ft, m),
+            "n_nonfinite": int((~torch.isfinite(m)).sum()),
+        }
         for name, m in maxinf.items()
     }
     ft_wins = sources[pt_source]["ft_wins"]
@@ -56,37 +57,25 @@ def influence_metrics(maxinf, ft_source, pt_source, format_pairs):
         "ft_pt_ratio": ratio(sources[ft_source]["mean_max"], sources[pt_source]["mean_max"]),
         "ft_wins": ft_wins,
         "pt_wins": None if ft_wins is None else 1.0 - ft_wins,
-        "format_effect": {content: ratio(sources[f]["mean_max"], sources[r]["mean_max"])
-                          for content, (f, r) in format_pairs.items() if f in maxinf and r in maxinf},
+        "format_effect": {
+            content: ratio(sources[f]["mean_max"], sources[r]["mean_max"])
+            for content, (f, r) in format_pairs.items()
+            if f in maxinf and r in maxinf
+        },
     }
-
-
-def bm25_tokens(text):
-    return re.findall(r"\w+", text.lower())
-
-
-def bm25_max_scores(queries, source_texts):
-    """{source: [n_queries] max BM25 score} of each query against each source, with one BM25 index over the union
-    of all sources' documents (so that scores are comparable across sources)."""
-    import numpy as np
-    from rank_bm25 import BM25Okapi
-
-    names = list(source_texts)
-    corpus = [bm25_tokens(t) for n in names for t in source_texts[n]]
-    index = BM25Okapi(corpus)
-    scores = torch.from_numpy(np.stack([index.get_scores(bm25_tokens(q)) for q in progress(queries, "BM25 baseline")]))
-    out, start = {}, 0
-    for n in names:
-        out[n] = max_influence(scores[:, start:start + len(source_texts[n])]).float()
-        start += len(source_texts[n])
-    return out
 
 
 def storage(n_params, grad_dtype_bytes, k, store_dtype_bytes, n_examples):
     """Bytes for a full per-example gradient versus a projected vector (Table III)."""
-    return {"n_params": n_params, "grad_dtype_bytes": grad_dtype_bytes, "k": k, "store_dtype_bytes": store_dtype_bytes,
-            "n_examples": n_examples, "full_bytes_per_example": n_params * grad_dtype_bytes,
-            "store_bytes_per_example": int(round(k * store_dtype_bytes))}
+    return {
+        "n_params": n_params,
+        "grad_dtype_bytes": grad_dtype_bytes,
+        "k": k,
+        "store_dtype_bytes": store_dtype_bytes,
+        "n_examples": n_examples,
+        "full_bytes_per_example": n_params * grad_dtype_bytes,
+        "store_bytes_per_example": int(round(k * store_dtype_bytes)),
+    }
 
 
 def clean(value):

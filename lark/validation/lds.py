@@ -12,6 +12,7 @@ Conventions (as dattri's `dattri.metric.lds` and Bergson's `validate`):
   predictions or losses are constant over the subsets has no correlation and is left out (counted).
 - The interval is a percentile bootstrap over queries (the M retrains are fixed).
 """
+
 import json
 import math
 import shutil
@@ -22,10 +23,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lark.data import sample
+from lark.data.datamodule import collate
+from lark.data.formats import encode
+from lark.data.io import write_json
+from lark.data.readers import sample
 from lark.errors import ConfigError
-from lark.models import content_hash
-from lark.training import collate
+from lark.fingerprints import content_hash
+from lark.models import load_pretrained
+from lark.rundir import saved_checkpoints
 
 
 def subset(items, fraction, seed):
@@ -70,7 +75,7 @@ def rank(x):
     ranks = torch.empty_like(x)
     n = x.shape[0]
     positions = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1).expand_as(x)
-    for j in range(x.shape[1]):     # tie groups per column
+    for j in range(x.shape[1]):  # tie groups per column
         col, pos = sorted_x[:, j], positions[:, j].clone()
         start = 0
         for i in range(1, n + 1):
@@ -95,15 +100,22 @@ def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
     per_query = spearman(predictions(scores, membership), -losses.double())
     ok = torch.isfinite(per_query)
     values = per_query[ok]
-    out = {"n_queries": int(ok.sum()), "n_constant": int((~ok).sum()),
-           "per_query": [None if not math.isfinite(v) else v for v in per_query.tolist()]}
+    out = {
+        "n_queries": int(ok.sum()),
+        "n_constant": int((~ok).sum()),
+        "per_query": [None if not math.isfinite(v) else v for v in per_query.tolist()],
+    }
     if not values.numel():
         return {"lds": None, "low": None, "high": None, **out}
     g = torch.Generator().manual_seed(seed)
     boots = values[torch.randint(len(values), (n_boot, len(values)), generator=g)].mean(1)
     alpha = (1 - level) / 2
-    return {"lds": values.mean().item(), "low": torch.quantile(boots, alpha).item(),
-            "high": torch.quantile(boots, 1 - alpha).item(), **out}
+    return {
+        "lds": values.mean().item(),
+        "low": torch.quantile(boots, alpha).item(),
+        "high": torch.quantile(boots, 1 - alpha).item(),
+        **out,
+    }
 
 
 @torch.no_grad()
@@ -114,11 +126,10 @@ def query_losses(model, encoded, pad_id, batch_size=16):
     model.eval()
     out = []
     for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         target = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0),
-                                                reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0), reduction="none")
         keep = (target != -100).float()
         out.append(((nll * keep).sum(1) / keep.sum(1).clamp_min(1)).cpu())
     model.train(was_training)
@@ -126,10 +137,18 @@ def query_losses(model, encoded, pad_id, batch_size=16):
 
 
 # ---------------------------------------------------------------------------------------------- retrains
-RETRAIN_OFF = ["attribution.enabled=false", "attribution.save_moments=false", "eval._target_=lark.evaluation.Skip",
-               "analysis.enabled=false", "logger={}", "resume=false",
-               "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-               "paths.output_dir=${hydra:runtime.output_dir}", "trainer.default_root_dir=${paths.output_dir}"]
+RETRAIN_OFF = [
+    "attribution.enabled=false",
+    "attribution.save_moments=false",
+    "eval._target_=lark.evaluation.Skip",
+    "analysis.enabled=false",
+    "logger={}",
+    "resume=false",
+    "trainer.enable_checkpointing=false",
+    "trainer.enable_progress_bar=false",
+    "paths.output_dir=${hydra:runtime.output_dir}",
+    "trainer.default_root_dir=${paths.output_dir}",
+]
 RECIPE_EXCLUDE = ("paths", "logger", "attribution", "analysis", "resume", "hydra", "trainer")
 
 
@@ -143,24 +162,30 @@ def recipe_key(cfg, fraction):
 
 def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
     """train.py -m with the run's own config (config_dir/config.yaml), attribution off, one job per subset seed."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     launcher = [f"hydra/launcher={lds_cfg.launcher}"] + (
-        [f"hydra.launcher.n_jobs={lds_cfg.n_jobs}"] if lds_cfg.launcher == "joblib" else [])
-    return [sys.executable, str(root / "train.py"), "-m", f"--config-path={config_dir}", "--config-name=config",
-            *launcher, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=subset_${data.train_subset.seed}",
-            f"++data.train_subset.fraction={fraction}", f"++data.train_subset.seed={','.join(map(str, seeds))}",
-            *RETRAIN_OFF, *lds_cfg.get("extra_overrides", [])]
+        [f"hydra.launcher.n_jobs={lds_cfg.n_jobs}"] if lds_cfg.launcher == "joblib" else []
+    )
+    return [
+        sys.executable,
+        str(root / "train.py"),
+        "-m",
+        f"--config-path={config_dir}",
+        "--config-name=config",
+        *launcher,
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=subset_${data.train_subset.seed}",
+        f"++data.train_subset.fraction={fraction}",
+        f"++data.train_subset.seed={','.join(map(str, seeds))}",
+        *RETRAIN_OFF,
+        *lds_cfg.get("extra_overrides", []),
+    ]
 
 
 def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     """{membership [M, N], losses [M, Q], seeds}: each subset's fine-tuned model's loss on every query. Subsets
     already retrained (their query_losses.json present, same queries) are reused; the others are launched as one
     Hydra multirun of ordinary LARK runs (lds_cfg.launcher: joblib locally, submitit_slurm on a cluster)."""
-    from lark.attribution import write_json
-    from lark.experiment import saved_checkpoints
-    from lark.formats import encode
-    from lark.models import load_pretrained
-
     run_dir = Path(run_dir)
     base = Path(lds_cfg.dir or run_dir / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
     seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
@@ -176,27 +201,36 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     missing = [s for s in seeds if done(s) is None]
     if missing:
         log(f"[lark] mini-LDS: retraining {len(missing)} of {len(seeds)} subsets into {base}")
-        base.mkdir(parents=True, exist_ok=True)      # the run's config in today's form (lark.legacy) is the recipe
+        base.mkdir(parents=True, exist_ok=True)  # the run's config in today's form (lark.legacy) is the recipe
         OmegaConf.save(cfg, base / "config.yaml")
         command = retrain_command(base.resolve(), base, lds_cfg.fraction, missing, lds_cfg)
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"mini-LDS retrains failed (exit {proc.returncode}): {' '.join(command)}\n"
-                               f"{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"mini-LDS retrains failed (exit {proc.returncode}): {' '.join(command)}\n{proc.stderr[-3000:]}"
+            )
         for seed in missing:
             job = base / f"subset_{seed}"
             epochs = saved_checkpoints(job)
             model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
             encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
-            used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines()
-                    if line.strip()]
+            used = [
+                json.loads(line)["id"]
+                for line in (job / "data" / "train.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
             losses = query_losses(model, encoded, tokenizer.pad_token_id)
-            write_json(job / "query_losses.json", {"query_ids": query_ids, "train_ids": used,
-                                                   "epoch": max(epochs), "losses": losses.tolist()})
-            if not lds_cfg.keep_checkpoints:   # the losses are what LDS needs; the final checkpoint stays
+            write_json(
+                job / "query_losses.json",
+                {"query_ids": query_ids, "train_ids": used, "epoch": max(epochs), "losses": losses.tolist()},
+            )
+            if not lds_cfg.keep_checkpoints:  # the losses are what LDS needs; the final checkpoint stays
                 for epoch, folder in epochs.items():
                     if epoch != max(epochs):
                         shutil.rmtree(folder)
     saved = [done(s) for s in seeds]
-    return {"seeds": seeds, "membership": masks([s["train_ids"] for s in saved], train_ids),
-            "losses": torch.tensor([s["losses"] for s in saved], dtype=torch.float64)}
+    return {
+        "seeds": seeds,
+        "membership": masks([s["train_ids"] for s in saved], train_ids),
+        "losses": torch.tensor([s["losses"] for s in saved], dtype=torch.float64),
+    }

@@ -1,48 +1,72 @@
 """The schema of metrics.json, one per attributed checkpoint (attribution/epoch_NNN/metrics.json). The writer
-(lark.attribution.attribute_checkpoint) checks every file against it before writing; the readers (lark.analysis,
+(lark.attribution.attribute_checkpoint) checks every file against it before writing; the readers (lark.analysis.analyze,
 the resume check in lark.checkpoint) check what they read. Numbers may be null (NaN/inf are written as null).
 
 | key            | type            | meaning                                                                     |
 |----------------|-----------------|-----------------------------------------------------------------------------|
 | epoch          | int             | checkpoint epoch (0 = the base model)                                       |
 | accuracy       | number or null  | the evaluation's value when higher is better (Table I's "best" epoch), else null |
-| eval           | object          | {metric: accuracy / exact_match / answer_loss / ..., value, higher_is_better} (conf/eval) |
+| eval           | object          | {metric (accuracy, exact_match, answer_loss...), value, higher_is_better}   |
 | lr             | number or null  | the epoch's learning rate (null for epoch 0)                                 |
 | fingerprint    | str or null     | hash of everything the epoch's attribution depends on (resume)             |
 | n_queries      | int             | test queries attributed                                                      |
 | sources        | object          | {source: {mean_max, ft_wins, n_nonfinite, n_docs, kind, corpus, formatted}}  |
 | ft_source, pt_source | str       | the sources of the FT/PT ratio (conf/source)                                |
-| ft, pt, ft_pt_ratio, ft_wins, pt_wins | number or null | the paper's metrics (lark.metrics)                |
+| ft, pt, ft_pt_ratio, ft_wins, pt_wins | number or null | the paper's metrics (lark.analysis.metrics)                |
 | format_effect  | object          | {content: MeanMax(formatted) / MeanMax(noformat)}                           |
 | bm25           | object or null  | {ft_wins, pt_wins, sources: {source: {mean_max}}}: the lexical baseline     |
-| storage        | object          | {n_params, grad_dtype_bytes, k, store_dtype_bytes, n_examples, full_bytes_per_example, store_bytes_per_example} |
+| storage        | object          | {n_params, grad_dtype_bytes, k, store_dtype_bytes, n_examples,              |
+|                |                 |  full_bytes_per_example, store_bytes_per_example}                           |
 | projector      | object          | the projector's spec (kind, k, seed, ...)                                   |
 | nonfinite      | object          | {count, ids: {set: [example id]}}: examples left out for a non-finite gradient |
 | fingerprints   | object          | {checkpoint, tokenizer, format}                                             |
 
 Only epoch, sources, ft_source and pt_source are required of a file (runs from older versions lack the others).
 """
+
 from numbers import Number
 
 NUMBER = (Number, type(None))
 OBJECT = (dict,)
 FIELDS = {
-    "epoch": ((int,), True), "accuracy": (NUMBER, False), "eval": (OBJECT, False), "lr": (NUMBER, False),
-    "fingerprint": ((str, type(None)), False), "n_queries": ((int,), False), "sources": (OBJECT, True),
-    "ft_source": ((str,), True), "pt_source": ((str,), True), "ft": (NUMBER, False), "pt": (NUMBER, False),
-    "ft_pt_ratio": (NUMBER, False), "ft_wins": (NUMBER, False), "pt_wins": (NUMBER, False),
-    "format_effect": (OBJECT, False), "bm25": ((dict, type(None)), False), "storage": (OBJECT, False),
-    "projector": (OBJECT, False), "nonfinite": (OBJECT, False), "fingerprints": (OBJECT, False),
+    "epoch": ((int,), True),
+    "accuracy": (NUMBER, False),
+    "eval": (OBJECT, False),
+    "lr": (NUMBER, False),
+    "fingerprint": ((str, type(None)), False),
+    "n_queries": ((int,), False),
+    "sources": (OBJECT, True),
+    "ft_source": ((str,), True),
+    "pt_source": ((str,), True),
+    "ft": (NUMBER, False),
+    "pt": (NUMBER, False),
+    "ft_pt_ratio": (NUMBER, False),
+    "ft_wins": (NUMBER, False),
+    "pt_wins": (NUMBER, False),
+    "format_effect": (OBJECT, False),
+    "bm25": ((dict, type(None)), False),
+    "storage": (OBJECT, False),
+    "projector": (OBJECT, False),
+    "nonfinite": (OBJECT, False),
+    "fingerprints": (OBJECT, False),
 }
-SOURCE_FIELDS = {"mean_max": NUMBER, "ft_wins": NUMBER, "n_nonfinite": (int,), "n_docs": (int,), "kind": (str,),
-                 "corpus": (str, type(None)), "formatted": (bool,)}
+SOURCE_FIELDS = {
+    "mean_max": NUMBER,
+    "ft_wins": NUMBER,
+    "n_nonfinite": (int,),
+    "n_docs": (int,),
+    "kind": (str,),
+    "corpus": (str, type(None)),
+    "formatted": (bool,),
+}
 EVAL_FIELDS = {"metric": (str,), "value": NUMBER, "higher_is_better": (bool,)}
 
 
 def check(metrics, where):
     """The metrics, unchanged, if they follow the schema; else ValueError naming the file and the key."""
+
     def fail(key, problem):
-        raise ValueError(f"{where}: {key} {problem} (see lark/metrics_schema.py)")
+        raise ValueError(f"{where}: {key} {problem} (see lark/analysis/schema.py)")
 
     if not isinstance(metrics, dict):
         fail("the file", f"must be a JSON object, got {type(metrics).__name__}")
@@ -59,8 +83,10 @@ def check(metrics, where):
             fail(key, "must be an object")
         for name, types in fields.items():
             if name in value and not isinstance(value[name], types):
-                fail(f"{key}.{name}", f"must be {' or '.join(t.__name__ for t in types)}, got "
-                                      f"{type(value[name]).__name__}")
+                fail(
+                    f"{key}.{name}",
+                    f"must be {' or '.join(t.__name__ for t in types)}, got {type(value[name]).__name__}",
+                )
     for key in ("ft_source", "pt_source"):
         if metrics[key] not in metrics["sources"]:
             fail(key, f"'{metrics[key]}' is not one of the sources")

@@ -5,108 +5,17 @@ corpora (local JSON Lines or a streamed `datasets` dataset).
 Every loader returns plain dicts. A QA item: {id, question, contexts: [str], answer: str, <data.extras>}.
 A document: {id, text}. Bad input raises DataError naming the file, line and field.
 """
+
 import itertools
-import json
-import os
 import random
-from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lark import faults
-from lark.errors import ConfigError, DataError
-MAX_LINE_BYTES = 16 * 2**20   # a longer JSON Lines row is an error (a 50 MB line is never one record we want)
-
-
-class BadRows:
-    """The `data.on_bad_rows` policy: error (raise the first DataError) or skip (leave the row out, count it)."""
-
-    def __init__(self, mode="error"):
-        if mode not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_rows: unknown '{mode}' (error or skip)")
-        self.mode, self.messages = mode, []
-
-    def __call__(self, error):
-        """Handle a DataError: raise it, or record it and return None (the caller leaves the row out)."""
-        if self.mode == "error":
-            raise error
-        self.messages.append(str(error))
-
-    def report(self):
-        return {"skipped": len(self.messages), "messages": self.messages[:100]}
-
-
-def read_lines(f, limit=MAX_LINE_BYTES):
-    """Yield the raw lines of a binary file; a line longer than `limit` bytes comes back as None (never read whole)."""
-    while True:
-        line = f.readline(limit + 1)
-        if not line:
-            return
-        if len(line) > limit and not line.endswith(b"\n"):
-            while (rest := f.readline(2**20)) and not rest.endswith(b"\n"):
-                pass
-            line = None
-        yield line
-
-
-def parse_line(raw, where):
-    """The JSON object of one raw line (None for a blank line); DataError names what is wrong."""
-    if raw is None:
-        raise DataError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if not line.strip():
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
-
-
-def read_jsonl(path, bad=None):
-    """Yield (line_number, record) for each non-blank line of a JSON Lines file. Bad lines raise DataError
-    (file:line: what), or go to `bad` (a BadRows) when given."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    bad = bad or BadRows()
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(read_lines(f), start=1):
-            try:
-                record = parse_line(raw, f"{path}:{line_no}")
-            except DataError as e:
-                bad(e)
-                continue
-            if record is not None:
-                yield line_no, record
-
-
-@contextmanager
-def replacing(path):
-    """Yield a temporary path beside `path` and rename it into place on success: a reader never sees half a
-    file (every file LARK writes goes through here)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        faults.point("write")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_jsonl(records, path):
-    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+from lark.data.bm25 import tokens
+from lark.data.io import BadRows, read_jsonl
+from lark.errors import DataError
 
 
 def _field(record, name, kind, where):
@@ -126,7 +35,7 @@ def lookup(record, path, where):
     for i, part in enumerate(parents):
         value = record.get(part)
         if not isinstance(value, dict):
-            raise DataError(f"{where}: field '{'.'.join(parents[:i + 1])}' must be an object with '{last}'")
+            raise DataError(f"{where}: field '{'.'.join(parents[: i + 1])}' must be an object with '{last}'")
         record = value
     return record, last
 
@@ -157,8 +66,9 @@ def qa_item(record, where, spec):
         if not isinstance(contexts, list):
             raise DataError(f"{where}: field '{name}' must be list, got {type(contexts).__name__}")
         if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
-            raise DataError(f"{where}: field '{name}' must be a non-empty list of non-empty strings (or a "
-                            "non-empty string)")
+            raise DataError(
+                f"{where}: field '{name}' must be a non-empty list of non-empty strings (or a non-empty string)"
+            )
     holder, name = lookup(record, fields["answer"], where)
     answer = _field(holder, name, str, where)
     answers = spec.get("answers")
@@ -266,11 +176,18 @@ def split_qa(rows, test_rows, spec, test_ids=None, bad=None, name="data"):
 
     def check(where, record, forced=None):
         item = qa_item(record, where, spec)
-        split = forced or (("test" if item["id"] in test_ids else "train") if test_ids is not None
-                           else record.get(split_field) if split_field else None)
+        split = forced or (
+            ("test" if item["id"] in test_ids else "train")
+            if test_ids is not None
+            else record.get(split_field)
+            if split_field
+            else None
+        )
         if split not in ("train", "test"):
-            raise DataError(f"{where}: field '{split_field}' is {split!r}, expected 'train' or 'test' (or set "
-                            "data.test_ids, or give the reader a test set)")
+            raise DataError(
+                f"{where}: field '{split_field}' is {split!r}, expected 'train' or 'test' (or set "
+                "data.test_ids, or give the reader a test set)"
+            )
         return where, split, item
 
     train, test, seen = [], [], set()
@@ -284,8 +201,9 @@ def split_qa(rows, test_rows, spec, test_ids=None, bad=None, name="data"):
         raise DataError(f"{name}: no records")
     if test_ids is not None and len(test) != len(test_ids):
         missing = sorted(set(test_ids) - {x["id"] for x in test})
-        raise DataError(f"{name}: {len(missing)} of the {len(test_ids)} test ids are not in the data, "
-                        f"e.g. {missing[:3]}")
+        raise DataError(
+            f"{name}: {len(missing)} of the {len(test_ids)} test ids are not in the data, e.g. {missing[:3]}"
+        )
     return train, test
 
 
@@ -296,6 +214,17 @@ def document(record, where, text_field="text", id_field="id"):
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or not str(doc_id).strip():
         raise DataError(f"{where}: field '{id_field}' must be a non-empty string or integer, got {doc_id!r}")
     return {"id": str(doc_id), "text": text}
+
+
+# Words whose presence marks a document as medical when sampling a non-medical control group from a mixed corpus.
+MEDICAL_TERMS = frozenset(
+    "patient patients clinical disease diseases treatment therapy drug drugs trial trials hospital cancer tumor "
+    "symptoms diagnosis medical medicine physician surgery infection vaccine dose doses randomized placebo".split()
+)
+
+
+def non_medical(docs):
+    return [d for d in docs if not MEDICAL_TERMS.intersection(tokens(d["text"]))]
 
 
 def load_corpus(cfg, seed=0, bad=None):
@@ -309,8 +238,7 @@ def load_corpus(cfg, seed=0, bad=None):
     elif cfg.get("hub_id"):
         import datasets
 
-        rows = datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=cfg.get("split", "train"),
-                                     streaming=True)
+        rows = datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=cfg.get("split", "train"), streaming=True)
         records = ((f"{cfg.hub_id} row {n}", r) for n, r in enumerate(rows))
     else:
         raise DataError("corpus: give a path (JSON Lines) or a hub_id (a datasets name or folder)")
@@ -324,8 +252,6 @@ def load_corpus(cfg, seed=0, bad=None):
     if not docs:
         raise DataError(f"{cfg.get('path') or cfg.get('hub_id')}: no documents")
     if cfg.get("exclude_medical"):
-        from lark.sources import non_medical
-
         docs = non_medical(docs)
     return docs
 
@@ -335,7 +261,7 @@ def example(record, where):
     or a raw document {id, text}."""
     fields = ("question", "context", "answer") if "question" in record else ("text",)
     for name in ("id",) + fields:
-        if name != "context" or record.get(name) != "":   # a QA example may have an empty context
+        if name != "context" or record.get(name) != "":  # a QA example may have an empty context
             _field(record, name, str, where)
     return record
 

@@ -1,13 +1,15 @@
 """How examples become token ids and loss masks.
 
 Every example is one of two shapes:
-- QA-shaped {id, question, context, answer}: rendered with the `format` config (its layout: a chat template, plain text or your own);
+- QA-shaped {id, question, context, answer}: rendered with the `format` config (its layout: a chat template,
+plain text or your own);
   the loss is on the answer tokens (for chat, the assistant turn including its end-of-turn token).
 - raw text {id, text}: the loss is on every token (next-token prediction over the document).
 
 A raw document becomes a Formatted QA example by `document_fields`: its first sentence is the question, its
 last sentence the answer, and the sentences between them the context.
 """
+
 import json
 import re
 
@@ -24,13 +26,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def qa_fields(item, answer_template="{answer}"):
-    """A QA item (lark.data) as QA fields; its answer follows the format's answer template, which may name any
-    field of the item ({answer}, or data.extras such as {long_answer}). lark.canary's planted items stay marked."""
+    """A QA item (lark.data.readers) as QA fields; its answer follows the format's answer template, which may name any
+    field of the item ({answer}, or data.extras such as {long_answer}). lark.validation.canary's planted items
+    stay marked."""
     try:
         answer = answer_template.format(**item)
     except KeyError as e:
-        raise ConfigError(f"format.answer_template: {{{e.args[0]}}} is not a field of the QA items "
-                          f"({', '.join(item)}; data.extras adds fields)") from None
+        raise ConfigError(
+            f"format.answer_template: {{{e.args[0]}}} is not a field of the QA items "
+            f"({', '.join(item)}; data.extras adds fields)"
+        ) from None
     fields = {"id": item["id"], "question": item["question"], "context": " ".join(item["contexts"]), "answer": answer}
     return {**fields, "canary": True} if item.get("canary") else fields
 
@@ -63,13 +68,16 @@ class Chat:
 
     def render(self, tokenizer, turns):
         template = chat_template(tokenizer)
-        prompt = tokenizer.apply_chat_template(turns[:-1], chat_template=template, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            turns[:-1], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
         full = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False)
         if not full.startswith(prompt):
-            raise ValueError("format: the chat template renders the assistant turn in a way that does not extend "
-                             "the generation prompt; set format=noformat or give the tokenizer a ChatML template")
-        return prompt, full[len(prompt):].rstrip("\n")   # the template's newline after the turn carries no loss
+            raise ValueError(
+                "format: the chat template renders the assistant turn in a way that does not extend "
+                "the generation prompt; set format=noformat or give the tokenizer a ChatML template"
+            )
+        return prompt, full[len(prompt) :].rstrip("\n")  # the template's newline after the turn carries no loss
 
     def candidate(self, label):
         return label
@@ -91,7 +99,7 @@ def layout(fmt):
     render(tokenizer, turns) -> (prompt, answer) strings, candidate(label) -> the text continuing the prompt)."""
     spec = fmt.get("layout")
     if not spec or "_target_" not in spec:
-        raise ConfigError("format.layout: missing; give a _target_ (lark.formats.Chat or lark.formats.Plain)")
+        raise ConfigError("format.layout: missing; give a _target_ (lark.data.formats.Chat or lark.data.formats.Plain)")
     return instantiate(spec)
 
 
@@ -106,7 +114,7 @@ def truncate_middle(ids, budget, keep_tail):
     if len(ids) <= budget:
         return ids
     tail = min(keep_tail, budget // 2)
-    return ids[: budget - tail] + ids[len(ids) - tail:]
+    return ids[: budget - tail] + ids[len(ids) - tail :]
 
 
 def encode_qa(tokenizer, fields, fmt, max_length, answer=None):
@@ -145,8 +153,11 @@ class Encoder:
     def __call__(self, example, answer=None):
         key = (json.dumps(example, sort_keys=True, ensure_ascii=False), answer)
         if key not in self.cache:
-            self.cache[key] = encode(self.tokenizer, example, self.fmt, self.max_length) if answer is None else \
-                encode_qa(self.tokenizer, example, self.fmt, self.max_length, answer=answer)
+            self.cache[key] = (
+                encode(self.tokenizer, example, self.fmt, self.max_length)
+                if answer is None
+                else encode_qa(self.tokenizer, example, self.fmt, self.max_length, answer=answer)
+            )
         return self.cache[key]
 
 

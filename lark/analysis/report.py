@@ -15,6 +15,7 @@ checkpoints/epoch_000/lark_config.yaml, .hydra/overrides.yaml, data/test.jsonl, 
 data/world/provenance.json, attribution/epoch_NNN/{top_influences.csv, predictions.jsonl}, tables/*.md,
 figures/*.png. Missing pieces leave their section out; nothing here fails a run's analysis for a missing extra.
 """
+
 import base64
 import csv
 import html
@@ -25,19 +26,38 @@ from pathlib import Path
 
 import yaml
 
-from lark.data import read_jsonl, replacing
+from lark.data.io import read_jsonl, replacing
 
-RESOURCES = Path(__file__).parent / "resources"
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 # (label, dotted config key): the config summary at the top of a run's page
-SUMMARY_KEYS = [("model", "model.name"), ("hub id", "model.hub_id"), ("data", "data.name"), ("format", "format.name"),
-                ("fine-tuning epochs", "trainer.max_epochs"), ("batch size", "batch_size"), ("max length", "max_length"),
-                ("peak lr", "scheduler.lr"), ("precision", "trainer.precision"), ("seed", "seed"),
-                ("documents per source", "source.size"), ("projector", "attribution.projector.kind"),
-                ("k", "attribution.projector.k"), ("kernel", "attribution.kernel"),
-                ("store tier", "attribution.store_dtype"), ("query target", "attribution.query_target"),
-                ("top-k", "attribution.top_k")]
-METRIC_COLUMNS = [("epoch", "Epoch", "d"), ("accuracy", "Acc.", "%"), ("ft", "FT", ".3f"), ("pt", "PT", ".3f"),
-                  ("ft_pt_ratio", "Ratio", ".2f"), ("pt_wins", "PT wins", "%"), ("bm25_ft_wins", "BM25 FT wins", "%")]
+SUMMARY_KEYS = [
+    ("model", "model.name"),
+    ("hub id", "model.hub_id"),
+    ("data", "data.name"),
+    ("format", "format.name"),
+    ("fine-tuning epochs", "trainer.max_epochs"),
+    ("batch size", "batch_size"),
+    ("max length", "max_length"),
+    ("peak lr", "scheduler.lr"),
+    ("precision", "trainer.precision"),
+    ("seed", "seed"),
+    ("documents per source", "source.size"),
+    ("projector", "attribution.projector.kind"),
+    ("k", "attribution.projector.k"),
+    ("kernel", "attribution.kernel"),
+    ("store tier", "attribution.store_dtype"),
+    ("query target", "attribution.query_target"),
+    ("top-k", "attribution.top_k"),
+]
+METRIC_COLUMNS = [
+    ("epoch", "Epoch", "d"),
+    ("accuracy", "Acc.", "%"),
+    ("ft", "FT", ".3f"),
+    ("pt", "PT", ".3f"),
+    ("ft_pt_ratio", "Ratio", ".2f"),
+    ("pt_wins", "PT wins", "%"),
+    ("bm25_ft_wins", "BM25 FT wins", "%"),
+]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -117,7 +137,9 @@ def timings(run_dir, metrics):
         out.append(("started", datetime.fromtimestamp(previous, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")))
     for epoch, stamp in sorted(stamps, key=lambda s: s[1]):
         since = f" (+{duration(stamp - previous)})" if previous is not None else ""
-        out.append((f"epoch {epoch} attributed", datetime.fromtimestamp(stamp, timezone.utc).strftime("%H:%M:%S") + since))
+        out.append(
+            (f"epoch {epoch} attributed", datetime.fromtimestamp(stamp, timezone.utc).strftime("%H:%M:%S") + since)
+        )
         previous = stamp
     if starts and stamps:
         out.append(("start to last attribution", duration(max(s for _, s in stamps) - starts[0])))
@@ -143,17 +165,31 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
     epochs = [m["epoch"] for m in metrics]
     return {
-        "epochs": epochs, "epoch": epoch, "sources": sources, "snippet": snippet_chars,
+        "epochs": epochs,
+        "epoch": epoch,
+        "sources": sources,
+        "snippet": snippet_chars,
         "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
         "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
-        "queries": [{"id": t["id"], "q": t.get("question", t.get("text", "")),
-                     "c": t.get("context") or " ".join(t.get("contexts", [])), "gold": t.get("answer", t.get("final_decision")),
-                     "canary": int(bool(t.get("canary")))} for t in tests],
+        "queries": [
+            {
+                "id": t["id"],
+                "q": t.get("question", t.get("text", "")),
+                "c": t.get("context") or " ".join(t.get("contexts", [])),
+                "gold": t.get("answer", t.get("final_decision")),
+                "canary": int(bool(t.get("canary"))),
+            }
+            for t in tests
+        ],
         "docs": docs,
         "top": {str(e): read_top(epoch_dir(run_dir, e) / "top_influences.csv", query_index, doc_index) for e in epochs},
         "pred": {str(e): read_predictions(epoch_dir(run_dir, e) / "predictions.jsonl", query_index) for e in epochs},
-        "prov": {t["id"]: list((provenance.get(t["id"]) or {}).get("pretrain_docs", [])) +
-                 list((provenance.get(t["id"]) or {}).get("finetune_items", [])) for t in tests if t["id"] in provenance},
+        "prov": {
+            t["id"]: list((provenance.get(t["id"]) or {}).get("pretrain_docs", []))
+            + list((provenance.get(t["id"]) or {}).get("finetune_items", []))
+            for t in tests
+            if t["id"] in provenance
+        },
     }
 
 
@@ -170,12 +206,19 @@ def markdown_html(text):
 
     def flush():
         if table:
-            cells = [[c.strip().replace("\\|", "|").replace("\\*", "*") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-                     for line in table if not re.fullmatch(r"\|[-:| ]+\|", line)]
+            cells = [
+                [c.strip().replace("\\|", "|").replace("\\*", "*") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+                for line in table
+                if not re.fullmatch(r"\|[-:| ]+\|", line)
+            ]
             head, body = cells[0], cells[1:]
-            out.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr></thead><tbody>" +
-                       "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body) +
-                       "</tbody></table>")
+            out.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{esc(c)}</th>" for c in head)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
+                + "</tbody></table>"
+            )
             table.clear()
 
     for line in text.splitlines():
@@ -203,8 +246,10 @@ def tables_html(folder):
         lines = f.read_text().splitlines()
         titled = bool(lines) and lines[0].startswith("#")
         title, body = (lines[0].lstrip("#").strip(), lines[1:]) if titled else (f.stem, lines)
-        out.append(f"<details {'open ' * (f.stem == 'table2')}class='table'><summary>{esc(title)}</summary>"
-                   f"{markdown_html(chr(10).join(body))}</details>")
+        out.append(
+            f"<details {'open ' * (f.stem == 'table2')}class='table'><summary>{esc(title)}</summary>"
+            f"{markdown_html(chr(10).join(body))}</details>"
+        )
     return "\n".join(out)
 
 
@@ -212,8 +257,10 @@ def figures_html(folder):
     out = []
     for f in sorted(Path(folder).glob("*.png"), key=natural):
         data = base64.b64encode(f.read_bytes()).decode()
-        out.append(f"<figure><img alt='{esc(f.stem)}' src='data:image/png;base64,{data}'>"
-                   f"<figcaption>{esc(f.name)}</figcaption></figure>")
+        out.append(
+            f"<figure><img alt='{esc(f.stem)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{esc(f.name)}</figcaption></figure>"
+        )
     return f"<details><summary>{len(out)} figures</summary>{''.join(out)}</details>" if out else ""
 
 
@@ -230,14 +277,19 @@ def page(title, body, data=None):
     css = (RESOURCES / "report.css").read_text()
     blob = ""
     if data is not None:  # "</" cannot close the script element inside JSON: escape it
-        blob = ("<script type='application/json' id='lark-data'>" +
-                json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/") + "</script>")
+        blob = (
+            "<script type='application/json' id='lark-data'>"
+            + json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+            + "</script>"
+        )
     js = f"<script>{(RESOURCES / 'report.js').read_text()}</script>"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{css}</style></head>"
-            f"<body><header class='top'><h1>{esc(title)}</h1><span class='gen'>LARK report, generated {generated}"
-            f"</span></header><main>{body}</main>{blob}{js}</body></html>")
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{css}</style></head>"
+        f"<body><header class='top'><h1>{esc(title)}</h1><span class='gen'>LARK report, generated {generated}"
+        f"</span></header><main>{body}</main>{blob}{js}</body></html>"
+    )
 
 
 def write_page(path, text):
@@ -252,7 +304,8 @@ def write_page(path, text):
 
 def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=280, title=None):
     """out_dir/report/index.html (out_dir defaults to the run dir) for one run; returns its path.
-    metrics: the run's metrics.json dicts by epoch (lark.analysis.load_metrics); epoch: the checkpoint shown first."""
+    metrics: the run's metrics.json dicts by epoch (lark.analysis.analyze.load_metrics); epoch: the checkpoint
+    shown first."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
     config = read_config(run_dir)
@@ -261,22 +314,32 @@ def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=2
     summary.append(("run directory", str(run_dir)))
     kernel = (metrics[-1].get("projector") or {}) if metrics else {}
     data = run_data(run_dir, metrics, metrics[-1]["epoch"] if epoch is None else epoch, snippet_chars)
-    body = "".join([
-        "<nav>" + " ".join(f"<a href='#{a}'>{t}</a>" for a, t in [("config", "config"), ("tables", "tables"),
-                                                                   ("figures", "figures"), ("questions", "questions")])
-        + "</nav>",
-        "<div class='grid'>",
-        section("Config", pairs_html(summary), "config"),
-        section("Kernel (projector spec, last checkpoint)", pairs_html(kernel.items()), "kernel"),
-        section("Timings (files' modification times)", pairs_html(timings(run_dir, metrics)), "timings"),
-        "</div>",
-        f"<p class='note'>overrides: <code>{esc(' '.join(overrides) or '(none)')}</code></p>",
-        section("Tables", tables_html(out_dir / "tables"), "tables"),
-        section("Figures", figures_html(out_dir / "figures"), "figures"),
-        "<section id='questions'><h2>Test questions and their most influential documents</h2>"
-        "<div id='controls'></div><div id='count'></div><div id='list'></div><div id='sentinel'></div>"
-        "<noscript>The question browser needs JavaScript.</noscript></section>",
-    ])
+    body = "".join(
+        [
+            "<nav>"
+            + " ".join(
+                f"<a href='#{a}'>{t}</a>"
+                for a, t in [
+                    ("config", "config"),
+                    ("tables", "tables"),
+                    ("figures", "figures"),
+                    ("questions", "questions"),
+                ]
+            )
+            + "</nav>",
+            "<div class='grid'>",
+            section("Config", pairs_html(summary), "config"),
+            section("Kernel (projector spec, last checkpoint)", pairs_html(kernel.items()), "kernel"),
+            section("Timings (files' modification times)", pairs_html(timings(run_dir, metrics)), "timings"),
+            "</div>",
+            f"<p class='note'>overrides: <code>{esc(' '.join(overrides) or '(none)')}</code></p>",
+            section("Tables", tables_html(out_dir / "tables"), "tables"),
+            section("Figures", figures_html(out_dir / "figures"), "figures"),
+            "<section id='questions'><h2>Test questions and their most influential documents</h2>"
+            "<div id='controls'></div><div id='count'></div><div id='list'></div><div id='sentinel'></div>"
+            "<noscript>The question browser needs JavaScript.</noscript></section>",
+        ]
+    )
     return write_page(out_dir / "report" / "index.html", page(title or f"LARK run {run_dir.name}", body, data))
 
 
@@ -302,23 +365,50 @@ def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_ch
     overrides = {job: read_overrides(d) or [o for o in job.split(",") if "=" in o] for job, d in run_dirs.items()}
     keys, parsed = varying(overrides)
     kinds = list(dict.fromkeys(k for m in epochs.values() for k in (m.get("format_effect") or {})))
-    head = ["job", *keys, *(label for _, label, _ in METRIC_COLUMNS), *(f"Format effect ({k})" for k in kinds), "report"]
+    head = [
+        "job",
+        *keys,
+        *(label for _, label, _ in METRIC_COLUMNS),
+        *(f"Format effect ({k})" for k in kinds),
+        "report",
+    ]
     body_rows = []
     for job, run_dir in run_dirs.items():
-        job_page = write_run_report(run_dir, metrics[job], epoch=epochs[job]["epoch"], snippet_chars=snippet_chars,
-                                    title=f"LARK sweep job {job}")
-        link = Path(*[".."] * len(page_file.parent.relative_to(out_dir).parts)) / job_page.relative_to(out_dir) \
-            if job_page.is_relative_to(out_dir) else job_page.resolve().as_uri()
+        job_page = write_run_report(
+            run_dir,
+            metrics[job],
+            epoch=epochs[job]["epoch"],
+            snippet_chars=snippet_chars,
+            title=f"LARK sweep job {job}",
+        )
+        link = (
+            Path(*[".."] * len(page_file.parent.relative_to(out_dir).parts)) / job_page.relative_to(out_dir)
+            if job_page.is_relative_to(out_dir)
+            else job_page.resolve().as_uri()
+        )
         m = epochs[job]
-        cells = [job, *(parsed[job].get(k, "-") for k in keys),
-                 *(metric_cell(m, key, spec) for key, _, spec in METRIC_COLUMNS),
-                 *(metric_cell(m.get("format_effect") or {}, k, ".2f") for k in kinds)]
-        body_rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) +
-                         f"<td><a href='{esc(str(link))}'>open</a></td></tr>")
-    table = ("<p class='note'>One row per job at its Table I epoch; the columns after <i>job</i> are the overrides "
-             "that vary across the sweep. Click a header to sort.</p><table class='sortable'><thead><tr>" +
-             "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>" + "".join(body_rows) +
-             "</tbody></table>")
-    body = "".join([section("Jobs", table, "jobs"), section("Tables", tables_html(out_dir / "tables"), "tables"),
-                    section("Figures", figures_html(out_dir / "figures"), "figures")])
+        cells = [
+            job,
+            *(parsed[job].get(k, "-") for k in keys),
+            *(metric_cell(m, key, spec) for key, _, spec in METRIC_COLUMNS),
+            *(metric_cell(m.get("format_effect") or {}, k, ".2f") for k in kinds),
+        ]
+        body_rows.append(
+            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + f"<td><a href='{esc(str(link))}'>open</a></td></tr>"
+        )
+    table = (
+        "<p class='note'>One row per job at its Table I epoch; the columns after <i>job</i> are the overrides "
+        "that vary across the sweep. Click a header to sort.</p><table class='sortable'><thead><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(body_rows)
+        + "</tbody></table>"
+    )
+    body = "".join(
+        [
+            section("Jobs", table, "jobs"),
+            section("Tables", tables_html(out_dir / "tables"), "tables"),
+            section("Figures", figures_html(out_dir / "figures"), "figures"),
+        ]
+    )
     return write_page(page_file, page(f"LARK sweep {root.name} ({len(run_dirs)} jobs)", body, {"sweep": True}))

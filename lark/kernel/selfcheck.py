@@ -1,6 +1,6 @@
 """The `sketch` projector checks itself on the model before the first checkpoint is attributed.
 
-The hooks of lark.sketch.HookSketch reach Linear layers, norms and the input embedding; an architecture can hide
+The hooks of lark.kernel.sketch.HookSketch reach Linear layers, norms and the input embedding; an architecture can hide
 gradient from them: a layer type they do not know (GPT-2's `Conv1D`), a module called twice in one forward (the
 hooks see each call apart), an embedding whose output is scaled inside the module. On two real examples the
 check compares, parameter by parameter, the hooks' sketch with the same count sketch (HookSketch.sketch_flat, the
@@ -8,14 +8,19 @@ sketch's own hash) of the per-example gradients that autograd computes, and the 
 shortfall stops the run with a SelfCheckError naming the modules and the fallback projector (rapidin: the count
 sketch of the materialised per-example gradient, one backward per example, architecture-independent).
 """
+
 import torch
 
+from lark.data.datamodule import collate
 from lark.errors import ConfigError
-from lark.projector import example_gradient, normalize_tensors, trainable
-from lark.training import collate
+from lark.kernel.normalizers import normalize_tensors
+from lark.kernel.projectors import example_gradient, trainable
+from lark.kernel.sketch import HookSketch
 
-FALLBACK = ("attribution/projector=rapidin (before the projector config group: attribution.projector.kind=rapidin), "
-            "which projects the materialised per-example gradient of any architecture")
+FALLBACK = (
+    "attribution/projector=rapidin (before the projector config group: attribution.projector.kind=rapidin), "
+    "which projects the materialised per-example gradient of any architecture"
+)
 
 
 class SelfCheckError(ConfigError):
@@ -37,8 +42,9 @@ def call_counts(model, batch):
     counts, handles = {}, []
     for name, mod in model.named_modules():
         if any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: counts.__setitem__(
-                name, counts.get(name, 0) + 1)))
+            handles.append(
+                mod.register_forward_hook(lambda m, a, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+            )
     try:
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -52,8 +58,6 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
     """Raise SelfCheckError unless the hook sketch of `encoded` (two examples) equals, parameter by parameter, the
     count sketch of their autograd gradients and covers every trainable parameter. Returns the number of
     parameters compared."""
-    from lark.sketch import HookSketch
-
     sketch = HookSketch(model, k, seed, normalize, method="materialize")  # the fold method is tested elsewhere
     problems = []
     params = trainable(model)
@@ -72,7 +76,7 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
         parts[name] = parts.get(name, 0) + share
         total += share
 
-    def finishing(total):   # per_tensor: a tied weight's parts, normalised by the norm of their sum at the end
+    def finishing(total):  # per_tensor: a tied weight's parts, normalised by the norm of their sum at the end
         for name, entry in list(sketch.pending.items()):
             sketch.pending = {name: entry}
             share = torch.zeros_like(total)
@@ -87,7 +91,7 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
     try:
         try:
             sketch.project_batch(model, batch)
-        except KeyError as e:   # a second call's output gradient finds its saved input already consumed
+        except KeyError as e:  # a second call's output gradient finds its saved input already consumed
             problems.append(f"the hooks fail on this model (KeyError {e} in the backward pass)")
             encoded = []
         for b, example in enumerate(encoded):
@@ -106,11 +110,18 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
     if wrong:
         problems.append(f"sketch differs from the autograd gradients' count sketch in {', '.join(sorted(wrong))}")
     if problems:
-        raise SelfCheckError("the sketch projector (attribution/projector=sketch) does not fully cover this model: "
-                             + "; ".join(problems) + f". Use {FALLBACK}.")
+        raise SelfCheckError(
+            "the sketch projector (attribution/projector=sketch) does not fully cover this model: "
+            + "; ".join(problems)
+            + f". Use {FALLBACK}."
+        )
     return len(params)
 
 
 def covered_ids(sketch):
-    return {id(p) for group in (sketch.linears, sketch.norms, sketch.embeddings) for m in group.values()
-            for p in m.parameters(recurse=False)}
+    return {
+        id(p)
+        for group in (sketch.linears, sketch.norms, sketch.embeddings)
+        for m in group.values()
+        for p in m.parameters(recurse=False)
+    }

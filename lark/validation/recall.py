@@ -8,6 +8,7 @@ precision@n(q) = |relevant(q) in the top n| / n                        (n = |rel
 AP(q)          = mean over relevant documents d of precision@rank(d)   (area under the precision-recall curve)
 Ties are broken by column order (stable sort), so a constant score ranks documents in their given order.
 """
+
 import torch
 
 
@@ -21,13 +22,16 @@ def relevant_ranks(scores, relevant):
     order = ranking(scores)
     rank_of = torch.empty_like(order)
     rank_of.scatter_(1, order, torch.arange(1, scores.shape[1] + 1).expand_as(order).contiguous())
-    return [torch.sort(rank_of[i, sorted(r)]).values if r else torch.zeros(0, dtype=torch.long)
-            for i, r in enumerate(relevant)]
+    return [
+        torch.sort(rank_of[i, sorted(r)]).values if r else torch.zeros(0, dtype=torch.long)
+        for i, r in enumerate(relevant)
+    ]
 
 
 def _per_query(scores, relevant, metric):
-    return torch.tensor([metric(r) if len(r) else float("nan") for r in relevant_ranks(scores, relevant)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [metric(r) if len(r) else float("nan") for r in relevant_ranks(scores, relevant)], dtype=torch.float64
+    )
 
 
 def recall_at(scores, relevant, k):
@@ -47,8 +51,9 @@ def precision_at(scores, relevant, n=None):
 
 def average_precision(scores, relevant):
     """[n_queries] average precision (AUPRC) of each query's ranking."""
-    return _per_query(scores, relevant,
-                      lambda r: (torch.arange(1, len(r) + 1, dtype=torch.float64) / r.double()).mean().item())
+    return _per_query(
+        scores, relevant, lambda r: (torch.arange(1, len(r) + 1, dtype=torch.float64) / r.double()).mean().item()
+    )
 
 
 def mean(values):

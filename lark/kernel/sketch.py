@@ -34,32 +34,35 @@ sketched into one vector and divided once by ||a + b||^2 = ||a||^2 + ||b||^2 + 2
 <a, b> = sum_s e_s . b[tok_s] and the rows b[tok_s] = sum_t delta[t, tok_s] x_t come from the output layer's
 (X, Delta): O(T^2 d) per example, V x d never formed. Other weights shared between modules are refused.
 
-Optimizer correction (`precondition`, lark.kernels.AdamScale, kernels adam/trackstar): with factored moments the
+Optimizer correction (`precondition`, lark.kernel.optimizer.AdamScale, kernels adam/trackstar): with factored
+moments the
 per-coordinate factor of a matrix is row_i * col_j, so G_b's correction is diag(row) G_b diag(col) =
 (Delta_b * row)^T (X_b * col): Delta and X are scaled before the GEMM (or TensorSketch), nothing else is formed;
 embedding gradients get row[token] * col per position, 1-D parameters (norms, biases) the exact division.
 """
+
 import math
 
 import torch
 import torch.nn.functional as F
 
-from lark.formats import IGNORE
-from lark.projector import hashed, name_key, random_signs
+from lark.data.formats import IGNORE
+from lark.kernel.hashing import hashed, name_key, random_signs
 
 
 class HookSketch:
     kind = "sketch"
 
-    def __init__(self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30,
-                 precondition=None):
+    def __init__(
+        self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30, precondition=None
+    ):
         if normalize not in ("none", "per_tensor"):
             raise ValueError(f"attribution.projector.normalize: unknown '{normalize}' (none or per_tensor)")
         if method not in ("auto", "materialize", "tensorsketch"):
             raise ValueError(f"attribution.projector.method: unknown '{method}' (auto, materialize, tensorsketch)")
         self.k, self.seed, self.normalize, self.method = int(k), int(seed), normalize, method
-        self.plan_tokens = int(plan_tokens)   # T that `auto` plans each layer for: not the batch's, so an
-                                              # example's vector never depends on how its batch is padded
+        self.plan_tokens = int(plan_tokens)  # T that `auto` plans each layer for: not the batch's, so an
+        # example's vector never depends on how its batch is padded
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         input_embedding = model.get_input_embeddings()
         self.linears, self.norms, self.embeddings = {}, {}, {}
@@ -71,30 +74,37 @@ class HookSketch:
                 self.linears[mod_name] = mod
             elif mod is input_embedding:
                 self.embeddings[mod_name] = mod
-            elif "norm" in type(mod).__name__.lower() and set(params) <= {"weight", "bias"} and all(
-                    p.dim() == 1 for p in params.values()):
+            elif (
+                "norm" in type(mod).__name__.lower()
+                and set(params) <= {"weight", "bias"}
+                and all(p.dim() == 1 for p in params.values())
+            ):
                 self.norms[mod_name] = mod
         self.param_names = names
         self.total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        covered = {id(p) for group in (self.linears, self.norms, self.embeddings) for m in group.values()
-                   for p in m.parameters(recurse=False)}
+        covered = {
+            id(p)
+            for group in (self.linears, self.norms, self.embeddings)
+            for m in group.values()
+            for p in m.parameters(recurse=False)
+        }
         self.covered = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in covered)
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.tied = out is not None and out.weight is input_embedding.weight
         if normalize == "per_tensor":
             self.refuse_other_shared_weights(out)
         self.input_weight = input_embedding.weight
-        self.precondition = precondition   # lark.kernels.AdamScale or None
+        self.precondition = precondition  # lark.kernel.optimizer.AdamScale or None
         # per_tensor: the tied weight's two parts (output layer, input embedding) add up in `pending` and are
         # divided once by the norm of their sum (see finish); `last_norms` keeps each parameter's per-example
         # gradient norms of the last batch (what the per-tensor division used), for checking against autograd
         self.pending, self.output_rows, self.last_norms = {}, None, {}
         self.cache, self.workspace, self.scratches = {}, None, {}
-        self.max_workspace = 2**28     # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
-        self.block_elements = 2**19    # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
-        self.cache_bytes = int(cache_bytes)   # attribution.projector.cache_bytes: signs kept between batches
+        self.max_workspace = 2**28  # elements of the per-example GEMM workspace on a GPU (1 GiB of float32)
+        self.block_elements = 2**19  # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
+        self.cache_bytes = int(cache_bytes)  # attribution.projector.cache_bytes: signs kept between batches
         self.cached_bytes = 0
-        self.fold_schedule = "auto"    # fold_into: auto (slices on a CPU, index elsewhere) | index | slices
+        self.fold_schedule = "auto"  # fold_into: auto (slices on a CPU, index elsewhere) | index | slices
 
     def refuse_other_shared_weights(self, output_layer):
         """per_tensor needs the norm of each parameter's whole gradient; a parameter used by several modules
@@ -110,18 +120,27 @@ class HookSketch:
         shared = {self.param_names[i]: m for i, m in uses.items() if len(m) > 1}
         if shared:
             name, mods = next(iter(shared.items()))
-            raise ValueError(f"attribution.projector.normalize=per_tensor: parameter {name} is shared by modules "
-                             f"{', '.join(mods)}; kind=sketch normalises a shared weight only between the input "
-                             "embedding and a tied output layer (use kind=rapidin)")
+            raise ValueError(
+                f"attribution.projector.normalize=per_tensor: parameter {name} is shared by modules "
+                f"{', '.join(mods)}; kind=sketch normalises a shared weight only between the input "
+                "embedding and a tied output layer (use kind=rapidin)"
+            )
 
     def coverage(self):
         """Share of trainable parameters whose gradient the sketch includes."""
         return self.covered / max(1, self.total)
 
     def spec(self):
-        spec = {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize,
-                "method": self.method, "plan_tokens": self.plan_tokens, "hash": "murmur3-fmix32",
-                "coverage": round(self.coverage(), 6)}
+        spec = {
+            "kind": self.kind,
+            "k": self.k,
+            "seed": self.seed,
+            "normalize": self.normalize,
+            "method": self.method,
+            "plan_tokens": self.plan_tokens,
+            "hash": "murmur3-fmix32",
+            "coverage": round(self.coverage(), 6),
+        }
         return {**spec, "precondition": self.precondition.spec()} if self.precondition is not None else spec
 
     def corrected(self, name, value):
@@ -199,20 +218,24 @@ class HookSketch:
         if schedule == "auto":
             schedule = "slices" if part.device.type == "cpu" else "index"
         if schedule == "index":
-            bucket = torch.arange(k, device=part.device) + offsets.unsqueeze(1)          # [chunks, k]
-            bucket = torch.where(bucket >= k, bucket - k, bucket).view(-1)[start - first * k:][:width]
+            bucket = torch.arange(k, device=part.device) + offsets.unsqueeze(1)  # [chunks, k]
+            bucket = torch.where(bucket >= k, bucket - k, bucket).view(-1)[start - first * k :][:width]
             signed = torch.mul(part, sign, out=self.scratch("signed", part.shape, part.device))
             return out.index_add_(1, bucket, signed)
         if schedule != "slices":
             raise ValueError(f"HookSketch.fold_schedule: unknown '{schedule}' (auto, index or slices)")
         sign = sign.float()
         for c, offset in enumerate(offsets.tolist(), start=first):
-            lo, hi = max(start, c * k), min(start + width, (c + 1) * k)    # this chunk's share of the block
-            pos = (offset + lo - c * k) % k                                # where lo lands
+            lo, hi = max(start, c * k), min(start + width, (c + 1) * k)  # this chunk's share of the block
+            pos = (offset + lo - c * k) % k  # where lo lands
             head = min(hi - lo, k - pos)
-            out[:, pos:pos + head].addcmul_(part[:, lo - start:lo - start + head], sign[lo - start:lo - start + head])
-            if hi - lo > head:                                             # wraps around to [0, ...)
-                out[:, :hi - lo - head].addcmul_(part[:, lo - start + head:hi - start], sign[lo - start + head:hi - start])
+            out[:, pos : pos + head].addcmul_(
+                part[:, lo - start : lo - start + head], sign[lo - start : lo - start + head]
+            )
+            if hi - lo > head:  # wraps around to [0, ...)
+                out[:, : hi - lo - head].addcmul_(
+                    part[:, lo - start + head : hi - start], sign[lo - start + head : hi - start]
+                )
         return out
 
     def scratch(self, role, shape, device):
@@ -249,10 +272,10 @@ class HookSketch:
         if mod.bias is not None:
             b_name = self.param_names[id(mod.bias)]
             parts[b_name] = ("flat", self.corrected(b_name, delta.float().sum(dim=1)))
-        if self.precondition is not None:   # diag(row) G diag(col) = (Delta * row)^T (X * col)
+        if self.precondition is not None:  # diag(row) G diag(col) = (Delta * row)^T (X * col)
             row, col = self.precondition.factors(w_name, x.device)
             delta, x = delta * row.to(delta.dtype), x * col.to(x.dtype)
-        tied = mod.weight is self.input_weight   # must share the embedding's flat hash to add up
+        tied = mod.weight is self.input_weight  # must share the embedding's flat hash to add up
         if tied and self.normalize == "per_tensor":
             self.output_rows = self.rows_at_tokens(delta, x)
         if not tied and self.use_tensorsketch(self.plan_tokens, x.shape[-1], delta.shape[-1], x.element_size()):
@@ -265,15 +288,19 @@ class HookSketch:
         """The layer's per-example weight gradients as blocks of rows (see BlockedGemm): on a CPU blocks of
         `block_elements` (cache-sized), on a GPU of up to `max_workspace` (usually the whole layer)."""
         budget = self.block_elements if x.device.type == "cpu" else self.max_workspace
-        rows = max(budget // (delta.shape[0] * x.shape[-1]), x.shape[1], 1)   # at least T rows: thinner GEMMs
-        return BlockedGemm(self, delta, x, min(rows, delta.shape[-1]))      # re-read X for too little work
+        rows = max(budget // (delta.shape[0] * x.shape[-1]), x.shape[1], 1)  # at least T rows: thinner GEMMs
+        return BlockedGemm(self, delta, x, min(rows, delta.shape[-1]))  # re-read X for too little work
 
     def buffer(self, shape, x):
         """A reused [B, rows, in] workspace for the per-example GEMM: fresh allocations of this size cost more in
         page faults than the GEMM itself on a CPU."""
         need = math.prod(shape)
-        if (self.workspace is None or self.workspace.numel() < need or self.workspace.device != x.device
-                or self.workspace.dtype != x.dtype):
+        if (
+            self.workspace is None
+            or self.workspace.numel() < need
+            or self.workspace.device != x.device
+            or self.workspace.dtype != x.dtype
+        ):
             self.workspace = torch.empty(need, device=x.device, dtype=x.dtype)
         return self.workspace[:need].view(shape)
 
@@ -285,16 +312,16 @@ class HookSketch:
     def rows_at_tokens(self, delta, x):
         """Rows of a tied output layer's per-example gradient b = sum_t delta_t x_t^T at the input tokens,
         [B, T, d]: row s is b[tok_s] = sum_t delta[t, tok_s] x_t. O(T^2 d) per example; V x d is never formed."""
-        tokens = self.tokens.unsqueeze(1).expand(-1, delta.shape[1], -1)           # [B, T (t), T (s)]
+        tokens = self.tokens.unsqueeze(1).expand(-1, delta.shape[1], -1)  # [B, T (t), T (s)]
         return delta.gather(2, tokens).float().transpose(1, 2) @ x.float()
 
     def embedding_sketch(self, mod, tokens, grad):
         """Count sketch of the embedding gradient from token ids [B, T] and d loss/d embedding [B, T, d]."""
         name = self.param_names[id(mod.weight)]
-        if getattr(mod, "padding_idx", None) is not None:   # nn.Embedding never gives that row a gradient (Llama:
-            grad = grad.masked_fill((tokens == mod.padding_idx).unsqueeze(-1), 0)   # the pad id, = eos in SmolLM2)
+        if getattr(mod, "padding_idx", None) is not None:  # nn.Embedding never gives that row a gradient (Llama:
+            grad = grad.masked_fill((tokens == mod.padding_idx).unsqueeze(-1), 0)  # the pad id, = eos in SmolLM2)
         d = grad.shape[-1]
-        flat_index = tokens.unsqueeze(-1) * d + torch.arange(d, device=tokens.device)   # [B, T, d]
+        flat_index = tokens.unsqueeze(-1) * d + torch.arange(d, device=tokens.device)  # [B, T, d]
         bucket = self.buckets(name, flat_index)
         sign = random_signs(flat_index, name_key(self.seed, name, "sign"))
         out = torch.zeros(grad.shape[0], self.k, device=grad.device)
@@ -304,8 +331,8 @@ class HookSketch:
             e = grad.float()
             same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
             squares = ((e @ e.transpose(1, 2)) * same).sum(dim=(1, 2))
-            if self.output_rows is not None:   # tied: ||a + b||^2 = ||a||^2 + 2<a, b> (+ ||b||^2 from the output
-                squares = squares + 2 * (self.output_rows * e).sum(dim=(1, 2))   # layer): <a, b> = sum_s e_s.b[tok_s]
+            if self.output_rows is not None:  # tied: ||a + b||^2 = ||a||^2 + 2<a, b> (+ ||b||^2 from the output
+                squares = squares + 2 * (self.output_rows * e).sum(dim=(1, 2))  # layer): <a, b> = sum_s e_s.b[tok_s]
                 self.output_rows = None
         return name, out, squares
 
@@ -320,10 +347,11 @@ class HookSketch:
         self.tokens, self.pending, self.output_rows, self.last_norms = batch["input_ids"], {}, None, {}
 
         def keep_input(name):
-            def hook(mod, args, output):   # norms need their output (xhat = out / w); linears only the input
+            def hook(mod, args, output):  # norms need their output (xhat = out / w); linears only the input
                 saved[name] = (args[0].detach(), output.detach() if name in self.norms else None)
                 if output.requires_grad:
                     output.register_hook(lambda g: self.consume(total, name, saved.pop(name), g.detach()))
+
             return hook
 
         for group in (self.linears, self.norms):
@@ -332,7 +360,7 @@ class HookSketch:
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:
             for p, _ in flags:
-                p.requires_grad_(False)   # no weight-gradient GEMMs: the hooks do that work
+                p.requires_grad_(False)  # no weight-gradient GEMMs: the hooks do that work
             embedding = model.get_input_embeddings()
             embeds = embedding(batch["input_ids"]).detach().requires_grad_(True)
             logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
@@ -345,12 +373,15 @@ class HookSketch:
             for h in handles:
                 h.remove()
         if embedding in self.embeddings.values() and embeds.grad is not None:
-            grad = embeds.grad if self.precondition is None else self.precondition.rows(
-                self.param_names[id(embedding.weight)], batch["input_ids"], embeds.grad)
+            grad = (
+                embeds.grad
+                if self.precondition is None
+                else self.precondition.rows(self.param_names[id(embedding.weight)], batch["input_ids"], embeds.grad)
+            )
             name, sketch, squares = self.embedding_sketch(embedding, batch["input_ids"], grad)
             self.add(total, name, "sketch", sketch, squares)
         self.finish(total)
-        total[~torch.isfinite(losses.detach())] = float("nan")   # reported and left out, like rapidin's
+        total[~torch.isfinite(losses.detach())] = float("nan")  # reported and left out, like rapidin's
         return total
 
     def consume(self, total, name, inputs, grad):
@@ -397,7 +428,7 @@ class HookSketch:
         blocks, numel = (value, value.numel) if gemm else ([(value, 0)], value.shape[1])
         layer, squares = None, 0
         for part, start in blocks:
-            if start == 0 and part.shape[1] == numel:   # whole: divide (the GEMM's own buffer in place), fold
+            if start == 0 and part.shape[1] == numel:  # whole: divide (the GEMM's own buffer in place), fold
                 inverse = self.inverse_norm(name, self.squares(part)).unsqueeze(1)
                 self.fold_into(total, name, part.mul_(inverse) if gemm else part * inverse, 0, numel)
                 return
@@ -420,8 +451,9 @@ class HookSketch:
     @staticmethod
     def squares(part):
         """[B] squared norms of the rows of a [B, width] block (accumulated in float32)."""
-        return torch.linalg.vector_norm(part, dim=1, dtype=None if part.dtype == torch.float32 else torch.float32
-                                        ).square()
+        return torch.linalg.vector_norm(
+            part, dim=1, dtype=None if part.dtype == torch.float32 else torch.float32
+        ).square()
 
     def inverse_norm(self, name, squares):
         """1 / ||gradient|| per example from its squared norm (a zero gradient stays zero, as in
@@ -449,7 +481,7 @@ class BlockedGemm:
     def __iter__(self):
         b, n_in = self.x.shape[0], self.x.shape[-1]
         for r0 in range(0, self.delta.shape[-1], self.rows):
-            d = self.delta[..., r0:r0 + self.rows]
+            d = self.delta[..., r0 : r0 + self.rows]
             out = self.sketch.buffer((b, d.shape[-1], n_in), self.x)
             yield torch.bmm(d.transpose(1, 2), self.x, out=out).flatten(1), r0 * n_in
 
@@ -460,4 +492,4 @@ def per_example_loss(logits, labels):
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
     counts = (targets != IGNORE).sum(dim=1)
-    return losses.view_as(targets).sum(dim=1) / counts    # 0 / 0 = NaN: reported, not scored
+    return losses.view_as(targets).sum(dim=1) / counts  # 0 / 0 = NaN: reported, not scored

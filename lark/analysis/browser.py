@@ -1,5 +1,6 @@
 """Headless Chromium for the report's checks (tests, benchmarks/report_scale.py, docs screenshots): the DOM
 after the page's scripts ran, and a screenshot. Debian's `chromium` package; `.ci/run` installs it when absent."""
+
 import shutil
 import subprocess
 import tempfile
@@ -7,8 +8,16 @@ import time
 from pathlib import Path
 
 NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 
 
 def find():
@@ -23,8 +32,9 @@ def run(url, *flags, timeout=120):
         raise FileNotFoundError("chromium not found on PATH (Debian: apt-get install -y chromium)")
     with tempfile.TemporaryDirectory(prefix="lark-chromium-") as profile:
         start = time.perf_counter()
-        done = subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *flags, url], capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [exe, *FLAGS, f"--user-data-dir={profile}", *flags, url], capture_output=True, text=True, timeout=timeout
+        )
         seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"chromium exited {done.returncode}: {done.stderr[-2000:]}")
@@ -44,8 +54,9 @@ def screenshot(path, png, query="", size=(1280, 1400), timeout=120):
     """A PNG screenshot of a local HTML file at `size` (width, height); returns the Chromium process seconds."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
-    _, seconds = run(file_url(path, query), f"--screenshot={png}", f"--window-size={size[0]},{size[1]}",
-                     timeout=timeout)
+    _, seconds = run(
+        file_url(path, query), f"--screenshot={png}", f"--window-size={size[0]},{size[1]}", timeout=timeout
+    )
     if not png.is_file():
         raise RuntimeError(f"chromium wrote no screenshot {png}")
     return seconds

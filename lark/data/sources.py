@@ -11,28 +11,19 @@ A kind is called with keyword arguments docs (the corpus, None for finetune), tr
 seed, and returns QA items or documents {id, text}. QA items become QA fields; documents are Formatted (QA fields,
 rendered with the fine-tuning template) or NoFormat (raw text).
 """
+
 from hydra.utils import instantiate
 
-from lark.console import progress
-from lark.data import sample
+from lark.data.bm25 import BM25
+from lark.data.formats import document_fields, qa_fields
+from lark.data.readers import sample
 from lark.errors import ConfigError
-from lark.formats import document_fields, qa_fields
-from lark.metrics import bm25_tokens
-
-# Words whose presence marks a document as medical when sampling a non-medical control group from a mixed corpus.
-MEDICAL_TERMS = frozenset(
-    "patient patients clinical disease diseases treatment therapy drug drugs trial trials hospital cancer tumor "
-    "symptoms diagnosis medical medicine physician surgery infection vaccine dose doses randomized placebo".split())
 
 
 def bm25_retrieve(queries, docs, n, per_query=10):
     """Up to n distinct documents, taking each query's rank-1 hit, then each query's rank-2 hit, and so on."""
-    import numpy as np
-    from rank_bm25 import BM25Okapi
-
-    index = BM25Okapi([bm25_tokens(d["text"]) for d in progress(docs, "BM25 indexing", unit="doc")])
-    rankings = [np.argsort(-index.get_scores(bm25_tokens(q)), kind="stable")[:per_query]
-                for q in progress(queries, "BM25 retrieval", unit="query")]
+    index = BM25([d["text"] for d in docs], "BM25 indexing")
+    rankings = index.rankings(queries, per_query, "BM25 retrieval")
     picked, seen_ids, seen_text = [], set(), set()
     for rank in range(per_query):
         for ranking in rankings:
@@ -48,10 +39,6 @@ def bm25_retrieve(queries, docs, n, per_query=10):
             seen_text.add(text_key)
             picked.append(doc)
     return picked
-
-
-def non_medical(docs):
-    return [d for d in docs if not MEDICAL_TERMS.intersection(bm25_tokens(d["text"]))]
 
 
 # ------------------------------------------------------------------------------------ the shipped source kinds
@@ -85,15 +72,21 @@ def check_sources(source_cfg, corpus_names):
     kinds = list(source_cfg.kinds)
     for name, spec in source_cfg.sources.items():
         if spec.get("kind") not in kinds:
-            raise ConfigError(f"source.sources.{name}.kind: unknown '{spec.get('kind')}' ({', '.join(kinds)}; "
-                              "or add source.kinds.<kind> with a _target_)")
+            raise ConfigError(
+                f"source.sources.{name}.kind: unknown '{spec.get('kind')}' ({', '.join(kinds)}; "
+                "or add source.kinds.<kind> with a _target_)"
+            )
         corpus = spec.get("corpus")
         if corpus is not None and corpus not in corpus_names:
-            raise ConfigError(f"source.sources.{name}.corpus: unknown '{corpus}' (data.corpora has "
-                              f"{', '.join(corpus_names) or 'none'})")
+            raise ConfigError(
+                f"source.sources.{name}.corpus: unknown '{corpus}' (data.corpora has "
+                f"{', '.join(corpus_names) or 'none'})"
+            )
         if corpus is None and spec.kind != "finetune":
-            raise ConfigError(f"source.sources.{name}.corpus: a '{spec.kind}' source needs a corpus "
-                              f"(one of data.corpora: {', '.join(corpus_names) or 'none'})")
+            raise ConfigError(
+                f"source.sources.{name}.corpus: a '{spec.kind}' source needs a corpus "
+                f"(one of data.corpora: {', '.join(corpus_names) or 'none'})"
+            )
         size = spec.get("size", source_cfg.size)
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"source.sources.{name}.size must be a positive integer, got {size}")
@@ -108,14 +101,22 @@ def build_sources(source_cfg, fmt, train_items, test_items, corpora, seed):
         size = spec.get("size", source_cfg.size)
         key = (spec.kind, spec.get("corpus"), size)
         if key not in chosen:
-            chosen[key] = select[spec.kind](docs=corpora.get(spec.get("corpus")), train_items=train_items,
-                                            test_items=test_items, size=size, seed=seed)
+            chosen[key] = select[spec.kind](
+                docs=corpora.get(spec.get("corpus")),
+                train_items=train_items,
+                test_items=test_items,
+                size=size,
+                seed=seed,
+            )
         picked = chosen[key]
         if picked and "question" in picked[0]:
             sets[name] = [qa_fields(item, fmt.answer_template) for item in picked]
         else:
-            sets[name] = [document_fields(d) for d in picked] if spec.formatted else [
-                {"id": d["id"], "text": d["text"]} for d in picked]
+            sets[name] = (
+                [document_fields(d) for d in picked]
+                if spec.formatted
+                else [{"id": d["id"], "text": d["text"]} for d in picked]
+            )
         if not sets[name]:
             raise ValueError(f"source.sources.{name}: no documents selected")
     return sets

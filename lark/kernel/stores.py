@@ -10,6 +10,7 @@ Tiers (`attribution.store_dtype`), bytes per dimension, and how cosine is recove
 - bit (1/8 byte): the sign of each coordinate, packed; cos = sin(pi/2 * <sign(a), sign(b)> / k), the SimHash
   estimate (angle = pi * Hamming / k), valid because sketch coordinates are near-Gaussian sums.
 """
+
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from lark.data import replacing
+from lark.data.io import replacing
 from lark.errors import StoreMismatch
 
 TIERS = ("float16", "bfloat16", "int8", "bit")
@@ -78,8 +79,9 @@ def dots(a, b, chunk=2**20):
     columns at a time and summed in float64: a float32 product over 10^8 coordinates drifts by ~1% on a CPU."""
     if a.shape[1] <= chunk:
         return a @ b.T
-    return sum(a[:, s:s + chunk].double() @ b[:, s:s + chunk].double().T
-               for s in range(0, a.shape[1], chunk)).to(a.dtype)
+    return sum(a[:, s : s + chunk].double() @ b[:, s : s + chunk].double().T for s in range(0, a.shape[1], chunk)).to(
+        a.dtype
+    )
 
 
 def atomic_save(tensors, path, metadata):
@@ -87,11 +89,11 @@ def atomic_save(tensors, path, metadata):
     are sorted (safetensors writes them in hash-map order), so equal contents give byte-identical files."""
     blob = save(tensors, metadata=metadata)
     n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(blob[:8])
-        f.write(header.ljust(n) if len(header) <= n else blob[8:8 + n])
-        f.write(memoryview(blob)[8 + n:])
+        f.write(header.ljust(n) if len(header) <= n else blob[8 : 8 + n])
+        f.write(memoryview(blob)[8 + n :])
 
 
 def decoded(tensors, tier, k):
@@ -105,8 +107,12 @@ def save_store(path, vectors, ids, meta, tier="float16"):
     """Write projected gradients [n, k] as a store; returns the decoded unit vectors the scores will use."""
     unit = unit_rows(vectors)
     tensors = {**encode(unit, tier), "norms": vectors.norm(dim=1).float()}
-    metadata = {"ids": json.dumps(ids), "tier": json.dumps(tier), "k": json.dumps(vectors.shape[1]),
-                **{k: json.dumps(v) for k, v in meta.items()}}
+    metadata = {
+        "ids": json.dumps(ids),
+        "tier": json.dumps(tier),
+        "k": json.dumps(vectors.shape[1]),
+        **{k: json.dumps(v) for k, v in meta.items()},
+    }
     atomic_save(tensors, path, metadata)
     return decoded(tensors, tier, vectors.shape[1])
 
@@ -134,8 +140,10 @@ def check_compatible(a, b, a_name="a", b_name="b"):
         if isinstance(x, dict) and isinstance(y, dict):
             sub = next(s for s in sorted(set(x) | set(y)) if x.get(s) != y.get(s))
             field, x, y = f"{key}.{sub}", x.get(sub), y.get(sub)
-        raise StoreMismatch(f"cannot score {a_name} against {b_name}: {field} differs ({x!r} vs {y!r}); "
-                            "stores from different projectors, checkpoints, tokenizers or formats never mix")
+        raise StoreMismatch(
+            f"cannot score {a_name} against {b_name}: {field} differs ({x!r} vs {y!r}); "
+            "stores from different projectors, checkpoints, tokenizers or formats never mix"
+        )
 
 
 def score_stores(query_path, doc_path, block=4096):
@@ -148,7 +156,7 @@ def score_stores(query_path, doc_path, block=4096):
 
 def cosine_scores(queries, docs, tier="float16", block=4096):
     """[n_q, n_d] cosine estimates from decoded unit vectors, computed in blocks of document rows."""
-    parts = [finish_scores(dots(queries, docs[s:s + block]), tier) for s in range(0, len(docs), block)]
+    parts = [finish_scores(dots(queries, docs[s : s + block]), tier) for s in range(0, len(docs), block)]
     return torch.cat(parts, dim=1) if parts else torch.zeros(len(queries), 0)
 
 
@@ -159,7 +167,7 @@ def topk_scores(queries, docs, k, tier="float16", block=4096):
     best_v = torch.full((len(queries), 0), float("-inf"))
     best_i = torch.zeros((len(queries), 0), dtype=torch.long)
     for s in range(0, len(docs), block):
-        scores = finish_scores(dots(queries, docs[s:s + block]), tier).nan_to_num(float("-inf"))
+        scores = finish_scores(dots(queries, docs[s : s + block]), tier).nan_to_num(float("-inf"))
         values = torch.cat([best_v, scores], dim=1)
         index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(len(queries), -1)], dim=1)
         best_v, pos = values.topk(min(k, values.shape[1]), dim=1)
@@ -208,3 +216,8 @@ def faiss_topk(index, ids, queries, k, tier="float16"):
     scores, rows = index.search(queries.float().numpy(), k)
     names = [[ids[j] if j >= 0 else None for j in row] for row in rows]
     return finish_scores(torch.from_numpy(scores), tier), names
+
+
+def store_bytes(n_examples, n_queries, n_docs, k, tier, save_scores):
+    """Bytes written per attributed checkpoint: stores (vectors + float32 norms) and float32 score matrices."""
+    return n_examples * (bytes_per_vector(tier, k) + 4) + (4 * n_queries * n_docs if save_scores else 0)

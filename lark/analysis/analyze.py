@@ -5,12 +5,12 @@ model). A Hydra multirun folder holds numbered job folders, each a run directory
 `job` column (the job's overrides) and its figures one line per job.
 
     analyze("outputs/train/2025-01-01_12-00-00")   # -> tables/table{1..4}.{md,csv}, figures/fig{1,2,3}_*.png
-    analyze("multirun/2025-01-01_12-00-00", table1_epoch=2)   # + report/index.html (lark.report)
+    analyze("multirun/2025-01-01_12-00-00", table1_epoch=2)   # + report/index.html (lark.analysis.report)
 
 Numbers stay numbers in the table rows (and in the CSVs, at full precision); only the markdown is rounded.
 Fractions in metrics.json (accuracy, wins) become percentages here, in columns ending in `_pct`.
 """
-import csv
+
 import json
 import math
 import re
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from lark.data import replacing
-from lark.metrics_schema import check as check_metrics
-from lark.report import write_run_report, write_sweep_report
+from lark.analysis.report import write_run_report, write_sweep_report
+from lark.analysis.schema import check as check_metrics
+from lark.data.io import replacing, write_csv
 from lark.rundir import require_complete
 
 TITLES = {
@@ -70,7 +70,7 @@ def search_run_dirs(folder, depth):
 
 
 def natural_key(text):
-    """"job10" sorts after "job9": digit runs compare as numbers."""
+    """ "job10" sorts after "job9": digit runs compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
@@ -130,7 +130,7 @@ def build_tables(runs, table1_epoch="best"):
     """runs: label -> that run's metrics (load_metrics). Returns {"table1": rows, ..., "table4": rows}, each row
     a dict column -> number/str/None. Tables I, III and IV use epoch `table1_epoch` of each run (pick_epoch)."""
     multirun = list(runs) != ["run"]
-    tables = {name: [] for name in TITLES if name != "tracin_cp"}   # tracin_cp: analyze() adds it if a run has it
+    tables = {name: [] for name in TITLES if name != "tracin_cp"}  # tracin_cp: analyze() adds it if a run has it
     for job, metrics in runs.items():
         if not metrics:
             raise ValueError(f"run {job!r} has no metrics")
@@ -184,9 +184,17 @@ def source_rows(m):
     rows = []
     for name, source in (m.get("sources") or {}).items():
         is_ft = name == m.get("ft_source")
-        rows.append({"epoch": m["epoch"], "source": name, "kind": source.get("kind"),
-                     "formatted": source.get("formatted"), "n_docs": source.get("n_docs"),
-                     "mean_max": source.get("mean_max"), "ft_wins_pct": None if is_ft else pct(source.get("ft_wins"))})
+        rows.append(
+            {
+                "epoch": m["epoch"],
+                "source": name,
+                "kind": source.get("kind"),
+                "formatted": source.get("formatted"),
+                "n_docs": source.get("n_docs"),
+                "mean_max": source.get("mean_max"),
+                "ft_wins_pct": None if is_ft else pct(source.get("ft_wins")),
+            }
+        )
     return rows
 
 
@@ -197,16 +205,28 @@ def epoch_rows(metrics):
     rows = []
     for m in metrics:
         effect = m.get("format_effect") or {}
-        rows.append({"epoch": m["epoch"], "lr": m.get("lr"), "reduced_lr": m["epoch"] in reduced,
-                     "ft": m.get("ft"), "pt": m.get("pt"), "ratio": m.get("ft_pt_ratio"),
-                     "pt_wins_pct": pct(m.get("pt_wins")), **eval_column(m),
-                     **{f"format_effect_{kind}": effect.get(kind) for kind in kinds}})
+        rows.append(
+            {
+                "epoch": m["epoch"],
+                "lr": m.get("lr"),
+                "reduced_lr": m["epoch"] in reduced,
+                "ft": m.get("ft"),
+                "pt": m.get("pt"),
+                "ratio": m.get("ft_pt_ratio"),
+                "pt_wins_pct": pct(m.get("pt_wins")),
+                **eval_column(m),
+                **{f"format_effect_{kind}": effect.get(kind) for kind in kinds},
+            }
+        )
     return rows
 
 
 # Table II's evaluation column per metrics.json `eval.metric` (conf/eval): (column, markdown header, percent?)
-EVAL_COLUMNS = {"accuracy": ("accuracy_pct", "Acc.", True), "exact_match": ("exact_match_pct", "Exact match", True),
-                "answer_loss": ("answer_loss", "Answer loss", False)}
+EVAL_COLUMNS = {
+    "accuracy": ("accuracy_pct", "Acc.", True),
+    "exact_match": ("exact_match_pct", "Exact match", True),
+    "answer_loss": ("answer_loss", "Answer loss", False),
+}
 
 
 def eval_column(m):
@@ -225,15 +245,22 @@ def storage_rows(m):
     kind = (m.get("projector") or {}).get("kind") or "projected"
     return [
         storage_row("Full gradient (TracIn)", n_examples=n, bytes_per_example=full, bytes_total=product(full, n)),
-        storage_row(f"LARK ({kind}, k={k})", k=k, n_examples=n, bytes_per_example=projected,
-                    bytes_total=product(projected, n)),
+        storage_row(
+            f"LARK ({kind}, k={k})", k=k, n_examples=n, bytes_per_example=projected, bytes_total=product(projected, n)
+        ),
         storage_row("Compression ratio (full / projected)", compression=ratio(full, projected)),
     ]
 
 
 def storage_row(method, k=None, n_examples=None, bytes_per_example=None, bytes_total=None, compression=None):
-    return {"method": method, "k": k, "n_examples": n_examples, "bytes_per_example": bytes_per_example,
-            "bytes_total": bytes_total, "compression": compression}
+    return {
+        "method": method,
+        "k": k,
+        "n_examples": n_examples,
+        "bytes_per_example": bytes_per_example,
+        "bytes_total": bytes_total,
+        "compression": compression,
+    }
 
 
 def method_rows(m):
@@ -244,8 +271,13 @@ def method_rows(m):
     return [
         base | {"method": "LARK (gradient)", "ft_wins_pct": gradient, "interpretation": "Gradient-based"},
         base | {"method": "BM25", "ft_wins_pct": bm25, "interpretation": "Lexical similarity"},
-        base | {"method": "Difference", "ft_wins_pct": None, "difference_pp": difference,
-                "interpretation": "LARK minus BM25"},
+        base
+        | {
+            "method": "Difference",
+            "ft_wins_pct": None,
+            "difference_pp": difference,
+            "interpretation": "LARK minus BM25",
+        },
     ]
 
 
@@ -262,17 +294,9 @@ def write_tables(tables, out_dir, captions=None):
         md, csv_file = out_dir / f"{name}.md", out_dir / f"{name}.csv"
         with replacing(md) as tmp:
             tmp.write_text(to_markdown(name, rows, (captions or {}).get(name)))
-        write_csv(rows, csv_file)
+        write_csv(csv_file, rows)
         files += [md, csv_file]
     return files
-
-
-def write_csv(rows, path):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, restval="")
-        writer.writeheader()
-        writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
 
 
 def to_markdown(name, rows, caption=None):
@@ -297,22 +321,46 @@ def epoch_suffix(name, rows):
 def md_columns(name, rows):
     """(header, row -> cell text) for each markdown column."""
     columns = {
-        "table1": [("Data Source", lambda r: r["source"]), ("Mean Max", lambda r: fmt(r["mean_max"], ".3f")),
-                   ("FT Wins", lambda r: fmt(r["ft_wins_pct"], ".1f", "%"))],
-        "table2": [("Epoch", epoch_cell), ("FT", lambda r: fmt(r["ft"], ".3f")), ("PT", lambda r: fmt(r["pt"], ".3f")),
-                   ("Ratio", lambda r: fmt(r["ratio"], ".2f")), ("PT Wins", lambda r: fmt(r["pt_wins_pct"], ".1f", "%")),
-                   *[(header, lambda r, c=column, p=percent: fmt(r.get(c), ".1f" if p else ".3f", "%" if p else ""))
-                     for column, header, percent in eval_headers(rows)], ("lr", lambda r: fmt(r["lr"], "g"))]
-        + [(f"Format Effect ({key.removeprefix('format_effect_')})", lambda r, key=key: fmt(r.get(key), ".2f", "×"))
-           for key in dict.fromkeys(key for row in rows for key in row) if key.startswith("format_effect_")],
-        "table3": [("Method", lambda r: r["method"]), ("Examples", lambda r: fmt(r["n_examples"], ",.0f")),
-                   ("Per Example", lambda r: format_bytes(r["bytes_per_example"])),
-                   ("All Examples", lambda r: format_bytes(r["bytes_total"])),
-                   ("Compression", lambda r: fmt(r["compression"], ",.0f", "×"))],
-        "table4": [("Method", lambda r: r["method"]), ("FT Wins", table4_cell),
-                   ("Interpretation", lambda r: r["interpretation"])],
-        "tracin_cp": [("Data Source", lambda r: r["source"]), ("Mean Max", lambda r: fmt(r["mean_max"], ".4g")),
-                      ("FT Wins", lambda r: fmt(r["ft_wins_pct"], ".1f", "%")), ("Epochs", lambda r: r["epochs"])],
+        "table1": [
+            ("Data Source", lambda r: r["source"]),
+            ("Mean Max", lambda r: fmt(r["mean_max"], ".3f")),
+            ("FT Wins", lambda r: fmt(r["ft_wins_pct"], ".1f", "%")),
+        ],
+        "table2": [
+            ("Epoch", epoch_cell),
+            ("FT", lambda r: fmt(r["ft"], ".3f")),
+            ("PT", lambda r: fmt(r["pt"], ".3f")),
+            ("Ratio", lambda r: fmt(r["ratio"], ".2f")),
+            ("PT Wins", lambda r: fmt(r["pt_wins_pct"], ".1f", "%")),
+            *[
+                (header, lambda r, c=column, p=percent: fmt(r.get(c), ".1f" if p else ".3f", "%" if p else ""))
+                for column, header, percent in eval_headers(rows)
+            ],
+            ("lr", lambda r: fmt(r["lr"], "g")),
+        ]
+        + [
+            (f"Format Effect ({key.removeprefix('format_effect_')})", lambda r, key=key: fmt(r.get(key), ".2f", "×"))
+            for key in dict.fromkeys(key for row in rows for key in row)
+            if key.startswith("format_effect_")
+        ],
+        "table3": [
+            ("Method", lambda r: r["method"]),
+            ("Examples", lambda r: fmt(r["n_examples"], ",.0f")),
+            ("Per Example", lambda r: format_bytes(r["bytes_per_example"])),
+            ("All Examples", lambda r: format_bytes(r["bytes_total"])),
+            ("Compression", lambda r: fmt(r["compression"], ",.0f", "×")),
+        ],
+        "table4": [
+            ("Method", lambda r: r["method"]),
+            ("FT Wins", table4_cell),
+            ("Interpretation", lambda r: r["interpretation"]),
+        ],
+        "tracin_cp": [
+            ("Data Source", lambda r: r["source"]),
+            ("Mean Max", lambda r: fmt(r["mean_max"], ".4g")),
+            ("FT Wins", lambda r: fmt(r["ft_wins_pct"], ".1f", "%")),
+            ("Epochs", lambda r: r["epochs"]),
+        ],
     }[name]
     if name in ("table1", "table4") and len({row["epoch"] for row in rows}) > 1:
         columns = [("Epoch", lambda r: str(r["epoch"]))] + columns
@@ -325,8 +373,16 @@ def eval_headers(rows):
     """(column, header, percent?) of the evaluation columns present in Table II's rows."""
     present = dict.fromkeys(key for row in rows for key in row)
     known = [spec for spec in EVAL_COLUMNS.values() if spec[0] in present]
-    columns = {spec[0] for spec in EVAL_COLUMNS.values()} | {"epoch", "lr", "reduced_lr", "ft", "pt", "ratio",
-                                                             "pt_wins_pct", "job"}
+    columns = {spec[0] for spec in EVAL_COLUMNS.values()} | {
+        "epoch",
+        "lr",
+        "reduced_lr",
+        "ft",
+        "pt",
+        "ratio",
+        "pt_wins_pct",
+        "job",
+    }
     return known + [(key, key, False) for key in present if key not in columns and not key.startswith("format_")]
 
 
@@ -335,7 +391,7 @@ def fmt(value, spec, unit=""):
 
 
 def epoch_cell(row):
-    """"0 (base)" for the base model, "4*" for an epoch trained at a reduced learning rate."""
+    """ "0 (base)" for the base model, "4*" for an epoch trained at a reduced learning rate."""
     return f"{row['epoch']}{'*' if row['reduced_lr'] else ''}{' (base)' if row['epoch'] == 0 else ''}"
 
 
@@ -357,7 +413,7 @@ def scale_bytes(n, base, units):
     power = 0
     while power + 1 < len(units) and n >= base ** (power + 1):
         power += 1
-    return f"{n} B" if power == 0 else f"{n / base ** power:.2f} {units[power]}"
+    return f"{n} B" if power == 0 else f"{n / base**power:.2f} {units[power]}"
 
 
 def footnotes(name, rows):
@@ -464,7 +520,9 @@ def plot_pt_wins(runs, path):
         ax.plot(epochs, values, marker="o", color=color, label="PT wins" if len(runs) == 1 else job)
         shade_label = "lower learning rate" if len(runs) == 1 else f"{job}: lower learning rate"
         for i, epoch in enumerate(reduced_lr_epochs(metrics)):
-            ax.axvspan(epoch - 0.5, epoch + 0.5, color=color, alpha=0.12, linewidth=0, label=shade_label if i == 0 else None)
+            ax.axvspan(
+                epoch - 0.5, epoch + 0.5, color=color, alpha=0.12, linewidth=0, label=shade_label if i == 0 else None
+            )
     ax.set_ylim(bottom=0)
     finish(ax, "Pretraining influence during fine-tuning", "PT wins (% of test queries)")
     save_figure(figure, path)
@@ -479,14 +537,28 @@ def plot_method(runs, path, table1_epoch="best"):
     sizes = [row["bytes_per_example"] for rows in storage for row in rows[:2] if row["bytes_per_example"]]
     width = 0.38
     for i, (full, projected, compression) in enumerate(storage):
-        bar_pair(ax_storage, i, width, [full["bytes_per_example"], projected["bytes_per_example"]],
-                 ["Full gradient (TracIn)", "LARK (projected)"], first=i == 0, text=format_bytes_short)
+        bar_pair(
+            ax_storage,
+            i,
+            width,
+            [full["bytes_per_example"], projected["bytes_per_example"]],
+            ["Full gradient (TracIn)", "LARK (projected)"],
+            first=i == 0,
+            text=format_bytes_short,
+        )
         if compression["compression"] is not None:
             ax_storage.annotate(f"{compression['compression']:,.0f}× smaller", (i, max(sizes) * 4), ha="center")
     for i, m in enumerate(chosen.values()):
         gradient, bm25, difference = method_rows(m)
-        bar_pair(ax_wins, i, width, [gradient["ft_wins_pct"], bm25["ft_wins_pct"]],
-                 ["LARK (gradient)", "BM25"], first=i == 0, text=lambda v: f"{v:.1f}%")
+        bar_pair(
+            ax_wins,
+            i,
+            width,
+            [gradient["ft_wins_pct"], bm25["ft_wins_pct"]],
+            ["LARK (gradient)", "BM25"],
+            first=i == 0,
+            text=lambda v: f"{v:.1f}%",
+        )
         if difference["difference_pp"] is not None:
             ax_wins.annotate(f"{difference['difference_pp']:+.1f} pp", (i, 106), ha="center")
     ax_storage.set_yscale("log")
@@ -494,20 +566,21 @@ def plot_method(runs, path, table1_epoch="best"):
         ax_storage.set_ylim(min(sizes) / 10, max(sizes) * 10_000)
     ax_wins.set_ylim(0, 130)
     single = len(runs) == 1
-    ax_storage.set_xticks(range(len(runs)), [f"k = {rows[1]['k']}" if single else job
-                                             for job, rows in zip(runs, storage)])
-    ax_wins.set_xticks(range(len(runs)), [f"epoch {m['epoch']}" if single else f"{job}\n(epoch {m['epoch']})"
-                                          for job, m in chosen.items()])
-    finish(ax_storage, "(A) Storage per example", "Bytes per example (log scale)", xlabel="",
-           legend_loc="upper center")
-    finish(ax_wins, "(B) Attribution accuracy", "FT wins (% of test queries)", xlabel="",
-           legend_loc="upper center")
+    ax_storage.set_xticks(
+        range(len(runs)), [f"k = {rows[1]['k']}" if single else job for job, rows in zip(runs, storage)]
+    )
+    ax_wins.set_xticks(
+        range(len(runs)),
+        [f"epoch {m['epoch']}" if single else f"{job}\n(epoch {m['epoch']})" for job, m in chosen.items()],
+    )
+    finish(ax_storage, "(A) Storage per example", "Bytes per example (log scale)", xlabel="", legend_loc="upper center")
+    finish(ax_wins, "(B) Attribution accuracy", "FT wins (% of test queries)", xlabel="", legend_loc="upper center")
     figure.suptitle("LARK vs full-gradient storage (TracIn) and lexical attribution (BM25)")
     save_figure(figure, path)
 
 
 def save_figure(figure, path):
-    """A PNG written to a temporary name and renamed (lark.data.replacing)."""
+    """A PNG written to a temporary name and renamed (lark.data.io.replacing)."""
     with replacing(path) as tmp:
         figure.savefig(tmp, dpi=DPI, format="png")
 
@@ -540,7 +613,7 @@ def tracin_rows(run_dirs):
     rows = []
     for job, run_dir in run_dirs.items():
         file = Path(run_dir) / "attribution" / "tracin_cp" / "metrics.json"
-        if file.is_file():   # the run-level score's own metrics (epoch "all": not an epoch's metrics.json schema)
+        if file.is_file():  # the run-level score's own metrics (epoch "all": not an epoch's metrics.json schema)
             m = json.loads(file.read_text())
             lead = {} if list(run_dirs) == ["run"] else {"job": job}
             rows += [lead | row | {"epochs": ", ".join(map(str, m["epochs"]))} for row in source_rows(m)]
@@ -552,7 +625,7 @@ def tracin_rows(run_dirs):
 
 def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=280):
     """Tables (out_dir/tables), figures (out_dir/figures) and, with `report`, the browsable page
-    out_dir/report/index.html (lark.report) of a run or multirun folder; out_dir defaults to `path`.
+    out_dir/report/index.html (lark.analysis.report) of a run or multirun folder; out_dir defaults to `path`.
     Returns {"tables", "table_files", "figure_files", "report" (a path or None), "runs"}."""
     run_dirs = find_runs(path)
     for run_dir in run_dirs.values():
@@ -564,11 +637,18 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
     if tracin:
         tables["tracin_cp"] = tracin
     captions = {"table2": loss_target_caption(runs)}
-    result = {"tables": tables, "table_files": write_tables(tables, out_dir / "tables", captions),
-              "figure_files": plot_figures(runs, out_dir / "figures", table1_epoch), "report": None, "runs": run_dirs}
+    result = {
+        "tables": tables,
+        "table_files": write_tables(tables, out_dir / "tables", captions),
+        "figure_files": plot_figures(runs, out_dir / "figures", table1_epoch),
+        "report": None,
+        "runs": run_dirs,
+    }
     if report:
         chosen = {label: pick_epoch(metrics, table1_epoch) for label, metrics in runs.items()}
-        result["report"] = (write_run_report(run_dirs["run"], runs["run"], out_dir, chosen["run"]["epoch"],
-                                             snippet_chars) if list(runs) == ["run"] else
-                            write_sweep_report(path, run_dirs, runs, chosen, out_dir, snippet_chars))
+        result["report"] = (
+            write_run_report(run_dirs["run"], runs["run"], out_dir, chosen["run"]["epoch"], snippet_chars)
+            if list(runs) == ["run"]
+            else write_sweep_report(path, run_dirs, runs, chosen, out_dir, snippet_chars)
+        )
     return result

@@ -13,14 +13,15 @@ sketch's variance is that minus a data-dependent term, so it can do a little bet
 JL lower bounds (Kane, Meka & Nelson 2011; Jayram & Woodruff 2013) say no oblivious linear sketch does better than
 order 1/k. benchmarks/projection_noise.py checks it against measured Gaussian and sketch projections.
 """
+
 import math
 
 import torch
 
-from lark.attribution import project_examples
-from lark.projector import ExactProjector, example_gradient, trainable
-from lark.stores import cosine_scores, stored_view, unit_rows
-from lark.training import collate
+from lark.data.datamodule import collate
+from lark.kernel.build import project_examples
+from lark.kernel.projectors import ExactProjector, example_gradient, trainable
+from lark.kernel.stores import cosine_scores, stored_view, unit_rows
 
 
 def ranks(x):
@@ -31,8 +32,10 @@ def agreement(exact, approx, top=10):
     """Fidelity numbers of approximate scores against exact ones (both [n_q, n_d])."""
     a, b = exact.flatten().double(), approx.flatten().double()
     top = min(top, exact.shape[1])
-    overlap = [len(set(e.tolist()) & set(p.tolist())) / top
-               for e, p in zip(exact.topk(top, dim=1).indices, approx.topk(top, dim=1).indices)]
+    overlap = [
+        len(set(e.tolist()) & set(p.tolist())) / top
+        for e, p in zip(exact.topk(top, dim=1).indices, approx.topk(top, dim=1).indices)
+    ]
     return {
         "pearson": torch.corrcoef(torch.stack([a, b]))[0, 1].item(),
         "spearman": torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1].item(),
@@ -67,7 +70,7 @@ def exact_scores(model, queries, docs, pad_id, normalize="none", on_gradient=Non
         del grads
         return unit_rows(v[None])[0] if torch.isfinite(loss) else v.fill_(float("nan"))
 
-    try:   # norms and dot products summed in float64: in float32 they drift by ~1% over 10^8 coordinates
+    try:  # norms and dot products summed in float64: in float32 they drift by ~1% over 10^8 coordinates
         q = torch.stack([unit(i, e) for i, e in enumerate(queries)])
         columns = [cosine_scores(q, unit(len(queries) + j, d)[None])[:, 0] for j, d in enumerate(docs)]
     finally:
