@@ -14,10 +14,12 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
 def main(cfg):
-    from lark.analysis.analyze import analyze, find_runs
+    from lark.analysis.analyze import analyze
+    from lark.analysis.runs import find_runs
 
     if cfg.validate:  # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml), so the report has it
-        from lark.validation.table5 import load_config, validate_run
+        from lark.validation.load import load_config
+        from lark.validation.table5 import validate_run
 
         for run_dir in find_runs(cfg.run_dir).values():
             print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))

@@ -125,7 +125,7 @@ def timed(fn, device, repeats):
 def exact_cosines(model, examples):
     """{none, per_tensor: exact pair cosines of the examples' full gradients}: gradients held in the model's
     dtype (one set per example), per-tensor Gram matrices summed in float64; per_tensor divides each tensor's
-    by its norms first (= normalize_tensors, zero tensors contributing nothing)."""
+    by its norms first (= lark.kernel.normalizers.PerTensor, zero tensors contributing nothing)."""
     params = trainable(model)
     grads = []
     for ex in examples:

@@ -3,7 +3,7 @@ checkpoint (lark.checkpoint: save, accuracy, attribution) and logs metrics, a to
 
 import lightning as L
 
-from lark.checkpoint import evaluate_checkpoint
+from lark.checkpoint import Checkpoint, evaluate_checkpoint
 from lark.data.sources import example_text
 from lark.kernel.optimizer import checkpoint_moments
 from lark.loggers import log_metrics, log_table
@@ -35,37 +35,37 @@ class AttributionCallback(L.Callback):
             trainer.train_dataloader,
             self.cfg.get("gradient_clip_val"),
         )
-        logged, rows = evaluate_checkpoint(
+        ck = Checkpoint(
             self.cfg,
             pl_module.model,
             self.tokenizer,
-            self.test_items,
-            self.sets,
             self.run_dir,
             epoch,
-            lr,
-            trainer.global_rank,
-            trainer.world_size,
-            gather,
-            self.report,
-            reuse=bool(self.cfg.get("resume")),
+            lr=lr,
             moments=moments,
             encoder=self.encoder,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+            gather=gather,
+            reuse=bool(self.cfg.get("resume")),
+            log=self.report,
         )
+        logged, rows = evaluate_checkpoint(ck, self.test_items, self.sets)
         if trainer.global_rank == 0:
             log_metrics(trainer, logged, step=trainer.global_step)
             if rows:
-                name = f"epoch_{epoch:03d}"
-                sources = [
-                    (s, logged.get(f"influence/mean_max/{s}"), logged.get(f"influence/ft_wins/{s}")) for s in self.sets
-                ]
-                log_table(trainer, f"influence/{name}/sources", ["source", "mean_max", "ft_wins"], sources)
-                n = self.cfg.analysis.report_snippet_chars  # documents' text, not only ids (as in the report)
-                texts = {(s, e["id"]): example_text(e)[:n] for s, examples in self.sets.items() for e in examples}
-                questions = {item["id"]: item["question"] for item in self.test_items}
-                log_table(
-                    trainer,
-                    f"influence/{name}/top_k",
-                    ["query_id", "question", "source", "rank", "doc_id", "score", "text"],
-                    [(q, questions.get(q), s, r, d, v, texts.get((s, d))) for q, s, r, d, v in rows],
-                )
+                self.log_tables(trainer, ck.name, logged, rows)
+
+    def log_tables(self, trainer, name, logged, rows):
+        """The loggers' tables of an attributed epoch: each source's metrics, each query's top documents."""
+        sources = [(s, logged.get(f"influence/mean_max/{s}"), logged.get(f"influence/ft_wins/{s}")) for s in self.sets]
+        log_table(trainer, f"influence/{name}/sources", ["source", "mean_max", "ft_wins"], sources)
+        n = self.cfg.analysis.report_snippet_chars  # documents' text, not only ids (as in the report)
+        texts = {(s, e["id"]): example_text(e)[:n] for s, examples in self.sets.items() for e in examples}
+        questions = {item["id"]: item["question"] for item in self.test_items}
+        log_table(
+            trainer,
+            f"influence/{name}/top_k",
+            ["query_id", "question", "source", "rank", "doc_id", "score", "text"],
+            [(q, questions.get(q), s, r, d, v, texts.get((s, d))) for q, s, r, d, v in rows],
+        )

@@ -13,19 +13,20 @@ Run directory layout:
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf, open_dict
 
 from lark import console, legacy, rundir
 from lark.analysis import analyze as analysis
 from lark.callbacks import AttributionCallback
-from lark.checkpoint import evaluate_checkpoint, wanted
+from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
+from lark.data.corpora import check_corpora
 from lark.data.datamodule import LarkDataModule
 from lark.data.formats import encode
 from lark.data.io import BadRows, write_json, write_jsonl
-from lark.data.readers import load_corpus, load_qa, qa_record, read_examples
+from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources, check_sources
-from lark.data.world import generate_world, save_world
+from lark.data.world import save_world
 from lark.errors import ConfigError, RunDirError
 from lark.kernel.factory import make_kernel, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
@@ -42,16 +43,31 @@ from lark.validation.canary import plant as plant_canary
 from lark.validation.lds import train_subset
 
 
-def validate(cfg):
+def need(ok, message):
+    """Raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_config(cfg):
     """Fail at start, naming the key, on values that would only break later (ConfigError)."""
-
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
-    epochs, attr, projector = cfg.trainer.max_epochs, cfg.attribution, cfg.attribution.projector
+    epochs = cfg.trainer.max_epochs
     need(isinstance(epochs, int) and epochs >= 0, f"trainer.max_epochs must be an integer >= 0, got {epochs}")
-    k = projector.get("k", 1)
+    check_attribution_keys(cfg.attribution)
+    check_source_keys(cfg.source, cfg.data)
+    need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
+    check_data_keys(cfg.data)
+    evaluator = instantiate(cfg.eval)
+    need(
+        cfg.attribution.query_target != "predicted" or evaluator.predicts,
+        f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
+        "eval=choices / eval=exact_match)",
+    )
+
+
+def check_attribution_keys(attr):
+    """attribution: k, the projector and kernel, the store tier, the shard size, the checkpoints."""
+    k = attr.projector.get("k", 1)
     need(isinstance(k, int) and k > 0, f"attribution.projector.k must be a positive integer, got {k}")
     check_targets(attr)
     need(attr.store_dtype in TIERS, f"attribution.store_dtype: unknown '{attr.store_dtype}' ({', '.join(TIERS)})")
@@ -63,35 +79,25 @@ def validate(cfg):
         attr.checkpoints == "all" or all(isinstance(e, int) and e >= 0 for e in attr.checkpoints),
         f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}",
     )
-    need(
-        isinstance(cfg.source.size, int) and cfg.source.size > 0,
-        f"source.size must be a positive integer, got {cfg.source.size}",
-    )
-    data = cfg.data
+
+
+def check_source_keys(source, data):
+    """source: its size, the corpora its sources draw from (data.corpora), the FT / PT sources, the format pairs."""
+    need(isinstance(source.size, int) and source.size > 0, f"source.size must be a positive integer, got {source.size}")
     corpora = data.get("corpora") or {}
-    for name, corpus in corpora.items():
-        given = [key for key in ("path", "hub_id", "world") if corpus.get(key)]
-        need(
-            len(given) == 1,
-            f"data.corpora.{name}: give exactly one of path (JSON Lines), hub_id (a datasets "
-            f"name or folder) or world, got {given or 'none'}",
-        )
-        need(
-            not corpus.get("path") or Path(corpus.path).is_file(),
-            f"data.corpora.{name}.path: {corpus.get('path')} is not a file",
-        )
-    check_sources(cfg.source, list(corpora))
-    names = set(cfg.source.sources)
+    check_corpora(corpora)
+    check_sources(source, list(corpora))
+    names = set(source.sources)
     for key in ("ft_source", "pt_source"):
-        need(
-            cfg.source[key] in names,
-            f"source.{key}: '{cfg.source[key]}' is not one of source.sources ({', '.join(names)})",
-        )
-    for content, pair in cfg.source.format_pairs.items():
+        need(source[key] in names, f"source.{key}: '{source[key]}' is not one of source.sources ({', '.join(names)})")
+    for content, pair in source.format_pairs.items():
         for name in pair:
             need(name in names, f"source.format_pairs.{content}: '{name}' is not one of source.sources")
-    need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
-    need("world" in data or "reader" in data, "data: needs a reader (data=jsonl, data=hf) or a world (data=world)")
+
+
+def check_data_keys(data):
+    """data: a reader or a world, the fields, on_bad_rows, the files it names."""
+    need("reader" in data, "data.reader: missing (a _target_: data=jsonl, data=hf, data=world or your own reader)")
     for key in ("id", "question", "context", "answer", "split"):
         need(key in data.fields, f"data.fields.{key}: missing (null when the data has no such field)")
     for key in ("question", "answer"):
@@ -105,18 +111,10 @@ def validate(cfg):
     }
     for key, path in paths.items():
         need(path is None or Path(path).is_file(), f"{key}: {path} is not a file")
-    evaluator = instantiate(cfg.eval)
-    need(
-        attr.query_target != "predicted" or evaluator.predicts,
-        f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
-        "eval=choices / eval=exact_match)",
-    )
 
 
 def check_targets(attr):
     """The projector and kernel `_target_`s import, and the kernel accepts its options (ConfigError naming them)."""
-    from hydra.utils import get_object
-
     for key in ("projector", "kernel"):
         target = (attr.get(key) or {}).get("_target_")
         if target is None:
@@ -128,30 +126,21 @@ def check_targets(attr):
                 f"attribution.{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})"
             ) from None
     kernel = make_kernel(attr)
-    if kernel.name == "trackstar" and attr.store_dtype == "bit":
+    if kernel.whitens and attr.store_dtype == "bit":
         raise ConfigError(
-            "attribution.store_dtype=bit cannot be whitened by attribution/kernel=trackstar (sign "
+            f"attribution.store_dtype=bit cannot be whitened by attribution/kernel={kernel.name} (sign "
             "vectors, SimHash cosine); use float16, bfloat16 or int8"
         )
 
 
 def prepare_data(cfg, run_dir, log=print):
-    """(train items, test items, corpora {name: documents}) of the `data` config; the embedded world is generated
-    and saved. Bad rows stop the run (data.on_bad_rows=error) or are left out and counted in data/bad_rows.json
-    (skip)."""
+    """(train items, test items, corpora {name: documents}) of the `data` config (lark.data.readers.load_data); a
+    generated world is saved with its provenance in data/world. Bad rows stop the run (data.on_bad_rows=error) or
+    are left out and counted in data/bad_rows.json (skip)."""
     bad = BadRows(cfg.data.get("on_bad_rows", "error"))
-    world = None
-    if "world" in cfg.data:
-        try:
-            world = generate_world(**cfg.data.world)
-        except ValueError as e:  # the world's parameter checks name the parameter
-            raise ConfigError(f"data.world.{e}") from None
+    train, test, corpora, world = load_data(cfg.data, bad)
+    if world is not None:
         save_world(world, run_dir / "data" / "world")
-    train, test = load_qa(cfg.data, world, bad=bad)
-    corpora = {
-        name: getattr(world, spec.world) if spec.get("world") else load_corpus(spec, bad=bad)
-        for name, spec in (cfg.data.get("corpora") or {}).items()
-    }
     train, test = plant_canary(train, test, cfg.data.get("canary"))  # off unless data.canary (+experiment=canary)
     train = train_subset(train, cfg.data.get("train_subset"))  # a mini-LDS retrain's subset (validate.py)
     log(
@@ -209,7 +198,7 @@ def self_check(cfg, model, tokenizer, sets, log=print):
         tokenizer.pad_token_id,
         k=min(1024, attr.projector.k),
         seed=attr.projector.seed,
-        normalize=make_kernel(attr).normalize,
+        normalize=make_kernel(attr).normalizer,
     )
     log(f"[lark] sketch self-check: the hooks reproduce the per-example gradients of all {n} parameter tensors")
 
@@ -217,17 +206,7 @@ def self_check(cfg, model, tokenizer, sets, log=print):
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
-    preflight(cfg, log)
-    console.setup()
-    validate(cfg)
-    run_dir = Path(cfg.paths.output_dir)
-    resume = bool(cfg.get("resume"))
-    if resume:
-        check_same_run(cfg, run_dir)
-        rundir.clean(run_dir, log)
-    else:
-        rundir.require_new(run_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    run_dir, resume = open_run(cfg, log)
     train_items, test_items, corpora = prepare_data(cfg, run_dir, log)
     sets = build_sources(cfg.source, cfg.format, train_items, test_items, corpora, cfg.seed)
     for name, examples in sets.items():
@@ -242,55 +221,75 @@ def train(cfg, log=print):
     )
     loggers = build_loggers(cfg.get("logger"))
     callbacks = [AttributionCallback(cfg, tokenizer, test_items, sets, run_dir, log, data.encoder)]
+    trainer = make_trainer(cfg, run_dir, data, callbacks, loggers)
+    try:
+        if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
+            moments = checkpoint_moments(
+                cfg.attribution, model, 0, loader=data.train_dataloader(), clip=cfg.get("gradient_clip_val")
+            )
+            ck = Checkpoint(
+                cfg, model, tokenizer, run_dir, 0, moments=moments, encoder=data.encoder, reuse=resume, log=log
+            )
+            evaluate_checkpoint(ck, test_items, sets)
+        else:
+            trainer.fit(
+                module, datamodule=data, ckpt_path=last_checkpoint(run_dir, log) if resume else None, weights_only=True
+            )
+        if trainer.global_rank == 0:
+            close_run(cfg, run_dir, loggers, log)
+    finally:
+        finish(loggers)
+    return run_dir
+
+
+def open_run(cfg, log=print):
+    """(run directory, resume) of a run about to start: its config checked, the folder new or (resume=true) the
+    same run's, cleaned of half-written files; the seed set."""
+    preflight(cfg, log)
+    console.setup()
+    check_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    resume = bool(cfg.get("resume"))
+    if resume:
+        check_same_run(cfg, run_dir)
+        rundir.clean(run_dir, log)
+    else:
+        rundir.require_new(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    return run_dir, resume
+
+
+def make_trainer(cfg, run_dir, data, callbacks, loggers):
+    """The Lightning trainer of the `trainer` config: the given callbacks, then (trainer.enable_checkpointing) the
+    ones that make the run resumable, then those of the `callbacks` config; atomic Lightning checkpoints."""
     if cfg.trainer.enable_checkpointing:
-        callbacks += resume_callbacks(run_dir, data.generator)
-    callbacks += [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(
+        callbacks = callbacks + resume_callbacks(run_dir, data.generator)
+    callbacks = callbacks + [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
+    return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=console.progress_enabled(cfg.trainer.enable_progress_bar),
     )
-    try:
-        if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
-            moments = checkpoint_moments(
-                cfg.attribution, model, 0, loader=data.train_dataloader(), clip=cfg.get("gradient_clip_val")
-            )
-            evaluate_checkpoint(
-                cfg,
-                model,
-                tokenizer,
-                test_items,
-                sets,
-                run_dir,
-                0,
-                None,
-                log=log,
-                reuse=resume,
-                moments=moments,
-                encoder=data.encoder,
-            )
-        else:
-            trainer.fit(
-                module, datamodule=data, ckpt_path=last_checkpoint(run_dir, log) if resume else None, weights_only=True
-            )
-        if make_kernel(cfg.attribution).run_level and trainer.global_rank == 0:
-            write_tracin_cp(run_dir, cfg, log)
-        if cfg.analysis.enabled and trainer.global_rank == 0:
-            result = analysis.analyze(
-                run_dir,
-                table1_epoch=cfg.analysis.table1_epoch,
-                report=cfg.analysis.report,
-                snippet_chars=cfg.analysis.report_snippet_chars,
-            )
-            log_images(loggers, "figures", result["figure_files"])
-            if result["report"]:
-                log_report(loggers, result["report"])
-            console.summary(run_dir, result, loggers, log)
-    finally:
-        finish(loggers)
-    return run_dir
+
+
+def close_run(cfg, run_dir, loggers, log=print):
+    """After the last epoch (rank 0): the run-level scores (TracIn-CP), then the tables, figures and report."""
+    if make_kernel(cfg.attribution).run_level:
+        write_tracin_cp(run_dir, cfg, log)
+    if not cfg.analysis.enabled:
+        return
+    result = analysis.analyze(
+        run_dir,
+        table1_epoch=cfg.analysis.table1_epoch,
+        report=cfg.analysis.report,
+        snippet_chars=cfg.analysis.report_snippet_chars,
+    )
+    log_images(loggers, "figures", result["figure_files"])
+    if result["report"]:
+        log_report(loggers, result["report"])
+    console.summary(run_dir, result, loggers, log)
 
 
 def attribute(run_dir, overrides=None, log=print, resume=True):
@@ -298,18 +297,8 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     resume: epochs whose metrics.json matches are not redone, and complete stores and shards are reused."""
     run_dir = Path(run_dir)
     console.setup()
-    cfg = legacy.load(run_dir)
-    overrides = OmegaConf.create(overrides or {})
-    with open_dict(cfg):
-        sketch = cfg.attribution.projector._target_ == "lark.kernel.sketch.HookSketch"
-        if sketch and "plan_tokens" not in cfg.attribution.projector:  # a run saved before the key existed
-            cfg.attribution.projector.plan_tokens = cfg.max_length
-        for key in ("projector", "kernel"):  # another projector or kernel (a _target_): replaced, not merged
-            if "_target_" in (overrides.get(key) or {}):
-                cfg.attribution[key] = overrides.pop(key)
-        cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
-        cfg.attribution.save_checkpoints = False
-    validate(cfg)
+    cfg = attribution_config(legacy.load(run_dir), overrides)
+    check_config(cfg)
     rundir.clean(run_dir, log)
     test_items = read_examples(run_dir / "data" / "test.jsonl", qa_record)
     sets = {name: read_examples(run_dir / "data" / "sources" / f"{name}.jsonl") for name in cfg.source.sources}
@@ -322,16 +311,36 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
             check_attribution(cfg, run_dir, model, sets, len(test_items), epochs)
             self_check(cfg, model, tokenizer, sets, log)
         lr = rundir.epoch_lr(folder, run_dir / "attribution" / folder.name / "metrics.json")
-        moments = Moments.load(folder / MOMENTS_FILE) if (folder / MOMENTS_FILE).is_file() else None
-        if moments is None and make_kernel(cfg.attribution).uses_optimizer:
-            raise RunDirError(
-                f"{folder / MOMENTS_FILE}: not found; attribution.kernel="
-                f"{make_kernel(cfg.attribution).name} needs the run's AdamW moments at each checkpoint "
-                "(written by train.py with attribution.save_moments=true)"
-            )
-        evaluate_checkpoint(
-            cfg, model, tokenizer, test_items, sets, run_dir, epoch, lr, log=log, reuse=resume, moments=moments
-        )
+        moments = saved_moments(cfg, folder)
+        ck = Checkpoint(cfg, model, tokenizer, run_dir, epoch, lr=lr, moments=moments, reuse=resume, log=log)
+        evaluate_checkpoint(ck, test_items, sets)
     if make_kernel(cfg.attribution).run_level:
         write_tracin_cp(run_dir, cfg, log)
     return run_dir
+
+
+def attribution_config(cfg, overrides):
+    """A saved run's config with attribution overrides: another projector or kernel (a `_target_`) replaces the
+    run's, other keys merge; checkpoints are not saved again."""
+    overrides = OmegaConf.create(overrides or {})
+    with open_dict(cfg):
+        if uses_sketch(cfg.attribution.projector) and "plan_tokens" not in cfg.attribution.projector:
+            cfg.attribution.projector.plan_tokens = cfg.max_length  # a run saved before the key existed
+        for key in ("projector", "kernel"):  # another projector or kernel (a _target_): replaced, not merged
+            if "_target_" in (overrides.get(key) or {}):
+                cfg.attribution[key] = overrides.pop(key)
+        cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
+        cfg.attribution.save_checkpoints = False
+    return cfg
+
+
+def saved_moments(cfg, folder):
+    """The AdamW moments saved beside a checkpoint, or None; RunDirError when the kernel needs them."""
+    moments = Moments.load(folder / MOMENTS_FILE) if (folder / MOMENTS_FILE).is_file() else None
+    if moments is None and make_kernel(cfg.attribution).uses_optimizer:
+        raise RunDirError(
+            f"{folder / MOMENTS_FILE}: not found; attribution.kernel="
+            f"{make_kernel(cfg.attribution).name} needs the run's AdamW moments at each checkpoint "
+            "(written by train.py with attribution.save_moments=true)"
+        )
+    return moments

@@ -16,6 +16,7 @@ through unchanged:
 `fill` adds the keys an old config lacks (added to LARK since the run started) with today's values.
 """
 
+import importlib
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
@@ -26,6 +27,7 @@ from lark.kernel.factory import upgrade as upgrade_attribution
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA_KINDS = ("world", "local", "hub")
+WORLD_READER = "lark.data.world.GeneratedWorld"
 SOURCE_KINDS = {"medical": ("retrieve", "medical"), "entertainment": ("sample", "entertainment")}
 MODEL_LOADERS = {"tiny": "lark.pretrain.tiny_model", "hub": "lark.models.hub_model", "gguf": "lark.models.load_gguf"}
 LAYOUTS = {"chat": "lark.data.formats.Chat", "plain": "lark.data.formats.Plain"}
@@ -71,6 +73,17 @@ def upgrade_data(old):
     return OmegaConf.create(new)
 
 
+def upgrade_world(data):
+    """data.world saved before the world was a reader (generate_world's arguments only) -> the GeneratedWorld
+    reader with those arguments, which data.reader names."""
+    if "world" not in data or "_target_" in data.world:
+        return data
+    with open_dict(data):
+        data.world = {"_target_": WORLD_READER, **OmegaConf.to_container(data.world, resolve=False)}
+        data.reader = "${data.world}"
+    return data
+
+
 def upgrade_model(old):
     with open_dict(old):
         if "kind" in old:
@@ -103,15 +116,27 @@ def upgrade_format(old):
     return old
 
 
-def today_target(target):
-    """A `_target_` as today's LARK names it: one that imports is kept, a moved one renamed (MOVED)."""
-    from hydra.utils import get_object
+def resolves(target):
+    """Whether a dotted name imports today (a module, then attributes: `Cls.of_model`)."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
 
-    try:
-        get_object(target)
-        return target
-    except Exception:  # noqa: BLE001 -- hydra wraps import errors of any kind
-        return renamed(target, MOVED)
+
+def today_target(target):
+    """A `_target_` as today's LARK names it: a moved one renamed (MOVED), unless it imports as it is (lark.validation
+    was a module and is a package now: lark.validation.canary is today's name, not a moved one)."""
+    new = renamed(target, MOVED)
+    return target if new == target or resolves(target) else new
 
 
 def upgrade_targets(obj):
@@ -137,7 +162,7 @@ def upgrade(cfg):
         if "model" in cfg:
             cfg.model = upgrade_model(cfg.model)
         if "data" in cfg:
-            cfg.data = upgrade_data(cfg.data)
+            cfg.data = upgrade_world(upgrade_data(cfg.data))
         if "source" in cfg:
             cfg.source = upgrade_source(cfg.source)
         if "format" in cfg:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lark.analysis import metrics as M
-from lark.attribution import QUERY_SET, TOP_COLUMNS, top_rows
+from lark.checkpoint import QUERY_SET, TOP_COLUMNS, top_rows
 from lark.data.io import write_csv, write_json
 from lark.errors import RunDirError
 from lark.kernel.stores import atomic_save, check_compatible, cosine_scores, load_store

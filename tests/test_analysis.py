@@ -1,20 +1,16 @@
-"""lark.analysis.analyze on hand-written metrics.json files: the paper's numbers in, Tables I-IV and Figures 1-3 out."""
+"""The analysis wing (lark.analysis: runs, tables, markdown, figures, analyze) on hand-written metrics.json files: the
+paper's numbers in, Tables I-IV and Figures 1-3 out."""
 
 import csv
 import json
 
 import pytest
 
-from lark.analysis.analyze import (
-    analyze,
-    build_tables,
-    find_runs,
-    format_bytes,
-    load_metrics,
-    pick_epoch,
-    plot_figures,
-    write_tables,
-)
+from lark.analysis.analyze import analyze
+from lark.analysis.figures import plot_figures
+from lark.analysis.markdown import format_bytes, write_tables
+from lark.analysis.runs import find_runs, load_metrics, pick_epoch
+from lark.analysis.tables import build_tables
 
 # The paper's Table II: epoch -> (FT, PT, PT wins, accuracy, lr, format effect medical)
 PAPER = {

@@ -9,14 +9,17 @@ from itertools import count
 from pathlib import Path
 
 import pytest
-from conftest import data_spec, load_pubmedqa_hub, load_pubmedqa_local, official_test_ids
+from conftest import compose, data_spec, load_pubmedqa_hub, load_pubmedqa_local, official_test_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from lark.data import io as IO
 from lark.data import readers as D
+from lark.data.corpora import HubCorpus, JsonlCorpus, check_corpora, corpus_reader
 from lark.data.readers import DataError
+from lark.data.world import GeneratedWorld, generate_world
+from lark.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]
 SHARED = ROOT / "../shared"
@@ -162,8 +165,9 @@ def test_load_qa_reads_a_test_ids_file(tmp_path, local_split):
 
 def test_load_qa_world_items_are_mapped_like_any_rows():
     rows = [dict(record(i), id=f"w{i}", fact_id=f"f{i}") for i in range(9)]
-    world = type("W", (), {"train": rows[:5], "test": rows[5:]})()
-    train, test = D.load_qa(OmegaConf.create(data_spec("world", n_train=2)), world)
+    reader = GeneratedWorld()
+    reader.world = type("W", (), {"train": rows[:5], "test": rows[5:]})()  # what generate_world would have made
+    train, test = D.load_qa(OmegaConf.create(data_spec("world", n_train=2)), reader)
     assert [x["id"] for x in train] == ["w0", "w1"] and [x["id"] for x in test] == ["w5", "w6", "w7", "w8"]
     assert train[0] == {
         "id": "w0",
@@ -239,7 +243,7 @@ def test_load_corpus_empty_file_and_no_source(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", ["", "   "])
     with pytest.raises(DataError, match="no documents"):
         D.load_corpus(corpus_cfg(path))
-    with pytest.raises(DataError, match="give a path .* or a hub_id"):
+    with pytest.raises(DataError, match="give a path .*, a hub_id .* or a _target_"):
         D.load_corpus(OmegaConf.create({"text_field": "text"}))
 
 
@@ -255,7 +259,6 @@ def test_load_corpus_hub_streams_and_stops_at_limit(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(stream(), calls))
     cfg = OmegaConf.create(
         {
-            "kind": "hub",
             "hub_id": "org/corpus",
             "hub_config": None,
             "split": "train",
@@ -274,10 +277,113 @@ def test_load_corpus_hub_bad_row_names_the_row(monkeypatch):
     rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": ""}]
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset(rows, []))
     cfg = OmegaConf.create(
-        {"kind": "hub", "hub_id": "org/corpus", "split": "train", "text_field": "text", "id_field": "id", "limit": None}
+        {"hub_id": "org/corpus", "split": "train", "text_field": "text", "id_field": "id", "limit": None}
     )
     with pytest.raises(DataError, match=r"org/corpus row 1: field 'text' is empty"):
         D.load_corpus(cfg)
+
+
+# ----------------------------------------------------------------------------- readers by _target_ (load_data)
+SMALL_WORLD = dict(n_train=24, n_test=12, n_facts=30, n_medical_docs=100, n_entertainment_docs=40)
+
+
+def world_data(**over):
+    return OmegaConf.create(data_spec("world", **{f"world.{k}": v for k, v in {**SMALL_WORLD, **over}.items()}))
+
+
+def test_load_data_of_the_world_reads_one_generated_world():
+    cfg = world_data(seed=3)
+    train, test, corpora, world = D.load_data(cfg)
+    expected = generate_world(seed=3, **SMALL_WORLD)  # the world, made directly
+    assert world.config == expected.config and world.provenance == expected.provenance
+    assert corpora == {"medical": expected.medical_docs, "entertainment": expected.entertainment_docs}
+    assert [x["id"] for x in train] == [x["id"] for x in expected.train] and len(test) == 12
+    assert test[0] == {
+        "id": expected.test[0]["id"],
+        "question": expected.test[0]["question"],
+        "contexts": expected.test[0]["contexts"],
+        "answer": expected.test[0]["final_decision"],
+        "labels": expected.test[0]["labels"],
+        "long_answer": expected.test[0]["long_answer"],
+        "fact_id": expected.test[0]["fact_id"],
+    }
+
+
+def test_a_bad_world_argument_names_its_key():
+    with pytest.raises(ConfigError, match="data.world.n_train must be positive, got 0"):
+        D.load_data(world_data(n_train=0))
+
+
+def test_a_world_corpus_needs_the_world_as_reader(tmp_path):
+    rows = write_lines(tmp_path / "qa.jsonl", [record(i) for i in range(3)])
+    cfg = OmegaConf.create(data_spec("pubmedqa_local", **{"reader.path": rows}))
+    cfg.corpora = {"medical": {"world": "medical_docs"}}
+    with pytest.raises(ConfigError, match="needs the generated world as data.reader"):
+        D.load_data(cfg)
+
+
+def test_a_corpus_target_reads_as_its_shorthand(tmp_path):
+    path = write_lines(tmp_path / "c.jsonl", [{"id": f"d{i}", "body": f"text {i}"} for i in range(5)])
+    spec = {"path": str(path), "text_field": "body", "limit": 3}
+    docs = [{"id": f"d{i}", "text": f"text {i}"} for i in range(3)]
+    assert D.load_corpus(OmegaConf.create(spec)) == docs
+    assert D.load_corpus(OmegaConf.create({"_target_": "lark.data.corpora.JsonlCorpus", **spec})) == docs
+    assert isinstance(corpus_reader(spec), JsonlCorpus) and isinstance(corpus_reader({"hub_id": "a/b"}), HubCorpus)
+
+
+class Echo:
+    """A corpus reader of a user's own: one document per QA training row of the run's QA reader."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def __call__(self, bad, qa_reader=None):
+        rows, _ = qa_reader(bad)
+        return [{"id": f"{self.prefix}{n}", "text": r["question"]} for n, (_, r) in enumerate(rows)]
+
+
+def test_a_corpus_reader_of_your_own_by_target(tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", [record(i) for i in range(3)])
+    test = write_lines(tmp_path / "test.jsonl", [record(i) for i in range(3, 5)])
+    cfg = OmegaConf.create(data_spec("pubmedqa_local", **{"reader.path": train, "reader.test_path": test}))
+    cfg.corpora = {"echo": {"_target_": "test_data.Echo", "prefix": "e"}}
+    _, _, corpora, world = D.load_data(cfg)
+    assert corpora == {"echo": [{"id": f"e{i}", "text": f"Does drug {i} work?"} for i in range(3)]} and world is None
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"limit": 3}, "data.corpora.c: give exactly one of path .* got none"),
+        ({"path": "PATH", "hub_id": "a/b"}, r"data.corpora.c: give exactly one of .* got \['path', 'hub_id'\]"),
+        ({"path": "/no/such.jsonl"}, "data.corpora.c.path: /no/such.jsonl is not a file"),
+        ({"path": "PATH", "split": "train"}, "data.corpora.c: .*JsonlCorpus.* unexpected keyword argument 'split'"),
+        ({"world": "lyrics"}, "data.corpora.c: .*a world corpus is one of medical_docs, entertainment_docs"),
+        ({"_target_": "lark.data.corpora.Nope"}, "data.corpora.c: Error locating target 'lark.data.corpora.Nope'"),
+    ],
+)
+def test_check_corpora_names_the_key(tmp_path, spec, message):
+    path = write_lines(tmp_path / "c.jsonl", [{"id": "a", "text": "x"}])
+    spec = {k: str(path) if v == "PATH" else v for k, v in spec.items()}
+    with pytest.raises(ConfigError, match=message):
+        check_corpora(OmegaConf.create({"c": spec}))
+    check_corpora(OmegaConf.create({"c": {"path": str(path)}, "w": {"world": "medical_docs"}}))  # good ones pass
+
+
+def test_first_form_is_the_data_config_as_written_before_readers_were_targets():
+    # the LDS retrains of earlier runs are keyed by a hash of this form (lark.validation.lds.recipe_key)
+    today = OmegaConf.to_container(compose([]).data, resolve=False)
+    before = {k: v for k, v in today.items() if k != "reader"}
+    before["world"] = {k: v for k, v in today["world"].items() if k != "_target_"}
+    before["corpora"] = {"medical": {"world": "medical_docs"}, "entertainment": {"world": "entertainment_docs"}}
+    assert D.first_form(today) == before and today["reader"] == "${data.world}"
+    saved = OmegaConf.load(ROOT / "tests/fixtures/legacy/embedded.yaml").data  # an embedded run's, as saved then
+    assert D.first_form(today)["world"] == OmegaConf.to_container(saved.world)
+    local = OmegaConf.to_container(compose(["data=pubmedqa_local"]).data, resolve=False)
+    assert all("_target_" not in c and "path" in c for c in D.first_form(local)["corpora"].values())
+    assert D.first_form(local)["reader"] == local["reader"]  # a QA reader of its own is kept
+    mine = {"a": {"_target_": "my.Reader", "path": "x"}, "b": {"_target_": "lark.data.corpora.JsonlCorpus"}}
+    assert D.first_form({"corpora": mine}) == {"corpora": mine}  # targets their keys do not name are kept
 
 
 # ----------------------------------------------------------------------------- the hub PubMedQA loader

@@ -3,7 +3,9 @@
 import pytest
 from conftest import ROOT
 
-from lark.analysis.analyze import build_tables, loss_target_caption, read_metrics, to_markdown
+from lark.analysis.markdown import to_markdown
+from lark.analysis.runs import read_metrics
+from lark.analysis.tables import build_tables, loss_target_caption
 
 EMBEDDED = ROOT / "docs" / "results" / "embedded"
 
@@ -22,11 +24,11 @@ def test_readme_table2_is_the_committed_embedded_runs_table():
 
 
 def test_validation_md_table5_is_the_committed_embedded_runs_table(tmp_path):
-    """docs/validation.md's Table V must be the one lark.validation.table5 writes from the committed run's
+    """docs/validation.md's Table V must be the one lark.validation.write writes from the committed run's
     validation.json (docs/results/embedded, from `python validate.py run_dir=<the embedded run>`)."""
     import json
 
-    from lark.validation.table5 import write_table5
+    from lark.validation.write import write_table5
 
     write_table5(json.loads((EMBEDDED / "validation.json").read_text()), tmp_path)
     table = (tmp_path / "table5.md").read_text()

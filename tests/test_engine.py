@@ -246,10 +246,10 @@ def test_bf16_sketch_matches_the_float32_sketch_and_the_exact_cosines(tiny, how,
     the max error against the exact cosines grows by <= 0.02 (measured: within +-0.003 either way)."""
     import copy
 
-    from lark.kernel.normalizers import normalize_tensors
+    from lark.kernel.normalizers import normalizer
 
     exact = pair_cosines(
-        torch.stack([ExactProjector(tiny["shapes"]).project(normalize_tensors(g, how)) for g in tiny["grads"]])
+        torch.stack([ExactProjector(tiny["shapes"]).project(normalizer(how)(g)) for g in tiny["grads"]])
     )
     bf16 = copy.deepcopy(tiny["model"]).to(torch.bfloat16)
     f32 = project_examples(
@@ -387,3 +387,165 @@ def test_gpu_check_runs_end_to_end_on_the_cpu():
     for label, k, ex, speed, *_, err_max, err_mean in rows[1:]:
         assert float(ex) > 0 and float(speed) > 0 and 0 <= float(err_mean) <= float(err_max) < 0.05, (label, out)
     assert re.search(r"^SUMMARY device=cpu config=tiny sketch_vs_train_step=[\d.]+ .*seconds=\d+$", out, re.M)
+
+
+# ----------------------------------------------------------------------------- sketch_math against dense references
+def dense_rotated_sketch(numel, k, offset_key, sign_key):
+    """The rotated-chunk count sketch as a [numel, k] float64 matrix, coordinate by coordinate: coordinate i (chunk
+    c = i // k) goes to bucket (offset_c + i mod k) mod k with its sign."""
+    matrix = torch.zeros(numel, k, dtype=torch.float64)
+    for i in range(numel):
+        offset = int(hashed(torch.tensor([i // k]), offset_key)) % k
+        matrix[i, (offset + i % k) % k] = float(random_signs(torch.tensor([i]), sign_key))
+    return matrix
+
+
+@pytest.mark.parametrize("k, numel, start, width", [(8, 50, 0, 50), (8, 50, 5, 30), (7, 40, 13, 1), (16, 10, 0, 10)])
+def test_fold_schedules_are_the_dense_rotated_chunk_sketch(k, numel, start, width):
+    from lark.kernel.sketch_math import chunk_offsets, fold_index, fold_slices, rotated_buckets
+
+    offset_key, sign_key = name_key(0, "w", "offset"), name_key(0, "w", "sign")
+    dense = dense_rotated_sketch(numel, k, offset_key, sign_key)
+    part = torch.randn(3, width, generator=torch.Generator().manual_seed(numel + start))
+    sign = random_signs(torch.arange(start, start + width), sign_key).to(torch.int8)
+    offsets = chunk_offsets(start // k, -(-(start + width) // k), offset_key, k, "cpu")
+    by_index = fold_index(torch.zeros(3, k), part, sign, offsets, start, torch.empty(3, width))
+    by_slices = fold_slices(torch.zeros(3, k), part, sign, offsets, start)
+    want = part.double() @ dense[start : start + width]
+    torch.testing.assert_close(by_index.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(by_index, by_slices)  # the same sums in the same order on a CPU
+    buckets = rotated_buckets(torch.arange(numel), offset_key, k)  # the embedding's buckets: the same rotation
+    assert torch.equal(buckets, dense.abs().argmax(dim=1))
+
+
+def test_tensorsketch_is_the_dense_tensor_sketch_of_the_per_example_gradient():
+    """Coordinate (i, j) of G_b = Delta_b^T X_b goes to bucket (h1(i) + h2(j)) mod k with sign s1(i) s2(j)."""
+    from lark.kernel.sketch_math import axis_hash, frobenius, tensorsketch
+
+    gen, k = torch.Generator().manual_seed(0), 11
+    delta, x = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    (b1, s1), (b2, s2) = axis_hash(3, 11, 12, k, "cpu"), axis_hash(4, 13, 14, k, "cpu")
+    g = (delta.transpose(1, 2) @ x).double()  # [2, out, in]
+    want = torch.zeros(2, k, dtype=torch.float64)
+    for i in range(3):
+        for j in range(4):
+            want[:, (b1[i] + b2[j]) % k] += s1[i] * s2[j] * g[:, i, j]
+    torch.testing.assert_close(tensorsketch(delta, x, (b1, s1), (b2, s2), k).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frobenius(delta, x).double(), g.square().sum(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_block_squares_and_blocked_gemm_rebuild_the_per_example_gradient():
+    from lark.kernel.sketch_math import BlockedGemm, block_squares, blocks_of
+
+    gen = torch.Generator().manual_seed(1)
+    delta, x = torch.randn(2, 4, 5, generator=gen), torch.randn(2, 4, 3, generator=gen)
+    gemm = BlockedGemm(delta, x, 2, lambda shape, like: torch.empty(shape, dtype=like.dtype))
+    flat = (delta.transpose(1, 2) @ x).flatten(1)  # [2, 15]
+    blocks, numel = blocks_of(gemm)
+    seen = [(part.clone(), start) for part, start in blocks]
+    assert numel == 15 and [s for _, s in seen] == [0, 6, 12] and [p.shape[1] for p, _ in seen] == [6, 6, 3]
+    torch.testing.assert_close(torch.cat([p for p, _ in seen], dim=1), flat)
+    torch.testing.assert_close(block_squares(flat), flat.double().square().sum(dim=1).float())
+    assert block_squares(flat.bfloat16()).dtype == torch.float32
+    assert blocks_of(flat)[1] == 15 and list(blocks_of(flat)[0])[0][1] == 0
+
+
+def embedding_gradient(tokens, grad, vocab):
+    """dL/dE [B, V, d] materialised: row v sums the positions of token v."""
+    out = torch.zeros(tokens.shape[0], vocab, grad.shape[-1], dtype=torch.float64)
+    for b in range(tokens.shape[0]):
+        out[b].index_add_(0, tokens[b], grad[b].double())
+    return out
+
+
+def test_embedding_sketch_and_squares_are_those_of_the_materialised_gradient():
+    """Repeated tokens add up in one row; the padding row gets nothing; a tied output layer's part b adds the
+    cross term 2 <a, b> (rows_at_tokens = b at the input tokens)."""
+    from lark.kernel.sketch_math import embedding_sketch, embedding_squares, rows_at_tokens, without_padding
+
+    gen, vocab, d, k = torch.Generator().manual_seed(2), 6, 3, 5
+    tokens = torch.tensor([[1, 4, 1, 0], [2, 2, 2, 5]])
+    grad = without_padding(torch.randn(2, 4, d, generator=gen), tokens, padding_idx=0)
+    assert torch.equal(grad[0, 3], torch.zeros(d)) and grad[1].abs().min() > 0
+    offset_key, sign_key = name_key(0, "e", "offset"), name_key(0, "e", "sign")
+    a = embedding_gradient(tokens, grad, vocab)  # [2, V, d]
+    want = a.flatten(1) @ dense_rotated_sketch(vocab * d, k, offset_key, sign_key)
+    torch.testing.assert_close(embedding_sketch(tokens, grad, offset_key, sign_key, k).double(), want)
+    torch.testing.assert_close(embedding_squares(tokens, grad).double(), a.square().sum(dim=(1, 2)))
+    delta, x = torch.randn(2, 4, vocab, generator=gen), torch.randn(2, 4, d, generator=gen)
+    b = (delta.transpose(1, 2) @ x).double()  # the output layer's per-example gradient [2, V, d]
+    rows = rows_at_tokens(tokens, delta, x)
+    torch.testing.assert_close(rows.double(), torch.stack([b[i][tokens[i]] for i in range(2)]))
+    tied = embedding_squares(tokens, grad, rows).double() + b.square().sum(dim=(1, 2))
+    torch.testing.assert_close(tied, (a + b).square().sum(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_gradients_are_autograds_per_example_gradients(norm):
+    from lark.kernel.sketch_math import NORMS, norm_gradients
+
+    torch.manual_seed(3)
+    layer = torch.nn.LayerNorm(4) if norm == "layernorm" else torch.nn.RMSNorm(4)
+    assert isinstance(layer, NORMS)
+    bias = getattr(layer, "bias", None)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        if bias is not None:
+            bias.normal_()
+    h, g = torch.randn(2, 3, 4), torch.randn(2, 3, 4)  # g: d loss / d out
+    weight_grad, bias_grad = norm_gradients(g, layer(h).detach(), layer.weight, bias)
+    params = [p for p in (layer.weight, bias) if p is not None]
+    for b in range(2):
+        want = torch.autograd.grad((layer(h[b : b + 1]) * g[b : b + 1]).sum(), params)
+        torch.testing.assert_close(weight_grad[b], want[0], rtol=1e-4, atol=1e-5)
+        if norm == "layernorm":
+            torch.testing.assert_close(bias_grad[b], want[1])
+    assert (bias_grad is None) == (norm == "rmsnorm")
+
+
+def test_per_example_loss_is_the_loss_of_each_example_alone():
+    """A batch of one gives HF's loss (mean over the shifted loss tokens); an example without loss tokens is NaN."""
+    from lark.kernel.sketch_math import per_example_loss
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 5, 7, generator=gen)
+    labels = torch.tensor([[-100, 2, 3, -100, 1], [4, 4, 4, 4, 4], [5, -100, -100, -100, -100]])
+    got = per_example_loss(logits, labels)
+    for b in range(2):
+        want = torch.nn.functional.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100)
+        torch.testing.assert_close(got[b], want)
+    assert torch.isnan(got[2])  # its only label is the first token, which nothing predicts
+
+
+def test_a_pass_by_parameter_sums_to_the_pass_and_divides_a_tied_weight_once():
+    """SketchPass: each parameter's share adds up to the total; under per_tensor a tied weight's two parts are
+    divided once, by the norm of their sum, at finish()."""
+    from lark.kernel.normalizers import NoNorm, PerTensor
+    from lark.kernel.sketch_math import SketchPass
+
+    hook = HookSketch(OneLinear(), 8, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(2, 12, generator=gen) for _ in range(3))
+    totals = {}
+    for by_parameter in (False, True):
+        run = SketchPass(
+            torch.zeros(2, 3, dtype=torch.long), 8, NoNorm(), hook.fold_into, hook.scratch, None, by_parameter
+        )
+        run.add("a", "flat", a), run.add("b", "flat", b), run.finish()
+        totals[by_parameter] = run.total
+        if by_parameter:
+            torch.testing.assert_close(run.parts["a"], hook.sketch_flat("a", a))
+    torch.testing.assert_close(totals[True], totals[False])
+    run = SketchPass(torch.zeros(2, 3, dtype=torch.long), 8, PerTensor(), hook.fold_into, hook.scratch, "t")
+    # a tied weight's parts: the output layer's (flat: its squares come from the fold) and the embedding's (a
+    # sketch, with ||c||^2 + 2 <b, c> as embedding_squares gives it): nothing is added before finish()
+    run.add("t", "flat", b)
+    run.add("t", "sketch", hook.sketch_flat("t", c), c.square().sum(dim=1) + 2 * (b * c).sum(dim=1))
+    assert run.total.abs().max() == 0
+    run.add("a", "flat", a)
+    run.finish()
+    norm = (b + c).norm(dim=1, keepdim=True)  # ||b + c||, once
+    want = hook.sketch_flat("a", a / a.norm(dim=1, keepdim=True)) + hook.sketch_flat("t", (b + c) / norm)
+    torch.testing.assert_close(run.total, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run.norms["t"], norm[:, 0])
+    torch.testing.assert_close(run.norms["a"], a.norm(dim=1))

@@ -47,10 +47,13 @@ PLAIN = OmegaConf.create(
 @pytest.fixture(scope="module")
 def world():
     """A small generated world whose QA items are mapped by data=world (as a run sees them)."""
-    from lark.data.readers import load_qa
+    from lark.data.readers import load_data
 
-    world = generate_world(seed=0, n_train=40, n_test=20, n_facts=30, n_medical_docs=100, n_entertainment_docs=100)
-    world.train, world.test = load_qa(OmegaConf.create(data_spec("world")), world)
+    sizes = dict(n_train=40, n_test=20, n_facts=30, n_medical_docs=100, n_entertainment_docs=100)
+    spec = data_spec("world", **{f"world.{k}": v for k, v in sizes.items()}, **{"world.seed": 0})
+    train, test, _, world = load_data(OmegaConf.create(spec))
+    assert world.config == generate_world(seed=0, **sizes).config  # the world the reader made
+    world.train, world.test = train, test
     return world
 
 

@@ -45,12 +45,50 @@ def test_lds_recovers_the_exact_influences_of_a_linear_model():
     assert exact["lds"] == pytest.approx(1.0, abs=1e-12) and exact["n_queries"] == 6
     assert exact["low"] == pytest.approx(1.0) and exact["high"] == pytest.approx(1.0)
     assert lds.lds(-true, membership, losses)["lds"] == pytest.approx(-1.0, abs=1e-12)  # the sign matters
-    noise = lds.lds(
-        torch.randn(true.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64), membership, losses
-    )
+    noise_scores = torch.randn(true.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = lds.lds(noise_scores, membership, losses)
+    members = [[ids.index(d) for d in s] for s in subsets]
+    assert (noise["lds"], noise["n_queries"]) == pytest.approx(direct_lds(noise_scores.tolist(), members, losses.T))
     assert abs(noise["lds"]) < 0.35 and noise["low"] <= noise["lds"] <= noise["high"]
-    cosine = lds.lds(R_unit(gq) @ R_unit(gd).T, membership, losses)  # right direction, wrong magnitudes
+    cosine_scores = R_unit(gq) @ R_unit(gd).T  # right direction, wrong magnitudes
+    cosine = lds.lds(cosine_scores, membership, losses)
+    assert (cosine["lds"], cosine["n_queries"]) == pytest.approx(direct_lds(cosine_scores.tolist(), members, losses.T))
     assert noise["lds"] < cosine["lds"] < 1.0
+
+
+def ranks(values):
+    """1-based ranks, tied values sharing their mean rank (a direct definition, not lark's)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out, i = [0.0] * len(values), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs, ys):
+    """Pearson correlation of the ranks; None when either side is constant."""
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / math.sqrt(sxx * syy)
+
+
+def direct_lds(scores, members, losses):
+    """(LDS, queries kept) in plain Python: per query q (scores [Q][N], losses [Q][M]), Spearman over the subsets
+    m of sum_{d in members[m]} score(q, d) with -loss(q, m); a constant query is left out."""
+    per_query = [
+        spearman([sum(row[d] for d in m) for m in members], [-float(x) for x in loss])
+        for row, loss in zip(scores, losses)
+    ]
+    kept = [v for v in per_query if v is not None]
+    return sum(kept) / len(kept), len(kept)
 
 
 def R_unit(v):

@@ -3,11 +3,13 @@ corpora and sources of four kinds, under eval=exact_match and eval=loss, and eve
 
 import csv
 import json
+import string
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT
 from safetensors import safe_open
 
@@ -29,6 +31,41 @@ SMALL = [
 
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def normal(text):
+    """Exact match's comparison form: lower case, single spaces, no surrounding punctuation."""
+    return " ".join(text.lower().split()).strip(string.punctuation + " ")
+
+
+def independent_eval(run, epoch, max_length=96, max_new_tokens=32):
+    """([answer loss], [greedy prediction]) of a checkpoint on the example's test rows, computed outside lark: the
+    checkpoint loaded by transformers, the ChatML turns written out by hand (no system turn, the prompt alone as the
+    user turn), one example at a time (no padding), prediction by transformers' own greedy generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = run / "checkpoints" / f"epoch_{epoch:03d}"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    stop = [tok.eos_token_id, tok.pad_token_id]
+    losses, predicted = [], []
+    for row in lines(EXAMPLE / "test.jsonl"):
+        user = f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        prompt = tok(user, add_special_tokens=False)["input_ids"]
+        answer = tok(f"{row['response']}<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert len(prompt) + len(answer) <= max_length and len(prompt) <= max_length - max_new_tokens  # no cut
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + answer])).logits[0]
+            losses.append(F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer)).item())
+            out = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=stop[1],
+            )
+        predicted.append(" ".join(tok.decode(out[0, len(prompt) :], skip_special_tokens=True).split()))
+    return losses, predicted
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +120,15 @@ def test_every_artifact_of_an_own_data_run(sweep, job, metric, column):
         metrics = check(json.loads((folder / "metrics.json").read_text()), folder)
         assert metrics["eval"]["metric"] == metric and metrics["n_queries"] == 10
         value = metrics["eval"]["value"]
-        assert (0 <= value <= 1) if metric == "exact_match" else value > 0
+        losses, predicted = independent_eval(run, epoch)
+        saved = lines(folder / "predictions.jsonl")
+        assert [r["loss"] for r in saved] == pytest.approx(losses, rel=1e-5)
+        if metric == "exact_match":
+            assert [r["predicted"] for r in saved] == predicted
+            gold = [r["response"] for r in lines(EXAMPLE / "test.jsonl")]
+            assert value == sum(normal(p) == normal(g) for p, g in zip(predicted, gold)) / len(gold)
+        else:
+            assert value == pytest.approx(sum(losses) / len(losses), rel=1e-5)
         assert metrics["accuracy"] == (value if metric == "exact_match" else None)
         assert {n: s["n_docs"] for n, s in metrics["sources"].items()} == SOURCES
         assert {n: s["kind"] for n, s in metrics["sources"].items()} == {
@@ -122,7 +167,7 @@ def test_the_example_files_are_what_the_readme_says():
 
 
 def test_metrics_schema_names_the_bad_key(tmp_path):
-    from lark.analysis.analyze import load_metrics
+    from lark.analysis.runs import load_metrics
 
     folder = tmp_path / "attribution" / "epoch_000"
     folder.mkdir(parents=True)

@@ -17,7 +17,7 @@ from lark.kernel.build import project_examples
 from lark.kernel.factory import make_projector
 from lark.kernel.fidelity import jl_pearson
 from lark.kernel.hashing import mix32, name_key
-from lark.kernel.normalizers import normalize_tensors
+from lark.kernel.normalizers import NoNorm, PerTensor, normalizer
 from lark.kernel.projectors import CountSketch, ExactProjector, GaussianProjector, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
 from lark.models import build_tiny, train_tokenizer
@@ -302,7 +302,7 @@ def test_per_tensor_scales_out_each_tensors_size():
 def test_per_tensor_keeps_zero_tensors_zero():
     grads = rand_grads(SMALL, 9)
     grads["layer.b"] = torch.zeros(50)
-    out = normalize_tensors(grads, "per_tensor")
+    out = PerTensor()(grads)
     assert torch.equal(out["layer.b"], torch.zeros(50)) and torch.isfinite(out["layer.a"]).all()
     v = ExactProjector(SMALL, "per_tensor").project(grads)
     assert torch.isfinite(v).all() and v.norm().item() ** 2 == pytest.approx(2.0, rel=1e-5)
@@ -311,7 +311,34 @@ def test_per_tensor_keeps_zero_tensors_zero():
 def test_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match="attribution.projector.normalize: unknown 'l1'"):
         CountSketch(SMALL, 8, normalize="l1").project(rand_grads(SMALL, 0))
-    assert normalize_tensors({"a": torch.ones(3)}, "none")["a"].tolist() == [1.0, 1.0, 1.0]
+    assert NoNorm()({"a": torch.ones(3)})["a"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_normalisers_are_small_classes_named_as_configs_write_them():
+    """NoNorm / PerTensor: the config string is read once (normalizer), the class does the work, `name` is what
+    specs keep writing, `needs_norms` tells the hook sketch to compute per-example gradient norms."""
+    assert [(c.name, c.needs_norms) for c in (NoNorm, PerTensor)] == [("none", False), ("per_tensor", True)]
+    assert type(normalizer("none")) is NoNorm and type(normalizer("per_tensor")) is PerTensor
+    per_tensor = PerTensor()
+    assert normalizer(per_tensor) is per_tensor
+    grads = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[0.0, -2.0]]), "z": torch.zeros(2)}
+    assert NoNorm()(grads) is grads
+    out = per_tensor(grads)
+    torch.testing.assert_close(out["a"], torch.tensor([0.6, 0.8]))  # / 5
+    assert out["b"].tolist() == [[0.0, -1.0]] and out["z"].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match=r"attribution\.projector\.normalize: unknown 'l2' \(none or per_tensor\)"):
+        normalizer("l2")
+    with pytest.raises(ValueError, match=r"attribution\.kernel\.normalize: unknown 'l2'"):
+        normalizer("l2", "attribution.kernel.normalize")
+
+
+def test_projectors_take_a_normaliser_or_its_string_and_write_its_name():
+    grads = rand_grads(SMALL, 3)
+    for cls, args in ((CountSketch, (32,)), (GaussianProjector, (8,)), (ExactProjector, ())):
+        by_name, by_object = cls(SMALL, *args, normalize="per_tensor"), cls(SMALL, *args, normalize=PerTensor())
+        assert torch.equal(by_name.project(grads), by_object.project(grads))
+        assert by_name.spec() == by_object.spec() and by_object.spec()["normalize"] == "per_tensor"
+        assert cls(SMALL, *args).spec()["normalize"] == "none"
 
 
 # ----------------------------------------------------------------------------- Gaussian
@@ -369,9 +396,9 @@ def projector_cfg(kind="sketch", normalize="none", kernel=None, **over):
 def test_make_projector_kinds(setup):
     shapes, n_params = setup["shapes"], sum(p.numel() for _, p in trainable(setup["model"]))
     p = make(setup, kind="rapidin", k=128, seed=3)
-    assert isinstance(p, CountSketch) and (p.k, p.seed, p.normalize, p.shapes) == (128, 3, "none", shapes)
+    assert isinstance(p, CountSketch) and (p.k, p.seed, p.normalizer.name, p.shapes) == (128, 3, "none", shapes)
     g = make(setup, kind="gaussian", k=4, normalize="per_tensor")
-    assert isinstance(g, GaussianProjector) and (g.k, g.normalize, g.shapes) == (4, "per_tensor", shapes)
+    assert isinstance(g, GaussianProjector) and (g.k, g.normalizer.name, g.shapes) == (4, "per_tensor", shapes)
     e = make(setup, kind="exact")
     assert isinstance(e, ExactProjector) and e.k == n_params
     h = make(setup, kind="sketch", k=256, method="tensorsketch")
@@ -419,7 +446,7 @@ def test_make_projector_rejects_unknown_kind_method_and_normalisation(setup):
 def sketch_of_gradients(hook, grads, how):
     """What the hooks must produce: each (materialised, optionally normalised) parameter gradient sketched with
     the sketch's own hash (sketch_flat), summed."""
-    grads = normalize_tensors(grads, how)
+    grads = normalizer(how)(grads)
     return sum(hook.sketch_flat(n, g.reshape(1, -1).float())[0] for n, g in grads.items())
 
 

@@ -8,8 +8,10 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from lark.kernel.projectors import CountSketch, ExactProjector, GaussianProjector
 from lark.kernel.selfcheck import SelfCheckError, check_sketch, uses_sketch
-from lark.kernel.sketch import per_example_loss
+from lark.kernel.sketch import HookSketch
+from lark.kernel.sketch_math import NORMS, per_example_loss
 from lark.models import build_tiny, train_tokenizer
 
 TEXTS = [f"the trial of drug {i} reduced the risk of stroke in patients" for i in range(40)]
@@ -79,10 +81,73 @@ def test_a_module_called_twice_is_refused_naming_it(tok, examples):
     assert "attribution/projector=rapidin" in message
 
 
-def test_only_the_sketch_projector_is_checked():
+class CheckedProjector:
+    """A projector of one's own that asks to be self-checked (its `_target_` is its of_model, as the shipped ones)."""
+
+    self_check = True
+
+    @classmethod
+    def of_model(cls, model, **options):
+        return cls()
+
+
+def test_only_projectors_that_say_so_are_checked():
+    """uses_sketch reads the projector class's self_check flag from the config's `_target_` (a Cls.of_model
+    target too), not its name; configs saved before the projector group (`kind`) and under first names still work."""
+    assert HookSketch.self_check and not any(c.self_check for c in (CountSketch, GaussianProjector, ExactProjector))
+    shipped = {p.stem: uses_sketch(OmegaConf.load(p)) for p in (ROOT / "conf/attribution/projector").glob("*.yaml")}
+    assert shipped == {"sketch": True, "rapidin": False, "gaussian": False, "exact": False}
     assert uses_sketch(OmegaConf.create({"kind": "sketch"}))
-    assert uses_sketch(OmegaConf.create({"_target_": "lark.kernel.sketch.HookSketch"}))
     assert not uses_sketch(OmegaConf.create({"kind": "rapidin"}))
+    assert uses_sketch(OmegaConf.create({"_target_": "lark.sketch.HookSketch"}))  # a saved config's first name
+    assert uses_sketch(OmegaConf.create({"_target_": f"{__name__}.CheckedProjector.of_model"}))
+    assert not uses_sketch(OmegaConf.create({"_target_": "lark.kernel.projectors.CountSketch.of_model"}))
+
+
+def test_the_hooked_norms_are_an_explicit_tuple():
+    """The norm classes of the families LARK supports, named, not guessed from a class name: OLMo-3's and
+    SmolLM2's (Llama) RMSNorm are in; Gemma's, whose (1 + weight) * xhat needs another gradient, is not."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RMSNorm
+
+    assert {torch.nn.LayerNorm, torch.nn.RMSNorm, Olmo3RMSNorm, LlamaRMSNorm} <= set(NORMS)
+    assert GemmaRMSNorm not in NORMS
+
+
+class OffsetNorm(torch.nn.Module):
+    """An RMSNorm of another form, (1 + weight) * xhat (Gemma's), whose class name says norm."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self, h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class NormLM(TwiceLM):
+    """A causal LM with one norm of an unknown class between its embedding and its output layer."""
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.norm = OffsetNorm(16)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None):
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        logits = self.head(self.norm(torch.tanh(self.mix(h))))
+        loss = None if labels is None else per_example_loss(logits, labels).mean()
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def test_a_norm_of_a_class_not_listed_is_refused_naming_it(tok, examples):
+    torch.manual_seed(0)
+    model = NormLM(len(tok))
+    assert HookSketch(model, 16).coverage() < 1
+    with pytest.raises(SelfCheckError) as error:
+        check_sketch(model, examples, tok.pad_token_id)
+    message = str(error.value)
+    assert "the hooks do not reach norm (OffsetNorm)" in message and "attribution/projector=rapidin" in message
 
 
 @pytest.mark.parametrize("normalize", ["none", "per_tensor"])

@@ -209,6 +209,6 @@ def test_the_faithful_recipe_passes_the_sketch_self_check_on_smollm2(smollm, fmt
         encode(tokenizer, qa_fields(world.train[0], "{final_decision}"), fmt, 64),
         encode(tokenizer, {"text": world.medical_docs[0]["text"]}, fmt, 64),
     ]
-    normalize = make_kernel(attr).normalize
-    assert normalize == "per_tensor"
+    normalize = make_kernel(attr).normalizer
+    assert normalize.name == "per_tensor"
     assert check_sketch(model, examples, tokenizer.pad_token_id, normalize=normalize) == len(list(model.parameters()))

@@ -1,11 +1,16 @@
-"""lark.data.sources and lark.data.datamodule: sources of every kind from any number of corpora, a user's own kind by
-`_target_`, start-time errors naming the key, and tokenisation once per run."""
+"""lark.data.sources, lark.data.bm25 and lark.data.datamodule: sources of every kind from any number of corpora, a
+user's own kind by `_target_`, start-time errors naming the key, BM25 against the Okapi formula worked by hand, and
+tokenisation once per run."""
+
+import math
 
 import pytest
+import torch
 from conftest import compose
 from omegaconf import OmegaConf, open_dict
 
-from lark.data.sources import build_sources, check_sources
+from lark.data.bm25 import BM25, tokens
+from lark.data.sources import bm25_retrieve, build_sources, check_sources
 from lark.errors import ConfigError
 
 TRAIN = [{"id": f"t{i}", "question": f"Question {i}?", "contexts": [], "answer": f"answer {i}"} for i in range(6)]
@@ -69,6 +74,69 @@ def test_a_kind_of_your_own_by_target():
 def test_unknown_kind_or_corpus_fails_naming_the_key(spec, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_sources(source_cfg({"x": {"formatted": False, **spec}}), list(CORPORA))
+
+
+# ----------------------------------------------------------------------------- BM25
+# 4 documents, 15 words: avgdl = 15 / 4 = 3.75. "herons" is in 3 documents, every other word in 1.
+HERONS = ["Herons nest in reeds.", "Herons fish; herons wade.", "Cars drive fast, herons watch.", "Songs rhyme."]
+IDF_RARE = math.log((4 - 1 + 0.5) / (1 + 0.5))  # idf = ln((N - n + 0.5) / (n + 0.5)) = ln(7/3) for n = 1
+# idf("herons") = ln(1.5 / 3.5) < 0: rank_bm25 floors it at epsilon (0.25) x the mean idf of the 12 distinct
+# words, (ln(3/7) + 11 ln(7/3)) / 12 = (10/12) ln(7/3).
+IDF_HERONS = 0.25 * 10 / 12 * IDF_RARE
+
+
+def tf_part(f, length, k1=1.5, b=0.75, avgdl=3.75):
+    """Okapi's term-frequency factor f (k1 + 1) / (f + k1 (1 - b + b |d| / avgdl))."""
+    return f * (k1 + 1) / (f + k1 * (1 - b + b * length / avgdl))
+
+
+def test_bm25_tokens_are_lower_cased_word_runs():
+    assert tokens("Herons fish; herons wade.") == ["herons", "fish", "herons", "wade"]
+    assert tokens("Does X-12 reduce PAIN? yes_no") == ["does", "x", "12", "reduce", "pain", "yes_no"]
+
+
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        ("reeds", [IDF_RARE * tf_part(1, 4), 0, 0, 0]),  # one rare word, in document 0 (4 words)
+        ("REEDS?", [IDF_RARE * tf_part(1, 4), 0, 0, 0]),  # the query is tokenised like the documents
+        ("herons", [IDF_HERONS * tf_part(1, 4), IDF_HERONS * tf_part(2, 4), IDF_HERONS * tf_part(1, 5), 0]),
+        ("fast songs", [0, 0, IDF_RARE * tf_part(1, 5), IDF_RARE * tf_part(1, 2)]),
+        ("songs songs", [0, 0, 0, 2 * IDF_RARE * tf_part(1, 2)]),  # a repeated query word counts twice
+        ("ostriches", [0, 0, 0, 0]),  # a word of no document
+    ],
+)
+def test_bm25_scores_are_the_okapi_formula_worked_by_hand(query, expected):
+    scores = BM25(HERONS).scores(query)
+    assert scores.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_bm25_matrix_and_rankings():
+    index = BM25(HERONS)
+    matrix = index.matrix(["reeds", "fast songs"])
+    assert matrix.dtype == torch.float64 and matrix.shape == (2, 4)
+    assert matrix[1].tolist() == pytest.approx([0, 0, IDF_RARE * tf_part(1, 5), IDF_RARE * tf_part(1, 2)])
+    # "fast songs": the shorter document 3 first; the tied zeros keep their corpus order (a stable sort)
+    assert [r.tolist() for r in index.rankings(["fast songs", "herons"], depth=3)] == [[3, 2, 0], [1, 0, 2]]
+
+
+def test_bm25_retrieve_takes_each_querys_next_best_in_turn_without_duplicates():
+    docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(HERONS)]
+    docs.append({"id": "copy", "text": "  songs   RHYME. "})  # the text of d3 again (case and spacing aside)
+    # with the copy, "songs" is in 2 of 5 documents and "fast" in 1, so "fast songs" ranks d2, d3, copy (tied with
+    # d3, after it); "reeds" ranks d0, then the zeros in corpus order: d1, d2. Round robin over the ranks: d0, d2;
+    # d1, d3; d2 again (same id) and copy (same text as d3) are left out.
+    assert [r.tolist() for r in BM25([d["text"] for d in docs]).rankings(["reeds", "fast songs"], 3)] == [
+        [0, 1, 2],
+        [2, 3, 4],
+    ]
+    assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=10, per_query=3)] == [
+        "d0",
+        "d2",
+        "d1",
+        "d3",
+    ]
+    assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=3, per_query=3)] == ["d0", "d2", "d1"]
 
 
 def test_each_example_is_tokenised_once_per_run():

@@ -9,14 +9,17 @@ from safetensors import safe_open
 
 from lark.kernel.stores import (
     TIERS,
-    bytes_per_vector,
+    BFloat16,
+    Bit,
+    Float16,
+    Int8,
     cosine_scores,
-    decode,
     dots,
-    encode,
     load_store,
     save_store,
+    store_bytes,
     stored_view,
+    tier_of,
     topk_scores,
     unit_rows,
 )
@@ -39,7 +42,7 @@ def test_roundtrip_and_size(tmp_path, tier):
     assert (
         stored.numel() * stored.element_size() == 20 * {"float16": 512, "bfloat16": 512, "int8": 256, "bit": 32}[tier]
     )
-    assert bytes_per_vector(tier, 256) == {"float16": 512, "bfloat16": 512, "int8": 260, "bit": 32}[tier]
+    assert tier_of(tier).bytes(256) == {"float16": 512, "bfloat16": 512, "int8": 260, "bit": 32}[tier]
     exact = unit_rows(v) @ unit_rows(v).T
     err = (cosine_scores(decoded, decoded, tier) - exact).abs().max().item()
     assert err < {"float16": 2e-3, "bfloat16": 1e-2, "int8": 2e-2, "bit": 0.5}[tier]
@@ -52,7 +55,64 @@ def test_bit_tier_recovers_angles_of_gaussian_vectors():
     a, b = stored_view(base, "bit"), stored_view(other, "bit")
     true = torch.nn.functional.cosine_similarity(base, other).item()
     assert cosine_scores(a, b, "bit").item() == pytest.approx(true, abs=0.03)
-    assert decode(encode(unit_rows(base), "bit"), "bit", 8192).norm().item() == pytest.approx(1)
+    assert Bit().decode(Bit().encode(unit_rows(base)), 8192).norm().item() == pytest.approx(1)
+
+
+def test_tiers_are_named_by_their_config_string():
+    assert TIERS == {"float16": Float16, "bfloat16": BFloat16, "int8": Int8, "bit": Bit}
+    assert all(tier_of(name).name == name for name in TIERS)
+    with pytest.raises(ValueError, match=r"unknown tier 'float8' \(float16, bfloat16, int8, bit\)"):
+        tier_of("float8")
+
+
+@pytest.mark.parametrize(
+    "tier,stored",
+    [  # 0.6 and -0.8 rounded to the nearest value with 10 (float16) or 7 (bfloat16) mantissa bits, by hand
+        (Float16(), [1229 / 2048, -1638 / 2048]),
+        (BFloat16(), [154 / 256, -205 / 256]),
+    ],
+)
+def test_half_tiers_hold_the_rounded_unit_vector(tier, stored):
+    tensors = tier.encode(torch.tensor([[0.6, -0.8]]))
+    assert list(tensors) == ["vectors"] and tensors["vectors"].dtype == tier.dtype
+    assert tensors["vectors"].float().tolist() == [stored]
+    assert tier.decode(tensors, 2).dtype == torch.float32 and tier.decode(tensors, 2).tolist() == [stored]
+    assert tier.bytes(2) == 4 and tier.bytes(65536) == 131072
+    assert torch.equal(tier.finish(torch.tensor([0.25, -1.0])), torch.tensor([0.25, -1.0]))
+
+
+def test_int8_tier_holds_codes_and_a_scale():
+    """max|v| = 0.8 -> scale 0.8/127; 0.6 / scale = 95.25 -> 95, -0.8 -> -127, 0 -> 0."""
+    tier = Int8()
+    tensors = tier.encode(torch.tensor([[0.6, -0.8, 0.0]]))
+    assert tensors["vectors"].dtype == torch.int8 and tensors["vectors"].tolist() == [[95, -127, 0]]
+    assert tensors["scale"].dtype == torch.float32 and tensors["scale"].item() == pytest.approx(0.8 / 127)
+    torch.testing.assert_close(tier.decode(tensors, 3), torch.tensor([[95 * 0.8 / 127, -0.8, 0.0]]))
+    assert tier.bytes(3) == 7 and tier.bytes(256) == 260
+
+
+def test_bit_tier_packs_signs_high_bit_first():
+    """Signs 1010 1101 | 01 (v >= 0 -> 1, padded with zeros) = bytes 173, 64; decoded to +-1/sqrt(10). Two vectors
+    2 signs apart: dot = (10 - 2 * 2) / 10, cosine estimate sin(pi/2 * 0.6) = cos(pi * 2 / 10)."""
+    tier = Bit()
+    a = torch.tensor([[0.5, -0.5, 0.0, -0.1, 0.3, 0.3, -0.2, 0.1, -0.4, 0.2]])
+    tensors = tier.encode(a)
+    assert tensors["vectors"].dtype == torch.uint8 and tensors["vectors"].tolist() == [[173, 64]]
+    signs = [1, -1, 1, -1, 1, 1, -1, 1, -1, 1]
+    torch.testing.assert_close(tier.decode(tensors, 10), torch.tensor([[s / math.sqrt(10) for s in signs]]))
+    b = a.clone()
+    b[0, 1], b[0, 8] = 0.5, 0.4  # two signs flipped
+    dot = tier.decode(tensors, 10) @ tier.decode(tier.encode(b), 10).T
+    assert dot.item() == pytest.approx(0.6)
+    assert tier.finish(dot).item() == pytest.approx(math.cos(math.pi * 2 / 10))
+    assert tier.bytes(10) == 2 and tier.bytes(16) == 2 and tier.bytes(17) == 3
+
+
+def test_store_bytes_counts_vectors_norms_and_scores():
+    """3 examples at k = 16 in int8: 3 x (16 + 4 scale + 4 norm) bytes; 1 x 2 float32 scores."""
+    assert store_bytes(3, 1, 2, 16, "int8", save_scores=False) == 72
+    assert store_bytes(3, 1, 2, 16, "int8", save_scores=True) == 80
+    assert store_bytes(3, 1, 2, 16, "bit", save_scores=False) == 3 * (2 + 4)
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 100])
@@ -108,3 +168,112 @@ def test_exact_length_vectors_are_normalised_and_scored_in_float64():
     got = cosine_scores(unit[:1], unit[1:])
     assert abs(got.item() - want.item()) < 1e-6, (got.item(), want.item())
     assert dots(rows[:, :1000], rows[:, :1000]).dtype == torch.float32  # short rows: the plain product
+
+
+# ------------------------------------------------------------------------- the checkpoint's verbs, by hand
+def hand_made(tmp_path):
+    """A checkpoint context and its stores, made by hand: 2 queries, sources ft and pt of 2 documents each, unit
+    vectors of +-1/2 (exact in float16), so that every cosine is a dot product done by hand:
+        q1 = (+ + + +)/2  q2 = (+ + - -)/2
+        ft: d1 = (+ + + -)/2  d2 = (- - - +)/2      q1: 0.5, -0.5   q2: 0.5, -0.5
+        pt: e1 = (+ + + +)/2  e2 = (- + - -)/2      q1: 1.0, -0.5   q2: 0.0,  0.5"""
+    from omegaconf import OmegaConf
+
+    from lark.checkpoint import QUERY_SET, Checkpoint, Stores
+    from lark.kernel.kernels import Cosine
+
+    cfg = OmegaConf.create(
+        {
+            "attribution": {"store_dtype": "float16", "top_k": 2, "score_block": 1, "save_scores": True},
+            "source": {
+                "ft_source": "ft",
+                "pt_source": "pt",
+                "format_pairs": {},
+                "size": 2,
+                "sources": {
+                    "ft": {"kind": "finetune", "corpus": None, "formatted": True},
+                    "pt": {"kind": "sample", "corpus": "medical", "formatted": False},
+                },
+            },
+            "format": {"answer_template": "{answer}"},
+        }
+    )
+    ck = Checkpoint(cfg, torch.nn.Linear(3, 2), None, tmp_path, epoch=1, encoder=lambda e: e)
+    ck.prints = {"checkpoint": "c", "tokenizer": "t", "format": "f"}
+    half = [[0.5 * s for s in row] for row in ([1, 1, 1, 1], [1, 1, -1, -1], [1, 1, 1, -1], [-1, -1, -1, 1])]
+    half += [[0.5 * s for s in row] for row in ([1, 1, 1, 1], [-1, 1, -1, -1])]
+    vectors = {
+        name: stored_view(torch.tensor(half[i : i + 2]), "float16")
+        for name, i in zip([QUERY_SET, "ft", "pt"], [0, 2, 4])
+    }
+    projector = type("Hand", (), {"k": 4, "spec": lambda self: {"kind": "hand", "k": 4}})()
+    stores = Stores(projector, Cosine(), vectors, {n: {"k": 4} for n in vectors}, {n: [] for n in vectors})
+    sets = {"ft": [{"id": "d1", "text": "alpha"}, {"id": "d2", "text": "beta"}]}
+    sets["pt"] = [{"id": "e1", "text": "gamma"}, {"id": "e2", "text": "delta"}]
+    queries = [{"id": "q1", "question": "alpha"}, {"id": "q2", "question": "gamma"}]
+    return ck, stores, sets, queries
+
+
+def test_score_gives_the_hand_computed_top_documents_and_matrices(tmp_path):
+    from lark.checkpoint import score
+
+    ck, stores, sets, _ = hand_made(tmp_path)
+    maxinf, rows = score(ck, stores, ["q1", "q2"], sets)
+    assert {n: m.tolist() for n, m in maxinf.items()} == {"ft": [0.5, 0.5], "pt": [1.0, 0.5]}
+    assert rows == [
+        ("q1", "ft", 1, "d1", 0.5),
+        ("q1", "ft", 2, "d2", -0.5),
+        ("q2", "ft", 1, "d1", 0.5),
+        ("q2", "ft", 2, "d2", -0.5),
+        ("q1", "pt", 1, "e1", 1.0),
+        ("q1", "pt", 2, "e2", -0.5),
+        ("q2", "pt", 1, "e2", 0.5),
+        ("q2", "pt", 2, "e1", 0.0),
+    ]
+    with safe_open(str(ck.out_dir / "scores" / "pt.safetensors"), framework="pt") as f:
+        assert f.get_tensor("scores").tolist() == [[1.0, -0.5], [0.0, 0.5]]
+        assert json.loads(f.metadata()["docs"]) == ["e1", "e2"]
+
+
+def test_measure_gives_the_hand_computed_metrics(tmp_path):
+    """maxinf ft (0.5, 0.5), pt (1.0, 0.5): MeanMax 0.5 and 0.75, FT/PT 2/3, FT wins 0 (a tie is no win). BM25 over
+    the 4 one-word documents: a query's word is in one document, idf = ln((4 - 1 + 0.5) / (1 + 0.5)) = ln(7/3), its
+    term weight tf (k1 + 1) / (tf + k1) = 1 at dl = avgdl; q1 (alpha) finds ft's d1, q2 (gamma) pt's e1."""
+    from lark.checkpoint import measure
+
+    ck, stores, sets, queries = hand_made(tmp_path)
+    maxinf = {"ft": torch.tensor([0.5, 0.5]), "pt": torch.tensor([1.0, 0.5])}
+    metrics = measure(ck, stores, maxinf, queries, sets, {"epoch": 1, "lr": None})
+    assert list(metrics) == [
+        "epoch", "lr", "n_queries", "sources", "ft_source", "pt_source", "ft", "pt", "ft_pt_ratio", "ft_wins",
+        "pt_wins", "format_effect", "bm25", "storage", "projector", "kernel", "loss_target", "nonfinite",
+        "fingerprints",
+    ]  # fmt: skip
+    assert (metrics["ft"], metrics["pt"], metrics["ft_wins"], metrics["pt_wins"]) == (0.5, 0.75, 0.0, 1.0)
+    assert metrics["ft_pt_ratio"] == pytest.approx(2 / 3) and metrics["n_queries"] == 2
+    assert metrics["sources"]["pt"] == {
+        "mean_max": 0.75,
+        "ft_wins": 0.0,
+        "n_nonfinite": 0,
+        "n_docs": 2,
+        "kind": "sample",
+        "corpus": "medical",
+        "formatted": False,
+    }
+    bm25 = metrics["bm25"]
+    assert (bm25["ft_wins"], bm25["pt_wins"]) == (0.5, 0.5)
+    assert bm25["sources"]["ft"]["mean_max"] == pytest.approx(math.log(7 / 3) / 2)
+    assert bm25["sources"]["pt"]["mean_max"] == pytest.approx(math.log(7 / 3) / 2)
+    assert metrics["storage"] == {  # Linear(3, 2): 8 float32 parameters; k = 4 float16 dimensions
+        "n_params": 8,
+        "grad_dtype_bytes": 4,
+        "k": 4,
+        "store_dtype_bytes": 2.0,
+        "n_examples": 2,
+        "full_bytes_per_example": 32,
+        "store_bytes_per_example": 8,
+    }
+    assert metrics["projector"] == {"kind": "hand", "k": 4} and metrics["kernel"]["name"] == "cosine"
+    assert metrics["loss_target"] == {"answer_template": "{answer}", "query_target": None}
+    assert metrics["nonfinite"] == {"count": 0, "ids": {"test_queries": [], "ft": [], "pt": []}}
+    assert metrics["fingerprints"] == {"checkpoint": "c", "tokenizer": "t", "format": "f"}

@@ -550,14 +550,14 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
 )
 def test_bad_config_values_fail_at_start_naming_the_key(override, key, tmp_path):
     from lark.errors import ConfigError
-    from lark.experiment import validate
+    from lark.experiment import check_config
 
     (tmp_path / "f").write_text("x")
     keys = ("data.reader.path", "data.corpora.medical.path", "data.corpora.entertainment.path")
     local = [f"{k}={tmp_path / 'f'}" for k in keys]
     overrides = ["data=pubmedqa_local", *[o for o in local if o.split("=")[0] != key], override]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose(overrides))
+        check_config(compose(overrides))
 
 
 def test_k_larger_than_the_model_allows_fails_naming_the_key(tmp_path):
@@ -576,7 +576,7 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
     every other score equals the clean run's."""
     from omegaconf import OmegaConf
 
-    import lark.attribution as A
+    import lark.checkpoint as C
     from lark.data.formats import encode
     from lark.data.readers import qa_record, read_examples
     from lark.data.sources import query_examples
@@ -592,7 +592,7 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
         tuple(encode(tok, e, cfg.format, cfg.max_length)["input_ids"]): value
         for e, value in ((queries[3], float("inf")), (sets["medical_format"][2], float("nan")))
     }
-    real = A.make_projector
+    real = C.make_projector
 
     def poisoned(*args, **kwargs):
         projector = real(*args, **kwargs)
@@ -608,22 +608,11 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
         return projector
 
     def attribute(folder):
-        return A.attribute_checkpoint(
-            model,
-            tok,
-            sets,
-            queries,
-            cfg.format,
-            cfg.attribution,
-            cfg.source,
-            folder,
-            cfg.max_length,
-            {"epoch": 1},
-            log=lambda m: None,
-        )[0]
+        ck = C.Checkpoint(cfg, model, tok, folder, epoch=1, log=lambda m: None)
+        return C.attribute_checkpoint(ck, sets, queries, {"epoch": 1})[0]
 
     clean = attribute(tmp_path / "clean")
-    monkeypatch.setattr(A, "make_projector", poisoned)
+    monkeypatch.setattr(C, "make_projector", poisoned)
     metrics = attribute(tmp_path / "bad")
     assert metrics["nonfinite"]["count"] == 2
     assert metrics["nonfinite"]["ids"]["test_queries"] == [queries[3]["id"]]
@@ -631,8 +620,8 @@ def test_nonfinite_gradients_are_reported_by_id_and_left_out(reference, tmp_path
     assert all(s["n_nonfinite"] == 1 for s in metrics["sources"].values())
     assert metrics["ft"] is not None and metrics["pt"] is not None
     for name in cfg.source.sources:
-        a = tensors(tmp_path / f"clean/scores/{name}.safetensors")[1]["scores"]
-        b = tensors(tmp_path / f"bad/scores/{name}.safetensors")[1]["scores"]
+        a = tensors(tmp_path / f"clean/attribution/epoch_001/scores/{name}.safetensors")[1]["scores"]
+        b = tensors(tmp_path / f"bad/attribution/epoch_001/scores/{name}.safetensors")[1]["scores"]
         keep = [i for i in range(len(queries)) if i != 3]
         cols = [j for j in range(b.shape[1]) if not (name == "medical_format" and j == 2)]
         assert torch.isnan(b[3]).all() and torch.equal(a[keep][:, cols], b[keep][:, cols])

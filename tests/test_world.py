@@ -1,5 +1,6 @@
 """The generated world: determinism, counts, proportions, provenance, learnability, files, argument checks."""
 
+import hashlib
 import json
 import re
 import time
@@ -7,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from lark.data.world import World, drug_names, generate_world, load_world, medical_names, save_world
+from lark.data.world import World, generate_world, load_world, save_world
+from lark.data.world_text import drug_names, medical_names
 
 FILES = [
     "entertainment.jsonl",
@@ -51,6 +53,25 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
     assert a == b
     for name in ["train.jsonl", "test.jsonl", "medical.jsonl", "entertainment.jsonl", "facts.jsonl"]:
         assert a[name] != c[name]
+
+
+# sha256 (first 16 hex digits) of the default world's files as LARK 0.2 wrote them: the world is every embedded run's
+# data, so a change of a word list, a template or the order of the random draws must be a deliberate one.
+DEFAULT_WORLD_SHA256 = {
+    "entertainment.jsonl": "bcdb7fc4e7c035af",
+    "facts.jsonl": "bebf650586dd0d11",
+    "medical.jsonl": "51e0088633a114ec",
+    "provenance.json": "1afb3eb6991a9c02",
+    "test.jsonl": "3c4b834a1fe2af87",
+    "train.jsonl": "ee490e976fcf8cf0",
+    "world.json": "88723c7216773b56",
+}
+
+
+def test_the_default_world_is_byte_for_byte_the_one_runs_were_made_with(tmp_path):
+    save_world(generate_world(), tmp_path)
+    digests = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in folder_bytes(tmp_path).items()}
+    assert digests == DEFAULT_WORLD_SHA256
 
 
 def test_default_counts_and_ids(world):

@@ -1,5 +1,5 @@
 """The schema of metrics.json, one per attributed checkpoint (attribution/epoch_NNN/metrics.json). The writer
-(lark.attribution.attribute_checkpoint) checks every file against it before writing; the readers (lark.analysis.analyze,
+(lark.checkpoint.attribute_checkpoint) checks every file against it before writing; the readers (lark.analysis.analyze,
 the resume check in lark.checkpoint) check what they read. Numbers may be null (NaN/inf are written as null).
 
 | key            | type            | meaning                                                                     |

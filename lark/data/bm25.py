@@ -1,6 +1,6 @@
 """BM25 (Okapi, rank_bm25's defaults k1 = 1.5, b = 0.75, epsilon = 0.25), one interface for every use:
 retrieving the medical source (lark.data.sources), Table IV's lexical baseline (lark.checkpoint) and Table V's
-BM25 row (lark.validation.table5). Text is lower-cased and cut at non-word characters (`tokens`)."""
+BM25 row (lark.validation). Text is lower-cased and cut at non-word characters (`tokens`)."""
 
 import re
 

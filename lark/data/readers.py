@@ -1,6 +1,10 @@
-"""Loading the QA items and the pretraining corpora: the generated world, any QA / instruction data (local JSON
-Lines or a `datasets` dataset, mapped by the `data` config's fields; PubMedQA is one such mapping), and text
-corpora (local JSON Lines or a streamed `datasets` dataset).
+"""Loading the `data` config's data (load_data): the QA items of data.reader, a `_target_` (JsonlRows: local JSON
+Lines; HubRows: a `datasets` dataset; lark.data.world.GeneratedWorld: the generated world; or your own), mapped
+by data.fields (PubMedQA is one such mapping), and the documents of each data.corpora entry (lark.data.corpora).
+
+A QA reader is called with the bad-row policy (lark.data.io.BadRows) and returns (rows, test rows or None),
+iterables of (where, record); its `name` names the data in errors. A reader that generates its data (the
+world) exposes it as `world`, which the run saves with its provenance.
 
 Every loader returns plain dicts. A QA item: {id, question, contexts: [str], answer: str, <data.extras>}.
 A document: {id, text}. Bad input raises DataError naming the file, line and field.
@@ -13,40 +17,10 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lark.data.bm25 import tokens
+from lark.data.corpora import SHORTHAND, corpus_reader
 from lark.data.io import BadRows, read_jsonl
+from lark.data.records import checked, identifier, lookup, required, unique
 from lark.errors import DataError
-
-
-def _field(record, name, kind, where):
-    if name not in record:
-        raise DataError(f"{where}: missing field '{name}'")
-    value = record[name]
-    if not isinstance(value, kind):
-        raise DataError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
-    if isinstance(value, str) and not value.strip():
-        raise DataError(f"{where}: field '{name}' is empty")
-    return value
-
-
-def lookup(record, path, where):
-    """(the record holding the last part of a dotted field path such as `context.contexts`, that part)."""
-    *parents, last = path.split(".")
-    for i, part in enumerate(parents):
-        value = record.get(part)
-        if not isinstance(value, dict):
-            raise DataError(f"{where}: field '{'.'.join(parents[: i + 1])}' must be an object with '{last}'")
-        record = value
-    return record, last
-
-
-def identifier(record, name, where):
-    if name not in record:
-        raise DataError(f"{where}: missing field '{name}'")
-    value = record[name]
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        raise DataError(f"{where}: field '{name}' must be a non-empty string or integer, got {value!r}")
-    return str(value).strip()
 
 
 def qa_item(record, where, spec):
@@ -54,7 +28,7 @@ def qa_item(record, where, spec):
     LARK QA item {id, question, contexts: [str], answer, <extras>}. DataError names the row and the row's field."""
     fields = spec["fields"]
     item_id = identifier(*lookup(record, fields["id"], where), where) if fields.get("id") else where
-    question = _field(*lookup(record, fields["question"], where), str, where)
+    question = required(*lookup(record, fields["question"], where), str, where)
     contexts = []
     if fields.get("context"):
         holder, name = lookup(record, fields["context"], where)
@@ -70,7 +44,7 @@ def qa_item(record, where, spec):
                 f"{where}: field '{name}' must be a non-empty list of non-empty strings (or a non-empty string)"
             )
     holder, name = lookup(record, fields["answer"], where)
-    answer = _field(holder, name, str, where)
+    answer = required(holder, name, str, where)
     answers = spec.get("answers")
     if answers and answer not in answers:
         raise DataError(f"{where}: field '{name}' is '{answer}', expected one of {', '.join(answers)}")
@@ -89,23 +63,6 @@ def qa_item(record, where, spec):
 
 def read_ids(lines):
     return {s.strip() for s in lines if s.strip() and not s.startswith("#")}
-
-
-def unique(item, seen, where, bad):
-    """The item, unless its id was seen before (a duplicate goes to `bad`)."""
-    if item["id"] in seen:
-        return bad(DataError(f"{where}: duplicate id '{item['id']}'"))
-    seen.add(item["id"])
-    return item
-
-
-def checked(rows, check, bad):
-    """Yield check(where, record) for (where, record) rows; a DataError goes to `bad` (raised or counted)."""
-    for where, record in rows:
-        try:
-            yield check(where, record)
-        except DataError as e:
-            bad(e)
 
 
 class JsonlRows:
@@ -146,26 +103,38 @@ class HubRows:
         return split_rows(self.split), (split_rows(self.test_split) if self.test_split else None)
 
 
-def load_qa(cfg, world=None, bad=None):
-    """(train, test) QA items of the `data` config, truncated to data.n_train / data.n_test. The rows come from
-    the generated world or from `data.reader` (a `_target_`: JsonlRows, HubRows or your own), mapped by
-    data.fields (split_qa)."""
+def load_data(cfg, bad=None):
+    """(train, test, corpora {name: documents}, world or None) of the `data` config: the QA items of data.reader
+    (load_qa) and the documents of each data.corpora entry (load_corpus), the one reader shared by both (the
+    world's corpora are parts of the world it generated). world: the reader's generated world, when it has one
+    (the run saves it with its provenance)."""
+    bad = bad or BadRows()
+    reader = instantiate(cfg.reader)
+    train, test = load_qa(cfg, reader, bad)
+    corpora = {name: load_corpus(spec, bad, reader) for name, spec in (cfg.get("corpora") or {}).items()}
+    return train, test, corpora, getattr(reader, "world", None)
+
+
+def load_qa(cfg, reader=None, bad=None):
+    """(train, test) QA items of the `data` config, truncated to data.n_train / data.n_test: the rows of `reader`
+    (data.reader's `_target_` when None) mapped by data.fields (split_qa)."""
     bad = bad or BadRows()
     test_ids = None
     if cfg.get("test_ids"):
         if not Path(cfg.test_ids).is_file():
             raise DataError(f"data.test_ids: {cfg.test_ids}: file not found")
         test_ids = read_ids(Path(cfg.test_ids).read_text().splitlines())
-    if world is not None:
-        rows = [(f"world train {n}", r) for n, r in enumerate(world.train)]
-        test_rows, name = [(f"world test {n}", r) for n, r in enumerate(world.test)], "world"
-    else:
-        reader = instantiate(cfg.reader)
-        (rows, test_rows), name = reader(bad), reader.name
+    reader = instantiate(cfg.reader) if reader is None else reader
+    rows, test_rows = reader(bad)
     spec = OmegaConf.to_container(cfg, resolve=True)
-    train, test = split_qa(rows, test_rows, spec, test_ids, bad, name)
+    train, test = split_qa(rows, test_rows, spec, test_ids, bad, reader.name)
     n_train, n_test = cfg.get("n_train"), cfg.get("n_test")
     return (train if n_train is None else train[:n_train]), (test if n_test is None else test[:n_test])
+
+
+def load_corpus(spec, bad=None, qa_reader=None):
+    """Documents {id, text} of one data.corpora entry, read by its reader (lark.data.corpora.corpus_reader)."""
+    return corpus_reader(spec)(bad or BadRows(), qa_reader)
 
 
 def split_qa(rows, test_rows, spec, test_ids=None, bad=None, name="data"):
@@ -207,62 +176,13 @@ def split_qa(rows, test_rows, spec, test_ids=None, bad=None, name="data"):
     return train, test
 
 
-def document(record, where, text_field="text", id_field="id"):
-    """A corpus record {id, text} validated: non-empty text, a string or integer id (the location when absent)."""
-    text = _field(record, text_field, str, where)
-    doc_id = record.get(id_field, where)
-    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or not str(doc_id).strip():
-        raise DataError(f"{where}: field '{id_field}' must be a non-empty string or integer, got {doc_id!r}")
-    return {"id": str(doc_id), "text": text}
-
-
-# Words whose presence marks a document as medical when sampling a non-medical control group from a mixed corpus.
-MEDICAL_TERMS = frozenset(
-    "patient patients clinical disease diseases treatment therapy drug drugs trial trials hospital cancer tumor "
-    "symptoms diagnosis medical medicine physician surgery infection vaccine dose doses randomized placebo".split()
-)
-
-
-def non_medical(docs):
-    return [d for d in docs if not MEDICAL_TERMS.intersection(tokens(d["text"]))]
-
-
-def load_corpus(cfg, seed=0, bad=None):
-    """Documents {id, text} of one `data.corpora` entry: `path` (local JSON Lines) or `hub_id` (a streamed
-    `datasets` dataset, a hub name or a local folder), at most cfg.limit; with `exclude_medical`, documents with
-    medical vocabulary are left out (a non-medical control group from a mixed corpus)."""
-    bad = bad or BadRows()
-    limit = cfg.get("limit")
-    if cfg.get("path"):
-        records = ((f"{cfg.path}:{n}", r) for n, r in read_jsonl(cfg.path, bad))
-    elif cfg.get("hub_id"):
-        import datasets
-
-        rows = datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=cfg.get("split", "train"), streaming=True)
-        records = ((f"{cfg.hub_id} row {n}", r) for n, r in enumerate(rows))
-    else:
-        raise DataError("corpus: give a path (JSON Lines) or a hub_id (a datasets name or folder)")
-    docs, seen = [], set()
-    text_field, id_field = cfg.get("text_field", "text"), cfg.get("id_field", "id")
-    for where, doc in checked(records, lambda w, r: (w, document(r, w, text_field, id_field)), bad):
-        if unique(doc, seen, where, bad):
-            docs.append(doc)
-        if limit and len(docs) >= limit:
-            break
-    if not docs:
-        raise DataError(f"{cfg.get('path') or cfg.get('hub_id')}: no documents")
-    if cfg.get("exclude_medical"):
-        docs = non_medical(docs)
-    return docs
-
-
 def example(record, where):
     """A saved attribution example (a run's data/sources/*.jsonl): QA fields {id, question, context, answer}
     or a raw document {id, text}."""
     fields = ("question", "context", "answer") if "question" in record else ("text",)
     for name in ("id",) + fields:
         if name != "context" or record.get(name) != "":  # a QA example may have an empty context
-            _field(record, name, str, where)
+            required(record, name, str, where)
     return record
 
 
@@ -292,3 +212,27 @@ def sample(items, n, seed):
         return list(items)
     keep = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in keep]
+
+
+def first_form(data):
+    """A data config (a plain container, unresolved) in the form LARK wrote before the world and the corpora were
+    reader `_target_`s: no data.reader naming the world, no `_target_` on the world, no `_target_` on a corpus
+    that its location key already names (corpora.SHORTHAND). Hashes that runs of earlier versions keep (the LDS
+    retrains' recipe) are taken of this form, so that those runs still find what they computed."""
+    data = dict(data)
+    if data.get("reader") == "${data.world}":
+        del data["reader"]
+    if isinstance(data.get("world"), dict) and data["world"].get("_target_") == "lark.data.world.GeneratedWorld":
+        data["world"] = {k: v for k, v in data["world"].items() if k != "_target_"}
+    if isinstance(data.get("corpora"), dict):
+        data["corpora"] = {name: shorthand(spec) for name, spec in data["corpora"].items()}
+    return data
+
+
+def shorthand(spec):
+    """A corpus spec without its `_target_` when its location key names that reader anyway."""
+    if not isinstance(spec, dict):
+        return spec
+    if [SHORTHAND[key] for key in SHORTHAND if spec.get(key)] == [spec.get("_target_")]:
+        return {k: v for k, v in spec.items() if k != "_target_"}
+    return spec

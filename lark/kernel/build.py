@@ -1,6 +1,17 @@
-"""TODO-DOC"""
+"""Projecting a set of examples into a store: batches by length, examples split across ranks, resumable shards,
+reuse of a complete store. lark.checkpoint builds every set of a checkpoint with one StoreBuilder; the store format
+and scoring are lark.kernel.stores'.
+
+Layout under a builder's folder (one checkpoint's attribution/epoch_NNN/):
+  stores/<set>.safetensors              the complete store (lark.kernel.stores.save_store)
+  shards/<set>.<start:06d>.safetensors  raw projections [shard_size, k] float32 with the store's header, only while
+                                        a set larger than shard_size is in progress
+"""
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -9,10 +20,7 @@ from lark import faults
 from lark.console import progress
 from lark.data.datamodule import collate
 from lark.fingerprints import content_hash
-from lark.kernel.stores import (
-    atomic_save,
-    load_store,
-)
+from lark.kernel.stores import atomic_save, load_store, save_store, stored_view
 
 
 def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None, desc="projecting"):
@@ -41,41 +49,88 @@ def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, wo
 
 
 def examples_fingerprint(encoded):
+    """The content hash of a set's tokenised examples (input ids and labels): a store's `examples` header field."""
     return content_hash([(e["input_ids"], e["labels"]) for e in encoded])
 
 
-def project_set(model, encoded, ids, projector, meta, folder, cfg, pad_id, rank, world, gather, reuse, log):
-    """[n, k] projected gradients of one set, computed shard by shard (attribution.shard_size examples): when a
-    set spans several shards, each finished shard is saved under shards/ so that a killed run recomputes at most
-    the shard in flight. A saved shard is reused only if its header (ids, projector, fingerprints) matches."""
-    size = int(cfg.get("shard_size") or len(encoded) or 1)  # runs from before shards: one shard per set
-    parts = []
-    for start in range(0, len(encoded), size):
-        part_ids, path = ids[start : start + size], folder / f"{meta['set']}.{start:06d}.safetensors"
-        saved = read_shard(path, part_ids, meta) if reuse and len(encoded) > size else None
-        if saved is None:
-            saved = project_examples(
-                model,
-                encoded[start : start + size],
-                projector,
-                pad_id,
-                cfg.batch_size,
-                rank,
-                world,
-                gather,
-                f"projecting {meta['set']}",
-            )
-            if rank == 0 and len(encoded) > size:
-                atomic_save(
-                    {"vectors": saved.contiguous()},
-                    path,
-                    {"ids": json.dumps(part_ids), **{k: json.dumps(v) for k, v in meta.items()}},
-                )
-                faults.point("shard")
+@dataclass
+class StoreBuilder:
+    """Projects sets of examples with one projector into the stores of one folder.
+
+    tier: attribution.store_dtype; batch_size, shard_size: attribution's (no shard_size: one shard per set);
+    rank, world, gather: this process among `world` (gather: an all_gather, world > 1); reuse: keep complete stores
+    and shards written from the same inputs (resume); log: where progress lines go."""
+
+    model: torch.nn.Module
+    projector: object
+    folder: Path
+    pad_id: int
+    tier: str = "float16"
+    batch_size: int = 8
+    shard_size: int | None = None
+    rank: int = 0
+    world: int = 1
+    gather: Callable | None = None
+    reuse: bool = False
+    log: Callable = print
+
+    def build(self, encoded, ids, meta):
+        """Decoded unit vectors [n, k] of the set meta["set"]: read back from its complete store (reuse), else
+        projected and saved by rank 0 (the other ranks keep what the store would give). Then its shards go."""
+        path = self.folder / "stores" / f"{meta['set']}.safetensors"
+        vectors = reusable_store(path, ids, meta, self.tier, self.projector.k) if self.reuse else None
+        if vectors is not None:
+            self.log(f"[lark] {path}: store complete, reused")
         else:
-            log(f"[lark] {path.name}: shard complete, reused")
-        parts.append(saved)
-    return torch.cat(parts) if parts else torch.zeros(0, projector.k)
+            raw = self.project(encoded, ids, meta)
+            vectors = save_store(path, raw, ids, meta, self.tier) if self.rank == 0 else stored_view(raw, self.tier)
+        if self.rank == 0:  # the store is complete: its shards are no longer needed
+            for shard in (self.folder / "shards").glob(f"{meta['set']}.[0-9]*.safetensors"):
+                shard.unlink()
+            faults.point("shard")
+        return vectors
+
+    def project(self, encoded, ids, meta):
+        """[n, k] projected gradients of one set, computed shard by shard (shard_size examples): when a set spans
+        several shards, each finished shard is saved under shards/ so that a killed run recomputes at most the
+        shard in flight. A saved shard is reused only if its header (ids, projector, fingerprints) matches."""
+        size = int(self.shard_size or len(encoded) or 1)  # runs from before shards: one shard per set
+        sharded = len(encoded) > size
+        parts = [
+            self.shard(encoded[start : start + size], ids[start : start + size], meta, start, sharded)
+            for start in range(0, len(encoded), size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.projector.k)
+
+    def shard(self, encoded, ids, meta, start, sharded):
+        """[len(encoded), k] projections of the examples from `start` on; saved (or reused) when `sharded`."""
+        path = self.folder / "shards" / f"{meta['set']}.{start:06d}.safetensors"
+        saved = read_shard(path, ids, meta) if self.reuse and sharded else None
+        if saved is not None:
+            self.log(f"[lark] {path.name}: shard complete, reused")
+            return saved
+        vectors = project_examples(
+            self.model,
+            encoded,
+            self.projector,
+            self.pad_id,
+            self.batch_size,
+            self.rank,
+            self.world,
+            self.gather,
+            f"projecting {meta['set']}",
+        )
+        if self.rank == 0 and sharded:
+            metadata = {"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in meta.items()}}
+            atomic_save({"vectors": vectors.contiguous()}, path, metadata)
+            faults.point("shard")
+        return vectors
+
+    def remove_empty_shards(self):
+        """Rank 0, once every set is built: the shards/ folder goes when nothing is left in it."""
+        shards = self.folder / "shards"
+        if self.rank == 0 and shards.is_dir() and not any(shards.iterdir()):
+            shards.rmdir()
 
 
 def read_shard(path, ids, meta):

@@ -1,5 +1,7 @@
-"""TODO-DOC"""
+"""Building an `attribution` config's kernel and projector (make_kernel, make_projector), and reading configs
+saved before the projector and kernel groups existed (upgrade: `projector.kind` and `projector.normalize`)."""
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -52,8 +54,6 @@ def upgrade(attr):
 
 def built(build):
     """build() with Hydra's InstantiationException unwrapped: a bad value's own error (naming its key) is raised."""
-    from hydra.errors import InstantiationException
-
     try:
         return build()
     except InstantiationException as e:
@@ -69,14 +69,14 @@ def make_kernel(attr):
 
 def make_projector(attr, model, kernel=None, moments=None):
     """The projector of an `attribution` config for the model's trainable parameters: the `attribution.projector`
-    factory called as factory(model, normalize=<the kernel's>, precondition=<the kernel's optimizer correction,
-    when it has one>). moments: the checkpoint's AdamW moments (lark.kernel.optimizer.Moments) for kernels that
-    use them."""
+    factory called as factory(model, normalize=<the kernel's normaliser, a lark.kernel.normalizers class>,
+    precondition=<the kernel's optimizer correction, when it has one>). moments: the checkpoint's AdamW moments
+    (lark.kernel.optimizer.Moments) for kernels that use them."""
     attr = upgrade(attr)
     if "k" in attr.projector and (attr.projector.k is None or int(attr.projector.k) <= 0):
         raise ValueError(f"attribution.projector.k must be a positive integer, got {attr.projector.k}")
     kernel = kernel or make_kernel(attr)
-    options = {"normalize": kernel.normalize}
+    options = {"normalize": kernel.normalizer}
     precondition = kernel.preconditioner(moments, model)
     if precondition is not None:
         options["precondition"] = precondition

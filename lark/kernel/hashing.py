@@ -1,12 +1,12 @@
-"""TODO-DOC"""
+"""The counter-based hash every projector shares: a 32-bit key per (seed, parameter name, purpose) and
+MurmurHash3's finaliser over coordinate indices, so a coordinate's bucket and sign depend on nothing but
+(seed, name, index) -- no table is stored, and any block of a parameter can be hashed on its own, on any device."""
 
 import hashlib
 
 import torch
 
 MASK32 = 0xFFFFFFFF
-
-
 GOLDEN = 0x9E3779B1
 
 

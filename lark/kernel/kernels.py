@@ -16,6 +16,11 @@ projection, so that influence = the cosine of what comes out. Chosen with `attri
 - `tracin_cp` (TracInCP): per checkpoint the plain cosine; over the run, TracIn-CP's learning-rate-weighted sum of
   gradient inner products (lark/tracin.py writes attribution/tracin_cp/).
 
+A kernel of your own plugs in by its `_target_`; what the run asks of it is in class attributes, never its name:
+`normalizer` (lark.kernel.normalizers, handed to the projector), `uses_optimizer` (needs the AdamW moments:
+preconditioner() returns the projector's correction), `whitens` (transform() maps the vectors by a matrix, which
+store_dtype=bit's sign vectors cannot carry) and `run_level` (also scored over all checkpoints).
+
 Epoch 0 (the base model) has no optimizer state: its moments are estimated from one pass over the fine-tuning set
 in training order's batches (no step taken, gradients clipped like training's): the mean of the squared batch
 gradients, which is what AdamW's bias-corrected v_hat approaches at beta2 -> 1 with the weights held at epoch 0.
@@ -24,6 +29,7 @@ gradients, which is what AdamW's bias-corrected v_hat approaches at beta2 -> 1 w
 import torch
 
 from lark.errors import ConfigError
+from lark.kernel.normalizers import NoNorm, PerTensor, normalizer
 from lark.kernel.optimizer import MOMENTS_FILE, AdamScale
 from lark.kernel.stores import unit_rows
 
@@ -33,15 +39,16 @@ class Cosine:
     """Influence = cosine of the projected raw gradients."""
 
     name = "cosine"
-    normalize = "none"  # per-tensor L2 normalisation before the projection (none | per_tensor)
+    normalizer = NoNorm()  # done to each parameter's gradient before the projection (lark.kernel.normalizers)
     uses_optimizer = False  # needs the run's AdamW moments
     run_level = False  # also writes a run-level score over all checkpoints
+    whitens = False  # transform() maps the stored vectors by a matrix (sign vectors of store_dtype=bit cannot be)
 
     def options(self):
         return {}
 
     def spec(self):
-        return {"name": self.name, "normalize": self.normalize, **self.options()}
+        return {"name": self.name, "normalize": self.normalizer.name, **self.options()}
 
     def preconditioner(self, moments, model):
         return None
@@ -55,7 +62,7 @@ class RapidIn(Cosine):
     """RapidIn's kernel (the paper's): cosine of per-tensor L2-normalised gradients."""
 
     name = "rapidin"
-    normalize = "per_tensor"
+    normalizer = PerTensor()
 
 
 class Adam(Cosine):
@@ -65,11 +72,10 @@ class Adam(Cosine):
     uses_optimizer = True
 
     def __init__(self, eps=1e-8, factored=True, normalize="none"):
-        if normalize not in ("none", "per_tensor"):
-            raise ConfigError(f"attribution.kernel.normalize: unknown '{normalize}' (none or per_tensor)")
+        self.normalizer = normalizer(normalize, "attribution.kernel.normalize", ConfigError)
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ConfigError(f"attribution.kernel.eps must be a number >= 0, got {eps!r}")
-        self.eps, self.factored, self.normalize = float(eps), bool(factored), normalize
+        self.eps, self.factored = float(eps), bool(factored)
 
     def options(self):
         return {"eps": self.eps, "factored": self.factored}
@@ -88,6 +94,7 @@ class TrackStar(Adam):
     unit normalisation."""
 
     name = "trackstar"
+    whitens = True
 
     def __init__(self, eps=1e-8, factored=True, mix=0.99, damping=0.1):
         super().__init__(eps, factored)

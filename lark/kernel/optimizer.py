@@ -1,10 +1,14 @@
-"""TODO-DOC"""
+"""The optimizer correction of the adam and trackstar kernels: the run's AdamW second moments at a checkpoint
+(Moments: taken from the optimizer's state, or estimated for epoch 0, saved beside the checkpoint) and AdamScale,
+which turns them into per-coordinate factors 1 / (sqrt(v_hat) + eps) -- full, or factored (row_i * col_j) so that
+the hook sketch can apply them to its GEMM inputs without forming a per-coordinate matrix."""
 
 import hashlib
 import json
 
 import torch
 from safetensors import safe_open
+from torch.utils.data import DataLoader
 
 from lark.errors import ConfigError
 from lark.kernel.factory import make_kernel
@@ -114,8 +118,6 @@ def checkpoint_moments(attr, model, epoch, optimizer=None, loader=None, clip=Non
         return optimizer_moments(optimizer, model, factored)
     if loader is None:
         return None
-    from torch.utils.data import DataLoader
-
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
     return estimate_moments(model, ordered, clip, factored)
 

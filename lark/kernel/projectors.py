@@ -14,8 +14,11 @@ Cosine similarity of projections approximates cosine similarity of the full grad
 
 Every projector has project_batch(model, batch) -> [B, k]; the first three also project(grads) one gradient.
 Projectors are chosen with `attribution/projector=<sketch|rapidin|gaussian|exact>` (conf/attribution/projector/,
-`_target_` configs built by make_projector with the model and the kernel's normalisation and optimizer
-correction, lark/kernel/kernels.py); a class of your own plugs in by its `_target_`.
+`_target_` configs built by make_projector with the model and the kernel's normaliser (`normalize=`, a
+lark.kernel.normalizers class; "none" / "per_tensor" strings are accepted too) and optimizer correction,
+lark/kernel/kernels.py); a class of your own plugs in by its `_target_`. Its class attribute `self_check` says
+whether lark.kernel.selfcheck must check it on the model before a run (HookSketch's hooks can miss layers; the
+per-example projectors, which take autograd's gradient, cannot).
 """
 
 import math
@@ -23,7 +26,7 @@ import math
 import torch
 
 from lark.kernel.hashing import hashed, name_key, random_signs
-from lark.kernel.normalizers import normalize_tensors
+from lark.kernel.normalizers import normalizer
 
 
 def trainable(model):
@@ -43,6 +46,7 @@ class PerExample:
     projection."""
 
     precondition = None
+    self_check = False  # autograd's whole gradient: nothing for lark.kernel.selfcheck to check
 
     @classmethod
     def of_model(cls, model, **options):
@@ -70,7 +74,7 @@ class CountSketch(PerExample):
     kind = "rapidin"
 
     def __init__(self, shapes, k, seed=0, normalize="none", cache_elements=2**26, precondition=None):
-        self.shapes, self.k, self.seed, self.normalize = dict(shapes), int(k), int(seed), normalize
+        self.shapes, self.k, self.seed, self.normalizer = dict(shapes), int(k), int(seed), normalizer(normalize)
         self.precondition = precondition
         self.cache = {}
         self.cache_ok = sum(math.prod(s) for s in self.shapes.values()) <= cache_elements
@@ -87,7 +91,7 @@ class CountSketch(PerExample):
 
     def project(self, grads):
         """grads: {name: tensor of the parameter's shape} -> [k] float32."""
-        grads = normalize_tensors(grads, self.normalize)
+        grads = self.normalizer(grads)
         out = None
         for name, g in grads.items():
             flat = g.reshape(-1).float()
@@ -98,7 +102,13 @@ class CountSketch(PerExample):
 
     def spec(self):
         return self.described(
-            {"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize, "hash": "murmur3-fmix32"}
+            {
+                "kind": self.kind,
+                "k": self.k,
+                "seed": self.seed,
+                "normalize": self.normalizer.name,
+                "hash": "murmur3-fmix32",
+            }
         )
 
 
@@ -108,7 +118,7 @@ class GaussianProjector(PerExample):
     kind = "gaussian"
 
     def __init__(self, shapes, k, seed=0, normalize="none", max_dense_elements=200_000_000, precondition=None):
-        self.shapes, self.k, self.seed, self.normalize = dict(shapes), int(k), int(seed), normalize
+        self.shapes, self.k, self.seed, self.normalizer = dict(shapes), int(k), int(seed), normalizer(normalize)
         self.precondition = precondition
         total = sum(math.prod(s) for s in self.shapes.values()) * self.k
         if total > max_dense_elements:
@@ -126,11 +136,11 @@ class GaussianProjector(PerExample):
         return self.matrices[name]
 
     def project(self, grads):
-        grads = normalize_tensors(grads, self.normalize)
+        grads = self.normalizer(grads)
         return sum(g.reshape(-1).float() @ self.matrix(n, g.numel(), g.device) for n, g in grads.items())
 
     def spec(self):
-        return self.described({"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalize})
+        return self.described({"kind": self.kind, "k": self.k, "seed": self.seed, "normalize": self.normalizer.name})
 
 
 class ExactProjector(PerExample):
@@ -139,12 +149,12 @@ class ExactProjector(PerExample):
     kind = "exact"
 
     def __init__(self, shapes, normalize="none", precondition=None):
-        self.shapes, self.normalize, self.precondition = dict(shapes), normalize, precondition
+        self.shapes, self.normalizer, self.precondition = dict(shapes), normalizer(normalize), precondition
         self.k = sum(math.prod(s) for s in self.shapes.values())
 
     def project(self, grads):
-        grads = normalize_tensors(grads, self.normalize)
+        grads = self.normalizer(grads)
         return torch.cat([g.reshape(-1).float() for g in grads.values()])
 
     def spec(self):
-        return self.described({"kind": self.kind, "k": self.k, "normalize": self.normalize})
+        return self.described({"kind": self.kind, "k": self.k, "normalize": self.normalizer.name})

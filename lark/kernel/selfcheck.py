@@ -1,7 +1,8 @@
 """The `sketch` projector checks itself on the model before the first checkpoint is attributed.
 
-The hooks of lark.kernel.sketch.HookSketch reach Linear layers, norms and the input embedding; an architecture can hide
-gradient from them: a layer type they do not know (GPT-2's `Conv1D`), a module called twice in one forward (the
+The hooks of lark.kernel.sketch.HookSketch reach Linear layers, norms (of the classes in
+lark.kernel.sketch_math.NORMS) and the input embedding; an architecture can hide gradient from them: a layer type
+they do not know (GPT-2's `Conv1D`, a norm class not in NORMS), a module called twice in one forward (the
 hooks see each call apart), an embedding whose output is scaled inside the module. On two real examples the
 check compares, parameter by parameter, the hooks' sketch with the same count sketch (HookSketch.sketch_flat, the
 sketch's own hash) of the per-example gradients that autograd computes, and the sketch's coverage with 1.0. Any
@@ -10,10 +11,12 @@ sketch of the materialised per-example gradient, one backward per example, archi
 """
 
 import torch
+from hydra.utils import get_object
 
 from lark.data.datamodule import collate
 from lark.errors import ConfigError
-from lark.kernel.normalizers import normalize_tensors
+from lark.fingerprints import MOVED, renamed
+from lark.kernel.normalizers import normalizer
 from lark.kernel.projectors import example_gradient, trainable
 from lark.kernel.sketch import HookSketch
 
@@ -28,8 +31,17 @@ class SelfCheckError(ConfigError):
 
 
 def uses_sketch(projector_cfg):
-    """Whether an attribution.projector config selects the hook sketch (a `kind` or a `_target_` config)."""
-    return projector_cfg.get("kind") == "sketch" or str(projector_cfg.get("_target_", "")).endswith("HookSketch")
+    """Whether an attribution.projector config selects a projector that checks itself before a run: a `kind`
+    config (from before the projector group) of kind sketch, or a `_target_` whose class says so (self_check =
+    True: HookSketch). A `Cls.of_model` target is a bound method whose __self__ is the class; a target saved under
+    its first name (lark.fingerprints.MOVED) is read under today's."""
+    if projector_cfg.get("kind") == "sketch":
+        return True
+    target = projector_cfg.get("_target_")
+    if not target:
+        return False
+    obj = get_object(renamed(str(target), MOVED))
+    return bool(getattr(getattr(obj, "__self__", obj), "self_check", False))
 
 
 def module_of(model, param_name):
@@ -57,55 +69,31 @@ def call_counts(model, batch):
 def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=1e-3):
     """Raise SelfCheckError unless the hook sketch of `encoded` (two examples) equals, parameter by parameter, the
     count sketch of their autograd gradients and covers every trainable parameter. Returns the number of
-    parameters compared."""
-    sketch = HookSketch(model, k, seed, normalize, method="materialize")  # the fold method is tested elsewhere
-    problems = []
+    parameters compared. normalize: "none" / "per_tensor" or a lark.kernel.normalizers normaliser."""
+    norm = normalizer(normalize)
+    sketch = HookSketch(model, k, seed, norm, method="materialize")  # the fold method is tested elsewhere
     params = trainable(model)
-    missing = sorted({module_of(model, n) for n, p in params if id(p) not in covered_ids(sketch)})
+    covered = sketch.covered_ids()
+    missing = sorted({module_of(model, n) for n, p in params if id(p) not in covered})
+    problems = []
     if missing:
         problems.append(f"coverage {sketch.coverage():.4f} < 1: the hooks do not reach {', '.join(missing)}")
     batch = collate(encoded, pad_id)
     twice = sorted(f"{name} ({n} calls)" for name, n in call_counts(model, batch).items() if n > 1)
     if twice:
         problems.append(f"modules called more than once in one forward: {', '.join(twice)}")
-    parts, add = {}, sketch.add
-
-    def recording(total, name, kind, value, norm=None):  # each parameter's share of the hooks' sketch
-        share = torch.zeros_like(total)
-        add(share, name, kind, value, norm)
-        parts[name] = parts.get(name, 0) + share
-        total += share
-
-    def finishing(total):  # per_tensor: a tied weight's parts, normalised by the norm of their sum at the end
-        for name, entry in list(sketch.pending.items()):
-            sketch.pending = {name: entry}
-            share = torch.zeros_like(total)
-            finish(share)
-            parts[name] = parts.get(name, 0) + share
-            total += share
-
-    finish, sketch.add, sketch.finish = sketch.finish, recording, finishing
     was_training = model.training
     model.eval()
     wrong = set()
     try:
         try:
-            sketch.project_batch(model, batch)
+            parts = sketch.sketch_pass(model, batch, by_parameter=True).parts  # each parameter's share
         except KeyError as e:  # a second call's output gradient finds its saved input already consumed
             problems.append(f"the hooks fail on this model (KeyError {e} in the backward pass)")
-            encoded = []
-        for b, example in enumerate(encoded):
-            one = collate([example], pad_id)
-            grads = normalize_tensors(example_gradient(model, one, params)[1], normalize)
-            scale = sum(g.float().pow(2).sum() for g in grads.values()).sqrt().item()
-            for name, g in grads.items():
-                want = sketch.sketch_flat(name, g.reshape(1, -1).float())[0]
-                got = parts[name][b] if name in parts else torch.zeros_like(want)
-                if (got - want).norm() > rtol * max(want.norm().item(), 1e-3 * scale, 1e-12):
-                    wrong.add(module_of(model, name))
+        else:
+            wrong = differing_modules(model, sketch, parts, [collate([e], pad_id) for e in encoded], norm, rtol)
     finally:
         model.train(was_training)
-        sketch.add, sketch.finish = add, finish
     wrong -= set(missing)
     if wrong:
         problems.append(f"sketch differs from the autograd gradients' count sketch in {', '.join(sorted(wrong))}")
@@ -118,10 +106,17 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
     return len(params)
 
 
-def covered_ids(sketch):
-    return {
-        id(p)
-        for group in (sketch.linears, sketch.norms, sketch.embeddings)
-        for m in group.values()
-        for p in m.parameters(recurse=False)
-    }
+def differing_modules(model, sketch, parts, batches, norm, rtol):
+    """Modules whose parameters' share of the hooks' sketch (parts {name: [B, k]}) differs from the count sketch
+    (sketch.sketch_flat, the sketch's own hash) of the gradient autograd computes for each batch of one, by more
+    than rtol of the larger of its norm and 1e-3 of the example's whole normalised gradient."""
+    params, wrong = trainable(model), set()
+    for b, one in enumerate(batches):
+        grads = norm(example_gradient(model, one, params)[1])
+        scale = sum(g.float().pow(2).sum() for g in grads.values()).sqrt().item()
+        for name, g in grads.items():
+            want = sketch.sketch_flat(name, g.reshape(1, -1).float())[0]
+            got = parts[name][b] if name in parts else torch.zeros_like(want)
+            if (got - want).norm() > rtol * max(want.norm().item(), 1e-3 * scale, 1e-12):
+                wrong.add(module_of(model, name))
+    return wrong

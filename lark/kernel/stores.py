@@ -4,7 +4,7 @@ A store is one safetensors file: the projected gradients of one set, unit-normal
 plus their float32 norms; the header metadata carries the example ids and what produced them (JSON strings).
 It reads without LARK: `safe_open(path, "pt").get_tensor("vectors")`.
 
-Tiers (`attribution.store_dtype`), bytes per dimension, and how cosine is recovered:
+Tiers (`attribution.store_dtype`: one Tier class each, in TIERS), bytes per dimension, and how cosine is recovered:
 - float16 / bfloat16 (2 bytes, default float16): the unit vector itself.
 - int8 (1 byte + 4 bytes per vector): round(127 * v / max|v|) and the per-vector scale max|v| / 127.
 - bit (1/8 byte): the sign of each coordinate, packed; cos = sin(pi/2 * <sign(a), sign(b)> / k), the SimHash
@@ -22,51 +22,115 @@ from safetensors.torch import save
 from lark.data.io import replacing
 from lark.errors import StoreMismatch
 
-TIERS = ("float16", "bfloat16", "int8", "bit")
 # Header fields two stores must agree on to be scored against each other: the projection (kind, k, seed, version,
 # ...), the tier, and the fingerprints of the checkpoint, the tokenizer and the format that produced them.
 MATCH = ("k", "tier", "projector", "checkpoint", "tokenizer", "format")
 
 
-def bytes_per_vector(tier, k):
-    return {"float16": 2 * k, "bfloat16": 2 * k, "int8": k + 4, "bit": math.ceil(k / 8)}[tier]
+# ------------------------------------------------------------------------------------------------ tiers
+class Tier:
+    """How a store holds unit vectors: encode / decode / bytes, and `finish`, which turns dot products of decoded
+    vectors into cosine estimates. One subclass per `attribution.store_dtype`; `name` is that string, written in
+    the store header's `tier`."""
+
+    name = None
+
+    def bytes(self, k):
+        """Bytes of one stored vector of k dimensions (its float32 norm aside)."""
+        raise NotImplementedError
+
+    def encode(self, unit):
+        """{name: tensor} holding unit vectors [n, k] in this tier."""
+        raise NotImplementedError
+
+    def decode(self, tensors, k):
+        """float32 [n, k] vectors whose dot products give the tier's cosine estimate (before `finish`)."""
+        raise NotImplementedError
+
+    def finish(self, dots):
+        """Dot products of decoded vectors -> cosine estimates."""
+        return dots
 
 
-def encode(unit, tier):
-    """{name: tensor} holding unit vectors [n, k] in a tier."""
-    if tier in ("float16", "bfloat16"):
-        return {"vectors": unit.to(getattr(torch, tier)).contiguous()}
-    if tier == "int8":
+class Float16(Tier):
+    """The unit vector itself, 2 bytes per dimension (the default)."""
+
+    name, dtype = "float16", torch.float16
+
+    def bytes(self, k):
+        return 2 * k
+
+    def encode(self, unit):
+        return {"vectors": unit.to(self.dtype).contiguous()}
+
+    def decode(self, tensors, k):
+        return tensors["vectors"].float()
+
+
+class BFloat16(Float16):
+    """The unit vector itself in bfloat16 (float32's exponent, 8 bits of mantissa), 2 bytes per dimension."""
+
+    name, dtype = "bfloat16", torch.bfloat16
+
+
+class Int8(Tier):
+    """round(127 * v / max|v|) and the per-vector scale max|v| / 127: 1 byte per dimension + 4 per vector."""
+
+    name = "int8"
+
+    def bytes(self, k):
+        return k + 4
+
+    def encode(self, unit):
         scale = unit.abs().amax(dim=1).clamp_min(1e-30) / 127
         return {"vectors": torch.round(unit / scale.unsqueeze(1)).to(torch.int8), "scale": scale.float()}
-    if tier == "bit":
+
+    def decode(self, tensors, k):
+        return tensors["vectors"].float() * tensors["scale"].unsqueeze(1)
+
+
+class Bit(Tier):
+    """The sign of each coordinate (v >= 0 -> 1), 8 to a byte, the first coordinate in the high bit: 1/8 byte per
+    dimension. Decoded to +-1/sqrt(k), whose dot product is 1 - 2 Hamming / k; `finish` maps it to
+    sin(pi/2 * dot) = cos(pi * Hamming / k), the SimHash estimate."""
+
+    name = "bit"
+
+    def bytes(self, k):
+        return math.ceil(k / 8)
+
+    def encode(self, unit):
         bits = (unit >= 0).to(torch.uint8)
         pad = (-unit.shape[1]) % 8
         bits = torch.nn.functional.pad(bits, (0, pad)).view(unit.shape[0], -1, 8)
         weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
         return {"vectors": (bits * weights).sum(dim=2).to(torch.uint8)}
-    raise ValueError(f"attribution.store_dtype: unknown tier '{tier}' ({', '.join(TIERS)})")
 
-
-def decode(tensors, tier, k):
-    """float32 [n, k] vectors whose dot products give the tier's cosine estimate (before `finish_scores`)."""
-    v = tensors["vectors"]
-    if tier in ("float16", "bfloat16"):
-        return v.float()
-    if tier == "int8":
-        return v.float() * tensors["scale"].unsqueeze(1)
-    if tier == "bit":
+    def decode(self, tensors, k):
         shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
-        bits = ((v.unsqueeze(2) >> shifts) & 1).flatten(1)[:, :k].float()
+        bits = ((tensors["vectors"].unsqueeze(2) >> shifts) & 1).flatten(1)[:, :k].float()
         return (bits * 2 - 1) / math.sqrt(k)
-    raise ValueError(f"attribution.store_dtype: unknown tier '{tier}' ({', '.join(TIERS)})")
+
+    def finish(self, dots):
+        return torch.sin(dots.clamp(-1, 1) * (math.pi / 2))
 
 
-def finish_scores(dots, tier):
-    """Dot products of decoded vectors -> cosine estimates."""
-    return torch.sin(dots.clamp(-1, 1) * (math.pi / 2)) if tier == "bit" else dots
+TIERS = {tier.name: tier for tier in (Float16, BFloat16, Int8, Bit)}  # attribution.store_dtype -> its class
 
 
+def tier_of(name):
+    """The tier named by attribution.store_dtype (or by a store header's `tier`)."""
+    if name not in TIERS:
+        raise ValueError(f"attribution.store_dtype: unknown tier '{name}' ({', '.join(TIERS)})")
+    return TIERS[name]()
+
+
+def store_bytes(n_examples, n_queries, n_docs, k, tier, save_scores):
+    """Bytes written per attributed checkpoint: stores (vectors + float32 norms) and float32 score matrices."""
+    return n_examples * (tier_of(tier).bytes(k) + 4) + (4 * n_queries * n_docs if save_scores else 0)
+
+
+# ------------------------------------------------------------------------------------------------ vectors
 def unit_rows(vectors):
     """Rows scaled to unit norm (zero rows stay zero, NaN rows stay NaN); norms accumulated in float64 (torch's
     float32 norm of 10^8 coordinates is ~0.7% low on a CPU, which inflates exact cosines by as much)."""
@@ -97,16 +161,16 @@ def atomic_save(tensors, path, metadata):
 
 
 def decoded(tensors, tier, k):
-    """decode(), with the rows of non-finite gradients (non-finite norms) NaN in every tier (the bit tier would
-    otherwise turn them into valid-looking sign vectors)."""
-    vectors = decode(tensors, tier, k)
+    """The tier's decode(), with the rows of non-finite gradients (non-finite norms) NaN in every tier (the bit tier
+    would otherwise turn them into valid-looking sign vectors)."""
+    vectors = tier_of(tier).decode(tensors, k)
     return torch.where(torch.isfinite(tensors["norms"]).unsqueeze(1), vectors, float("nan"))
 
 
 def save_store(path, vectors, ids, meta, tier="float16"):
     """Write projected gradients [n, k] as a store; returns the decoded unit vectors the scores will use."""
     unit = unit_rows(vectors)
-    tensors = {**encode(unit, tier), "norms": vectors.norm(dim=1).float()}
+    tensors = {**tier_of(tier).encode(unit), "norms": vectors.norm(dim=1).float()}
     metadata = {
         "ids": json.dumps(ids),
         "tier": json.dumps(tier),
@@ -119,7 +183,7 @@ def save_store(path, vectors, ids, meta, tier="float16"):
 
 def stored_view(vectors, tier):
     """What the scores see of vectors stored in a tier (without writing them)."""
-    return decoded({**encode(unit_rows(vectors), tier), "norms": vectors.norm(dim=1)}, tier, vectors.shape[1])
+    return decoded({**tier_of(tier).encode(unit_rows(vectors)), "norms": vectors.norm(dim=1)}, tier, vectors.shape[1])
 
 
 def load_store(path):
@@ -156,18 +220,19 @@ def score_stores(query_path, doc_path, block=4096):
 
 def cosine_scores(queries, docs, tier="float16", block=4096):
     """[n_q, n_d] cosine estimates from decoded unit vectors, computed in blocks of document rows."""
-    parts = [finish_scores(dots(queries, docs[s : s + block]), tier) for s in range(0, len(docs), block)]
+    finish = tier_of(tier).finish
+    parts = [finish(dots(queries, docs[s : s + block])) for s in range(0, len(docs), block)]
     return torch.cat(parts, dim=1) if parts else torch.zeros(len(queries), 0)
 
 
 def topk_scores(queries, docs, k, tier="float16", block=4096):
     """(values, indices) [n_q, k] of each query's k best documents, never holding more than one block of scores
     (plus the running top-k): for stores too large to score all at once."""
-    k = min(k, len(docs))
+    k, finish = min(k, len(docs)), tier_of(tier).finish
     best_v = torch.full((len(queries), 0), float("-inf"))
     best_i = torch.zeros((len(queries), 0), dtype=torch.long)
     for s in range(0, len(docs), block):
-        scores = finish_scores(dots(queries, docs[s : s + block]), tier).nan_to_num(float("-inf"))
+        scores = finish(dots(queries, docs[s : s + block])).nan_to_num(float("-inf"))
         values = torch.cat([best_v, scores], dim=1)
         index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(len(queries), -1)], dim=1)
         best_v, pos = values.topk(min(k, values.shape[1]), dim=1)
@@ -215,9 +280,4 @@ def faiss_topk(index, ids, queries, k, tier="float16"):
     """(scores [n_q, k], [[(set, id), ...], ...]) of each query's k best rows of a faiss_index."""
     scores, rows = index.search(queries.float().numpy(), k)
     names = [[ids[j] if j >= 0 else None for j in row] for row in rows]
-    return finish_scores(torch.from_numpy(scores), tier), names
-
-
-def store_bytes(n_examples, n_queries, n_docs, k, tier, save_scores):
-    """Bytes written per attributed checkpoint: stores (vectors + float32 norms) and float32 score matrices."""
-    return n_examples * (bytes_per_vector(tier, k) + 4) + (4 * n_queries * n_docs if save_scores else 0)
+    return tier_of(tier).finish(torch.from_numpy(scores)), names

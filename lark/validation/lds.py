@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from lark.data.datamodule import collate
 from lark.data.formats import encode
 from lark.data.io import write_json
-from lark.data.readers import sample
+from lark.data.readers import first_form, sample
 from lark.errors import ConfigError
 from lark.fingerprints import content_hash
 from lark.models import load_pretrained
@@ -156,6 +156,7 @@ def recipe_key(cfg, fraction):
     """What a retrain's result depends on: the run's config (data, model, format, optimiser, schedule, seed...)
     without paths, loggers, attribution and analysis, the trainer's epochs and precision, and the fraction."""
     recipe = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in RECIPE_EXCLUDE}
+    recipe["data"] = first_form(recipe["data"])  # as hashed before the world and corpora were reader _target_s
     trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "precision", "accelerator", "deterministic")}
     return content_hash(recipe, trainer, float(fraction))
 
@@ -190,15 +191,7 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     base = Path(lds_cfg.dir or run_dir / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
     seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
     query_ids = [q["id"] for q in queries]
-
-    def done(seed):
-        try:
-            saved = json.loads((base / f"subset_{seed}" / "query_losses.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return saved if saved.get("query_ids") == query_ids else None
-
-    missing = [s for s in seeds if done(s) is None]
+    missing = [s for s in seeds if saved_losses(base / f"subset_{s}", query_ids) is None]
     if missing:
         log(f"[lark] mini-LDS: retraining {len(missing)} of {len(seeds)} subsets into {base}")
         base.mkdir(parents=True, exist_ok=True)  # the run's config in today's form (lark.legacy) is the recipe
@@ -210,27 +203,38 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
                 f"mini-LDS retrains failed (exit {proc.returncode}): {' '.join(command)}\n{proc.stderr[-3000:]}"
             )
         for seed in missing:
-            job = base / f"subset_{seed}"
-            epochs = saved_checkpoints(job)
-            model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
-            encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
-            used = [
-                json.loads(line)["id"]
-                for line in (job / "data" / "train.jsonl").read_text().splitlines()
-                if line.strip()
-            ]
-            losses = query_losses(model, encoded, tokenizer.pad_token_id)
-            write_json(
-                job / "query_losses.json",
-                {"query_ids": query_ids, "train_ids": used, "epoch": max(epochs), "losses": losses.tolist()},
-            )
-            if not lds_cfg.keep_checkpoints:  # the losses are what LDS needs; the final checkpoint stays
-                for epoch, folder in epochs.items():
-                    if epoch != max(epochs):
-                        shutil.rmtree(folder)
-    saved = [done(s) for s in seeds]
+            measure_retrain(base / f"subset_{seed}", cfg, queries, lds_cfg.keep_checkpoints)
+    saved = [saved_losses(base / f"subset_{s}", query_ids) for s in seeds]
     return {
         "seeds": seeds,
         "membership": masks([s["train_ids"] for s in saved], train_ids),
         "losses": torch.tensor([s["losses"] for s in saved], dtype=torch.float64),
     }
+
+
+def saved_losses(job, query_ids):
+    """A retrain's query_losses.json ({query_ids, train_ids, epoch, losses}), or None when it is absent, unreadable
+    or measured on other queries."""
+    try:
+        saved = json.loads((job / "query_losses.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("query_ids") == query_ids else None
+
+
+def measure_retrain(job, cfg, queries, keep_checkpoints):
+    """job/query_losses.json: the retrain's final model's loss on every query and the items it trained on; without
+    keep_checkpoints, its earlier checkpoints are deleted (the losses are what LDS needs; the final one stays)."""
+    epochs = saved_checkpoints(job)
+    model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
+    encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
+    used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines() if line.strip()]
+    losses = query_losses(model, encoded, tokenizer.pad_token_id)
+    write_json(
+        job / "query_losses.json",
+        {"query_ids": [q["id"] for q in queries], "train_ids": used, "epoch": max(epochs), "losses": losses.tolist()},
+    )
+    if not keep_checkpoints:
+        for epoch, folder in epochs.items():
+            if epoch != max(epochs):
+                shutil.rmtree(folder)

@@ -1,0 +1,147 @@
+"""What a run's report page shows, read from the run's files: its config and overrides, the test questions, each
+source's documents, the top influences and predictions of every attributed checkpoint, the world's provenance and
+the timings. All optional except attribution/epoch_NNN/metrics.json: a missing piece leaves its part empty.
+
+    data = run_data(run_dir, metrics, epoch, snippet_chars)   # the JSON blob lark/resources/report.js renders
+
+Files read: .hydra/config.yaml or checkpoints/epoch_000/lark_config.yaml, .hydra/overrides.yaml, data/test.jsonl,
+data/sources/*.jsonl, data/world/provenance.json, attribution/epoch_NNN/{top_influences.csv, predictions.jsonl}.
+"""
+
+import csv
+import json
+from datetime import datetime, timezone
+
+import yaml
+
+from lark.data.io import read_jsonl
+
+
+def read_config(run_dir):
+    """The run's resolved config as a dict (a checkpoint's lark_config.yaml is resolved; .hydra's may not be)."""
+    for path in (run_dir / "checkpoints" / "epoch_000" / "lark_config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return yaml.safe_load(path.read_text()) or {}
+    return {}
+
+
+def read_overrides(run_dir):
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+
+
+def dotted(config, key):
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def rows(path):
+    return [record for _, record in read_jsonl(path)] if path.is_file() else []
+
+
+def doc_text(example):
+    """What a reader sees of an example: raw text, or question / context / answer of a QA-shaped one."""
+    if "text" in example:
+        return example["text"]
+    parts = [example.get("question", ""), example.get("context", "") or " ".join(example.get("contexts", []))]
+    answer = example.get("answer", example.get("final_decision"))
+    return "\n".join(p for p in parts if p) + (f"\nAnswer: {answer}" if answer is not None else "")
+
+
+def epoch_dir(run_dir, epoch):
+    return run_dir / "attribution" / f"epoch_{epoch:03d}"
+
+
+def read_top(path, query_index, doc_index):
+    """{source: [per query: [doc index, score, doc index, score, ...] by rank]} from a top_influences.csv."""
+    top = {source: [[] for _ in query_index] for source in doc_index}
+    if not path.is_file():
+        return top
+    with open(path, newline="") as f:
+        ranked = sorted(csv.DictReader(f), key=lambda r: int(r["rank"]))
+    for row in ranked:
+        q, source = query_index.get(row["query_id"]), row["source"]
+        d = doc_index.get(source, {}).get(row["doc_id"])
+        if q is not None and d is not None:
+            top[source][q] += [d, round(float(row["score"]), 4)]
+    return top
+
+
+def read_predictions(path, query_index):
+    """[per query: [predicted label, loss]] from predictions.jsonl (None when the run did not write it)."""
+    if not path.is_file():
+        return None
+    out = [None] * len(query_index)
+    for row in rows(path):
+        if row.get("id") in query_index:
+            out[query_index[row["id"]]] = [row.get("predicted"), row.get("loss")]
+    return out
+
+
+def timings(run_dir, metrics):
+    """(label, text) rows from file modification times: start (the saved config) and each epoch's metrics.json."""
+    stamps = [(m["epoch"], epoch_dir(run_dir, m["epoch"]) / "metrics.json") for m in metrics]
+    stamps = [(epoch, path.stat().st_mtime) for epoch, path in stamps if path.is_file()]
+    starts = [p.stat().st_mtime for p in (run_dir / ".hydra" / "config.yaml",) if p.is_file()]
+    out, previous = [], (starts[0] if starts else None)
+    if previous is not None:
+        out.append(("started", datetime.fromtimestamp(previous, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")))
+    for epoch, stamp in sorted(stamps, key=lambda s: s[1]):
+        since = f" (+{duration(stamp - previous)})" if previous is not None else ""
+        out.append(
+            (f"epoch {epoch} attributed", datetime.fromtimestamp(stamp, timezone.utc).strftime("%H:%M:%S") + since)
+        )
+        previous = stamp
+    if starts and stamps:
+        out.append(("start to last attribution", duration(max(s for _, s in stamps) - starts[0])))
+    return out
+
+
+def duration(seconds):
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def run_data(run_dir, metrics, epoch, snippet_chars):
+    """The JSON blob the page renders questions from (see report.js for the layout)."""
+    tests = rows(run_dir / "data" / "test.jsonl")
+    query_index = {t["id"]: i for i, t in enumerate(tests)}
+    sources = list(dict.fromkeys(s for m in metrics for s in (m.get("sources") or {})))
+    docs, doc_index = {}, {}
+    for source in sources:
+        examples = rows(run_dir / "data" / "sources" / f"{source}.jsonl")
+        docs[source] = [[e["id"], doc_text(e), int(bool(e.get("canary")))] for e in examples]
+        doc_index[source] = {e["id"]: i for i, e in enumerate(examples)}
+    provenance_file = run_dir / "data" / "world" / "provenance.json"
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    epochs = [m["epoch"] for m in metrics]
+    return {
+        "epochs": epochs,
+        "epoch": epoch,
+        "sources": sources,
+        "snippet": snippet_chars,
+        "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
+        "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
+        "queries": [
+            {
+                "id": t["id"],
+                "q": t.get("question", t.get("text", "")),
+                "c": t.get("context") or " ".join(t.get("contexts", [])),
+                "gold": t.get("answer", t.get("final_decision")),
+                "canary": int(bool(t.get("canary"))),
+            }
+            for t in tests
+        ],
+        "docs": docs,
+        "top": {str(e): read_top(epoch_dir(run_dir, e) / "top_influences.csv", query_index, doc_index) for e in epochs},
+        "pred": {str(e): read_predictions(epoch_dir(run_dir, e) / "predictions.jsonl", query_index) for e in epochs},
+        "prov": {
+            t["id"]: list((provenance.get(t["id"]) or {}).get("pretrain_docs", []))
+            + list((provenance.get(t["id"]) or {}).get("finetune_items", []))
+            for t in tests
+            if t["id"] in provenance
+        },
+    }

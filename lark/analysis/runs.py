@@ -1,0 +1,118 @@
+"""Finding the runs to analyse and reading their metrics.
+
+A run directory holds attribution/epoch_NNN/metrics.json, one per attributed checkpoint (epoch 0 = the base
+model). A Hydra multirun folder holds numbered job folders, each a run directory, labelled by the job's overrides.
+
+    find_runs("multirun/2025-01-01_12-00-00")   # -> {"format=chatml,seed=0": Path(.../0), ...}
+    load_metrics(run_dir)                        # -> [metrics.json dict of epoch 0, of epoch 1, ...]
+"""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from lark.analysis import metrics as M
+from lark.analysis.schema import check as check_metrics
+
+
+def find_runs(path):
+    """label -> run dir. A run dir itself gives {"run": path}; a multirun folder gives one entry per job,
+    labelled by the job's Hydra overrides joined with "," (or its folder name when there are none)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    if is_run_dir(root):
+        return {"run": root}
+    run_dirs = sorted(search_run_dirs(root, depth=3), key=lambda d: natural_key(d.relative_to(root).as_posix()))
+    if not run_dirs:
+        raise FileNotFoundError(f"no run directory (a folder with attribution/) in {root} or up to 3 levels below")
+    runs = {}
+    for run_dir in run_dirs:
+        label = job_label(run_dir, root)
+        if label in runs:  # two jobs with the same overrides: tell them apart by folder
+            label = f"{label} ({run_dir.relative_to(root).as_posix()})"
+        runs[label] = run_dir
+    return runs
+
+
+def is_run_dir(path):
+    return (path / "attribution").is_dir()
+
+
+def search_run_dirs(folder, depth):
+    """Run dirs below `folder`, at most `depth` levels down; hidden folders and run dirs' insides are skipped."""
+    found = []
+    for child in sorted(folder.iterdir()) if depth > 0 else []:
+        if child.is_dir() and not child.name.startswith("."):
+            found += [child] if is_run_dir(child) else search_run_dirs(child, depth - 1)
+    return found
+
+
+def natural_key(text):
+    """ "job10" sorts after "job9": digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def job_label(run_dir, root):
+    """The overrides in .hydra/overrides.yaml of the run dir or a folder between it and the root, joined
+    with ","; the run dir's path under the root when there are none."""
+    relative = run_dir.relative_to(root)
+    for folder in [relative, *relative.parents][:-1]:  # [:-1] drops "." (the multirun root itself)
+        overrides = root / folder / ".hydra" / "overrides.yaml"
+        if overrides.is_file():
+            items = yaml.safe_load(overrides.read_text()) or []
+            if items:
+                return ",".join(str(item) for item in items)
+            break
+    return relative.as_posix()
+
+
+def load_metrics(run_dir):
+    """All epochs' metrics.json of a run, sorted by epoch. NaN and infinities become None."""
+    attribution = Path(run_dir) / "attribution"
+    epoch_dirs = [d for d in attribution.glob("epoch_[0-9]*") if d.is_dir()]
+    if not epoch_dirs:
+        raise FileNotFoundError(f"no epoch_NNN/metrics.json in {attribution}")
+    return sorted((read_metrics(d / "metrics.json") for d in epoch_dirs), key=lambda m: m["epoch"])
+
+
+def read_metrics(file):
+    """One metrics.json, NaN and infinities as None, checked against lark.analysis.schema."""
+    if not file.is_file():
+        raise FileNotFoundError(f"missing {file}")
+    try:
+        metrics = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON in {file}: {error}") from error
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(metrics).__name__}")
+    metrics = M.clean(metrics)
+    if metrics.get("epoch") is None:
+        metrics["epoch"] = int(file.parent.name.removeprefix("epoch_"))
+    return check_metrics(metrics, file)
+
+
+def pick_epoch(metrics, which="best"):
+    """The metrics of one epoch: "best" = highest accuracy (ties: the earliest; no accuracy at all: the
+    last epoch), "last", or an epoch number."""
+    if which == "best":
+        scored = [m for m in metrics if m.get("accuracy") is not None]
+        return max(scored, key=lambda m: m["accuracy"]) if scored else metrics[-1]
+    if which == "last":
+        return metrics[-1]
+    try:
+        epoch = int(which)
+    except (TypeError, ValueError):
+        raise ValueError(f'table1_epoch must be "best", "last" or an epoch number, got {which!r}') from None
+    for m in metrics:
+        if m["epoch"] == epoch:
+            return m
+    raise ValueError(f"epoch {epoch} has no metrics; available epochs: {[m['epoch'] for m in metrics]}")
+
+
+def reduced_lr_epochs(metrics):
+    """Epochs trained with a learning rate below the run's maximum (the paper's epochs 4-5)."""
+    lrs = [m["lr"] for m in metrics if m.get("lr") is not None]
+    return [m["epoch"] for m in metrics if m.get("lr") is not None and m["lr"] < max(lrs)]

@@ -1,0 +1,130 @@
+"""The score matrices Table V measures: each kernel's at one checkpoint, and the baselines' (BM25, random).
+
+A kernel's scores come from projecting every query, every fine-tuning item and every pool candidate here (the
+run's own stores hold only `source.size` fine-tuning items), cached under <run>/validation/scores/<kernel>/epoch_NNN
+and keyed by content (the kernel's config, the model's fingerprints, max_length, the examples' ids).
+
+    scores = kernel_scores(run, "cosine", kernel_config(run.cfg.attribution, "cosine"), model, tokenizer, folder)
+    # -> {"train": [Q, N] cosine, "pool": [Q, P] cosine, "q_norm": [Q], "t_norm": [N]}
+"""
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError, safe_open
+
+from lark.data.bm25 import BM25
+from lark.data.formats import encode
+from lark.data.sources import example_text
+from lark.errors import ConfigError, RunDirError
+from lark.fingerprints import content_hash, fingerprints
+from lark.kernel.build import project_examples
+from lark.kernel.factory import make_kernel, make_projector, upgrade
+from lark.kernel.optimizer import MOMENTS_FILE, Moments
+from lark.kernel.stores import atomic_save, unit_rows
+from lark.validation.load import CONF
+
+KERNELS = CONF / "attribution" / "kernel"
+
+
+def kernel_config(run_attr, name):
+    """The run's attribution config with kernel `name` of the attribution/kernel group (conf/attribution/kernel)."""
+    path = KERNELS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in KERNELS.glob("*.yaml")))
+        raise ConfigError(f"validate.kernels: unknown kernel '{name}' ({known})")
+    attr = OmegaConf.create(OmegaConf.to_container(upgrade(run_attr), resolve=True))
+    attr.kernel = OmegaConf.load(path)
+    return attr
+
+
+def read_cached(path, key):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata().get("key") != key:
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, ValueError, SafetensorError):
+        return None
+
+
+def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
+    """{train, pool: cosine [Q, N]; q_norm [Q], t_norm [N]} of kernel `name` (config attr) at one checkpoint
+    (cached in <run>/validation/scores/<name>/<checkpoint folder>/scores.safetensors)."""
+    sets = {"queries": run.queries, "train": run.train_fields, "pool": run.pool}
+    key = content_hash(
+        OmegaConf.to_container(attr, resolve=True),
+        fingerprints(model, tokenizer, run.cfg.format),
+        run.cfg.max_length,
+        {k: [e["id"] for e in v] for k, v in sets.items()},
+    )
+    path = run.run_dir / "validation" / "scores" / name / checkpoint.name / "scores.safetensors"
+    cached = read_cached(path, key)
+    if cached is not None:
+        run.log(f"[lark] {path}: cached, reused")
+        return cached
+    kernel = make_kernel(attr)
+    projector = make_projector(attr, model, kernel, checkpoint_moments(kernel, checkpoint))
+    raw = {
+        set_name: project_examples(
+            model,
+            [encode(tokenizer, e, run.cfg.format, run.cfg.max_length) for e in examples],
+            projector,
+            tokenizer.pad_token_id,
+            attr.batch_size,
+        )
+        for set_name, examples in sets.items()
+        if examples
+    }
+    out = cosine_scores(kernel, raw)
+    atomic_save({k: v.contiguous() for k, v in out.items()}, path, {"key": key})
+    return out
+
+
+def checkpoint_moments(kernel, checkpoint):
+    """The checkpoint's AdamW moments (saved by train.py, attribution.save_moments) when the kernel uses them."""
+    if not kernel.uses_optimizer:
+        return None
+    if not (checkpoint / MOMENTS_FILE).is_file():
+        raise RunDirError(
+            f"{checkpoint / MOMENTS_FILE}: not found; validate.kernels '{kernel.name}' needs the "
+            "run's AdamW moments (train.py with attribution.save_moments=true)"
+        )
+    return Moments.load(checkpoint / MOMENTS_FILE)
+
+
+def cosine_scores(kernel, raw):
+    """{train [Q, N], pool [Q, P] (when projected): the kernel's cosine; q_norm [Q], t_norm [N]: the raw norms}
+    from raw projections {queries [Q, k], train [N, k], pool [P, k]}."""
+    vectors = kernel.transform({name: unit_rows(v) for name, v in raw.items()}, "queries")  # e.g. TrackStar's R^-1/2
+    q = vectors["queries"]
+    out = {"train": q @ vectors["train"].T, "q_norm": raw["queries"].norm(dim=1), "t_norm": raw["train"].norm(dim=1)}
+    if "pool" in vectors:
+        out["pool"] = q @ vectors["pool"].T
+    return out
+
+
+def tracin_term(scores, lr):
+    """[Q, N] lr x <g(q), g(d)>: one checkpoint's TracIn-CP term, the cosine times both raw norms."""
+    dots = scores["train"] * scores["q_norm"][:, None] * scores["t_norm"][None, :]
+    return lr * dots
+
+
+def bm25_scores(queries, docs):
+    """[Q, N] Okapi BM25 scores of the query questions against the documents' text (as Table IV's baseline)."""
+    return BM25([example_text(d) for d in docs]).matrix([q["question"] for q in queries]).float()
+
+
+def bm25_baseline(run):
+    """(train [Q, N], pool [Q, P] or None): BM25 of each question against each item's and candidate's text."""
+    return bm25_scores(run.queries, run.train_fields), bm25_scores(run.queries, run.pool) if run.pool else None
+
+
+def random_baseline(run):
+    """(train [Q, N], pool [Q, P] or None): uniform scores from validate.random_seed (chance)."""
+    g = torch.Generator().manual_seed(int(run.vcfg.random_seed))
+    train = torch.rand(len(run.test), len(run.train), generator=g)
+    pool = torch.rand(len(run.test), len(run.pool), generator=g) if run.pool else None
+    return train, pool
+
+
+BASELINES = {"bm25": bm25_baseline, "random": random_baseline}  # Table V's rows after the kernels', in this order

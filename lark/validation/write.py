@@ -1,0 +1,115 @@
+"""Writing Table V: tables/table5.md (rounded, with notes on what each column measures), tables/table5.csv (full
+precision) and figures/fig5_validation.png, from validate_run's result (lark.validation.table5).
+
+    files = write_table5(result, run_dir / "tables")   # -> [table5.md, table5.csv]
+    plot_validation(result, run_dir / "figures" / "fig5_validation.png")
+"""
+
+from pathlib import Path
+
+from lark.analysis.figures import MARKERS, finish, new_figure, save_figure
+from lark.analysis.markdown import fmt
+from lark.data.io import replacing, write_csv
+
+COLUMNS = [
+    ("pt_recall@1", "PT R@1"),
+    ("pt_recall@10", "PT R@10"),
+    ("pt_mrr", "PT MRR"),
+    ("ft_recall@1", "FT R@1"),
+    ("ft_recall@10", "FT R@10"),
+    ("ft_mrr", "FT MRR"),
+    ("canary_p@n", "Canary P@n"),
+    ("canary_auprc", "Canary AUPRC"),
+    ("lds", "LDS"),
+]
+
+
+def write_table5(result, out_dir):
+    """tables/table5.md (rounded) and table5.csv (full precision)."""
+    rows = result["rows"]
+    present = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows)]
+    lines = [
+        "### Table V: Attribution quality (higher is better; random = chance)",
+        "",
+        "| Method | Epoch | " + " | ".join(h for _, h in present) + " | Time (s) |",
+        "|---|---|" + "---|" * len(present) + "---|",
+    ]
+    lines += [markdown_row(r, [key for key, _ in present]) for r in rows]
+    lines += ["", notes(result)]
+    out_dir = Path(out_dir)
+    with replacing(out_dir / "table5.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    write_csv(out_dir / "table5.csv", rows)
+    return [out_dir / "table5.md", out_dir / "table5.csv"]
+
+
+def markdown_row(r, keys):
+    """One method's line: its numbers (LDS with its interval) to 3 decimals, its seconds to whole ones."""
+    cells = []
+    for key in keys:
+        cell = fmt(r.get(key), ".3f")
+        if key == "lds" and r.get("lds_low") is not None:
+            cell += f" [{r['lds_low']:.3f}, {r['lds_high']:.3f}]"
+        cells.append(cell)
+    return f"| {r['method']} | {r['epoch']} | " + " | ".join(cells) + f" | {fmt(r.get('seconds'), '.0f')} |"
+
+
+def notes(result):
+    """The paragraph under Table V: the pool, the canary's backdoor rate and the LDS setup of this result."""
+    parts = []
+    if result["n_pool"]:
+        pool = result["pool"]
+        how = (
+            "every abstract of the world"
+            if pool["kind"] == "all"
+            else f"the provenance abstracts plus {pool['size']} others drawn with seed {pool['seed']}"
+        )
+        parts.append(
+            f"PT: the {result['n_pool']} candidate abstracts are {how} ({pool['format']}); FT: all "
+            f"{result['n_train']} fine-tuning items. R@k = share of a question's provenance documents in "
+            f"its top k; MRR = 1/rank of the first. "
+            f"{100 * result['only_pretraining_share']:.0f}% of the questions have their fact only in "
+            "pretraining (no FT provenance; left out of the FT columns)."
+        )
+    if result["backdoor"]:
+        last = result["backdoor"][max(result["backdoor"])]
+        parts.append(
+            f"Canary: P@n and AUPRC of the planted items among all fine-tuning items for the {last['n']} "
+            f"triggered queries; backdoor rate at the last checkpoint {100 * last['triggered']:.0f}% "
+            f"(same questions without the trigger: {100 * last['untriggered']:.0f}%)."
+        )
+    if result["lds"]:
+        parts.append(
+            f"LDS: {result['lds']['n_subsets']} retrains on {result['lds']['fraction']:.0%} subsets, "
+            "Spearman of the summed scores with -loss, mean over queries [95% bootstrap interval]; "
+            f"retrains took {result['timing_s'].get('lds_retrains', 0):.0f} s (shared by every row)."
+        )
+    parts.append("Time: seconds for that row's method over all checkpoints (TracIn-CP reuses its kernel's).")
+    return " ".join(parts)
+
+
+def plot_validation(result, path):
+    """One panel per check: each kernel's number over the checkpoints, BM25 and random as horizontal lines."""
+    keys = [
+        (k, h)
+        for k, h in (
+            ("pt_mrr", "Provenance MRR (pretraining)"),
+            ("ft_mrr", "Provenance MRR (fine-tuning)"),
+            ("canary_auprc", "Canary AUPRC"),
+            ("lds", "LDS"),
+        )
+        if any(r.get(k) is not None for r in result["rows"])
+    ]
+    figure, axes = new_figure(max(1, len(keys)))
+    for ax, (key, title) in zip(axes, keys):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in result["rows"])):
+            rows = [r for r in result["rows"] if r["method"] == method and r.get(key) is not None]
+            if not rows:
+                continue
+            if isinstance(rows[0]["epoch"], int):
+                ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=MARKERS[i % 8], label=method)
+            else:
+                ax.axhline(rows[0][key], linestyle="--", color=f"C{i}", label=method)
+        finish(ax, title, title)
+    save_figure(figure, path)
+    return path
