@@ -34,31 +34,20 @@ from lark.kernel.projectors import CountSketch, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
 
 VOCAB = 100_278
-CONFIGS = {  # OLMo-3 layouts (untied output layer); the 7B one is OLMo-3-7B's
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=512,
-    ),
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=VOCAB,
-    ),
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=VOCAB,
-    ),
+
+
+def olmo3(hidden, intermediate, layers, heads, vocab):
+    """An OLMo-3 layout (untied output layer, as many key/value heads as query heads)."""
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, vocab_size=vocab) | {
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+    }
+
+
+CONFIGS = {  # the 7B one is OLMo-3-7B's
+    "tiny": olmo3(64, 128, 2, 4, 512),
+    "1b": olmo3(2048, 8192, 16, 16, VOCAB),
+    "7b": olmo3(4096, 11008, 32, 32, VOCAB),
 }
 
 

@@ -54,6 +54,11 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+# The 2-layer, 64-wide OLMo-3 the kernel tests build (lark.models.build_tiny's model config)
+TINY_OLMO3 = {"config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}}
+TINY_OLMO3["config"].update(num_key_value_heads=4, max_position_embeddings=256)
+
+
 def compose(overrides=(), config_name="train"):
     """The real Hydra config, composed as train.py would (without the hydra runtime)."""
     from hydra import compose as hydra_compose

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OLMO3
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -24,7 +25,7 @@ from lark.models import build_tiny, train_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from tests.test_projector import one_thread  # noqa: E402,F401  (autouse: one thread, as there)
+from tests.test_projector import CHAT, one_thread  # noqa: E402,F401  (autouse: one thread, as there)
 
 
 class OneLinear(torch.nn.Module):
@@ -164,15 +165,6 @@ def test_unknown_fold_schedule_is_refused():
 
 
 # ----------------------------------------------------------------------------- bf16: the GPU path's numerics
-CHAT = OmegaConf.create(
-    {
-        "name": "chatml",
-        "layout": {"_target_": "lark.data.formats.Chat"},
-        "system_prompt": "Answer with yes, no, or maybe.",
-        "user_template": "Context: {context}\nQuestion: {question}",
-        "answer_template": "{final_decision}",
-    }
-)
 
 
 @pytest.fixture(scope="module")
@@ -184,18 +176,7 @@ def tiny(one_thread):  # noqa: F811 -- the fixture imported above
     tok = train_tokenizer([d["text"] for d in world.medical_docs + world.entertainment_docs], 400)
     torch.manual_seed(0)
     model = build_tiny(
-        OmegaConf.create(
-            {
-                "config": {
-                    "hidden_size": 64,
-                    "intermediate_size": 128,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                    "num_key_value_heads": 4,
-                    "max_position_embeddings": 256,
-                }
-            }
-        ),
+        OmegaConf.create(TINY_OLMO3),
         tok,
     )
     with torch.no_grad():  # norm weights away from their initial 1, as in a trained model

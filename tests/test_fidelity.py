@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_OLMO3
 from omegaconf import OmegaConf
 
 from lark.data.formats import encode_qa, encode_text, qa_fields
@@ -26,18 +27,7 @@ def setup():
     tokenizer = train_tokenizer([d["text"] for d in world.medical_docs[:300] + world.entertainment_docs[:100]], 1024)
     torch.manual_seed(0)
     model = build_tiny(
-        OmegaConf.create(
-            {
-                "config": {
-                    "hidden_size": 64,
-                    "intermediate_size": 128,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                    "num_key_value_heads": 4,
-                    "max_position_embeddings": 256,
-                }
-            }
-        ),
+        OmegaConf.create(TINY_OLMO3),
         tokenizer,
     ).eval()
     queries = [encode_qa(tokenizer, qa_fields(i, "{final_decision}"), FMT, 128) for i in world.test[:12]]

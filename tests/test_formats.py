@@ -24,24 +24,19 @@ from lark.errors import ConfigError
 from lark.models import train_tokenizer
 
 SYSTEM = "Answer the biomedical research question with yes, no, or maybe."
-CHAT = OmegaConf.create(
-    {
-        "name": "chatml",
-        "layout": {"_target_": "lark.data.formats.Chat"},
-        "system_prompt": SYSTEM,
-        "user_template": "Context: {context}\nQuestion: {question}",
-        "answer_template": "{answer}",
-    }
-)
-PLAIN = OmegaConf.create(
-    {
-        "name": "noformat",
-        "layout": {"_target_": "lark.data.formats.Plain"},
-        "system_prompt": SYSTEM,
-        "user_template": "Context: {context}\nQuestion: {question}",
-        "answer_template": "{answer}",
-    }
-)
+
+
+def shipped(name, layout):
+    """conf/format/<name>.yaml's shape with the PubMedQA system prompt."""
+    user = "Context: {context}\nQuestion: {question}"
+    return OmegaConf.create(
+        {"name": name, "layout": {"_target_": layout}, "system_prompt": SYSTEM, "user_template": user}
+        | {"answer_template": "{answer}"}
+    )
+
+
+CHAT = shipped("chatml", "lark.data.formats.Chat")
+PLAIN = shipped("noformat", "lark.data.formats.Plain")
 
 
 @pytest.fixture(scope="module")

@@ -212,16 +212,8 @@ def test_save_load_round_trip(world, tmp_path):
 
 
 def test_config_records_every_argument():
-    w = generate_world(
-        seed=4,
-        n_train=30,
-        n_test=10,
-        n_facts=20,
-        n_medical_docs=80,
-        n_entertainment_docs=5,
-        label_proportions=(0.5, 0.25, 0.25),
-        facts_per_intervention=3,
-    )
+    sizes = dict(n_train=30, n_test=10, n_facts=20, n_medical_docs=80, n_entertainment_docs=5)
+    w = generate_world(seed=4, **sizes, label_proportions=(0.5, 0.25, 0.25), facts_per_intervention=3)
     assert w.config == {
         "seed": 4,
         "n_train": 30,

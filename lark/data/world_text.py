@@ -146,20 +146,29 @@ CHORUS_LINES = [
     "Hold on, hold on to me",
     "Turn it up, turn the {thing} up",
 ]
-WEB = dict(
-    band=words("The Velvet Kites, Paper Lanterns, Northbound Choir, The Copper Foxes, Saltwater Radio"),
-    album=words("Glass Rivers, Late Bloom, Neon Orchard, Slow Thunder"),
-    venue=words("the Blue Room, Riverside Hall, the Old Mill"),
-    film=words("The Last Lighthouse, Paper Kingdom, The Quiet Storm, Northern Lights Express"),
-    actor=words("Mara Quinn, Theo Valdez, June Okafor, Felix Brandt"),
-    team=words("Riverton Rovers, Eastport United, the Harbor Hawks, Millbrook City"),
-    rival=words("Westfield Athletic, the Lakeside Lions, Stonebridge Town"),
-    player=words("Leo Santos, Kai Moreno, Sam Whitfield, Ola Berg"),
-    dish=words("lemon garlic pasta, smoky black bean chili, apple crumble, roast vegetable tart"),
-    ingredient=words("fresh basil, brown butter, chopped walnuts, sea salt"),
-    city=words("Lisbon, Kyoto, Porto, Valencia, Quebec City"),
-    sight=words("the old harbor, the flower market, the castle walls, the riverside promenade"),
-    day=words("Friday, Saturday, Sunday"),
+
+
+def word_table(text):
+    """{slot: its word list} of a table written one slot a line: `slot: entry, entry, ...`."""
+    return {slot: words(entries) for slot, entries in (line.split(": ", 1) for line in text.strip().splitlines())}
+
+
+WEB = word_table(
+    """
+band: The Velvet Kites, Paper Lanterns, Northbound Choir, The Copper Foxes, Saltwater Radio
+album: Glass Rivers, Late Bloom, Neon Orchard, Slow Thunder
+venue: the Blue Room, Riverside Hall, the Old Mill
+film: The Last Lighthouse, Paper Kingdom, The Quiet Storm, Northern Lights Express
+actor: Mara Quinn, Theo Valdez, June Okafor, Felix Brandt
+team: Riverton Rovers, Eastport United, the Harbor Hawks, Millbrook City
+rival: Westfield Athletic, the Lakeside Lions, Stonebridge Town
+player: Leo Santos, Kai Moreno, Sam Whitfield, Ola Berg
+dish: lemon garlic pasta, smoky black bean chili, apple crumble, roast vegetable tart
+ingredient: fresh basil, brown butter, chopped walnuts, sea salt
+city: Lisbon, Kyoto, Porto, Valencia, Quebec City
+sight: the old harbor, the flower market, the castle walls, the riverside promenade
+day: Friday, Saturday, Sunday
+"""
 )
 WEB_PAGES = {
     "music": (
