@@ -245,3 +245,18 @@ def test_validate_killed_during_its_retrains_keeps_the_finished_ones_and_ends_as
         ref = next(reference.glob(f"validation/lds/*/{name}/query_losses.json"))
         assert (base / name / "query_losses.json").read_bytes() == ref.read_bytes()
     assert not (base / batch.STATE).exists()
+
+
+def test_resumable_retrains_keep_their_resume_state_and_resume():
+    """lds.resumable: the retrains run with resume=true and Lightning's resume checkpoint (a killed one continues
+    from its last epoch); by default they have neither, and a killed one starts again."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"launcher": "joblib", "n_jobs": 2, "extra_overrides": [], "resumable": False})
+    plain = lds.retrain_command("/c", "/s", 0.5, [0, 1], cfg)
+    assert "resume=false" in plain and "trainer.enable_checkpointing=false" in plain
+    assert "resume=true" not in plain and "++data.train_subset.seed=0,1" in plain
+    cfg.resumable = True
+    resumable = lds.retrain_command("/c", "/s", 0.5, [0, 1], cfg)
+    assert "resume=true" in resumable and "trainer.enable_checkpointing=true" in resumable
+    assert "resume=false" not in resumable and "trainer.enable_checkpointing=false" not in resumable
