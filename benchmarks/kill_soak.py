@@ -61,8 +61,9 @@ SMALL = [
     "trainer.max_epochs=2",
 ]
 VALIDATE = ["kernels=[cosine]", "lds.n_subsets=8", "lds.n_boot=200", "checkpoints=[0,5]"]
-VALIDATE_SMALL = ["kernels=[cosine]", "lds.n_subsets=3", "lds.n_boot=100", "checkpoints=[0,2]"]
+VALIDATE_SMALL = ["kernels=[cosine]", "lds.n_subsets=4", "lds.n_boot=100", "checkpoints=[0,2]"]
 POLL_S = 0.005  # seconds between looks at the run folder (a small run's writes last tens of milliseconds)
+THREADS = None  # --threads: OMP_NUM_THREADS of every killed script (None: torch's default)
 TMP = re.compile(r"\.tmp\d+$")  # the temporaries of lark.data.io.replacing and lark.models.save_checkpoint
 
 
@@ -71,6 +72,7 @@ class Victim:
 
     def __init__(self, argv, cache):
         env = {**os.environ, "LARK_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env.update({"OMP_NUM_THREADS": str(THREADS)} if THREADS else {})
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -324,7 +326,8 @@ def validate_chain(argv, run, cache, n_kills, n_subsets, windows, rng):
             phase, count, u = kills[0]
             if t0 is None and len(measured(run)) >= count and victim.seen("[lark] validate") is None:
                 t0 = victim.elapsed() if phase == "scoring" or victim.seen("mini-LDS: retraining") else None
-            if t0 is not None and victim.elapsed() >= t0 + u * 0.9 * windows[phase]:
+            share = 0.5 if phase == "retraining" else 0.9  # retrains finish in pairs (2 jobs): stay inside one
+            if t0 is not None and victim.elapsed() >= t0 + u * share * windows[phase]:
                 break
             time.sleep(POLL_S)
         if victim.proc.poll() is not None or not kills:
@@ -396,8 +399,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="the kill plan")
     ap.add_argument("--small", action="store_true", help="a 2-epoch miniature run (the test)")
     ap.add_argument("--work", default=None, help="folder for the runs and caches (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the scripts (a shared machine: 1)")
     ap.add_argument("overrides", nargs="*", help="more train.py overrides")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     work = Path(args.work or tempfile.mkdtemp(prefix="kill_soak_"))
     shutil.rmtree(work, ignore_errors=True)
     rng = random.Random(args.seed)
@@ -423,6 +429,7 @@ def main():
     for row in rows:
         row["identical"] = not diff
     print(f"[soak] train.py: {len(rows)} kills, {n_files} files compared: {'; '.join(diff) or 'identical'}", flush=True)
+    print_table(rows)  # now: the validation part takes as long again
     vrows, vdiff, vfiles = validate_soak(args, ref, chain, rng)
     print_table(rows + vrows)
     ok = not diff and not vdiff and all(r.get("resumed ok") for r in rows + vrows)
