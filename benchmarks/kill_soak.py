@@ -130,6 +130,8 @@ def landed(run, cache, victim, n_epochs, n_sets):
         return "analysis" if top[0] in ("tables", "figures", "report") else f"writing {top[0]}"
     if victim.seen("pretraining the tiny model") is not None and victim.seen("pretrained in") is None:
         return "pretraining"
+    if victim.seen("sketch self-check") is None:  # data, model and config checks before the trainer starts
+        return "startup"
     states = [epoch_state(run, e) for e in range(n_epochs + 1)]
     if all(done for _, done in states):
         return "analysis"
@@ -177,6 +179,8 @@ def triggered(kill, run, victim, state, windows):
             fired = victim.seen("pretraining the tiny model") is not None
         elif phase == "training":  # resumed: "resuming from" / "resume: no last.ckpt" (the trainer started)
             fired = epoch_state(run, epoch - 1)[1] and (resumed or epoch - 1 not in state["before"])
+        elif victim.seen("sketch self-check") is None:  # stores reused from before: not this process's work
+            fired = False
         elif phase == "store":  # projecting gradients between two stores' writes
             fired = 0 < epoch_state(run, epoch)[0] < state["n_sets"]
         elif phase == "scoring":
