@@ -142,7 +142,8 @@ def landed(run, cache, victim, n_epochs, n_sets):
 
 
 def plan(n, n_epochs, with_pretraining, rng):
-    """n kills (phase, epoch, kind, u) in the order a run meets them: phases round robin, the rest seeded."""
+    """n kills (phase, epoch, kind, u) in the order a run meets them (the shorter delay first): phases round robin,
+    the rest seeded."""
     phases = [p for p in PHASES if with_pretraining or p != "pretraining"]
     kills = []
     for i in range(n):
@@ -153,7 +154,7 @@ def plan(n, n_epochs, with_pretraining, rng):
         kind = rng.choice(["folder", "last.ckpt"]) if phase == "checkpoint" and epoch >= 1 else "folder"
         kills.append((phase, epoch, kind, round(rng.random(), 3)))
     order = {"training": 0, "checkpoint": 1, "store": 2, "scoring": 3}
-    return sorted(kills, key=lambda k: (k[1], order.get(k[0], 0) + (3.5 if k[2] == "last.ckpt" else 0)))
+    return sorted(kills, key=lambda k: (k[1], order.get(k[0], 0) + (3.5 if k[2] == "last.ckpt" else 0), k[3]))
 
 
 def triggered(kill, run, victim, state, windows):
@@ -190,7 +191,7 @@ def triggered(kill, run, victim, state, windows):
         else:
             fired = victim.seen("`Trainer.fit` stopped") is not None
         state["t0"] = victim.elapsed() if fired else None
-    share = 0.7 if phase == "pretraining" else 0.9  # "pretrained in N s" is rounded
+    share = {"pretraining": 0.7, "analysis": 0.5}.get(phase, 0.9)  # rounded; the reference's exit included
     return state.get("t0") is not None and victim.elapsed() >= state["t0"] + u * share * windows[phase]
 
 

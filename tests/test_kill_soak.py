@@ -12,7 +12,17 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_the_kill_soak_kills_resumes_and_finds_the_runs_identical(tmp_path):
     out = subprocess.run(
-        [sys.executable, "benchmarks/kill_soak.py", "--small", "--kills", "2", "--validate-kills", "1"]
+        [
+            sys.executable,
+            "benchmarks/kill_soak.py",
+            "--small",
+            "--threads",
+            "1",
+            "--kills",
+            "2",
+            "--validate-kills",
+            "1",
+        ]
         + ["--work", str(tmp_path / "soak")],
         cwd=ROOT,
         capture_output=True,
