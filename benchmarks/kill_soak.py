@@ -17,8 +17,9 @@ what the killed process left (the `*.tmp<pid>` of the write in flight) and print
   scoring       every store of an epoch written, its score matrices and metrics.json not all yet
   analysis      every epoch's metrics.json written: TracIn-CP, tables, figures, report
 validate.py: `validate.py run_dir=<run> <--validate args>` on copies of the finished run, one uninterrupted, one
-killed (kill -9 of validate.py alone, as a user would: its retrain processes live on) while the LDS retrains run
-and while Table V is scored, rerun with the same command after each kill.
+killed while the LDS retrains run (alternately validate.py alone, as `kill -9 <pid>` does: its retrain processes
+live on; and its whole process tree, as a lost node does) and while Table V is scored, rerun with the same
+command after each kill.
 
 Compared (train.py): every file under the run folder byte for byte, except .hydra/ (the command line: resume=true),
 *.log (times), wandb/ (run ids, times), report/ (timings), checkpoints' lark_config.yaml (holds resume=true); the
@@ -34,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -316,7 +318,8 @@ def measured(run):
 
 
 def validate_reference(argv, run, cache, n_subsets):
-    """Watch an uninterrupted validate.py: {phase: seconds} (one retrain's share of the batch; the scoring)."""
+    """Watch an uninterrupted validate.py: {phase: seconds}: "first" from the retrain launch to the first measured
+    subset (the batch's start-up and first retrains), "between" two measured subsets, "scoring" after the last."""
     victim, times = Victim(argv, cache), []
     while victim.proc.poll() is None:
         times += [victim.elapsed()] * (len(measured(run)) - len(times))
@@ -325,28 +328,59 @@ def validate_reference(argv, run, cache, n_subsets):
     if code != 0 or len(measured(run)) != n_subsets:
         raise SystemExit(f"the reference validation failed (exit {code}):\n{victim.tail()}")
     start = victim.seen("mini-LDS: retraining") or 0.0
-    return {"retraining": (times[-1] - start) / n_subsets, "scoring": end - times[-1]}
+    between = (times[-1] - times[0]) / max(n_subsets - 1, 1)
+    return {"first": times[0] - start, "between": between, "scoring": end - times[-1]}
 
 
-def validate_chain(argv, run, cache, n_kills, n_subsets, windows, rng):
-    """Kill validate.py alone (kill -9 of its pid) n_kills times while the retrains run (after a seeded number of
-    measured subsets and a seeded delay) and, with two kills or more, the last while Table V is scored; rerun
-    after each."""
-    scoring = n_kills >= 2  # one kill while Table V is scored, the others during the retrains
+def descendants(pid):
+    """pid and every process below it (Linux /proc)."""
+    children = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def validate_plan(n_kills, n_subsets, rng):
+    """(phase, after this many measured subsets, how: "alone" | "tree", u): the retrain kills alternate between
+    killing validate.py alone (`kill -9 <pid>`: its retrains live on and finish) and its whole process tree (a
+    lost node or a cancelled job: the retrains in flight die too); with two kills or more the last one is made
+    while Table V is scored."""
+    scoring = n_kills >= 2
     kills = sorted((rng.randint(0, n_subsets - 1), rng.random()) for _ in range(n_kills - scoring))
-    kills = [("retraining", c, u) for c, u in kills] + ([("scoring", n_subsets, rng.random())] if scoring else [])
+    kills = [("retraining", c, "alone" if i % 2 == 0 else "tree", u) for i, (c, u) in enumerate(kills)]
+    return kills + ([("scoring", n_subsets, "alone", rng.random())] if scoring else [])
+
+
+def validate_trigger(kill, run, victim, state, windows):
+    """Whether to kill validate.py now (state["t0"]: when kill's trigger was seen)."""
+    phase, count, _, u = kill
+    if state.get("t0") is None and victim.seen("[lark] validate") is None:
+        if phase == "scoring":
+            state["t0"] = victim.elapsed() if len(measured(run)) == count else None
+        elif victim.seen("mini-LDS: retraining") is not None:
+            already = len(measured(run)) >= count and state["at_start"] >= count  # measured before this process
+            state["window"] = windows["first"] if already or not count else windows["between"]
+            state["t0"] = victim.elapsed() if len(measured(run)) >= count else None
+        state.setdefault("window", windows["scoring"])
+    return state.get("t0") is not None and victim.elapsed() >= state["t0"] + u * 0.5 * state["window"]
+
+
+def validate_chain(argv, run, cache, kills, n_subsets, windows):
+    """Kill validate.py at each of kills (validate_plan) in turn, rerunning the same command after each."""
     rows = []
     while True:
-        victim, t0 = Victim(argv, cache), None
+        victim, state = Victim(argv, cache), {"at_start": len(measured(run))}
         if rows:
             rows[-1]["resumed ok"] = True
-        while victim.proc.poll() is None and kills:
-            phase, count, u = kills[0]
-            if t0 is None and len(measured(run)) >= count and victim.seen("[lark] validate") is None:
-                t0 = victim.elapsed() if phase == "scoring" or victim.seen("mini-LDS: retraining") else None
-            share = 0.5 if phase == "retraining" else 0.9  # retrains finish in pairs (2 jobs): stay inside one
-            if t0 is not None and victim.elapsed() >= t0 + u * share * windows[phase]:
-                break
+        while victim.proc.poll() is None and kills and not validate_trigger(kills[0], run, victim, state, windows):
             time.sleep(POLL_S)
         if victim.proc.poll() is not None or not kills:
             code = victim.finish()
@@ -354,20 +388,19 @@ def validate_chain(argv, run, cache, n_kills, n_subsets, windows, rng):
                 rows[-1]["resumed ok"] = False
             rows += [{"script": "validate.py", "target": k[0], "landed": "(run ended first)"} for k in kills]
             return rows, code, victim
-        seconds, done = victim.elapsed(), len(measured(run))
-        victim.kill()
-        phase, count, _ = kills.pop(0)
+        seconds, done, (phase, count, how, _) = victim.elapsed(), len(measured(run)), kills.pop(0)
+        pids = descendants(victim.proc.pid) if how == "tree" else [victim.proc.pid]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        victim.finish()
         where = "scoring" if done == n_subsets else f"retraining ({done} of {n_subsets} measured)"
-        target = f"retraining (after {count} measured)" if phase == "retraining" else "scoring"
-        rows.append(
-            {
-                "script": "validate.py",
-                "target": target,
-                "landed": where,
-                "seconds in": f"{seconds:.1f}",
-                "resumed ok": False,
-            }
-        )
+        what = "validate.py alone" if how == "alone" else f"its tree ({len(pids)} processes)"
+        target = f"retraining (after {count} measured), {what}" if phase == "retraining" else f"scoring, {what}"
+        rows.append({"script": "validate.py", "target": target, "landed": where, "seconds in": f"{seconds:.1f}"})
+        rows[-1]["resumed ok"] = False
         print(f"[soak] kill {len(rows)}: validate.py, {target}: landed in {where}", flush=True)
 
 
@@ -482,10 +515,9 @@ def validate_soak(args, ref, chain, rng):
         argv(ref.parent / "validate_chain"),
         ref.parent / "validate_chain",
         chain / "cache",
-        args.validate_kills,
+        validate_plan(args.validate_kills, n_subsets, rng),
         n_subsets,
         windows,
-        rng,
     )
     diff, n_files = (
         validation_differences(ref.parent / "validate_reference", ref.parent / "validate_chain")

@@ -196,10 +196,10 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     base = Path(lds_cfg.dir or Path(run_dir) / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
     seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
     query_ids = [q["id"] for q in queries]
+    batch.stop_stale(base, log)  # a killed validation's retrains must not write on
     todo = [s for s in seeds if saved_losses(base / f"subset_{s}", query_ids) is None]
     if todo:
         base.mkdir(parents=True, exist_ok=True)
-        batch.stop_stale(base, log)  # a killed validation's retrains must not write on
         OmegaConf.save(cfg, base / "config.yaml")  # the run's config in today's form (lark.legacy) is the recipe
         measure = partial(measure_if_trained, base=base, cfg=cfg, queries=queries, lds_cfg=lds_cfg)
         todo = [s for s in todo if not measure(s, found=True, log=log)]
