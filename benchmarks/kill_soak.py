@@ -107,9 +107,12 @@ class Victim:
         return "\n".join(line for _, line in self.lines[-n:])
 
 
-def tmp_files(folder):
-    """Temporaries of writes in flight (or left by a kill) under folder."""
-    return [p for p in Path(folder).rglob("*") if TMP.search(p.name)] if Path(folder).is_dir() else []
+def tmp_files(folder, pid=None):
+    """Temporaries of writes in flight under folder; pid: only that process's (not those an earlier kill left,
+    which a resume deletes once it has started)."""
+    if not Path(folder).is_dir():
+        return []
+    return [p for p in Path(folder).rglob("*") if TMP.search(p.name) and (pid is None or p.name.endswith(f"tmp{pid}"))]
 
 
 # ------------------------------------------------------------------------------------------- train.py: phases
@@ -121,9 +124,9 @@ def epoch_state(run, epoch):
 
 def landed(run, cache, victim, n_epochs, n_sets):
     """The phase a killed train.py was in: the temporary its write in flight left, else its files and stdout."""
-    for path in tmp_files(cache):
+    for path in tmp_files(cache, victim.proc.pid):
         return "pretraining"
-    for path in tmp_files(run):
+    for path in tmp_files(run, victim.proc.pid):
         top = path.relative_to(run).parts
         if top[0] in ("checkpoints", "resume"):
             return "checkpoint"
@@ -175,9 +178,11 @@ def triggered(kill, run, victim, state, windows):
         return True  # this epoch's last.ckpt was written before this process: the same
     if phase == "checkpoint":
         if kind == "last.ckpt":
-            return epoch_state(run, epoch)[1] and any(p.name.startswith("last.ckpt") for p in tmp_files(run / "resume"))
-        return any(p.name.startswith(f"epoch_{epoch:03d}") for p in tmp_files(run / "checkpoints"))
-    if phase == "store" and tmp_files(run / "attribution" / f"epoch_{epoch:03d}" / "stores"):
+            return epoch_state(run, epoch)[1] and any(
+                p.name.startswith("last.ckpt") for p in tmp_files(run / "resume", victim.proc.pid)
+            )
+        return any(p.name.startswith(f"epoch_{epoch:03d}") for p in tmp_files(run / "checkpoints", victim.proc.pid))
+    if phase == "store" and tmp_files(run / "attribution" / f"epoch_{epoch:03d}" / "stores", victim.proc.pid):
         return True
     if state.get("t0") is None:
         if phase == "pretraining":
