@@ -74,6 +74,7 @@ class Victim:
 
     def __init__(self, argv, cache):
         env = {**os.environ, "LARK_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env["PYTHONUNBUFFERED"] = "1"  # a pipe would hold the phase lines back until a buffer fills
         env.update({"OMP_NUM_THREADS": str(THREADS)} if THREADS else {})
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
