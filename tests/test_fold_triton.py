@@ -1,0 +1,172 @@
+"""The fused fold (lark.kernel.fold_triton, CUDA's default schedule) against its PyTorch references fold_slices and
+fold_index, on a CPU under Triton's interpreter (issue 20, item 2), and the `attribution.projector.fold` key.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when lark.kernel.fold_triton is first imported, and
+this pytest process has imported it already (through lark.kernel.sketch) without it. So the interpreted folds run
+in one child process (this file run as a module with TRITON_INTERPRET=1; FOLDS and the tiny model are rebuilt there
+from seeds) and come back as tensors; the references and the asserts run here."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lark.errors import ConfigError
+from lark.kernel import fold_triton
+from lark.kernel.factory import make_projector
+from lark.kernel.hashing import name_key, random_signs
+from lark.kernel.sketch import HookSketch
+from lark.kernel.sketch_math import chunk_offsets, fold_index, fold_schedule, fold_slices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (k, numel, start, width, B, dtype, block_k, examples_per_program): a block starting mid-chunk that wraps, a
+# block narrower than k, one spanning ~80 chunks, a whole parameter, k not a power of two (a part-empty last
+# tile, more examples per program than rows), an odd k, k larger than the parameter, one coordinate, and flat
+# indices beyond 2^32 (int64 index arithmetic, the hash of the index mod 2^32)
+CASES = [
+    (64, 1000, 63, 130, 3, torch.float32, 16, 1),
+    (64, 100, 5, 40, 1, torch.bfloat16, 64, 1),
+    (128, 10_000, 250, 9_750, 3, torch.bfloat16, 32, 2),
+    (128, 5_000, 0, 5_000, 1, torch.float32, 128, 1),
+    (100, 10_000, 250, 350, 3, torch.float32, 32, 4),
+    (37, 5_000, 1_000, 3_999, 2, torch.float32, 16, 2),
+    (4096, 1_000, 0, 1_000, 1, torch.float32, 1024, 1),
+    (7, 50, 3, 1, 1, torch.float32, 8, 1),
+    (64, 5_000_000_400, 5_000_000_005, 300, 2, torch.bfloat16, 32, 1),
+]
+MODEL_RUNS = [(dtype, normalize, block) for dtype in ("float32", "bfloat16") for normalize in ("none", "per_tensor")
+              for block in (2**40, 2**10)]  # fmt: skip
+
+
+def case_inputs(i):
+    """(out before the fold, part, offset key, sign key) of CASES[i], from seeds."""
+    k, _, _, width, b, dtype, _, _ = CASES[i]
+    gen = torch.Generator().manual_seed(i)
+    part, before = torch.randn(b, width, generator=gen).to(dtype), torch.randn(b, k, generator=gen)
+    return before, part, name_key(i, "w", "offset"), name_key(i, "w", "sign")
+
+
+def tiny_model(dtype):
+    """A random-init two-layer OLMo-3 (untied output layer, norms away from 1) and a batch of 3 x 12 tokens."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Olmo3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=None, eos_token_id=1, tie_word_embeddings=False)  # fmt: skip
+    model = Olmo3ForCausalLM(config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(2, 96, (3, 12), generator=torch.Generator().manual_seed(1))
+    return model.to(getattr(torch, dtype)).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                    "labels": ids}  # fmt: skip
+
+
+def project(fold, dtype, normalize, block):
+    """[B, k] sketch of the tiny model's batch with fold schedule `fold`, and the bytes of signs it cached."""
+    model, batch = tiny_model(dtype)
+    hook = HookSketch(model, 128, seed=5, normalize=normalize, method="materialize", fold=fold)
+    hook.block_elements = block  # 2^10: blocks of a few rows, starting mid-chunk
+    return hook.project_batch(model, batch), hook.cached_bytes
+
+
+def interpreted():
+    """What the child process computes: the triton fold of every case, and the tiny model's sketches."""
+    folds = []
+    for i, (_, _, start, _, _, _, block_k, per_program) in enumerate(CASES):
+        before, part, okey, skey = case_inputs(i)
+        folds.append(fold_triton.fold(before, part, start, okey, skey, block_k, per_program))
+    return {"folds": folds, "models": [project("triton", *run) for run in MODEL_RUNS]}
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+    if not fold_triton.available():
+        pytest.skip("triton is not installed (the dev extra installs it)")
+    out = tmp_path_factory.mktemp("fold_triton") / "interpreted.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tests.test_fold_triton", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"k{c[0]}-start{c[2]}-width{c[3]}-B{c[4]}" for c in CASES])
+def test_triton_fold_is_the_reference_fold_bit_for_bit(child, i):
+    """Same float32 sums, added chunk by chunk in the same order as fold_slices (and, on a CPU, fold_index)."""
+    k, _, start, width, _, _, _, _ = CASES[i]
+    before, part, okey, skey = case_inputs(i)
+    sign = random_signs(torch.arange(start, start + width), skey).to(torch.int8)
+    offsets = chunk_offsets(start // k, -(-(start + width) // k), okey, k, "cpu")
+    slices = fold_slices(before.clone(), part, sign, offsets, start)
+    index = fold_index(before.clone(), part, sign, offsets, start, torch.empty(part.shape))
+    got = child["folds"][i]
+    assert got.dtype == torch.float32 and got.shape == before.shape
+    assert torch.equal(got, slices) and torch.equal(got, index)
+    assert not torch.equal(got, before)
+
+
+@pytest.mark.parametrize("j", range(len(MODEL_RUNS)), ids=["-".join(map(str, r)) for r in MODEL_RUNS])
+def test_sketch_with_the_triton_fold_is_the_sketch_with_slices(child, j):
+    """A tiny OLMo-3 projected end to end (project_batch: every Linear layer and norm through fold_into, whole or in
+    blocks starting mid-chunk, bf16 or float32, per_tensor or not) with fold=triton equals fold=slices exactly,
+    and the triton fold keeps no sign cache."""
+    got, cached = child["models"][j]
+    want, _ = project("slices", *MODEL_RUNS[j])
+    assert cached == 0
+    assert torch.isfinite(want).all() and want.norm(dim=1).min() > 0
+    assert torch.equal(got, want)
+
+
+def test_fold_is_a_config_key_resolved_per_device():
+    from tests.conftest import compose
+
+    for fold in ("slices", "index", "auto"):
+        cfg = compose([f"attribution.projector.fold={fold}"]).attribution
+        assert make_projector(cfg, tiny_model("float32")[0]).fold_schedule == fold
+    assert compose().attribution.projector.fold == "auto"
+    assert fold_schedule("auto", torch.device("cpu")) == "slices"
+    cuda = "triton" if fold_triton.available() else "index"
+    assert fold_schedule("auto", torch.device("cuda")) == cuda
+    assert fold_schedule("index", torch.device("cuda")) == "index"
+
+
+def test_a_bad_fold_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"attribution\.projector\.fold: unknown 'gather'"):
+        HookSketch(tiny_model("float32")[0], 16, fold="gather")
+    if fold_triton.INTERPRETED:
+        pytest.skip("this process runs triton's interpreter: triton folds CPU tensors")
+    hook = HookSketch(tiny_model("float32")[0], 16, fold="triton")  # the model may move to CUDA before it folds
+    with pytest.raises(ConfigError, match=r"attribution\.projector\.fold=triton: .*cpu.*TRITON_INTERPRET=1"):
+        hook.fold_into(torch.zeros(1, 16), "w", torch.ones(1, 16), 0, 16)
+
+
+def test_without_triton_the_module_imports_and_auto_falls_back():
+    """A CPU torch wheel ships no triton: lark imports, auto is index on CUDA, fold=triton is refused by name."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from lark.kernel import fold_triton\n"
+        "from lark.kernel.sketch_math import fold_schedule\n"
+        "assert not fold_triton.available() and not fold_triton.usable(torch.device('cuda'))\n"
+        "assert fold_schedule('auto', torch.device('cuda')) == 'index'\n"
+        "try:\n"
+        "    fold_schedule('triton', torch.device('cuda'))\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "attribution.projector.fold=triton: triton is not installed" in done.stdout
+
+
+if __name__ == "__main__":  # the child of the `child` fixture, under TRITON_INTERPRET=1
+    assert fold_triton.INTERPRETED, "run with TRITON_INTERPRET=1"
+    torch.set_num_threads(1)
+    torch.save(interpreted(), sys.argv[1])
