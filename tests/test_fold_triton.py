@@ -6,7 +6,11 @@ this pytest process has imported it already (through lark.kernel.sketch) without
 in one child process (this file run as a module with TRITON_INTERPRET=1; FOLDS and the tiny model are rebuilt there
 from seeds) and come back as tensors; the references and the asserts run here."""
 
+import contextlib
+import importlib.util
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +47,11 @@ CASES = [
 MODEL_RUNS = [("float32", "none", 2**40)] + [
     (d, n, 2**8) for d in ("float32", "bfloat16") for n in ("none", "per_tensor")
 ]
+
+# benchmarks/fold_profile.py --fold-only at a tiny shape, run in the child: its triton rows (CUDA's tile shapes to
+# time) checked against the index row
+PROFILE_ARGS = ["--fold-only", "--fold-shape", "2", "16", "20", "--ks", "64", "8", "--repeats", "1", "--dtype",
+                "bfloat16", "--device", "cpu"]  # fmt: skip
 
 
 def case_inputs(i):
@@ -86,7 +95,12 @@ def interpreted():
     for i, (_, _, start, _, _, _, block_k, per_program) in enumerate(CASES):
         before, part, okey, skey = case_inputs(i)
         folds.append(fold_triton.fold(before, part, start, okey, skey, block_k, per_program))
-    return {"folds": folds, "models": [project("triton", *run) for run in MODEL_RUNS]}
+    script = importlib.util.spec_from_file_location("fold_profile", ROOT / "benchmarks" / "fold_profile.py")
+    profile, text = importlib.util.module_from_spec(script), io.StringIO()
+    script.loader.exec_module(profile)
+    with contextlib.redirect_stdout(text):
+        profile.main(PROFILE_ARGS)
+    return {"folds": folds, "models": [project("triton", *run) for run in MODEL_RUNS], "profile": text.getvalue()}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +140,17 @@ def test_sketch_with_the_triton_fold_is_the_sketch_with_slices(child, j):
     assert cached == 0
     assert torch.isfinite(want).all() and want.norm(dim=1).min() > 0
     assert torch.equal(got, want)
+
+
+def test_fold_profile_times_every_schedule_and_they_agree(child):
+    """The rows benchmarks/fold_profile.py --fold-only will time on CUDA: every schedule (triton at five tile
+    shapes, here interpreted and marked so) gives the index row's vector exactly; SUMMARY names each schedule."""
+    lines = child["profile"].splitlines()
+    rows = [line for line in lines if line.startswith(("index", "slices", "triton"))]
+    assert len(rows) == 8 and sum("(interpreted)" in r for r in rows) == 5
+    assert all(float(r.split()[-1]) == 0 for r in rows)
+    assert re.search(r"^SUMMARY fold device=cpu batch=2 .*index_ms=[\d.]+ slices_ms=[\d.]+ triton_interpreted_ms=",
+                     lines[-1])  # fmt: skip
 
 
 def test_fold_is_a_config_key_resolved_per_device():
