@@ -153,6 +153,26 @@ def test_fold_profile_times_every_schedule_and_they_agree(child):
                      lines[-1])  # fmt: skip
 
 
+@pytest.mark.parametrize("part, block_b, block_k", [("*bf16", 1, 1024), ("*fp32", 4, 512)])
+def test_the_kernel_compiles_for_a_gpu_without_atomics(part, block_b, block_k):
+    """What the interpreter cannot check: Triton's compiler takes the kernel to an sm_90 (H100/H200) cubin here,
+    without a GPU, and its PTX has no atomic instruction."""
+    if not fold_triton.available() or fold_triton.INTERPRETED:
+        pytest.skip("needs triton's compiler (installed, not under TRITON_INTERPRET=1)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = dict.fromkeys(["n_rows", "k", "width", "first", "last", "out_stride", "part_stride"], "i32")
+    signature = {"out_ptr": "*fp32", "part_ptr": part, **ints, "start": "i64", "offset_key": "i64", "sign_key": "i32"}
+    signature = {name: signature.get(name, "constexpr") for name in fold_triton._fold_kernel.arg_names}
+    source = ASTSource(fold_triton._fold_kernel, signature, constexprs={"BLOCK_B": block_b, "BLOCK_K": block_k})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and "ld.global" in ptx and "st.global" in ptx
+    assert not re.search(r"\b(atom|red)\.", ptx)  # no atomic add, no reduction to global memory
+
+
 def test_fold_is_a_config_key_resolved_per_device():
     from tests.conftest import compose
 

@@ -66,7 +66,8 @@ if triton is not None:
         x = x * 0xC2B2AE35
         return x ^ (x >> 16)
 
-    @triton.jit
+    # a block's start, width, chunk range and keys vary per call: not specialised on (one compilation, not dozens)
+    @triton.jit(do_not_specialize=["start", "width", "first", "last", "offset_key", "sign_key"])
     def _fold_kernel(
         out_ptr,
         part_ptr,
