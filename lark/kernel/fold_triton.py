@@ -14,7 +14,8 @@ the source range that rotates into its buckets (position p = bucket - offset_c m
 adds it with its sign hashed from (sign_key, flat index) in registers (shared by the tile's examples), and stores the
 tile once. No index tensor, no signed float32 copy, no sign cache (what index_add_ needed: 33% + 18% of the GPU's
 time at 7B, issue 20), and the sums are added chunk by chunk in float32 like fold_slices': on a CPU (interpreter)
-the two agree bit for bit, and on a GPU a run repeats itself exactly, which index_add_'s atomics do not.
+the two agree bit for bit (tested), and on a GPU a run repeats itself exactly by construction (not yet run on
+one), which index_add_'s atomics do not.
 
 Fusing the fold into the per-example GEMM's epilogue (considered, not built; nothing here measured it). G_b =
 Delta_b^T X_b is written once (bf16) and read once by this kernel; an epilogue would save both passes. But a GEMM
@@ -22,16 +23,15 @@ tile of G [BM rows, BN columns] spans BM * BN coordinates of up to BM * in / k +
 offset, so its sums land in buckets that every other tile also adds into: the epilogue must either add with
 atomics into out[b] (k float32 per example, L2-resident: 45M reductions per example for one 7B MLP matrix, and the
 run-to-run rounding this kernel removes) or own a bucket tile as here and compute the G entries rotating into it,
-which for BLOCK_K <= in are one or two partial rows of G per chunk -- a [1, T] x [T, BLOCK_K] product per chunk,
-re-reading X_b out * in / k times: T times the bytes of reading a materialised G. The atomic epilogue (a Triton
-batched GEMM, grid (b, m, n), tl.atomic_add of each rotated, signed tile row) is the candidate worth measuring on
-the next GPU run against bmm + this fold (0.55 + 0.44 ms for 8 x 11008 x 4096 on an H200, issue 20).
+which for BLOCK_K <= in are one or two partial rows of G per chunk -- a [1, T] x [T, BLOCK_K] product per chunk
+(no tensor-core shape), reading X_b `out` times in all: T times the bytes of reading a materialised G. The atomic
+epilogue (a Triton batched GEMM, grid (b, m, n), tl.atomic_add of each rotated, signed tile row) is the candidate
+worth measuring on the next GPU run against bmm + this fold (0.55 + 0.44 ms for 8 x 11008 x 4096 on an H200, issue
+20's prototype).
 
 Import-safe without triton (CPU wheels of torch do not ship it): available() says whether it can run at all,
 usable(device) whether it can run on tensors of that device (CUDA, or any device under TRITON_INTERPRET=1, which
 Triton reads when the kernel is decorated, i.e. when this module is imported)."""
-
-import os
 
 import torch
 
@@ -40,19 +40,6 @@ try:
     import triton.language as tl
 except ImportError:  # a CPU torch wheel: the triton schedule is unavailable, the others are not affected
     triton = None
-
-INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available():
-    """Whether triton is importable here."""
-    return triton is not None
-
-
-def usable(device):
-    """Whether fold() can run on tensors of `device` (a torch.device): CUDA with triton, or under the interpreter."""
-    return triton is not None and (INTERPRETED or device.type == "cuda")
-
 
 if triton is not None:
 
@@ -101,6 +88,19 @@ if triton is not None:
             positive = (_hashed(index, sign_key) & 1) != 0
             acc += tl.where(positive[None, :], x.to(tl.float32), -x.to(tl.float32))
         tl.store(tile, acc, mask=tile_ok)
+
+
+INTERPRETED = triton is not None and type(_fold_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
+
+
+def available():
+    """Whether triton is importable here."""
+    return triton is not None
+
+
+def usable(device):
+    """Whether fold() can run on tensors of `device` (a torch.device): CUDA with triton, or under the interpreter."""
+    return triton is not None and (INTERPRETED or device.type == "cuda")
 
 
 def fold(out, part, start, offset_key, sign_key, block_k=1024, examples_per_program=1, num_warps=4):
