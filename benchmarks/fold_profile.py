@@ -22,9 +22,9 @@ The last line is `SUMMARY ...`.
 3. `--fold-only`: the fold alone on one block of per-example gradients (default B = 8 x an OLMo-3-7B MLP matrix,
    11008 x 4096, bf16, k = 65,536; issue 20's prototype measured 0.44 ms for `triton` and 5.12 ms for `index`
    on an H200): each schedule (`index` with signs cached and rehashed, `slices` on a CPU only, `triton` on CUDA
-   at a few tile shapes), median milliseconds of `--repeats` calls, G read in GB/s, and the largest difference
-   from the first row. On a CPU the triton rows run only under TRITON_INTERPRET=1, marked (interpreted): that
-   checks them, it is not a speed. The last line is `SUMMARY fold ...`.
+   at a few tile shapes and unrolls), median milliseconds of `--repeats` calls, G read in GB/s, and the largest
+   difference from the first row. On a CPU the triton rows run only under TRITON_INTERPRET=1, marked
+   (interpreted): that checks them, it is not a speed. The last line is `SUMMARY fold ...`.
 """
 
 import argparse
@@ -196,10 +196,12 @@ def fold_schedules(device, part, k):
         fns.append((label, lambda out, h=hook: h.fold_into(out, "w", part, 0, part.shape[1])))
     if fold_triton.usable(device):  # on a CPU only under TRITON_INTERPRET=1: the rows' code checked, not a speed
         keys = (name_key(0, "w", "offset"), name_key(0, "w", "sign"))
-        for block_k, per in [(1024, 1), (512, 1), (2048, 1), (1024, 2), (1024, 4)]:
-            label = f"triton, {block_k} buckets x {per} ex." + (" (interpreted)" if fold_triton.INTERPRETED else "")
-            fns.append((label, lambda out, b=block_k, e=per: fold_triton.fold(
-                out, part, 0, *keys, block_k=b, examples_per_program=e)))  # fmt: skip
+        for block_k, per, unroll in [(1024, 1, 1), (512, 1, 1), (2048, 1, 1), (1024, 2, 1), (1024, 4, 1), (1024, 1, 2),
+                                     (1024, 1, 4)]:  # fmt: skip
+            label = f"triton, {block_k} buckets x {per} ex. x {unroll} chunks"
+            label += " (interpreted)" if fold_triton.INTERPRETED else ""
+            fns.append((label, lambda out, b=block_k, e=per, u=unroll: fold_triton.fold(
+                out, part, 0, *keys, block_k=b, examples_per_program=e, unroll=u)))  # fmt: skip
     return fns
 
 

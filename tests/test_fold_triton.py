@@ -27,20 +27,20 @@ from lark.kernel.sketch_math import chunk_offsets, fold_index, fold_schedule, fo
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (k, numel, start, width, B, dtype, block_k, examples_per_program): a block starting mid-chunk that wraps, a
-# block narrower than k, one spanning 32 chunks, a whole parameter, k not a power of two (a part-empty last
-# tile, more examples per program than rows), an odd k, k larger than the parameter, one coordinate, and flat
-# indices beyond 2^32 (int64 index arithmetic, the hash of the index mod 2^32)
+# (k, numel, start, width, B, dtype, block_k, examples_per_program, unroll): a block starting mid-chunk that
+# wraps, a block narrower than k, one spanning 33 chunks, a whole parameter, k not a power of two (a part-empty
+# last tile, more examples per program than rows), an odd k, k larger than the parameter, one coordinate, and flat
+# indices beyond 2^32 (int64 index arithmetic, the hash of the index mod 2^32); unrolled walks ending mid-step
 CASES = [
-    (64, 1000, 63, 130, 3, torch.float32, 16, 1),
-    (64, 100, 5, 40, 1, torch.bfloat16, 64, 1),
-    (64, 10_000, 250, 2_000, 3, torch.bfloat16, 64, 4),
-    (128, 640, 0, 640, 1, torch.float32, 128, 1),
-    (100, 10_000, 250, 350, 3, torch.float32, 32, 4),
-    (37, 5_000, 1_000, 600, 2, torch.float32, 16, 2),
-    (4096, 1_000, 0, 1_000, 1, torch.float32, 1024, 1),
-    (7, 50, 3, 1, 1, torch.float32, 8, 1),
-    (64, 5_000_000_400, 5_000_000_005, 300, 2, torch.bfloat16, 32, 2),
+    (64, 1000, 63, 130, 3, torch.float32, 16, 1, 2),
+    (64, 100, 5, 40, 1, torch.bfloat16, 64, 1, 1),
+    (64, 10_000, 250, 2_000, 3, torch.bfloat16, 64, 4, 4),
+    (128, 640, 0, 640, 1, torch.float32, 128, 1, 1),
+    (100, 10_000, 250, 350, 3, torch.float32, 32, 4, 1),
+    (37, 5_000, 1_000, 600, 2, torch.float32, 16, 2, 2),
+    (4096, 1_000, 0, 1_000, 1, torch.float32, 1024, 1, 1),
+    (7, 50, 3, 1, 1, torch.float32, 8, 1, 1),
+    (64, 5_000_000_400, 5_000_000_005, 300, 2, torch.bfloat16, 32, 2, 3),
 ]
 # (dtype, normalize, HookSketch.block_elements): whole layers, and blocks of 12 rows x 16 (192 coordinates: most
 # start mid-chunk)
@@ -56,7 +56,7 @@ PROFILE_ARGS = ["--fold-only", "--fold-shape", "2", "16", "20", "--ks", "64", "8
 
 def case_inputs(i):
     """(out before the fold, part, offset key, sign key) of CASES[i], from seeds."""
-    k, _, _, width, b, dtype, _, _ = CASES[i]
+    k, _, _, width, b, dtype, *_ = CASES[i]
     gen = torch.Generator().manual_seed(i)
     part, before = torch.randn(b, width, generator=gen).to(dtype), torch.randn(b, k, generator=gen)
     return before, part, name_key(i, "w", "offset"), name_key(i, "w", "sign")
@@ -92,9 +92,9 @@ def project(fold, dtype, normalize, block):
 def interpreted():
     """What the child process computes: the triton fold of every case, and the tiny model's sketches."""
     folds = []
-    for i, (_, _, start, _, _, _, block_k, per_program) in enumerate(CASES):
+    for i, (_, _, start, _, _, _, block_k, per_program, unroll) in enumerate(CASES):
         before, part, okey, skey = case_inputs(i)
-        folds.append(fold_triton.fold(before, part, start, okey, skey, block_k, per_program))
+        folds.append(fold_triton.fold(before, part, start, okey, skey, block_k, per_program, unroll))
     script = importlib.util.spec_from_file_location("fold_profile", ROOT / "benchmarks" / "fold_profile.py")
     profile, text = importlib.util.module_from_spec(script), io.StringIO()
     script.loader.exec_module(profile)
@@ -118,7 +118,7 @@ def child(tmp_path_factory):
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"k{c[0]}-start{c[2]}-width{c[3]}-B{c[4]}" for c in CASES])
 def test_triton_fold_is_the_reference_fold_bit_for_bit(child, i):
     """Same float32 sums, added chunk by chunk in the same order as fold_slices (and, on a CPU, fold_index)."""
-    k, _, start, width, _, _, _, _ = CASES[i]
+    k, _, start, width, *_ = CASES[i]
     before, part, okey, skey = case_inputs(i)
     sign = random_signs(torch.arange(start, start + width), skey).to(torch.int8)
     offsets = chunk_offsets(start // k, -(-(start + width) // k), okey, k, "cpu")
@@ -143,18 +143,19 @@ def test_sketch_with_the_triton_fold_is_the_sketch_with_slices(child, j):
 
 
 def test_fold_profile_times_every_schedule_and_they_agree(child):
-    """The rows benchmarks/fold_profile.py --fold-only will time on CUDA: every schedule (triton at five tile
-    shapes, here interpreted and marked so) gives the index row's vector exactly; SUMMARY names each schedule."""
+    """The rows benchmarks/fold_profile.py --fold-only will time on CUDA: every schedule (triton at seven tile
+    shapes and unrolls, here interpreted and marked so) gives the index row's vector exactly; SUMMARY names each
+    schedule."""
     lines = child["profile"].splitlines()
     rows = [line for line in lines if line.startswith(("index", "slices", "triton"))]
-    assert len(rows) == 8 and sum("(interpreted)" in r for r in rows) == 5
+    assert len(rows) == 10 and sum("(interpreted)" in r for r in rows) == 7
     assert all(float(r.split()[-1]) == 0 for r in rows)
     assert re.search(r"^SUMMARY fold device=cpu batch=2 .*index_ms=[\d.]+ slices_ms=[\d.]+ triton_interpreted_ms=",
                      lines[-1])  # fmt: skip
 
 
-@pytest.mark.parametrize("part, block_b, block_k", [("*bf16", 1, 1024), ("*fp32", 4, 512)])
-def test_the_kernel_compiles_for_a_gpu_without_atomics(part, block_b, block_k):
+@pytest.mark.parametrize("part, block_b, block_k, unroll", [("*bf16", 1, 1024, 1), ("*fp32", 4, 512, 2)])
+def test_the_kernel_compiles_for_a_gpu_without_atomics(part, block_b, block_k, unroll):
     """What the interpreter cannot check: Triton's compiler takes the kernel to an sm_90 (H100/H200) cubin here,
     without a GPU, and its PTX has no atomic instruction."""
     if not fold_triton.available() or fold_triton.INTERPRETED:
@@ -166,7 +167,9 @@ def test_the_kernel_compiles_for_a_gpu_without_atomics(part, block_b, block_k):
     ints = dict.fromkeys(["n_rows", "k", "width", "first", "last", "out_stride", "part_stride"], "i32")
     signature = {"out_ptr": "*fp32", "part_ptr": part, **ints, "start": "i64", "offset_key": "i64", "sign_key": "i32"}
     signature = {name: signature.get(name, "constexpr") for name in fold_triton._fold_kernel.arg_names}
-    source = ASTSource(fold_triton._fold_kernel, signature, constexprs={"BLOCK_B": block_b, "BLOCK_K": block_k})
+    source = ASTSource(
+        fold_triton._fold_kernel, signature, constexprs={"BLOCK_B": block_b, "BLOCK_K": block_k, "UNROLL": unroll}
+    )
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"] and "ld.global" in ptx and "st.global" in ptx

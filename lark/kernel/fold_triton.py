@@ -9,13 +9,16 @@ offset_c = hashed(c, offset_key) % k and s_i = random_signs(i, sign_key) (lark.k
 finaliser of index * GOLDEN + key, reproduced here in uint32 arithmetic).
 
 Schedule: program (e, j) owns buckets [j * BLOCK_K, (j + 1) * BLOCK_K) of examples [e * BLOCK_B, (e + 1) *
-BLOCK_B). It loads that tile of `out` once, walks the chunks the block touches in order, and for each chunk loads
-the source range that rotates into its buckets (position p = bucket - offset_c mod k: contiguous but for one wrap),
-adds it with its sign hashed from (sign_key, flat index) in registers (shared by the tile's examples), and stores the
-tile once. No index tensor, no signed float32 copy, no sign cache (what index_add_ needed: 33% + 18% of the GPU's
-time at 7B, issue 20), and the sums are added chunk by chunk in float32 like fold_slices': on a CPU (interpreter)
-the two agree bit for bit (tested), and on a GPU a run repeats itself exactly by construction (not yet run on
-one), which index_add_'s atomics do not.
+BLOCK_B). It loads that tile of `out` once, walks the chunks the block touches in order (UNROLL per step: the same
+sums, more loads in flight), and for each chunk loads the source range that rotates into its buckets (position
+p = bucket - offset_c mod k: contiguous but for one wrap), adds it with its sign hashed from (sign_key, flat
+index) in registers (shared by the tile's examples), and stores the tile once. No index tensor, no signed float32
+copy, no sign cache (what index_add_ needed: 33% + 18% of the GPU's time at 7B, issue 20), and the sums are added
+chunk by chunk in float32 like fold_slices': on a CPU (interpreter) the two agree bit for bit (tested), and on a
+GPU a run repeats itself exactly by construction (not yet run on one), which index_add_'s atomics do not.
+Compiled for sm_90 here, without a GPU (cuobjdump): 40 registers at one example per program (86 at UNROLL 4, 144
+at 4 examples x UNROLL 4), no spills, 16-bit scalar loads -- a rotation starts anywhere, so no vector load can be
+proven aligned.
 
 Fusing the fold into the per-example GEMM's epilogue (considered, not built; nothing here measured it). G_b =
 Delta_b^T X_b is written once (bf16) and read once by this kernel; an epilogue would save both passes. But a GEMM
@@ -70,6 +73,7 @@ if triton is not None:
         part_stride,
         BLOCK_B: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         buckets = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -78,15 +82,17 @@ if triton is not None:
         tile_ok = row_ok[:, None] & bucket_ok[None, :]
         acc = tl.load(tile, mask=tile_ok, other=0.0)
         source = part_ptr + rows.to(tl.int64)[:, None] * part_stride
-        for c in range(first, last):  # the chunks the block touches, in order (fold_slices' order of sums)
-            offset = (_hashed(c, offset_key) % tl.cast(k, tl.uint32)).to(tl.int32)
-            pos = buckets - offset
-            pos = tl.where(pos < 0, pos + k, pos)  # the chunk position rotated into each bucket
-            index = tl.cast(c, tl.int64) * k + pos  # its flat coordinate
-            ok = bucket_ok & (index >= start) & (index < start + width)
-            x = tl.load(source + (index - start)[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
-            positive = (_hashed(index, sign_key) & 1) != 0
-            acc += tl.where(positive[None, :], x.to(tl.float32), -x.to(tl.float32))
+        for c0 in range(first, last, UNROLL):  # the chunks the block touches, in order (fold_slices' order of sums),
+            for u in tl.static_range(UNROLL):  # UNROLL at a time: their loads are independent, may be in flight at once
+                c = c0 + u
+                offset = (_hashed(c, offset_key) % tl.cast(k, tl.uint32)).to(tl.int32)
+                pos = buckets - offset
+                pos = tl.where(pos < 0, pos + k, pos)  # the chunk position rotated into each bucket
+                index = tl.cast(c, tl.int64) * k + pos  # its flat coordinate (past the block for c >= last: masked)
+                ok = bucket_ok & (index >= start) & (index < start + width)
+                x = tl.load(source + (index - start)[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
+                positive = (_hashed(index, sign_key) & 1) != 0
+                acc += tl.where(positive[None, :], x.to(tl.float32), -x.to(tl.float32))
         tl.store(tile, acc, mask=tile_ok)
 
 
@@ -103,11 +109,13 @@ def usable(device):
     return triton is not None and (INTERPRETED or device.type == "cuda")
 
 
-def fold(out, part, start, offset_key, sign_key, block_k=1024, examples_per_program=1, num_warps=4):
+def fold(out, part, start, offset_key, sign_key, block_k=1024, examples_per_program=1, unroll=1, num_warps=4):
     """out [B, k] float32 += the rotated-chunk count sketch of part [B, width] (float32 or bf16), the coordinates
     [start, start + width) of a parameter whose chunk offsets and signs are keyed by offset_key and sign_key
     (lark.kernel.hashing.name_key(seed, name, "offset" / "sign")). Tiles: block_k buckets (a power of two, capped
-    at k's) of examples_per_program examples per program. Returns out."""
+    at k's) of examples_per_program examples per program, walking `unroll` chunks per step (the same sums in the
+    same order; more loads in flight). The defaults are issue 20's prototype (0.44 ms on an H200 for 8 x 11008 x
+    4096 bf16); benchmarks/fold_profile.py --fold-only times the others. Returns out."""
     if not usable(out.device):
         raise RuntimeError(f"lark.kernel.fold_triton.fold: triton cannot run on {out.device} here")
     (b, k), width = out.shape, part.shape[1]
@@ -122,5 +130,5 @@ def fold(out, part, start, offset_key, sign_key, block_k=1024, examples_per_prog
     grid = (triton.cdiv(b, block_b), triton.cdiv(k, block_k))
     first, last = start // k, -(-(start + width) // k)
     args = (b, k, start, width, first, last, offset_key, sign_key, out.stride(0), part.stride(0))
-    _fold_kernel[grid](out, part, *args, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps)
+    _fold_kernel[grid](out, part, *args, BLOCK_B=block_b, BLOCK_K=block_k, UNROLL=unroll, num_warps=num_warps)
     return out
