@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # lark, and gpu_e2e beside this file (also under runpy)
 
 import gpu_e2e  # noqa: E402  (benchmarks/: the end-to-end part, no lark import)
 

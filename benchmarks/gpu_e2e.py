@@ -59,7 +59,9 @@ def add_arguments(parser):
     parser.add_argument("--e2e-docs", type=int, default=100, help="documents per source (source.size)")
     parser.add_argument("--e2e-epochs", type=int, default=2, help="trainer.max_epochs")
     parser.add_argument("--e2e-timeout", type=int, default=330, help="seconds for the train.py run")
-    parser.add_argument("--e2e-workdir", default=None, help="model folder and run (default: a temporary folder)")
+    parser.add_argument(
+        "--e2e-workdir", default=None, help="model folder and run (default: a temporary folder, removed after)"
+    )
     parser.add_argument("--e2e-wheels", default=str(ROOT / ".whl"), help="wheels of what train.py needs")
     parser.add_argument("--e2e-keep", action="store_true", help="keep every checkpoint's weights and the workdir")
     parser.add_argument(
@@ -193,7 +195,7 @@ def run(args, log):
             code, late = stream(command, env, left, on_line, log)
         status = "ok" if code == 0 else ("timeout" if late else f"failed_rc{code}")
     seconds = time.perf_counter() - start
-    if not args.e2e_keep:
+    if not (args.e2e_keep or args.e2e_workdir):  # a temporary folder of ours
         shutil.rmtree(workdir, ignore_errors=True)
     forecast = paper_forecast(stages, args.paper_tokens) if status == "ok" else {}
     table(stages, forecast, args.paper_tokens, log)
