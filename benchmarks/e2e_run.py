@@ -107,7 +107,7 @@ def attributed(args, out):
 
 class StepTimer(L.Callback):
     """Every training step's time (CUDA synchronised at both ends: forward, backward, clipping, optimizer step),
-    its examples, real and padded tokens; one stage line per epoch."""
+    its examples, real and padded tokens; one stage line per epoch, after its last step."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.times, self.examples, self.tokens, self.padded = [], 0, 0, 0
@@ -122,11 +122,10 @@ class StepTimer(L.Callback):
         self.examples += len(batch["input_ids"])
         self.tokens += int(batch["attention_mask"].sum())
         self.padded += batch["input_ids"].numel()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        fields = dict(epoch=trainer.current_epoch + 1, steps=len(self.times), first_step=f"{self.times[0]:.3f}")
-        fields |= dict(examples=self.examples, tokens=self.tokens, padded_tokens=self.padded)
-        report("train", sum(self.times), **fields)
+        if batch_idx == trainer.num_training_batches - 1:  # before the epoch's checkpoint: a stopped run keeps it
+            fields = dict(epoch=trainer.current_epoch + 1, steps=len(self.times), first_step=f"{self.times[0]:.3f}")
+            fields |= dict(examples=self.examples, tokens=self.tokens, padded_tokens=self.padded)
+            report("train", sum(self.times), **fields)
 
 
 def run(overrides):

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_e2e  # noqa: E402  (benchmarks/gpu_e2e.py: standard library only)
+
 BLOCKED = ("hydra", "omegaconf", "rank_bm25", "bm25s", "wandb", "datasets")
 
 # A Python where the packages the device lacks are absent, as there: the path finder does not find them or their
@@ -71,6 +75,37 @@ def test_engine_table_runs_without_hydra_and_names_what_the_end_to_end_part_lack
     assert summary.startswith("SUMMARY device=cpu config=tiny sketch_vs_train_step="), summary
     assert " e2e=missing_packages " in summary and "paper_experiment_minutes=nan" in summary, summary
     assert "sketch_bogus_vs_train_step=nan" in summary, summary
+
+
+def test_the_paper_forecast_scales_each_stage_by_its_count_and_tokens():
+    """From stage lines as e2e_run.py prints them: 625 steps at the steady step time (the first step left out),
+    18,000 gradients at the median per-gradient time, 3,000 evaluated queries, each x (paper tokens / measured
+    tokens); save, load and self-check unscaled; moments: epoch 0's pass x 500 / train questions + 5 later ones."""
+    lines = [
+        "[gpu_e2e] stage=load seconds=20.000",
+        "[gpu_e2e] stage=self_check seconds=5.000",
+        "[gpu_e2e] stage=moments seconds=4.000 epoch=0",
+        "[gpu_e2e] stage=save seconds=10.000 epoch=0",
+        "[gpu_e2e] stage=evaluate seconds=2.000 epoch=0 examples=100",
+        "[gpu_e2e] stage=attribute seconds=60.000 epoch=0 examples=600 tokens=90000",
+        "[gpu_e2e] stage=train seconds=27.000 epoch=1 steps=25 first_step=3.000 examples=100 tokens=12000 "
+        "padded_tokens=15000",
+        "[gpu_e2e] stage=moments seconds=0.500 epoch=1",
+        "[gpu_e2e] stage=save seconds=12.000 epoch=1",
+        "[gpu_e2e] stage=attribute seconds=90.000 epoch=1 examples=600 tokens=90000",
+        "[lark] epoch_001: ft 0.5",  # not a stage line
+    ]
+    stages = [s for s in map(gpu_e2e.parse, lines) if s]
+    assert len(stages) == 10 and stages[6]["padded_tokens"] == "15000"
+    f = gpu_e2e.paper_forecast(stages, paper_tokens=300)  # train: 150 padded tokens/example, attribution: 150
+    assert f["train"] == (625, pytest.approx(625 * 1.0 * 2), True)  # (27 - 3) / 24 s per step, x 300 / 150
+    assert f["attribute"] == (18000, pytest.approx(18000 * 0.125 * 2), True)  # median of 0.1 and 0.15 s/gradient
+    assert f["evaluate"] == (3000, pytest.approx(3000 * 0.02 * 2), True)
+    assert f["moments"][1] == pytest.approx((4.0 * 500 / 100 + 5 * 0.5) * 2)
+    assert f["save"] == (6, pytest.approx(6 * 11.0), False) and f["load"][1] == 20 and f["self_check"][1] == 5
+    parts = ("load", "self_check", "train", "moments", "save", "evaluate", "attribute")
+    assert f["total"] == pytest.approx(sum(f[p][1] for p in parts))
+    assert f["total_unscaled"] == pytest.approx(20 + 5 + 625 + (20 + 2.5) + 66 + 60 + 2250)
 
 
 @pytest.mark.slow
