@@ -1,21 +1,29 @@
-"""The engine on a GPU, in one prepared run (<= 8 minutes on one H200): random-init OLMo-3 configs of ~1B and 7B
-shapes built on the device in bf16 (nothing downloaded), and for each
+"""The engine and the whole experiment on a GPU, in one prepared run (budget: 8 minutes on one H200, --budget).
 
-- `train step`: AdamW full fine-tuning step (forward + backward + optimizer step; bf16 weights, gradients and
-  AdamW states -- fp32 master weights and states would need 116 GB at 7B before activations, more than an
-  H200's 139 GiB with them),
-- `sketch` (lark.kernel.sketch.HookSketch) with normalize none and per_tensor, at the default sign cache
-  (attribution.projector.cache_bytes) and with every sign resident,
-- `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
+1. The engine table: random-init OLMo-3 configs of ~1B and 7B shapes built on the device in bf16 (nothing
+   downloaded), and for each
+   - `train step`: AdamW full fine-tuning step (forward + backward + optimizer step; bf16 weights, gradients and
+     AdamW states -- fp32 master weights and states would need 116 GB at 7B before activations, more than an
+     H200's 139 GiB with them),
+   - `sketch` (lark.kernel.sketch.HookSketch) with normalize none and per_tensor for every fold schedule of
+     --schedules (HookSketch.fold_schedule; on cuda `triton` = the `fused` rows and `index` = the `unfused` rows;
+     a schedule this branch's HookSketch does not know is an `unavailable` row), and with every sign resident,
+   - `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
+   examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max
+   allocated, reset before each row) and its ratio to the training step's, and fidelity on the pairs of
+   `--fidelity-examples` examples against the exact cosine of the same normalisation (plain for none,
+   per-tensor for per_tensor): max and mean |error|. Needs only torch and transformers, with the repository on
+   PYTHONPATH (benchmarks/gpu_check.sh sets it): no Hydra, W&B or install (tests/test_gpu_check.py).
+2. The end-to-end part (benchmarks/gpu_e2e.py): a scaled train.py run on a random-init model of the last
+   config, each stage timed, and the forecast of the paper's full experiment. It needs train.py's packages:
+   installed from wheels in .whl/ when the machine lacks them, else skipped with one line naming them.
 
-examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max allocated,
-reset before each row) and its ratio to the training step's, and fidelity on the pairs of `--fidelity-examples`
-examples against the exact cosine of the same normalisation (plain for none, per-tensor for per_tensor): max
-and mean |error|. One table, then `SUMMARY ...`. Needs only torch and transformers, with the repository on
-PYTHONPATH (benchmarks/gpu_check.sh sets it): no Hydra, W&B or install.
+The last lines are the end-to-end stage table and one `SUMMARY ...` line (both parts' numbers,
+`paper_experiment_minutes=`). docs/benchmarks.md: what each row means.
 
     bash benchmarks/gpu_check.sh                                   # cuda, configs 1b 7b, batch 8 x 512
-    bash benchmarks/gpu_check.sh --device cpu --configs tiny       # the same code on a CPU (tests/test_engine.py)
+    bash benchmarks/gpu_check.sh --device cpu --configs tiny       # the same code on a CPU (tests/test_gpu_check.py)
+    bash benchmarks/gpu_check.sh --parts engine                    # the engine table alone
 """
 
 import argparse
