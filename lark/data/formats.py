@@ -13,8 +13,6 @@ last sentence the answer, and the sentences between them the context.
 import json
 import re
 
-from hydra.utils import instantiate
-
 from lark.errors import ConfigError
 
 CHATML_TEMPLATE = (
@@ -97,6 +95,10 @@ class Plain:
 def layout(fmt):
     """The format's layout (format.layout, a _target_: Chat, Plain or your own class with the same two methods:
     render(tokenizer, turns) -> (prompt, answer) strings, candidate(label) -> the text continuing the prompt)."""
+    # Hydra is imported here, not at module level: lark.kernel reaches IGNORE in this module, and the engine
+    # (benchmarks/gpu_check.py) must import on a bare CUDA machine with only torch and transformers.
+    from hydra.utils import instantiate
+
     spec = fmt.get("layout")
     if not spec or "_target_" not in spec:
         raise ConfigError("format.layout: missing; give a _target_ (lark.data.formats.Chat or lark.data.formats.Plain)")
