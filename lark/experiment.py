@@ -10,9 +10,12 @@ Run directory layout:
   wandb/           the offline W&B run
 """
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf, open_dict
 
@@ -31,7 +34,7 @@ from lark.errors import ConfigError, RunDirError
 from lark.kernel.factory import make_kernel, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.kernel.projectors import trainable
-from lark.kernel.selfcheck import check_sketch, uses_sketch
+from lark.kernel.selfcheck import check_sketch, compared, uses_sketch
 from lark.kernel.stores import TIERS, store_bytes
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
@@ -186,21 +189,49 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
 
 def self_check(cfg, model, tokenizer, sets, log=print):
     """With the sketch projector: check on two real examples (the first of the FT and PT sources) that it
-    reproduces this architecture's per-example gradients (lark.kernel.selfcheck; SelfCheckError names the modules)."""
+    reproduces this architecture's per-example gradients (lark.kernel.selfcheck; SelfCheckError names the modules),
+    on the device the trainer will use (`trainer_device`), in the model's dtype; the model is put back where it was
+    afterwards (Lightning moves it itself)."""
     attr = cfg.attribution
     if not (attr.enabled and uses_sketch(attr.projector)):
         return
     examples = [sets[cfg.source.ft_source][0], sets[cfg.source.pt_source][0]]
     encoded = [encode(tokenizer, e, cfg.format, cfg.max_length) for e in examples]
-    n = check_sketch(
-        model,
-        encoded,
-        tokenizer.pad_token_id,
-        k=min(1024, attr.projector.k),
-        seed=attr.projector.seed,
-        normalize=make_kernel(attr).normalizer,
+    home = next(model.parameters()).device
+    device = trainer_device(cfg.trainer) or home
+    try:
+        n = check_sketch(
+            model.to(device),
+            encoded,
+            tokenizer.pad_token_id,
+            k=min(1024, attr.projector.k),
+            seed=attr.projector.seed,
+            normalize=make_kernel(attr).normalizer,
+        )
+    finally:
+        model.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the check's work arrays: free for the trainer
+    log(
+        f"[lark] sketch self-check on {device}: the hooks reach all {n} parameter tensors and reproduce the "
+        f"per-example gradients of the {len(compared(model))} of one layer of each kind"
     )
-    log(f"[lark] sketch self-check: the hooks reproduce the per-example gradients of all {n} parameter tensors")
+
+
+def trainer_device(trainer_cfg):
+    """The torch device the Lightning trainer of `trainer_cfg` will put the model on (this process's: a DDP
+    rank's LOCAL_RANK picks its device, and trainer.devices given as a list of indices maps ranks to them):
+    accelerator cpu -> cpu; cuda -> cuda; gpu -> cuda, else mps; auto -> cuda, else mps, else cpu. None for an
+    accelerator named otherwise (tpu, an object): the check then runs where the model is."""
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "auto", "cuda") and (torch.cuda.is_available() or accelerator == "cuda"):
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        devices = trainer_cfg.get("devices")
+        index = devices[rank] if isinstance(devices, Sequence) and not isinstance(devices, str) else rank
+        return torch.device("cuda", int(index))
+    if accelerator in ("gpu", "auto", "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu") if accelerator in ("cpu", "auto") else None
 
 
 def train(cfg, log=print):
