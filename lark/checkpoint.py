@@ -14,9 +14,8 @@ Layout written under attribution/epoch_NNN/:
                               evaluation, lr, storage, BM25 baseline, the
                               ids of examples with non-finite gradients, fingerprints; written last (= complete)
   shards/                     only while a set larger than attribution.shard_size is in progress (lark.kernel.build)
-Stores, shards, score matrices, moments and checkpoints carry checksums (lark.data.io): with `resume=true` a
-complete epoch whose store or score matrix fails its checksum is attributed again (that file recomputed, the others
-reused), and a checkpoint folder that fails its own is saved again from the model in memory.
+Stores, shards, score matrices and checkpoints carry checksums (lark.data.io); `completed` and `intact` say what
+resume=true does with one that fails its own.
 """
 
 import errno
@@ -184,23 +183,24 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
 
 def completed(folder, fingerprint, log=print):
     """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None. Its stores and
-    score matrices must pass their checksums: a corrupted one is logged and removed (the epoch is then attributed
-    again, that file recomputed, the intact stores reused)."""
+    score matrices must pass their checksums, else the epoch is attributed again: a corrupted store is recomputed
+    (lark.kernel.build says so), the intact ones reused, every score matrix written again (a corrupted one logged
+    here). Nothing is deleted: every rank comes to the same answer."""
     try:
         metrics = check_metrics(json.loads((folder / "metrics.json").read_text()), folder / "metrics.json")
     except (OSError, ValueError):
         return None
     if metrics.get("fingerprint") != fingerprint:
         return None
-    intact = True
+    corrupted = 0
     for path in sorted([*folder.glob("stores/*.safetensors"), *folder.glob("scores/*.safetensors")]):
         try:
             check_safetensors(path)
         except CorruptFile as e:
-            log(f"[lark] {e}: recomputed")
-            path.unlink()
-            intact = False
-    return metrics if intact else None
+            corrupted += 1
+            if path.parent.name == "scores":
+                log(f"[lark] {e}: recomputed")
+    return None if corrupted else metrics
 
 
 def intact(folder, log=print):
