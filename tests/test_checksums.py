@@ -288,3 +288,24 @@ def test_a_full_disk_while_writing_a_checkpoint_or_the_resume_state_keeps_nothin
         with pytest.raises(DiskFull, match=rf"last.ckpt: no space left on the device \({state_bytes(state):,} bytes"):
             AtomicCheckpointIO().save_checkpoint(state, tmp_path / "resume/last.ckpt")
     assert not list((tmp_path / "resume").iterdir())
+
+
+def test_a_full_disk_while_train_py_writes_its_resume_state_stops_with_one_line_and_resume_completes_the_run(
+    finished, tmp_path, monkeypatch
+):
+    """LARK_DISK_FULL_AT=checkpoint:2: epoch 2's resume state finds the disk full. One error line names the file
+    and the bytes; epoch 1's resume state stays; resume=true (space again) ends equal to the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = RUN + [f"hydra.run.dir={run_dir}"]
+    monkeypatch.setenv("LARK_DISK_FULL_AT", "checkpoint:2")
+    out = run("train.py", args, tmp_path, check=False)
+    monkeypatch.delenv("LARK_DISK_FULL_AT")
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
+    assert errors[0].startswith(f"[lark] error: {run_dir}/resume/last.ckpt: no space left on the device (")
+    assert "bytes needed" in errors[0]
+    assert not list(run_dir.rglob("*.tmp[0-9]*"))
+    assert torch.load(run_dir / "resume/last.ckpt", weights_only=True)["epoch"] == 0  # epoch 1's, intact
+    log = run("train.py", args + ["resume=true"], tmp_path).stdout
+    assert "resuming from" in log
+    assert_same_results(finished, run_dir)
