@@ -14,10 +14,14 @@ Layout written under attribution/epoch_NNN/:
                               evaluation, lr, storage, BM25 baseline, the
                               ids of examples with non-finite gradients, fingerprints; written last (= complete)
   shards/                     only while a set larger than attribution.shard_size is in progress (lark.kernel.build)
+Stores, shards, score matrices and checkpoints carry checksums (lark.data.io); `completed` and `intact` say what
+resume=true does with one that fails its own.
 """
 
+import errno
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,8 +35,9 @@ from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
 from lark.data.bm25 import source_scores as bm25_source_scores
 from lark.data.formats import Encoder
-from lark.data.io import write_csv, write_json, write_jsonl
+from lark.data.io import check_manifest, check_safetensors, disk_full, write_csv, write_json, write_jsonl
 from lark.data.sources import example_text, query_examples
+from lark.errors import CorruptFile
 from lark.evaluation import gold_answer_losses, normalize
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
 from lark.kernel.build import StoreBuilder, examples_fingerprint
@@ -128,8 +133,8 @@ def evaluate_checkpoint(ck, test_items, sets):
     attr = ck.cfg.attribution
     prints = ck.prints if wanted(attr, ck.epoch) else None
     fingerprint = prints and epoch_fingerprint(ck.cfg, prints, test_items, sets, ck.epoch)
-    done = completed(ck.out_dir, fingerprint) if ck.reuse and prints else None
-    saved = not attr.save_checkpoints or (ck.run_dir / "checkpoints" / ck.name / "model.safetensors").is_file()
+    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints else None
+    saved = not attr.save_checkpoints or intact(ck.run_dir / "checkpoints" / ck.name, ck.log)
     if done and saved:
         ck.log(f"[lark] {ck.name}: complete (metrics.json matches this checkpoint and config), not attributed again")
         score = done.get("eval") or {"metric": "accuracy", "value": done.get("accuracy")}  # runs before `eval`
@@ -176,24 +181,57 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     )
 
 
-def completed(folder, fingerprint):
-    """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None."""
+def completed(folder, fingerprint, log=print):
+    """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None. Its stores and
+    score matrices must pass their checksums, else the epoch is attributed again: a corrupted store is recomputed
+    (lark.kernel.build says so), the intact ones reused, every score matrix written again (a corrupted one logged
+    here). Nothing is deleted: every rank comes to the same answer."""
     try:
         metrics = check_metrics(json.loads((folder / "metrics.json").read_text()), folder / "metrics.json")
     except (OSError, ValueError):
         return None
-    return metrics if metrics.get("fingerprint") == fingerprint else None
+    if metrics.get("fingerprint") != fingerprint:
+        return None
+    corrupted = 0
+    for path in sorted([*folder.glob("stores/*.safetensors"), *folder.glob("scores/*.safetensors")]):
+        try:
+            check_safetensors(path)
+        except CorruptFile as e:
+            corrupted += 1
+            if path.parent.name == "scores":
+                log(f"[lark] {e}: recomputed")
+    return None if corrupted else metrics
+
+
+def intact(folder, log=print):
+    """Whether a checkpoint folder holds its weights and passes its checksums.json (a corrupted one is logged)."""
+    if not (folder / "model.safetensors").is_file():
+        return False
+    try:
+        check_manifest(folder)
+    except CorruptFile as e:
+        log(f"[lark] {e}: saved again from the model in memory")
+        return False
+    return True
 
 
 def save(ck):
-    """checkpoints/epoch_NNN: the HF model and tokenizer, the resolved config, the epoch's lr and (when given) the
-    AdamW moments of this checkpoint, for attribute.py (lark.kernel.kernels)."""
+    """checkpoints/epoch_NNN: the HF model and tokenizer (with checksums.json), the resolved config, the epoch's lr
+    and (when given) the AdamW moments of this checkpoint, for attribute.py (lark.kernel.kernels). A full disk
+    raises DiskFull naming the folder and the bytes of the weights; the half-written folder goes."""
     folder = ck.run_dir / "checkpoints" / ck.name
     files = {
         "lark_config.yaml": OmegaConf.to_yaml(ck.cfg, resolve=True),
         "lark_epoch.json": json.dumps({"epoch": ck.epoch, "lr": ck.lr}),
     }
-    save_checkpoint(ck.model, ck.tokenizer, folder, files)
+    try:
+        save_checkpoint(ck.model, ck.tokenizer, folder, files)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        for tmp in folder.parent.glob(f"{folder.name}.tmp[0-9]*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full(folder, sum(p.numel() * p.element_size() for p in ck.model.parameters())) from None
     if ck.moments is not None:
         ck.moments.save(folder / MOMENTS_FILE)
 
