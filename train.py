@@ -18,8 +18,11 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg):
+    from lark.console import tee_to_log
     from lark.errors import LarkError
     from lark.preflight import preflight
+
+    tee_to_log()  # train.log holds the whole console, timestamped
 
     run_dir = None
     try:
