@@ -1,0 +1,68 @@
+"""What a new user bringing their own data hit (issue 22), one test per surprise: each bad input is one
+`[lark] error:` line naming the file or key and the way out, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, compose
+
+from lark.errors import DataError
+from lark.preflight import PreflightError, preflight
+
+EXAMPLE = ROOT / "docs" / "examples" / "own_data"
+
+
+def test_a_bin_only_model_folder_is_caught_by_preflight(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg = compose(["model=hub", f"model.hub_id={folder}", "trainer=cpu"])
+    with pytest.raises(PreflightError, match=r"model.hub_id=.*: no config.json"):
+        preflight(cfg)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80 not unpickled")
+    with pytest.raises(PreflightError) as caught:
+        preflight(cfg)
+    line = str(caught.value).splitlines()[0]
+    assert "only pickled weights (pytorch_model.bin)" in line and "LARK loads safetensors only" in line
+    assert "save_pretrained(d)" in line  # the way out: convert once
+    (folder / "model.safetensors").write_bytes(b"")
+    preflight(cfg)  # a safetensors file: no problem left (the disk check passes for a tiny model)
+
+
+def test_an_empty_test_file_is_named_as_such(tmp_path):
+    from lark.data.readers import load_data
+
+    empty = tmp_path / "test.jsonl"
+    empty.write_text("")
+    cfg = compose(["+experiment=own_data", f"data.reader.test_path={empty}"]).data
+    with pytest.raises(DataError, match=rf"data.reader.test_path: {empty}: the test set has no rows"):
+        load_data(cfg)
+
+
+@pytest.mark.slow
+def test_an_empty_test_file_through_train_py_is_one_line_and_exit_2(tmp_path):
+    empty = tmp_path / "test.jsonl"
+    empty.write_text("\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "+experiment=own_data",
+            f"data.reader.test_path={empty}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "logger=none",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("[lark] error:")]
+    assert errors == [
+        f"[lark] error: data.reader.test_path: {empty}: the test set has no rows: add the questions "
+        "to attribute, one JSON object per line"
+    ]
+    assert errors[0] in (tmp_path / "run" / "train.log").read_text()  # the log holds the console too
