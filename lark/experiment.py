@@ -22,7 +22,7 @@ from lark.callbacks import AttributionCallback
 from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
 from lark.data.corpora import check_corpora
 from lark.data.datamodule import LarkDataModule
-from lark.data.formats import encode
+from lark.data.formats import encode, n_cut
 from lark.data.io import BadRows, write_json, write_jsonl
 from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources, check_sources
@@ -203,6 +203,22 @@ def self_check(cfg, model, tokenizer, sets, log=print):
     log(f"[lark] sketch self-check: the hooks reproduce the per-example gradients of all {n} parameter tensors")
 
 
+def warn_cut(cfg, tokenizer, named_sets, log=print):
+    """One `[lark] warning:` line counting the examples longer than max_length (cut, never silently); returns
+    {name: [cut, total]} of the sets with a cut example."""
+    cut = {
+        name: [n_cut(tokenizer, items, cfg.format, cfg.max_length), len(items)] for name, items in named_sets.items()
+    }
+    cut = {name: counts for name, counts in cut.items() if counts[0]}
+    if cut:
+        log(
+            f"[lark] warning: longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping "
+            "its last 64 tokens; a document at its end): "
+            + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
+        )
+    return cut
+
+
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
@@ -214,6 +230,7 @@ def train(cfg, log=print):
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
     self_check(cfg, model, tokenizer, sets, log)
+    warn_cut(cfg, tokenizer, {"fine-tuning items": train_items, "test questions": test_items} | sets, log)
     data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed, cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(

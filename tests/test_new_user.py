@@ -66,3 +66,23 @@ def test_an_empty_test_file_through_train_py_is_one_line_and_exit_2(tmp_path):
         "to attribute, one JSON object per line"
     ]
     assert errors[0] in (tmp_path / "run" / "train.log").read_text()  # the log holds the console too
+
+
+def test_a_prompt_cut_by_max_length_is_counted_in_one_warning():
+    from lark.experiment import warn_cut
+    from lark.models import train_tokenizer
+
+    cfg = compose(["+experiment=own_data", "max_length=64"])
+    tokenizer = train_tokenizer(["what does the atlas say about the river", "the river runs north"] * 50, 300)
+    short = {"id": "a", "question": "Where does the river run?", "context": None, "answer": "North."}
+    long = short | {"id": "b", "question": " ".join(["the river runs north"] * 5000)}  # a 20,000-word prompt
+    printed = []
+    cut = warn_cut(
+        cfg, tokenizer, {"fine-tuning items": [short, long, short], "test questions": [short]}, printed.append
+    )
+    assert cut == {"fine-tuning items": [1, 3]}
+    assert printed == [
+        "[lark] warning: longer than max_length=64 tokens, so cut (a prompt in its middle, keeping its last 64 tokens; "
+        "a document at its end): 1 of 3 fine-tuning items"
+    ]
+    assert warn_cut(cfg, tokenizer, {"test questions": [short]}, printed.append) == {} and len(printed) == 1
