@@ -20,9 +20,10 @@ from lark import console, legacy, rundir
 from lark.analysis import analyze as analysis
 from lark.callbacks import AttributionCallback
 from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
+from lark.config_files import apply_config_files
 from lark.data.corpora import check_corpora
 from lark.data.datamodule import LarkDataModule
-from lark.data.formats import encode, n_cut
+from lark.data.formats import encode, n_cut, qa_fields
 from lark.data.io import BadRows, write_json, write_jsonl
 from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources, check_sources
@@ -222,6 +223,7 @@ def warn_cut(cfg, tokenizer, named_sets, log=print):
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
+    apply_config_files(cfg)  # data.corpora_file, source.file
     run_dir, resume = open_run(cfg, log)
     train_items, test_items, corpora = prepare_data(cfg, run_dir, log)
     sets = build_sources(cfg.source, cfg.format, train_items, test_items, corpora, cfg.seed)
@@ -230,7 +232,9 @@ def train(cfg, log=print):
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
     self_check(cfg, model, tokenizer, sets, log)
-    warn_cut(cfg, tokenizer, {"fine-tuning items": train_items, "test questions": test_items} | sets, log)
+    items = {"fine-tuning items": train_items, "test questions": test_items}
+    items = {name: [qa_fields(i, cfg.format.answer_template) for i in rows] for name, rows in items.items()}
+    warn_cut(cfg, tokenizer, items | sets, log)
     data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed, cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(

@@ -12,6 +12,16 @@ from lark.errors import DataError
 from lark.preflight import PreflightError, preflight
 
 EXAMPLE = ROOT / "docs" / "examples" / "own_data"
+TINY = [  # a smaller tiny model and one epoch: the README's commands in seconds
+    "model.tokenizer.vocab_size=512",
+    "model.pretrain.steps=20",
+    "model.pretrain.batch_size=8",
+    "model.pretrain.max_length=64",
+    "max_length=96",
+    "attribution.projector.k=512",
+    "trainer.max_epochs=1",
+    "logger=none",
+]
 
 
 def test_a_bin_only_model_folder_is_caught_by_preflight(tmp_path):
@@ -86,3 +96,40 @@ def test_a_prompt_cut_by_max_length_is_counted_in_one_warning():
         "a document at its end): 1 of 3 fine-tuning items"
     ]
     assert warn_cut(cfg, tokenizer, {"test questions": [short]}, printed.append) == {} and len(printed) == 1
+
+
+def readme_block(heading):
+    """The first ```bash block after `heading` in the README."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```bash\n", text.index(heading)) + len("```bash\n")
+    return text[start : text.index("```\n", start)]
+
+
+@pytest.mark.slow
+def test_the_readmes_three_corpora_of_your_own_run_as_written(tmp_path):
+    """The README's commands, run in a folder holding the user's files (the shipped example under new names), with
+    a tiny model and one epoch appended: every source is built from the named corpora."""
+    import shutil
+
+    for mine, shipped in [("train", "train"), ("test", "test"), ("facts", "atlas"), ("offtopic", "recipes")]:
+        shutil.copy(EXAMPLE / f"{shipped}.jsonl", tmp_path / f"my_{mine}.jsonl")
+    items = [json.loads(line) for line in (EXAMPLE / "train.jsonl").read_text().splitlines()[:6]]
+    dups = [{"id": f"dup-{r['id']}", "text": f"{r['prompt']} {r['response']}"} for r in items]  # near-duplicates
+    (tmp_path / "my_neardups.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dups))
+    script = readme_block("**Your own corpora and sources, by name**").rstrip()
+    script = script.replace("python train.py", f"{sys.executable} {ROOT / 'train.py'}")
+    script += f" {' '.join(TINY)} hydra.run.dir={tmp_path / 'run'}\n"
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    written = {p.stem: len(p.read_text().splitlines()) for p in (run / "data" / "sources").glob("*.jsonl")}
+    assert set(written) == {"finetune", "facts_bm25", "facts_raw", "offtopic", "neardups"}
+    assert written["neardups"] == 6
+    metrics = json.loads((run / "attribution" / "epoch_001" / "metrics.json").read_text())
+    assert metrics["pt_source"] == "facts_bm25" and set(metrics["format_effect"]) == {"facts"}
+    assert {n: s.get("corpus") for n, s in metrics["sources"].items() if s.get("corpus")} == {
+        "facts_bm25": "facts",
+        "facts_raw": "facts",
+        "offtopic": "offtopic",
+        "neardups": "neardups",
+    }
