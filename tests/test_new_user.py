@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from conftest import ROOT, compose
+from omegaconf import OmegaConf
 
 from lark.errors import DataError
 from lark.preflight import PreflightError, preflight
@@ -133,3 +134,30 @@ def test_the_readmes_three_corpora_of_your_own_run_as_written(tmp_path):
         "offtopic": "offtopic",
         "neardups": "neardups",
     }
+
+
+def test_config_files_errors_name_the_key_and_the_file(tmp_path):
+    from lark.config_files import apply_config_files
+    from lark.errors import ConfigError
+
+    cfg = compose(["+experiment=own_data", f"data.corpora_file={tmp_path / 'none.yaml'}"])
+    with pytest.raises(ConfigError, match=r"data.corpora_file=.*none.yaml: file not found"):
+        apply_config_files(cfg)
+    bad = tmp_path / "corpora.yaml"
+    bad.write_text("facts: a.jsonl\nnews: [unclosed\n")
+    cfg = compose(["+experiment=own_data", f"data.corpora_file={bad}"])
+    with pytest.raises(ConfigError, match=rf"data.corpora_file: {bad}:\d: not valid YAML/JSON"):
+        apply_config_files(cfg)
+    bad.write_text('\ufeff{"facts": "a.jsonl", "news": {"hub_id": "org/news", "text_field": "body"}}')  # JSON, BOM
+    assert OmegaConf.to_container(apply_config_files(cfg).data.corpora) == {
+        "facts": {"path": str(tmp_path / "a.jsonl"), "text_field": "text", "id_field": "id", "limit": None},
+        "news": {"hub_id": "org/news", "text_field": "body"},
+    }
+    sources = tmp_path / "sources.yaml"
+    sources.write_text("sources: {finetune: {kind: finetune, formatted: true}}\npt_sorce: x\n")
+    cfg = compose(["+experiment=own_data", f"source.file={sources}"])
+    with pytest.raises(ConfigError, match=r"source.file: .*unknown keys \['pt_sorce'\]"):
+        apply_config_files(cfg)
+    sources.write_text("sources: {finetune: {kind: finetune, formatted: true}}\n")
+    assert list(apply_config_files(cfg).source.sources) == ["finetune"]  # replaced whole
+    assert cfg.source.pt_source == "atlas_retrieved"  # keys the file does not give keep the recipe's values
