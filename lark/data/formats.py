@@ -144,6 +144,12 @@ def encode(tokenizer, example, fmt, max_length):
     return encode_qa(tokenizer, example, fmt, max_length)
 
 
+def n_cut(tokenizer, examples, fmt, max_length):
+    """How many of `examples` encode() cuts at max_length tokens (a QA prompt in its middle, an answer beyond
+    half of max_length, a document's tail)."""
+    return sum(len(encode(tokenizer, e, fmt, 2**62)["input_ids"]) > max_length for e in examples)
+
+
 class Encoder:
     """encode / encode_qa for one tokenizer, format and max_length, memoised by content: each distinct example
     (and candidate answer) is tokenised once per run, however many checkpoints use it. The returned encodings
