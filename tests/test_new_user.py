@@ -161,3 +161,17 @@ def test_config_files_errors_name_the_key_and_the_file(tmp_path):
     sources.write_text("sources: {finetune: {kind: finetune, formatted: true}}\n")
     assert list(apply_config_files(cfg).source.sources) == ["finetune"]  # replaced whole
     assert cfg.source.pt_source == "atlas_retrieved"  # keys the file does not give keep the recipe's values
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    from lark.data.io import read_jsonl
+
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + b'{"id": "a", "prompt": "q?", "response": "r."}\r\n{"id": "b", "prompt": "p", "response": "s"}\r\n'
+    )
+    assert [(n, r["id"]) for n, r in read_jsonl(path)] == [(1, "a"), (2, "b")]
+    path.write_bytes(b'{"id": "a"}\n\xef\xbb\xbf{"id": "b"}\n')  # a BOM inside the file is still an error
+    with pytest.raises(DataError, match=r"windows.jsonl:2: invalid JSON"):
+        list(read_jsonl(path))

@@ -79,14 +79,16 @@ def parse_line(raw, where):
 
 
 def read_jsonl(path, bad=None):
-    """Yield (line_number, record) for each non-blank line of a JSON Lines file. Bad lines raise DataError
-    (file:line: what), or go to `bad` (a BadRows) when given."""
+    """Yield (line_number, record) for each non-blank line of a JSON Lines file (a leading UTF-8 BOM is skipped).
+    Bad lines raise DataError (file:line: what), or go to `bad` (a BadRows) when given."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     bad = bad or BadRows()
     with open(path, "rb") as f:
         for line_no, raw in enumerate(read_lines(f), start=1):
+            if line_no == 1 and raw:  # a UTF-8 byte order mark (Windows editors save one) is not data
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 record = parse_line(raw, f"{path}:{line_no}")
             except DataError as e:
