@@ -10,9 +10,8 @@ Layout written under attribution/epoch_NNN/:
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
   predictions.jsonl           per test question: gold and predicted answer, loss of the gold answer
-  metrics.json                (schema: lark/analysis/schema.py) the paper's metrics (see lark.analysis.metrics) + the
-                              evaluation, lr, storage, BM25 baseline, the
-                              ids of examples with non-finite gradients, fingerprints; written last (= complete)
+  metrics.json                (schema: lark/analysis/schema.py) the paper's metrics (lark.analysis.metrics) + the eval,
+                              lr, storage, BM25 baseline, non-finite ids, fingerprints, warnings; written last
   shards/                     only while a set larger than attribution.shard_size is in progress (lark.kernel.build)
 Stores, shards, score matrices and checkpoints carry checksums (lark.data.io); `completed` and `intact` say what
 resume=true does with one that fails its own.
@@ -31,9 +30,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lark import notices
 from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
-from lark.data.bm25 import source_scores as bm25_source_scores
 from lark.data.formats import Encoder
 from lark.data.io import check_manifest, check_safetensors, disk_full, write_csv, write_json, write_jsonl
 from lark.data.sources import example_text, query_examples
@@ -240,11 +239,13 @@ def evaluate(ck, test_items, fields):
     """(evaluator, value, predicted answers) of the test questions under the `eval` config; the value is logged."""
     evaluator = instantiate(ck.cfg.eval)
     value, predicted = evaluator(ck.model, ck.encoder, test_items, fields)
+    shown = "-" if value is None else f"{value:.3f}"
     ck.log(
-        f"[lark] {ck.name}: not evaluated (eval=none)"
-        if evaluator.metric == "none"
-        else f"[lark] {ck.name}: test {evaluator.metric} " + ("-" if value is None else f"{value:.3f}")
+        f"[lark] {ck.name}: "
+        + ("not evaluated (eval=none)" if evaluator.metric == "none" else f"test {evaluator.metric} {shown}")
     )
+    if warning := evaluator.warning(value, len(test_items)):  # every answer scores 0: say so, and keep it
+        notices.warn(ck.run_dir if ck.rank == 0 else None, f"eval_{ck.name}", warning, ck.log, epoch=ck.epoch)
     return evaluator, value, predicted
 
 
@@ -365,31 +366,21 @@ def measure(ck, stores, maxinf, queries, sets, info):
         **info,
         "n_queries": len(queries),
         **result,
-        "bm25": bm25_baseline(queries, sets, src),
+        "bm25": M.bm25_baseline(
+            [q["question"] for q in queries],
+            {name: [example_text(e) for e in examples] for name, examples in sets.items()},
+            src.ft_source,
+            src.pt_source,
+        ),
         "storage": storage(ck.model, stores.projector.k, attr.store_dtype, src.size),
         "projector": stores.projector.spec(),
         "kernel": stores.kernel.spec(),
         "loss_target": {"answer_template": fmt.get("answer_template"), "query_target": attr.get("query_target")},
         "nonfinite": {"count": sum(map(len, stores.nonfinite.values())), "ids": stores.nonfinite},
         "fingerprints": ck.prints,
+        "warnings": notices.read(ck.run_dir),
     }
     return check_metrics(M.clean(result), ck.out_dir / "metrics.json")
-
-
-def bm25_baseline(queries, sets, src):
-    """Table IV's lexical baseline: the FT/PT wins and mean max of BM25 scores (question -> document text)."""
-    scores = bm25_source_scores(
-        [q["question"] for q in queries],
-        {name: [example_text(e) for e in examples] for name, examples in sets.items()},
-    )
-    metrics = M.influence_metrics(
-        {name: M.max_influence(s).float() for name, s in scores.items()}, src.ft_source, src.pt_source, {}
-    )
-    return {
-        "ft_wins": metrics["ft_wins"],
-        "pt_wins": metrics["pt_wins"],
-        "sources": {n: {"mean_max": s["mean_max"]} for n, s in metrics["sources"].items()},
-    }
 
 
 def storage(model, k, tier, n_examples):

@@ -19,7 +19,7 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lark import console, legacy, rundir
+from lark import console, legacy, notices, rundir
 from lark.analysis import analyze as analysis
 from lark.callbacks import AttributionCallback
 from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
@@ -235,19 +235,19 @@ def trainer_device(trainer_cfg):
     return torch.device("cpu") if accelerator in ("cpu", "auto") else None
 
 
-def warn_cut(cfg, tokenizer, named_sets, log=print):
-    """One `[lark] warning:` line counting the examples longer than max_length (cut, never silently); returns
-    {name: [cut, total]} of the sets with a cut example."""
+def warn_cut(cfg, tokenizer, named_sets, log=print, run_dir=None):
+    """One `[lark] warning:` line counting the examples longer than max_length (cut, never silently; recorded in
+    data/warnings.json, lark.notices); returns {name: [cut, total]} of the sets with a cut example."""
     cut = {
         name: [n_cut(tokenizer, items, cfg.format, cfg.max_length), len(items)] for name, items in named_sets.items()
     }
     cut = {name: counts for name, counts in cut.items() if counts[0]}
     if cut:
-        log(
-            f"[lark] warning: longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping "
-            "its last 64 tokens; a document at its end): "
-            + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
+        message = (
+            f"longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping its last 64 "
+            "tokens; a document at its end): " + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
         )
+        notices.warn(run_dir, "max_length", message, log, counts=cut)
     return cut
 
 
@@ -265,7 +265,7 @@ def train(cfg, log=print):
     self_check(cfg, model, tokenizer, sets, log)
     items = {"fine-tuning items": train_items, "test questions": test_items}
     items = {name: [qa_fields(i, cfg.format.answer_template) for i in rows] for name, rows in items.items()}
-    warn_cut(cfg, tokenizer, items | sets, log)
+    warn_cut(cfg, tokenizer, items | sets, log, run_dir)
     data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed, cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(

@@ -175,3 +175,21 @@ def test_a_utf8_bom_is_accepted(tmp_path):
     path.write_bytes(b'{"id": "a"}\n\xef\xbb\xbf{"id": "b"}\n')  # a BOM inside the file is still an error
     with pytest.raises(DataError, match=r"windows.jsonl:2: invalid JSON"):
         list(read_jsonl(path))
+
+
+def test_every_answer_scoring_zero_is_a_warning_kept_for_metrics_json(tmp_path):
+    from lark import notices
+    from lark.analysis.schema import check
+    from lark.evaluation import AnswerLoss, ExactMatch
+
+    printed = []
+    message = ExactMatch().warning(0.0, 20)
+    assert message.startswith("every one of the 20 test answers scores 0 under eval exact_match")
+    assert ExactMatch().warning(0.05, 20) is None and AnswerLoss().warning(0.0, 20) is None  # lower is better
+    notices.warn(tmp_path, "eval_epoch_001", message, printed.append, epoch=1)
+    notices.warn(tmp_path, "eval_epoch_001", message, printed.append, epoch=1)  # a resume replaces, never piles up
+    assert printed == [f"[lark] warning: {message}"] * 2
+    assert notices.read(tmp_path) == {"eval_epoch_001": {"message": message, "epoch": 1}}
+    sources = {"ft": {"mean_max": 0.5}, "pt": {"mean_max": 0.2}}
+    metrics = {"epoch": 1, "sources": sources, "ft_source": "ft", "pt_source": "pt", "warnings": notices.read(tmp_path)}
+    assert check(metrics, "metrics.json")["warnings"]["eval_epoch_001"]["epoch"] == 1
