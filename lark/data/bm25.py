@@ -44,12 +44,12 @@ def tokens(text):
 def configure(cfg=None):
     """Set the BM25 every caller gets (source.bm25: backend, k1, b, epsilon, chunk, dtype); unknown keys or
     backends fail naming the key."""
-    for key, value in dict(cfg or {}).items():
-        if key == "index_dir":
+    for key in cfg or {}:
+        if key == "index_dir":  # read by the retrieve kind (conf/source/kinds), not here
             continue
         if key not in SETTINGS:
             raise ConfigError(f"source.bm25.{key}: unknown key ({', '.join(SETTINGS)} or index_dir)")
-        SETTINGS[key] = value
+        SETTINGS[key] = cfg[key]
     if SETTINGS["backend"] not in BACKENDS:
         raise ConfigError(f"source.bm25.backend: unknown '{SETTINGS['backend']}' ({', '.join(BACKENDS)})")
     if SETTINGS["dtype"] not in ("float32", "float64"):
