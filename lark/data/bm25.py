@@ -142,6 +142,7 @@ class Bm25sIndex:
         counts = Counts()
         for part in chunks(texts, chunk):
             counts.add(part)
+            part.clear()  # let this chunk's texts go before the next chunk is read
         data, indices, indptr = counts.okapi(k1, b, epsilon, dtype)
         self.index = bm25s.BM25(k1=k1, b=b, method="atire", dtype=dtype, int_dtype="int32")
         self.index.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": counts.n}
@@ -222,7 +223,12 @@ class BM25:
         self.index.save(tmp)
         (tmp / "lark_bm25.json").write_text(json.dumps(self.settings, sort_keys=True))
         shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process saved the same index meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (directory / "lark_bm25.json").is_file():
+                raise
 
     @classmethod
     def load(cls, directory):
