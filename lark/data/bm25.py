@@ -69,10 +69,16 @@ def chunks(iterable, size):
         yield chunk
 
 
-def count_chunk(texts, vocab, first_row):
+def smallest(values, limit):
+    """values as uint16 when all are below 2^16 (the usual case: 2 bytes an entry while the corpus is read), else
+    as int32 (values below `limit`)."""
+    return values.astype(np.uint16 if limit <= 2**16 else np.int32)
+
+
+def count_chunk(texts, vocab):
     """One chunk's word counts, by word: (words [k] int32 distinct word ids, ascending; per_word [k] int64 entries of
-    each; rows [nnz] int32 document indices (from first_row), by word then document; counts [nnz] int32;
-    lengths [n] int64 words per document). New words join `vocab` {word: id}."""
+    each; rows [nnz] documents (within the chunk), by word then document; counts [nnz]; lengths [n] int64 words
+    per document). New words join `vocab` {word: id}."""
     ids, lengths = [], []
     for text in texts:
         words = tokens(text)
@@ -83,7 +89,8 @@ def count_chunk(texts, vocab, first_row):
     pairs, counts = np.unique(np.array(ids, dtype=np.int64) * len(lengths) + doc, return_counts=True)
     word, row = np.divmod(pairs, len(lengths))  # sorted by word, then document
     words, per_word = np.unique(word, return_counts=True)
-    return words.astype(np.int32), per_word, (row + first_row).astype(np.int32), counts.astype(np.int32), lengths
+    most = int(counts.max()) + 1 if len(counts) else 0
+    return words.astype(np.int32), per_word, smallest(row, len(lengths)), smallest(counts, most), lengths
 
 
 class Counts:
@@ -94,10 +101,10 @@ class Counts:
         self.vocab, self.parts, self.lengths, self.n = {}, [], [], 0
 
     def add(self, texts):
-        part = count_chunk(texts, self.vocab, self.n)
-        self.parts.append(part[:4])
-        self.lengths.append(part[4])
-        self.n += len(part[4])
+        *part, lengths = count_chunk(texts, self.vocab)
+        self.parts.append((*part, self.n))
+        self.lengths.append(lengths)
+        self.n += len(lengths)
 
     def okapi(self, k1, b, epsilon, dtype):
         """The CSC arrays (data [nnz] dtype, indices [nnz] int32 documents, indptr [V + 1] int64) of the [N, V]
@@ -105,7 +112,7 @@ class Counts:
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         n_words = len(self.vocab)
         df = np.zeros(n_words, dtype=np.int64)
-        for words, per_word, _, _ in self.parts:
+        for words, per_word, *_ in self.parts:
             df[words] += per_word
         idf = okapi_idf(df, len(lengths), epsilon)
         norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-300)) if len(lengths) else lengths
@@ -113,8 +120,8 @@ class Counts:
         np.cumsum(df, out=indptr[1:])
         data, indices, filled = np.empty(indptr[-1], dtype), np.empty(indptr[-1], np.int32), indptr[:-1].copy()
         while self.parts:  # each chunk's entries go after the earlier chunks' entries of the same word
-            words, per_word, rows, counts = self.parts.pop(0)
-            word = np.repeat(words, per_word)
+            words, per_word, rows, counts, first_row = self.parts.pop(0)
+            rows, word = rows.astype(np.int64) + first_row, np.repeat(words, per_word)
             start = np.repeat(filled[words] - np.cumsum(per_word) + per_word, per_word)
             at = start + np.arange(len(rows))
             data[at] = idf[word] * counts * (k1 + 1) / (counts + norm[rows])
