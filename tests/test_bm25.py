@@ -143,6 +143,7 @@ def test_a_saved_index_is_reused_and_a_changed_corpus_rebuilt(tmp_path, world):
     assert "indexed" in logs[-1] and len(changed) == 199
     bm25.configure({"k1": 1.2})  # other settings: another key too
     assert bm25.index_key(corpus_key(docs)) != bm25.index_key(corpus_key(docs), {"k1": 1.5})
+    assert bm25.index_key(corpus_key(docs)) == bm25.index_key(corpus_key(docs), {"chunk": 3})  # same index
     assert len(list((tmp_path / "idx").iterdir())) == 2
 
 

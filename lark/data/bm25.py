@@ -259,8 +259,9 @@ def top(scores, depth):
 
 def index_key(corpus_key, settings=None):
     """The name a saved index goes by: a hash of what identifies the corpus (its config and file state, or its
-    content), the tokenisation and the BM25 settings."""
-    return content_hash("bm25", corpus_key, TOKEN_PATTERN, SETTINGS | (settings or {}))
+    content), the tokenisation and the BM25 settings (but the chunk size, which changes nothing in the index)."""
+    settings = {k: v for k, v in (SETTINGS | (settings or {})).items() if k != "chunk"}
+    return content_hash("bm25", corpus_key, TOKEN_PATTERN, settings)
 
 
 def cached(texts, corpus_key, directory, desc=None, log=print):
