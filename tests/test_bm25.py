@@ -4,6 +4,8 @@ index that is reused until the corpus or the settings change. (The Okapi formula
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,17 @@ def test_source_bm25_is_checked_and_selects_the_backend():
         bm25.configure({"k2": 1})
     bm25.configure(compose(["source.bm25.backend=rank_bm25"]).source.bm25)
     assert isinstance(bm25.BM25(["a b", "b c"]).index, bm25.RankBm25Index)
+
+
+@pytest.mark.slow  # two fresh subprocesses (each imports torch)
+def test_the_scale_benchmark_runs_both_backends(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bm25_scale.py"
+    args = ["--sizes", "300", "--queries", "5", "--depth", "10", "--workdir", str(tmp_path)]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| bm25s") or line.startswith("| rank_bm25")]
+    assert len(rows) == 2 and all("| 300 |" in r and "did not finish" not in r for r in rows), out.stdout
+    first = (tmp_path / "corpus_300.jsonl").read_text()
+    (tmp_path / "corpus_300.jsonl").unlink()
+    subprocess.run([sys.executable, str(script), *args, "--backends", "bm25s"], check=True, capture_output=True)
+    assert (tmp_path / "corpus_300.jsonl").read_text() == first  # the generated corpus is deterministic
