@@ -77,12 +77,12 @@ def queries(n, seed=1, vocab=50_000):
     return draw(rng, words, cdf, rng.integers(8, 21, n))
 
 
-def child(backend, path, n_queries, depth, report):
+def child(backend, path, n_queries, depth, report, dtype):
     """Index the corpus at `path` with `backend`, retrieve, and keep `report` (JSON) up to date: index time, then
     the queries done so far and their time, then the peak memory (a stopped run still tells its rate)."""
     docs = JsonlCorpus(path, stream=True)(BadRows())
     start, cpu = time.perf_counter(), time.process_time()
-    index = BM25((d["text"] for d in docs), backend=backend)
+    index = BM25((d["text"] for d in docs), backend=backend, dtype=dtype)
     out = {"docs": len(index), "index_s": time.perf_counter() - start, "index_cpu": time.process_time() - cpu}
     Path(report).write_text(json.dumps(out | {"done": 0}))
     qs = queries(n_queries)
@@ -115,7 +115,7 @@ def run(backend, path, args):
     report = path.with_name(f"{path.stem}.{backend}.json")
     report.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", backend, str(path), str(report), "--queries", str(args.queries)]
-    proc = subprocess.Popen(cmd + ["--depth", str(args.depth)])
+    proc = subprocess.Popen(cmd + ["--depth", str(args.depth), "--dtype", args.dtype])
     start, stopped = time.monotonic(), None
     while proc.poll() is None and stopped is None:
         time.sleep(0.2)
@@ -155,11 +155,12 @@ def main():
     ap.add_argument("--budget-s", type=float, default=3600, help="stop a bm25s run after this many seconds")
     ap.add_argument("--rank-bm25-budget-s", type=float, default=600, help="stop a rank_bm25 run after this many s")
     ap.add_argument("--max-rss-gb", type=float, default=8, help="stop a run whose resident memory passes this")
+    ap.add_argument("--dtype", default="float64", help="the bm25s index's weights (source.bm25.dtype)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lark_bm25_scale"), help="where the corpora go")
     ap.add_argument("--child", nargs=3, metavar=("BACKEND", "CORPUS", "REPORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(*args.child[:2], args.queries, args.depth, args.child[2])
+        return child(*args.child[:2], args.queries, args.depth, args.child[2], args.dtype)
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"<!-- load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores -->")
     head = f"| backend | documents | index, s (CPU s) | {args.queries} queries, top {args.depth}: s (CPU s) |"
