@@ -12,18 +12,41 @@ seed, and returns QA items or documents {id, text}. QA items become QA fields; d
 rendered with the fine-tuning template) or NoFormat (raw text).
 """
 
+import hashlib
+import random
+
 from hydra.utils import instantiate
 
-from lark.data.bm25 import BM25
+from lark.data import bm25
 from lark.data.formats import document_fields, qa_fields
 from lark.data.readers import sample
 from lark.errors import ConfigError
 
 
-def bm25_retrieve(queries, docs, n, per_query=10):
-    """Up to n distinct documents, taking each query's rank-1 hit, then each query's rank-2 hit, and so on."""
-    index = BM25([d["text"] for d in docs], "BM25 indexing")
+def corpus_key(docs):
+    """What identifies a corpus for a saved BM25 index: a streamed corpus's fingerprint (its config and file
+    state), else a hash of every document's id and text."""
+    if hasattr(docs, "fingerprint"):
+        return docs.fingerprint()
+    digest = hashlib.sha256()
+    for d in docs:
+        digest.update(f"{len(d['id'])}:{d['id']}{len(d['text'])}:".encode() + d["text"].encode())
+    return digest.hexdigest()
+
+
+def take(docs, positions):
+    """The documents at `positions` (a streamed corpus reads them in one pass)."""
+    return docs.take(positions) if hasattr(docs, "take") else [docs[i] for i in positions]
+
+
+def bm25_retrieve(queries, docs, n, per_query=10, index_dir=None):
+    """Up to n distinct documents, taking each query's rank-1 hit, then each query's rank-2 hit, and so on.
+    docs: a list or a streamed corpus (lark.data.corpora.Streamed), indexed in chunks; index_dir: where the
+    index is saved and reused (lark.data.bm25.cached)."""
+    index = bm25.cached(lambda: (d["text"] for d in docs), corpus_key(docs), index_dir, "BM25 indexing")
     rankings = index.rankings(queries, per_query, "BM25 retrieval")
+    positions = sorted({int(i) for ranking in rankings for i in ranking})
+    found = dict(zip(positions, take(docs, positions)))
     picked, seen_ids, seen_text = [], set(), set()
     for rank in range(per_query):
         for ranking in rankings:
@@ -31,7 +54,7 @@ def bm25_retrieve(queries, docs, n, per_query=10):
                 return picked
             if rank >= len(ranking):
                 continue
-            doc = docs[ranking[rank]]
+            doc = found[int(ranking[rank])]
             text_key = " ".join(doc["text"].lower().split())
             if doc["id"] in seen_ids or text_key in seen_text:
                 continue
@@ -47,14 +70,17 @@ def finetune(train_items, size, **_):
     return train_items[:size]
 
 
-def retrieve(docs, test_items, size, per_query=10, **_):
+def retrieve(docs, test_items, size, per_query=10, index_dir=None, **_):
     """BM25 with the test questions as queries (round robin, de-duplicated)."""
-    return bm25_retrieve([item["question"] for item in test_items], docs, size, per_query)
+    return bm25_retrieve([item["question"] for item in test_items], docs, size, per_query, index_dir)
 
 
 def random_sample(docs, size, seed, **_):
-    """`size` documents drawn without replacement (seeded), in corpus order."""
-    return sample(docs, size, seed)
+    """`size` documents drawn without replacement (seeded), in corpus order (lark.data.readers.sample; a streamed
+    corpus is read once for them)."""
+    if not hasattr(docs, "take") or size >= len(docs):
+        return sample(docs, size, seed)
+    return docs.take(sorted(random.Random(seed).sample(range(len(docs)), size)))
 
 
 def every_document(docs, **_):
@@ -94,8 +120,10 @@ def check_sources(source_cfg, corpus_names):
 
 def build_sources(source_cfg, fmt, train_items, test_items, corpora, seed):
     """{source name: [example]} where an example is QA fields {id, question, context, answer} or {id, text}.
-    corpora: {name: [document]}. Sources with the same kind, corpus and size share one selection."""
+    corpora: {name: [document]}. Sources with the same kind, corpus and size share one selection. source.bm25
+    sets the BM25 of this run (lark.data.bm25.configure)."""
     check_sources(source_cfg, list(corpora))
+    bm25.configure(source_cfg.get("bm25"))
     select, chosen, sets = selectors(source_cfg), {}, {}
     for name, spec in source_cfg.sources.items():
         size = spec.get("size", source_cfg.size)
