@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 
 from lark.errors import ConfigError
 
-SOURCE_KEYS = {"sources", "ft_source", "pt_source", "format_pairs", "size", "bm25_per_query", "kinds"}
+SOURCE_KEYS = {"sources", "ft_source", "pt_source", "format_pairs", "size", "bm25_per_query", "kinds", "bm25"}
 
 
 def read_mapping(path, key):

@@ -26,7 +26,7 @@ from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
 from lark.config_files import apply_config_files
 from lark.data.corpora import check_corpora
 from lark.data.datamodule import LarkDataModule
-from lark.data.formats import encode, n_cut, qa_fields
+from lark.data.formats import encode, qa_fields
 from lark.data.io import BadRows, write_json, write_jsonl
 from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources, check_sources
@@ -235,22 +235,6 @@ def trainer_device(trainer_cfg):
     return torch.device("cpu") if accelerator in ("cpu", "auto") else None
 
 
-def warn_cut(cfg, tokenizer, named_sets, log=print, run_dir=None):
-    """One `[lark] warning:` line counting the examples longer than max_length (cut, never silently; recorded in
-    data/warnings.json, lark.notices); returns {name: [cut, total]} of the sets with a cut example."""
-    cut = {
-        name: [n_cut(tokenizer, items, cfg.format, cfg.max_length), len(items)] for name, items in named_sets.items()
-    }
-    cut = {name: counts for name, counts in cut.items() if counts[0]}
-    if cut:
-        message = (
-            f"longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping its last 64 "
-            "tokens; a document at its end): " + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
-        )
-        notices.warn(run_dir, "max_length", message, log, counts=cut)
-    return cut
-
-
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
@@ -260,12 +244,13 @@ def train(cfg, log=print):
     sets = build_sources(cfg.source, cfg.format, train_items, test_items, corpora, cfg.seed)
     for name, examples in sets.items():
         write_jsonl(examples, run_dir / "data" / "sources" / f"{name}.jsonl")
+    notices.report_shortfalls(cfg, sets, len(train_items), run_dir, log)
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
     self_check(cfg, model, tokenizer, sets, log)
     items = {"fine-tuning items": train_items, "test questions": test_items}
     items = {name: [qa_fields(i, cfg.format.answer_template) for i in rows] for name, rows in items.items()}
-    warn_cut(cfg, tokenizer, items | sets, log, run_dir)
+    notices.warn_cut(cfg, tokenizer, items | sets, log, run_dir)
     data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed, cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(

@@ -80,8 +80,8 @@ def test_an_empty_test_file_through_train_py_is_one_line_and_exit_2(tmp_path):
 
 
 def test_a_prompt_cut_by_max_length_is_counted_in_one_warning():
-    from lark.experiment import warn_cut
     from lark.models import train_tokenizer
+    from lark.notices import warn_cut
 
     cfg = compose(["+experiment=own_data", "max_length=64"])
     tokenizer = train_tokenizer(["what does the atlas say about the river", "the river runs north"] * 50, 300)
@@ -193,3 +193,34 @@ def test_every_answer_scoring_zero_is_a_warning_kept_for_metrics_json(tmp_path):
     sources = {"ft": {"mean_max": 0.5}, "pt": {"mean_max": 0.2}}
     metrics = {"epoch": 1, "sources": sources, "ft_source": "ft", "pt_source": "pt", "warnings": notices.read(tmp_path)}
     assert check(metrics, "metrics.json")["warnings"]["eval_epoch_001"]["epoch"] == 1
+
+
+def test_a_source_short_of_documents_is_a_warning_and_finetune_takes_every_item(tmp_path):
+    """The issue's run: `retrieve` 60 of an 80-document corpus gave 46 with no message; 60 fine-tuning items were
+    silently cut to the shipped source.size 16."""
+    from lark import notices
+    from lark.data.sources import build_sources
+
+    cfg = compose(["+experiment=own_data", "source.size=60"])
+    train = [
+        {"id": f"t{i}", "question": f"What is fact {i}?", "contexts": [], "answer": f"Fact {i}."} for i in range(60)
+    ]
+    test = [{"id": "q0", "question": "What is fact 3?", "contexts": [], "answer": "Fact 3."}]
+    docs = [{"id": f"d{i}", "text": f"Fact {i} is stated here. It is true."} for i in range(80)]
+    corpora = {"atlas": docs, "news": docs[:20], "recipes": docs[:5]}
+    sets = build_sources(cfg.source, cfg.format, train, test, corpora, seed=0)
+    assert len(sets["finetune"]) == 60  # every fine-tuning item: the finetune source sets no size of its own
+    printed = []
+    notices.report_shortfalls(cfg, sets, len(train), tmp_path, printed.append)
+    why = "BM25 candidates: source.bm25_per_query per test question, or the corpus"
+    assert printed == [
+        f"[lark] warning: source atlas_retrieved holds 10 of the 60 documents asked ({why} ran out)",
+        f"[lark] warning: source atlas_raw holds 10 of the 60 documents asked ({why} ran out)",
+        "[lark] warning: source news_sampled holds 20 of the 60 documents asked (the corpus ran out)",
+    ]  # one test question x 10 candidates; recipes_all (`all`) asks for no number
+    assert notices.read(tmp_path)["shortfall_atlas_raw"] == {"message": printed[1][16:], "got": 10, "asked": 60}
+    cfg = compose(["+experiment=own_data", "source.size=60", "+source.sources.finetune.size=16"])
+    sets["finetune"] = build_sources(cfg.source, cfg.format, train, test, corpora, seed=0)["finetune"]
+    printed.clear()
+    notices.report_shortfalls(cfg, sets, len(train), None, printed.append)
+    assert printed[0] == "[lark] source finetune: 16 of the 60 fine-tuning items (source.sources.finetune.size=16)"

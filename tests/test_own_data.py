@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 pytestmark = pytest.mark.slow
 EXAMPLE = ROOT / "docs" / "examples" / "own_data"
-SOURCES = {"finetune": 16, "atlas_retrieved": 16, "atlas_raw": 16, "news_sampled": 16, "recipes_all": 12}
+SOURCES = {"finetune": 38, "atlas_retrieved": 16, "atlas_raw": 16, "news_sampled": 16, "recipes_all": 12}
 SMALL = [
     "model.tokenizer.vocab_size=512",
     "model.pretrain.steps=20",

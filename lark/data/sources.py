@@ -2,7 +2,7 @@
 
 A source is `{kind, corpus, size, formatted}` (conf/source). Its kind names an entry of `source.kinds`, a
 `_target_` config built with hydra.utils.instantiate (add your own kind there); the shipped kinds:
-- finetune: the first `size` fine-tuning QA items.
+- finetune: every fine-tuning QA item, or the first `size` when the source sets a size of its own.
 - retrieve: documents BM25-retrieved from the corpus with the test questions (round robin over the queries'
   rankings: every query's best document first, then every query's second, ...), de-duplicated, up to `size`.
 - sample: `size` documents drawn at random (seeded) from the corpus.
@@ -66,7 +66,7 @@ def bm25_retrieve(queries, docs, n, per_query=10, index_dir=None):
 
 # ------------------------------------------------------------------------------------ the shipped source kinds
 def finetune(train_items, size, **_):
-    """The first `size` fine-tuning items."""
+    """The first `size` fine-tuning items (None: all of them)."""
     return train_items[:size]
 
 
@@ -113,9 +113,27 @@ def check_sources(source_cfg, corpus_names):
                 f"source.sources.{name}.corpus: a '{spec.kind}' source needs a corpus "
                 f"(one of data.corpora: {', '.join(corpus_names) or 'none'})"
             )
-        size = spec.get("size", source_cfg.size)
-        if not isinstance(size, int) or size <= 0:
+        size = source_size(source_cfg, spec)
+        if size is not None and (not isinstance(size, int) or size <= 0):
             raise ConfigError(f"source.sources.{name}.size must be a positive integer, got {size}")
+
+
+def source_size(source_cfg, spec):
+    """How many examples a source asks for: its own `size`, else source.size -- except a `finetune` source, which
+    takes every fine-tuning item unless it names a size of its own (None = all)."""
+    return spec.get("size", None if spec.kind == "finetune" else source_cfg.size)
+
+
+def shortfalls(source_cfg, sets, n_train):
+    """[(source, got, asked, kind)] of the sources that hold fewer examples than they asked for (a corpus smaller
+    than the size, BM25 candidates exhausted) or, for `finetune`, fewer than the fine-tuning items."""
+    found = []
+    for name, spec in source_cfg.sources.items():
+        asked = source_size(source_cfg, spec)
+        asked = n_train if spec.kind == "finetune" else asked
+        if asked is not None and spec.kind != "all" and len(sets[name]) < asked:
+            found.append((name, len(sets[name]), asked, spec.kind))
+    return found
 
 
 def build_sources(source_cfg, fmt, train_items, test_items, corpora, seed):
@@ -126,7 +144,7 @@ def build_sources(source_cfg, fmt, train_items, test_items, corpora, seed):
     bm25.configure(source_cfg.get("bm25"))
     select, chosen, sets = selectors(source_cfg), {}, {}
     for name, spec in source_cfg.sources.items():
-        size = spec.get("size", source_cfg.size)
+        size = source_size(source_cfg, spec)
         key = (spec.kind, spec.get("corpus"), size)
         if key not in chosen:
             chosen[key] = select[spec.kind](
