@@ -95,7 +95,7 @@ def test_every_artifact_of_an_own_data_run(sweep, job, metric, column):
     from lark.analysis.schema import check
 
     run = sweep[0] / str(job)
-    assert "sketch self-check: the hooks reproduce" in sweep[1]
+    assert "sketch self-check on cpu: the hooks reach all" in sweep[1]
     train, test = lines(run / "data" / "train.jsonl"), lines(run / "data" / "test.jsonl")
     assert (len(train), len(test)) == (38, 10)
     assert test == [
