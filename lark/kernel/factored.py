@@ -58,7 +58,7 @@ def rademacher_signs(rows, cols, key, device):
 
 def project_side(x, signs):
     """x [..., d] -> x S^T [..., r] in x's dtype (S [r, d] of +-1), or x itself when signs is None (identity)."""
-    return x if signs is None else x @ signs.T.to(x.dtype)
+    return x if signs is None else x @ signs.T.to(x.dtype)  # (a no-op cast when S is kept in x's dtype)
 
 
 def factored_block(delta, x, p_out, p_in, scale):
@@ -196,19 +196,22 @@ class FactoredProjector(HookSketch):
         return {**spec, "precondition": self.precondition.spec()} if self.precondition is not None else spec
 
     # -- matrices, kept between batches -----------------------------------------------------------------------
-    def signs(self, name, axis, size, device):
-        """P's signs [r, size] on one axis ("out" or "in") of a matrix parameter, or None where r >= size."""
+    def signs(self, name, axis, size, device, dtype=torch.float32):
+        """P's signs [r, size] on one axis ("out" or "in") of a matrix parameter, in the model's dtype (+-1 is exact
+        in any), or None where r >= size."""
         r = self.r_out if axis == "out" else self.r_in
         if r >= size:
             return None
-        key = ("signs", name, axis, size, str(device))
+        key = ("signs", name, axis, size, str(device), dtype)
         if key not in self.cache:
-            self.cache[key] = rademacher_signs(r, size, name_key(self.seed, name, f"factored-{axis}"), device)
+            signs = rademacher_signs(r, size, name_key(self.seed, name, f"factored-{axis}"), device)
+            self.cache[key] = signs.to(dtype)
         return self.cache[key]
 
-    def matrices(self, name, n_out, n_in, device):
-        """(P_out signs, P_in signs, 1 / sqrt of the random sides' r) of a matrix parameter."""
-        p_out, p_in = self.signs(name, "out", n_out, device), self.signs(name, "in", n_in, device)
+    def matrices(self, name, n_out, n_in, like):
+        """(P_out signs, P_in signs, 1 / sqrt of the random sides' r) of a matrix parameter, on the device and in
+        the dtype of the tensor `like`."""
+        p_out, p_in = (self.signs(name, a, n, like.device, like.dtype) for a, n in (("out", n_out), ("in", n_in)))
         rows = (p_out.shape[0] if p_out is not None else 1) * (p_in.shape[0] if p_in is not None else 1)
         return p_out, p_in, 1 / math.sqrt(rows)
 
@@ -232,7 +235,7 @@ class FactoredProjector(HookSketch):
         if mod.weight is self.input_weight and self.normalizer.needs_norms:  # the tied embedding's cross term
             run.output_rows = rows_at_tokens(run.tokens, delta, x)
         squares = weight_squares(delta, x) if self.normalizer.needs_norms else None
-        run.add(w_name, factored_block(delta, x, *self.matrices(w_name, delta.shape[-1], x.shape[-1], x.device)), squares)
+        run.add(w_name, factored_block(delta, x, *self.matrices(w_name, delta.shape[-1], x.shape[-1], x)), squares)
 
     def add_norm(self, run, mod, out, grad):
         """A norm layer's bias and weight, from its output and output gradient [B, T, n] (exact, then slotted)."""
@@ -251,9 +254,9 @@ class FactoredProjector(HookSketch):
             grad = self.precondition.rows(name, tokens, grad)
         grad = without_padding(grad, tokens, getattr(mod, "padding_idx", None))
         vocab = mod.weight.shape[0]
-        p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad.device)
-        rows = torch.nn.functional.one_hot(tokens, vocab).float() if p_out is None else p_out.T[tokens]  # [B, T, r]
-        block = torch.bmm(rows.transpose(1, 2), project_side(grad, p_in).float()).flatten(1).mul_(scale)
+        p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad)
+        rows = torch.nn.functional.one_hot(tokens, vocab) if p_out is None else p_out.T[tokens]  # [B, T, r]
+        block = torch.bmm(rows.float().transpose(1, 2), project_side(grad, p_in).float()).flatten(1).mul_(scale)
         squares = embedding_squares(tokens, grad, run.output_rows) if self.normalizer.needs_norms else None
         run.add(name, block, squares)
 
