@@ -317,6 +317,9 @@ def main():
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--no-peers", action="store_true", help="leave out the peer libraries' rows")
     ap.add_argument(
+        "--kinds", nargs="*", default=None, help="only these projectors' rows (sketch, rapidin, factored; default all)"
+    )
+    ap.add_argument(
         "--rapidin-per-tensor",
         action="store_true",
         help="also time rapidin with per_tensor on the random-init models (always on smollm2-135m)",
@@ -337,6 +340,7 @@ def main():
         ("factored", "16x16", "none"),
         ("factored", "16x16", "per_tensor"),
     ] + ([("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
+    args.projectors = [row for row in args.projectors if args.kinds is None or row[0] in args.kinds]
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else CPU_MODELS)
