@@ -12,8 +12,8 @@ Cosine similarity of projections approximates cosine similarity of the full grad
 - HookSketch (kind `sketch`, the default, lark/kernel/sketch.py): the count sketch computed from forward/backward hooks,
   batched, without the model's weight-gradient GEMMs.
 - FactoredProjector (kind `factored`, lark/kernel/factored.py; LoGra / Bergson): each Linear module's gradient
-  projected from its factors, sum_t (P_out delta_t)(P_in x_t)^T, from the same hooks: faster at scale, error
-  ~1/sqrt(r_out r_in) per module instead of ~1/sqrt(k).
+  projected from its factors, sum_t (P_out delta_t)(P_in x_t)^T, from the same hooks: cheaper per layer, but a
+  module's error is that of two r-dim projections multiplied (~sqrt(1/r_out + 1/r_in)), not ~1/sqrt(k).
 
 Every projector has project_batch(model, batch) -> [B, k]; the first three also project(grads) one gradient.
 Projectors are chosen with `attribution/projector=<sketch|factored|rapidin|gaussian|exact>`
