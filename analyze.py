@@ -5,6 +5,7 @@ python analyze.py run_dir=multirun/2026-11-29_10-00-00 table1_epoch=2
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 def main(cfg):
     from lark.analysis.analyze import analyze
     from lark.analysis.runs import find_runs
+    from lark.errors import LarkError
 
     if cfg.validate:  # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml), so the report has it
         from lark.validation.load import load_config
@@ -23,7 +25,11 @@ def main(cfg):
 
         for run_dir in find_runs(cfg.run_dir).values():
             print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))
-    result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch, cfg.report, cfg.snippet_chars)
+    try:
+        result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch, cfg.report, cfg.snippet_chars)
+    except LarkError as e:  # an incomplete or corrupted run: the message says which file and what to do
+        print(f"[lark] error: {e}", file=sys.stderr)
+        sys.exit(2)
     for path in result["table_files"] + result["figure_files"] + ([result["report"]] if result["report"] else []):
         print(path)
 

@@ -18,11 +18,15 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg):
+    from lark.config_files import apply_config_files
+    from lark.console import tee_to_log
     from lark.errors import LarkError
     from lark.preflight import preflight
 
+    tee_to_log()  # train.log holds the whole console, timestamped
     run_dir = None
     try:
+        apply_config_files(cfg)  # data.corpora_file, source.file: your corpora and sources from a file
         preflight(cfg)  # seconds, before the heavy imports below: hub ids, GPU, disk
         from lark.experiment import train
 

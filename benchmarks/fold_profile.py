@@ -16,6 +16,15 @@ embedding and output layer small), random weights.
    (higher is faster), "fold share" the median share of the sketch's time spent in fold_into (timed around each
    call), and the same for the index schedule on the CPU (its speed here, not a GPU's).
 The last line is `SUMMARY ...`.
+
+    python benchmarks/fold_profile.py --fold-only    # on CUDA: the fold alone, one schedule per row
+
+3. `--fold-only`: the fold alone on one block of per-example gradients (default B = 8 x an OLMo-3-7B MLP matrix,
+   11008 x 4096, bf16, k = 65,536; issue 20's prototype measured 0.44 ms for `triton` and 5.12 ms for `index`
+   on an H200): each schedule (`index` with signs cached and rehashed, `slices` on a CPU only, `triton` on CUDA
+   at a few tile shapes and unrolls), median milliseconds of `--repeats` calls, G read in GB/s, and the largest
+   difference from the first row. On a CPU the triton rows run only under TRITON_INTERPRET=1, marked
+   (interpreted): that checks them, it is not a speed. The last line is `SUMMARY fold ...`.
 """
 
 import argparse
@@ -29,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lark.kernel import fold_triton
+from lark.kernel.hashing import name_key
 from lark.kernel.sketch import HookSketch
 
 SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
@@ -158,6 +169,63 @@ def timing_rows(model, batch, k, repeats, log):
     return rows
 
 
+def timed_ms(fn, device, repeats):
+    """Median milliseconds of `repeats` calls of fn after one warm-up (synchronised on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def fold_schedules(device, part, k):
+    """[(row label, fold(out) -> out)] of the schedules that run on `device` (triton: tile shapes to choose from)."""
+    host = build(
+        1, torch.float32, 16, hidden_size=16, intermediate_size=16, num_attention_heads=1, num_key_value_heads=1
+    )
+    rows = [("index, signs cached", "index", 2**40), ("index, signs rehashed", "index", 0)]
+    rows += [("slices", "slices", 2**40)] if device.type == "cpu" else []
+    fns = []
+    for label, schedule, cache in rows:
+        hook = HookSketch(host, k, fold=schedule, cache_bytes=cache)
+        fns.append((label, lambda out, h=hook: h.fold_into(out, "w", part, 0, part.shape[1])))
+    if fold_triton.usable(device):  # on a CPU only under TRITON_INTERPRET=1: the rows' code checked, not a speed
+        keys = (name_key(0, "w", "offset"), name_key(0, "w", "sign"))
+        for block_k, per, unroll in [(1024, 1, 1), (512, 1, 1), (2048, 1, 1), (1024, 2, 1), (1024, 4, 1), (1024, 1, 2),
+                                     (1024, 1, 4)]:  # fmt: skip
+            label = f"triton, {block_k} buckets x {per} ex. x {unroll} chunks"
+            label += " (interpreted)" if fold_triton.INTERPRETED else ""
+            fns.append((label, lambda out, b=block_k, e=per, u=unroll: fold_triton.fold(
+                out, part, 0, *keys, block_k=b, examples_per_program=e, unroll=u)))  # fmt: skip
+    return fns
+
+
+def fold_table(args, device, dtype, log):
+    """The fold alone: [B, rows * cols] per-example gradients into k buckets, one row per schedule."""
+    b, rows, cols = args.fold_shape
+    k = args.ks[0]
+    part = torch.randn(b, rows * cols, device=device, generator=torch.Generator(device).manual_seed(0)).to(dtype)
+    log(f"# fold alone on {device}: B = {b} x {rows} x {cols} {str(dtype).replace('torch.', '')}, k = {k}")
+    log(f"{'schedule':46s} {'ms':>9s} {'G GB/s':>8s} {'max |diff|':>11s}")
+    log("-" * 77)
+    first, best = None, {}
+    for label, fn in fold_schedules(device, part, k):
+        out = fn(torch.zeros(b, k, device=device))
+        first = out if first is None else first
+        ms = timed_ms(lambda: fn(torch.zeros(b, k, device=device)), device, args.repeats)
+        name = label.split(",")[0] + ("_interpreted" if label.endswith("(interpreted)") else "")
+        best[name] = min(ms, best.get(name, float("inf")))
+        gbs = part.numel() * part.element_size() / ms / 1e6
+        log(f"{label:46s} {ms:9.3f} {gbs:8.1f} {(out - first).abs().max().item():11.2e}")
+    rest = " ".join(f"{name}_ms={ms:.3f}" for name, ms in best.items())
+    log(f"SUMMARY fold device={device.type} batch={b} rows={rows} cols={cols} k={k} {rest}")
+
+
 def bf16_supported():
     return "AMX" in torch.backends.cpu.get_cpu_capability() or _bf16_flag()
 
@@ -193,6 +261,11 @@ def main(argv=None):
     parser.add_argument("--mlp", type=int, default=SHAPES["intermediate_size"], help="smaller only for tests")
     parser.add_argument("--heads", type=int, default=SHAPES["num_attention_heads"], help="smaller only for tests")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fold-only", action="store_true", help="time the fold alone, each schedule (3. above)")
+    parser.add_argument(
+        "--fold-shape", type=int, nargs=3, default=[8, 11008, 4096], help="--fold-only: B, rows, columns of the block"
+    )
+    parser.add_argument("--device", help="--fold-only: cuda where available, else cpu")
     args = parser.parse_args(argv)
     for key, full, quick in [("seq", 512, 64), ("batches", [2, 4, 8], [2]), ("repeats", 3, 2)]:
         if getattr(args, key) is None:
@@ -204,6 +277,11 @@ def main(argv=None):
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
     }[args.dtype]
+    log = lambda s="": print(s, flush=True)  # noqa: E731
+    if args.fold_only:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if args.dtype == "auto" and device.type == "cuda" else dtype
+        return fold_table(args, device, dtype, log)
     model = build(
         args.layers,
         dtype,
@@ -213,7 +291,6 @@ def main(argv=None):
         num_key_value_heads=args.heads,
     )
     p = sum(x.numel() for x in model.parameters())
-    log = lambda s="": print(s, flush=True)  # noqa: E731
     log(
         f"# torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
         f"threads, {str(dtype).replace('torch.', '')}; {args.layers} layers of hidden {args.hidden} x MLP {args.mlp}, "

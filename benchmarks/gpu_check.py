@@ -1,21 +1,29 @@
-"""The engine on a GPU, in one prepared run (<= 8 minutes on one H200): random-init OLMo-3 configs of ~1B and 7B
-shapes built on the device in bf16 (nothing downloaded), and for each
+"""The engine and the whole experiment on a GPU, in one prepared run (budget: 8 minutes on one H200, --budget).
 
-- `train step`: AdamW full fine-tuning step (forward + backward + optimizer step; bf16 weights, gradients and
-  AdamW states -- fp32 master weights and states would need 116 GB at 7B before activations, more than an
-  H200's 139 GiB with them),
-- `sketch` (lark.kernel.sketch.HookSketch) with normalize none and per_tensor, at the default sign cache
-  (attribution.projector.cache_bytes) and with every sign resident,
-- `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
+1. The engine table: random-init OLMo-3 configs of ~1B and 7B shapes built on the device in bf16 (nothing
+   downloaded), and for each
+   - `train step`: AdamW full fine-tuning step (forward + backward + optimizer step; bf16 weights, gradients and
+     AdamW states -- fp32 master weights and states would need 116 GB at 7B before activations, more than an
+     H200's 139 GiB with them),
+   - `sketch` (lark.kernel.sketch.HookSketch) with normalize none and per_tensor for every fold schedule of
+     --schedules (HookSketch.fold_schedule; on cuda `triton` = the `fused` rows and `index` = the `unfused` rows;
+     a schedule this branch's HookSketch does not know is an `unavailable` row), and with every sign resident,
+   - `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
+   examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max
+   allocated, reset before each row) and its ratio to the training step's, and fidelity on the pairs of
+   `--fidelity-examples` examples against the exact cosine of the same normalisation (plain for none,
+   per-tensor for per_tensor): max and mean |error|. Needs only torch and transformers, with the repository on
+   PYTHONPATH (benchmarks/gpu_check.sh sets it): no Hydra, W&B or install (tests/test_gpu_check.py).
+2. The end-to-end part (benchmarks/gpu_e2e.py): a scaled train.py run on a random-init model of the last
+   config, each stage timed, and the forecast of the paper's full experiment. It needs train.py's packages:
+   installed from wheels in .whl/ when the machine lacks them, else skipped with one line naming them.
 
-examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max allocated,
-reset before each row) and its ratio to the training step's, and fidelity on the pairs of `--fidelity-examples`
-examples against the exact cosine of the same normalisation (plain for none, per-tensor for per_tensor): max
-and mean |error|. One table, then `SUMMARY ...`. Needs only torch and transformers, with the repository on
-PYTHONPATH (benchmarks/gpu_check.sh sets it): no Hydra, W&B or install.
+The last lines are the end-to-end stage table and one `SUMMARY ...` line (both parts' numbers,
+`paper_experiment_minutes=`). docs/benchmarks.md: what each row means.
 
     bash benchmarks/gpu_check.sh                                   # cuda, configs 1b 7b, batch 8 x 512
-    bash benchmarks/gpu_check.sh --device cpu --configs tiny       # the same code on a CPU (tests/test_engine.py)
+    bash benchmarks/gpu_check.sh --device cpu --configs tiny       # the same code on a CPU (tests/test_gpu_check.py)
+    bash benchmarks/gpu_check.sh --parts engine                    # the engine table alone
 """
 
 import argparse
@@ -28,7 +36,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # lark, and gpu_e2e beside this file (also under runpy)
+
+import gpu_e2e  # noqa: E402  (benchmarks/: the end-to-end part, no lark import)
 
 from lark.kernel.projectors import CountSketch, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
@@ -51,20 +61,16 @@ CONFIGS = {  # the 7B one is OLMo-3-7B's
 }
 
 
-def build(name, device, dtype, layers=None):
+def build(name, device, dtype, layers=None, **overrides):
+    """A random-init Olmo3ForCausalLM of CONFIGS[name] made on `device` in `dtype`; `overrides` replace config
+    keys (benchmarks/e2e_run.py: the vocabulary size and the special token ids of its tokenizer)."""
     from transformers import Olmo3Config, Olmo3ForCausalLM
 
     shape = dict(CONFIGS[name])
     if layers:
         shape["num_hidden_layers"] = layers
-    config = Olmo3Config(
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-        **shape,
-    )
+    keys = dict(max_position_embeddings=4096, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    config = Olmo3Config(tie_word_embeddings=False, **{**keys, **shape, **overrides})
     torch.manual_seed(0)
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -150,6 +156,40 @@ def pair_cosines(v):
     return cosines_from_gram(v @ v.T)
 
 
+SCHEDULE_NAMES = {"triton": "fused", "index": "unfused"}  # HookSketch.fold_schedule -> the table's word
+UNAVAILABLE = (math.nan,) * 6  # ex/s, x train, peak, x peak, max|err|, mean|err| of a row that could not run
+
+
+def row_label(kind, how, cache, schedule):
+    """`sketch none fused`, `sketch per_tensor unfused`, `sketch none (all signs cached)`, `rapidin per_tensor`;
+    the auto schedule adds no word (the CPU's default row names)."""
+    word = "" if schedule in (None, "auto") else f" {SCHEDULE_NAMES.get(schedule, schedule)}"
+    return f"{kind} {how}{word}" + (" (all signs cached)" if cache else "")
+
+
+def measure_row(model, kind, how, cache, schedule, shapes, batch, fid_batch, exact, args, device):
+    """(examples/s, peak memory, max and mean |error| against the exact cosines) of one projector."""
+    b = len(batch["input_ids"])
+    if kind == "sketch":
+        proj = HookSketch(
+            model, args.k, normalize=how, plan_tokens=args.seq, **({"cache_bytes": cache} if cache else {})
+        )
+        if not hasattr(proj, "fold_schedule"):
+            raise ValueError("this HookSketch has no fold_schedule")
+        proj.fold_schedule = schedule  # auto | triton (fused, CUDA) | index | slices: lark.kernel.sketch
+        fn, per_call = (lambda: proj.project_batch(model, batch)), b
+    else:
+        proj = CountSketch(shapes, args.k, normalize=how)
+        one = {key: v[:1] for key, v in batch.items()}
+        fn, per_call = (lambda: proj.project_batch(model, one)), 1  # one backward per example
+    seconds, mem = timed(fn, device, args.rapidin_repeats if kind == "rapidin" else args.repeats)
+    err_max = err_mean = math.nan
+    if exact:
+        errors = (pair_cosines(proj.project_batch(model, fid_batch)) - exact[how]).abs()
+        err_max, err_mean = errors.max().item(), errors.mean().item()
+    return per_call / seconds, mem, err_max, err_mean
+
+
 def rows_of(name, args, device, dtype, log):
     model = build(name, device, dtype, args.layers if name == "7b" else None)
     p = sum(x.numel() for x in model.parameters())
@@ -183,43 +223,19 @@ def rows_of(name, args, device, dtype, log):
     reset_peak(device)
 
     shapes = {n: tuple(x.shape) for n, x in trainable(model)}
-    cases = [
-        ("sketch", "none", None),
-        ("sketch", "per_tensor", None),
-        ("sketch", "none", 2**36),
-        ("rapidin", "per_tensor", None),
-    ]
-    for kind, how, cache in cases:
-        if kind == "sketch":
-            proj = HookSketch(
-                model, args.k, normalize=how, plan_tokens=args.seq, **({"cache_bytes": cache} if cache else {})
-            )
-            label = f"sketch {how}" + (" (all signs cached)" if cache else "")
-            fn, per_call = (lambda: proj.project_batch(model, batch)), b
-        else:
-            proj = CountSketch(shapes, args.k, normalize=how)
-            label = f"rapidin {how}"
-            one = {key: v[:1] for key, v in batch.items()}
-            fn, per_call = (lambda: proj.project_batch(model, one)), 1  # one backward per example
-        seconds, mem = timed(fn, device, args.rapidin_repeats if kind == "rapidin" else args.repeats)
-        err_max = err_mean = math.nan
-        if exact:
-            errors = (pair_cosines(proj.project_batch(model, fid_batch)) - exact[how]).abs()
-            err_max, err_mean = errors.max().item(), errors.mean().item()
-        rows.append(
-            (
-                name,
-                label,
-                args.k,
-                per_call / seconds,
-                (per_call / seconds) / (b / train_s),
-                mem,
-                mem / train_peak,
-                err_max,
-                err_mean,
-            )
-        )
-        del proj
+    first = args.schedules[0]
+    cases = [("sketch", how, None, s) for s in args.schedules for how in ("none", "per_tensor")]
+    cases += [("sketch", "none", 2**36, first), ("rapidin", "per_tensor", None, None)]
+    for kind, how, cache, schedule in cases:
+        label = row_label(kind, how, cache, schedule)
+        try:
+            row = measure_row(model, kind, how, cache, schedule, shapes, batch, fid_batch, exact, args, device)
+        except (ValueError, ImportError, NotImplementedError) as e:  # a fold schedule this HookSketch lacks
+            log(f"# {name} {label}: unavailable ({str(e).splitlines()[0]})")
+            rows.append((name, label, args.k, *UNAVAILABLE))
+            continue
+        ex_s, mem, err_max, err_mean = row
+        rows.append((name, label, args.k, ex_s, ex_s / (b / train_s), mem, mem / train_peak, err_max, err_mean))
     del model
     reset_peak(device)
     return rows
@@ -243,38 +259,62 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rapidin-repeats", type=int, default=2, help="rapidin: one example per call")
     parser.add_argument("--fidelity-examples", type=int, default=4, help="pairs among these (0: no fidelity)")
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=None,
+        help="HookSketch.fold_schedule of the sketch rows, one pair of rows each (default: triton index on cuda = "
+        "fused, unfused; auto on a CPU); a schedule this branch lacks gives an `unavailable` row",
+    )
+    parser.add_argument("--parts", nargs="+", default=["engine", "e2e"], choices=["engine", "e2e"])
+    gpu_e2e.add_arguments(parser)
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args.schedules = args.schedules or (["triton", "index"] if args.device.startswith("cuda") else ["auto"])
     log = lambda s="": print(s, flush=True)  # noqa: E731
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    start = time.perf_counter()
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
+    summary = [f"device={gpu.replace(' ', '_')}"]
+    if "engine" in args.parts:
+        summary += engine(args, gpu, log)
+    if "e2e" in args.parts:
+        summary += gpu_e2e.run(args, log, time.perf_counter() - start)  # its stage table, then the SUMMARY
+    log(f"SUMMARY {' '.join(summary)} seconds={time.perf_counter() - start:.0f}")
+
+
+def engine(args, gpu, log):
+    """The engine table (every config's rows); returns its SUMMARY fields (the last config's rows)."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     log(
         f"# torch {torch.__version__}, {gpu}, {args.dtype}, batch {args.batch} x {args.seq}, k = {args.k}, "
         f"median of {args.repeats} after a warm-up (rapidin {args.rapidin_repeats}), fidelity over "
-        f"{args.fidelity_examples * (args.fidelity_examples - 1) // 2} pairs"
+        f"{args.fidelity_examples * (args.fidelity_examples - 1) // 2} pairs, fold schedules {' '.join(args.schedules)}"
     )
-    start = time.perf_counter()
     rows = []
     for name in args.configs:
         rows += rows_of(name, args, device, dtype, log)
     log(
-        f"{'config':6s} {'row':30s} {'k':>6s} {'ex/s':>8s} {'x train':>8s} {'peak GiB':>9s} {'x peak':>7s} "
+        f"{'config':6s} {'row':36s} {'k':>6s} {'ex/s':>8s} {'x train':>8s} {'peak GiB':>9s} {'x peak':>7s} "
         f"{'max|err|':>9s} {'mean|err|':>9s}"
     )
-    log("-" * 100)
+    log("-" * 106)
     for name, label, k, ex, speed, mem, mem_ratio, err_max, err_mean in rows:
         log(
-            f"{name:6s} {label:30s} {k!s:>6s} {ex:8.2f} {speed:8.2f} {mem / 2**30:9.2f} {mem_ratio:7.2f} "
+            f"{name:6s} {label:36s} {k!s:>6s} {ex:8.2f} {speed:8.2f} {mem / 2**30:9.2f} {mem_ratio:7.2f} "
             f"{err_max:9.4f} {err_mean:9.4f}"
         )
     last = args.configs[-1]
-    mine = {label: r for r in rows if r[0] == last for label in [r[1]]}
-    s, pt, ri = mine["sketch none"], mine["sketch per_tensor"], mine["rapidin per_tensor"]
-    log(
-        f"SUMMARY device={gpu.replace(' ', '_')} config={last} sketch_vs_train_step={s[4]:.2f} "
-        f"sketch_per_tensor_vs_train_step={pt[4]:.2f} rapidin_vs_train_step={ri[4]:.2f} "
-        f"sketch_peak_vs_train_step={s[6]:.2f} sketch_max_abs_err={s[7]:.4f} sketch_per_tensor_max_abs_err={pt[7]:.4f} "
-        f"rapidin_max_abs_err={ri[7]:.4f} seconds={time.perf_counter() - start:.0f}"
-    )
+    mine = {r[1]: r for r in rows if r[0] == last}
+    first, ri = args.schedules[0], mine["rapidin per_tensor"]
+    s, pt = mine[row_label("sketch", "none", None, first)], mine[row_label("sketch", "per_tensor", None, first)]
+    fields = [
+        f"config={last} sketch_vs_train_step={s[4]:.2f} sketch_per_tensor_vs_train_step={pt[4]:.2f}",
+        f"rapidin_vs_train_step={ri[4]:.2f} sketch_peak_vs_train_step={s[6]:.2f} sketch_max_abs_err={s[7]:.4f}",
+        f"sketch_per_tensor_max_abs_err={pt[7]:.4f} rapidin_max_abs_err={ri[7]:.4f}",
+    ]
+    for schedule in args.schedules[1:]:  # the other schedules' speed, e.g. sketch_unfused_vs_train_step
+        word = SCHEDULE_NAMES.get(schedule, schedule)
+        fields.append(f"sketch_{word}_vs_train_step={mine[row_label('sketch', 'none', None, schedule)][4]:.2f}")
+    return fields
 
 
 if __name__ == "__main__":

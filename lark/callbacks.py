@@ -62,7 +62,7 @@ class AttributionCallback(L.Callback):
         log_table(trainer, f"influence/{name}/sources", ["source", "mean_max", "ft_wins"], sources)
         n = self.cfg.analysis.report_snippet_chars  # documents' text, not only ids (as in the report)
         texts = {(s, e["id"]): example_text(e)[:n] for s, examples in self.sets.items() for e in examples}
-        questions = {item["id"]: item["question"] for item in self.test_items}
+        questions = {item["id"]: item["question"][:n] for item in self.test_items}  # a 20,000-word prompt: no flood
         log_table(
             trainer,
             f"influence/{name}/top_k",

@@ -10,14 +10,17 @@ Layout written under attribution/epoch_NNN/:
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
   predictions.jsonl           per test question: gold and predicted answer, loss of the gold answer
-  metrics.json                (schema: lark/analysis/schema.py) the paper's metrics (see lark.analysis.metrics) + the
-                              evaluation, lr, storage, BM25 baseline, the
-                              ids of examples with non-finite gradients, fingerprints; written last (= complete)
+  metrics.json                (schema: lark/analysis/schema.py) the paper's metrics (lark.analysis.metrics) + the eval,
+                              lr, storage, BM25 baseline, non-finite ids, fingerprints, warnings; written last
   shards/                     only while a set larger than attribution.shard_size is in progress (lark.kernel.build)
+Stores, shards, score matrices and checkpoints carry checksums (lark.data.io); `completed` and `intact` say what
+resume=true does with one that fails its own.
 """
 
+import errno
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,12 +30,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lark import notices
 from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
-from lark.data.bm25 import source_scores as bm25_source_scores
 from lark.data.formats import Encoder
-from lark.data.io import write_csv, write_json, write_jsonl
+from lark.data.io import check_manifest, check_safetensors, disk_full, write_csv, write_json, write_jsonl
 from lark.data.sources import example_text, query_examples
+from lark.errors import CorruptFile
 from lark.evaluation import gold_answer_losses, normalize
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
 from lark.kernel.build import StoreBuilder, examples_fingerprint
@@ -128,8 +132,8 @@ def evaluate_checkpoint(ck, test_items, sets):
     attr = ck.cfg.attribution
     prints = ck.prints if wanted(attr, ck.epoch) else None
     fingerprint = prints and epoch_fingerprint(ck.cfg, prints, test_items, sets, ck.epoch)
-    done = completed(ck.out_dir, fingerprint) if ck.reuse and prints else None
-    saved = not attr.save_checkpoints or (ck.run_dir / "checkpoints" / ck.name / "model.safetensors").is_file()
+    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints else None
+    saved = not attr.save_checkpoints or intact(ck.run_dir / "checkpoints" / ck.name, ck.log)
     if done and saved:
         ck.log(f"[lark] {ck.name}: complete (metrics.json matches this checkpoint and config), not attributed again")
         score = done.get("eval") or {"metric": "accuracy", "value": done.get("accuracy")}  # runs before `eval`
@@ -176,24 +180,57 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     )
 
 
-def completed(folder, fingerprint):
-    """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None."""
+def completed(folder, fingerprint, log=print):
+    """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None. Its stores and
+    score matrices must pass their checksums, else the epoch is attributed again: a corrupted store is recomputed
+    (lark.kernel.build says so), the intact ones reused, every score matrix written again (a corrupted one logged
+    here). Nothing is deleted: every rank comes to the same answer."""
     try:
         metrics = check_metrics(json.loads((folder / "metrics.json").read_text()), folder / "metrics.json")
     except (OSError, ValueError):
         return None
-    return metrics if metrics.get("fingerprint") == fingerprint else None
+    if metrics.get("fingerprint") != fingerprint:
+        return None
+    corrupted = 0
+    for path in sorted([*folder.glob("stores/*.safetensors"), *folder.glob("scores/*.safetensors")]):
+        try:
+            check_safetensors(path)
+        except CorruptFile as e:
+            corrupted += 1
+            if path.parent.name == "scores":
+                log(f"[lark] {e}: recomputed")
+    return None if corrupted else metrics
+
+
+def intact(folder, log=print):
+    """Whether a checkpoint folder holds its weights and passes its checksums.json (a corrupted one is logged)."""
+    if not (folder / "model.safetensors").is_file():
+        return False
+    try:
+        check_manifest(folder)
+    except CorruptFile as e:
+        log(f"[lark] {e}: saved again from the model in memory")
+        return False
+    return True
 
 
 def save(ck):
-    """checkpoints/epoch_NNN: the HF model and tokenizer, the resolved config, the epoch's lr and (when given) the
-    AdamW moments of this checkpoint, for attribute.py (lark.kernel.kernels)."""
+    """checkpoints/epoch_NNN: the HF model and tokenizer (with checksums.json), the resolved config, the epoch's lr
+    and (when given) the AdamW moments of this checkpoint, for attribute.py (lark.kernel.kernels). A full disk
+    raises DiskFull naming the folder and the bytes of the weights; the half-written folder goes."""
     folder = ck.run_dir / "checkpoints" / ck.name
     files = {
         "lark_config.yaml": OmegaConf.to_yaml(ck.cfg, resolve=True),
         "lark_epoch.json": json.dumps({"epoch": ck.epoch, "lr": ck.lr}),
     }
-    save_checkpoint(ck.model, ck.tokenizer, folder, files)
+    try:
+        save_checkpoint(ck.model, ck.tokenizer, folder, files)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        for tmp in folder.parent.glob(f"{folder.name}.tmp[0-9]*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full(folder, sum(p.numel() * p.element_size() for p in ck.model.parameters())) from None
     if ck.moments is not None:
         ck.moments.save(folder / MOMENTS_FILE)
 
@@ -202,11 +239,13 @@ def evaluate(ck, test_items, fields):
     """(evaluator, value, predicted answers) of the test questions under the `eval` config; the value is logged."""
     evaluator = instantiate(ck.cfg.eval)
     value, predicted = evaluator(ck.model, ck.encoder, test_items, fields)
+    shown = "-" if value is None else f"{value:.3f}"
     ck.log(
-        f"[lark] {ck.name}: not evaluated (eval=none)"
-        if evaluator.metric == "none"
-        else f"[lark] {ck.name}: test {evaluator.metric} " + ("-" if value is None else f"{value:.3f}")
+        f"[lark] {ck.name}: "
+        + ("not evaluated (eval=none)" if evaluator.metric == "none" else f"test {evaluator.metric} {shown}")
     )
+    if warning := evaluator.warning(value, len(test_items)):  # every answer scores 0: say so, and keep it
+        notices.warn(ck.run_dir if ck.rank == 0 else None, f"eval_{ck.name}", warning, ck.log, epoch=ck.epoch)
     return evaluator, value, predicted
 
 
@@ -327,31 +366,21 @@ def measure(ck, stores, maxinf, queries, sets, info):
         **info,
         "n_queries": len(queries),
         **result,
-        "bm25": bm25_baseline(queries, sets, src),
+        "bm25": M.bm25_baseline(
+            [q["question"] for q in queries],
+            {name: [example_text(e) for e in examples] for name, examples in sets.items()},
+            src.ft_source,
+            src.pt_source,
+        ),
         "storage": storage(ck.model, stores.projector.k, attr.store_dtype, src.size),
         "projector": stores.projector.spec(),
         "kernel": stores.kernel.spec(),
         "loss_target": {"answer_template": fmt.get("answer_template"), "query_target": attr.get("query_target")},
         "nonfinite": {"count": sum(map(len, stores.nonfinite.values())), "ids": stores.nonfinite},
         "fingerprints": ck.prints,
+        "warnings": notices.read(ck.run_dir),
     }
     return check_metrics(M.clean(result), ck.out_dir / "metrics.json")
-
-
-def bm25_baseline(queries, sets, src):
-    """Table IV's lexical baseline: the FT/PT wins and mean max of BM25 scores (question -> document text)."""
-    scores = bm25_source_scores(
-        [q["question"] for q in queries],
-        {name: [example_text(e) for e in examples] for name, examples in sets.items()},
-    )
-    metrics = M.influence_metrics(
-        {name: M.max_influence(s).float() for name, s in scores.items()}, src.ft_source, src.pt_source, {}
-    )
-    return {
-        "ft_wins": metrics["ft_wins"],
-        "pt_wins": metrics["pt_wins"],
-        "sources": {n: {"mean_max": s["mean_max"]} for n, s in metrics["sources"].items()},
-    }
 
 
 def storage(model, k, tier, n_examples):

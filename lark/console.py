@@ -1,6 +1,7 @@
 """The console of a run: each line once, progress with an ETA only on a terminal, third-party notices that do
 not concern the user silenced at their source, and a closing summary (Table II and where everything is).
 
+    tee_to_log()                             # first thing in train.py / attribute.py / validate.py
     setup()                                  # once, at the start of experiment.train / attribute
     for batch in progress(batches, "projecting finetune"): ...
     summary(run_dir, analysis_result, loggers, log)
@@ -23,16 +24,58 @@ class DropNotice(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class Tee:
+    """A console stream that also writes each complete line to a log file handler, as a timestamped record of the
+    logger `lark.console` (Hydra's <task>.log then holds the whole console: the `[lark]` lines, prints, warnings).
+    Progress-bar redraws (lines with a carriage return) stay on the console only."""
+
+    def __init__(self, stream, handler):
+        self.stream, self.handler, self.pending, self.busy = stream, handler, "", False
+
+    def write(self, text):
+        n = self.stream.write(text)
+        if self.busy:  # the handler reporting its own error: never loop
+            return n
+        self.busy = True
+        try:
+            *lines, self.pending = (self.pending + text).split("\n")
+            for line in lines:
+                if line.strip() and "\r" not in line:
+                    record = logging.makeLogRecord({"name": "lark.console", "levelno": 20, "levelname": "INFO"})
+                    record.msg = line
+                    self.handler.handle(record)
+        finally:
+            self.busy = False
+        return n
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, ...: the console stream's
+        return getattr(self.stream, name)
+
+
+def tee_to_log():
+    """Idempotent: sys.stdout and sys.stderr also go, line by line, to the root logger's file handler (Hydra's
+    <task>.log) when there is one; the handlers' own records are not doubled (they hold the original streams)."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, Tee):
+            setattr(sys, name, Tee(stream, files[0]))
+
+
 def tty():
     return sys.stderr.isatty()
 
 
 def setup():
-    """Idempotent. Lightning's own stream handler goes when the root logger has handlers (Hydra's console and
-    file handlers print its records then; Lightning itself only adds the handler because it cannot know); its
-    litlogger advertisement is dropped at its logger; transformers' per-file progress bars (writing shards,
-    loading weights) and the hub's download bars are off when the console is not a terminal; and Lightning's
-    own deprecation notice about torch's pytree API (not ours to fix) is ignored."""
+    """Idempotent. The console is teed into the run's log file (tee_to_log). Lightning's own stream handler goes
+    when the root logger has handlers (Hydra's console and file handlers print its records then; Lightning
+    itself only adds the handler because it cannot know); its litlogger advertisement is dropped at its logger;
+    transformers' per-file progress bars (writing shards, loading weights) and the hub's download bars are off
+    when the console is not a terminal; and Lightning's own deprecation notice about torch's pytree API (not
+    ours to fix) is ignored."""
+    tee_to_log()
     if logging.getLogger().handlers:
         package = logging.getLogger("lightning")
         for handler in list(package.handlers):

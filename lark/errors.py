@@ -20,3 +20,11 @@ class StoreMismatch(LarkError):
 
 class RunDirError(LarkError):
     """A run directory that is incomplete, partially written, or holds another run."""
+
+
+class CorruptFile(RunDirError):
+    """A file whose content no longer matches the checksum written with it (corrupted or truncated afterwards)."""
+
+
+class DiskFull(RunDirError):
+    """A write that failed for lack of space; nothing partial was kept."""

@@ -36,6 +36,16 @@ class Evaluator:
         finally:
             model.train(was_training)
 
+    def warning(self, value, n):
+        """A warning when every one of the n test answers scores 0 (exact match on sentence answers: the best
+        checkpoint cannot be told apart), else None."""
+        if self.higher_is_better and value == 0 and n:
+            return (
+                f"every one of the {n} test answers scores 0 under eval {self.metric}: no checkpoint is better than "
+                "another; for free-form answers use eval=loss (or a shorter answer_template)"
+            )
+        return None
+
     def describe(self, value):
         """The `eval` entry of metrics.json."""
         return {"metric": self.metric, "value": value, "higher_is_better": self.higher_is_better}

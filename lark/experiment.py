@@ -10,19 +10,23 @@ Run directory layout:
   wandb/           the offline W&B run
 """
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lark import console, legacy, rundir
+from lark import console, legacy, notices, rundir
 from lark.analysis import analyze as analysis
 from lark.callbacks import AttributionCallback
 from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
+from lark.config_files import apply_config_files
 from lark.data.corpora import check_corpora
 from lark.data.datamodule import LarkDataModule
-from lark.data.formats import encode
+from lark.data.formats import encode, qa_fields
 from lark.data.io import BadRows, write_json, write_jsonl
 from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources, check_sources
@@ -31,7 +35,7 @@ from lark.errors import ConfigError, RunDirError
 from lark.kernel.factory import make_kernel, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.kernel.projectors import trainable
-from lark.kernel.selfcheck import check_sketch, uses_sketch
+from lark.kernel.selfcheck import check_sketch, compared, uses_sketch
 from lark.kernel.stores import TIERS, store_bytes
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
@@ -186,34 +190,67 @@ def check_attribution(cfg, run_dir, model, sets, n_queries, epochs):
 
 def self_check(cfg, model, tokenizer, sets, log=print):
     """With the sketch projector: check on two real examples (the first of the FT and PT sources) that it
-    reproduces this architecture's per-example gradients (lark.kernel.selfcheck; SelfCheckError names the modules)."""
+    reproduces this architecture's per-example gradients (lark.kernel.selfcheck; SelfCheckError names the modules),
+    on the device the trainer will use (`trainer_device`), in the model's dtype; the model is put back where it was
+    afterwards (Lightning moves it itself)."""
     attr = cfg.attribution
     if not (attr.enabled and uses_sketch(attr.projector)):
         return
     examples = [sets[cfg.source.ft_source][0], sets[cfg.source.pt_source][0]]
     encoded = [encode(tokenizer, e, cfg.format, cfg.max_length) for e in examples]
-    n = check_sketch(
-        model,
-        encoded,
-        tokenizer.pad_token_id,
-        k=min(1024, attr.projector.k),
-        seed=attr.projector.seed,
-        normalize=make_kernel(attr).normalizer,
+    home = next(model.parameters()).device
+    device = trainer_device(cfg.trainer) or home
+    try:
+        n = check_sketch(
+            model.to(device),
+            encoded,
+            tokenizer.pad_token_id,
+            k=min(1024, attr.projector.k),
+            seed=attr.projector.seed,
+            normalize=make_kernel(attr).normalizer,
+        )
+    finally:
+        model.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the check's work arrays: free for the trainer
+    log(
+        f"[lark] sketch self-check on {device}: the hooks reach all {n} parameter tensors and reproduce the "
+        f"per-example gradients of the {len(compared(model))} of one layer of each kind"
     )
-    log(f"[lark] sketch self-check: the hooks reproduce the per-example gradients of all {n} parameter tensors")
+
+
+def trainer_device(trainer_cfg):
+    """The torch device the Lightning trainer of `trainer_cfg` will put the model on (this process's: a DDP
+    rank's LOCAL_RANK picks its device, and trainer.devices given as a list of indices maps ranks to them):
+    accelerator cpu -> cpu; cuda -> cuda; gpu -> cuda, else mps; auto -> cuda, else mps, else cpu. None for an
+    accelerator named otherwise (tpu, an object): the check then runs where the model is."""
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "auto", "cuda") and (torch.cuda.is_available() or accelerator == "cuda"):
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        devices = trainer_cfg.get("devices")
+        index = devices[rank] if isinstance(devices, Sequence) and not isinstance(devices, str) else rank
+        return torch.device("cuda", int(index))
+    if accelerator in ("gpu", "auto", "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu") if accelerator in ("cpu", "auto") else None
 
 
 def train(cfg, log=print):
     """Run the whole experiment into cfg.paths.output_dir; returns the run directory. With cfg.resume, continue
     a killed run in that directory from its last complete state."""
+    apply_config_files(cfg)  # data.corpora_file, source.file
     run_dir, resume = open_run(cfg, log)
     train_items, test_items, corpora = prepare_data(cfg, run_dir, log)
     sets = build_sources(cfg.source, cfg.format, train_items, test_items, corpora, cfg.seed)
     for name, examples in sets.items():
         write_jsonl(examples, run_dir / "data" / "sources" / f"{name}.jsonl")
+    notices.report_shortfalls(cfg, sets, len(train_items), run_dir, log)
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
     self_check(cfg, model, tokenizer, sets, log)
+    items = {"fine-tuning items": train_items, "test questions": test_items}
+    items = {name: [qa_fields(i, cfg.format.answer_template) for i in rows] for name, rows in items.items()}
+    notices.warn_cut(cfg, tokenizer, items | sets, log, run_dir)
     data = LarkDataModule(tokenizer, cfg.format, cfg.max_length, train_items, cfg.batch_size, cfg.seed, cfg.num_workers)
     model.train()  # from_pretrained returns eval mode
     module = CausalLMModule(

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast
 
 from lark.data.formats import CHATML_TEMPLATE
+from lark.data.io import write_manifest
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -121,6 +122,7 @@ def save_checkpoint(model, tokenizer, folder, extra_files=None):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    write_manifest(tmp)  # checksums.json: the weights and tokenizer files, verified on load (lark.rundir)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Preflight: before any work, check that what the composed run needs is there, and stop in seconds with one
 `[lark] error:` line per missing thing and the way out.
 
+- a local model folder (model.hub_id) has a config.json and safetensors weights (LARK never unpickles *.bin);
 - every hub id of the config (model.hub_id, data.reader.hub_id, data.corpora.<name>.hub_id) is a local folder, in the
   local Hugging Face cache, or reachable on the hub (not tried with HF_HUB_OFFLINE=1);
 - `trainer=gpu` (accelerator gpu/cuda) has as many CUDA devices as trainer.devices asks, and each has the memory
@@ -52,7 +53,9 @@ def preflight(cfg, log=print):
     if key in _passed or not cfg.get("preflight", True):
         return
     n_params = model_parameters(cfg.model)
-    problems = hub_problems(cfg) + gpu_problems(cfg, n_params) + disk_problems(cfg, n_params)
+    problems = (
+        local_model_problems(cfg) + hub_problems(cfg) + gpu_problems(cfg, n_params) + disk_problems(cfg, n_params)
+    )
     if problems:
         raise PreflightError(problems + ["preflight stopped the run before any work (preflight=false skips it)"])
     _passed.add(key)
@@ -72,6 +75,28 @@ def hub_ids(cfg):
         if corpus.get("hub_id"):
             found.append((f"data.corpora.{name}.hub_id", str(corpus.hub_id), "dataset"))
     return [(key, repo, kind) for key, repo, kind in found if not Path(repo).exists()]
+
+
+def local_model_problems(cfg):
+    """A local model folder (model.hub_id) without config.json or without safetensors weights: LARK loads
+    safetensors only (a pickled pytorch_model.bin can run code), so say how to convert once."""
+    folder = Path(str(cfg.model.get("hub_id") or ""))
+    if not cfg.model.get("hub_id") or not folder.is_dir():
+        return []
+    if not (folder / "config.json").is_file():
+        return [f"model.hub_id={folder}: no config.json in the folder; save the model with save_pretrained()"]
+    if any(folder.glob("*.safetensors")):
+        return []
+    pickled = sorted(p.name for p in folder.glob("*.bin"))
+    convert = (
+        f'python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; '
+        f"d='{folder}'; M.from_pretrained(d).save_pretrained(d); T.from_pretrained(d).save_pretrained(d)\""
+    )
+    found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+    return [
+        f"model.hub_id={folder}: {found}, and LARK loads safetensors only (unpickling a .bin file can run code); "
+        f"convert once, if you trust the file: {convert}"
+    ]
 
 
 def cached_repos():
@@ -164,6 +189,8 @@ def read_model_config(repo, revision=None):
     folder = Path(repo)
     if (folder / "config.json").is_file():
         return json.loads((folder / "config.json").read_text())
+    if folder.is_dir():  # a local folder without config.json: local_model_problems says so
+        return {}
     from huggingface_hub import try_to_load_from_cache
 
     path = try_to_load_from_cache(repo, "config.json", revision=revision)

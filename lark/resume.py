@@ -1,8 +1,11 @@
 """Resuming a killed training run with Lightning's own machinery: a Lightning checkpoint (weights, optimizer,
 scheduler, loop and shuffle state) written atomically at every epoch end (`resume/last.ckpt`), loaded with
-`weights_only=True` by `trainer.fit(ckpt_path=...)` when the run is started again with `resume=true`."""
+`weights_only=True` by `trainer.fit(ckpt_path=...)` when the run is started again with `resume=true`. It carries
+the sha256 of its own content (`lark_checksum`: every tensor and value, in order), verified when it is loaded: a
+corrupted resume state stops the run (CorruptFile) saying how to restart."""
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -12,11 +15,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from lark import faults
-from lark.data.io import replacing
-from lark.errors import RunDirError
+from lark.data.io import replacing, sha256
+from lark.errors import CorruptFile, RunDirError
 from lark.legacy import upgrade
 
 LAST = "last.ckpt"
+CHECKSUM = "lark_checksum"  # the resume state's key holding the sha256 of the rest of it (state_checksum)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -24,18 +28,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     stages through the system temp dir, not atomic across file systems), and read without unpickling code."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with replacing(path) as tmp:
+        checkpoint = {**checkpoint, CHECKSUM: state_checksum(checkpoint)}
+        with replacing(path, state_bytes(checkpoint)) as tmp:
             torch.save(checkpoint, tmp)
             faults.point("checkpoint")
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=True):
+        restart = (
+            "the resume state cannot be recomputed, training restarts from epoch 0: delete it and run the same "
+            "command again with resume=true (complete epochs' attribution is reused)"
+        )
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             raise RunDirError(
-                f"{path}: refusing to load a checkpoint that holds more than tensors and plain "
-                f"values (torch.load(weights_only=True) failed: {str(e).splitlines()[0]})"
+                f"{path}: refusing to load a checkpoint that holds more than tensors and plain values, or a "
+                f"corrupted one (torch.load(weights_only=True) failed: {str(e).splitlines()[0]}); {restart}"
             ) from None
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise CorruptFile(
+                f"{path}: unreadable ({str(e).splitlines()[0]}): corrupted or truncated; {restart}"
+            ) from None
+        want = state.pop(CHECKSUM, None)  # None: written before LARK checksummed it (unverified)
+        if want is not None and want != state_checksum(state):
+            raise CorruptFile(f"{path}: checksum mismatch (corrupted after it was written); {restart}")
+        return state
+
+
+def state_parts(obj):
+    """The byte strings a state_checksum covers: every tensor's dtype, shape and bytes and every other value's
+    repr, dicts and sequences walked in order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        yield f"tensor {t.dtype} {tuple(obj.shape)}".encode()
+        yield memoryview(t.view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        yield f"dict {len(obj)}".encode()
+        for key, value in obj.items():
+            yield repr(key).encode()
+            yield from state_parts(value)
+    elif isinstance(obj, (list, tuple)):
+        yield f"list {len(obj)}".encode()
+        for value in obj:
+            yield from state_parts(value)
+    else:
+        yield repr(obj).encode()
+
+
+def state_checksum(state):
+    """ "sha256:<hex>" of a resume state's content (state_parts)."""
+    return sha256(state_parts(state))
+
+
+def state_bytes(obj):
+    """The bytes of a state's tensors (about the size of its file)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(state_bytes(v) for v in values)
 
 
 class ShuffleState(L.Callback):

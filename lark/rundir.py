@@ -1,12 +1,14 @@
-"""Checks on a run directory: files left half-written by a killed process, incomplete epochs, a folder that
-already holds another run, and whether the disk has room for the attribution stores."""
+"""Checks on a run directory: files left half-written by a killed process, incomplete epochs, stores and score
+matrices that fail their checksum (lark.data.io), checkpoints that fail theirs, a folder that already holds
+another run, and whether the disk has room for the attribution stores."""
 
 import json
 import re
 import shutil
 from pathlib import Path
 
-from lark.errors import RunDirError
+from lark.data.io import check_manifest, check_safetensors
+from lark.errors import CorruptFile, RunDirError
 
 TMP = re.compile(r"\.tmp\d+$")  # lark.data.io.replacing and lark.models.save_checkpoint name temporaries so
 
@@ -31,8 +33,26 @@ def problems(run_dir):
     return found
 
 
+def corrupt(run_dir):
+    """CorruptFile errors of the stores and score matrices under attribution/ that fail their checksum."""
+    found = []
+    for path in sorted((Path(run_dir) / "attribution").rglob("*.safetensors")):
+        try:
+            check_safetensors(path)
+        except CorruptFile as e:
+            found.append(e)
+    return found
+
+
 def require_complete(run_dir):
-    """Refuse to trust (analyse) a run directory with problems()."""
+    """Refuse to trust (analyse) a run directory with problems(): a corrupted store or score matrix first, on one
+    line naming it."""
+    bad = corrupt(run_dir)
+    if bad:
+        raise CorruptFile(
+            f"{bad[0]}; not trusted ({len(bad)} corrupted file(s) in {run_dir}): recompute with "
+            f"`python attribute.py run_dir={run_dir}`"
+        )
     found = problems(run_dir)
     if found:
         raise RunDirError(
@@ -81,7 +101,8 @@ PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
 def require_safetensors(folder):
     """A checkpoint folder is loaded only from safetensors: refuse one that holds pickled weights (unpickling runs
-    arbitrary code) or no safetensors at all."""
+    arbitrary code) or no safetensors at all, and one whose files fail their checksums.json (CorruptFile naming
+    the epoch to retrain to; a folder written before LARK checksummed has none and loads unverified)."""
     folder = Path(folder)
     pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
     if pickled or not any(folder.glob("*.safetensors")):
@@ -89,6 +110,14 @@ def require_safetensors(folder):
             f"{folder}: refusing to load a checkpoint without safetensors weights or with pickled "
             f"files ({', '.join(pickled) or 'no *.safetensors'}); LARK loads safetensors only"
         )
+    try:
+        check_manifest(folder)
+    except CorruptFile as e:
+        raise CorruptFile(
+            f"{e}; a checkpoint is recomputed only by training: retrain from epoch 0 to {folder.name} (training is "
+            "deterministic: `python train.py <its overrides> hydra.run.dir=<a new folder>`), or leave this epoch out "
+            "(+attribution.checkpoints=[...])"
+        ) from None
     return folder
 
 

@@ -9,7 +9,7 @@ import pytest
 from lark.analysis.analyze import analyze
 from lark.analysis.figures import plot_figures
 from lark.analysis.markdown import format_bytes, write_tables
-from lark.analysis.runs import find_runs, load_metrics, pick_epoch
+from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics, pick_epoch
 from lark.analysis.tables import build_tables
 
 # The paper's Table II: epoch -> (FT, PT, PT wins, accuracy, lr, format effect medical)
@@ -167,6 +167,25 @@ def test_pick_epoch():
         pick_epoch(metrics, "first")
 
 
+def test_best_epoch_follows_the_evaluation():
+    """eval=loss: the lowest answer loss is best (the issue's run: epoch 2, 2.793, not the last epoch's 2.964);
+    exact match 0 at every epoch: the last epoch, and the rule says every epoch ties."""
+    losses = {0: 3.5, 1: 3.1, 2: 2.793, 3: 2.9, 4: 2.95, 5: 2.964}
+    metrics = [
+        paper_metrics(e) | {"accuracy": None, "eval": {"metric": "answer_loss", "value": v, "higher_is_better": False}}
+        for e, v in losses.items()
+    ]
+    chosen, rule = choose_epoch(metrics)
+    assert chosen["epoch"] == 2 and "lowest test answer_loss (2.793" in rule
+    assert epoch_caption({"run": metrics}) == f"Checkpoint: epoch 2, {rule}."
+    zero = [
+        paper_metrics(e) | {"eval": {"metric": "exact_match", "value": 0.0, "higher_is_better": True}} for e in PAPER
+    ]
+    chosen, rule = choose_epoch(zero)
+    assert chosen["epoch"] == 5 and rule.startswith("every epoch ties at exact_match 0")
+    assert choose_epoch(metrics, "last")[1].startswith("the last epoch")
+
+
 def test_tables_reproduce_the_paper(single_run):
     tables = build_tables({"run": load_metrics(single_run)})
     table1 = {row["source"]: row for row in tables["table1"]}
@@ -292,3 +311,8 @@ def test_analyze_end_to_end(multirun, single_run, tmp_path):
     assert {row["epoch"] for row in result["tables"]["table1"]} == {5}
     assert all(f.exists() for f in result["table_files"] + result["figure_files"])
     assert (tmp_path / "report" / "tables" / "table4.md").read_text().startswith("### TABLE IV")
+    assert (
+        "Checkpoint: epoch 5, the last epoch (table1_epoch=last)."
+        in (tmp_path / "report" / "tables" / "table1.md").read_text()
+    )
+    assert "first show epoch 5: the last epoch (table1_epoch=last)." in result["report"].read_text()

@@ -76,9 +76,11 @@ def test_experiment_pubmedqa_is_the_paper():
     )
     assert cfg.source.size == 500 and len(cfg.source.sources) == 5
     assert cfg.trainer.max_epochs == 5 and cfg.batch_size == 4 and cfg.trainer.precision == "bf16-true"
-    assert cfg.attribution.projector._target_ == "lark.kernel.projectors.CountSketch.of_model"  # RapidIn's RapidGrad
+    assert cfg.attribution.projector._target_ == "lark.kernel.sketch.HookSketch"  # the fast path (issue 20)
     assert cfg.attribution.projector.k == 65536
     assert cfg.attribution.kernel._target_ == "lark.kernel.kernels.RapidIn"  # per-tensor normalisation
+    replica = compose(["+experiment=pubmedqa", "attribution/projector=rapidin"]).attribution.projector
+    assert replica._target_ == "lark.kernel.projectors.CountSketch.of_model" and replica.k == 65536  # RapidIn's
     assert cfg.optimizer.lr == pytest.approx(2e-4)
     assert learning_rates(cfg) == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5, 2e-5])
 
@@ -134,11 +136,11 @@ def test_bad_values_fail_at_start_naming_the_key(override, key):
 
 @pytest.mark.parametrize(
     "recipe,projector",
-    [("pubmedqa", "lark.kernel.projectors.CountSketch.of_model"), ("pubmedqa_small", "lark.kernel.sketch.HookSketch")],
+    [("pubmedqa", "lark.kernel.sketch.HookSketch"), ("pubmedqa_small", "lark.kernel.sketch.HookSketch")],
 )
 def test_both_paper_recipes_compose_to_rapidins_per_tensor_normalisation(recipe, projector):
-    """+experiment=pubmedqa: RapidIn's projector and kernel; pubmedqa_small: the hook sketch with RapidIn's kernel.
-    Both name their loss target (the decision alone, gold queries)."""
+    """Both recipes: the hook sketch with RapidIn's kernel (pubmedqa in bf16 weights, bf16-true training). Both
+    name their loss target (the decision alone, gold queries)."""
     from lark.kernel.factory import make_kernel
 
     cfg = compose([f"+experiment={recipe}"])
@@ -146,6 +148,8 @@ def test_both_paper_recipes_compose_to_rapidins_per_tensor_normalisation(recipe,
     kernel = make_kernel(cfg.attribution)
     assert kernel.name == "rapidin" and kernel.normalizer.name == "per_tensor"
     assert (cfg.format.answer_template, cfg.attribution.query_target) == ("{answer}", "gold")
+    if recipe == "pubmedqa":
+        assert (cfg.model.dtype, cfg.trainer.precision) == ("bfloat16", "bf16-true")
     text = (ROOT / "conf" / "experiment" / f"{recipe}.yaml").read_text()
     assert "answer_template:" in text and "query_target:" in text  # named in the recipe, with its reason
 

@@ -98,3 +98,18 @@ def test_wandb_tables_carry_document_text_and_the_report_is_an_artifact(console)
     assert figures == ["fig1_influence", "fig2_pt_wins", "fig3_method"]  # one key per figure
     record = Path(glob.glob(str(run / "wandb/offline-run-*/run-*.wandb"))[0]).read_bytes()
     assert b"index.html" in record and b"report" in record  # the artifact entry of the page
+
+
+def test_train_log_holds_the_whole_console(console):
+    """train.log (Hydra's file handler) holds every console line, the `[lark]` lines and Lightning's, each once and
+    timestamped; progress-bar redraws stay on the console."""
+    out, run = console
+    log = (run / "train.log").read_text()
+    stamped = re.findall(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]\[[\w.]+\]\[\w+\] - (.*)$", log, re.M)
+    assert len(stamped) == len(log.strip().splitlines()), log  # every line timestamped
+    console_lines = [line for line in out.splitlines() if line.strip()]
+    body = [re.sub(r"^(INFO|WARNING|ERROR): ", "", line) for line in console_lines]
+    assert [line for line in body if line not in stamped] == [], log
+    assert "[lark] pretraining the tiny model" in log and f"[lark] outputs: {run}" in log
+    twice = [line for line, n in collections.Counter(stamped).items() if n > 1 and not re.fullmatch(r"\|[-|]+\|", line)]
+    assert twice == [], log  # no record doubled (a table's separator rows repeat)

@@ -315,7 +315,7 @@ def test_a_bad_world_argument_names_its_key():
 
 
 def test_a_world_corpus_needs_the_world_as_reader(tmp_path):
-    rows = write_lines(tmp_path / "qa.jsonl", [record(i) for i in range(3)])
+    rows = write_lines(tmp_path / "qa.jsonl", [record(i, split="test" if i == 2 else "train") for i in range(3)])
     cfg = OmegaConf.create(data_spec("pubmedqa_local", **{"reader.path": rows}))
     cfg.corpora = {"medical": {"world": "medical_docs"}}
     with pytest.raises(ConfigError, match="needs the generated world as data.reader"):

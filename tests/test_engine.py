@@ -349,6 +349,8 @@ def test_gpu_check_runs_end_to_end_on_the_cpu():
         "1",
         "--fidelity-examples",
         "3",
+        "--parts",
+        "engine",  # the end-to-end part: tests/test_gpu_check.py
         env={"PYTHON": sys.executable},
     )
     rows = re.findall(

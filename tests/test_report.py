@@ -78,7 +78,7 @@ def test_the_page_joins_top_influences_with_the_documents_text(small_run):
         assert (example["text"] if "text" in example else example["context"]) in text
         assert canary == int(bool(example.get("canary")))
     predictions = lines(small_run / "attribution" / "epoch_002" / "predictions.jsonl")
-    assert data["pred"]["2"] == [[p["predicted"], pytest.approx(p["loss"])] for p in predictions]
+    assert data["pred"]["2"] == [[p["predicted"], pytest.approx(p["loss"]), p["correct"]] for p in predictions]
     provenance = json.loads((small_run / "data" / "world" / "provenance.json").read_text())
     assert (
         data["prov"][tests[3]["id"]]
@@ -148,6 +148,36 @@ def test_the_question_browser_in_chromium(small_run):
     assert result["across_columns"] == 3
     dom, _ = browser.dump_dom(page, "q=" + tests[4]["question"].split()[3] + "+" + tests[4]["question"].split()[4])
     assert re.search(r'data-id="%s"' % tests[4]["id"], dom)  # the URL's search shows the question
+
+
+@needs_chromium
+def test_free_form_answers_get_an_answer_loss_filter_not_a_label_per_sentence(small_run):
+    """data.answers null (free-form answers): no gold-label entries, but answer-loss thirds at the shown checkpoint
+    and correct/incorrect from the run's own verdict (predictions.jsonl `correct`)."""
+    (small_run / ".hydra").mkdir(exist_ok=True)
+    (small_run / ".hydra" / "config.yaml").write_text("data:\n  answers: null\n")
+    tests = lines(small_run / "data" / "test.jsonl")
+    for n, t in enumerate(tests):
+        t["final_decision"] = f"Sentence answer number {n}."
+    (small_run / "data" / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
+    result = selftest(analyze(small_run)["report"])
+    assert result["labels"] == {}
+    shown = lines(small_run / "attribution" / "epoch_002" / "predictions.jsonl")  # the first view: the last epoch
+    losses = sorted(p["loss"] for p in shown)
+    low, high = losses[len(losses) // 3], losses[2 * len(losses) // 3]
+    assert (
+        result["loss"]
+        == {
+            "low": sum(p["loss"] < low for p in shown),
+            "mid": sum(low <= p["loss"] < high for p in shown),
+            "high": sum(p["loss"] >= high for p in shown),
+        }
+        == {"low": 10, "mid": 10, "high": 10}
+    )
+    for epoch in range(3):
+        predictions = lines(small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl")
+        right = sum(bool(p["correct"]) for p in predictions)
+        assert result["correct"][str(epoch)] == [right, len(predictions) - right]
 
 
 @needs_chromium

@@ -1,15 +1,18 @@
 """lark.kernel.selfcheck: the sketch refuses a model it does not fully cover (naming the modules and the fallback) and
 passes the OLMo-3 family it was built for."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SMALL, TINY_OLMO3
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from lark.kernel.projectors import CountSketch, ExactProjector, GaussianProjector
-from lark.kernel.selfcheck import SelfCheckError, check_sketch, uses_sketch
+from lark.kernel.selfcheck import SelfCheckError, check_sketch, compared, tolerance, uses_sketch
 from lark.kernel.sketch import HookSketch
 from lark.kernel.sketch_math import NORMS, per_example_loss
 from lark.models import build_tiny, train_tokenizer
@@ -184,3 +187,119 @@ def test_a_scaled_embedding_is_refused_naming_it(tok, examples):
         "sketch differs from the autograd gradients' count sketch in model.embed_tokens (ScaledEmbedding)" in message
         and "attribution/projector=rapidin" in message
     )
+
+
+def test_the_tolerance_is_the_dtypes_rounding_with_float32_at_rtol():
+    """max(rtol, 2 eps(dtype)) (lark.kernel.selfcheck.tolerance's derivation): bf16 is not held to float32's 1e-3."""
+    assert tolerance(torch.float32) == 1e-3 and tolerance(torch.float32, rtol=1e-4) == 1e-4
+    assert tolerance(torch.bfloat16) == 2 * 2**-7 and tolerance(torch.float16) == 2 * 2**-10
+
+
+@pytest.mark.parametrize("normalize", ["none", "per_tensor"])
+def test_a_bf16_olmo3_passes_under_both_normalisations(tok, examples, normalize):
+    """The tiny OLMo-3 in bfloat16: refused in every module at rtol = 1e-3 before (bf16 rounds at ~4e-3)."""
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).to(torch.bfloat16)
+    assert check_sketch(model, examples, tok.pad_token_id, normalize=normalize) == len(list(model.parameters()))
+
+
+def test_bf16_still_refuses_an_uncovered_norm_and_a_scaled_embedding(tok, examples):
+    """What the check is for is no rounding: in bf16 a norm the hooks do not reach and an embedding whose output is
+    scaled inside the module are refused, naming them, as in float32."""
+    torch.manual_seed(0)
+    with pytest.raises(SelfCheckError, match=r"the hooks do not reach norm \(OffsetNorm\)"):
+        check_sketch(NormLM(len(tok)).to(torch.bfloat16), examples, tok.pad_token_id)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok)
+    old = model.get_input_embeddings()
+    scaled = ScaledEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx)
+    scaled.weight = old.weight
+    model.set_input_embeddings(scaled)
+    with pytest.raises(SelfCheckError) as error:
+        check_sketch(model.to(torch.bfloat16), examples, tok.pad_token_id)
+    assert "count sketch in model.embed_tokens (ScaledEmbedding) (by more than 0.016" in str(error.value)
+    assert "torch.bfloat16" in str(error.value)
+
+
+def test_one_block_of_each_kind_is_compared(tok):
+    """compared(): the parameters outside the blocks and those of block 0 (each Linear role and norm of a block);
+    a later block of another kind (here: with biases) is compared too."""
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok)
+    names = compared(model)
+    block0 = [n for n, _ in model.named_parameters() if n.startswith("model.layers.0.")]
+    assert names == [n for n, _ in model.named_parameters() if not n.startswith("model.layers.1.")]
+    assert len(block0) == 11 and {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(names)
+    layer = model.model.layers[1].mlp.down_proj
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(layer.in_features, layer.out_features, bias=True)
+    assert "model.layers.1.mlp.down_proj.bias" in compared(model)
+
+
+def test_a_wrong_block_0_is_found_though_later_blocks_are_not_compared(tok, examples):
+    """Block 0 stands for its kind: a scaled projection inside it (its output times 3 in the module) is refused."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 3.0
+
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).to(torch.bfloat16)
+    old = model.model.layers[0].mlp.up_proj
+    new = Scaled(old.in_features, old.out_features, bias=False, dtype=torch.bfloat16)
+    new.weight = old.weight
+    model.model.layers[0].mlp.up_proj = new
+    with pytest.raises(SelfCheckError, match=r"count sketch in model.layers.0.mlp.up_proj \(Scaled\)"):
+        check_sketch(model, examples, tok.pad_token_id)
+
+
+@pytest.mark.parametrize(
+    "accelerator,cuda,want",
+    [("cpu", True, "cpu"), ("gpu", True, "cuda:0"), ("cuda", True, "cuda:0"), ("auto", True, "cuda:0")]
+    + [("auto", False, "cpu"), ("tpu", False, None)],
+)
+def test_the_check_runs_on_the_trainers_device(monkeypatch, accelerator, cuda, want):
+    """trainer.accelerator=gpu / cuda / auto put the self-check on the GPU when there is one; cpu keeps it on the
+    CPU; an accelerator it does not know leaves the model where it is."""
+    from lark.experiment import trainer_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    device = trainer_device(OmegaConf.create({"accelerator": accelerator, "devices": 1}))
+    assert (str(device) if device is not None else None) == want
+
+
+def test_a_ddp_rank_checks_on_its_own_gpu(monkeypatch):
+    """Under DDP each rank (LOCAL_RANK) checks on its own device, trainer.devices given as indices or a count."""
+    from lark.experiment import trainer_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert str(trainer_device(OmegaConf.create({"accelerator": "gpu", "devices": [2, 3]}))) == "cuda:3"
+    assert str(trainer_device(OmegaConf.create({"accelerator": "gpu", "devices": "auto"}))) == "cuda:1"
+
+
+@pytest.fixture
+def bf16_hub(tmp_path, tok):
+    """A tiny random-init OLMo-3 saved in bfloat16 as a local hub folder (config.json, safetensors, tokenizer)."""
+    torch.manual_seed(0)
+    folder = tmp_path / "olmo3_bf16"
+    build_tiny(OmegaConf.create(TINY_OLMO3), tok).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_train_py_on_a_bf16_hub_folder_passes_the_check_and_writes_the_tables(bf16_hub, tmp_path):
+    """`python train.py trainer=gpu trainer.accelerator=cpu model=hub model.dtype=bfloat16`: the self-check passes
+    on the trainer's device (refused in every module before: issue 20) and the run writes Tables I-IV."""
+    out = tmp_path / "run"
+    overrides = [o for o in SMALL if not o.startswith(("model.", "trainer.max_epochs"))]
+    overrides += ["trainer=gpu", "trainer.accelerator=cpu", "model=hub", f"model.hub_id={bf16_hub}"]
+    overrides += ["model.dtype=bfloat16", "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={out}"]
+    done = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[lark] sketch self-check on cpu: the hooks reach all 25 parameter tensors" in done.stdout
+    assert "of the 14 of one layer of each kind" in done.stdout
+    for n in range(1, 5):
+        assert (out / "tables" / f"table{n}.md").is_file() and (out / "tables" / f"table{n}.csv").is_file()
+    assert "| 1 |" in (out / "tables" / "table2.md").read_text()

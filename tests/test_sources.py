@@ -39,7 +39,9 @@ def test_every_kind_from_three_corpora():
     )
     fmt = compose().format
     sets = build_sources(cfg, fmt, TRAIN, TEST, CORPORA, seed=0)
-    assert [e["id"] for e in sets["ft"]] == ["t0", "t1", "t2", "t3", "t4"] and sets["ft"][0]["answer"] == "answer 0"
+    assert [e["id"] for e in sets["ft"]] == [t["id"] for t in TRAIN] and sets["ft"][0][
+        "answer"
+    ] == "answer 0"  # every item
     assert len(sets["birds"]) == 3 and "b9" not in {e["id"] for e in sets["birds"]}  # BM25 with the test question
     assert set(sets["birds"][0]) == {"id", "question", "context", "answer"}  # Formatted
     ids = [e["id"] for e in sets["cars"]]

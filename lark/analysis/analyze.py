@@ -21,7 +21,7 @@ from pathlib import Path
 from lark.analysis.figures import plot_figures
 from lark.analysis.markdown import write_tables
 from lark.analysis.report import write_run_report, write_sweep_report
-from lark.analysis.runs import find_runs, load_metrics, pick_epoch
+from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics
 from lark.analysis.tables import build_tables, loss_target_caption, tracin_rows
 from lark.rundir import require_complete
 
@@ -39,7 +39,7 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
     tracin = tracin_rows(run_dirs)
     if tracin:
         tables["tracin_cp"] = tracin
-    captions = {"table2": loss_target_caption(runs)}
+    captions = {"table1": epoch_caption(runs, table1_epoch), "table2": loss_target_caption(runs)}
     result = {
         "tables": tables,
         "table_files": write_tables(tables, out_dir / "tables", captions),
@@ -54,7 +54,10 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
 
 def write_report(path, run_dirs, runs, out_dir, table1_epoch, snippet_chars):
     """The run's page, or a sweep's comparison page and each job's own page; returns the page's path."""
-    chosen = {label: pick_epoch(metrics, table1_epoch) for label, metrics in runs.items()}
+    chosen = {label: choose_epoch(metrics, table1_epoch) for label, metrics in runs.items()}
+    epochs, rules = {label: c[0] for label, c in chosen.items()}, {label: c[1] for label, c in chosen.items()}
     if list(runs) == ["run"]:
-        return write_run_report(run_dirs["run"], runs["run"], out_dir, chosen["run"]["epoch"], snippet_chars)
-    return write_sweep_report(path, run_dirs, runs, chosen, out_dir, snippet_chars)
+        return write_run_report(
+            run_dirs["run"], runs["run"], out_dir, epochs["run"]["epoch"], snippet_chars, rule=rules["run"]
+        )
+    return write_sweep_report(path, run_dirs, runs, epochs, out_dir, snippet_chars, rules)

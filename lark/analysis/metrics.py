@@ -6,11 +6,14 @@ FT/PT ratio  = MeanMax(ft source) / MeanMax(pt source)
 FT wins vs S = share of q with maxinf(q, ft) > maxinf(q, S);  PT wins = 1 - FT wins vs the pt source
 Format effect(content) = MeanMax(content formatted) / MeanMax(content raw)
 Queries with a non-finite maxinf in a compared source are left out of that number (and counted).
+bm25_baseline: the same wins and MeanMax with BM25 scores (question -> document text), Table IV's baseline.
 """
 
 import math
 
 import torch
+
+from lark.data.bm25 import source_scores as bm25_source_scores
 
 
 def max_influence(scores):
@@ -87,3 +90,17 @@ def clean(value):
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+def bm25_baseline(questions, texts, ft_source, pt_source):
+    """Table IV's lexical baseline: the FT/PT wins and mean max of BM25 scores (question -> document text).
+    texts: {source: [document text]}."""
+    scores = bm25_source_scores(questions, texts)
+    metrics = influence_metrics(
+        {name: max_influence(s).float() for name, s in scores.items()}, ft_source, pt_source, {}
+    )
+    return {
+        "ft_wins": metrics["ft_wins"],
+        "pt_wins": metrics["pt_wins"],
+        "sources": {n: {"mean_max": s["mean_max"]} for n, s in metrics["sources"].items()},
+    }

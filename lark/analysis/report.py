@@ -171,10 +171,10 @@ QUESTIONS = (
 )
 
 
-def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=280, title=None):
+def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=280, title=None, rule=None):
     """out_dir/report/index.html (out_dir defaults to the run dir) for one run; returns its path.
     metrics: the run's metrics.json dicts by epoch (lark.analysis.runs.load_metrics); epoch: the checkpoint
-    shown first."""
+    shown first, chosen by `rule` (in words, lark.analysis.runs.choose_epoch; shown on the page)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
     overrides = read_overrides(run_dir)
@@ -189,6 +189,10 @@ def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=2
             section("Timings (files' modification times)", pairs_html(timings(run_dir, metrics)), "timings"),
             "</div>",
             f"<p class='note'>overrides: <code>{esc(' '.join(overrides) or '(none)')}</code></p>",
+            f"<p class='note' id='chosen-epoch'>Tables I, III, IV and the questions first show epoch {data['epoch']}: "
+            f"{esc(rule)}.</p>"
+            if rule
+            else "",
             section("Tables", tables_html(out_dir / "tables"), "tables"),
             section("Figures", figures_html(out_dir / "figures"), "figures"),
             QUESTIONS,
@@ -218,9 +222,10 @@ def metric_cell(m, key, spec):
     return f"{100 * value:.1f}%" if spec == "%" else f"{value:{spec}}"
 
 
-def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_chars=280):
+def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_chars=280, rules=None):
     """out_dir/report/index.html comparing the jobs of a sweep, and each job's own page in <job>/report/.
-    run_dirs / metrics / epochs: job label -> run dir / metrics list / the metrics of its Table I epoch."""
+    run_dirs / metrics / epochs / rules: job label -> run dir / metrics list / the metrics of its Table I epoch /
+    the rule that chose it (in words)."""
     root, out_dir = Path(root), Path(out_dir or root)
     page_file = out_dir / "report" / "index.html"
     overrides = {job: read_overrides(d) or [o for o in job.split(",") if "=" in o] for job, d in run_dirs.items()}
@@ -241,6 +246,7 @@ def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_ch
             epoch=epochs[job]["epoch"],
             snippet_chars=snippet_chars,
             title=f"LARK sweep job {job}",
+            rule=(rules or {}).get(job),
         )
         cells = [job, *(parsed[job].get(k, "-") for k in keys), *sweep_metric_cells(epochs[job], kinds)]
         link = page_link(job_page, page_file, out_dir)

@@ -71,14 +71,23 @@ def read_top(path, query_index, doc_index):
 
 
 def read_predictions(path, query_index):
-    """[per query: [predicted label, loss]] from predictions.jsonl (None when the run did not write it)."""
+    """[per query: [predicted label, loss, correct]] from predictions.jsonl (None when the run did not write it)."""
     if not path.is_file():
         return None
     out = [None] * len(query_index)
     for row in rows(path):
         if row.get("id") in query_index:
-            out[query_index[row["id"]]] = [row.get("predicted"), row.get("loss")]
+            out[query_index[row["id"]]] = [row.get("predicted"), row.get("loss"), row.get("correct")]
     return out
+
+
+def label_set(run_dir, tests, most=10):
+    """Are the gold answers a label set (data.answers in the run's config; a run without a config: at most `most`
+    distinct answers)? The page then filters by gold label, else by answer-loss thirds."""
+    config = read_config(run_dir)
+    if "answers" in (config.get("data") or {}):
+        return config["data"]["answers"] is not None
+    return len({t.get("answer", t.get("final_decision")) for t in tests}) <= most
 
 
 def timings(run_dir, metrics):
@@ -125,6 +134,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         "snippet": snippet_chars,
         "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
         "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
+        "label_set": label_set(run_dir, tests),
         "queries": [
             {
                 "id": t["id"],

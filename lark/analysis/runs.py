@@ -94,22 +94,53 @@ def read_metrics(file):
     return check_metrics(metrics, file)
 
 
-def pick_epoch(metrics, which="best"):
-    """The metrics of one epoch: "best" = highest accuracy (ties: the earliest; no accuracy at all: the
-    last epoch), "last", or an epoch number."""
+def evaluation(m):
+    """(metric, value, higher_is_better) of one epoch's test evaluation (metrics.json `eval`; runs before it had
+    only `accuracy`). value is None where the epoch was not evaluated."""
+    score = m.get("eval") or {"metric": "accuracy", "value": m.get("accuracy"), "higher_is_better": True}
+    return score.get("metric", "accuracy"), score.get("value"), score.get("higher_is_better", True)
+
+
+def choose_epoch(metrics, which="best"):
+    """(the metrics of one epoch, the rule that chose it, in words). "best" follows the evaluation: the highest
+    accuracy / exact match, the lowest answer loss; epochs that tie for best: the earliest of them; every epoch
+    tied (e.g. exact match 0 at all of them): the last epoch, the model as fine-tuned, and the rule says so; no
+    evaluation at all: the last epoch. "last", or an epoch number, choose that epoch."""
     if which == "best":
-        scored = [m for m in metrics if m.get("accuracy") is not None]
-        return max(scored, key=lambda m: m["accuracy"]) if scored else metrics[-1]
+        scored = [(m, *evaluation(m)) for m in metrics if evaluation(m)[1] is not None]
+        if not scored:
+            return metrics[-1], "the last epoch (no test evaluation)"
+        metric, higher = scored[0][1], scored[0][3]
+        best = (max if higher else min)(value for _, _, value, _ in scored)
+        tied = [m for m, _, value, _ in scored if value == best]
+        if len(tied) == len(scored) > 1:
+            return scored[-1][0], f"every epoch ties at {metric} {best:.4g}: the last epoch"
+        word = "highest" if higher else "lowest"
+        return tied[0], f"the {word} test {metric} ({best:.4g}; ties: the earliest epoch)"
     if which == "last":
-        return metrics[-1]
+        return metrics[-1], "the last epoch (table1_epoch=last)"
     try:
         epoch = int(which)
     except (TypeError, ValueError):
         raise ValueError(f'table1_epoch must be "best", "last" or an epoch number, got {which!r}') from None
     for m in metrics:
         if m["epoch"] == epoch:
-            return m
+            return m, f"epoch {epoch} (table1_epoch={epoch})"
     raise ValueError(f"epoch {epoch} has no metrics; available epochs: {[m['epoch'] for m in metrics]}")
+
+
+def pick_epoch(metrics, which="best"):
+    """The metrics of the epoch choose_epoch chooses."""
+    return choose_epoch(metrics, which)[0]
+
+
+def epoch_caption(runs, which="best"):
+    """Table I's caption: which epoch each run's Tables I, III and IV show and the rule that chose it."""
+    parts = []
+    for job, metrics in runs.items():
+        chosen, rule = choose_epoch(metrics, which)
+        parts.append(("" if job == "run" else f"{job}: ") + f"epoch {chosen['epoch']}, {rule}")
+    return f"Checkpoint: {'; '.join(parts)}."
 
 
 def reduced_lr_epochs(metrics):

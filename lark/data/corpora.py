@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lark.data.bm25 import tokens
-from lark.data.io import read_jsonl
+from lark.data.io import BadRows, read_jsonl
 from lark.data.records import checked, document, unique
 from lark.errors import ConfigError, DataError
 
@@ -35,19 +35,22 @@ MEDICAL_TERMS = frozenset(
 )
 
 
-def non_medical(docs):
-    return [d for d in docs if not MEDICAL_TERMS.intersection(tokens(d["text"]))]
+def medical(doc):
+    """Whether a document has medical vocabulary (left out of a non-medical control group)."""
+    return bool(MEDICAL_TERMS.intersection(tokens(doc["text"])))
 
 
 class Corpus:
     """Documents {id, text} of a reader's (where, record) rows (`rows`, in a subclass): each row checked, ids
     unique, at most `limit` documents (null or 0: all); with `exclude_medical`, documents with medical vocabulary
-    are left out (a non-medical control group from a mixed corpus)."""
+    are left out (a non-medical control group from a mixed corpus). With `stream`, the reader gives a Streamed
+    corpus (read again when used, never held) instead of a list: for corpora of millions of documents."""
 
     name = "corpus"
 
-    def __init__(self, text_field="text", id_field="id", limit=None, exclude_medical=False):
+    def __init__(self, text_field="text", id_field="id", limit=None, exclude_medical=False, stream=False):
         self.text_field, self.id_field, self.limit, self.exclude_medical = text_field, id_field, limit, exclude_medical
+        self.stream = stream
 
     def rows(self, bad):
         raise NotImplementedError
@@ -55,24 +58,42 @@ class Corpus:
     def document(self, where, record):
         return where, document(record, where, self.text_field, self.id_field)
 
-    def __call__(self, bad, qa_reader=None):
-        docs, seen = [], set()
+    def fingerprint(self):
+        """What identifies these documents for a saved BM25 index (lark.data.bm25.cached): the reader's settings
+        (a subclass adds its source's state)."""
+        return {"reader": type(self).__name__, **vars(self)}
+
+    def documents(self, bad):
+        """Yield the documents one at a time (what __call__ lists); nothing is kept but the ids seen."""
+        seen, n = set(), 0
         for where, doc in checked(self.rows(bad), self.document, bad):
-            if unique(doc, seen, where, bad):
-                docs.append(doc)
-            if self.limit and len(docs) >= self.limit:
+            if not unique(doc, seen, where, bad):
+                continue
+            n += 1
+            if not (self.exclude_medical and medical(doc)):
+                yield doc
+            if self.limit and n >= self.limit:
                 break
-        if not docs:
+        if not n:
             raise DataError(f"{self.name}: no documents")
-        return non_medical(docs) if self.exclude_medical else docs
+
+    def __call__(self, bad, qa_reader=None):
+        return Streamed(self, bad) if self.stream else list(self.documents(bad))
 
 
 class JsonlCorpus(Corpus):
     """The documents of a local JSON Lines file (`path`); a bad line is named by file:line."""
 
-    def __init__(self, path, text_field="text", id_field="id", limit=None, exclude_medical=False):
-        super().__init__(text_field, id_field, limit, exclude_medical)
+    def __init__(self, path, text_field="text", id_field="id", limit=None, exclude_medical=False, stream=False):
+        super().__init__(text_field, id_field, limit, exclude_medical, stream)
         self.path, self.name = path, str(path)
+
+    def fingerprint(self):
+        stat = Path(self.path).stat()  # a rewritten file has another size or modification time
+        return super().fingerprint() | {
+            "path": str(Path(self.path).resolve()),
+            "file": [stat.st_size, stat.st_mtime_ns],
+        }
 
     def rows(self, bad):
         return ((f"{self.path}:{n}", r) for n, r in read_jsonl(self.path, bad))
@@ -91,15 +112,61 @@ class HubCorpus(Corpus):
         id_field="id",
         limit=None,
         exclude_medical=False,
+        stream=False,
     ):
-        super().__init__(text_field, id_field, limit, exclude_medical)
+        super().__init__(text_field, id_field, limit, exclude_medical, stream)
         self.hub_id, self.hub_config, self.split, self.name = hub_id, hub_config, split, str(hub_id)
+
+    def fingerprint(self):
+        folder = Path(str(self.hub_id))  # a local folder: its files' sizes and times; a hub name: the name
+        files = sorted(folder.rglob("*")) if folder.is_dir() else []
+        state = [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+        return super().fingerprint() | {"files": state}
 
     def rows(self, bad):
         import datasets  # imported on use: a heavy optional dependency
 
         rows = datasets.load_dataset(self.hub_id, self.hub_config, split=self.split, streaming=True)
         return ((f"{self.hub_id} row {n}", r) for n, r in enumerate(rows))
+
+
+class Streamed:
+    """A corpus read again on every use instead of held in memory (Corpus with stream: true): iterating yields its
+    documents; len() and take(positions) read it once (the first complete pass also counts it)."""
+
+    def __init__(self, corpus, bad):
+        self.corpus, self.bad, self.size = corpus, bad, None
+
+    def fingerprint(self):
+        return self.corpus.fingerprint()
+
+    def __iter__(self):
+        n = 0
+        bad = self.bad if self.size is None else BadRows(self.bad.mode)  # bad rows are reported by one pass
+        for n, doc in enumerate(self.corpus.documents(bad), start=1):
+            yield doc
+        self.size = n
+
+    def __len__(self):
+        if self.size is None:
+            for _ in self:
+                pass
+        return self.size
+
+    def __getitem__(self, i):
+        return self.take([i])[0]
+
+    def take(self, positions):
+        """[document at each position] (positions into the documents, any order), read in one pass."""
+        wanted, found = set(positions), {}
+        for i, doc in enumerate(self):
+            if i in wanted:
+                found[i] = doc
+                if len(found) == len(wanted):
+                    break
+        if len(found) < len(wanted):
+            raise IndexError(f"{self.corpus.name}: no document at {sorted(wanted - set(found))[:5]}")
+        return [found[i] for i in positions]
 
 
 def corpus_reader(spec):

@@ -13,8 +13,6 @@ last sentence the answer, and the sentences between them the context.
 import json
 import re
 
-from hydra.utils import instantiate
-
 from lark.errors import ConfigError
 
 CHATML_TEMPLATE = (
@@ -97,6 +95,10 @@ class Plain:
 def layout(fmt):
     """The format's layout (format.layout, a _target_: Chat, Plain or your own class with the same two methods:
     render(tokenizer, turns) -> (prompt, answer) strings, candidate(label) -> the text continuing the prompt)."""
+    # Hydra is imported here, not at module level: lark.kernel reaches IGNORE in this module, and the engine
+    # (benchmarks/gpu_check.py) must import on a bare CUDA machine with only torch and transformers.
+    from hydra.utils import instantiate
+
     spec = fmt.get("layout")
     if not spec or "_target_" not in spec:
         raise ConfigError("format.layout: missing; give a _target_ (lark.data.formats.Chat or lark.data.formats.Plain)")
@@ -140,6 +142,12 @@ def encode(tokenizer, example, fmt, max_length):
     if "text" in example:
         return encode_text(tokenizer, example["text"], max_length)
     return encode_qa(tokenizer, example, fmt, max_length)
+
+
+def n_cut(tokenizer, examples, fmt, max_length):
+    """How many of `examples` encode() cuts at max_length tokens (a QA prompt in its middle, an answer beyond
+    half of max_length, a document's tail)."""
+    return sum(len(encode(tokenizer, e, fmt, 2**62)["input_ids"]) > max_length for e in examples)
 
 
 class Encoder:

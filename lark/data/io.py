@@ -1,14 +1,29 @@
 """Reading and writing LARK's files: JSON Lines with file:line errors (and the `data.on_bad_rows` policy),
-JSON and CSV, each written atomically (a temporary file renamed over the target)."""
+JSON and CSV, each written atomically (a temporary file renamed over the target); a write that finds the disk
+full keeps nothing partial and says how many bytes it needed (DiskFull).
+
+Checksums (sha256, streamed), written after the bytes they cover and verified on read, for every artifact LARK
+reads back:
+- a safetensors file (stores, shards, score matrices, AdamW moments) carries `checksum` in its header metadata:
+  the sha256 of its header (without that key, keys sorted) and of its tensor bytes (`seal`, `check_safetensors`);
+- a folder written whole and renamed into place (a checkpoint) carries checksums.json, {file: sha256}, written
+  inside it before the rename (`write_manifest`, `check_manifest`);
+- the Lightning resume state carries the sha256 of its own content (lark.resume).
+A file written before LARK checksummed has none: it reads as unverified (check_* return False), as it always did.
+A mismatch raises CorruptFile naming the file; the caller recomputes what it can and says what to do otherwise.
+"""
 
 import csv
+import errno
+import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from lark import faults
-from lark.errors import ConfigError, DataError
+from lark.errors import ConfigError, CorruptFile, DataError, DiskFull
 
 MAX_LINE_BYTES = 16 * 2**20  # a longer JSON Lines row is an error (a 50 MB line is never one record we want)
 
@@ -64,14 +79,16 @@ def parse_line(raw, where):
 
 
 def read_jsonl(path, bad=None):
-    """Yield (line_number, record) for each non-blank line of a JSON Lines file. Bad lines raise DataError
-    (file:line: what), or go to `bad` (a BadRows) when given."""
+    """Yield (line_number, record) for each non-blank line of a JSON Lines file (a leading UTF-8 BOM is skipped).
+    Bad lines raise DataError (file:line: what), or go to `bad` (a BadRows) when given."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     bad = bad or BadRows()
     with open(path, "rb") as f:
         for line_no, raw in enumerate(read_lines(f), start=1):
+            if line_no == 1 and raw:  # a UTF-8 byte order mark (Windows editors save one) is not data
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 record = parse_line(raw, f"{path}:{line_no}")
             except DataError as e:
@@ -82,9 +99,10 @@ def read_jsonl(path, bad=None):
 
 
 @contextmanager
-def replacing(path):
+def replacing(path, size=None):
     """Yield a temporary path beside `path` and rename it into place on success: a reader never sees half a
-    file (every file LARK writes goes through here)."""
+    file (every file LARK writes goes through here). A full disk (ENOSPC) raises DiskFull naming the path and
+    `size`, the bytes being written; the temporary file goes either way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -92,8 +110,24 @@ def replacing(path):
         yield tmp
         faults.point("write")
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(path, size) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(path, size=None):
+    """The DiskFull error of a write of `size` bytes (None: unknown) to `path` that found no space."""
+    folder = Path(path).parent
+    while not folder.exists():
+        folder = folder.parent
+    needed = "" if size is None else f"{size:,} bytes needed, "
+    return DiskFull(
+        f"{path}: no space left on the device ({needed}{shutil.disk_usage(folder).free:,} free); nothing "
+        "partial was kept: free space, then run the same command again (train.py: with resume=true)"
+    )
 
 
 def write_jsonl(records, path):
@@ -103,8 +137,9 @@ def write_jsonl(records, path):
 
 
 def write_json(path, obj):
-    with replacing(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2))
+    text = json.dumps(obj, indent=2)
+    with replacing(path, len(text.encode())) as tmp:
+        tmp.write_text(text)
 
 
 def write_csv(path, rows, columns=None):
@@ -115,3 +150,93 @@ def write_csv(path, rows, columns=None):
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
         writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+CHUNK = 2**20  # bytes read and hashed at a time
+CHECKSUM = "checksum"  # a safetensors header's metadata key: '"sha256:<hex>"' (JSON, as LARK's other header
+# fields) of the header and the tensor bytes
+MANIFEST = "checksums.json"  # a folder's {relative path: "sha256:<hex>"} of every file in it
+
+
+def sha256(*parts):
+    """ "sha256:<hex>" of byte strings and of iterables of byte strings (chunks), in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        for chunk in [part] if isinstance(part, (bytes, bytearray, memoryview)) else part:
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def chunks(path, start=0):
+    """The bytes of a file from `start` on, CHUNK at a time."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def canonical(header):
+    """A safetensors header as its checksum covers it: keys sorted, without the checksum itself."""
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != CHECKSUM}
+    return json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(blob):
+    """The parts (length, header, tensor bytes) of safetensors bytes `blob` with the checksum in its header
+    metadata and the header's keys sorted (equal contents give byte-identical files)."""
+    n = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8 : 8 + n]), memoryview(blob)[8 + n :]
+    header.setdefault("__metadata__", {})[CHECKSUM] = json.dumps(sha256(canonical(header), data))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the tensor bytes to 8
+    return [len(text).to_bytes(8, "little"), text, data]
+
+
+def check_safetensors(path):
+    """True when a safetensors file matches the checksum in its header, False when it has none (written before
+    LARK checksummed: unverified); CorruptFile when it does not match, is cut short or has an unreadable header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else size
+        raw = f.read(n) if 8 + n <= size else b""
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise CorruptFile(f"{path}: unreadable or cut-short header (corrupted or truncated after it was written)")
+    meta = header.get("__metadata__") or {}
+    if CHECKSUM not in meta:
+        if b"sha256:" in raw:  # it had one: a key on the way to it was hit
+            raise CorruptFile(f"{path}: damaged header (corrupted after it was written)")
+        return False
+    if json.dumps(sha256(canonical(header), chunks(path, 8 + n))) != meta[CHECKSUM]:
+        raise CorruptFile(f"{path}: checksum mismatch (corrupted or truncated after it was written)")
+    return True
+
+
+def write_manifest(folder):
+    """checksums.json in `folder`: the sha256 of every file in it (write it last, before the folder's rename)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(folder / MANIFEST, {p.relative_to(folder).as_posix(): sha256(chunks(p)) for p in files})
+
+
+def check_manifest(folder):
+    """True when every file listed in `folder`/checksums.json matches, False when the folder has none (written
+    before LARK checksummed: unverified); CorruptFile naming the first file that is missing or does not match."""
+    folder, path = Path(folder), Path(folder) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        listed = json.loads(path.read_text())
+    except ValueError:
+        raise CorruptFile(f"{path}: unreadable (corrupted after it was written)") from None
+    for name, want in listed.items():
+        if not (folder / name).is_file() or sha256(chunks(folder / name)) != want:
+            raise CorruptFile(
+                f"{folder / name}: checksum mismatch (corrupted, truncated or removed after it was written)"
+            )
+    return True

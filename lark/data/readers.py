@@ -70,6 +70,7 @@ class JsonlRows:
 
     def __init__(self, path, test_path=None):
         self.path, self.test_path, self.name = path, test_path, str(path)
+        self.test_name = f"data.reader.test_path: {test_path}" if test_path else None
 
     def __call__(self, bad):
         """(rows, test rows or None): iterables of (where, record)."""
@@ -85,6 +86,7 @@ class HubRows:
     def __init__(self, hub_id, hub_config=None, split="train", test_split=None):
         self.hub_id, self.hub_config, self.split, self.test_split = hub_id, hub_config, split, test_split
         self.name = f"{hub_id}/{hub_config}" if hub_config else str(hub_id)
+        self.test_name = f"data.reader.test_split: {self.name}[{test_split}]" if test_split else None
 
     def __call__(self, bad):
         import datasets
@@ -106,11 +108,21 @@ class HubRows:
 def load_data(cfg, bad=None):
     """(train, test, corpora {name: documents}, world or None) of the `data` config: the QA items of data.reader
     (load_qa) and the documents of each data.corpora entry (load_corpus), the one reader shared by both (the
-    world's corpora are parts of the world it generated). world: the reader's generated world, when it has one
+    world's corpora are parts of the world it generated); no test question at all is a DataError naming the file.
+    world: the reader's generated world, when it has one
     (the run saves it with its provenance)."""
     bad = bad or BadRows()
     reader = instantiate(cfg.reader)
     train, test = load_qa(cfg, reader, bad)
+    if not test:  # nothing to attribute: name the file (or the split rule) that gave no test question
+        split = (cfg.get("fields") or {}).get("split")
+        raise DataError(
+            f"{reader.test_name}: the test set has no rows: add the questions to attribute, one JSON object per line"
+            if getattr(reader, "test_name", None)
+            else f"{reader.name}: no test questions: no row's '{split}' field says 'test' (or set data.test_ids)"
+            if split
+            else f"{reader.name}: no test questions (data.test_ids, data.n_test or the reader's test split)"
+        )
     corpora = {name: load_corpus(spec, bad, reader) for name, spec in (cfg.get("corpora") or {}).items()}
     return train, test, corpora, getattr(reader, "world", None)
 

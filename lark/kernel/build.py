@@ -6,6 +6,8 @@ Layout under a builder's folder (one checkpoint's attribution/epoch_NNN/):
   stores/<set>.safetensors              the complete store (lark.kernel.stores.save_store)
   shards/<set>.<start:06d>.safetensors  raw projections [shard_size, k] float32 with the store's header, only while
                                         a set larger than shard_size is in progress
+Both carry a checksum in their header (lark.data.io): a reused store or shard that fails it (corrupted or truncated
+after it was written) is recomputed, with one line saying so.
 """
 
 import json
@@ -19,6 +21,8 @@ from safetensors import SafetensorError, safe_open
 from lark import faults
 from lark.console import progress
 from lark.data.datamodule import collate
+from lark.data.io import CHECKSUM, check_safetensors
+from lark.errors import CorruptFile
 from lark.fingerprints import content_hash
 from lark.kernel.stores import atomic_save, load_store, save_store, stored_view
 
@@ -78,7 +82,7 @@ class StoreBuilder:
         """Decoded unit vectors [n, k] of the set meta["set"]: read back from its complete store (reuse), else
         projected and saved by rank 0 (the other ranks keep what the store would give). Then its shards go."""
         path = self.folder / "stores" / f"{meta['set']}.safetensors"
-        vectors = reusable_store(path, ids, meta, self.tier, self.projector.k) if self.reuse else None
+        vectors = reusable_store(path, ids, meta, self.tier, self.projector.k, self.log) if self.reuse else None
         if vectors is not None:
             self.log(f"[lark] {path}: store complete, reused")
         else:
@@ -105,7 +109,7 @@ class StoreBuilder:
     def shard(self, encoded, ids, meta, start, sharded):
         """[len(encoded), k] projections of the examples from `start` on; saved (or reused) when `sharded`."""
         path = self.folder / "shards" / f"{meta['set']}.{start:06d}.safetensors"
-        saved = read_shard(path, ids, meta) if self.reuse and sharded else None
+        saved = read_shard(path, ids, meta, self.log) if self.reuse and sharded else None
         if saved is not None:
             self.log(f"[lark] {path.name}: shard complete, reused")
             return saved
@@ -133,20 +137,29 @@ class StoreBuilder:
             shards.rmdir()
 
 
-def read_shard(path, ids, meta):
-    """The raw vectors of a saved shard, or None when absent, unreadable or produced from other inputs."""
+def read_shard(path, ids, meta, log=print):
+    """The raw vectors of a saved shard, or None when absent, unreadable, corrupted (logged) or produced from other
+    inputs."""
     try:
+        check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
-            header = {k: json.loads(v) for k, v in f.metadata().items()}
+            header = {k: json.loads(v) for k, v in f.metadata().items() if k != CHECKSUM}
             return f.get_tensor("vectors") if header == {"ids": ids, **meta} else None
+    except CorruptFile as e:
+        log(f"[lark] {e}: recomputed")
     except (OSError, ValueError, SafetensorError):
-        return None
+        pass
+    return None
 
 
-def reusable_store(path, ids, meta, tier, k):
-    """The decoded vectors of a complete store written from the same inputs, else None (then it is recomputed)."""
+def reusable_store(path, ids, meta, tier, k, log=print):
+    """The decoded vectors of a complete store written from the same inputs, else None (then it is recomputed;
+    a corrupted one is logged)."""
     try:
         vectors, _, stored_ids, header = load_store(path)
+    except CorruptFile as e:
+        log(f"[lark] {e}: recomputed")
+        return None
     except (OSError, ValueError, KeyError, SafetensorError):
         return None
     return vectors if stored_ids == ids and header == {**meta, "tier": tier, "k": k} else None

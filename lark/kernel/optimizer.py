@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from lark.errors import ConfigError
+from lark.data.io import check_safetensors
+from lark.errors import ConfigError, CorruptFile
 from lark.kernel.factory import make_kernel
 from lark.kernel.stores import atomic_save
 
@@ -45,6 +46,15 @@ class Moments:
 
     @classmethod
     def load(cls, path):
+        """The moments saved at `path`; CorruptFile (saying what to do) when the file fails its checksum."""
+        try:
+            check_safetensors(path)
+        except CorruptFile as e:
+            raise CorruptFile(
+                f"{e}; the moments of a checkpoint come from its training: retrain to that epoch (training is "
+                "deterministic), or delete the file to attribute with a kernel that does not use them "
+                "(attribution/kernel=cosine or rapidin)"
+            ) from None
         with safe_open(str(path), framework="pt") as f:
             source = json.loads(f.metadata()["source"])
             tensors = {}

@@ -41,6 +41,7 @@ import math
 
 import torch
 
+from lark.kernel import fold_triton
 from lark.kernel.hashing import name_key, random_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.sketch_math import (
@@ -52,6 +53,7 @@ from lark.kernel.sketch_math import (
     embedding_sketch,
     embedding_squares,
     fold_index,
+    fold_schedule,
     fold_slices,
     frobenius,
     norm_gradients,
@@ -72,7 +74,16 @@ class HookSketch:
     self_check = True  # lark.kernel.selfcheck checks the hooks against autograd on the model before a run
 
     def __init__(
-        self, model, k, seed=0, normalize="none", method="auto", plan_tokens=512, cache_bytes=2**30, precondition=None
+        self,
+        model,
+        k,
+        seed=0,
+        normalize="none",
+        method="auto",
+        plan_tokens=512,
+        cache_bytes=2**30,
+        precondition=None,
+        fold="auto",
     ):
         self.normalizer = normalizer(normalize)  # lark.kernel.normalizers: NoNorm or PerTensor (or its string)
         if method not in METHODS:
@@ -94,7 +105,7 @@ class HookSketch:
         self.block_elements = 2**19  # on a CPU: G blocks of 2 MiB (float32), folded while they are in cache
         self.cache_bytes = int(cache_bytes)  # attribution.projector.cache_bytes: signs kept between batches
         self.cached_bytes = 0
-        self.fold_schedule = "auto"  # fold_into: auto (slices on a CPU, index elsewhere) | index | slices
+        self.fold_schedule = fold_schedule(fold)  # attribution.projector.fold: fold_into's schedule (FOLDS)
 
     def find_layers(self, model):
         """The modules the hooks reach, all of whose parameters are trainable: Linear layers, norms of the NORMS
@@ -227,24 +238,26 @@ class HookSketch:
         """out [B, k] += sketch_flat of the coordinates [start, start + width) of a parameter of `numel`
         coordinates, given as part [B, width] (a block of rows of a layer's per-example gradients).
 
-        Two schedules of the same sums (`fold_schedule`; auto: slices on a CPU, index elsewhere):
+        Three schedules of the same sums (`fold_schedule`, the key attribution.projector.fold; auto: triton on
+        CUDA where triton is installed, else index; slices on a CPU):
+        - triton (lark.kernel.fold_triton.fold): one kernel per block, no atomics, bucket offsets and signs hashed
+          in registers (no sign cache, no signed copy). Adds chunk by chunk like slices.
         - index (sketch_math.fold_index): a fixed number of tensor operations per block whatever width / k. A
           GPU's block is a whole layer, and a loop over its chunks would launch P / k ~ 10^5 small kernels per
           batch at 7B (benchmarks/fold_profile.py counts them).
         - slices (sketch_math.fold_slices): each chunk the block touches as at most two contiguous adds. On a
           CPU an operation costs microseconds, not a launch, its blocks are cache-sized (a few chunks), and
           index_add_ costs 3-9x more per coordinate (measured: docs/benchmarks.md).
-        On a CPU both give the same float32 sums bit for bit (tested)."""
+        On a CPU all three give the same float32 sums bit for bit (tested; triton under TRITON_INTERPRET=1)."""
         k, width = self.k, part.shape[1]
+        schedule = fold_schedule(self.fold_schedule, part.device)
+        if schedule == "triton":
+            keys = (name_key(self.seed, name, "offset"), name_key(self.seed, name, "sign"))
+            return fold_triton.fold(out, part, start, *keys)
         sign = self.signs(name, numel, start, start + width, part.device)
         offsets = self.offsets(name, start // k, -(-(start + width) // k), part.device)
-        schedule = self.fold_schedule
-        if schedule == "auto":
-            schedule = "slices" if part.device.type == "cpu" else "index"
         if schedule == "index":
             return fold_index(out, part, sign, offsets, start, self.scratch("signed", part.shape, part.device))
-        if schedule != "slices":
-            raise ValueError(f"HookSketch.fold_schedule: unknown '{schedule}' (auto, index or slices)")
         return fold_slices(out, part, sign, offsets, start)
 
     # -- one layer's per-example gradients ------------------------------------------------------------------

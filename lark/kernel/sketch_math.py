@@ -5,12 +5,12 @@ gradient is G_b = sum_t delta_t x_t^T = Delta_b^T X_b [out, in], flattened row b
 Hash keys are lark.kernel.hashing.name_key(seed, parameter name, purpose): every function here is a pure
 function of its tensors and keys, and the same keys always give the same buckets and signs.
 
-- The rotated-chunk count sketch (fold_index, fold_slices: two schedules of the same sums): a parameter's flat
-  index is cut into k-long chunks; chunk c is rotated by a random offset_c (bucket of coordinate i =
-  (offset_c + i mod k) mod k, c = i // k) and each coordinate gets a random sign, all from a counter-based hash of
-  (seed, parameter name, index). Two coordinates of different chunks collide with probability 1/k and those of one
-  chunk never do, so inner products keep the count sketch's unbiasedness and (at most) its variance, at the cost
-  of contiguous adds instead of a scatter.
+- The rotated-chunk count sketch (fold_index, fold_slices and, on CUDA, lark.kernel.fold_triton.fold: schedules of
+  the same sums, fold_schedule picks one): a parameter's flat index is cut into k-long chunks; chunk c is rotated
+  by a random offset_c (bucket of coordinate i = (offset_c + i mod k) mod k, c = i // k) and each coordinate gets
+  a random sign, all from a counter-based hash of (seed, parameter name, index). Two coordinates of different
+  chunks collide with probability 1/k and those of one chunk never do, so inner products keep the count sketch's
+  unbiasedness and (at most) its variance, at the cost of contiguous adds instead of a scatter.
 - TensorSketch (Pham & Pagh 2013) of G without forming it: coordinate (i, j) goes to bucket (h1(i) + h2(j)) mod k
   with sign s1(i) s2(j). Variance close to a count sketch's.
 - Embedding rows: dL/dE[v] = sum over positions t with token v of dL/d(embedding_t), sketched token by token with
@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lark.data.formats import IGNORE
+from lark.errors import ConfigError
+from lark.kernel import fold_triton
 from lark.kernel.hashing import hashed, random_signs
 
 
@@ -81,6 +83,28 @@ def fold_slices(out, part, sign, offsets, start):
                 part[:, lo - start + head : hi - start], sign[lo - start + head : hi - start]
             )
     return out
+
+
+FOLDS = ("auto", "triton", "index", "slices")  # attribution.projector.fold: HookSketch.fold_into's schedules
+
+
+def fold_schedule(fold, device=None):
+    """The fold schedule (FOLDS) that `fold` means for blocks on `device`: auto is slices on a CPU, triton on CUDA
+    where triton is installed (lark.kernel.fold_triton), index elsewhere. ConfigError for an unknown name, or for
+    triton where it cannot run. device None: only the name is checked."""
+    if fold not in FOLDS:
+        raise ConfigError(f"attribution.projector.fold: unknown '{fold}' ({', '.join(FOLDS)}; fold_schedule)")
+    if device is None:
+        return fold
+    if fold == "auto":
+        return "slices" if device.type == "cpu" else "triton" if fold_triton.usable(device) else "index"
+    if fold == "triton" and not fold_triton.usable(device):
+        why = "triton is not installed" if not fold_triton.available() else f"the blocks are on {device}"
+        raise ConfigError(
+            f"attribution.projector.fold=triton: {why} (it runs on CUDA, on a CPU only under TRITON_INTERPRET=1, "
+            "for tests); use fold=auto, index or slices"
+        )
+    return fold
 
 
 def block_squares(part):

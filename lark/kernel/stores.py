@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from lark.data.io import replacing
+from lark.data.io import CHECKSUM, check_safetensors, replacing, seal
 from lark.errors import StoreMismatch
 
 # Header fields two stores must agree on to be scored against each other: the projection (kind, k, seed, version,
@@ -149,15 +149,13 @@ def dots(a, b, chunk=2**20):
 
 
 def atomic_save(tensors, path, metadata):
-    """safetensors written to a temporary name and renamed: a reader never sees half a file. The header's keys
-    are sorted (safetensors writes them in hash-map order), so equal contents give byte-identical files."""
-    blob = save(tensors, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        f.write(blob[:8])
-        f.write(header.ljust(n) if len(header) <= n else blob[8 : 8 + n])
-        f.write(memoryview(blob)[8 + n :])
+    """safetensors written to a temporary name and renamed: a reader never sees half a file. The header carries
+    the file's checksum (lark.data.io.seal; verified by load_store) and its keys sorted (safetensors writes them in
+    hash-map order), so equal contents give byte-identical files."""
+    parts = seal(save(tensors, metadata=metadata))
+    with replacing(path, sum(len(part) for part in parts)) as tmp, open(tmp, "wb") as f:
+        for part in parts:
+            f.write(part)
 
 
 def decoded(tensors, tier, k):
@@ -187,9 +185,11 @@ def stored_view(vectors, tier):
 
 
 def load_store(path):
-    """(decoded unit vectors float32 [n, k], norms [n], ids, metadata). safetensors: nothing is unpickled."""
+    """(decoded unit vectors float32 [n, k], norms [n], ids, metadata). safetensors: nothing is unpickled. The
+    checksum is verified first (CorruptFile: corrupted or truncated; a store without one reads unverified)."""
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        meta = {k: json.loads(v) for k, v in f.metadata().items() if k != CHECKSUM}
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     return decoded(tensors, meta["tier"], meta["k"]), tensors["norms"], meta.pop("ids"), meta
 

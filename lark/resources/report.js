@@ -2,9 +2,10 @@
 // Data (#lark-data): {epochs, epoch, sources, snippet, ft_source, accuracy: {epoch: acc},
 //   queries: [{id, q, c, gold, canary}], docs: {source: [[id, text, canary]]},
 //   top: {epoch: {source: [per query: [doc, score, doc, score, ...] by rank]}},
-//   pred: {epoch: [per query: [label, loss]] or null}, prov: {query id: [doc ids carrying its fact]}}
+//   pred: {epoch: [per query: [label, loss, correct]] or null}, prov: {query id: [doc ids carrying its fact]},
+//   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter)}
 // Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
-// URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect (&questions: only the
+// URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect&loss=high (&questions: only the
 // question browser); ?selftest runs the checks
 // below and writes their results into <pre id="selftest"> (the browser test reads it).
 (function () {
@@ -63,17 +64,30 @@
   if (!D || !D.queries) return;
 
   const Q = D.queries;
-  const labels = [...new Set(Q.map((q) => q.gold).filter((g) => g != null))];
+  const labels = D.label_set ? [...new Set(Q.map((q) => q.gold).filter((g) => g != null))] : [];
   const haystack = Q.map((q) => (q.id + " " + q.q + " " + q.c).toLowerCase());
   const queryWords = Q.map((q) => words(q.q));
   const prov = Q.map((q) => new Set(D.prov[q.id] || []));
   const firstEpoch = params.has("epoch") && D.epochs.includes(Number(params.get("epoch")))
     ? Number(params.get("epoch")) : D.epoch;
   const state = {epoch: firstEpoch, q: params.get("q") || "", label: params.get("label") || "",
-    correct: params.get("correct") || "", list: [], shown: 0};
+    correct: params.get("correct") || "", loss: params.get("loss") || "", list: [], shown: 0};
 
   const pred = (i, epoch) => { const p = D.pred[String(epoch)]; return p ? p[i] : null; };
-  const correct = (i, epoch) => { const p = pred(i, epoch); return p && p[0] != null ? p[0] === Q[i].gold : null; };
+  const correct = (i, epoch) => {  // the run's own verdict (exact match normalises text), else label equality
+    const p = pred(i, epoch);
+    if (!p) return null;
+    return p[2] != null ? Boolean(p[2]) : p[0] != null ? p[0] === Q[i].gold : null;
+  };
+  const thirds = (epoch) => {  // the answer losses that split the questions into thirds at this checkpoint
+    const losses = Q.map((_, i) => pred(i, epoch)).filter((p) => p && p[1] != null).map((p) => p[1]).sort((a, b) => a - b);
+    return losses.length ? [losses[Math.floor(losses.length / 3)], losses[Math.floor((2 * losses.length) / 3)]] : null;
+  };
+  const lossThird = (i, epoch, cut) => {
+    const p = pred(i, epoch);
+    if (!p || p[1] == null || !cut) return null;
+    return p[1] < cut[0] ? "low" : p[1] < cut[1] ? "mid" : "high";
+  };
 
   // ---- controls
   const search = el("input", {type: "search", id: "f-text", placeholder: "search question text or id",
@@ -87,15 +101,18 @@
   const epochSelect = select("f-epoch", D.epochs.map((e) => [String(e), "checkpoint epoch " + e +
     (e === 0 ? " (base)" : "") + (D.accuracy[e] != null ? ", acc. " + fmt(100 * D.accuracy[e], 1) + "%" : "")]),
     String(state.epoch), "epoch");
-  const labelSelect = select("f-label", [["", "any gold label"], ...labels.map((l) => [l, "gold = " + l])],
-    state.label, "label");
+  const labelSelect = D.label_set  // free-form answers: one entry per sentence would be useless, so loss thirds
+    ? select("f-label", [["", "any gold label"], ...labels.map((l) => [l, "gold = " + l])], state.label, "label")
+    : select("f-loss", [["", "any answer loss"], ["low", "answer loss: lowest third"],
+      ["mid", "answer loss: middle third"], ["high", "answer loss: highest third"]], state.loss, "loss");
   const correctSelect = select("f-correct", [["", "correct and incorrect"], ["correct", "correct only"],
     ["incorrect", "incorrect only"]], state.correct, "correct");
   document.getElementById("controls").append(search, epochSelect, labelSelect, correctSelect);
 
   function matches(i) {
     if (state.q) for (const term of state.q.toLowerCase().split(/\s+/)) if (term && !haystack[i].includes(term)) return false;
-    if (state.label && Q[i].gold !== state.label) return false;
+    if (state.label && D.label_set && Q[i].gold !== state.label) return false;
+    if (state.loss && !D.label_set && lossThird(i, state.epoch, state.cut) !== state.loss) return false;
     if (state.correct) { const c = correct(i, state.epoch); if (c === null || c !== (state.correct === "correct")) return false; }
     return true;
   }
@@ -108,6 +125,7 @@
 
   function refresh() {
     state.epoch = Number(epochSelect.value);
+    state.cut = thirds(state.epoch);
     state.list = [];
     for (let i = 0; i < Q.length; i++) if (matches(i)) state.list.push(i);
     state.shown = 0;
@@ -119,7 +137,7 @@
     count.dataset.total = Q.length;
     renderMore();
     const url = new URLSearchParams(location.search);
-    for (const k of ["q", "label", "correct"]) state[k] ? url.set(k, state[k]) : url.delete(k);
+    for (const k of ["q", "label", "correct", "loss"]) state[k] ? url.set(k, state[k]) : url.delete(k);
     url.set("epoch", state.epoch);
     history.replaceState(null, "", "?" + url.toString());
   }
@@ -247,6 +265,10 @@
     set(search, "", "input");
     out.labels = {};
     for (const l of labels) { set(labelSelect, l, "change"); out.labels[l] = Number(count.dataset.shown); }
+    if (!D.label_set) {
+      out.loss = {};
+      for (const t of ["low", "mid", "high"]) { set(labelSelect, t, "change"); out.loss[t] = Number(count.dataset.shown); }
+    }
     set(labelSelect, "", "change");
     out.correct = {};
     for (const e of D.epochs) {

@@ -1,0 +1,61 @@
+"""Warnings a user must not miss (a source short of documents, examples cut at max_length, an evaluation that
+scores nothing): one `[lark] warning:` line each on the console, and kept in the run's data/warnings.json so
+that every metrics.json carries them too (`warnings`, {key: {message, counts...}}).
+
+    warn(run_dir, "cut", "3 of 60 fine-tuning items longer than max_length=512 ...", log, cut=3, total=60)
+    read(run_dir)   # -> {"cut": {"message": ..., "cut": 3, "total": 60}}
+"""
+
+import json
+from pathlib import Path
+
+from lark.data.formats import n_cut
+from lark.data.io import write_json
+from lark.data.sources import shortfalls
+
+FILE = Path("data") / "warnings.json"
+
+
+def read(run_dir):
+    """The run's warnings so far ({} when none)."""
+    path = Path(run_dir) / FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def warn(run_dir, key, message, log=print, **counts):
+    """Print one `[lark] warning:` line and record it under `key` (a rerun replaces it: resumes do not pile up)."""
+    log(f"[lark] warning: {message}")
+    if run_dir is not None:
+        write_json(Path(run_dir) / FILE, read(run_dir) | {key: {"message": message, **counts}})
+
+
+def warn_cut(cfg, tokenizer, named_sets, log=print, run_dir=None):
+    """One `[lark] warning:` line counting the examples longer than max_length (cut, never silently; recorded in
+    data/warnings.json, lark.notices); returns {name: [cut, total]} of the sets with a cut example."""
+    cut = {
+        name: [n_cut(tokenizer, items, cfg.format, cfg.max_length), len(items)] for name, items in named_sets.items()
+    }
+    cut = {name: counts for name, counts in cut.items() if counts[0]}
+    if cut:
+        message = (
+            f"longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping its last 64 "
+            "tokens; a document at its end): " + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
+        )
+        warn(run_dir, "max_length", message, log, counts=cut)
+    return cut
+
+
+def report_shortfalls(cfg, sets, n_train, run_dir, log=print):
+    """A finetune source that cuts the fine-tuning items is printed; any other source holding fewer documents than
+    it asked for is a warning (lark.notices: console and metrics.json) -- never silent."""
+    for name, got, asked, kind in shortfalls(cfg.source, sets, n_train):
+        if kind == "finetune":
+            log(f"[lark] source {name}: {got} of the {asked} fine-tuning items (source.sources.{name}.size={got})")
+        else:
+            why = (
+                "BM25 candidates: source.bm25_per_query per test question, or the corpus"
+                if kind == "retrieve"
+                else "the corpus"
+            )
+            message = f"source {name} holds {got} of the {asked} documents asked ({why} ran out)"
+            warn(run_dir, f"shortfall_{name}", message, log, got=got, asked=asked)
