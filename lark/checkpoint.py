@@ -38,7 +38,7 @@ from lark.data.io import check_manifest, check_safetensors, disk_full, write_csv
 from lark.data.sources import example_text, query_examples
 from lark.errors import CorruptFile
 from lark.evaluation import gold_answer_losses, normalize
-from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
+from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints, without_locations
 from lark.kernel.build import StoreBuilder, examples_fingerprint
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.optimizer import MOMENTS_FILE
@@ -175,9 +175,7 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
         for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
         if k not in ("enabled", "checkpoints", "save_checkpoints")
     }
-    return content_hash(
-        prints, attr, OmegaConf.to_container(cfg.source, resolve=True), cfg.max_length, test_items, sets, epoch
-    )
+    return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
 
 
 def completed(folder, fingerprint, log=print):

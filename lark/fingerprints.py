@@ -97,3 +97,15 @@ def content_hash(*parts):
     """A short stable hash of JSON-serialisable parts (cache keys)."""
     blob = json.dumps(first_names(parts), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def without_locations(node):
+    """A config node as a container without its `index_dir` keys: where a BM25 index is cached changes no result
+    (a run resumed with another cache folder must reuse its epochs)."""
+
+    def drop(obj):
+        if isinstance(obj, dict):
+            return {k: drop(v) for k, v in obj.items() if k != "index_dir"}
+        return [drop(v) for v in obj] if isinstance(obj, list) else obj
+
+    return drop(OmegaConf.to_container(node, resolve=True))

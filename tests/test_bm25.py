@@ -149,6 +149,18 @@ def test_a_saved_index_is_reused_and_a_changed_corpus_rebuilt(tmp_path, world):
     assert len(list((tmp_path / "idx").iterdir())) == 2
 
 
+def test_where_the_index_is_cached_changes_no_epoch_fingerprint():
+    """A run resumed with another cache folder (source.bm25.index_dir follows paths.cache_dir) reuses its epochs;
+    a BM25 setting that changes the retrieval does not."""
+    from lark.checkpoint import epoch_fingerprint
+
+    def fingerprint(*overrides):
+        return epoch_fingerprint(compose(list(overrides)), {"checkpoint": "c"}, [], {}, 1)
+
+    assert fingerprint() == fingerprint("source.bm25.index_dir=/elsewhere", "paths.cache_dir=/other")
+    assert fingerprint() != fingerprint("source.bm25.k1=1.2")
+
+
 def test_a_list_corpus_is_keyed_by_its_content():
     docs = [{"id": "a", "text": "x y"}, {"id": "b", "text": "z"}]
     assert corpus_key(docs) == corpus_key([dict(d) for d in docs])

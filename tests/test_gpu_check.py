@@ -115,7 +115,8 @@ def test_gpu_check_sh_runs_the_whole_check_on_a_cpu(tmp_path):
     timed at every checkpoint; its last lines one table and the SUMMARY with the paper's forecast."""
     e2e = ["--e2e-train", "8", "--e2e-queries", "4", "--e2e-docs", "4", "--e2e-epochs", "1"]
     out = run(["bash", "benchmarks/gpu_check.sh", *ENGINE_TINY, *e2e, "--e2e-workdir", str(tmp_path / "e2e")])
-    assert re.search(r"^tiny\s+train step \(AdamW\)", out, re.M) and "[lark] sketch self-check on cpu: the hooks reach all" in out, out
+    assert re.search(r"^tiny\s+train step \(AdamW\)", out, re.M), out
+    assert "[lark] sketch self-check on cpu: the hooks reach all" in out, out
     stages = re.findall(r"^e2e\s+(\S+)\s+(\S+)\s+([\d.]+)", out, re.M)
     seen = {(stage, epoch) for stage, epoch, _ in stages}
     for stage, epoch in [("make_model", "-"), ("load", "-"), ("self_check", "-"), ("train", "1")]:

@@ -11,14 +11,18 @@ Cosine similarity of projections approximates cosine similarity of the full grad
 - ExactProjector (kind `exact`): no projection (k = P), for checking the others.
 - HookSketch (kind `sketch`, the default, lark/kernel/sketch.py): the count sketch computed from forward/backward hooks,
   batched, without the model's weight-gradient GEMMs.
+- FactoredProjector (kind `factored`, lark/kernel/factored.py; LoGra / Bergson): each Linear module's gradient
+  projected from its factors, sum_t (P_out delta_t)(P_in x_t)^T, from the same hooks: cheaper per layer, but a
+  module's error is that of two r-dim projections multiplied (~sqrt(1/r_out + 1/r_in)), not ~1/sqrt(k).
 
 Every projector has project_batch(model, batch) -> [B, k]; the first three also project(grads) one gradient.
-Projectors are chosen with `attribution/projector=<sketch|rapidin|gaussian|exact>` (conf/attribution/projector/,
-`_target_` configs built by make_projector with the model and the kernel's normaliser (`normalize=`, a
-lark.kernel.normalizers class; "none" / "per_tensor" strings are accepted too) and optimizer correction,
-lark/kernel/kernels.py); a class of your own plugs in by its `_target_`. Its class attribute `self_check` says
-whether lark.kernel.selfcheck must check it on the model before a run (HookSketch's hooks can miss layers; the
-per-example projectors, which take autograd's gradient, cannot).
+Projectors are chosen with `attribution/projector=<sketch|factored|rapidin|gaussian|exact>`
+(conf/attribution/projector/, `_target_` configs built by make_projector with the model and the kernel's
+normaliser (`normalize=`, a lark.kernel.normalizers class; "none" / "per_tensor" strings are accepted too) and
+optimizer correction, lark/kernel/kernels.py); a class of your own plugs in by its `_target_`. Its class attribute
+`self_check` says whether lark.kernel.selfcheck must check it on the model before a run (HookSketch's hooks can miss
+layers; the per-example projectors, which take autograd's gradient, cannot; FactoredProjector refuses layers its
+hooks do not reach itself and is checked against autograd by tests/test_factored.py).
 """
 
 import math

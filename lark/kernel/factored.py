@@ -1,0 +1,295 @@
+"""The `factored` projector (LoGra, Choe et al. 2024; EleutherAI's Bergson): each Linear module's per-example
+gradient projected from its two factors, never formed.
+
+A Linear layer's per-example weight gradient is G = sum_t delta_t x_t^T [out, in] (x_t its input, delta_t = dL/dy_t).
+With a random P_out [r_out, out] and P_in [r_in, in] per module,
+
+    P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T            [r_out, r_in], = (P_out (x) P_in) vec(G)
+
+(vec row by row): two thin GEMMs per layer on the hooks' X [B, T, in] and Delta [B, T, out], then one [r_out, r_in]
+product per example. The per-example vector is the concatenation of every parameter's block, in the model's
+parameter order (k = sum r_out r_in + the 1-D parameters' slots below). As in the `sketch` projector (whose hooks
+this class inherits from lark.kernel.sketch.HookSketch: find_layers, backward, keep_input, coverage) the weights do
+not require grad during the pass, so the backward pass runs no weight-gradient GEMM.
+
+The matrices: Rademacher, P[i, j] = +-1 / sqrt(r) from the counter hash of (seed, parameter name, axis, i * d + j)
+(lark.kernel.hashing), generated on the model's device when first needed and kept in memory (r x d numbers per
+side, r / d of the weight's size; never saved). Rademacher rather than Gaussian: the hash gives the same matrix on
+every device and in every process (torch's CPU and CUDA generators do not), +-1 is exact in bf16 (the 1 / sqrt(r)
+is applied to the float32 block), and its JL variance is at most a Gaussian's. Scaling: E[P^T P] = I on each side,
+independently, so E<P_out G P_in^T, P_out H P_in^T> = <G, H> for every module: inner products are unbiased and
+cosines are JL estimates, like the other projectors'. Where r >= d on a side that side is the identity (exact).
+Not a JL projection to r_out r_in dimensions, though: a one-token (rank-one) gradient's inner product is the product
+of two r-dimensional JL estimates, relative error ~ sqrt(1/r_out + 1/r_in) (measured at r = 16 on unit vectors of
+cosine ~0.7: std 0.32, against 1/r = 0.06 for a dense projection to r^2 numbers); summing over tokens (rank T)
+averages some of it away. That is the price of never forming G (benchmarks/attribution_speed.py measures it).
+
+The other parameters:
+- the input embedding E [V, d]: its gradient sum_s onehot(tok_s) e_s^T (e_s = dL/d embedding at position s) is
+  factored the same way, P_out's columns looked up at the tokens: the V x d gradient is never formed. A tied output
+  layer (a Linear on the same weight) uses the same matrices (keyed by the parameter's name), so its block adds into
+  the embedding's;
+- 1-D parameters (norm weights of sketch_math.NORMS, biases): the exact per-example gradient when it has at most
+  r_out * r_in numbers (every norm of a small model), else a count sketch of it into r_out * r_in buckets (hash of
+  the same seed and name).
+Parameters the hooks do not reach (another layer type): refused, naming the modules, unless `partial` (then they are
+left out and spec()'s coverage says how much is in).
+
+Kernels: `normalize=per_tensor` (rapidin) divides each parameter's slot by the exact norm of that parameter's
+per-example gradient, from X and Delta: ||sum_t delta_t x_t^T||^2 = sum_{t,s} (delta_t.delta_s)(x_t.x_s)
+(sketch_math.frobenius) or from G itself where that is cheaper (weight_squares); the embedding's from
+sketch_math.embedding_squares (with a tied output layer's cross term, as in the sketch). The Adam correction
+(adam, trackstar) with factored moments is diag(row) G diag(col) = (Delta * row)^T (X * col): Delta and X are scaled
+before projecting, exactly as the sketch does; embedding rows by AdamScale.rows; 1-D parameters exactly.
+"""
+
+import math
+
+import torch
+
+from lark.kernel.hashing import hashed, name_key, random_signs
+from lark.kernel.normalizers import normalizer
+from lark.kernel.sketch import HookSketch
+from lark.kernel.sketch_math import embedding_squares, frobenius, norm_gradients, rows_at_tokens, without_padding
+
+
+# ------------------------------------------------------------------------------ the math, shapes in docstrings
+def rademacher_signs(rows, cols, key, device):
+    """[rows, cols] float32 +1 / -1 from the counter hash of (key, i * cols + j): the same on every device."""
+    index = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    return random_signs(index, key).view(rows, cols)
+
+
+def project_side(x, signs):
+    """x [..., d] -> x S^T [..., r] in x's dtype (S [r, d] of +-1), or x itself when signs is None (identity)."""
+    return x if signs is None else x @ signs.T.to(x.dtype)  # (a no-op cast when S is kept in x's dtype)
+
+
+def factored_block(delta, x, p_out, p_in, scale):
+    """[B, r_out * r_in] per-example sum_t (P_out delta_t)(P_in x_t)^T, row by row, in float32. delta [B, T, out],
+    x [B, T, in]; p_out [r_out, out] and p_in [r_in, in] signs (None: identity); scale = 1 / sqrt(r_out r_in) of the
+    random sides."""
+    a, c = project_side(delta, p_out).float(), project_side(x, p_in).float()
+    return torch.bmm(a.transpose(1, 2), c).flatten(1).mul_(scale)
+
+
+def weight_squares(delta, x):
+    """[B] exact ||sum_t delta_t x_t^T||_F^2: the Gram identity (sketch_math.frobenius, T^2 (in + out) per example)
+    when it is cheaper than forming G (T in out), else from G itself. delta [B, T, out], x [B, T, in]."""
+    t, n_out, n_in = delta.shape[1], delta.shape[-1], x.shape[-1]
+    if t * (n_in + n_out) < n_in * n_out:
+        return frobenius(delta.float(), x.float())
+    return torch.bmm(delta.float().transpose(1, 2), x.float()).square().sum(dim=(1, 2))
+
+
+def vector_slot(value, size, bucket_key, sign_key):
+    """A 1-D parameter's per-example gradients value [B, n] -> [B, size]: themselves when n <= size, else their
+    count sketch (coordinate i to bucket hash(i) mod size with sign s(i); unbiased inner products)."""
+    n = value.shape[1]
+    if n <= size:
+        return value.float()
+    index = torch.arange(n, dtype=torch.int64, device=value.device)
+    bucket, sign = hashed(index, bucket_key) % size, random_signs(index, sign_key)
+    return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
+
+
+def layout_size(matrices, vectors, r_out, r_in):
+    """k of a layout: matrices [(out, in)] get min(r_out, out) * min(r_in, in), vectors [n] min(n, r_out r_in)."""
+    budget = r_out * r_in
+    return sum(min(r_out, o) * min(r_in, i) for o, i in matrices) + sum(min(n, budget) for n in vectors)
+
+
+def rank_for(k, matrices, vectors):
+    """The largest r (r_out = r_in = r) whose layout fits in k numbers (one r for every module, as Bergson's)."""
+    if layout_size(matrices, vectors, 1, 1) > k:
+        raise ValueError(
+            f"attribution.projector.k={k} is below one number per parameter tensor "
+            f"({layout_size(matrices, vectors, 1, 1)}) for attribution/projector=factored"
+        )
+    low, high = 1, max([max(s) for s in matrices] + [1])  # layout_size grows with r: bisect for the last fit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if layout_size(matrices, vectors, mid, mid) <= k else (low, mid - 1)
+    return low
+
+
+class FactoredPass:
+    """What the hooks of one pass share: tokens [B, T], saved layer inputs, each parameter's block [B, size] and
+    (per_tensor) its gradients' squared norms [B], summed over the modules that use it (a tied weight: two)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.saved, self.blocks, self.squares, self.output_rows = tokens, {}, {}, {}, None
+
+    def add(self, name, block, squares=None):
+        self.blocks[name] = block if name not in self.blocks else self.blocks[name] + block
+        if squares is not None:
+            self.squares[name] = self.squares.get(name, 0) + squares
+
+
+# ------------------------------------------------------------------------------ the projector
+class FactoredProjector(HookSketch):
+    """The `factored` projector (attribution/projector=factored): project_batch(model, batch) -> [B, k] from the
+    hooks of one forward and backward pass with the weight-gradient GEMMs off; spec() is what stores record."""
+
+    kind = "factored"
+    self_check = False  # lark.kernel.selfcheck checks the count sketch; tests/test_factored.py checks this one
+
+    def __init__(
+        self, model, k=65536, seed=0, normalize="none", r_in=None, r_out=None, partial=False, precondition=None
+    ):
+        self.normalizer = normalizer(normalize)  # lark.kernel.normalizers: NoNorm or PerTensor (or its string)
+        self.seed, self.precondition, self.partial = int(seed), precondition, bool(partial)
+        self.find_layers(model)  # HookSketch's: linears, norms, embeddings, param_names, coverage
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.input_weight = model.get_input_embeddings().weight
+        self.tied = out is not None and out.weight is self.input_weight
+        if self.normalizer.needs_norms:
+            self.refuse_other_shared_weights(out)
+        if not self.partial:
+            self.refuse_unreached(model)
+        self.slots = self.plan(model, k, r_in, r_out)
+        self.k = sum(size for size, _ in self.slots.values())
+        self.cache, self.last_norms = {}, {}
+
+    def refuse_unreached(self, model):
+        covered = self.covered_ids()
+        missing = sorted(
+            {f"{n.rsplit('.', 1)[0]}" for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered}
+        )
+        if missing:
+            raise ValueError(
+                f"attribution/projector=factored: the hooks do not reach {', '.join(missing[:5])} (Linear layers, "
+                "norms of lark.kernel.sketch_math.NORMS and the input embedding are); set "
+                "attribution.projector.partial=true to leave them out, or use attribution/projector=rapidin"
+            )
+
+    def plan(self, model, k, r_in, r_out):
+        """{parameter: (slot size, (r_out, r_in) of a matrix or None)} in parameter order; sets r_out, r_in."""
+        for key, r in (("r_in", r_in), ("r_out", r_out)):
+            if r is not None and not (isinstance(r, int) and r > 0):
+                raise ValueError(f"attribution.projector.{key} must be a positive integer or null, got {r!r}")
+        if (r_in is None) != (r_out is None):
+            raise ValueError("attribution.projector.r_in and r_out: give both (ranks per module) or neither (from k)")
+        covered = self.covered_ids()
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in covered]
+        matrices = [tuple(p.shape) for _, p in params if p.dim() == 2]
+        vectors = [p.numel() for _, p in params if p.dim() != 2]
+        if r_in is None:
+            r_in = r_out = rank_for(int(k), matrices, vectors)
+        self.r_out, self.r_in = r_out, r_in
+        slots = {}
+        for name, p in params:
+            if p.dim() == 2:
+                ranks = (min(r_out, p.shape[0]), min(r_in, p.shape[1]))
+                slots[name] = (ranks[0] * ranks[1], ranks)
+            else:
+                slots[name] = (min(p.numel(), r_out * r_in), None)
+        return slots
+
+    def spec(self):
+        spec = {
+            "kind": self.kind,
+            "k": self.k,
+            "seed": self.seed,
+            "normalize": self.normalizer.name,
+            "r_out": self.r_out,
+            "r_in": self.r_in,
+            "matrix": "rademacher",
+            "hash": "murmur3-fmix32",
+            "coverage": round(self.coverage(), 6),
+        }
+        return {**spec, "precondition": self.precondition.spec()} if self.precondition is not None else spec
+
+    # -- matrices, kept between batches -----------------------------------------------------------------------
+    def signs(self, name, axis, size, device, dtype=torch.float32):
+        """P's signs [r, size] on one axis ("out" or "in") of a matrix parameter, in the model's dtype (+-1 is exact
+        in any), or None where r >= size."""
+        r = self.r_out if axis == "out" else self.r_in
+        if r >= size:
+            return None
+        key = ("signs", name, axis, size, str(device), dtype)
+        if key not in self.cache:
+            signs = rademacher_signs(r, size, name_key(self.seed, name, f"factored-{axis}"), device)
+            self.cache[key] = signs.to(dtype)
+        return self.cache[key]
+
+    def matrices(self, name, n_out, n_in, like):
+        """(P_out signs, P_in signs, 1 / sqrt of the random sides' r) of a matrix parameter, on the device and in
+        the dtype of the tensor `like`."""
+        p_out, p_in = (self.signs(name, a, n, like.device, like.dtype) for a, n in (("out", n_out), ("in", n_in)))
+        rows = (p_out.shape[0] if p_out is not None else 1) * (p_in.shape[0] if p_in is not None else 1)
+        return p_out, p_in, 1 / math.sqrt(rows)
+
+    def vector(self, name, value):
+        """(slot [B, size], squared norms [B] or None) of a 1-D parameter's per-example gradients [B, n]."""
+        value = self.corrected(name, value)
+        keys = (name_key(self.seed, name, "factored-bucket"), name_key(self.seed, name, "factored-sign"))
+        squares = value.float().square().sum(dim=1) if self.normalizer.needs_norms else None
+        return vector_slot(value, self.slots[name][0], *keys), squares
+
+    # -- one module's blocks ----------------------------------------------------------------------------------
+    def add_linear(self, run, mod, x, delta):
+        """A Linear layer's bias and weight, from its input x [B, T, in] and output gradient delta [B, T, out]."""
+        if mod.bias is not None:
+            b_name = self.param_names[id(mod.bias)]
+            run.add(b_name, *self.vector(b_name, delta.float().sum(dim=1)))
+        w_name = self.param_names[id(mod.weight)]
+        if self.precondition is not None:  # diag(row) G diag(col) = (Delta * row)^T (X * col)
+            row, col = self.precondition.factors(w_name, x.device)
+            delta, x = delta * row.to(delta.dtype), x * col.to(x.dtype)
+        if mod.weight is self.input_weight and self.normalizer.needs_norms:  # the tied embedding's cross term
+            run.output_rows = rows_at_tokens(run.tokens, delta, x)
+        squares = weight_squares(delta, x) if self.normalizer.needs_norms else None
+        run.add(w_name, factored_block(delta, x, *self.matrices(w_name, delta.shape[-1], x.shape[-1], x)), squares)
+
+    def add_norm(self, run, mod, out, grad):
+        """A norm layer's bias and weight, from its output and output gradient [B, T, n] (exact, then slotted)."""
+        bias = getattr(mod, "bias", None)
+        weight_grad, bias_grad = norm_gradients(grad, out, mod.weight, bias)
+        for p, g in ((bias, bias_grad), (mod.weight, weight_grad)):
+            if p is not None:
+                name = self.param_names[id(p)]
+                run.add(name, *self.vector(name, g))
+
+    def add_embedding(self, run, mod, grad):
+        """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows:
+        sum_s (P_out[:, tok_s]) (P_in e_s)^T, P_out's columns taken at the tokens."""
+        name, tokens = self.param_names[id(mod.weight)], run.tokens
+        if self.precondition is not None:
+            grad = self.precondition.rows(name, tokens, grad)
+        grad = without_padding(grad, tokens, getattr(mod, "padding_idx", None))
+        vocab = mod.weight.shape[0]
+        p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad)
+        rows = torch.nn.functional.one_hot(tokens, vocab) if p_out is None else p_out.T[tokens]  # [B, T, r]
+        block = torch.bmm(rows.float().transpose(1, 2), project_side(grad, p_in).float()).flatten(1).mul_(scale)
+        squares = embedding_squares(tokens, grad, run.output_rows) if self.normalizer.needs_norms else None
+        run.add(name, block, squares)
+
+    # -- the pass ---------------------------------------------------------------------------------------------
+    def project_batch(self, model, batch):
+        """[B, k] factored projections of the per-example gradients of the mean loss over each example's loss
+        tokens (NaN rows for examples whose loss is not finite)."""
+        run = FactoredPass(batch["input_ids"])
+        losses, embeds_grad = self.backward(model, batch, run)  # HookSketch's: weights frozen, hooks on
+        embedding = model.get_input_embeddings()
+        if embedding in self.embeddings.values() and embeds_grad is not None:
+            self.add_embedding(run, embedding, embeds_grad)
+        out = self.concatenated(run, batch["input_ids"].shape[0], batch["input_ids"].device)
+        out[~torch.isfinite(losses.detach())] = float("nan")
+        return out
+
+    def concatenated(self, run, n, device):
+        """[n, k]: every parameter's slot in order (per_tensor: divided by its gradients' norms, kept in
+        last_norms; a zero gradient stays zero); a parameter that got no gradient is zeros."""
+        parts, self.last_norms = [], {}
+        for name, (size, _) in self.slots.items():
+            block = run.blocks.get(name)
+            if block is None:
+                parts.append(torch.zeros(n, size, device=device))
+                continue
+            if self.normalizer.needs_norms:
+                norm = run.squares[name].clamp_min(0).sqrt()
+                self.last_norms[name] = norm
+                block = block / norm.clamp_min(1e-30).unsqueeze(1)
+            parts.append(block)
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,226 @@
+"""lark.kernel.factored (attribution/projector=factored): the factored vector is (P_out (x) P_in) vec(G) of autograd's
+per-example gradient, its per-tensor norms are autograd's, its matrices depend on (seed, name) only, and
+`python train.py attribution/projector=factored` runs with every kernel."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SMALL, TINY_OLMO3
+from omegaconf import OmegaConf
+
+from lark.data.datamodule import collate
+from lark.data.formats import encode_text
+from lark.data.world import generate_world
+from lark.kernel.build import project_examples
+from lark.kernel.factored import FactoredProjector, rademacher_signs, rank_for, vector_slot
+from lark.kernel.factory import make_projector
+from lark.kernel.hashing import name_key
+from lark.kernel.normalizers import normalizer
+from lark.kernel.optimizer import AdamScale, Moments, shaped
+from lark.kernel.projectors import example_gradient, trainable
+from lark.models import build_tiny, train_tokenizer
+
+CONF = ROOT / "conf" / "attribution"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny OLMo-3 (norm weights away from 1) and the world's texts, encoded with padding-worthy lengths."""
+    torch.set_num_threads(1)
+    world = generate_world(seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=60, n_entertainment_docs=20)
+    texts = [d["text"] for d in world.medical_docs + world.entertainment_docs]
+    tok = train_tokenizer(texts, 400)
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    encoded = [encode_text(tok, t, 24 + 9 * i) for i, t in enumerate(texts[:4])]
+    return {"tok": tok, "model": model, "encoded": encoded}
+
+
+def tiny_llama(tok, **config):
+    """A tiny Llama (SmolLM2's architecture) with biases and a tied embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    sizes = {k: v for k, v in TINY_OLMO3["config"].items()}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **sizes, **config))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def attribution(kernel="cosine", **projector):
+    projector = OmegaConf.merge(OmegaConf.load(CONF / "projector" / "factored.yaml"), projector)
+    return OmegaConf.create({"projector": projector, "kernel": OmegaConf.load(CONF / "kernel" / f"{kernel}.yaml")})
+
+
+def explicit(proj, grads):
+    """The factored vector of one example's autograd gradients {name: G}, formed the slow way in float64: each
+    matrix's (P_out (x) P_in) vec(G) / sqrt(r_out r_in) (kron of the projector's own signs, identity where r >= d),
+    each 1-D parameter's vector_slot."""
+    parts = []
+    for name, (size, ranks) in proj.slots.items():
+        g = grads[name].double()
+        if ranks is None:
+            keys = (name_key(proj.seed, name, "factored-bucket"), name_key(proj.seed, name, "factored-sign"))
+            parts.append(vector_slot(g[None], size, *keys)[0].double())
+            continue
+        sides = [proj.signs(name, axis, n, g.device) for axis, n in (("out", g.shape[0]), ("in", g.shape[1]))]
+        p_out, p_in = [torch.eye(n, dtype=torch.float64) if s is None else s.double() for s, n in zip(sides, g.shape)]
+        parts.append(torch.kron(p_out, p_in) @ g.reshape(-1) / (p_out.shape[0] * p_in.shape[0]) ** 0.5)
+    return torch.cat(parts)
+
+
+def autograd_gradients(model, encoded, pad):
+    params = trainable(model)
+    return [example_gradient(model, collate([e], pad), params)[1] for e in encoded]
+
+
+@pytest.mark.parametrize("how", ["none", "per_tensor"])
+@pytest.mark.parametrize("arch, r", [("olmo3", 8), ("olmo3", 4), ("llama-tied-bias", 8)])
+def test_factored_vector_is_the_kronecker_projection_of_the_autograd_gradient(setup, arch, r, how):
+    """A padded batch's factored vectors = (P_out (x) P_in) vec(G) of each example's autograd gradient G (r = 4:
+    the 64-wide norms are count-sketched into 16 numbers; r = 8: kept exactly), per-tensor normalised or not."""
+    model = setup["model"] if arch == "olmo3" else tiny_llama(setup["tok"], tie_word_embeddings=True, mlp_bias=True)
+    pad, encoded = setup["tok"].pad_token_id, setup["encoded"]
+    proj = make_projector(attribution({"none": "cosine", "per_tensor": "rapidin"}[how], r_in=r, r_out=r), model)
+    assert isinstance(proj, FactoredProjector) and proj.coverage() == 1.0 and proj.tied == (arch != "olmo3")
+    got = project_examples(model, encoded, proj, pad, batch_size=4)
+    grads = autograd_gradients(model, encoded, pad)
+    want = torch.stack([explicit(proj, normalizer(how)(g)) for g in grads]).float()
+    assert got.shape == (len(encoded), proj.k) and proj.k == sum(size for size, _ in proj.slots.values())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert want.norm(dim=1).min() > 0
+
+
+@pytest.mark.parametrize("arch", ["olmo3", "llama-tied-bias"])
+def test_per_tensor_norms_are_the_autograd_norms(setup, arch):
+    """What the rapidin kernel divides each slot by -- from X and Delta, the embedding's token sum and the tied
+    cross term, never a formed G of a large layer -- equals the norm of autograd's per-tensor gradient."""
+    model = setup["model"] if arch == "olmo3" else tiny_llama(setup["tok"], tie_word_embeddings=True, mlp_bias=True)
+    pad, encoded = setup["tok"].pad_token_id, setup["encoded"]
+    proj = make_projector(attribution("rapidin", r_in=4, r_out=4), model)
+    proj.project_batch(model, collate(encoded, pad))
+    grads = autograd_gradients(model, encoded, pad)
+    assert set(proj.last_norms) == set(grads[0])
+    for name in grads[0]:
+        want = torch.stack([g[name].double().norm() for g in grads]).float()
+        torch.testing.assert_close(proj.last_norms[name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adam_correction_is_the_projection_of_the_corrected_gradient(setup):
+    """With factored moments, scaling Delta and X (and the embedding rows) before projecting equals projecting
+    AdamScale.apply of autograd's gradient."""
+    model, pad, encoded = setup["model"], setup["tok"].pad_token_id, setup["encoded"][:3]
+    gen = torch.Generator().manual_seed(0)
+    moments = Moments(
+        {n: shaped(torch.rand(p.shape, generator=gen) + 0.1, True) for n, p in trainable(model)}, "optimizer"
+    )
+    proj = make_projector(attribution("adam", r_in=8, r_out=8), model, moments=moments)
+    assert proj.spec()["precondition"]["moments"] == moments.fingerprint()
+    scale = AdamScale(moments, 1e-8, model)
+    want = torch.stack([explicit(proj, scale.apply(g)) for g in autograd_gradients(model, encoded, pad)]).float()
+    torch.testing.assert_close(project_examples(model, encoded, proj, pad), want, rtol=1e-5, atol=1e-6)
+
+
+def test_matrices_depend_on_seed_and_name_only_in_a_fresh_process():
+    here = rademacher_signs(16, 300, name_key(3, "model.layers.0.mlp.up_proj.weight", "factored-in"), "cpu")
+    code = (
+        "from lark.kernel.factored import rademacher_signs; from lark.kernel.hashing import name_key; "
+        "s = rademacher_signs(16, 300, name_key(3, 'model.layers.0.mlp.up_proj.weight', 'factored-in'), 'cpu'); "
+        "print(','.join(str(int(v)) for v in s.flatten().tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert [int(v) for v in out.stdout.strip().split(",")] == here.flatten().int().tolist()
+    other = rademacher_signs(16, 300, name_key(4, "model.layers.0.mlp.up_proj.weight", "factored-in"), "cpu")
+    assert not torch.equal(here, other) and set(here.unique().tolist()) == {-1.0, 1.0}
+    assert abs(here.mean().item()) < 0.05  # balanced signs: E[P^T P] = I after the 1/sqrt(r)
+
+
+def test_rank_from_k_is_the_largest_that_fits_and_too_small_k_is_refused(setup):
+    matrices, vectors = [(64, 32), (32, 64), (400, 32)], [32, 32]
+    assert rank_for(3 * 16 + 32, matrices, vectors) == 4  # r = 4: 48 + 2 * 16 = 80
+    assert rank_for(3 * 16 + 31, matrices, vectors) == 3
+    proj = make_projector(attribution(k=4096), setup["model"])
+    assert proj.k <= 4096 and proj.r_in == proj.r_out
+    assert make_projector(attribution(k=4096, seed=1), setup["model"]).k == proj.k
+    bigger = make_projector(attribution(k=8192), setup["model"])
+    assert bigger.r_in > proj.r_in and bigger.k <= 8192
+    with pytest.raises(ValueError, match=r"attribution\.projector\.k=3 is below one number per parameter tensor"):
+        make_projector(attribution(k=3), setup["model"])
+    with pytest.raises(ValueError, match=r"attribution\.projector\.r_in and r_out: give both"):
+        make_projector(attribution(r_in=8), setup["model"])
+
+
+def test_spec_differs_from_the_sketch_and_reports_coverage(setup):
+    proj = make_projector(attribution("rapidin", r_in=16, r_out=16), setup["model"])
+    spec = proj.spec()
+    assert spec["kind"] == "factored" and spec["coverage"] == 1.0 and spec["normalize"] == "per_tensor"
+    assert (spec["r_out"], spec["r_in"], spec["matrix"], spec["k"]) == (16, 16, "rademacher", proj.k)
+
+
+def test_unreached_parameters_are_refused_unless_partial(setup):
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), setup["tok"]).eval()
+    model.model.extra = torch.nn.Conv1d(2, 2, 1)  # a layer type the hooks do not know
+    with pytest.raises(ValueError, match=r"do not reach model\.extra .*attribution\.projector\.partial=true"):
+        make_projector(attribution(r_in=4, r_out=4), model)
+    proj = make_projector(attribution(r_in=4, r_out=4, partial=True), model)
+    assert 0.99 < proj.spec()["coverage"] < 1 and "model.extra.weight" not in proj.slots
+
+
+# ------------------------------------------------------------------------------ end to end through train.py
+KERNELS = ["cosine", "rapidin", "adam", "trackstar", "tracin_cp"]
+
+
+@pytest.fixture(scope="module")
+def factored_runs(tmp_path_factory):
+    """`python train.py attribution/projector=factored attribution/kernel=<each>` on the small run, one epoch."""
+    root = tmp_path_factory.mktemp("factored")
+    overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1", "logger=none"]
+    runs = {}
+    for kernel in KERNELS:
+        runs[kernel] = root / kernel
+        extra = ["attribution.checkpoints=[1]"] if kernel in ("trackstar", "tracin_cp") else []
+        out = subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                *overrides,
+                *extra,
+                "attribution/projector=factored",
+                f"attribution/kernel={kernel}",
+                f"hydra.run.dir={runs[kernel]}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_factored_runs_end_to_end_with_every_kernel(factored_runs, kernel):
+    from safetensors import safe_open
+
+    folder = factored_runs[kernel] / "attribution" / "epoch_001"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["kernel"]["name"] == kernel
+    with safe_open(str(folder / "stores" / "test_queries.safetensors"), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert meta["projector"]["kind"] == "factored" and meta["projector"]["coverage"] == 1.0
+    assert meta["projector"]["k"] <= 512 and meta["projector"]["kernel"]["name"] == kernel
+    with safe_open(str(folder / "scores" / f"{metrics['ft_source']}.safetensors"), "pt") as f:
+        scores = f.get_tensor("scores")
+    assert scores.shape[0] == 12 and torch.isfinite(scores).all() and scores.abs().max() <= 1 + 1e-3
+    if kernel == "tracin_cp":
+        assert (factored_runs[kernel] / "attribution" / "tracin_cp" / "metrics.json").is_file()
