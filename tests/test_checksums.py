@@ -309,3 +309,16 @@ def test_a_full_disk_while_train_py_writes_its_resume_state_stops_with_one_line_
     log = run("train.py", args + ["resume=true"], tmp_path).stdout
     assert "resuming from" in log
     assert_same_results(finished, run_dir)
+
+
+def test_validation_refuses_a_checkpoint_whose_weights_fail_their_checksum(finished, tmp_path):
+    """validate.py scores checkpoints too: a flipped byte in one stops it naming that epoch, before any scoring."""
+    from lark.errors import CorruptFile
+    from lark.validation.load import load_config
+    from lark.validation.table5 import validate_run
+
+    run_dir = copy_of(finished, tmp_path)
+    flip(run_dir / "checkpoints/epoch_001/model.safetensors", -1000)
+    vcfg = load_config({"kernels": ["cosine"], "lds": {"enabled": False}, "checkpoints": [1]})
+    with pytest.raises(CorruptFile, match=r"epoch_001/model.safetensors: checksum mismatch"):
+        validate_run(run_dir, vcfg, log=lambda line: None)

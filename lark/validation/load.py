@@ -12,6 +12,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lark.data import bm25
 from lark.data.formats import document_fields, qa_fields
 from lark.data.readers import qa_record, read_examples, sample
 from lark.data.sources import query_examples
@@ -51,6 +52,7 @@ def load_run(run_dir, vcfg, log=print):
     """Everything validation needs from a run directory (its config, data, provenance, checkpoints)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    bm25.configure(cfg.source.get("bm25"))  # Table V's BM25 row uses the run's BM25 settings
     test = read_examples(run_dir / "data" / "test.jsonl", qa_record)
     train = read_examples(run_dir / "data" / "train.jsonl", qa_record)
     epochs = saved_checkpoints(run_dir)

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from lark import console
 from lark.data.io import write_json
 from lark.models import load_pretrained
-from lark.rundir import epoch_lr
+from lark.rundir import epoch_lr, require_safetensors
 from lark.validation import lds
 from lark.validation.load import lds_enabled, load_run
 from lark.validation.quality import backdoor, quality
@@ -82,6 +82,7 @@ def validate_kernel(run, name, subsets, backdoor_by_epoch):
     attr = kernel_config(run.cfg.attribution, name)
     rows, tracin_sum, used = [], None, 0
     for epoch, folder in run.epochs.items():
+        require_safetensors(folder)  # a corrupted checkpoint stops validation naming the epoch, never scores
         model, tokenizer = load_pretrained(folder, run.cfg.model)
         scores = kernel_scores(run, name, attr, model, tokenizer, folder)
         rows.append({"method": name, "epoch": epoch, **quality(scores["train"], scores.get("pool"), run, subsets)})
