@@ -1,6 +1,11 @@
 """lark.validation.lds and lark.validation.recall on cases whose answers are known exactly."""
 
+import json
 import math
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -140,3 +145,118 @@ def test_retrieval_metrics_on_a_hand_made_ranking():
     assert R.mean(R.reciprocal_rank(scores, relevant)) == (0.75, 2)
     with pytest.raises(KeyError, match="not among the candidates"):
         R.columns(["d0"], [["d7"]])
+
+
+# ------------------------------------------------------------------------------------------ kills during retrains
+def test_a_stale_batch_is_found_by_its_token_and_stopped(tmp_path):
+    """batch.launch marks the whole process tree (a grandchild too) with its token; stop_stale kills exactly
+    those processes and forgets the batch, and a missing or unreadable state is no batch."""
+    from lark.validation import batch
+
+    sleep = "import time; time.sleep(60)"
+    child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    proc = batch.launch([sys.executable, "-c", child], tmp_path)
+    token = json.loads((tmp_path / batch.STATE).read_text())["token"]
+    deadline = time.monotonic() + 20
+    while len(batch.members(token)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(batch.members(token)) == 2 and proc.pid in batch.members(token)
+    messages = []
+    marked = sorted(batch.members(token))
+    assert sorted(batch.stop_stale(tmp_path, messages.append)) == marked
+    proc.wait(timeout=10)
+    assert batch.members(token) == [] and not (tmp_path / batch.STATE).exists()
+    assert "stopping 2 retrain processes" in messages[0]
+    assert batch.stop_stale(tmp_path) == []
+    (tmp_path / batch.STATE).write_text("{not json")
+    assert batch.stop_stale(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A 1-epoch embedded run (no analysis) to validate."""
+    from conftest import SMALL, compose
+    from omegaconf import OmegaConf, open_dict
+
+    from lark.experiment import train
+
+    out = tmp_path_factory.mktemp("lds_run") / "run"
+    cfg = compose(SMALL + ["logger=none", "analysis.enabled=false", "trainer.max_epochs=1"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    (out / ".hydra").mkdir(parents=True)
+    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    train(cfg)
+    return out
+
+
+VALIDATE = ["kernels=[cosine]", "lds.n_subsets=3", "lds.n_boot=100", "lds.poll_s=0.1"]
+
+
+def validate(run_dir, kill_after=None):
+    """python validate.py on run_dir; kill_after=n: SIGKILL validate.py alone (as `kill -9 <pid>` does: its
+    retrain processes live on) once n subsets have their query_losses.json. Returns (stdout+stderr, returncode)."""
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "validate.py"), f"run_dir={run_dir}", *VALIDATE]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_after is not None:
+        deadline = time.monotonic() + 300
+        while len(list(run_dir.glob("validation/lds/*/subset_*/query_losses.json"))) < kill_after:
+            assert proc.poll() is None and time.monotonic() < deadline, "validate.py ended before the kill"
+            time.sleep(0.05)
+        proc.kill()
+    return proc.communicate()[0], proc.wait()
+
+
+def results(run_dir):
+    """validation.json's rows without their timings (the only thing that may differ between two validations)."""
+    rows = json.loads((run_dir / "validation" / "validation.json").read_text())["rows"]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.mark.slow
+def test_validate_killed_during_its_retrains_keeps_the_finished_ones_and_ends_as_an_uninterrupted_run(
+    small_run, tmp_path
+):
+    from lark.validation import batch
+
+    reference = tmp_path / "reference"
+    shutil.copytree(small_run, reference)
+    log, code = validate(reference)
+    assert code == 0, log
+    out, code = validate(small_run, kill_after=1)
+    assert code == -9
+    done = {
+        p.parent.name: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in small_run.glob("validation/lds/*/subset_*/query_losses.json")
+    }
+    assert done and len(done) < 3
+    log, code = validate(small_run)  # the same command again
+    assert code == 0, log
+    base = next(small_run.glob("validation/lds/*"))
+    for name, (data, stamp) in done.items():  # never retrained nor re-measured
+        assert (base / name / "query_losses.json").read_bytes() == data
+        assert (base / name / "query_losses.json").stat().st_mtime_ns == stamp
+    retrained = [line for line in log.splitlines() if "mini-LDS: retraining" in line]
+    assert not retrained or int(retrained[0].split("retraining ")[1].split(" of")[0]) <= 3 - len(done)
+    assert results(small_run) == results(reference)  # Table V: every LDS (and every other value) equal
+    for name in ("subset_0", "subset_1", "subset_2"):
+        ref = next(reference.glob(f"validation/lds/*/{name}/query_losses.json"))
+        assert (base / name / "query_losses.json").read_bytes() == ref.read_bytes()
+    assert not (base / batch.STATE).exists()
+
+
+def test_resumable_retrains_keep_their_resume_state_and_resume():
+    """lds.resumable: the retrains run with resume=true and Lightning's resume checkpoint (a killed one continues
+    from its last epoch); by default they have neither, and a killed one starts again."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"launcher": "joblib", "n_jobs": 2, "extra_overrides": [], "resumable": False})
+    plain = lds.retrain_command("/c", "/s", 0.5, [0, 1], cfg)
+    assert "resume=false" in plain and "trainer.enable_checkpointing=false" in plain
+    assert "resume=true" not in plain and "++data.train_subset.seed=0,1" in plain
+    cfg.resumable = True
+    resumable = lds.retrain_command("/c", "/s", 0.5, [0, 1], cfg)
+    assert "resume=true" in resumable and "trainer.enable_checkpointing=true" in resumable
+    assert "resume=false" not in resumable and "trainer.enable_checkpointing=false" not in resumable

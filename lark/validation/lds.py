@@ -16,8 +16,8 @@ Conventions (as dattri's `dattri.metric.lds` and Bergson's `validate`):
 import json
 import math
 import shutil
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from lark.errors import ConfigError
 from lark.fingerprints import content_hash
 from lark.models import load_pretrained
 from lark.rundir import saved_checkpoints
+from lark.validation import batch
 
 
 def subset(items, fraction, seed):
@@ -167,6 +168,8 @@ def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
     launcher = [f"hydra/launcher={lds_cfg.launcher}"] + (
         [f"hydra.launcher.n_jobs={lds_cfg.n_jobs}"] if lds_cfg.launcher == "joblib" else []
     )
+    resumable = bool(lds_cfg.get("resumable"))  # a killed retrain continues from its last epoch
+    off = [o for o in RETRAIN_OFF if not (resumable and o.startswith(("resume=", "trainer.enable_checkpointing=")))]
     return [
         sys.executable,
         str(root / "train.py"),
@@ -178,38 +181,84 @@ def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
         "hydra.sweep.subdir=subset_${data.train_subset.seed}",
         f"++data.train_subset.fraction={fraction}",
         f"++data.train_subset.seed={','.join(map(str, seeds))}",
-        *RETRAIN_OFF,
+        *off,
+        *(["resume=true", "trainer.enable_checkpointing=true"] if resumable else []),
         *lds_cfg.get("extra_overrides", []),
     ]
 
 
 def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     """{membership [M, N], losses [M, Q], seeds}: each subset's fine-tuned model's loss on every query. Subsets
-    already retrained (their query_losses.json present, same queries) are reused; the others are launched as one
-    Hydra multirun of ordinary LARK runs (lds_cfg.launcher: joblib locally, submitit_slurm on a cluster)."""
-    run_dir = Path(run_dir)
-    base = Path(lds_cfg.dir or run_dir / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
+    already measured (query_losses.json present, same queries) or trained (their final checkpoint present, e.g.
+    by a validation that was killed) are not retrained; the others are launched as one Hydra multirun of
+    ordinary LARK runs (lds_cfg.launcher: joblib locally, submitit_slurm on a cluster), and each is measured as
+    soon as its final checkpoint appears, so a kill loses only the retrains in flight."""
+    base = Path(lds_cfg.dir or Path(run_dir) / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
     seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
     query_ids = [q["id"] for q in queries]
-    missing = [s for s in seeds if saved_losses(base / f"subset_{s}", query_ids) is None]
-    if missing:
-        log(f"[lark] mini-LDS: retraining {len(missing)} of {len(seeds)} subsets into {base}")
-        base.mkdir(parents=True, exist_ok=True)  # the run's config in today's form (lark.legacy) is the recipe
-        OmegaConf.save(cfg, base / "config.yaml")
-        command = retrain_command(base.resolve(), base, lds_cfg.fraction, missing, lds_cfg)
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
+    batch.stop_stale(base, log)  # a killed validation's retrains must not write on
+    todo = [s for s in seeds if saved_losses(base / f"subset_{s}", query_ids) is None]
+    if todo:
+        base.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, base / "config.yaml")  # the run's config in today's form (lark.legacy) is the recipe
+        measure = partial(measure_if_trained, base=base, cfg=cfg, queries=queries, lds_cfg=lds_cfg)
+        todo = [s for s in todo if not measure(s, found=True, log=log)]
+    if todo:
+        log(f"[lark] mini-LDS: retraining {len(todo)} of {len(seeds)} subsets into {base}")
+        for seed in todo:
+            unfinished(base / f"subset_{seed}", lds_cfg, log)
+        command = retrain_command(base.resolve(), base, lds_cfg.fraction, todo, lds_cfg)
+        proc = batch.launch(command, base)
+        left = batch.watch(proc, todo, measure, poll_s=float(lds_cfg.get("poll_s", 1.0)))
+        if proc.returncode != 0 or left:
             raise RuntimeError(
-                f"mini-LDS retrains failed (exit {proc.returncode}): {' '.join(command)}\n{proc.stderr[-3000:]}"
+                f"mini-LDS retrains failed (exit {proc.returncode}, subsets without a final checkpoint: {left}): "
+                f"{' '.join(command)}\n{batch.log_tail(base)}"
             )
-        for seed in missing:
-            measure_retrain(base / f"subset_{seed}", cfg, queries, lds_cfg.keep_checkpoints)
+        (base / batch.STATE).unlink(missing_ok=True)
+        for seed in todo if not lds_cfg.keep_checkpoints else []:  # lds.resumable's state: 3x the weights
+            shutil.rmtree(base / f"subset_{seed}" / "resume", ignore_errors=True)
     saved = [saved_losses(base / f"subset_{s}", query_ids) for s in seeds]
     return {
         "seeds": seeds,
         "membership": masks([s["train_ids"] for s in saved], train_ids),
         "losses": torch.tensor([s["losses"] for s in saved], dtype=torch.float64),
     }
+
+
+def unfinished(job, lds_cfg, log=print):
+    """Before a subset is retrained: a folder an interrupted retrain left is removed (it starts again) or, with
+    lds.resumable, kept (train.py resume=true continues it from its resume/last.ckpt)."""
+    if not job.exists():
+        return
+    if lds_cfg.get("resumable"):
+        log(f"[lark] mini-LDS: {job.name} was interrupted: resuming it")
+        return
+    log(f"[lark] mini-LDS: {job.name} was interrupted: retraining it from the start")
+    shutil.rmtree(job)
+
+
+def final_epoch(job):
+    """The last epoch a retrain runs (its own trainer.max_epochs, from any of its checkpoints' config), or None
+    before it saved one."""
+    for folder in saved_checkpoints(job).values():
+        try:
+            return int(OmegaConf.load(folder / "lark_config.yaml").trainer.max_epochs)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def measure_if_trained(seed, base, cfg, queries, lds_cfg, found=False, log=print):
+    """Measure subset `seed` (query_losses.json) if its final checkpoint is complete; returns whether it was."""
+    job = base / f"subset_{seed}"
+    last = final_epoch(job)
+    if last is None or last not in saved_checkpoints(job):
+        return False
+    if found:
+        log(f"[lark] mini-LDS: {job.name} was trained by an interrupted validation: measuring it, not retraining")
+    measure_retrain(job, cfg, queries, lds_cfg.keep_checkpoints)
+    return True
 
 
 def saved_losses(job, query_ids):
