@@ -30,7 +30,7 @@ from lark.data.readers import first_form, sample
 from lark.errors import ConfigError
 from lark.fingerprints import content_hash
 from lark.models import load_pretrained
-from lark.rundir import saved_checkpoints
+from lark.rundir import require_safetensors, saved_checkpoints
 from lark.validation import batch
 
 
@@ -275,6 +275,7 @@ def measure_retrain(job, cfg, queries, keep_checkpoints):
     """job/query_losses.json: the retrain's final model's loss on every query and the items it trained on; without
     keep_checkpoints, its earlier checkpoints are deleted (the losses are what LDS needs; the final one stays)."""
     epochs = saved_checkpoints(job)
+    require_safetensors(epochs[max(epochs)])  # its checksums: a corrupted retrain is never measured
     model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
     encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
     used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines() if line.strip()]
