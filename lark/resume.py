@@ -126,6 +126,8 @@ IGNORED = (
     "paths.root_dir",
     "paths.cache_dir",
     "logger",
+    "attribution.projector.fold",  # the fold's schedule: same sums (a GPU run may switch triton -> index)
+    "attribution.projector.cache_bytes",  # how many hash signs are kept between batches: speed only
 )
 
 

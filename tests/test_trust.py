@@ -912,3 +912,20 @@ def test_resume_accepts_keys_added_since_the_run_started(tmp_path):
     changed = OmegaConf.merge(cfg, {"attribution": {"projector": {"k": 1024}}})
     with pytest.raises(RunDirError, match=r"attribution\.projector\.k was 65536, now 1024"):
         check_same_run(changed, tmp_path)
+
+
+def test_resume_accepts_another_fold_schedule_but_not_another_projection(tmp_path):
+    """attribution.projector.fold and cache_bytes change how the sums are scheduled, not what they are: a run
+    started with fold=index resumes with fold=slices; another seed still stops it."""
+    from omegaconf import OmegaConf
+
+    from lark.errors import RunDirError
+    from lark.resume import check_same_run
+
+    cfg = compose([f"paths.output_dir={tmp_path}", "attribution.projector.fold=index"])
+    saved = tmp_path / "checkpoints" / "epoch_000" / "lark_config.yaml"
+    saved.parent.mkdir(parents=True)
+    OmegaConf.save(cfg, saved)
+    check_same_run(OmegaConf.merge(cfg, {"attribution": {"projector": {"fold": "slices", "cache_bytes": 0}}}), tmp_path)
+    with pytest.raises(RunDirError, match=r"attribution\.projector\.seed was 0, now 1"):
+        check_same_run(OmegaConf.merge(cfg, {"attribution": {"projector": {"seed": 1}}}), tmp_path)
