@@ -247,8 +247,9 @@ def test_measure_gives_the_hand_computed_metrics(tmp_path):
     assert list(metrics) == [
         "epoch", "lr", "n_queries", "sources", "ft_source", "pt_source", "ft", "pt", "ft_pt_ratio", "ft_wins",
         "pt_wins", "format_effect", "bm25", "storage", "projector", "kernel", "loss_target", "nonfinite",
-        "fingerprints",
+        "fingerprints", "warnings",
     ]  # fmt: skip
+    assert metrics["warnings"] == {}  # nothing cut, no source short, no all-zero scores
     assert (metrics["ft"], metrics["pt"], metrics["ft_wins"], metrics["pt_wins"]) == (0.5, 0.75, 0.0, 1.0)
     assert metrics["ft_pt_ratio"] == pytest.approx(2 / 3) and metrics["n_queries"] == 2
     assert metrics["sources"]["pt"] == {
