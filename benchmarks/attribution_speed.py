@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gpu_check import floor_step  # noqa: E402  (benchmarks/: the floor row, shared with the device check)
 from peers import PEERS  # noqa: E402
 
 from lark.data.datamodule import collate
@@ -209,16 +210,6 @@ def paired(fn, base, repeats):
 def train_step(model, batch):
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
-
-
-def floor_step(model, batch):
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-    model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
-    for p, flag in flags:
-        p.requires_grad_(flag)
 
 
 def projector_of(model, kind, method, how, k, seq):

@@ -9,6 +9,10 @@
      --schedules (HookSketch.fold_schedule; on cuda `triton` = the `fused` rows and `index` = the `unfused` rows;
      a schedule this branch's HookSketch does not know is an `unavailable` row), and with every sign resident,
    - `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
+   - `floor (no weight GEMMs)`: forward + backward with every weight frozen (the activation gradients only), the
+     limit of any projector that never forms a weight gradient (issue 23's goal for `factored`: within 10% of it),
+   - `factored` (lark.kernel.factored.FactoredProjector, LoGra / Bergson) with normalize none and per_tensor at k
+     (r_out = r_in from k), and none at Bergson's 16 x 16 per module (k follows from the model),
    examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max
    allocated, reset before each row) and its ratio to the training step's, and fidelity on the pairs of
    `--fidelity-examples` examples against the exact cosine of the same normalisation (plain for none,
@@ -40,6 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # lark, and gpu_e2e beside
 
 import gpu_e2e  # noqa: E402  (benchmarks/: the end-to-end part, no lark import)
 
+from lark.kernel.factored import FactoredProjector
 from lark.kernel.projectors import CountSketch, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
 
@@ -157,6 +162,7 @@ def pair_cosines(v):
 
 
 SCHEDULE_NAMES = {"triton": "fused", "index": "unfused"}  # HookSketch.fold_schedule -> the table's word
+FLOOR = "floor (no weight GEMMs)"
 UNAVAILABLE = (math.nan,) * 6  # ex/s, x train, peak, x peak, max|err|, mean|err| of a row that could not run
 
 
@@ -164,6 +170,8 @@ def row_label(kind, how, cache, schedule):
     """`sketch none fused`, `sketch per_tensor unfused`, `sketch none (all signs cached)`, `rapidin per_tensor`;
     the auto schedule adds no word (the CPU's default row names)."""
     word = "" if schedule in (None, "auto") else f" {SCHEDULE_NAMES.get(schedule, schedule)}"
+    if kind == "factored":  # schedule: None (r from k) or "16x16"
+        word = f" {schedule}" if schedule else ""
     return f"{kind} {how}{word}" + (" (all signs cached)" if cache else "")
 
 
@@ -178,6 +186,9 @@ def measure_row(model, kind, how, cache, schedule, shapes, batch, fid_batch, exa
             raise ValueError("this HookSketch has no fold_schedule")
         proj.fold_schedule = schedule  # auto | triton (fused, CUDA) | index | slices: lark.kernel.sketch
         fn, per_call = (lambda: proj.project_batch(model, batch)), b
+    elif kind == "factored":
+        proj = FactoredProjector(model, args.k, 0, how, *((16, 16) if schedule == "16x16" else (None, None)))
+        fn, per_call = (lambda: proj.project_batch(model, batch)), b
     else:
         proj = CountSketch(shapes, args.k, normalize=how)
         one = {key: v[:1] for key, v in batch.items()}
@@ -187,7 +198,21 @@ def measure_row(model, kind, how, cache, schedule, shapes, batch, fid_batch, exa
     if exact:
         errors = (pair_cosines(proj.project_batch(model, fid_batch)) - exact[how]).abs()
         err_max, err_mean = errors.max().item(), errors.mean().item()
-    return per_call / seconds, mem, err_max, err_mean
+    return per_call / seconds, mem, err_max, err_mean, proj.k
+
+
+def floor_step(model, batch):
+    """Forward + backward of the mean loss with every weight frozen: only activation gradients are computed (the
+    backward starts at the input embeddings' output), the cost floor of a projector that skips weight GEMMs."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def rows_of(name, args, device, dtype, log):
@@ -214,6 +239,10 @@ def rows_of(name, args, device, dtype, log):
     rows = [
         (name, "train step (AdamW)", "-", b / train_s, 1.0, train_peak, train_peak / train_peak, math.nan, math.nan)
     ]
+    floor_s, floor_peak = timed(lambda: floor_step(model, batch), device, args.repeats)
+    rows.append(
+        (name, FLOOR, "-", b / floor_s, train_s / floor_s, floor_peak, floor_peak / train_peak, *(math.nan,) * 2)
+    )
 
     # fidelity examples: single sequences, their exact gradients one at a time
     n_fid = args.fidelity_examples
@@ -226,6 +255,11 @@ def rows_of(name, args, device, dtype, log):
     first = args.schedules[0]
     cases = [("sketch", how, None, s) for s in args.schedules for how in ("none", "per_tensor")]
     cases += [("sketch", "none", 2**36, first), ("rapidin", "per_tensor", None, None)]
+    cases += [
+        ("factored", "none", None, None),
+        ("factored", "per_tensor", None, None),
+        ("factored", "none", None, "16x16"),
+    ]
     for kind, how, cache, schedule in cases:
         label = row_label(kind, how, cache, schedule)
         try:
@@ -234,8 +268,8 @@ def rows_of(name, args, device, dtype, log):
             log(f"# {name} {label}: unavailable ({str(e).splitlines()[0]})")
             rows.append((name, label, args.k, *UNAVAILABLE))
             continue
-        ex_s, mem, err_max, err_mean = row
-        rows.append((name, label, args.k, ex_s, ex_s / (b / train_s), mem, mem / train_peak, err_max, err_mean))
+        ex_s, mem, err_max, err_mean, k = row
+        rows.append((name, label, k, ex_s, ex_s / (b / train_s), mem, mem / train_peak, err_max, err_mean))
     del model
     reset_peak(device)
     return rows
@@ -310,6 +344,12 @@ def engine(args, gpu, log):
         f"config={last} sketch_vs_train_step={s[4]:.2f} sketch_per_tensor_vs_train_step={pt[4]:.2f}",
         f"rapidin_vs_train_step={ri[4]:.2f} sketch_peak_vs_train_step={s[6]:.2f} sketch_max_abs_err={s[7]:.4f}",
         f"sketch_per_tensor_max_abs_err={pt[7]:.4f} rapidin_max_abs_err={ri[7]:.4f}",
+    ]
+    f, floor = mine["factored none"], mine[FLOOR]
+    fields += [
+        f"floor_vs_train_step={floor[4]:.2f} factored_vs_train_step={f[4]:.2f} factored_vs_floor={f[3] / floor[3]:.2f}",
+        f"factored_per_tensor_vs_train_step={mine['factored per_tensor'][4]:.2f} factored_max_abs_err={f[7]:.4f}",
+        f"factored_16x16_vs_train_step={mine['factored none 16x16'][4]:.2f}",
     ]
     for schedule in args.schedules[1:]:  # the other schedules' speed, e.g. sketch_unfused_vs_train_step
         word = SCHEDULE_NAMES.get(schedule, schedule)
