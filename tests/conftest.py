@@ -106,3 +106,14 @@ def load_pubmedqa_hub(hub_id, hub_config, hub_split="train", test_ids=None, bad=
         bad,
         f"{hub_id}/{hub_config}",
     )
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, like the subprocess runs: bit-identical results need the same thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

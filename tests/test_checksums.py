@@ -21,15 +21,6 @@ def finished(tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, like the subprocess runs: bit-identical results need the same thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def copy_of(run_dir, tmp_path):
     shutil.copytree(run_dir, tmp_path / "run")
     return tmp_path / "run"

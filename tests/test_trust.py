@@ -191,15 +191,6 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_and_a_reported_lef
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, like the subprocess runs: bit-identical results need the same thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_truncated_store_is_recomputed_not_trusted(reference, tmp_path, one_thread):
     from lark.experiment import attribute
 
