@@ -3,10 +3,14 @@
 //   queries: [{id, q, c, gold, canary}], docs: {source: [[id, text, canary]]},
 //   top: {epoch: {source: [per query: [doc, score, doc, score, ...] by rank]}},
 //   pred: {epoch: [per query: [label, loss, correct]] or null}, prov: {query id: [doc ids carrying its fact]},
-//   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter)}
+//   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter),
+//   tokens (only when the run wrote attribution/epoch_NNN/tokens/): {levels, texts: [[text, [gap, length, ...]]],
+//     kernel: {epoch: name}, pairs: {epoch: {source: {query index: {doc index: [doc text, doc shades, doc top,
+//     query text, query shades, query top]}}}}} (lark/analysis/report_data.py read_tokens: shades one character
+//     per token, top [token, contribution, ...])}
 // Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
 // URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect&loss=high (&questions: only the
-// question browser); ?selftest runs the checks
+// question browser; &tokens: each question's first document with tokens opened); ?selftest runs the checks
 // below and writes their results into <pre id="selftest"> (the browser test reads it).
 (function () {
   "use strict";
@@ -151,6 +155,76 @@
     more.hidden = state.shown >= state.list.length;
   }
 
+  // ---- token-wise attribution: a pair's document and question with each token shaded by its contribution
+  const T = D.tokens || null;
+  const SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy";  // level -levels..levels (report_data.SHADES)
+  const COLOURS = {pos: "42, 91, 215", neg: "214, 84, 31"};  // as report.css's .sw.pos / .sw.neg
+  const tokenPair = (epoch, source, i, d) =>
+    T ? ((((T.pairs[String(epoch)] || {})[source] || {})[String(i)] || {})[String(d)] || null) : null;
+  const spansCache = new Map();
+  function tokenSpans(t) {  // [[start, end] per token] of T.texts[t]
+    if (!spansCache.has(t)) {
+      const offsets = T.texts[t][1], spans = [];
+      for (let n = 0, at = 0; n < offsets.length; n += 2) { const s = at + offsets[n]; at = s + offsets[n + 1]; spans.push([s, at]); }
+      spansCache.set(t, spans);
+    }
+    return spansCache.get(t);
+  }
+  const signed = (c) => (c > 0 ? "+" : "") + Number(c).toPrecision(4);
+  const signClass = (x) => (x > 0 ? "pos" : x < 0 ? "neg" : "zero");
+
+  function shadedText(t, shades) {
+    const text = T.texts[t][0];
+    const box = el("div", {class: "tok-text"});
+    let at = 0;
+    tokenSpans(t).forEach(([start, end], n) => {
+      if (start > at) box.append(text.slice(at, start));
+      const level = shades[n] === "." ? null : SHADES.indexOf(shades[n]) - T.levels;
+      const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)), "data-n": n,
+        text: text.slice(Math.max(start, at), end)});
+      if (level !== null) span.dataset.l = level;
+      if (level) span.style.backgroundColor = "rgba(" + COLOURS[signClass(level)] + ", " +
+        (Math.abs(level) / T.levels).toFixed(2) + ")";
+      box.append(span);
+      at = Math.max(at, end);
+    });
+    if (at < text.length) box.append(text.slice(at));
+    return box;
+  }
+
+  function topList(t, top) {
+    const text = T.texts[t][0], spans = tokenSpans(t);
+    const ol = el("ol", {class: "top-tokens"});
+    for (let r = 0; r < top.length; r += 2) {
+      const [start, end] = spans[top[r]];
+      ol.append(el("li", {class: signClass(top[r + 1]), "data-n": top[r], "data-c": top[r + 1]},
+        el("code", {text: JSON.stringify(text.slice(start, end))}), " ", el("span", {class: "c", text: signed(top[r + 1])})));
+    }
+    return ol;
+  }
+
+  function tokenView(epoch, source, i, d, score) {
+    const [dt, ds, dtop, qt, qs, qtop] = tokenPair(epoch, source, i, d);
+    const legend = el("div", {class: "tok-legend"}, el("span", {class: "sw pos"}), " raises the score ",
+      el("span", {class: "sw neg"}), " lowers it \u00b7 shade \u221d |contribution| / the largest in that text \u00b7 " +
+      "grey: a token without loss \u00b7 each text's contributions sum to the pair's score " + fmt(score, 4) +
+      " (epoch " + epoch + ", kernel " + (T.kernel[String(epoch)] || "?") + ")");
+    return el("div", {class: "tokens", "data-epoch": epoch, "data-source": source, "data-query": Q[i].id,
+      "data-doc": D.docs[source][d][0]}, legend,
+      el("h6", {text: "document " + D.docs[source][d][0]}), shadedText(dt, ds),
+      el("p", {class: "note", text: "largest |contribution|:"}), topList(dt, dtop),
+      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the answer drive the match)"}),
+      shadedText(qt, qs), el("p", {class: "note", text: "largest |contribution|:"}), topList(qt, qtop));
+  }
+
+  // a "tokens" button that opens / closes tokenView in `box`, or null for a pair without token files
+  function tokenButton(box, epoch, source, i, d, score) {
+    if (!tokenPair(epoch, source, i, d)) return null;
+    return el("button", {class: "tok-btn", title: "the pair's texts shaded by each token's contribution",
+      onclick: () => { if (box.childElementCount) box.replaceChildren();
+        else box.replaceChildren(tokenView(epoch, source, i, d, score)); }}, "tokens");
+  }
+
   function badge(cls, text, title) { return el("span", {class: "badge " + cls, text, title: title || ""}); }
 
   function card(i) {
@@ -170,8 +244,10 @@
     const acrossButton = el("button", {class: "across-btn", onclick: () => {
       if (across.childElementCount) across.replaceChildren(); else across.append(acrossView(i));
     }}, "top documents across epochs");
-    return el("article", {class: "q", "data-index": i, "data-id": q.id}, head,
+    const article = el("article", {class: "q", "data-index": i, "data-id": q.id}, head,
       el("p", {class: "question", text: q.q}), ctx, sourcesView(i, state.epoch), acrossButton, across);
+    if (params.has("tokens")) article.querySelector("button.tok-btn")?.click();
+    return article;
   }
 
   function sourcesView(i, epoch) {
@@ -179,7 +255,7 @@
     for (const source of D.sources) {
       const ranked = ((D.top[String(epoch)] || {})[source] || [])[i] || [];
       const ol = el("ol", {class: "docs"});
-      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1));
+      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1, epoch));
       box.append(el("section", {class: "src", "data-source": source},
         el("h4", {text: source + (source === D.ft_source ? " (fine-tuning)" : "")},
           el("small", {text: ranked.length ? " top " + ranked.length / 2 : " no documents"})), ol));
@@ -187,7 +263,7 @@
     return box;
   }
 
-  function docItem(i, source, d, score, rank) {
+  function docItem(i, source, d, score, rank, epoch) {
     const [id, text, canary] = D.docs[source][d];
     const snippetLength = D.snippet;
     const long = text.length > snippetLength;
@@ -199,12 +275,13 @@
       toggle.dataset.open = open ? "0" : "1";
       toggle.textContent = open ? "full text" : "less";
     }}, "full text") : null;
+    const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
     return el("li", {"data-doc": id},
       el("div", {class: "meta"}, el("span", {class: "rank", text: "#" + rank}),
         el("span", {class: "score", text: fmt(score, 4)}), el("span", {class: "did", text: id}),
         prov[i].has(id) ? badge("prov", "provenance", "this document carries the question's fact") : null,
-        canary ? badge("canary", "canary") : null, toggle),
-      body);
+        canary ? badge("canary", "canary") : null, toggle, tokenButton(tokenBox, epoch, source, i, d, score)),
+      body, tokenBox);
   }
 
   // one question's top documents at every epoch: rows = rank, columns = epochs
@@ -217,19 +294,22 @@
       const table = el("table", {class: "across-table"},
         el("thead", {}, el("tr", {}, el("th", {text: "rank"}), ...D.epochs.map((e) => el("th", {text: "epoch " + e})))));
       const tbody = el("tbody");
+      const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
       for (let r = 0; r < ranks; r++) {
         const tr = el("tr", {}, el("td", {text: "#" + (r + 1)}));
-        byEpoch.forEach((ranked) => {
+        byEpoch.forEach((ranked, n) => {
           if (2 * r >= ranked.length) { tr.append(el("td", {text: "-"})); return; }
           const [id, text] = D.docs[source][ranked[2 * r]];
           const stable = idsAt.every((s) => s.has(ranked[2 * r]));
           tr.append(el("td", {class: (prov[i].has(id) ? "prov " : "") + (stable ? "stable" : ""),
-            title: text.slice(0, 300)}, el("span", {class: "did", text: id}), " ", el("small", {text: fmt(ranked[2 * r + 1], 3)})));
+            title: text.slice(0, 300)}, el("span", {class: "did", text: id}), " ", el("small", {text: fmt(ranked[2 * r + 1], 3)}),
+            tokenButton(tokenBox, D.epochs[n], source, i, ranked[2 * r], ranked[2 * r + 1])));
         });
         tbody.append(tr);
       }
       table.append(tbody);
       box.append(el("h5", {text: source}), table);
+      if (tokenBox) box.append(tokenBox);
     }
     box.append(el("p", {class: "note", text: "bold: in the top list at every epoch; green: carries the question's fact " +
       "(provenance). Hover a cell for the document's text."}));
@@ -281,6 +361,21 @@
     }
     const button = list.querySelector("button.across-btn");
     if (button) { button.click(); out.across_columns = list.querySelector(".across-table thead tr").children.length - 1; }
+    if (T) out.tokens = tokenSelftest();
     document.body.append(el("pre", {id: "selftest", text: JSON.stringify(out)}));
+  }
+
+  // the first card's first token view and its cross-epoch view's first one, opened, as the test compares them
+  function tokenSelftest() {
+    const describe = (view) => view && {epoch: Number(view.dataset.epoch), source: view.dataset.source,
+      query: view.dataset.query, doc: view.dataset.doc, legend: Boolean(view.querySelector(".tok-legend .sw.pos")),
+      texts: [...view.querySelectorAll(".tok-text")].map((box) => box.textContent),
+      top: [...view.querySelectorAll("ol.top-tokens")].map((ol) => [...ol.children].map((li) =>
+        [JSON.parse(li.querySelector("code").textContent), Number(li.dataset.c), li.querySelector(".c").textContent]))};
+    const card = list.querySelector("article.q");
+    const opened = (button, box) => { if (!button) return null; button.click(); return describe(box(button).querySelector("div.tokens")); };
+    return {buttons: list.querySelectorAll("ol.docs button.tok-btn").length,
+      first: opened(card?.querySelector("ol.docs button.tok-btn"), (b) => b.closest("li")),
+      across: opened(card?.querySelector(".across-table button.tok-btn"), (b) => b.closest("table").nextElementSibling)};
   }
 })();
