@@ -346,16 +346,18 @@ def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):
 
 
 def token_spans(dom):
-    """[(class, data-n, data-l or None, (r, g, b, alpha) or None, text)] of the shaded tokens in a DOM dump."""
+    """[(class, white text, data-n, data-l or None, (r, g, b, alpha) or None, text)] of the shaded tokens in a DOM
+    dump, in order."""
     found = re.findall(
-        r'<span class="tk (\w+)" data-n="(\d+)"(?: data-l="(-?\d+)")?(?: style="background-color: rgba?\(([^)]*)\);")?>'
-        r"(.*?)</span>",
+        r'<span class="tk (\w+)( dark)?" data-n="(\d+)"(?: data-l="(-?\d+)")?'
+        r'(?: style="background-color: rgba?\(([^)]*)\);")?>(.*?)</span>',
         dom,
         re.S,
     )
     colour = lambda text: tuple(float(x) for x in (text + ", 1").split(",")[:4]) if text else None  # noqa: E731
     return [
-        (c, int(n), int(level) if level else None, colour(rgba), html.unescape(t)) for c, n, level, rgba, t in found
+        (c, bool(dark), int(n), int(level) if level else None, colour(rgba), html.unescape(t))
+        for c, dark, n, level, rgba, t in found
     ]
 
 
@@ -382,7 +384,7 @@ def test_the_token_views_in_chromium_show_the_files_numbers(real_runs, tmp_path)
     query, epoch = result["tokens"]["first"]["query"], result["tokens"]["first"]["epoch"]
     dom, _ = browser.dump_dom(page, f"q={query}&epoch={epoch}&tokens")
     views = re.findall(r'<div class="tokens" data-epoch="(\d+)" data-source="(\w+)" data-query="([\w-]+)" '
-                       r'data-doc="([\w-]+)">(.*?)</ol></div>', dom, re.S)  # fmt: skip
+                       r'data-doc="([\w-]+)"[^>]*>(.*?)</ol></div>', dom, re.S)  # fmt: skip
     assert len(views) == 1
     colours = {"pos": (42, 91, 215), "neg": (214, 84, 31)}  # report.js COLOURS
     line = written[int(views[0][0]), views[0][1], views[0][2], views[0][3]]
@@ -390,8 +392,8 @@ def test_the_token_views_in_chromium_show_the_files_numbers(real_runs, tmp_path)
     tokens = line["doc"]["tokens"] + line["query"]["tokens"]
     assert len(spans) == len(tokens) and sum(c is None for *_, c in tokens) > 0
     want = expected(line["doc"])[0] + expected(line["query"])[0]
-    for (cls, _, level, rgba, text), (piece, *_, c), (_, want_level) in zip(spans, tokens, want):
-        assert text == piece and level == want_level
+    for (cls, dark, _, level, rgba, text), (piece, *_, c), (_, want_level) in zip(spans, tokens, want):
+        assert text == piece and level == want_level and dark == (c is not None and abs(level) > 0.55 * LEVELS)
         if c is None:
             assert cls == "none" and rgba is None
         else:

@@ -10,8 +10,8 @@
 //     per token, top [token, contribution, ...])}
 // Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
 // URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect&loss=high (&questions: only the
-// question browser; &tokens: each question's first document with tokens opened); ?selftest runs the checks
-// below and writes their results into <pre id="selftest"> (the browser test reads it).
+// question browser; &tokens or &tokens=<source>: each question's first document with tokens shown shaded);
+// ?selftest runs the checks below and writes their results into <pre id="selftest"> (the browser test reads it).
 (function () {
   "use strict";
   const t0 = performance.now();
@@ -180,7 +180,8 @@
     tokenSpans(t).forEach(([start, end], n) => {
       if (start > at) box.append(text.slice(at, start));
       const level = shades[n] === "." ? null : SHADES.indexOf(shades[n]) - T.levels;
-      const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)), "data-n": n,
+      const dark = Math.abs(level) > 0.55 * T.levels ? " dark" : "";  // white text on the strongest shades
+      const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)) + dark, "data-n": n,
         text: text.slice(Math.max(start, at), end)});
       if (level !== null) span.dataset.l = level;
       if (level) span.style.backgroundColor = "rgba(" + COLOURS[signClass(level)] + ", " +
@@ -211,18 +212,25 @@
       " (epoch " + epoch + ", kernel " + (T.kernel[String(epoch)] || "?") + ")");
     return el("div", {class: "tokens", "data-epoch": epoch, "data-source": source, "data-query": Q[i].id,
       "data-doc": D.docs[source][d][0]}, legend,
-      el("h6", {text: "document " + D.docs[source][d][0]}), shadedText(dt, ds),
+      el("h6", {text: "document " + D.docs[source][d][0] + " (" + source + ")"}), shadedText(dt, ds),
       el("p", {class: "note", text: "largest |contribution|:"}), topList(dt, dtop),
       el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the answer drive the match)"}),
       shadedText(qt, qs), el("p", {class: "note", text: "largest |contribution|:"}), topList(qt, qtop));
   }
 
-  // a "tokens" button that opens / closes tokenView in `box`, or null for a pair without token files
+  // a "tokens" button that shows the pair's tokenView in `box` (one view per box; a second click closes it), or null
+  // for a pair without token files. A question's box is a full-width row of its sources' grid, moved after the
+  // clicked document's list (the grid packs densely, so the view opens in the row below that list).
   function tokenButton(box, epoch, source, i, d, score) {
     if (!tokenPair(epoch, source, i, d)) return null;
-    return el("button", {class: "tok-btn", title: "the pair's texts shaded by each token's contribution",
-      onclick: () => { if (box.childElementCount) box.replaceChildren();
-        else box.replaceChildren(tokenView(epoch, source, i, d, score)); }}, "tokens");
+    const key = [epoch, source, d].join("/");
+    return el("button", {class: "tok-btn", title: "the document and question shaded by each token's contribution",
+      onclick: (event) => {
+        const open = box.firstChild && box.firstChild.dataset.key === key;
+        if (box.parentNode && box.parentNode.classList.contains("sources")) event.currentTarget.closest("section.src").after(box);
+        box.replaceChildren(...(open ? [] : [tokenView(epoch, source, i, d, score)]));
+        if (!open) box.firstChild.dataset.key = key;
+      }}, "tokens");
   }
 
   function badge(cls, text, title) { return el("span", {class: "badge " + cls, text, title: title || ""}); }
@@ -244,26 +252,32 @@
     const acrossButton = el("button", {class: "across-btn", onclick: () => {
       if (across.childElementCount) across.replaceChildren(); else across.append(acrossView(i));
     }}, "top documents across epochs");
+    const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
+    const sources = sourcesView(i, state.epoch, tokenBox);
     const article = el("article", {class: "q", "data-index": i, "data-id": q.id}, head,
-      el("p", {class: "question", text: q.q}), ctx, sourcesView(i, state.epoch), acrossButton, across);
-    if (params.has("tokens")) article.querySelector("button.tok-btn")?.click();
+      el("p", {class: "question", text: q.q}), ctx, sources, acrossButton, across);
+    if (params.has("tokens")) {  // &tokens=<source>: that source's first document, else the first with tokens
+      const within = params.get("tokens") ? 'section.src[data-source="' + CSS.escape(params.get("tokens")) + '"] ' : "";
+      article.querySelector(within + "button.tok-btn")?.click();
+    }
     return article;
   }
 
-  function sourcesView(i, epoch) {
+  function sourcesView(i, epoch, tokenBox) {
     const box = el("div", {class: "sources"});
     for (const source of D.sources) {
       const ranked = ((D.top[String(epoch)] || {})[source] || [])[i] || [];
       const ol = el("ol", {class: "docs"});
-      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1, epoch));
+      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1, epoch, tokenBox));
       box.append(el("section", {class: "src", "data-source": source},
         el("h4", {text: source + (source === D.ft_source ? " (fine-tuning)" : "")},
           el("small", {text: ranked.length ? " top " + ranked.length / 2 : " no documents"})), ol));
     }
+    if (tokenBox) box.append(tokenBox);
     return box;
   }
 
-  function docItem(i, source, d, score, rank, epoch) {
+  function docItem(i, source, d, score, rank, epoch, tokenBox) {
     const [id, text, canary] = D.docs[source][d];
     const snippetLength = D.snippet;
     const long = text.length > snippetLength;
@@ -275,13 +289,12 @@
       toggle.dataset.open = open ? "0" : "1";
       toggle.textContent = open ? "full text" : "less";
     }}, "full text") : null;
-    const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
     return el("li", {"data-doc": id},
       el("div", {class: "meta"}, el("span", {class: "rank", text: "#" + rank}),
         el("span", {class: "score", text: fmt(score, 4)}), el("span", {class: "did", text: id}),
         prov[i].has(id) ? badge("prov", "provenance", "this document carries the question's fact") : null,
         canary ? badge("canary", "canary") : null, toggle, tokenButton(tokenBox, epoch, source, i, d, score)),
-      body, tokenBox);
+      body);
   }
 
   // one question's top documents at every epoch: rows = rank, columns = epochs
@@ -375,7 +388,7 @@
     const card = list.querySelector("article.q");
     const opened = (button, box) => { if (!button) return null; button.click(); return describe(box(button).querySelector("div.tokens")); };
     return {buttons: list.querySelectorAll("ol.docs button.tok-btn").length,
-      first: opened(card?.querySelector("ol.docs button.tok-btn"), (b) => b.closest("li")),
+      first: opened(card?.querySelector("ol.docs button.tok-btn"), (b) => b.closest("article")),
       across: opened(card?.querySelector(".across-table button.tok-btn"), (b) => b.closest("table").nextElementSibling)};
   }
 })();
