@@ -301,7 +301,8 @@ def decoded(data, entry):
     for gap, length in zip(offsets[::2], offsets[1::2]):
         pieces.append(text[at + gap : at + gap + length])
         at += gap + length
-    levels = [None if s == "." else SHADES.index(s) - LEVELS for s in entry[1]]
+    shades = re.sub(r"\.(\d+)", lambda run: "." * int(run[1]), entry[1])
+    levels = [None if s == "." else SHADES.index(s) - LEVELS for s in shades]
     return list(zip(pieces, levels)), list(zip(entry[2][::2], entry[2][1::2]))
 
 

@@ -11,6 +11,7 @@ when the run wrote them, attribution/epoch_NNN/tokens/<source>.jsonl (token-wise
 
 import csv
 import json
+import re
 from datetime import datetime, timezone
 
 import yaml
@@ -176,7 +177,8 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
     {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per token]] (each tokenised text once),
      "kernel": {epoch: kernel}, "pairs": {epoch: {source: {query index: {doc index:
         [doc text index, doc shades, doc top, query text index, query shades, query top]}}}}}
-    shades: one character per token (SHADES[level + LEVELS], "." where the token carries no loss); top: the
+    shades: one character per token (SHADES[level + LEVELS], "." where the token carries no loss, ".n" for n such
+    tokens in a row); top: the
     TOP_TOKENS largest |contribution| tokens as [token index, contribution (4 significant digits)] by |c|."""
     folders = {e: epoch_dir(run_dir, e) / "tokens" for e in epochs}
     if not any(folder.is_dir() for folder in folders.values()):
@@ -223,13 +225,13 @@ def token_entry(part, texts, where):
 
 def shades(values):
     """One character per token: SHADES[level + LEVELS] with level = round(LEVELS * c / max |c|), at least 1 for
-    c != 0; "." for a token that carries no loss (None)."""
+    c != 0; "." for a token that carries no loss (None), ".n" for n > 1 of them in a row (a prompt's tokens)."""
     peak = max((abs(c) for c in values if c is not None), default=0.0) or 1.0
     out = []
     for c in values:
         level = 0 if not c else max(1, round(LEVELS * abs(c) / peak)) * (1 if c > 0 else -1)
         out.append("." if c is None else SHADES[level + LEVELS])
-    return "".join(out)
+    return re.sub(r"\.{2,}", lambda run: f".{len(run[0])}", "".join(out))  # n tokens without loss in a row: ".n"
 
 
 def top_tokens(values):

@@ -7,7 +7,7 @@
 //   tokens (only when the run wrote attribution/epoch_NNN/tokens/): {levels, texts: [[text, [gap, length, ...]]],
 //     kernel: {epoch: name}, pairs: {epoch: {source: {query index: {doc index: [doc text, doc shades, doc top,
 //     query text, query shades, query top]}}}}} (lark/analysis/report_data.py read_tokens: shades one character
-//     per token, top [token, contribution, ...])}
+//     per token, ".n" for n tokens without loss; top [token, contribution, ...])}
 // Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
 // URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect&loss=high (&questions: only the
 // question browser; &tokens or &tokens=<source>: each question's first document with tokens shown shaded);
@@ -173,8 +173,9 @@
   const signed = (c) => (c > 0 ? "+" : "") + Number(c).toPrecision(4);
   const signClass = (x) => (x > 0 ? "pos" : x < 0 ? "neg" : "zero");
 
-  function shadedText(t, shades) {
+  function shadedText(t, packed) {
     const text = T.texts[t][0];
+    const shades = packed.replace(/\.(\d+)/g, (_, n) => ".".repeat(Number(n)));  // ".n": n tokens without loss
     const box = el("div", {class: "tok-text"});
     let at = 0;
     tokenSpans(t).forEach(([start, end], n) => {
