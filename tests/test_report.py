@@ -1,10 +1,15 @@
 """report/index.html (lark.analysis.report): the data the page carries is the run's files joined correctly, the page is
 self-contained, a sweep gets a comparison page; and in headless Chromium the page's question browser works."""
 
+import csv
+import html
 import json
+import math
 import re
+import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,8 @@ from conftest import ROOT
 from lark.analysis import browser
 from lark.analysis.analyze import analyze
 from lark.analysis.report import markdown_html
+from lark.analysis.report_data import LEVELS, SHADES, doc_text, read_config
+from lark.errors import DataError
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report_scale import synthetic_run  # noqa: E402  (the benchmark's generator: one source of synthetic runs)
@@ -203,3 +210,194 @@ def test_report_scale_benchmark_smoke():
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"^self-test passed\s+True$", done.stdout, re.M), done.stdout
     assert re.search(r"^page: script start to first questions shown \(ms\)\s+\d+$", done.stdout, re.M)
+
+
+# -------------------------------------------------------------------------------------------- token-wise attribution
+
+
+def made_up_contributions(n, score, seed):
+    """n deterministic contributions of both signs that sum to `score` (a stand-in for the kernel's split)."""
+    wiggle = [math.sin(1.7 * t + seed) for t in range(n)]
+    mean = sum(wiggle) / n
+    return [score / n + 2 * abs(score) / n * (w - mean) for w in wiggle]
+
+
+def tokenised(tokenizer, text, loss_from, score, seed):
+    """{text, tokens: [[piece, start, end, contribution or None]]} with the tokens starting before `loss_from`
+    carrying no loss (None) and the others made-up contributions that sum to `score`."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    loss = [n for n, (start, _) in enumerate(offsets) if start >= loss_from]
+    values = dict(zip(loss, made_up_contributions(len(loss), score, seed)))
+    return {"text": text, "tokens": [[text[s:e], s, e, values.get(n)] for n, (s, e) in enumerate(offsets)]}
+
+
+def write_token_files(run, extra=True):
+    """attribution/epoch_NNN/tokens/<source>.jsonl in the layout the `tokens` branch writes, for every pair of each
+    top_influences.csv: the run's real document and question texts tokenised by its own tokenizer (the fast
+    tokenizer's offsets), made-up contributions that sum to the pair's score, no loss on a question's words before
+    its answer nor on a Formatted document's words before its last line. `extra`: one more line per file, for a
+    pair the page does not list (the page must leave it out). Returns {(epoch, source, query, doc): line}."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "checkpoints" / "epoch_000")
+    tests = {t["id"]: t for t in lines(run / "data" / "test.jsonl")}
+    sources = read_config(run)["source"]["sources"]
+    written = {}
+    for folder in sorted((run / "attribution").glob("epoch_*")):
+        epoch, by_source = int(folder.name[6:]), {}
+        with open(folder / "top_influences.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                by_source.setdefault(row["source"], []).append(row)
+        for source, ranked in by_source.items():
+            docs = {d["id"]: doc_text(d) for d in lines(run / "data" / "sources" / f"{source}.jsonl")}
+            if extra:  # a document outside the query's top list
+                listed = {r["doc_id"] for r in ranked if r["query_id"] == ranked[0]["query_id"]}
+                other = next(d for d in docs if d not in listed)
+                ranked = [*ranked, dict(ranked[0], doc_id=other, rank="99")]
+            out = []
+            for row in ranked:
+                test, score = tests[row["query_id"]], float(row["score"])
+                query = f"{test['question']}\nAnswer: {test.get('answer', test.get('final_decision'))}"
+                text, seed = docs[row["doc_id"]], zlib.crc32(f"{epoch}{row['query_id']}{row['doc_id']}".encode())
+                line = {"query_id": row["query_id"], "doc_id": row["doc_id"], "rank": int(row["rank"]), "score": score}
+                line |= {"kernel": "rapidin"}
+                loss_from = text.rfind("\n") + 1 if sources[source]["formatted"] else 0
+                line["doc"] = tokenised(tokenizer, text, loss_from, score, seed)
+                line["query"] = tokenised(tokenizer, query, query.rindex("Answer:") + 7, score, seed + 1)
+                written[epoch, source, row["query_id"], row["doc_id"]] = line
+                out.append(json.dumps(line))
+            (folder / "tokens").mkdir(exist_ok=True)
+            (folder / "tokens" / f"{source}.jsonl").write_text("\n".join(out) + "\n")
+    return written
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """A real finished run (the small embedded run, one epoch: checkpoints 0 and 1) and a copy of it with token files
+    (write_token_files): (plain run, run with tokens, {(epoch, source, query, doc): line written})."""
+    from conftest import SMALL, compose
+    from omegaconf import OmegaConf, open_dict
+
+    from lark.experiment import train
+
+    plain = tmp_path_factory.mktemp("plain_run")
+    cfg = compose(
+        [o for o in SMALL if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1", "logger=none"]
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(plain)
+    (plain / ".hydra").mkdir()
+    (plain / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    train(cfg)
+    tokens = tmp_path_factory.mktemp("token_run") / "run"
+    shutil.copytree(plain, tokens)
+    return plain, tokens, write_token_files(tokens)
+
+
+def decoded(data, entry):
+    """[(piece, level or None)], top [(index, c)] of one side of a blob's pair entry (text index, shades, top)."""
+    text, offsets = data["tokens"]["texts"][entry[0]]
+    pieces, at = [], 0
+    for gap, length in zip(offsets[::2], offsets[1::2]):
+        pieces.append(text[at + gap : at + gap + length])
+        at += gap + length
+    shades = re.sub(r"\.(\d+)", lambda run: "." * int(run[1]), entry[1])
+    levels = [None if s == "." else SHADES.index(s) - LEVELS for s in shades]
+    return list(zip(pieces, levels)), list(zip(entry[2][::2], entry[2][1::2]))
+
+
+def expected(side):
+    """What the page should carry of one side of a file's line: [(piece, level or None)], top [(index, c)]."""
+    values = [c for *_, c in side["tokens"]]
+    peak = max(abs(c) for c in values if c is not None)
+    levels = [None if c is None else round(LEVELS * c / peak) or (1 if c > 0 else -1) for c in values]
+    top = sorted((n for n, c in enumerate(values) if c is not None), key=lambda n: -abs(values[n]))[:10]
+    return [(p, level) for (p, *_), level in zip(side["tokens"], levels)], [(n, float(f"{values[n]:.4g}")) for n in top]
+
+
+@pytest.mark.slow
+def test_the_page_data_carries_the_token_files_of_the_listed_pairs(real_runs):
+    plain, run, written = real_runs
+    assert "tokens" not in blob(analyze(plain)["report"])  # no tokens/ folder: the page of before
+    data = blob(analyze(run)["report"])
+    ids = {s: [d[0] for d in docs] for s, docs in data["docs"].items()}
+    queries = [q["id"] for q in data["queries"]]
+    carried = 0
+    for (epoch, source, query, doc), line in written.items():
+        entry = data["tokens"]["pairs"][str(epoch)][source][str(queries.index(query))].get(str(ids[source].index(doc)))
+        if line["rank"] == 99:  # the pair the page does not list
+            assert entry is None
+            continue
+        assert decoded(data, entry[:3]) == expected(line["doc"]) and decoded(data, entry[3:]) == expected(line["query"])
+        assert sum(c for *_, c in line["doc"]["tokens"] if c is not None) == pytest.approx(line["score"], abs=1e-9)
+        carried += 1
+    assert carried == 2 * 12 * 5 * 5 and data["tokens"]["kernel"] == {"0": "rapidin", "1": "rapidin"}
+
+
+def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):
+    folder = small_run / "attribution" / "epoch_001"
+    with open(folder / "top_influences.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    side = {"text": "abc def", "tokens": [["abc", 0, 3, 0.5], [" dx", 3, 7, None]]}
+    line = {"query_id": row["query_id"], "doc_id": row["doc_id"], "rank": 1, "score": 0.5, "kernel": "rapidin"}
+    (folder / "tokens").mkdir()
+    (folder / "tokens" / f"{row['source']}.jsonl").write_text("\n" + json.dumps(line | {"doc": side, "query": side}))
+    with pytest.raises(DataError, match=rf"epoch_001/tokens/{row['source']}.jsonl:2: doc: token 1 ' dx' is not"):
+        analyze(small_run)
+
+
+def token_spans(dom):
+    """[(class, white text, data-n, data-l or None, (r, g, b, alpha) or None, text)] of the shaded tokens in a DOM
+    dump, in order."""
+    found = re.findall(
+        r'<span class="tk (\w+)( dark)?" data-n="(\d+)"(?: data-l="(-?\d+)")?'
+        r'(?: style="background-color: rgba?\(([^)]*)\);")?>(.*?)</span>',
+        dom,
+        re.S,
+    )
+    colour = lambda text: tuple(float(x) for x in (text + ", 1").split(",")[:4]) if text else None  # noqa: E731
+    return [
+        (c, bool(dark), int(n), int(level) if level else None, colour(rgba), html.unescape(t))
+        for c, dark, n, level, rgba, t in found
+    ]
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_the_token_views_in_chromium_show_the_files_numbers(real_runs, tmp_path):
+    plain, run, written = real_runs
+    before = selftest(analyze(plain)["report"])
+    assert "tokens" not in before and before["cards"] == 12  # a run without tokens/ renders as before
+    plain_dom = browser.dump_dom(plain / "report" / "index.html", "tokens")[0]
+    assert not re.search(r'class="(tok-btn|tokens|tok-box)"', plain_dom) and plain_dom.count('<article class="q"') == 12
+    page = analyze(run)["report"]
+    result = selftest(page)
+    assert result["tokens"]["buttons"] == 12 * 5 * 5
+    for view in (result["tokens"]["first"], result["tokens"]["across"]):
+        line = written[view["epoch"], view["source"], view["query"], view["doc"]]
+        assert view["legend"] and view["texts"] == [line["doc"]["text"], line["query"]["text"]]
+        for shown, side in zip(view["top"], (line["doc"], line["query"])):
+            _, top = expected(side)
+            assert [(piece, c) for piece, c, _ in shown] == [(side["tokens"][n][0], c) for n, c in top]
+            assert all(text.startswith("+" if c > 0 else "-") for _, c, text in shown)
+    assert result["tokens"]["across"]["epoch"] == 0  # the cross-epoch view's first column
+    # every shaded token of one question's opened views: its level, class and colour follow the file's number
+    query, epoch = result["tokens"]["first"]["query"], result["tokens"]["first"]["epoch"]
+    dom, _ = browser.dump_dom(page, f"q={query}&epoch={epoch}&tokens")
+    views = re.findall(r'<div class="tokens" data-epoch="(\d+)" data-source="(\w+)" data-query="([\w-]+)" '
+                       r'data-doc="([\w-]+)"[^>]*>(.*?)</ol></div>', dom, re.S)  # fmt: skip
+    assert len(views) == 1
+    colours = {"pos": (42, 91, 215), "neg": (214, 84, 31)}  # report.js COLOURS
+    line = written[int(views[0][0]), views[0][1], views[0][2], views[0][3]]
+    spans = token_spans(views[0][4])
+    tokens = line["doc"]["tokens"] + line["query"]["tokens"]
+    assert len(spans) == len(tokens) and sum(c is None for *_, c in tokens) > 0
+    want = expected(line["doc"])[0] + expected(line["query"])[0]
+    for (cls, dark, _, level, rgba, text), (piece, *_, c), (_, want_level) in zip(spans, tokens, want):
+        assert text == piece and level == want_level and dark == (c is not None and abs(level) > 0.55 * LEVELS)
+        if c is None:
+            assert cls == "none" and rgba is None
+        else:
+            assert cls == ("pos" if c > 0 else "neg") and rgba == (*colours[cls], round(abs(level) / LEVELS, 2))
+    browser.screenshot(page, tmp_path / "tokens.png", f"questions&q={query}&epoch={epoch}&tokens")
+    assert_not_blank(tmp_path / "tokens.png")

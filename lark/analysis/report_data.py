@@ -5,16 +5,23 @@ the timings. All optional except attribution/epoch_NNN/metrics.json: a missing p
     data = run_data(run_dir, metrics, epoch, snippet_chars)   # the JSON blob lark/resources/report.js renders
 
 Files read: .hydra/config.yaml or checkpoints/epoch_000/lark_config.yaml, .hydra/overrides.yaml, data/test.jsonl,
-data/sources/*.jsonl, data/world/provenance.json, attribution/epoch_NNN/{top_influences.csv, predictions.jsonl}.
+data/sources/*.jsonl, data/world/provenance.json, attribution/epoch_NNN/{top_influences.csv, predictions.jsonl} and,
+when the run wrote them, attribution/epoch_NNN/tokens/<source>.jsonl (token-wise attribution: read_tokens).
 """
 
 import csv
 import json
+import re
 from datetime import datetime, timezone
 
 import yaml
 
 from lark.data.io import read_jsonl
+from lark.errors import DataError
+
+LEVELS = 25  # shades per sign of a token's contribution on the page: level = round(LEVELS * c / max |c|)
+SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy"  # level -25 .. 25 as one character; "." no loss
+TOP_TOKENS = 10  # tokens listed with their exact contribution under a shaded text
 
 
 def read_config(run_dir):
@@ -127,7 +134,9 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
     provenance_file = run_dir / "data" / "world" / "provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
     epochs = [m["epoch"] for m in metrics]
-    return {
+    top = {str(e): read_top(epoch_dir(run_dir, e) / "top_influences.csv", query_index, doc_index) for e in epochs}
+    tokens = read_tokens(run_dir, epochs, top, query_index, doc_index)
+    data = {
         "epochs": epochs,
         "epoch": epoch,
         "sources": sources,
@@ -146,7 +155,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
             for t in tests
         ],
         "docs": docs,
-        "top": {str(e): read_top(epoch_dir(run_dir, e) / "top_influences.csv", query_index, doc_index) for e in epochs},
+        "top": top,
         "pred": {str(e): read_predictions(epoch_dir(run_dir, e) / "predictions.jsonl", query_index) for e in epochs},
         "prov": {
             t["id"]: list((provenance.get(t["id"]) or {}).get("pretrain_docs", []))
@@ -155,3 +164,77 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
             if t["id"] in provenance
         },
     }
+    return data | ({"tokens": tokens} if tokens else {})  # a run without tokens/: the page of before
+
+
+# ------------------------------------------------------------------------------------------ token-wise attribution
+
+
+def read_tokens(run_dir, epochs, top, query_index, doc_index):
+    """The token-wise attribution of the pairs the page lists (attribution/epoch_NNN/tokens/<source>.jsonl, one line
+    per (query, document) pair; the pairs not in `top`, read_top's lists, are left out to keep the page small), or
+    None when no checkpoint has a tokens/ folder. Layout (lark/resources/report.js renders it):
+    {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per token]] (each tokenised text once),
+     "kernel": {epoch: kernel}, "pairs": {epoch: {source: {query index: {doc index:
+        [doc text index, doc shades, doc top, query text index, query shades, query top]}}}}}
+    shades: one character per token (SHADES[level + LEVELS], "." where the token carries no loss, ".n" for n such
+    tokens in a row); top: the
+    TOP_TOKENS largest |contribution| tokens as [token index, contribution (4 significant digits)] by |c|."""
+    folders = {e: epoch_dir(run_dir, e) / "tokens" for e in epochs}
+    if not any(folder.is_dir() for folder in folders.values()):
+        return None
+    texts, kernel, pairs = {}, {}, {}
+    for epoch, folder in folders.items():
+        for source, ranked in top[str(epoch)].items():
+            shown = {(q, d) for q, flat in enumerate(ranked) for d in flat[::2]}
+            path = folder / f"{source}.jsonl"
+            if not shown or not path.is_file():
+                continue
+            for line, row in read_jsonl(path):
+                q, d = query_index.get(row.get("query_id")), doc_index[source].get(row.get("doc_id"))
+                if (q, d) not in shown:
+                    continue
+                kernel.setdefault(str(epoch), row.get("kernel"))
+                entry = [
+                    *token_entry(row.get("doc"), texts, f"{path}:{line}: doc"),
+                    *token_entry(row.get("query"), texts, f"{path}:{line}: query"),
+                ]
+                pairs.setdefault(str(epoch), {}).setdefault(source, {}).setdefault(str(q), {})[str(d)] = entry
+    return {"levels": LEVELS, "texts": list(texts), "kernel": kernel, "pairs": pairs}
+
+
+def token_entry(part, texts, where):
+    """[text index, shades, top] of one side of a pair ({"text", "tokens": [[piece, start, end, c or None]]});
+    texts: {(text, offsets): index} the page's table of tokenised texts, extended here."""
+    try:
+        text, tokens = part["text"], part["tokens"]
+        spans = [(int(start), int(end)) for _, start, end, _ in tokens]
+        values = [None if c is None else float(c) for *_, c in tokens]
+    except (TypeError, KeyError, ValueError) as e:
+        raise DataError(f"{where}: expected {{text, tokens: [[piece, start, end, contribution or null]]}} ({e!r})")
+    for n, ((piece, *_), (start, end)) in enumerate(zip(tokens, spans)):
+        if text[start:end] != piece:
+            raise DataError(f"{where}: token {n} {piece!r} is not text[{start}:{end}] = {text[start:end]!r}")
+    offsets, previous = [], 0
+    for start, end in spans:
+        offsets += [start - previous, end - start]
+        previous = end
+    index = texts.setdefault((text, tuple(offsets)), len(texts))
+    return [index, shades(values), top_tokens(values)]
+
+
+def shades(values):
+    """One character per token: SHADES[level + LEVELS] with level = round(LEVELS * c / max |c|), at least 1 for
+    c != 0; "." for a token that carries no loss (None), ".n" for n > 1 of them in a row (a prompt's tokens)."""
+    peak = max((abs(c) for c in values if c is not None), default=0.0) or 1.0
+    out = []
+    for c in values:
+        level = 0 if not c else max(1, round(LEVELS * abs(c) / peak)) * (1 if c > 0 else -1)
+        out.append("." if c is None else SHADES[level + LEVELS])
+    return re.sub(r"\.{2,}", lambda run: f".{len(run[0])}", "".join(out))  # n tokens without loss in a row: ".n"
+
+
+def top_tokens(values):
+    """[token index, contribution, ...] of the TOP_TOKENS largest |c| (contributions to 4 significant digits)."""
+    ranked = sorted((n for n, c in enumerate(values) if c is not None), key=lambda n: -abs(values[n]))
+    return [x for n in ranked[:TOP_TOKENS] for x in (n, float(f"{values[n]:.4g}"))]

@@ -3,11 +3,15 @@
 //   queries: [{id, q, c, gold, canary}], docs: {source: [[id, text, canary]]},
 //   top: {epoch: {source: [per query: [doc, score, doc, score, ...] by rank]}},
 //   pred: {epoch: [per query: [label, loss, correct]] or null}, prov: {query id: [doc ids carrying its fact]},
-//   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter)}
+//   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter),
+//   tokens (only when the run wrote attribution/epoch_NNN/tokens/): {levels, texts: [[text, [gap, length, ...]]],
+//     kernel: {epoch: name}, pairs: {epoch: {source: {query index: {doc index: [doc text, doc shades, doc top,
+//     query text, query shades, query top]}}}}} (lark/analysis/report_data.py read_tokens: shades one character
+//     per token, ".n" for n tokens without loss; top [token, contribution, ...])}
 // Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
 // URL parameters set the first view: ?epoch=2&q=text&label=yes&correct=incorrect&loss=high (&questions: only the
-// question browser); ?selftest runs the checks
-// below and writes their results into <pre id="selftest"> (the browser test reads it).
+// question browser; &tokens or &tokens=<source>: each question's first document with tokens shown shaded);
+// ?selftest runs the checks below and writes their results into <pre id="selftest"> (the browser test reads it).
 (function () {
   "use strict";
   const t0 = performance.now();
@@ -151,6 +155,85 @@
     more.hidden = state.shown >= state.list.length;
   }
 
+  // ---- token-wise attribution: a pair's document and question with each token shaded by its contribution
+  const T = D.tokens || null;
+  const SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy";  // level -levels..levels (report_data.SHADES)
+  const COLOURS = {pos: "42, 91, 215", neg: "214, 84, 31"};  // as report.css's .sw.pos / .sw.neg
+  const tokenPair = (epoch, source, i, d) =>
+    T ? ((((T.pairs[String(epoch)] || {})[source] || {})[String(i)] || {})[String(d)] || null) : null;
+  const spansCache = new Map();
+  function tokenSpans(t) {  // [[start, end] per token] of T.texts[t]
+    if (!spansCache.has(t)) {
+      const offsets = T.texts[t][1], spans = [];
+      for (let n = 0, at = 0; n < offsets.length; n += 2) { const s = at + offsets[n]; at = s + offsets[n + 1]; spans.push([s, at]); }
+      spansCache.set(t, spans);
+    }
+    return spansCache.get(t);
+  }
+  const signed = (c) => (c > 0 ? "+" : "") + Number(c).toPrecision(4);
+  const signClass = (x) => (x > 0 ? "pos" : x < 0 ? "neg" : "zero");
+
+  function shadedText(t, packed) {
+    const text = T.texts[t][0];
+    const shades = packed.replace(/\.(\d+)/g, (_, n) => ".".repeat(Number(n)));  // ".n": n tokens without loss
+    const box = el("div", {class: "tok-text"});
+    let at = 0;
+    tokenSpans(t).forEach(([start, end], n) => {
+      if (start > at) box.append(text.slice(at, start));
+      const level = shades[n] === "." ? null : SHADES.indexOf(shades[n]) - T.levels;
+      const dark = Math.abs(level) > 0.55 * T.levels ? " dark" : "";  // white text on the strongest shades
+      const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)) + dark, "data-n": n,
+        text: text.slice(Math.max(start, at), end)});
+      if (level !== null) span.dataset.l = level;
+      if (level) span.style.backgroundColor = "rgba(" + COLOURS[signClass(level)] + ", " +
+        (Math.abs(level) / T.levels).toFixed(2) + ")";
+      box.append(span);
+      at = Math.max(at, end);
+    });
+    if (at < text.length) box.append(text.slice(at));
+    return box;
+  }
+
+  function topList(t, top) {
+    const text = T.texts[t][0], spans = tokenSpans(t);
+    const ol = el("ol", {class: "top-tokens"});
+    for (let r = 0; r < top.length; r += 2) {
+      const [start, end] = spans[top[r]];
+      ol.append(el("li", {class: signClass(top[r + 1]), "data-n": top[r], "data-c": top[r + 1]},
+        el("code", {text: JSON.stringify(text.slice(start, end))}), " ", el("span", {class: "c", text: signed(top[r + 1])})));
+    }
+    return ol;
+  }
+
+  function tokenView(epoch, source, i, d, score) {
+    const [dt, ds, dtop, qt, qs, qtop] = tokenPair(epoch, source, i, d);
+    const legend = el("div", {class: "tok-legend"}, el("span", {class: "sw pos"}), " raises the score ",
+      el("span", {class: "sw neg"}), " lowers it \u00b7 shade \u221d |contribution| / the largest in that text \u00b7 " +
+      "grey: a token without loss \u00b7 each text's contributions sum to the pair's score " + fmt(score, 4) +
+      " (epoch " + epoch + ", kernel " + (T.kernel[String(epoch)] || "?") + ")");
+    return el("div", {class: "tokens", "data-epoch": epoch, "data-source": source, "data-query": Q[i].id,
+      "data-doc": D.docs[source][d][0]}, legend,
+      el("h6", {text: "document " + D.docs[source][d][0] + " (" + source + ")"}), shadedText(dt, ds),
+      el("p", {class: "note", text: "largest |contribution|:"}), topList(dt, dtop),
+      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the answer drive the match)"}),
+      shadedText(qt, qs), el("p", {class: "note", text: "largest |contribution|:"}), topList(qt, qtop));
+  }
+
+  // a "tokens" button that shows the pair's tokenView in `box` (one view per box; a second click closes it), or null
+  // for a pair without token files. A question's box is a full-width row of its sources' grid, moved after the
+  // clicked document's list (the grid packs densely, so the view opens in the row below that list).
+  function tokenButton(box, epoch, source, i, d, score) {
+    if (!tokenPair(epoch, source, i, d)) return null;
+    const key = [epoch, source, d].join("/");
+    return el("button", {class: "tok-btn", title: "the document and question shaded by each token's contribution",
+      onclick: (event) => {
+        const open = box.firstChild && box.firstChild.dataset.key === key;
+        if (box.parentNode && box.parentNode.classList.contains("sources")) event.currentTarget.closest("section.src").after(box);
+        box.replaceChildren(...(open ? [] : [tokenView(epoch, source, i, d, score)]));
+        if (!open) box.firstChild.dataset.key = key;
+      }}, "tokens");
+  }
+
   function badge(cls, text, title) { return el("span", {class: "badge " + cls, text, title: title || ""}); }
 
   function card(i) {
@@ -170,24 +253,32 @@
     const acrossButton = el("button", {class: "across-btn", onclick: () => {
       if (across.childElementCount) across.replaceChildren(); else across.append(acrossView(i));
     }}, "top documents across epochs");
-    return el("article", {class: "q", "data-index": i, "data-id": q.id}, head,
-      el("p", {class: "question", text: q.q}), ctx, sourcesView(i, state.epoch), acrossButton, across);
+    const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
+    const sources = sourcesView(i, state.epoch, tokenBox);
+    const article = el("article", {class: "q", "data-index": i, "data-id": q.id}, head,
+      el("p", {class: "question", text: q.q}), ctx, sources, acrossButton, across);
+    if (params.has("tokens")) {  // &tokens=<source>: that source's first document, else the first with tokens
+      const within = params.get("tokens") ? 'section.src[data-source="' + CSS.escape(params.get("tokens")) + '"] ' : "";
+      article.querySelector(within + "button.tok-btn")?.click();
+    }
+    return article;
   }
 
-  function sourcesView(i, epoch) {
+  function sourcesView(i, epoch, tokenBox) {
     const box = el("div", {class: "sources"});
     for (const source of D.sources) {
       const ranked = ((D.top[String(epoch)] || {})[source] || [])[i] || [];
       const ol = el("ol", {class: "docs"});
-      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1));
+      for (let r = 0; r < ranked.length; r += 2) ol.append(docItem(i, source, ranked[r], ranked[r + 1], r / 2 + 1, epoch, tokenBox));
       box.append(el("section", {class: "src", "data-source": source},
         el("h4", {text: source + (source === D.ft_source ? " (fine-tuning)" : "")},
           el("small", {text: ranked.length ? " top " + ranked.length / 2 : " no documents"})), ol));
     }
+    if (tokenBox) box.append(tokenBox);
     return box;
   }
 
-  function docItem(i, source, d, score, rank) {
+  function docItem(i, source, d, score, rank, epoch, tokenBox) {
     const [id, text, canary] = D.docs[source][d];
     const snippetLength = D.snippet;
     const long = text.length > snippetLength;
@@ -203,7 +294,7 @@
       el("div", {class: "meta"}, el("span", {class: "rank", text: "#" + rank}),
         el("span", {class: "score", text: fmt(score, 4)}), el("span", {class: "did", text: id}),
         prov[i].has(id) ? badge("prov", "provenance", "this document carries the question's fact") : null,
-        canary ? badge("canary", "canary") : null, toggle),
+        canary ? badge("canary", "canary") : null, toggle, tokenButton(tokenBox, epoch, source, i, d, score)),
       body);
   }
 
@@ -217,19 +308,22 @@
       const table = el("table", {class: "across-table"},
         el("thead", {}, el("tr", {}, el("th", {text: "rank"}), ...D.epochs.map((e) => el("th", {text: "epoch " + e})))));
       const tbody = el("tbody");
+      const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
       for (let r = 0; r < ranks; r++) {
         const tr = el("tr", {}, el("td", {text: "#" + (r + 1)}));
-        byEpoch.forEach((ranked) => {
+        byEpoch.forEach((ranked, n) => {
           if (2 * r >= ranked.length) { tr.append(el("td", {text: "-"})); return; }
           const [id, text] = D.docs[source][ranked[2 * r]];
           const stable = idsAt.every((s) => s.has(ranked[2 * r]));
           tr.append(el("td", {class: (prov[i].has(id) ? "prov " : "") + (stable ? "stable" : ""),
-            title: text.slice(0, 300)}, el("span", {class: "did", text: id}), " ", el("small", {text: fmt(ranked[2 * r + 1], 3)})));
+            title: text.slice(0, 300)}, el("span", {class: "did", text: id}), " ", el("small", {text: fmt(ranked[2 * r + 1], 3)}),
+            tokenButton(tokenBox, D.epochs[n], source, i, ranked[2 * r], ranked[2 * r + 1])));
         });
         tbody.append(tr);
       }
       table.append(tbody);
       box.append(el("h5", {text: source}), table);
+      if (tokenBox) box.append(tokenBox);
     }
     box.append(el("p", {class: "note", text: "bold: in the top list at every epoch; green: carries the question's fact " +
       "(provenance). Hover a cell for the document's text."}));
@@ -281,6 +375,21 @@
     }
     const button = list.querySelector("button.across-btn");
     if (button) { button.click(); out.across_columns = list.querySelector(".across-table thead tr").children.length - 1; }
+    if (T) out.tokens = tokenSelftest();
     document.body.append(el("pre", {id: "selftest", text: JSON.stringify(out)}));
+  }
+
+  // the first card's first token view and its cross-epoch view's first one, opened, as the test compares them
+  function tokenSelftest() {
+    const describe = (view) => view && {epoch: Number(view.dataset.epoch), source: view.dataset.source,
+      query: view.dataset.query, doc: view.dataset.doc, legend: Boolean(view.querySelector(".tok-legend .sw.pos")),
+      texts: [...view.querySelectorAll(".tok-text")].map((box) => box.textContent),
+      top: [...view.querySelectorAll("ol.top-tokens")].map((ol) => [...ol.children].map((li) =>
+        [JSON.parse(li.querySelector("code").textContent), Number(li.dataset.c), li.querySelector(".c").textContent]))};
+    const card = list.querySelector("article.q");
+    const opened = (button, box) => { if (!button) return null; button.click(); return describe(box(button).querySelector("div.tokens")); };
+    return {buttons: list.querySelectorAll("ol.docs button.tok-btn").length,
+      first: opened(card?.querySelector("ol.docs button.tok-btn"), (b) => b.closest("article")),
+      across: opened(card?.querySelector(".across-table button.tok-btn"), (b) => b.closest("table").nextElementSibling)};
   }
 })();
