@@ -72,7 +72,7 @@ def batch_of(setup, example):
 def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path):
     """(a) Exact projector, cosine: c_t(d) = <v_q, g_t(d)> / ||g(d)|| with g_t the autograd gradient of loss token
     t's share (one backward per token), and c_t(q) likewise; both within 1e-4 of what the files say."""
-    model, tok, sets = setup["model"], setup["tok"], setup["sets"]
+    model, sets = setup["model"], setup["sets"]
     rows = run_tokens(setup, attribution("exact"), tmp_path)
     params = trainable(model)
 

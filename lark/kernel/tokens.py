@@ -29,8 +29,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
 from lark.data.io import write_jsonl
