@@ -121,9 +121,10 @@ class TracInCP(Cosine):
 def whitening(vectors, query_set, mix, damping):
     """The linear map M: x [n, k] -> [n, k] float64 of TrackStar's whitening, (R + delta I)^-1/2 scaled by
     sqrt(delta) (which cosine ignores). R = mix * mean(q q^T) over the query rows + (1 - mix) * mean(d d^T) over
-    every other set's rows (the k x k matrix is never formed: R = A^T A with A the n x k stack of weighted rows, whose Gram matrix
-    gives R's non-zero eigenpairs); delta = damping * the mean non-zero eigenvalue of R. A direction of R with
-    eigenvalue s is weighted sqrt(delta / (s + delta)) relative to directions no example spans. Symmetric: M^T = M."""
+    every other set's rows (the k x k matrix is never formed: R = A^T A with A the n x k stack of weighted rows,
+    whose Gram matrix gives R's non-zero eigenpairs); delta = damping * the mean non-zero eigenvalue of R. A
+    direction of R with eigenvalue s is weighted sqrt(delta / (s + delta)) relative to directions no example spans.
+    M is symmetric (M^T = M)."""
 
     def finite(x):
         return x[torch.isfinite(x).all(dim=1)].double()
