@@ -4,6 +4,7 @@ for every kernel and projector on real stores, and `train.py` / `attribute.py` w
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,7 +153,9 @@ def run_tokens(setup, attr, folder, moments=None):
             rows += [
                 (q["id"], name, r + 1, sets[name][index[i, r]]["id"], round(values[i, r].item(), 6)) for r in range(3)
             ]
-    write_tokens(folder, model, setup["tok"], projector, kernel, vectors, sets, setup["encoder"], rows, 2, QUERIES)
+    cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2}})
+    ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
+    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES)
     return {
         name: [json.loads(line) for line in (folder / "tokens" / f"{name}.jsonl").read_text().splitlines()]
         for name in ("formatted", "raw")

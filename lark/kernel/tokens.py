@@ -103,12 +103,16 @@ class Pass:
         return {"text": text, "tokens": tokens}
 
 
-def write_tokens(out_dir, model, tokenizer, projector, kernel, vectors, sets, encoder, rows, top_k, query_set):
-    """tokens/<source>.jsonl of one checkpoint (rank 0): each query's top `top_k` documents of every source.
+def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set):
+    """tokens/<source>.jsonl of one checkpoint (rank 0): each query's top attribution.tokens_top_k documents of
+    every source.
 
-    vectors: {set: decoded stored unit vectors [n, k]} (the query set and every source); sets: {set: [example]};
-    encoder: example -> encoded; rows: top_influences.csv's (query_id, source, rank, doc_id, score)."""
-    out_dir = Path(out_dir)
+    ck: the checkpoint at work (lark.checkpoint.Checkpoint: its out_dir, with the stores; model, tokenizer,
+    encoder (example -> encoded), cfg.attribution); vectors: {set: decoded stored unit vectors [n, k]} (the query
+    set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
+    score)."""
+    out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
+    top_k = ck.cfg.attribution.tokens_top_k
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
     run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
@@ -117,15 +121,20 @@ def write_tokens(out_dir, model, tokenizer, projector, kernel, vectors, sets, en
     for q, source, _, d, _ in pairs:
         by_doc[(source, d)].append((query_set, index[query_set][q]))
         by_query[q].append((source, index[source][d]))
-    doc_rows, query_rows = {}, {}
-    for (source, d), partners in by_doc.items():
-        i = index[source][d]
-        found = run.contributions(encoder(sets[source][i]), source, i, partners)
-        doc_rows.update({(partner[1], source, d): found[n] for n, partner in enumerate(partners)})
-    for q, partners in by_query.items():
-        i = index[query_set][q]
-        found = run.contributions(encoder(sets[query_set][i]), query_set, i, partners)
-        query_rows.update({(q, source, sets[source][j]["id"]): found[n] for n, (source, j) in enumerate(partners)})
+    was_training = model.training
+    model.eval()
+    try:
+        doc_rows, query_rows = {}, {}
+        for (source, d), partners in by_doc.items():
+            i = index[source][d]
+            found = run.contributions(encoder(sets[source][i]), source, i, partners)
+            doc_rows.update({(partner[1], source, d): found[n] for n, partner in enumerate(partners)})
+        for q, partners in by_query.items():
+            i = index[query_set][q]
+            found = run.contributions(encoder(sets[query_set][i]), query_set, i, partners)
+            query_rows.update({(q, source, sets[source][j]["id"]): found[n] for n, (source, j) in enumerate(partners)})
+    finally:
+        model.train(was_training)
     out = defaultdict(list)
     for q, source, rank, d, score in pairs:
         iq, i = index[query_set][q], index[source][d]
