@@ -20,7 +20,7 @@ from lark.kernel.optimizer import estimate_moments
 from lark.kernel.projectors import trainable
 from lark.kernel.stores import topk_scores
 from lark.kernel.tokens import check, top_pieces, write_tokens
-from lark.kernel.tokens_math import pieces, scaling, token_losses, transpose
+from lark.kernel.tokens_math import Transpose, pieces, scaling, token_losses
 from lark.models import build_tiny, train_tokenizer
 
 CONF = ROOT / "conf" / "attribution"
@@ -125,13 +125,14 @@ def test_transpose_is_the_projection_adjoint(setup, projector):
         proj = make_projector(attr, model, kern, moments)
         batch = batch_of(setup, setup["sets"]["formatted"][2])
         vector = proj.project_batch(model, batch)[0]
-        w = torch.randn(vector.shape[0], generator=torch.Generator().manual_seed(3))
-        u, diagonal = transpose(proj, model, w), scaling(proj, model, batch)
+        w = torch.randn(2, vector.shape[0], generator=torch.Generator().manual_seed(3))
+        u, diagonal = Transpose(proj, model)(w), scaling(proj, model, batch)
         from lark.kernel.projectors import example_gradient
 
         _, g = example_gradient(model, batch, trainable(model))
-        total = sum(float((u[n] * diagonal[n] * g[n]).sum()) for n in u)
-        assert total == pytest.approx(float(w @ vector), rel=1e-4, abs=1e-5), kernel
+        for i in range(2):
+            total = sum(float((u[n][i] * diagonal[n] * g[n]).sum()) for n in u)
+            assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
 
 
 def run_tokens(setup, attr, folder, moments=None):

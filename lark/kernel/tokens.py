@@ -29,13 +29,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
 from lark.data.io import write_jsonl
 from lark.errors import ConfigError
 from lark.kernel.kernels import whitening
 from lark.kernel.stores import load_store
-from lark.kernel.tokens_math import pieces, scaling, token_derivatives, transpose
+from lark.kernel.tokens_math import Transpose, pieces, scaling, token_derivatives
 
 MODES = ("off", "topk")  # attribution.tokens
 
@@ -70,6 +72,7 @@ class Pass:
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.query_set, self.norms = query_set, norms
         self.device = next(model.parameters()).device
+        self.transpose, self.texts = Transpose(projector, model), {}
         linear = whitening(vectors, query_set, kernel.mix, kernel.damping) if kernel.whitens else None
         self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())
         self.mapped = {name: self.map(v) for name, v in vectors.items()}  # M s, before the unit step
@@ -85,17 +88,19 @@ class Pass:
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         diagonal = scaling(self.projector, self.model, batch)
         denominator = self.scale(name, i)
-        tangents = []
-        for other, j in partners:
-            w = self.map(self.scored[other][j : j + 1].double())[0] if self.kernel.whitens else self.scored[other][j]
-            u = transpose(self.projector, self.model, (w / denominator).to(self.device))
-            tangents.append({n: t * diagonal[n] for n, t in u.items()})
+        w = torch.stack([self.scored[other][j] for other, j in partners])
+        w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
+        u = self.transpose((w / denominator).to(self.device))
+        tangents = {n: t * diagonal[n] for n, t in u.items()}
         return token_derivatives(self.model, batch, tangents).cpu()
 
     def side(self, encoded, row):
         """{"text", "tokens"} of an example with its contribution row [T] (null where no loss)."""
         ids, labels = encoded["input_ids"], encoded["labels"]
-        text, spans = pieces(self.tokenizer, ids)
+        key = tuple(ids)
+        if key not in self.texts:
+            self.texts[key] = pieces(self.tokenizer, ids)
+        text, spans = self.texts[key]
         tokens = [
             [text[a:b], a, b, float(row[s]) if s >= 1 and labels[s] != IGNORE else None]
             for s, (a, b) in enumerate(spans)

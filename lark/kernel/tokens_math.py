@@ -18,9 +18,10 @@ P^T w per projector (`transpose`), from the projector's own hashes and matrices:
 """
 
 import copy
+import math
 
 import torch
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from lark.data.formats import IGNORE
 from lark.kernel.factored import FactoredProjector, rademacher_signs
@@ -32,80 +33,107 @@ from lark.kernel.sketch_math import rotated_buckets
 
 
 # ------------------------------------------------------------------------------ P^T w
-def transpose(projector, model, w):
-    """{parameter name: P^T w in the parameter's shape (float32)} for w [k] float32: the parameters the projector
-    reads (the others get no entry: their coordinates never reach the vector)."""
-    if isinstance(projector, FactoredProjector):
-        return factored_transpose(projector, model, w)
-    if isinstance(projector, HookSketch):
-        return sketch_transpose(projector, model, w)
-    if isinstance(projector, PerExample):
-        return autograd_transpose(projector, model, w)
-    raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
+class Transpose:
+    """P^T of a projector: transpose(w) for w [m, k] float32 -> {parameter name: [m, *shape]}, the parameters the
+    projector reads (the others get no entry: their coordinates never reach the vector). Each parameter's reader
+    (its buckets and signs, or matrices) is made once, on the model's device."""
+
+    def __init__(self, projector, model):
+        self.projector, self.model = projector, model
+        device = next(model.parameters()).device
+        if isinstance(projector, FactoredProjector):
+            self.readers = factored_readers(projector, model, device)
+        elif isinstance(projector, HookSketch):
+            self.readers = sketch_readers(projector, model, device)
+        elif isinstance(projector, PerExample):
+            self.readers = None
+        else:
+            raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
+
+    def __call__(self, w):
+        if self.readers is None:
+            return autograd_transpose(self.projector, self.model, w)
+        return {name: read(w) for name, read in self.readers.items()}
 
 
-def flat_transpose(seed, name, numel, w):
-    """[numel] P^T w of the rotated-chunk count sketch of one parameter (HookSketch.sketch_flat's hash)."""
-    index = torch.arange(numel, dtype=torch.int64, device=w.device)
-    bucket = rotated_buckets(index, name_key(seed, name, "offset"), w.shape[0])
-    return w[bucket] * random_signs(index, name_key(seed, name, "sign"))
+def gather_reader(bucket, sign, shape):
+    """w [m, k] -> [m, *shape]: coordinate i reads w[bucket[i]] * sign[i]."""
+    return lambda w: (w[:, bucket] * sign).view(w.shape[0], *shape)
 
 
-def sketch_transpose(projector, model, w):
-    """P^T w of the `sketch` projector: flat hashes, TensorSketch's for the layers it sketches that way."""
-    out = {}
-    tensorsketch = {}
+def sketch_readers(projector, model, device):
+    """The `sketch` projector's readers: the rotated-chunk count sketch's flat hash (HookSketch.sketch_flat; the
+    input embedding and a tied output layer share it), TensorSketch's for the layers it sketches that way."""
+    tensorsketch, readers, k = {}, {}, projector.k
     for mod in projector.linears.values():
         n_out, n_in = mod.weight.shape
         uses_ts = projector.use_tensorsketch(projector.plan_tokens, n_in, n_out, mod.weight.element_size())
         if uses_ts and mod.weight is not projector.input_weight:
             tensorsketch[id(mod.weight)] = (n_out, n_in)
+    covered = projector.covered_ids()
     for name, p in trainable(model):
-        if id(p) not in projector.covered_ids():
+        if id(p) not in covered:
             continue
         if id(p) in tensorsketch:
             n_out, n_in = tensorsketch[id(p)]
-            (b1, s1), (b2, s2) = (projector.axis_hash(name, a, n, w.device) for a, n in ((0, n_out), (1, n_in)))
-            bucket = (b1.unsqueeze(1) + b2.unsqueeze(0)) % w.shape[0]
-            out[name] = w[bucket] * s1.unsqueeze(1) * s2.unsqueeze(0)
+            (b1, s1), (b2, s2) = (projector.axis_hash(name, a, n, device) for a, n in ((0, n_out), (1, n_in)))
+            bucket, sign = (b1.unsqueeze(1) + b2.unsqueeze(0)) % k, s1.unsqueeze(1) * s2.unsqueeze(0)
         else:
-            out[name] = flat_transpose(projector.seed, name, p.numel(), w).view(p.shape)
-    return out
+            index = torch.arange(p.numel(), dtype=torch.int64, device=device)
+            bucket = rotated_buckets(index, name_key(projector.seed, name, "offset"), k)
+            sign = random_signs(index, name_key(projector.seed, name, "sign"))
+        readers[name] = gather_reader(bucket.flatten(), sign.flatten(), p.shape)
+    return readers
 
 
-def factored_transpose(projector, model, w):
-    """P^T w of the `factored` projector, slot by slot in its concatenation order."""
-    params, out, start = dict(trainable(model)), {}, 0
+def factored_readers(projector, model, device):
+    """The `factored` projector's readers, slot by slot in its concatenation order: a matrix's block is
+    scale P_out G P_in^T, so it reads scale P_out^T W P_in (W its slot as r_out x r_in, P the identity where r
+    >= d); a 1-D parameter's slot is itself or its count sketch."""
+    params, readers, start = dict(trainable(model)), {}, 0
     for name, (size, ranks) in projector.slots.items():
-        slot, start, p = w[start : start + size], start + size, params[name]
+        p, span = params[name], slice(start, start + size)
+        start += size
         if ranks is not None:
-            n_out, n_in = p.shape
-            sides = []
-            for axis, n, r in (("out", n_out, ranks[0]), ("in", n_in, ranks[1])):
-                key = name_key(projector.seed, name, f"factored-{axis}")
-                sides.append(None if r >= n else rademacher_signs(r, n, key, w.device))
-            scale = 1 / ((sides[0] is not None and ranks[0] or 1) * (sides[1] is not None and ranks[1] or 1)) ** 0.5
-            u = slot.view(ranks) * scale
-            u = u if sides[0] is None else sides[0].T @ u
-            out[name] = u if sides[1] is None else u @ sides[1]
+            sides = [
+                None if r >= n else rademacher_signs(r, n, name_key(projector.seed, name, f"factored-{axis}"), device)
+                for axis, n, r in (("out", p.shape[0], ranks[0]), ("in", p.shape[1], ranks[1]))
+            ]
+            scale = 1 / math.prod(side.shape[0] for side in sides if side is not None) ** 0.5
+            readers[name] = matrix_reader(span, ranks, sides, scale)
         elif p.numel() <= size:
-            out[name] = slot.clone().view(p.shape)
+            readers[name] = lambda w, span=span: w[:, span]
         else:
-            index = torch.arange(p.numel(), dtype=torch.int64, device=w.device)
-            bucket = hashed(index, name_key(projector.seed, name, "factored-bucket")) % size
-            sign = random_signs(index, name_key(projector.seed, name, "factored-sign"))
-            out[name] = (slot[bucket] * sign).view(p.shape)
-    return out
+            index = torch.arange(p.numel(), dtype=torch.int64, device=device)
+            bucket = hashed(index, name_key(projector.seed, name, "factored-bucket")) % size + span.start
+            readers[name] = gather_reader(
+                bucket, random_signs(index, name_key(projector.seed, name, "factored-sign")), p.shape
+            )
+    return readers
+
+
+def matrix_reader(span, ranks, sides, scale):
+    """w [m, k] -> [m, out, in]: scale P_out^T W P_in of the slot w[:, span] as [m, r_out, r_in]."""
+
+    def read(w):
+        u = w[:, span].reshape(w.shape[0], *ranks) * scale
+        u = u if sides[0] is None else sides[0].T @ u
+        return u if sides[1] is None else u @ sides[1]
+
+    return read
 
 
 def autograd_transpose(projector, model, w):
-    """P^T w of a per-example projector: the gradient of <w, project(g)> at g = 0 (without its normaliser, which
-    `scaling` applies, and without its optimizer correction, likewise)."""
+    """P^T w [m, k] of a per-example projector, row by row: the gradient of <w_i, project(g)> at g = 0 (without
+    its normaliser, which `scaling` applies, and without its optimizer correction, likewise)."""
     plain = copy.copy(projector)
     plain.normalizer = NoNorm()
     zeros = {n: torch.zeros(p.shape, device=w.device, requires_grad=True) for n, p in trainable(model)}
-    grads = torch.autograd.grad((plain.project(zeros) * w).sum(), list(zeros.values()), allow_unused=True)
-    return {n: g for n, g in zip(zeros, grads) if g is not None}
+    projected, rows = plain.project(zeros), []
+    for row in w:
+        grads = torch.autograd.grad(projected, list(zeros.values()), row, retain_graph=True, allow_unused=True)
+        rows.append({n: g for n, g in zip(zeros, grads) if g is not None})
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]} if rows else {}
 
 
 # ------------------------------------------------------------------------------ N and D
@@ -143,29 +171,38 @@ def token_losses(model, params, example):
     return torch.nn.functional.pad(losses, (1, 0))
 
 
-def token_derivatives(model, example, tangents):
-    """[m, T] <u_i, g_t>: the derivative of each loss token's share along each tangent u_i ({name: tensor}, the
-    model's trainable parameters; missing ones are 0), by forward-mode autodiff with eager attention (PyTorch's
-    fused attention kernels have no forward-mode derivative; both compute the same attention). An input embedding
-    with a padding_idx gets no tangent on that row, as its gradient never has one."""
+def token_derivatives(model, example, tangents, chunk=16):
+    """[m, T] <u_i, g_t>: the derivative of each loss token's share along each tangent u_i (tangents: {name:
+    [m, *shape]}, the model's trainable parameters; missing ones are 0), by forward-mode autodiff, `chunk` tangents
+    at a time under vmap (one batched pass), with eager attention (PyTorch's fused attention kernels have no
+    forward-mode derivative; both compute the same attention). An input embedding with a padding_idx gets no
+    tangent on that row, as its gradient never has one."""
     params = {n: p.detach() for n, p in trainable(model)}
+    m = next(iter(tangents.values())).shape[0] if tangents else 0
     embedding = model.get_input_embeddings()
     pad = getattr(embedding, "padding_idx", None)
-    emb_name = next((n for n, p in params.items() if p is embedding.weight), None)
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")
     rows = []
     try:
-        for tangent in tangents:
-            full = {n: tangent[n].to(p.dtype) if n in tangent else torch.zeros_like(p) for n, p in params.items()}
-            if pad is not None and emb_name in full:
-                full[emb_name] = full[emb_name].clone()
-                full[emb_name][pad] = 0
-            _, derivative = jvp(lambda p: token_losses(model, p, example), (params,), (full,))
-            rows.append(derivative.detach().float())
+        for start in range(0, m, chunk):
+            part = {}
+            for n, p in params.items():
+                t = tangents.get(n)
+                t = (
+                    t[start : start + chunk].to(p.dtype)
+                    if t is not None
+                    else torch.zeros(min(chunk, m - start), *p.shape, dtype=p.dtype, device=p.device)
+                )
+                if pad is not None and p is embedding.weight:
+                    t = t.clone()
+                    t[:, pad] = 0
+                part[n] = t
+            along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
+            rows.append(vmap(along)(part).detach().float())
     finally:
         model.set_attn_implementation(before)
-    return torch.stack(rows) if rows else torch.zeros(0, example["input_ids"].shape[1])
+    return torch.cat(rows) if rows else torch.zeros(0, example["input_ids"].shape[1])
 
 
 # ------------------------------------------------------------------------------ text pieces
