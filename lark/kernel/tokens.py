@@ -37,7 +37,7 @@ from lark.data.io import write_jsonl
 from lark.errors import ConfigError
 from lark.kernel.kernels import whitening
 from lark.kernel.stores import load_store
-from lark.kernel.tokens_math import Transpose, pieces, scaling, token_derivatives
+from lark.kernel.tokens_math import Transpose, pieces, scaling, tangent_chunk, token_derivatives
 
 MODES = ("off", "topk")  # attribution.tokens
 
@@ -72,7 +72,7 @@ class Pass:
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.query_set, self.norms = query_set, norms
         self.device = next(model.parameters()).device
-        self.transpose, self.texts = Transpose(projector, model), {}
+        self.transpose, self.texts, self.chunk = Transpose(projector, model), {}, tangent_chunk(model)
         linear = whitening(vectors, query_set, kernel.mix, kernel.damping) if kernel.whitens else None
         self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())
         self.mapped = {name: self.map(v) for name, v in vectors.items()}  # M s, before the unit step
@@ -88,11 +88,14 @@ class Pass:
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         diagonal = scaling(self.projector, self.model, batch)
         denominator = self.scale(name, i)
-        w = torch.stack([self.scored[other][j] for other, j in partners])
-        w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
-        u = self.transpose((w / denominator).to(self.device))
-        tangents = {n: t * diagonal[n] for n, t in u.items()}
-        return token_derivatives(self.model, batch, tangents).cpu()
+        rows = []
+        for start in range(0, len(partners), self.chunk):
+            part = partners[start : start + self.chunk]
+            w = torch.stack([self.scored[other][j] for other, j in part])
+            w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
+            u = self.transpose((w / denominator).to(self.device))
+            rows.append(token_derivatives(self.model, batch, {n: t * diagonal[n] for n, t in u.items()}).cpu())
+        return torch.cat(rows)
 
     def side(self, encoded, row):
         """{"text", "tokens"} of an example with its contribution row [T] (null where no loss)."""

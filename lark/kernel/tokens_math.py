@@ -171,38 +171,36 @@ def token_losses(model, params, example):
     return torch.nn.functional.pad(losses, (1, 0))
 
 
-def token_derivatives(model, example, tangents, chunk=16):
+def token_derivatives(model, example, tangents):
     """[m, T] <u_i, g_t>: the derivative of each loss token's share along each tangent u_i (tangents: {name:
-    [m, *shape]}, the model's trainable parameters; missing ones are 0), by forward-mode autodiff, `chunk` tangents
-    at a time under vmap (one batched pass), with eager attention (PyTorch's fused attention kernels have no
-    forward-mode derivative; both compute the same attention). An input embedding with a padding_idx gets no
-    tangent on that row, as its gradient never has one."""
+    [m, *shape]}, the model's trainable parameters; missing ones are 0), by forward-mode autodiff, the m tangents
+    in one batched pass (vmap), with eager attention (PyTorch's fused attention kernels have no forward-mode
+    derivative; both compute the same attention). An input embedding with a padding_idx gets no tangent on that
+    row, as its gradient never has one."""
     params = {n: p.detach() for n, p in trainable(model)}
-    m = next(iter(tangents.values())).shape[0] if tangents else 0
+    m = next(iter(tangents.values())).shape[0]
     embedding = model.get_input_embeddings()
     pad = getattr(embedding, "padding_idx", None)
+    part = {}
+    for n, p in params.items():
+        t = tangents[n].to(p.dtype) if n in tangents else p.new_zeros(m, *p.shape)
+        if pad is not None and p is embedding.weight:
+            t = t.clone()
+            t[:, pad] = 0
+        part[n] = t
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    rows = []
     try:
-        for start in range(0, m, chunk):
-            part = {}
-            for n, p in params.items():
-                t = tangents.get(n)
-                t = (
-                    t[start : start + chunk].to(p.dtype)
-                    if t is not None
-                    else torch.zeros(min(chunk, m - start), *p.shape, dtype=p.dtype, device=p.device)
-                )
-                if pad is not None and p is embedding.weight:
-                    t = t.clone()
-                    t[:, pad] = 0
-                part[n] = t
-            along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
-            rows.append(vmap(along)(part).detach().float())
+        along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
+        return vmap(along)(part).detach().float()
     finally:
         model.set_attn_implementation(before)
-    return torch.cat(rows) if rows else torch.zeros(0, example["input_ids"].shape[1])
+
+
+def tangent_chunk(model, numbers=2**26):
+    """How many tangents one batched pass takes: as many as `numbers` tangent numbers hold (2^26: 256 MiB of
+    float32), at least 1, at most 64."""
+    return min(64, max(1, numbers // sum(p.numel() for _, p in trainable(model))))
 
 
 # ------------------------------------------------------------------------------ text pieces
