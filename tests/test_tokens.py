@@ -218,3 +218,78 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
         with pytest.raises(ConfigError, match=key):
             check(OmegaConf.create({**base, **bad}))
     assert not math.isnan(r["score"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The small embedded run (1 epoch: checkpoints 0 and 1) made twice by `train.py`: tokens=topk and tokens=off."""
+    import subprocess
+    import sys
+
+    from conftest import SMALL
+
+    root = tmp_path_factory.mktemp("token_runs")
+    overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1", "logger=none"]
+    out = {}
+    for mode in ("topk", "off"):
+        out[mode] = root / mode
+        args = [*overrides, f"attribution.tokens={mode}", f"hydra.run.dir={out[mode]}"]
+        done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def read_tokens(folder):
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(folder.glob("*.jsonl"))}
+
+
+@pytest.mark.slow
+def test_train_writes_tokens_and_attribute_adds_them_without_recomputing_stores(runs):
+    """(c) train.py writes tokens/<source>.jsonl for every source at every epoch, its pairs = each query's top
+    tokens_top_k of top_influences.csv, doc and query contributions summing to the csv's scores; (d) attribute.py
+    with attribution.tokens=topk on the tokens=off run adds the same files, its stores untouched."""
+    import csv
+
+    from conftest import compose
+
+    from lark.experiment import attribute
+
+    sources = list(compose().source.sources)
+    for epoch in ("epoch_000", "epoch_001"):
+        folder = runs["topk"] / "attribution" / epoch
+        written = read_tokens(folder / "tokens")
+        assert sorted(written) == sorted(sources)
+        top = list(csv.DictReader((folder / "top_influences.csv").open()))
+        for source, records in written.items():
+            expected = [
+                (r["query_id"], r["doc_id"], int(r["rank"]), float(r["score"]))
+                for r in top
+                if r["source"] == source and int(r["rank"]) <= 3
+            ]
+            assert [(r["query_id"], r["doc_id"], r["rank"], r["score"]) for r in records] == expected
+            for r in records:
+                for side in ("doc", "query"):
+                    assert sum(t[3] for t in r[side]["tokens"] if t[3] is not None) == pytest.approx(
+                        r["score"], abs=1e-3
+                    )
+        assert not (runs["off"] / "attribution" / epoch / "tokens").exists()
+    stores = sorted((runs["off"] / "attribution").glob("epoch_*/stores/*.safetensors"))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stores}
+    attribute(runs["off"], {"tokens": "topk"})
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stores} == before
+    for epoch in ("epoch_000", "epoch_001"):
+        added = read_tokens(runs["off"] / "attribution" / epoch / "tokens")
+        reference = read_tokens(runs["topk"] / "attribution" / epoch / "tokens")
+        assert sorted(added) == sorted(reference)
+        for source in added:
+            for a, b in zip(added[source], reference[source], strict=True):
+                assert {k: v for k, v in a.items() if k not in ("doc", "query")} == {
+                    k: v for k, v in b.items() if k not in ("doc", "query")
+                }
+                for side in ("doc", "query"):
+                    assert a[side]["text"] == b[side]["text"]
+                    assert [t[:3] for t in a[side]["tokens"]] == [t[:3] for t in b[side]["tokens"]]
+                    for x, y in zip(a[side]["tokens"], b[side]["tokens"]):
+                        assert (x[3] is None) == (y[3] is None) and (
+                            x[3] is None or x[3] == pytest.approx(y[3], abs=1e-6)
+                        )

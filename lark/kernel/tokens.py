@@ -45,6 +45,7 @@ MODES = ("off", "topk")  # attribution.tokens
 def check(attr):
     """ConfigError for a bad attribution.tokens / tokens_top_k; returns whether tokens are wanted."""
     mode = attr.get("tokens", "off")
+    mode = "off" if mode is False else mode  # YAML 1.1 reads an unquoted off as false
     if mode not in MODES:
         raise ConfigError(f"attribution.tokens: unknown '{mode}' ({' | '.join(MODES)})")
     if mode == "off":
