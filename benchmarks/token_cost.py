@@ -30,9 +30,10 @@ from omegaconf import OmegaConf  # noqa: E402
 from lark.experiment import attribute  # noqa: E402
 
 
-def embedded_run(folder):
-    """A 1-epoch embedded default run with tokens off (its checkpoints are what is re-attributed)."""
-    args = ["train.py", "logger=none", "trainer.max_epochs=1", "attribution.tokens=off", f"hydra.run.dir={folder}"]
+def embedded_run(folder, overrides):
+    """A 1-epoch embedded default run (with `overrides`), its checkpoints saved and not attributed (below)."""
+    args = ["train.py", "logger=none", "trainer.max_epochs=1", "attribution.enabled=false", *overrides]
+    args.append(f"hydra.run.dir={folder}")
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
     return folder
 
@@ -49,7 +50,7 @@ def embedded_row(run, epoch, repeats):
     off, topk = [], []
     for _ in range(repeats):
         for mode, out in (("off", off), ("topk", topk)):
-            overrides = {"checkpoints": [epoch], "tokens": mode}
+            overrides = {"enabled": True, "checkpoints": [epoch], "tokens": mode}
             out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
     return statistics.median(off), statistics.median(topk)
 
@@ -112,6 +113,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, help="an existing run dir (default: train a 1-epoch embedded run)")
     ap.add_argument("--epoch", type=int, default=1)
+    ap.add_argument(
+        "--overrides", nargs="*", default=[], help="train.py overrides of the embedded run (e.g. fewer queries)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M-Instruct row")
     ap.add_argument("--n", type=int, default=8, help="SmolLM2 row: queries and documents")
@@ -119,9 +123,9 @@ def main():
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
     print(f"{'model':<26} {'off s':>8} {'topk s':>8} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or embedded_run(Path(tmp) / "run")
+        run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
         off, topk = embedded_row(run, args.epoch, args.repeats)
-        print(f"{'embedded (tiny OLMo-3)':<26} {off:>8.1f} {topk:>8.1f} {topk / off:>6.2f}")
+        print(f"{'embedded (tiny OLMo-3)':<26} {off:>8.1f} {topk:>8.1f} {topk / off:>6.2f}  {' '.join(args.overrides)}")
     if args.smollm2:
         row = smollm2_row(args.n, 3, args.repeats)
         if isinstance(row, str):
