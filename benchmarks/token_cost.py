@@ -34,7 +34,9 @@ def embedded_run(folder, overrides):
     """A 1-epoch embedded default run (with `overrides`), its checkpoints saved and not attributed (below)."""
     args = ["train.py", "logger=none", "trainer.max_epochs=1", "attribution.enabled=false", *overrides]
     args.append(f"hydra.run.dir={folder}")
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if not (folder / "checkpoints" / "epoch_001" / "model.safetensors").is_file():  # (analysis fails: no attribution)
+        raise SystemExit(done.stderr[-3000:])
     return folder
 
 
