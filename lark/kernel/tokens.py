@@ -1,0 +1,178 @@
+"""Which words mattered: each top pair's score split exactly over the document's loss tokens and over the query's
+(`attribution.tokens: topk`), written as attribution/epoch_NNN/tokens/<source>.jsonl.
+
+A pair's score is s(q, d) = <v_q, v_d>, v = M r / ||M r|| with r the example's projected vector (its store's raw
+vector) and M the kernel's linear map of the stored vectors (the identity, or TrackStar's whitening). r = sum_t
+r_t over the loss tokens t (lark.kernel.tokens_math: r is linear in the gradient, and the per-tensor norms and
+the optimizer correction are fixed per example), so
+
+    c_t(d) = <M^T v_q, r_t(d)> / ||M r_d||        sums over d's loss tokens to s(q, d),
+
+and symmetrically c_t(q) = <M^T v_d, r_t(q)> / ||M r_q||. TrackStar's convention: each token's part is whitened by
+the same M as the whole (M is linear, so the parts still add up) and divided by the whole example's whitened norm.
+||M r|| is the store's norm of r times ||M s|| (s its stored unit vector), so the sums equal the scores of
+top_influences.csv up to the store tier's rounding (float16: ~1e-4). Tokens that carry no loss (a Formatted
+document's prompt, a query's question) have no gradient of their own: contribution null.
+
+The pairs are each query's top `attribution.tokens_top_k` documents of every source (ranks as in
+top_influences.csv). Cost: per pair one forward-mode pass over the document and one over the query (tangents
+u = N D P^T w), and per example a backward pass only under per-tensor normalisation (its norms).
+
+File format, one JSON object per line:
+  {"query_id", "doc_id", "rank", "score", "kernel",
+   "doc": {"text", "tokens": [[piece, start, end, contribution or null], ...]}, "query": {...}}
+`text` is the decoded token ids of the encoded example (special tokens kept; a cut example's kept tokens), and
+piece == text[start:end].
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from lark.data.datamodule import collate
+from lark.data.formats import IGNORE
+from lark.data.io import write_jsonl
+from lark.errors import ConfigError
+from lark.kernel.kernels import whitening
+from lark.kernel.stores import load_store
+from lark.kernel.tokens_math import Transpose, pieces, scaling, tangent_chunk, token_derivatives
+
+MODES = ("off", "topk")  # attribution.tokens
+
+
+def check(attr):
+    """ConfigError for a bad attribution.tokens / tokens_top_k; returns whether tokens are wanted."""
+    mode = attr.get("tokens", "off")
+    mode = "off" if mode is False else mode  # YAML 1.1 reads an unquoted off as false
+    if mode not in MODES:
+        raise ConfigError(f"attribution.tokens: unknown '{mode}' ({' | '.join(MODES)})")
+    if mode == "off":
+        return False
+    n = attr.get("tokens_top_k")
+    if not (isinstance(n, int) and 1 <= n <= attr.top_k):
+        raise ConfigError(
+            f"attribution.tokens_top_k must be an integer in [1, attribution.top_k={attr.top_k}], got {n!r}"
+        )
+    if attr.store_dtype == "bit":
+        raise ConfigError("attribution.tokens=topk: store_dtype=bit's SimHash cosine is not a dot product to split")
+    return True
+
+
+def missing(out_dir, attr, sources):
+    """Whether tokens are wanted and some source's tokens/<source>.jsonl is not there (an epoch complete without
+    them is attributed again, its stores reused)."""
+    return check(attr) and any(not (Path(out_dir) / "tokens" / f"{s}.jsonl").is_file() for s in sources)
+
+
+class Pass:
+    """One checkpoint's token pass: the model, its projector and kernel, the stores' vectors and norms."""
+
+    def __init__(self, model, tokenizer, projector, kernel, vectors, norms, query_set):
+        self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
+        self.query_set, self.norms = query_set, norms
+        self.device = next(model.parameters()).device
+        self.transpose, self.texts, self.chunk = Transpose(projector, model), {}, tangent_chunk(model)
+        linear = whitening(vectors, query_set, kernel.mix, kernel.damping) if kernel.whitens else None
+        self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())
+        self.mapped = {name: self.map(v) for name, v in vectors.items()}  # M s, before the unit step
+        self.scored = {name: m / m.norm(dim=1, keepdim=True).clamp_min(1e-30) for name, m in self.mapped.items()}
+
+    def scale(self, name, i):
+        """||M r|| of example i of set `name` (the store's norm times ||M s||)."""
+        return float(self.norms[name][i]) * float(self.mapped[name][i].norm())
+
+    def contributions(self, encoded, name, i, partners):
+        """[len(partners), T] of example i of set `name` (encoded: its input ids and labels) against each partner
+        (set, index): c_t = <M^T v_partner, r_t> / ||M r||."""
+        batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
+        diagonal = scaling(self.projector, self.model, batch)
+        denominator = self.scale(name, i)
+        rows = []
+        for start in range(0, len(partners), self.chunk):
+            part = partners[start : start + self.chunk]
+            w = torch.stack([self.scored[other][j] for other, j in part])
+            w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
+            u = self.transpose((w / denominator).to(self.device))
+            rows.append(token_derivatives(self.model, batch, {n: t * diagonal[n] for n, t in u.items()}).cpu())
+        return torch.cat(rows)
+
+    def side(self, encoded, row):
+        """{"text", "tokens"} of an example with its contribution row [T] (null where no loss)."""
+        ids, labels = encoded["input_ids"], encoded["labels"]
+        key = tuple(ids)
+        if key not in self.texts:
+            self.texts[key] = pieces(self.tokenizer, ids)
+        text, spans = self.texts[key]
+        tokens = [
+            [text[a:b], a, b, float(row[s]) if s >= 1 and labels[s] != IGNORE else None]
+            for s, (a, b) in enumerate(spans)
+        ]
+        return {"text": text, "tokens": tokens}
+
+
+def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set):
+    """tokens/<source>.jsonl of one checkpoint (rank 0): each query's top attribution.tokens_top_k documents of
+    every source.
+
+    ck: the checkpoint at work (lark.checkpoint.Checkpoint: its out_dir, with the stores; model, tokenizer,
+    encoder (example -> encoded), cfg.attribution); vectors: {set: decoded stored unit vectors [n, k]} (the query
+    set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
+    score)."""
+    out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
+    top_k = ck.cfg.attribution.tokens_top_k
+    norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
+    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set)
+    index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
+    pairs = [r for r in rows if r[2] <= top_k]
+    by_doc, by_query = defaultdict(list), defaultdict(list)
+    for q, source, _, d, _ in pairs:
+        by_doc[(source, d)].append((query_set, index[query_set][q]))
+        by_query[q].append((source, index[source][d]))
+    was_training = model.training
+    model.eval()
+    try:
+        doc_rows, query_rows = {}, {}
+        for (source, d), partners in by_doc.items():
+            i = index[source][d]
+            found = run.contributions(encoder(sets[source][i]), source, i, partners)
+            doc_rows.update({(partner[1], source, d): found[n] for n, partner in enumerate(partners)})
+        for q, partners in by_query.items():
+            i = index[query_set][q]
+            found = run.contributions(encoder(sets[query_set][i]), query_set, i, partners)
+            query_rows.update({(q, source, sets[source][j]["id"]): found[n] for n, (source, j) in enumerate(partners)})
+    finally:
+        model.train(was_training)
+    out = defaultdict(list)
+    for q, source, rank, d, score in pairs:
+        iq, i = index[query_set][q], index[source][d]
+        out[source].append(
+            {
+                "query_id": q,
+                "doc_id": d,
+                "rank": rank,
+                "score": score,
+                "kernel": kernel.name,
+                "doc": run.side(encoder(sets[source][i]), doc_rows[(iq, source, d)]),
+                "query": run.side(encoder(sets[query_set][iq]), query_rows[(q, source, d)]),
+            }
+        )
+    for source in sets:
+        if source != query_set:
+            write_jsonl(out[source], out_dir / "tokens" / f"{source}.jsonl")
+
+
+def top_pieces(folder, n=5):
+    """{(query_id, source, doc_id): "piece (+0.012), ..."} of the n document tokens of largest contribution, from
+    a checkpoint's tokens/*.jsonl (the W&B top-k table's column); {} when there are none."""
+    shown = {}
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            tokens = [t for t in record["doc"]["tokens"] if t[3] is not None]
+            best = sorted(tokens, key=lambda t: -abs(t[3]))[:n]
+            shown[(record["query_id"], path.stem, record["doc_id"])] = ", ".join(
+                f"{t[0]!r} ({t[3]:+.3g})" for t in best
+            )
+    return shown

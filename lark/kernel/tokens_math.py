@@ -1,0 +1,218 @@
+"""The math of token-wise contributions (lark.kernel.tokens writes the files): a projector's transpose, the
+kernel's per-example scaling, and the per-token directional derivatives of an example's loss.
+
+An example's projected vector is linear in its gradient: r = P D N g with g = sum_t g_t, g_t the gradient of loss
+token t's share (its loss / the number of loss tokens), D the optimizer correction (adam, trackstar; a fixed
+diagonal) and N the per-tensor normalisation (rapidin: each parameter divided by the norm of this example's whole
+D g). So for any w [k], <w, P D N g_t> = <u, g_t> with u = N D P^T w in parameter space (N, D diagonal), and
+<u, g_t> for every token t at once is one forward-mode pass: the derivative of the per-token losses along u
+(`token_derivatives`). No per-token backward pass, no per-token vector.
+
+P^T w per projector (`transpose`), from the projector's own hashes and matrices:
+- sketch (HookSketch): coordinate i of a parameter reads its bucket's value times its sign, w[bucket(i)] s(i)
+  (the rotated-chunk count sketch; the input embedding and a tied output layer share the parameter's hash);
+  a TensorSketch layer: U[i, j] = w[(h1(i) + h2(j)) mod k] s1(i) s2(j).
+- factored: each matrix's block B = scale P_out G P_in^T, so U = scale P_out^T W P_in (W the slot as r_out x r_in);
+  a 1-D parameter's slot is itself or its count sketch.
+- rapidin, gaussian, exact (per-example projectors with project(grads)): autograd through project() at zero.
+"""
+
+import copy
+import math
+
+import torch
+from torch.func import functional_call, jvp, vmap
+
+from lark.data.formats import IGNORE
+from lark.kernel.factored import FactoredProjector, rademacher_signs
+from lark.kernel.hashing import hashed, name_key, random_signs
+from lark.kernel.normalizers import NoNorm
+from lark.kernel.projectors import PerExample, example_gradient, trainable
+from lark.kernel.sketch import HookSketch
+from lark.kernel.sketch_math import rotated_buckets
+
+
+# ------------------------------------------------------------------------------ P^T w
+class Transpose:
+    """P^T of a projector: transpose(w) for w [m, k] float32 -> {parameter name: [m, *shape]}, the parameters the
+    projector reads (the others get no entry: their coordinates never reach the vector). Each parameter's reader
+    (its buckets and signs, or matrices) is made once, on the model's device."""
+
+    def __init__(self, projector, model):
+        self.projector, self.model = projector, model
+        device = next(model.parameters()).device
+        if isinstance(projector, FactoredProjector):
+            self.readers = factored_readers(projector, model, device)
+        elif isinstance(projector, HookSketch):
+            self.readers = sketch_readers(projector, model, device)
+        elif isinstance(projector, PerExample):
+            self.readers = None
+        else:
+            raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
+
+    def __call__(self, w):
+        if self.readers is None:
+            return autograd_transpose(self.projector, self.model, w)
+        return {name: read(w) for name, read in self.readers.items()}
+
+
+def gather_reader(bucket, sign, shape):
+    """w [m, k] -> [m, *shape]: coordinate i reads w[bucket[i]] * sign[i]."""
+    return lambda w: (w[:, bucket] * sign).view(w.shape[0], *shape)
+
+
+def sketch_readers(projector, model, device):
+    """The `sketch` projector's readers: the rotated-chunk count sketch's flat hash (HookSketch.sketch_flat; the
+    input embedding and a tied output layer share it), TensorSketch's for the layers it sketches that way."""
+    tensorsketch, readers, k = {}, {}, projector.k
+    for mod in projector.linears.values():
+        n_out, n_in = mod.weight.shape
+        uses_ts = projector.use_tensorsketch(projector.plan_tokens, n_in, n_out, mod.weight.element_size())
+        if uses_ts and mod.weight is not projector.input_weight:
+            tensorsketch[id(mod.weight)] = (n_out, n_in)
+    covered = projector.covered_ids()
+    for name, p in trainable(model):
+        if id(p) not in covered:
+            continue
+        if id(p) in tensorsketch:
+            n_out, n_in = tensorsketch[id(p)]
+            (b1, s1), (b2, s2) = (projector.axis_hash(name, a, n, device) for a, n in ((0, n_out), (1, n_in)))
+            bucket, sign = (b1.unsqueeze(1) + b2.unsqueeze(0)) % k, s1.unsqueeze(1) * s2.unsqueeze(0)
+        else:
+            index = torch.arange(p.numel(), dtype=torch.int64, device=device)
+            bucket = rotated_buckets(index, name_key(projector.seed, name, "offset"), k)
+            sign = random_signs(index, name_key(projector.seed, name, "sign"))
+        readers[name] = gather_reader(bucket.flatten(), sign.flatten(), p.shape)
+    return readers
+
+
+def factored_readers(projector, model, device):
+    """The `factored` projector's readers, slot by slot in its concatenation order: a matrix's block is
+    scale P_out G P_in^T, so it reads scale P_out^T W P_in (W its slot as r_out x r_in, P the identity where r
+    >= d); a 1-D parameter's slot is itself or its count sketch."""
+    params, readers, start = dict(trainable(model)), {}, 0
+    for name, (size, ranks) in projector.slots.items():
+        p, span = params[name], slice(start, start + size)
+        start += size
+        if ranks is not None:
+            sides = [
+                None if r >= n else rademacher_signs(r, n, name_key(projector.seed, name, f"factored-{axis}"), device)
+                for axis, n, r in (("out", p.shape[0], ranks[0]), ("in", p.shape[1], ranks[1]))
+            ]
+            scale = 1 / math.prod(side.shape[0] for side in sides if side is not None) ** 0.5
+            readers[name] = matrix_reader(span, ranks, sides, scale)
+        elif p.numel() <= size:
+            readers[name] = lambda w, span=span: w[:, span]
+        else:
+            index = torch.arange(p.numel(), dtype=torch.int64, device=device)
+            bucket = hashed(index, name_key(projector.seed, name, "factored-bucket")) % size + span.start
+            readers[name] = gather_reader(
+                bucket, random_signs(index, name_key(projector.seed, name, "factored-sign")), p.shape
+            )
+    return readers
+
+
+def matrix_reader(span, ranks, sides, scale):
+    """w [m, k] -> [m, out, in]: scale P_out^T W P_in of the slot w[:, span] as [m, r_out, r_in]."""
+
+    def read(w):
+        u = w[:, span].reshape(w.shape[0], *ranks) * scale
+        u = u if sides[0] is None else sides[0].T @ u
+        return u if sides[1] is None else u @ sides[1]
+
+    return read
+
+
+def autograd_transpose(projector, model, w):
+    """P^T w [m, k] of a per-example projector, row by row: the gradient of <w_i, project(g)> at g = 0 (without
+    its normaliser, which `scaling` applies, and without its optimizer correction, likewise)."""
+    plain = copy.copy(projector)
+    plain.normalizer = NoNorm()
+    zeros = {n: torch.zeros(p.shape, device=w.device, requires_grad=True) for n, p in trainable(model)}
+    projected, rows = plain.project(zeros), []
+    for row in w:
+        grads = torch.autograd.grad(projected, list(zeros.values()), row, retain_graph=True, allow_unused=True)
+        rows.append({n: g for n, g in zip(zeros, grads) if g is not None})
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]} if rows else {}
+
+
+# ------------------------------------------------------------------------------ N and D
+def scaling(projector, model, example):
+    """{parameter: the diagonal N D of one example} (float32, the parameter's shape or broadcastable): the
+    optimizer correction D (projector.precondition) times, when the projector normalises per tensor, 1 / ||D g||
+    of that parameter's gradient for this example (one backward pass). example: a batch of one."""
+    params = trainable(model)
+    pre = projector.precondition
+    scale = {
+        n: pre.scale(n, p.shape, p.device) if pre is not None else torch.ones((), device=p.device) for n, p in params
+    }
+    if projector.normalizer.needs_norms:
+        _, grads = example_gradient(model, example, params)
+        for n, g in grads.items():
+            norm = torch.linalg.vector_norm((g.double() * scale[n].double()))
+            scale[n] = scale[n] / norm.clamp_min(1e-30).float()
+    return scale
+
+
+# ------------------------------------------------------------------------------ per-token derivatives
+def token_losses(model, params, example):
+    """[T] each loss token's share of the example's loss (its cross-entropy / the number of loss tokens), at the
+    position of the token it predicts (0 elsewhere): the loss lark.kernel.sketch_math.per_example_loss splits.
+    params: {name: tensor} overriding the model's trainable parameters."""
+    ids, labels = example["input_ids"], example["labels"]
+    logits = functional_call(model, params, (ids,), {"attention_mask": example["attention_mask"]}).logits
+    targets = labels[0, 1:]
+    mask = targets != IGNORE
+    losses = (
+        torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets.clamp_min(0), reduction="none")
+        * mask
+        / mask.sum().clamp_min(1)
+    )
+    return torch.nn.functional.pad(losses, (1, 0))
+
+
+def token_derivatives(model, example, tangents):
+    """[m, T] <u_i, g_t>: the derivative of each loss token's share along each tangent u_i (tangents: {name:
+    [m, *shape]}, the model's trainable parameters; missing ones are 0), by forward-mode autodiff, the m tangents
+    in one batched pass (vmap), with eager attention (PyTorch's fused attention kernels have no forward-mode
+    derivative; both compute the same attention). An input embedding with a padding_idx gets no tangent on that
+    row, as its gradient never has one."""
+    params = {n: p.detach() for n, p in trainable(model)}
+    m = next(iter(tangents.values())).shape[0]
+    embedding = model.get_input_embeddings()
+    pad = getattr(embedding, "padding_idx", None)
+    part = {}
+    for n, p in params.items():
+        t = tangents[n].to(p.dtype) if n in tangents else p.new_zeros(m, *p.shape)
+        if pad is not None and p is embedding.weight:
+            t = t.clone()
+            t[:, pad] = 0
+        part[n] = t
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
+        return vmap(along)(part).detach().float()
+    finally:
+        model.set_attn_implementation(before)
+
+
+def tangent_chunk(model, numbers=2**26):
+    """How many tangents one batched pass takes: as many as `numbers` tangent numbers hold (2^26: 256 MiB of
+    float32), at least 1, at most 64."""
+    return min(64, max(1, numbers // sum(p.numel() for _, p in trainable(model))))
+
+
+# ------------------------------------------------------------------------------ text pieces
+def pieces(tokenizer, ids):
+    """(text, [(start, end)] per token): text = the decoded ids (special tokens kept: what the model saw) and
+    token i's piece text[start:end]. A token that decodes to part of a character (byte-level BPE) gets an empty
+    piece and the character goes to the token that completes it."""
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    text, spans, done = decode(ids), [], 0
+    for i in range(len(ids)):
+        prefix = decode(ids[: i + 1]) if i + 1 < len(ids) else text
+        end = len(prefix) if text.startswith(prefix) and "\ufffd" not in prefix[done:] else done
+        spans.append((done, end))
+        done = end
+    return text, spans

@@ -1,0 +1,297 @@
+"""lark.kernel.tokens (attribution.tokens=topk): each top pair's score split over the document's and the query's
+loss tokens equals the explicit per-token gradients' cosine shares (exact projector), sums to the pair's score
+for every kernel and projector on real stores, and `train.py` / `attribute.py` write tokens/<source>.jsonl."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, TINY_OLMO3
+from omegaconf import OmegaConf
+
+from lark.data.datamodule import collate
+from lark.data.formats import IGNORE, encode_text
+from lark.data.world import generate_world
+from lark.kernel.build import StoreBuilder
+from lark.kernel.factory import make_kernel, make_projector
+from lark.kernel.optimizer import estimate_moments
+from lark.kernel.projectors import trainable
+from lark.kernel.stores import topk_scores
+from lark.kernel.tokens import check, top_pieces, write_tokens
+from lark.kernel.tokens_math import Transpose, pieces, scaling, token_losses
+from lark.models import build_tiny, train_tokenizer
+
+CONF = ROOT / "conf" / "attribution"
+QUERIES = "test_queries"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny OLMo-3 (norm weights away from 1), its tokenizer, 4 queries whose loss is their second half (a
+    Formatted answer) and two sources of 5 documents (one Formatted-like, one with loss on every token)."""
+    torch.set_num_threads(1)
+    world = generate_world(seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=60, n_entertainment_docs=20)
+    texts = [d["text"] for d in world.medical_docs + world.entertainment_docs]
+    tok = train_tokenizer(texts, 400)
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+
+    def answer_only(e):  # loss on the second half: a Formatted example's answer
+        half = len(e["input_ids"]) // 2
+        return {"input_ids": e["input_ids"], "labels": [IGNORE] * half + e["input_ids"][half:]}
+
+    sets = {
+        QUERIES: [{"id": f"q{i}", "text": t} for i, t in enumerate(texts[:4])],
+        "formatted": [{"id": f"f{i}", "text": t} for i, t in enumerate(texts[10:15])],
+        "raw": [{"id": f"r{i}", "text": t} for i, t in enumerate(texts[60:65])],
+    }
+    encodings = {}
+    for name, examples in sets.items():
+        for i, e in enumerate(examples):
+            encoded = encode_text(tok, e["text"], 20 + 3 * i)
+            encodings[e["text"]] = encoded if name == "raw" else answer_only(encoded)
+    return {"tok": tok, "model": model, "sets": sets, "encoder": lambda e: encodings[e["text"]]}
+
+
+def attribution(projector="exact", kernel="cosine", **options):
+    projector = OmegaConf.merge(OmegaConf.load(CONF / "projector" / f"{projector}.yaml"), options)
+    kernel = OmegaConf.load(CONF / "kernel" / f"{kernel}.yaml")
+    attr = {"projector": projector, "kernel": kernel, "top_k": 3, "store_dtype": "float16"}
+    return OmegaConf.create({"max_length": 128, "attribution": attr}).attribution  # sketch: plan_tokens
+
+
+def batch_of(setup, example):
+    return collate([setup["encoder"](example)], setup["tok"].pad_token_id)
+
+
+def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path):
+    """(a) Exact projector, cosine: c_t(d) = <v_q, g_t(d)> / ||g(d)|| with g_t the autograd gradient of loss token
+    t's share (one backward per token), and c_t(q) likewise; both within 1e-4 of what the files say."""
+    model, sets = setup["model"], setup["sets"]
+    rows = run_tokens(setup, attribution("exact"), tmp_path)
+    params = trainable(model)
+
+    def grads(example):
+        """[T, P] per-token gradient shares (zero rows where no loss) and the whole gradient [P]."""
+        batch = batch_of(setup, example)
+        losses = token_losses(model, dict(params), batch)
+        per_token = []
+        for t in range(losses.shape[0]):
+            if losses[t] == 0:
+                per_token.append(None)
+                continue
+            g = torch.autograd.grad(losses[t], [p for _, p in params], retain_graph=True, allow_unused=True)
+            per_token.append(
+                torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, (_, p) in zip(g, params)])
+            )
+        whole = sum(g for g in per_token if g is not None)
+        return per_token, whole
+
+    record = next(r for r in rows["raw"] if r["rank"] == 1)
+    q = next(e for e in sets[QUERIES] if e["id"] == record["query_id"])
+    d = next(e for e in sets["raw"] if e["id"] == record["doc_id"])
+    (gq_t, gq), (gd_t, gd) = grads(q), grads(d)
+    vq, vd = gq / gq.norm(), gd / gd.norm()
+    assert record["score"] == pytest.approx(float(vq @ vd), abs=1e-3)
+    for side, per_token, whole, other in (("doc", gd_t, gd, vq), ("query", gq_t, gq, vd)):
+        written = [t[3] for t in record[side]["tokens"]]
+        expected = [None if g is None else float(g @ other / whole.norm()) for g in per_token]
+        assert [w is None for w in written] == [e is None for e in expected]
+        for w, e in zip(written, expected):
+            if e is not None:
+                assert w == pytest.approx(e, abs=1e-4)
+        assert sum(w for w in written if w is not None) == pytest.approx(record["score"], abs=1e-3)
+
+
+@pytest.mark.parametrize("projector", ["sketch", "factored", "rapidin", "gaussian"])
+def test_transpose_is_the_projection_adjoint(setup, projector):
+    """<P^T w, N D g> = <w, project_batch(example)> for the projector's own vector of an example (with per-tensor
+    norms and the Adam correction: the rapidin and adam kernels), on autograd's gradient g."""
+    model = setup["model"]
+    for kernel in ("rapidin", "adam"):
+        attr = attribution(projector, kernel, k=512)
+        moments = (
+            estimate_moments(model, [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
+            if kernel == "adam"
+            else None
+        )
+        kern = make_kernel(attr)
+        proj = make_projector(attr, model, kern, moments)
+        batch = batch_of(setup, setup["sets"]["formatted"][2])
+        vector = proj.project_batch(model, batch)[0]
+        w = torch.randn(2, vector.shape[0], generator=torch.Generator().manual_seed(3))
+        u, diagonal = Transpose(proj, model)(w), scaling(proj, model, batch)
+        from lark.kernel.projectors import example_gradient
+
+        _, g = example_gradient(model, batch, trainable(model))
+        for i in range(2):
+            total = sum(float((u[n][i] * diagonal[n] * g[n]).sum()) for n in u)
+            assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
+
+
+def run_tokens(setup, attr, folder, moments=None):
+    """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens:
+    {source: [records]}."""
+    model, sets = setup["model"], setup["sets"]
+    kernel = make_kernel(attr)
+    projector = make_projector(attr, model, kernel, moments)
+    builder = StoreBuilder(model, projector, folder, setup["tok"].pad_token_id, batch_size=3)
+    vectors = {}
+    for name, examples in sets.items():
+        encoded = [setup["encoder"](e) for e in examples]
+        vectors[name] = builder.build(encoded, [e["id"] for e in examples], {"set": name})
+    scored = kernel.transform(vectors, QUERIES)
+    rows = []
+    for name in ("formatted", "raw"):
+        values, index = topk_scores(scored[QUERIES], scored[name], 3)
+        for i, q in enumerate(sets[QUERIES]):
+            rows += [
+                (q["id"], name, r + 1, sets[name][index[i, r]]["id"], round(values[i, r].item(), 6)) for r in range(3)
+            ]
+    cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2}})
+    ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
+    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES)
+    return {
+        name: [json.loads(line) for line in (folder / "tokens" / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("formatted", "raw")
+    }
+
+
+@pytest.mark.parametrize(
+    "projector,kernel",
+    [
+        ("sketch", "cosine"),
+        ("sketch", "rapidin"),
+        ("sketch", "adam"),
+        ("sketch", "trackstar"),
+        ("sketch", "tracin_cp"),
+        ("factored", "rapidin"),
+    ],
+)
+def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel):
+    """(b) For every kernel (and the factored projector), each written pair's doc and query contributions sum to
+    its score within 1e-3; loss tokens only carry one; every token is listed with piece == text[start:end]."""
+    attr = attribution(projector, kernel, k=1024)
+    moments = estimate_moments(setup["model"], [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
+    rows = run_tokens(setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None)
+    for name, records in rows.items():
+        assert len(records) == 4 * 2  # each query's top tokens_top_k = 2
+        for r in records:
+            assert r["kernel"] == kernel and r["rank"] in (1, 2)
+            for side, examples in (("doc", setup["sets"][name]), ("query", setup["sets"][QUERIES])):
+                example = next(e for e in examples if e["id"] == r[f"{side}_id" if side == "doc" else "query_id"])
+                encoded = setup["encoder"](example)
+                tokens = r[side]["tokens"]
+                assert len(tokens) == len(encoded["input_ids"])
+                assert all(piece == r[side]["text"][a:b] for piece, a, b, _ in tokens)
+                carries = [s >= 1 and lab != IGNORE for s, lab in enumerate(encoded["labels"])]
+                assert [c is not None for *_, c in tokens] == carries
+                total = sum(c for *_, c in tokens if c is not None)
+                assert total == pytest.approx(r["score"], abs=1e-3), (side, r["query_id"], r["doc_id"])
+
+
+def test_pieces_cover_the_decoded_text(setup):
+    text, spans = pieces(setup["tok"], setup["encoder"](setup["sets"]["raw"][0])["input_ids"])
+    assert "".join(text[a:b] for a, b in spans) == text and spans[-1][1] == len(text)
+
+
+def test_top_pieces_and_config_checks(setup, tmp_path):
+    rows = run_tokens(setup, attribution("sketch", "cosine", k=256), tmp_path)
+    shown = top_pieces(tmp_path / "tokens", n=3)
+    r = rows["raw"][0]
+    assert (r["query_id"], "raw", r["doc_id"]) in shown and shown[(r["query_id"], "raw", r["doc_id"])].count("(") == 3
+    from lark.errors import ConfigError
+
+    base = {"top_k": 5, "store_dtype": "float16"}
+    assert check(OmegaConf.create({**base, "tokens": "off"})) is False
+    assert check(OmegaConf.create({**base, "tokens": "topk", "tokens_top_k": 3})) is True
+    for bad, key in (
+        ({"tokens": "all"}, "attribution.tokens"),
+        ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            check(OmegaConf.create({**base, **bad}))
+    assert not math.isnan(r["score"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The small embedded run (1 epoch: checkpoints 0 and 1; each query's top document) made twice by `train.py`:
+    tokens=topk and tokens=off."""
+    import subprocess
+    import sys
+
+    from conftest import SMALL
+
+    root = tmp_path_factory.mktemp("token_runs")
+    overrides = [o for o in SMALL if not o.startswith("trainer.max_epochs")]
+    overrides += ["trainer.max_epochs=1", "logger=none", "attribution.tokens_top_k=1"]
+    out = {}
+    for mode in ("topk", "off"):
+        out[mode] = root / mode
+        args = [*overrides, f"attribution.tokens={mode}", f"hydra.run.dir={out[mode]}"]
+        done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def read_tokens(folder):
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(folder.glob("*.jsonl"))}
+
+
+@pytest.mark.slow
+def test_train_writes_tokens_and_attribute_adds_them_without_recomputing_stores(runs):
+    """(c) train.py writes tokens/<source>.jsonl for every source at every epoch, its pairs = each query's top
+    tokens_top_k (1) of top_influences.csv, doc and query contributions summing to the csv's scores; (d) attribute.py
+    with attribution.tokens=topk on the tokens=off run adds the same files, its stores untouched."""
+    import csv
+
+    from conftest import compose
+
+    from lark.experiment import attribute
+
+    sources = list(compose().source.sources)
+    for epoch in ("epoch_000", "epoch_001"):
+        folder = runs["topk"] / "attribution" / epoch
+        written = read_tokens(folder / "tokens")
+        assert sorted(written) == sorted(sources)
+        top = list(csv.DictReader((folder / "top_influences.csv").open()))
+        for source, records in written.items():
+            expected = [
+                (r["query_id"], r["doc_id"], int(r["rank"]), float(r["score"]))
+                for r in top
+                if r["source"] == source and int(r["rank"]) <= 1
+            ]
+            assert [(r["query_id"], r["doc_id"], r["rank"], r["score"]) for r in records] == expected
+            for r in records:
+                for side in ("doc", "query"):
+                    assert sum(t[3] for t in r[side]["tokens"] if t[3] is not None) == pytest.approx(
+                        r["score"], abs=1e-3
+                    )
+        assert not (runs["off"] / "attribution" / epoch / "tokens").exists()
+    stores = sorted((runs["off"] / "attribution").glob("epoch_*/stores/*.safetensors"))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stores}
+    attribute(runs["off"], {"tokens": "topk"})  # tokens_top_k=1 from the run's saved config
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stores} == before
+    for epoch in ("epoch_000", "epoch_001"):
+        added = read_tokens(runs["off"] / "attribution" / epoch / "tokens")
+        reference = read_tokens(runs["topk"] / "attribution" / epoch / "tokens")
+        assert sorted(added) == sorted(reference)
+        for source in added:
+            for a, b in zip(added[source], reference[source], strict=True):
+                assert {k: v for k, v in a.items() if k not in ("doc", "query")} == {
+                    k: v for k, v in b.items() if k not in ("doc", "query")
+                }
+                for side in ("doc", "query"):
+                    assert a[side]["text"] == b[side]["text"]
+                    assert [t[:3] for t in a[side]["tokens"]] == [t[:3] for t in b[side]["tokens"]]
+                    for x, y in zip(a[side]["tokens"], b[side]["tokens"]):
+                        assert (x[3] is None) == (y[3] is None) and (
+                            x[3] is None or x[3] == pytest.approx(y[3], abs=1e-6)
+                        )
