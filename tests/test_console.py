@@ -42,6 +42,8 @@ def console(tmp_path_factory):
             *overrides,
             "trainer.max_epochs=1",
             "logger=wandb",
+            "attribution.tokens=topk",  # the W&B table's top_tokens column (off by default)
+            "attribution.tokens_top_k=1",
             f"hydra.run.dir={tmp / 'run'}",
         ],
         cwd=ROOT,
@@ -91,7 +93,7 @@ def test_wandb_tables_carry_document_text_and_the_report_is_an_artifact(console)
     for query, question, source, rank, doc, score, text, top_tokens in table["data"]:
         row = docs[(source, doc)]
         assert text and text.split()[0] in (row.get("text") or row["question"]) and question.endswith("?")
-        assert (top_tokens is not None) == (rank <= 3)  # attribution.tokens_top_k: "piece (+0.012), ..."
+        assert (top_tokens is not None) == (rank <= 1)  # attribution.tokens_top_k: "piece (+0.012), ..."
     figures = sorted(
         Path(p).name.rsplit("_", 2)[0]
         for p in glob.glob(str(run / "wandb/offline-run-*/files/media/images/figures/*.png"))
