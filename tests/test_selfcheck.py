@@ -99,7 +99,7 @@ def test_only_projectors_that_say_so_are_checked():
     target too), not its name; configs saved before the projector group (`kind`) and under first names still work."""
     assert HookSketch.self_check and not any(c.self_check for c in (CountSketch, GaussianProjector, ExactProjector))
     shipped = {p.stem: uses_sketch(OmegaConf.load(p)) for p in (ROOT / "conf/attribution/projector").glob("*.yaml")}
-    assert shipped == {"sketch": True, "rapidin": False, "gaussian": False, "exact": False}
+    assert shipped == {"sketch": True, "rapidin": False, "gaussian": False, "exact": False, "factored": False}
     assert uses_sketch(OmegaConf.create({"kind": "sketch"}))
     assert not uses_sketch(OmegaConf.create({"kind": "rapidin"}))
     assert uses_sketch(OmegaConf.create({"_target_": "lark.sketch.HookSketch"}))  # a saved config's first name

@@ -241,11 +241,13 @@ def test_every_writer_goes_through_a_temporary_name(reference, tmp_path, monkeyp
         r"open\([^)]*[\"'][wa]b?[\"']|\.write_text\(|\.write_bytes\(|savefig\(|torch\.save\(|"
         r"save_file\(|save_pretrained\("
     )
+    # a log appended to (a retrain's console output) is a record for people, never read back as a result
+    appended_log = re.compile(r"open\([^)]*log[^)]*[\"']ab?[\"']", re.IGNORECASE)
     offenders = [
         f"{p.name}:{n}: {line.strip()}"
         for p in (ROOT / "lark").rglob("*.py")
         for n, line in enumerate(_code_only(p.read_text()).splitlines(), 1)
-        if write.search(line) and "tmp" not in line
+        if write.search(line) and "tmp" not in line and not appended_log.search(line)
     ]
     assert not offenders, offenders
     opened, real_open = [], builtins.open
