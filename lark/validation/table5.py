@@ -49,7 +49,7 @@ def validate_run(run_dir, vcfg, log=print):
     run_dir = Path(run_dir)
     console.setup()  # as train.py: no per-file progress bars of transformers in a log
     run = load_run(run_dir, vcfg, log)
-    projectors = vcfg.get("projectors")  # None (the default, and older configs): the run's own, rows as before
+    projectors = vcfg.get("projectors") or None  # null (the default; older configs): the run's own, rows as before
     for name in projectors or []:
         projector_file(name)  # an unknown name stops here, before the retrains
     timing, subsets = {}, None
