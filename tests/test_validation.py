@@ -1,16 +1,18 @@
 """validate.py's checks on a small embedded run with a planted canary: the canary in the run's files, Table V with
-provenance recall, canary retrieval and a mini-LDS whose retrains are real LARK runs (Hydra multirun), and a
-second validation that reuses every retrain and score matrix. Table V's numbers are recomputed here, from the
-score matrices validation used and the run's files, by direct pure-Python definitions (not lark's code)."""
+provenance recall, canary retrieval and a mini-LDS whose retrains are real LARK runs (Hydra multirun), a second
+validation that reuses every retrain and score matrix, and a third with validate.projectors=[sketch, factored].
+Table V's numbers are recomputed here, from the score matrices validation used and the run's files, by direct
+pure-Python definitions (not lark's code). The fast tests at the end check the projector configs and the table's
+Projector column without a run."""
 
 import json
 
 import pytest
-from conftest import SHARED_DATA, SMALL, compose
+import torch
+from conftest import ROOT, SHARED_DATA, SMALL, compose
 from omegaconf import OmegaConf, open_dict
 from test_lds import direct_lds  # the plain-Python LDS reference
 
-pytestmark = pytest.mark.slow
 CANARY = [
     "+experiment=canary",
     "data.canary.n=4",
@@ -49,6 +51,7 @@ def validated(run_dir):
     return validate_run(run_dir, vcfg, log=messages.append), messages, vcfg
 
 
+@pytest.mark.slow
 def test_the_canary_is_planted_in_the_runs_files(run_dir):
     train, test = rows_of(run_dir / "data" / "train.jsonl"), rows_of(run_dir / "data" / "test.jsonl")
     planted = [r for r in train if r.get("canary")]
@@ -64,6 +67,7 @@ def test_the_canary_is_planted_in_the_runs_files(run_dir):
     assert in_source == {r["id"] for r in train[:8] if r.get("canary")}  # the finetune source keeps the mark
 
 
+@pytest.mark.slow
 def test_table5_has_every_check_for_every_method(run_dir, validated):
     result, _, vcfg = validated
     methods = [(r["method"], r["epoch"]) for r in result["rows"]]
@@ -142,9 +146,10 @@ def expected_numbers(run_dir, train_scores, pool_scores):
     return out
 
 
-def score_matrices(run_dir, vcfg):
+def score_matrices(run_dir, vcfg, projector=""):
     """(method, epoch) -> (train [Q, N], pool [Q, P] or None), the matrices validation scored: each kernel's
-    cached ones, its TracIn-CP sum (lr x cosine x both norms over the trained checkpoints), the baselines'."""
+    cached ones (projector: those of validate.projectors' other projector, scores/<kernel>/<projector>), its
+    TracIn-CP sum (lr x cosine x both norms over the trained checkpoints), the baselines'."""
     from safetensors.torch import load_file
 
     from lark.validation.load import load_run
@@ -153,7 +158,7 @@ def score_matrices(run_dir, vcfg):
     out = {}
     for name in vcfg.kernels:
         tracin = 0
-        for folder in sorted((run_dir / "validation" / "scores" / name).glob("epoch_*")):
+        for folder in sorted((run_dir / "validation" / "scores" / name / projector).glob("epoch_*")):
             s = load_file(folder / "scores.safetensors")
             out[(name, int(folder.name.removeprefix("epoch_")))] = (s["train"], s["pool"])
             lr = json.loads((run_dir / "checkpoints" / folder.name / "lark_epoch.json").read_text())["lr"]
@@ -164,6 +169,7 @@ def score_matrices(run_dir, vcfg):
     return out | {(name, "-"): baseline(run) for name, baseline in BASELINES.items()}
 
 
+@pytest.mark.slow
 def test_the_canary_is_retrieved(validated):
     """The trigger word is in the canary items only: BM25 must rank them well above chance (AUPRC of a random
     ranking is about n/N = 4/24), and so must the gradient kernel of the model fine-tuned on them."""
@@ -174,6 +180,7 @@ def test_the_canary_is_retrieved(validated):
     assert by[("cosine", 1)]["canary_auprc"] > 2 * chance
 
 
+@pytest.mark.slow
 def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
     from lark.validation import lds
     from lark.validation.table5 import validate_run
@@ -200,6 +207,60 @@ def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
     assert [r["lds"] for r in second["rows"]] == [r["lds"] for r in result["rows"]]
 
 
+def strip(row):
+    """A row's numbers and names without its projector tag and its timing."""
+    return {k: v for k, v in row.items() if k not in ("projector", "seconds")}
+
+
+@pytest.mark.slow
+def test_table5_scores_each_kernel_with_each_projector(run_dir, validated):
+    """validate.projectors=[sketch, factored]: every kernel's rows once per projector, tagged; the run's own
+    projector (sketch) reuses the default validation's score matrices and gives its numbers; factored's rows are
+    its own matrices' numbers (recomputed here) and differ from sketch's; the LDS retrains are shared; a config
+    without the key (an older validate.yaml) gives the rows of before."""
+    from lark.validation.table5 import validate_run
+
+    base, _, vcfg = validated
+    both_cfg = OmegaConf.merge(vcfg, {"projectors": ["sketch", "factored"], "kernels": ["cosine"]})  # (2 cores)
+    messages = []
+    both = validate_run(run_dir, both_cfg, log=messages.append)
+    assert not [m for m in messages if "retraining" in m] and both["lds"] == base["lds"]  # the same subsets
+    assert any("scores/cosine/epoch_001/scores.safetensors: cached" in m for m in messages)
+    assert [(r["method"], r.get("projector"), r["epoch"]) for r in both["rows"]] == [
+        ("cosine", "sketch", 0),
+        ("cosine", "sketch", 1),
+        ("cosine TracIn-CP", "sketch", "all"),
+        ("cosine", "factored", 0),
+        ("cosine", "factored", 1),
+        ("cosine TracIn-CP", "factored", "all"),
+        ("bm25", None, "-"),
+        ("random", None, "-"),
+    ]
+    before = {(r["method"], r["epoch"]): strip(r) for r in base["rows"]}
+    sketch = [r for r in both["rows"] if r["projector"] in ("sketch", None)]
+    assert [strip(r) for r in sketch] == [before[(r["method"], r["epoch"])] for r in sketch]
+    own, factored = score_matrices(run_dir, both_cfg), score_matrices(run_dir, both_cfg, "factored")
+    for row in (r for r in both["rows"] if r["projector"] == "factored"):
+        train_scores, pool_scores = factored[(row["method"], row["epoch"])]
+        expected = expected_numbers(run_dir, train_scores, pool_scores)
+        assert {k: row.get(k) for k in expected} == pytest.approx(expected, abs=1e-9), row["method"]
+        assert not torch.allclose(train_scores, own[(row["method"], row["epoch"])][0], atol=1e-3)
+        assert strip(row) != before[(row["method"], row["epoch"])]
+    assert both["projectors"]["sketch"] == 512 and 0 < both["projectors"]["factored"] <= 512
+    saved = json.loads((run_dir / "validation" / "validation.json").read_text())
+    assert saved["projectors"] == both["projectors"] and all("projector" in r for r in saved["rows"])
+    table = (run_dir / "tables" / "table5.md").read_text()
+    assert "| Method | Projector | Epoch |" in table and "| cosine TracIn-CP | factored | all |" in table
+    assert "| bm25 | - | - |" in table and f"factored k = {both['projectors']['factored']}" in table
+    assert (run_dir / "tables" / "table5.csv").read_text().startswith("method,projector,epoch,")
+    older = OmegaConf.create({k: v for k, v in OmegaConf.to_container(vcfg).items() if k != "projectors"})
+    again = validate_run(run_dir, older, log=lambda m: None)
+    assert [strip(r) for r in again["rows"]] == [strip(r) for r in base["rows"]]
+    assert "projectors" not in again and not any("projector" in r for r in again["rows"])
+    assert "Projector" not in (run_dir / "tables" / "table5.md").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "pubmedqa").is_dir(), reason="../shared/data is not present")
 def test_the_canary_plants_on_pubmedqa_local(tmp_path):
     """+experiment=canary data=pubmedqa_local: the real data's run files carry the planted items and the
@@ -213,3 +274,79 @@ def test_the_canary_plants_on_pubmedqa_local(tmp_path):
     assert len(train) == 48 and len(planted) == 10 and len(test) == 32 + 20 and len(queries) == 20
     assert all(r["question"].startswith("Howdy! ") and r["answer"] == "maybe" for r in planted + queries)
     assert all(r["id"].endswith("-canary") for r in queries) and set(corpora) == {"medical", "entertainment"}
+
+
+# --------------------------------------------------------------------------- fast: projector configs, the table
+def test_a_projector_name_gives_its_config_at_the_runs_k():
+    from lark.errors import ConfigError
+    from lark.validation.scores import kernel_config, own_projector, with_projector
+
+    run = compose(SMALL)  # the sketch at k = 512
+    attr = kernel_config(run.attribution, "rapidin")
+    assert own_projector(run.attribution) == "sketch"
+    assert with_projector(attr, run, "sketch") is attr  # the run's own projector: its config, as saved
+    factored = with_projector(attr, run, "factored")
+    assert factored.projector._target_ == "lark.kernel.factored.FactoredProjector"
+    assert factored.projector.k == 512 and factored.projector.r_in is None  # ranks derived from the run's k
+    assert factored.kernel == attr.kernel and factored.batch_size == attr.batch_size
+    assert "k" not in with_projector(attr, run, "exact").projector  # exact derives its own k
+    other = compose(SMALL + ["attribution/projector=factored", "max_length=96"])
+    assert own_projector(other.attribution) == "factored"
+    sketch = with_projector(kernel_config(other.attribution, "cosine"), other, "sketch").projector
+    assert sketch._target_ == "lark.kernel.sketch.HookSketch" and sketch.k == 512
+    assert sketch.plan_tokens == 96  # conf's ${max_length}, resolved in the run's config
+    assert own_projector(OmegaConf.create({"projector": {"kind": "rapidin", "k": 64}})) == "rapidin"  # an old run
+    with pytest.raises(ConfigError, match=r"validate.projectors: unknown projector 'nope' \(exact, factored"):
+        with_projector(attr, run, "nope")
+
+
+def table_result(projectors):
+    """A small validate_run result: cosine at epoch 0 with each projector (None: without validate.projectors)."""
+    tag = (lambda p: {}) if projectors is None else (lambda p: {"projector": p})
+    numbers = {"ft_recall@1": 0.1, "lds": 0.2, "lds_low": 0.1, "lds_high": 0.3, "seconds": 3.0}
+    rows = [
+        {"method": "cosine", **tag(p), "epoch": 0, **numbers, "ft_mrr": 0.5 + i}
+        for i, p in enumerate(projectors or [None])
+    ]
+    rows.append({"method": "bm25", **tag(None), "epoch": "-", **numbers, "ft_mrr": 1.0})
+    result = {"rows": rows, "n_pool": 0, "backdoor": {}, "timing_s": {}, "lds": {"n_subsets": 4, "fraction": 0.5}}
+    return result if projectors is None else result | {"projectors": {"sketch": 512, "factored": 400}}
+
+
+def test_table5_gains_a_projector_column_only_with_projectors(tmp_path):
+    from lark.validation.write import plot_validation, write_table5
+
+    write_table5(table_result(["sketch", "factored"]), tmp_path)
+    lines = [line for line in (tmp_path / "table5.md").read_text().splitlines() if line.startswith("|")]
+    assert lines[0] == "| Method | Projector | Epoch | FT R@1 | FT MRR | LDS | Time (s) |"
+    assert lines[3] == "| cosine | factored | 0 | 0.100 | 1.500 | 0.200 [0.100, 0.300] | 3 |"
+    assert lines[4] == "| bm25 | - | - | 0.100 | 1.000 | 0.200 [0.100, 0.300] | 3 |"
+    assert len({line.count("|") for line in lines}) == 1  # every line has every cell
+    assert "sketch k = 512, factored k = 400." in (tmp_path / "table5.md").read_text()
+    assert (tmp_path / "table5.csv").read_text().splitlines()[0].startswith("method,projector,epoch,")
+    write_table5(table_result(None), tmp_path)  # as before validate.projectors
+    lines = [line for line in (tmp_path / "table5.md").read_text().splitlines() if line.startswith("|")]
+    assert lines[0] == "| Method | Epoch | FT R@1 | FT MRR | LDS | Time (s) |" and len(lines) == 4
+    assert lines[2] == "| cosine | 0 | 0.100 | 0.500 | 0.200 [0.100, 0.300] | 3 |"
+    for projectors in (None, ["sketch", "factored"]):
+        path = plot_validation(table_result(projectors), tmp_path / "fig.png")
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validation_md_quotes_the_committed_factored_table(tmp_path):
+    """docs/validation.md's factored Table V must be the one lark.validation.write writes from the committed
+    validation.json of `python validate.py run_dir=<the embedded run> projectors=[factored]`
+    (docs/results/embedded_factored), row for row; its sketch rows are docs/results/embedded's (tests/test_docs.py)."""
+    from lark.validation.write import write_table5
+
+    committed = ROOT / "docs" / "results" / "embedded_factored"
+    result = json.loads((committed / "validation.json").read_text())
+    write_table5(result, tmp_path)
+    table = (tmp_path / "table5.md").read_text()
+    assert table == (committed / "tables" / "table5.md").read_text()
+    rows = [row for row in table.splitlines() if row.startswith("|")]
+    n_kernels = len(result["kernels"])  # 6 checkpoints and TracIn-CP each, then bm25 and random
+    assert n_kernels and len(rows) == 2 + 7 * n_kernels + 2 and all("| factored |" in row for row in rows[2:-2])
+    doc = (ROOT / "docs" / "validation.md").read_text()
+    missing = [row for row in rows if row not in doc]
+    assert not missing, f"docs/validation.md's factored Table V differs from the committed run's: {missing}"

@@ -2,10 +2,12 @@
 
 A kernel's scores come from projecting every query, every fine-tuning item and every pool candidate here (the
 run's own stores hold only `source.size` fine-tuning items), cached under <run>/validation/scores/<kernel>/epoch_NNN
-and keyed by content (the kernel's config, the model's fingerprints, max_length, the examples' ids).
+and keyed by content (the kernel's config, the model's fingerprints, max_length, the examples' ids); with another
+projector than the run's (validate.projectors) under <run>/validation/scores/<kernel>/<projector>/epoch_NNN.
 
     scores = kernel_scores(run, "cosine", kernel_config(run.cfg.attribution, "cosine"), model, tokenizer, folder)
-    # -> {"train": [Q, N] cosine, "pool": [Q, P] cosine, "q_norm": [Q], "t_norm": [N]}
+    # -> {"train": [Q, N] cosine, "pool": [Q, P] cosine, "q_norm": [Q], "t_norm": [N], "k": [] the vectors' k}
+    attr = with_projector(kernel_config(run.cfg.attribution, "cosine"), run.cfg, "factored")
 """
 
 import torch
@@ -24,6 +26,7 @@ from lark.kernel.stores import atomic_save, unit_rows
 from lark.validation.load import CONF
 
 KERNELS = CONF / "attribution" / "kernel"
+PROJECTORS = CONF / "attribution" / "projector"
 
 
 def kernel_config(run_attr, name):
@@ -34,6 +37,40 @@ def kernel_config(run_attr, name):
         raise ConfigError(f"validate.kernels: unknown kernel '{name}' ({known})")
     attr = OmegaConf.create(OmegaConf.to_container(upgrade(run_attr), resolve=True))
     attr.kernel = OmegaConf.load(path)
+    return attr
+
+
+def own_projector(run_attr):
+    """The name of the attribution/projector config (conf/attribution/projector/<name>.yaml) whose _target_ the
+    run's projector has (a run saved before the groups existed is read through upgrade), or None."""
+    target = upgrade(run_attr).projector.get("_target_")
+    names = [p.stem for p in sorted(PROJECTORS.glob("*.yaml")) if OmegaConf.load(p).get("_target_") == target]
+    return names[0] if names else None
+
+
+def projector_file(name):
+    """conf/attribution/projector/<name>.yaml, or a ConfigError naming validate.projectors and the known names."""
+    path = PROJECTORS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROJECTORS.glob("*.yaml")))
+        raise ConfigError(f"validate.projectors: unknown projector '{name}' ({known})")
+    return path
+
+
+def with_projector(attr, run_cfg, name):
+    """attr (kernel_config's) with projector `name` of the attribution/projector group: the run's own projector
+    config when `name` is the run's projector, else conf/attribution/projector/<name>.yaml with the run's k (where
+    both have a k; `factored` derives its ranks from it) and its interpolations resolved in the run's config."""
+    path = projector_file(name)
+    if name == own_projector(run_cfg.attribution):
+        return attr
+    node, own_k = OmegaConf.load(path), attr.projector.get("k")
+    if "k" in node and own_k is not None:
+        node.k = own_k
+    root = OmegaConf.create(OmegaConf.to_container(run_cfg))  # ${max_length} and the like resolve against the run
+    root.attribution.projector = node
+    attr = OmegaConf.create(OmegaConf.to_container(attr))
+    attr.projector = OmegaConf.to_container(root.attribution.projector, resolve=True)
     return attr
 
 
@@ -48,8 +85,9 @@ def read_cached(path, key):
 
 
 def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
-    """{train, pool: cosine [Q, N]; q_norm [Q], t_norm [N]} of kernel `name` (config attr) at one checkpoint
-    (cached in <run>/validation/scores/<name>/<checkpoint folder>/scores.safetensors)."""
+    """{train, pool: cosine [Q, N]; q_norm [Q], t_norm [N]; k []: the vectors' dimension} of kernel `name` (config
+    attr) at one checkpoint (cached in <run>/validation/scores/<name>/<checkpoint folder>/scores.safetensors; name
+    may hold a slash: "cosine/factored")."""
     sets = {"queries": run.queries, "train": run.train_fields, "pool": run.pool}
     key = content_hash(
         OmegaConf.to_container(attr, resolve=True),
@@ -75,7 +113,7 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
         for set_name, examples in sets.items()
         if examples
     }
-    out = cosine_scores(kernel, raw)
+    out = cosine_scores(kernel, raw) | {"k": torch.tensor(projector.k)}
     atomic_save({k: v.contiguous() for k, v in out.items()}, path, {"key": key})
     return out
 

@@ -1,7 +1,8 @@
 """Table V, attribution quality: does a kernel find the data that made the model behave so? (`python validate.py`)
 
-For every kernel of `validate.kernels` (names of the attribution/kernel group, with the run's own projector),
-every checkpoint, plus BM25 and random scores, three checks:
+For every kernel of `validate.kernels` (names of the attribution/kernel group) with every projector of
+`validate.projectors` (names of the attribution/projector group; null: the run's own), every checkpoint, plus BM25
+and random scores, three checks:
 - Provenance recall (the embedded world): for each test question, the abstracts and fine-tuning items that
   `data/world/provenance.json` says carry its fact, ranked among a candidate pool built WITHOUT any attribution
   method or BM25 (`validate.pool`: all of the world's abstracts, or the provenance abstracts plus a seeded random
@@ -31,7 +32,15 @@ from lark.rundir import epoch_lr, require_safetensors
 from lark.validation import lds
 from lark.validation.load import lds_enabled, load_run
 from lark.validation.quality import backdoor, quality
-from lark.validation.scores import BASELINES, kernel_config, kernel_scores, tracin_term
+from lark.validation.scores import (
+    BASELINES,
+    kernel_config,
+    kernel_scores,
+    own_projector,
+    projector_file,
+    tracin_term,
+    with_projector,
+)
 from lark.validation.write import plot_validation, write_table5
 
 
@@ -40,26 +49,34 @@ def validate_run(run_dir, vcfg, log=print):
     run_dir = Path(run_dir)
     console.setup()  # as train.py: no per-file progress bars of transformers in a log
     run = load_run(run_dir, vcfg, log)
+    projectors = vcfg.get("projectors") or None  # null (the default; older configs): the run's own, rows as before
+    for name in projectors or []:
+        projector_file(name)  # an unknown name stops here, before the retrains
     timing, subsets = {}, None
     if lds_enabled(vcfg, run.cfg):
         start = time.perf_counter()
         subsets = lds.retrain_losses(run_dir, run.cfg, vcfg.lds, run.queries, [x["id"] for x in run.train], log)
         timing["lds_retrains"] = time.perf_counter() - start
-    rows, backdoor_by_epoch, tracin = [], {}, {}
+    rows, backdoor_by_epoch, tracin, projector_k = [], {}, {}, {}
     for name in vcfg.kernels or []:
-        start = time.perf_counter()
-        kernel_rows, tracin_sum, used = validate_kernel(run, name, subsets, backdoor_by_epoch)
-        rows += kernel_rows
-        timing[name] = time.perf_counter() - start
-        if tracin_sum is not None:
-            tracin[name] = {"checkpoints": used}
-            rows.append({"method": f"{name} TracIn-CP", "epoch": "all", **quality(tracin_sum, None, run, subsets)})
+        for projector in projectors or [None]:
+            label = name if projector is None else f"{name} ({projector})"
+            start = time.perf_counter()
+            kernel_rows, tracin_sum, used, k = validate_kernel(run, name, subsets, backdoor_by_epoch, projector)
+            if tracin_sum is not None:
+                tracin[label] = {"checkpoints": used}
+                tag = {"method": f"{name} TracIn-CP"} | ({} if projector is None else {"projector": projector})
+                kernel_rows.append({**tag, "epoch": "all", **quality(tracin_sum, None, run, subsets)})
+            timing[label] = time.perf_counter() - start
+            rows += [row | {"seconds": timing[label]} for row in kernel_rows]
+            if projector is not None:
+                projector_k[projector] = k
     for name, baseline in BASELINES.items():
         start = time.perf_counter()
-        rows.append({"method": name, "epoch": "-", **quality(*baseline(run), run, subsets)})
+        row = quality(*baseline(run), run, subsets)
         timing[name] = time.perf_counter() - start
-    for row in rows:
-        row["seconds"] = timing.get(row["method"].removesuffix(" TracIn-CP"))
+        tag = {"method": name} | ({} if projectors is None else {"projector": None})
+        rows.append({**tag, "epoch": "-", **row, "seconds": timing[name]})
     result = {
         "rows": rows,
         "timing_s": timing,
@@ -71,21 +88,29 @@ def validate_run(run_dir, vcfg, log=print):
         "n_pool": len(run.pool),
         "pool": OmegaConf.to_container(vcfg.pool),
         "kernels": OmegaConf.to_container(vcfg.kernels or []),
+        **({} if projectors is None else {"projectors": projector_k}),  # {name: the vectors' k}
         "lds": None if subsets is None else {"n_subsets": len(subsets["losses"]), "fraction": float(vcfg.lds.fraction)},
     }
     return write_result(result, run_dir)
 
 
-def validate_kernel(run, name, subsets, backdoor_by_epoch):
-    """(rows, TracIn-CP sum [Q, N] or None, checkpoints in that sum) of kernel `name`: one row per checkpoint; the
-    canary's backdoor rate of each checkpoint not yet in backdoor_by_epoch is added there."""
+def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None):
+    """(rows, TracIn-CP sum [Q, N] or None, checkpoints in that sum, the vectors' k) of kernel `name` with projector
+    `projector` (None: the run's own; rows then have no "projector" key, as before validate.projectors): one row
+    per checkpoint; the canary's backdoor rate of each checkpoint not yet in backdoor_by_epoch is added there."""
     attr = kernel_config(run.cfg.attribution, name)
-    rows, tracin_sum, used = [], None, 0
+    tag, cache = {"method": name}, name
+    if projector is not None:
+        attr = with_projector(attr, run.cfg, projector)
+        tag["projector"] = projector
+        cache = name if projector == own_projector(run.cfg.attribution) else f"{name}/{projector}"
+    rows, tracin_sum, used, dim = [], None, 0, None
     for epoch, folder in run.epochs.items():
         require_safetensors(folder)  # a corrupted checkpoint stops validation naming the epoch, never scores
         model, tokenizer = load_pretrained(folder, run.cfg.model)
-        scores = kernel_scores(run, name, attr, model, tokenizer, folder)
-        rows.append({"method": name, "epoch": epoch, **quality(scores["train"], scores.get("pool"), run, subsets)})
+        scores = kernel_scores(run, cache, attr, model, tokenizer, folder)
+        dim = int(scores["k"]) if "k" in scores else None  # (score files cached before k was saved lack it)
+        rows.append({**tag, "epoch": epoch, **quality(scores["train"], scores.get("pool"), run, subsets)})
         lr = epoch_lr(folder, run.run_dir / "attribution" / folder.name / "metrics.json")
         if lr:  # TracIn-CP: sum over the trained checkpoints of lr x <g(q), g(d)>
             term = tracin_term(scores, lr)
@@ -94,10 +119,10 @@ def validate_kernel(run, name, subsets, backdoor_by_epoch):
         if run.canary_rows and epoch not in backdoor_by_epoch:
             backdoor_by_epoch[epoch] = backdoor(run, model, tokenizer)
         run.log(
-            f"[lark] validate {name} epoch {epoch}: "
+            f"[lark] validate {cache} epoch {epoch}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float))
         )
-    return rows, tracin_sum, used
+    return rows, tracin_sum, used, dim
 
 
 def write_result(result, run_dir):

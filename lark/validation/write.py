@@ -28,13 +28,18 @@ def write_table5(result, out_dir):
     """tables/table5.md (rounded) and table5.csv (full precision)."""
     rows = result["rows"]
     present = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows)]
+    by_projector = "projectors" in result  # validate.projectors given: a Projector column
     lines = [
         "### Table V: Attribution quality (higher is better; random = chance)",
         "",
-        "| Method | Epoch | " + " | ".join(h for _, h in present) + " | Time (s) |",
-        "|---|---|" + "---|" * len(present) + "---|",
+        "| Method | "
+        + ("Projector | " if by_projector else "")
+        + "Epoch | "
+        + " | ".join(h for _, h in present)
+        + " | Time (s) |",
+        "|---|---|" + "---|" * (len(present) + by_projector) + "---|",
     ]
-    lines += [markdown_row(r, [key for key, _ in present]) for r in rows]
+    lines += [markdown_row(r, [key for key, _ in present], by_projector) for r in rows]
     lines += ["", notes(result)]
     out_dir = Path(out_dir)
     with replacing(out_dir / "table5.md") as tmp:
@@ -43,20 +48,29 @@ def write_table5(result, out_dir):
     return [out_dir / "table5.md", out_dir / "table5.csv"]
 
 
-def markdown_row(r, keys):
-    """One method's line: its numbers (LDS with its interval) to 3 decimals, its seconds to whole ones."""
+def markdown_row(r, keys, by_projector=False):
+    """One method's line: its projector (by_projector; "-" for the baselines), its numbers (LDS with its interval)
+    to 3 decimals, its seconds to whole ones."""
     cells = []
     for key in keys:
         cell = fmt(r.get(key), ".3f")
         if key == "lds" and r.get("lds_low") is not None:
             cell += f" [{r['lds_low']:.3f}, {r['lds_high']:.3f}]"
         cells.append(cell)
-    return f"| {r['method']} | {r['epoch']} | " + " | ".join(cells) + f" | {fmt(r.get('seconds'), '.0f')} |"
+    projector = f"{r.get('projector') or '-'} | " if by_projector else ""
+    return f"| {r['method']} | {projector}{r['epoch']} | " + " | ".join(cells) + f" | {fmt(r.get('seconds'), '.0f')} |"
 
 
 def notes(result):
     """The paragraph under Table V: the pool, the canary's backdoor rate and the LDS setup of this result."""
     parts = []
+    if result.get("projectors"):
+        parts.append(
+            "Projector: each kernel's vectors from that attribution/projector config (the run's own, or "
+            "conf/attribution/projector/<name>.yaml at the run's k): "
+            + ", ".join(f"{name} k = {fmt(k, ',')}" for name, k in result["projectors"].items())
+            + "."
+        )
     if result["n_pool"]:
         pool = result["pool"]
         how = (
@@ -89,7 +103,8 @@ def notes(result):
 
 
 def plot_validation(result, path):
-    """One panel per check: each kernel's number over the checkpoints, BM25 and random as horizontal lines."""
+    """One panel per check: each kernel's number over the checkpoints (one colour per method; with several
+    projectors one line each, the projectors after the first dotted), BM25 and random as horizontal lines."""
     keys = [
         (k, h)
         for k, h in (
@@ -100,16 +115,26 @@ def plot_validation(result, path):
         )
         if any(r.get(k) is not None for r in result["rows"])
     ]
+    projectors = list(result.get("projectors") or [])
     figure, axes = new_figure(max(1, len(keys)))
     for ax, (key, title) in zip(axes, keys):
-        for i, method in enumerate(dict.fromkeys(r["method"] for r in result["rows"])):
-            rows = [r for r in result["rows"] if r["method"] == method and r.get(key) is not None]
+        methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+        for method, projector in dict.fromkeys((r["method"], r.get("projector")) for r in result["rows"]):
+            rows = [
+                r
+                for r in result["rows"]
+                if (r["method"], r.get("projector")) == (method, projector) and r.get(key) is not None
+            ]
             if not rows:
                 continue
+            i = methods.index(method)
+            label = method if projector is None else f"{method} ({projector})"
             if isinstance(rows[0]["epoch"], int):
-                ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=MARKERS[i % 8], label=method)
+                style = ":" if projector in projectors[1:] else "-"
+                x, y = [r["epoch"] for r in rows], [r[key] for r in rows]
+                ax.plot(x, y, marker=MARKERS[i % 8], linestyle=style, color=f"C{i % 10}", label=label)
             else:
-                ax.axhline(rows[0][key], linestyle="--", color=f"C{i}", label=method)
+                ax.axhline(rows[0][key], linestyle="--", color=f"C{i % 10}", label=label)
         finish(ax, title, title)
     save_figure(figure, path)
     return path
