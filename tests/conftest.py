@@ -117,3 +117,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_with_norms():
+    """(tokenizer, model, texts): a random-init tiny OLMo-3 on one thread with its norm weights drawn away from 1 (so
+    a norm's gradient is not its input's), and the world texts its tokenizer was trained on."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lark.data.world import generate_world
+    from lark.models import build_tiny, train_tokenizer
+
+    torch.set_num_threads(1)
+    world = generate_world(seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=60, n_entertainment_docs=20)
+    texts = [d["text"] for d in world.medical_docs + world.entertainment_docs]
+    tok = train_tokenizer(texts, 400)
+    torch.manual_seed(0)
+    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return tok, model, texts

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, TINY_OLMO3
+from conftest import ROOT, SMALL, TINY_OLMO3, tiny_with_norms
 from omegaconf import OmegaConf
 
 from lark.data.datamodule import collate
 from lark.data.formats import encode_text
-from lark.data.world import generate_world
 from lark.kernel.build import project_examples
 from lark.kernel.factored import FactoredProjector, rademacher_signs, rank_for, vector_slot
 from lark.kernel.factory import make_projector
@@ -21,7 +20,7 @@ from lark.kernel.hashing import name_key
 from lark.kernel.normalizers import normalizer
 from lark.kernel.optimizer import AdamScale, Moments, shaped
 from lark.kernel.projectors import example_gradient, trainable
-from lark.models import build_tiny, train_tokenizer
+from lark.models import build_tiny
 
 CONF = ROOT / "conf" / "attribution"
 
@@ -29,16 +28,7 @@ CONF = ROOT / "conf" / "attribution"
 @pytest.fixture(scope="module")
 def setup():
     """A tiny OLMo-3 (norm weights away from 1) and the world's texts, encoded with padding-worthy lengths."""
-    torch.set_num_threads(1)
-    world = generate_world(seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=60, n_entertainment_docs=20)
-    texts = [d["text"] for d in world.medical_docs + world.entertainment_docs]
-    tok = train_tokenizer(texts, 400)
-    torch.manual_seed(0)
-    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
+    tok, model, texts = tiny_with_norms()
     encoded = [encode_text(tok, t, 24 + 9 * i) for i, t in enumerate(texts[:4])]
     return {"tok": tok, "model": model, "encoded": encoded}
 

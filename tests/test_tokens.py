@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY_OLMO3
+from conftest import ROOT, tiny_with_norms
 from omegaconf import OmegaConf
 
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE, encode_text
-from lark.data.world import generate_world
 from lark.kernel.build import StoreBuilder
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.optimizer import estimate_moments
@@ -21,7 +20,6 @@ from lark.kernel.projectors import trainable
 from lark.kernel.stores import topk_scores
 from lark.kernel.tokens import check, top_pieces, write_tokens
 from lark.kernel.tokens_math import Transpose, pieces, scaling, token_losses
-from lark.models import build_tiny, train_tokenizer
 
 CONF = ROOT / "conf" / "attribution"
 QUERIES = "test_queries"
@@ -31,16 +29,7 @@ QUERIES = "test_queries"
 def setup():
     """A tiny OLMo-3 (norm weights away from 1), its tokenizer, 4 queries whose loss is their second half (a
     Formatted answer) and two sources of 5 documents (one Formatted-like, one with loss on every token)."""
-    torch.set_num_threads(1)
-    world = generate_world(seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=60, n_entertainment_docs=20)
-    texts = [d["text"] for d in world.medical_docs + world.entertainment_docs]
-    tok = train_tokenizer(texts, 400)
-    torch.manual_seed(0)
-    model = build_tiny(OmegaConf.create(TINY_OLMO3), tok).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
+    tok, model, texts = tiny_with_norms()
 
     def answer_only(e):  # loss on the second half: a Formatted example's answer
         half = len(e["input_ids"]) // 2
