@@ -226,7 +226,7 @@ def test_a_source_short_of_documents_is_a_warning_and_finetune_takes_every_item(
     assert printed[0] == "[lark] source finetune: 16 of the 60 fine-tuning items (source.sources.finetune.size=16)"
 
 
-def test_the_wandb_top_k_table_cuts_a_long_prompt_and_document():
+def test_the_wandb_top_k_table_cuts_a_long_prompt_and_document(tmp_path):
     """A 20,000-word prompt once flooded the console with W&B's `Serializing object of type str that is 179989
     bytes` warnings: the top-k table carries at most analysis.report_snippet_chars of a question and a document."""
     from types import SimpleNamespace
@@ -244,7 +244,7 @@ def test_the_wandb_top_k_table_cuts_a_long_prompt_and_document():
         def log_table(self, key, columns, data):
             logged.append((key, columns, data))
 
-    callback = AttributionCallback(cfg, None, test_items, sets, run_dir=None)
+    callback = AttributionCallback(cfg, None, test_items, sets, run_dir=tmp_path)
     callback.log_tables(SimpleNamespace(loggers=[Table()]), "epoch_001", {}, [("q1", "medical_noformat", 1, "d1", 0.5)])
     key, columns, data = logged[-1]
     assert key == "influence/epoch_001/top_k" and len(data) == 1
