@@ -19,7 +19,7 @@ from lark.kernel.optimizer import estimate_moments
 from lark.kernel.projectors import trainable
 from lark.kernel.stores import topk_scores
 from lark.kernel.tokens import check, top_pieces, write_tokens
-from lark.kernel.tokens_math import Transpose, pieces, scaling, token_losses
+from lark.kernel.tokens_math import Transpose, pieces, scaling, token_derivatives, token_losses, token_products
 
 CONF = ROOT / "conf" / "attribution"
 QUERIES = "test_queries"
@@ -59,11 +59,13 @@ def batch_of(setup, example):
     return collate([setup["encoder"](example)], setup["tok"].pad_token_id)
 
 
-def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
+def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path, mode):
     """(a) Exact projector, cosine: c_t(d) = <v_q, g_t(d)> / ||g(d)|| with g_t the autograd gradient of loss token
-    t's share (one backward per token), and c_t(q) likewise; both within 1e-4 of what the files say."""
+    t's share (one backward per token), and c_t(q) likewise; both within 1e-4 of what the files say, whether the
+    pass is forward mode (a pass per partner), reverse mode (a pass per loss token) or the cheaper of the two."""
     model, sets = setup["model"], setup["sets"]
-    rows = run_tokens(setup, attribution("exact"), tmp_path)
+    rows = run_tokens(setup, attribution("exact"), tmp_path, mode=mode)
     params = trainable(model)
 
     def grads(example):
@@ -124,7 +126,7 @@ def test_transpose_is_the_projection_adjoint(setup, projector):
             assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
 
 
-def run_tokens(setup, attr, folder, moments=None):
+def run_tokens(setup, attr, folder, moments=None, mode="auto"):
     """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens:
     {source: [records]}."""
     model, sets = setup["model"], setup["sets"]
@@ -145,7 +147,7 @@ def run_tokens(setup, attr, folder, moments=None):
             ]
     cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2}})
     ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
-    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES)
+    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode)
     return {
         name: [json.loads(line) for line in (folder / "tokens" / f"{name}.jsonl").read_text().splitlines()]
         for name in ("formatted", "raw")
@@ -185,9 +187,36 @@ def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projecto
                 assert total == pytest.approx(r["score"], abs=1e-3), (side, r["query_id"], r["doc_id"])
 
 
+def test_reverse_mode_equals_forward_mode(setup):
+    """token_products (a backward pass per loss token) = token_derivatives (a forward-mode pass per tangent) on
+    random tangents over every parameter, the padding row of the input embedding included, for an example with
+    loss on its second half and one with loss on every token."""
+    model = setup["model"]
+    gen = torch.Generator().manual_seed(5)
+    tangents = {n: torch.randn(3, *p.shape, generator=gen) for n, p in trainable(model)}
+    for name in ("formatted", "raw"):
+        batch = batch_of(setup, setup["sets"][name][1])
+        forward, reverse = token_derivatives(model, batch, tangents), token_products(model, batch, tangents)
+        assert forward.shape == reverse.shape == (3, batch["input_ids"].shape[1])
+        assert (reverse[:, batch["labels"][0] == IGNORE] == 0).all()
+        torch.testing.assert_close(reverse, forward, rtol=1e-4, atol=1e-6)
+
+
 def test_pieces_cover_the_decoded_text(setup):
-    text, spans = pieces(setup["tok"], setup["encoder"](setup["sets"]["raw"][0])["input_ids"])
+    """Every token's piece in order covers the text; the one-call path (tokens decoded one by one add up to the
+    text) gives the spans of the prefix decodings; a character split over byte tokens goes to the token that
+    completes it, the others getting an empty piece."""
+    tok = setup["tok"]
+    ids = setup["encoder"](setup["sets"]["raw"][0])["input_ids"]
+    text, spans = pieces(tok, ids)
     assert "".join(text[a:b] for a, b in spans) == text and spans[-1][1] == len(text)
+    prefixes = [len(tok.decode(ids[: i + 1], skip_special_tokens=False)) for i in range(len(ids))]
+    assert [b for _, b in spans] == prefixes
+    ids = tok("Gene \U0001f9ec café")["input_ids"]  # the emoji and the é are byte tokens here
+    text, spans = pieces(tok, ids)
+    assert text == "Gene \U0001f9ec café" and "".join(text[a:b] for a, b in spans) == text
+    split = [text[a:b] for a, b in spans]
+    assert "\U0001f9ec" in split and "é" in split and "" in split
 
 
 def test_top_pieces_and_config_checks(setup, tmp_path):

@@ -15,8 +15,10 @@ top_influences.csv up to the store tier's rounding (float16: ~1e-4). Tokens that
 document's prompt, a query's question) have no gradient of their own: contribution null.
 
 The pairs are each query's top `attribution.tokens_top_k` documents of every source (ranks as in
-top_influences.csv). Cost: per pair one forward-mode pass over the document and one over the query (tangents
-u = N D P^T w), and per example a backward pass only under per-tensor normalisation (its norms).
+top_influences.csv). Cost: every example in a written pair (each document and query once, with all its partners)
+takes min(m, T_loss) derivative passes — m forward-mode passes, one per partner's tangent u = N D P^T w, or, when
+it has fewer loss tokens than partners, T_loss backward passes, one per loss token (a query's short answer) —
+plus a backward pass under per-tensor normalisation (its norms).
 
 File format, one JSON object per line:
   {"query_id", "doc_id", "rank", "score", "kernel",
@@ -37,7 +39,7 @@ from lark.data.io import write_jsonl
 from lark.errors import ConfigError
 from lark.kernel.kernels import whitening
 from lark.kernel.stores import load_store
-from lark.kernel.tokens_math import Transpose, pieces, scaling, tangent_chunk, token_derivatives
+from lark.kernel.tokens_math import Transpose, pieces, scaling, tangent_chunk, token_derivatives, token_products
 
 MODES = ("off", "topk")  # attribution.tokens
 
@@ -69,8 +71,9 @@ def missing(out_dir, attr, sources):
 class Pass:
     """One checkpoint's token pass: the model, its projector and kernel, the stores' vectors and norms."""
 
-    def __init__(self, model, tokenizer, projector, kernel, vectors, norms, query_set):
+    def __init__(self, model, tokenizer, projector, kernel, vectors, norms, query_set, mode="auto"):
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
+        self.mode = mode  # auto: the fewer passes; forward | reverse: always that one (tests compare them)
         self.query_set, self.norms = query_set, norms
         self.device = next(model.parameters()).device
         self.transpose, self.texts, self.chunk = Transpose(projector, model), {}, tangent_chunk(model)
@@ -85,17 +88,21 @@ class Pass:
 
     def contributions(self, encoded, name, i, partners):
         """[len(partners), T] of example i of set `name` (encoded: its input ids and labels) against each partner
-        (set, index): c_t = <M^T v_partner, r_t> / ||M r||."""
+        (set, index): c_t = <M^T v_partner, r_t> / ||M r||, by forward mode (a pass per partner) or reverse mode
+        (a pass per loss token), whichever takes fewer passes (self.mode)."""
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         diagonal = scaling(self.projector, self.model, batch)
         denominator = self.scale(name, i)
+        n_loss = sum(label != IGNORE for label in encoded["labels"][1:])
         rows = []
         for start in range(0, len(partners), self.chunk):
             part = partners[start : start + self.chunk]
             w = torch.stack([self.scored[other][j] for other, j in part])
             w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
             u = self.transpose((w / denominator).to(self.device))
-            rows.append(token_derivatives(self.model, batch, {n: t * diagonal[n] for n, t in u.items()}).cpu())
+            reverse = self.mode == "reverse" or (self.mode == "auto" and n_loss < len(part))
+            derivatives = token_products if reverse else token_derivatives
+            rows.append(derivatives(self.model, batch, {n: t * diagonal[n] for n, t in u.items()}).cpu())
         return torch.cat(rows)
 
     def side(self, encoded, row):
@@ -112,18 +119,18 @@ class Pass:
         return {"text": text, "tokens": tokens}
 
 
-def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set):
+def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode="auto"):
     """tokens/<source>.jsonl of one checkpoint (rank 0): each query's top attribution.tokens_top_k documents of
     every source.
 
     ck: the checkpoint at work (lark.checkpoint.Checkpoint: its out_dir, with the stores; model, tokenizer,
     encoder (example -> encoded), cfg.attribution); vectors: {set: decoded stored unit vectors [n, k]} (the query
     set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
-    score)."""
+    score); mode: Pass's (auto, or forward | reverse for every example)."""
     out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
     top_k = ck.cfg.attribution.tokens_top_k
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
-    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set)
+    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
     pairs = [r for r in rows if r[2] <= top_k]
     by_doc, by_query = defaultdict(list), defaultdict(list)

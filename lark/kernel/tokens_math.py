@@ -6,7 +6,9 @@ token t's share (its loss / the number of loss tokens), D the optimizer correcti
 diagonal) and N the per-tensor normalisation (rapidin: each parameter divided by the norm of this example's whole
 D g). So for any w [k], <w, P D N g_t> = <u, g_t> with u = N D P^T w in parameter space (N, D diagonal), and
 <u, g_t> for every token t at once is one forward-mode pass: the derivative of the per-token losses along u
-(`token_derivatives`). No per-token backward pass, no per-token vector.
+(`token_derivatives`), one pass per tangent u. Or, per loss token t, one backward pass gives g_t, dotted with every
+tangent at once (`token_products`): the cheaper way when an example has fewer loss tokens than tangents (a query's
+short answer against its many partners). Either way no per-token vector of the projection is formed.
 
 P^T w per projector (`transpose`), from the projector's own hashes and matrices:
 - sketch (HookSketch): coordinate i of a parameter reads its bucket's value times its sign, w[bucket(i)] s(i)
@@ -18,6 +20,7 @@ P^T w per projector (`transpose`), from the projector's own hashes and matrices:
 """
 
 import copy
+import itertools
 import math
 
 import torch
@@ -58,7 +61,7 @@ class Transpose:
 
 def gather_reader(bucket, sign, shape):
     """w [m, k] -> [m, *shape]: coordinate i reads w[bucket[i]] * sign[i]."""
-    return lambda w: (w[:, bucket] * sign).view(w.shape[0], *shape)
+    return lambda w: w.index_select(1, bucket).mul_(sign).view(w.shape[0], *shape)
 
 
 def sketch_readers(projector, model, device):
@@ -197,6 +200,26 @@ def token_derivatives(model, example, tangents):
         model.set_attn_implementation(before)
 
 
+def token_products(model, example, tangents):
+    """[m, T] <u_i, g_t> as token_derivatives gives it, by reverse mode: for each loss token t one backward pass of
+    its share gives g_t (only for the parameters with a tangent), dotted with all m tangents. T_loss backward
+    passes instead of m forward-mode ones. An input embedding's padding row gets no gradient, as in training."""
+    params = {n: p.detach().requires_grad_(n in tangents) for n, p in trainable(model)}
+    names = [n for n in tangents if params[n].requires_grad]
+    losses = token_losses(model, params, example)
+    positions = [t for t in range(1, losses.shape[0]) if example["labels"][0, t] != IGNORE]
+    m = next(iter(tangents.values())).shape[0]
+    out = torch.zeros(m, losses.shape[0])
+    for n_done, t in enumerate(positions, 1):
+        grads = torch.autograd.grad(
+            losses[t], [params[n] for n in names], retain_graph=n_done < len(positions), allow_unused=True
+        )
+        out[:, t] = sum(
+            tangents[n].flatten(1).float() @ g.flatten().float() for n, g in zip(names, grads) if g is not None
+        ).cpu()
+    return out
+
+
 def tangent_chunk(model, numbers=2**26):
     """How many tangents one batched pass takes: as many as `numbers` tangent numbers hold (2^26: 256 MiB of
     float32), at least 1, at most 64."""
@@ -206,12 +229,19 @@ def tangent_chunk(model, numbers=2**26):
 # ------------------------------------------------------------------------------ text pieces
 def pieces(tokenizer, ids):
     """(text, [(start, end)] per token): text = the decoded ids (special tokens kept: what the model saw) and
-    token i's piece text[start:end]. A token that decodes to part of a character (byte-level BPE) gets an empty
-    piece and the character goes to the token that completes it."""
-    decode = lambda part: tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
-    text, spans, done = decode(ids), [], 0
+    token i's piece text[start:end]. When the tokens decoded one by one add up to the text (byte-level BPE without
+    a split character, the usual case), each piece is its own decoding; otherwise piece i ends where the decoding
+    of the first i + 1 tokens does, and a token that decodes to part of a character (byte-level BPE) gets an
+    empty piece, the character going to the token that completes it."""
+    options = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+    text = tokenizer.decode(ids, **options)
+    alone = tokenizer.batch_decode([[i] for i in ids], **options)
+    if "".join(alone) == text and "\ufffd" not in text:
+        ends = list(itertools.accumulate(len(piece) for piece in alone))
+        return text, list(zip([0, *ends[:-1]], ends))
+    spans, done = [], 0
     for i in range(len(ids)):
-        prefix = decode(ids[: i + 1]) if i + 1 < len(ids) else text
+        prefix = tokenizer.decode(ids[: i + 1], **options) if i + 1 < len(ids) else text
         end = len(prefix) if text.startswith(prefix) and "\ufffd" not in prefix[done:] else done
         spans.append((done, end))
         done = end
