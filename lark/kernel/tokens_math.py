@@ -161,17 +161,18 @@ def scaling(projector, model, example):
 def token_losses(model, params, example):
     """[T] each loss token's share of the example's loss (its cross-entropy / the number of loss tokens), at the
     position of the token it predicts (0 elsewhere): the loss lark.kernel.sketch_math.per_example_loss splits.
-    params: {name: tensor} overriding the model's trainable parameters."""
+    params: {name: tensor} overriding the model's trainable parameters. The output layer runs only at the
+    positions that predict a loss token (transformers' logits_to_keep): a Formatted example's prompt costs no
+    vocabulary-wide logits, nor their derivatives."""
     ids, labels = example["input_ids"], example["labels"]
-    logits = functional_call(model, params, (ids,), {"attention_mask": example["attention_mask"]}).logits
     targets = labels[0, 1:]
-    mask = targets != IGNORE
-    losses = (
-        torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets.clamp_min(0), reduction="none")
-        * mask
-        / mask.sum().clamp_min(1)
-    )
-    return torch.nn.functional.pad(losses, (1, 0))
+    keep = (targets != IGNORE).nonzero().flatten()  # the logit positions that predict a loss token
+    kwargs = {"attention_mask": example["attention_mask"], "logits_to_keep": keep}
+    logits = functional_call(model, params, (ids,), kwargs).logits[0]
+    kept = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none") / max(len(keep), 1)
+    placed = torch.zeros(labels.shape[1], len(keep), device=kept.device)  # loss j -> position keep[j] + 1
+    placed[keep + 1, torch.arange(len(keep), device=kept.device)] = 1
+    return placed @ kept
 
 
 def token_derivatives(model, example, tangents):
