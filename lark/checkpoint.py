@@ -176,7 +176,7 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     attr = {
         k: v
         for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
-        if k not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k")
+        if k not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_pass")
     }
     return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
 

@@ -128,6 +128,7 @@ IGNORED = (
     "logger",
     "attribution.projector.fold",  # the fold's schedule: same sums (a GPU run may switch triton -> index)
     "attribution.projector.cache_bytes",  # how many hash signs are kept between batches: speed only
+    "attribution.tokens_pass",  # forward or reverse derivatives of the token contributions: speed only
 )
 
 

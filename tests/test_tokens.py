@@ -232,6 +232,7 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     for bad, key in (
         ({"tokens": "all"}, "attribution.tokens"),
         ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),
+        ({"tokens": "topk", "tokens_top_k": 3, "tokens_pass": "both"}, "attribution.tokens_pass"),
     ):
         with pytest.raises(ConfigError, match=key):
             check(OmegaConf.create({**base, **bad}))

@@ -334,9 +334,10 @@ def test_table5_gains_a_projector_column_only_with_projectors(tmp_path):
 
 
 def test_validation_md_quotes_the_committed_factored_table(tmp_path):
-    """docs/validation.md's factored Table V must be the one lark.validation.write writes from the committed
-    validation.json of `python validate.py run_dir=<the embedded run> projectors=[factored]`
-    (docs/results/embedded_factored), row for row; its sketch rows are docs/results/embedded's (tests/test_docs.py)."""
+    """docs/validation.md's side-by-side Table V must be the one lark.validation.write writes from the committed
+    validation.json of `python validate.py run_dir=<the embedded run> projectors=[sketch,factored]`
+    (docs/results/embedded_factored), row for row: every kernel with each projector, and its sketch rows are the
+    committed embedded run's Table V (docs/results/embedded) cell for cell but the Time column."""
     from lark.validation.write import write_table5
 
     committed = ROOT / "docs" / "results" / "embedded_factored"
@@ -345,8 +346,15 @@ def test_validation_md_quotes_the_committed_factored_table(tmp_path):
     table = (tmp_path / "table5.md").read_text()
     assert table == (committed / "tables" / "table5.md").read_text()
     rows = [row for row in table.splitlines() if row.startswith("|")]
-    n_kernels = len(result["kernels"])  # 6 checkpoints and TracIn-CP each, then bm25 and random
-    assert n_kernels and len(rows) == 2 + 7 * n_kernels + 2 and all("| factored |" in row for row in rows[2:-2])
+    n_kernels = len(result["kernels"])  # 6 checkpoints and TracIn-CP each per projector, then bm25 and random
+    body = rows[2:-2]
+    assert list(result["projectors"]) == ["sketch", "factored"] and n_kernels and len(body) == 2 * 7 * n_kernels
+    assert sum("| sketch |" in row for row in body) == sum("| factored |" in row for row in body) == 7 * n_kernels
+    cells = lambda row: [c.strip() for c in row.split("|")[1:-2]]  # noqa: E731  (without Time)
+    alone = (ROOT / "docs" / "results" / "embedded" / "tables" / "table5.md").read_text().splitlines()
+    alone = [cells(row) for row in alone if row.startswith("|")][2:]
+    sketch = [c[:1] + c[2:] for c in map(cells, rows[2:]) if c[1] in ("sketch", "-")]
+    assert sketch == alone
     doc = (ROOT / "docs" / "validation.md").read_text()
     missing = [row for row in rows if row not in doc]
     assert not missing, f"docs/validation.md's factored Table V differs from the committed run's: {missing}"

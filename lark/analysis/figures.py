@@ -41,7 +41,7 @@ def finish(ax, title, ylabel, xlabel="Epoch", legend_loc="best"):
     ax.grid(alpha=0.3)
     if xlabel == "Epoch":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ax.get_legend_handles_labels()[0]:
+    if legend_loc and ax.get_legend_handles_labels()[0]:  # legend_loc=None: the caller draws one for the figure
         ax.legend(fontsize="small", loc=legend_loc)
 
 

@@ -42,6 +42,7 @@ from lark.kernel.stores import load_store
 from lark.kernel.tokens_math import Transpose, pieces, scaling, tangent_chunk, token_derivatives, token_products
 
 MODES = ("off", "topk")  # attribution.tokens
+PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
 
 
 def check(attr):
@@ -57,6 +58,8 @@ def check(attr):
         raise ConfigError(
             f"attribution.tokens_top_k must be an integer in [1, attribution.top_k={attr.top_k}], got {n!r}"
         )
+    if attr.get("tokens_pass", "auto") not in PASSES:
+        raise ConfigError(f"attribution.tokens_pass: unknown '{attr.tokens_pass}' ({' | '.join(PASSES)})")
     if attr.store_dtype == "bit":
         raise ConfigError("attribution.tokens=topk: store_dtype=bit's SimHash cosine is not a dot product to split")
     return True
@@ -119,16 +122,17 @@ class Pass:
         return {"text": text, "tokens": tokens}
 
 
-def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode="auto"):
+def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=None):
     """tokens/<source>.jsonl of one checkpoint (rank 0): each query's top attribution.tokens_top_k documents of
     every source.
 
     ck: the checkpoint at work (lark.checkpoint.Checkpoint: its out_dir, with the stores; model, tokenizer,
     encoder (example -> encoded), cfg.attribution); vectors: {set: decoded stored unit vectors [n, k]} (the query
     set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
-    score); mode: Pass's (auto, or forward | reverse for every example)."""
+    score); mode: Pass's (attribution.tokens_pass by default)."""
     out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
     top_k = ck.cfg.attribution.tokens_top_k
+    mode = mode or ck.cfg.attribution.get("tokens_pass", "auto")
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
     run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}

@@ -104,7 +104,8 @@ def notes(result):
 
 def plot_validation(result, path):
     """One panel per check: each kernel's number over the checkpoints (one colour per method; with several
-    projectors one line each, the projectors after the first dotted), BM25 and random as horizontal lines."""
+    projectors one line each, the projectors after the first dotted), BM25 and random as horizontal lines; one
+    legend for all panels, right of them (with a dozen lines a legend inside a panel would cover its data)."""
     keys = [
         (k, h)
         for k, h in (
@@ -135,6 +136,12 @@ def plot_validation(result, path):
                 ax.plot(x, y, marker=MARKERS[i % 8], linestyle=style, color=f"C{i % 10}", label=label)
             else:
                 ax.axhline(rows[0][key], linestyle="--", color=f"C{i % 10}", label=label)
-        finish(ax, title, title)
+        finish(ax, title, title, legend_loc=None)
+    shown = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            shown.setdefault(label, handle)
+    if shown:
+        figure.legend(shown.values(), shown.keys(), loc="outside right upper", fontsize="small")
     save_figure(figure, path)
     return path
