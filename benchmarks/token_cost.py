@@ -85,7 +85,10 @@ def smollm2_row(n, top_k, repeats):
     top_k = min(top_k, n)  # each query's top documents of n
     model, tok = load_base_model(cfg)
     model.eval()
-    world = generate_world(seed=0, n_train=10, n_test=n, n_facts=10, n_medical_docs=max(n, 60), n_entertainment_docs=20)
+    n_facts = max(20, 2 * n)  # (the generated world needs a fact for every answer kind)
+    world = generate_world(
+        seed=0, n_train=10, n_test=n, n_facts=n_facts, n_medical_docs=3 * n_facts, n_entertainment_docs=20
+    )
     chatml = OmegaConf.load(ROOT / "conf" / "format" / "chatml.yaml")
     docs = world.medical_docs[:n]
     sets = {"test_queries": world.test, "medical_noformat": docs, "medical_format": [dict(d) for d in docs]}
@@ -144,22 +147,24 @@ def main():
     args = ap.parse_args()
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
     print(f"{'model':<36} {'tokens':<14} {'seconds':>8} {'x off':>6}")
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_embedded:
             run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
             for top_k in args.top_k:
                 name = f"embedded, tokens_top_k={top_k} {' '.join(args.overrides)}".strip()
-                rows.append((name, embedded_row(run, args.epoch, args.repeats, top_k)))
+                show(name, embedded_row(run, args.epoch, args.repeats, top_k))
     if args.smollm2:
-        rows.append((f"SmolLM2-135M-Instruct, n={args.n}", smollm2_row(args.n, 3, args.repeats)))
-    for name, row in rows:
-        if isinstance(row, str):
-            print(f"{name:<36} {row}")
-            continue
-        for mode, seconds in row.items():
-            label = "off" if mode == "off" else f"topk, {mode}"
-            print(f"{name:<36} {label:<14} {seconds:>8.1f} {seconds / row['off']:>6.2f}")
+        show(f"SmolLM2-135M-Instruct, n={args.n}", smollm2_row(args.n, 3, args.repeats))
+
+
+def show(name, row):
+    """A model's rows as soon as they are measured (a note when skipped)."""
+    if isinstance(row, str):
+        print(f"{name:<36} {row}", flush=True)
+        return
+    for mode, seconds in row.items():
+        label = "off" if mode == "off" else f"topk, {mode}"
+        print(f"{name:<36} {label:<14} {seconds:>8.1f} {seconds / row['off']:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":
