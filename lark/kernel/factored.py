@@ -60,15 +60,35 @@ def rademacher_signs(rows, cols, key, device):
     return random_signs(index, key).view(rows, cols)
 
 
-def project_side(x, signs):
-    """x [..., d] -> x S^T [..., r] in x's dtype (S [r, d] of +-1), or x itself when signs is None (identity)."""
-    return x if signs is None else x @ signs.T.to(x.dtype)  # (a no-op cast when S is kept in x's dtype)
+GEMM_COLUMNS = 16  # a side's S^T is zero-padded to a multiple of this many columns (not a knob: same numbers)
+
+
+class Side:
+    """One random side of a module, kept between batches: S^T [d, r'] (S [r, d] of +-1 in the model's dtype)
+    zero-padded to r' = a multiple of GEMM_COLUMNS, the operand of x @ S^T. The padding changes no number, only
+    speed: a skinny GEMM whose column count is not a multiple of 16 runs at half speed or worse (MKL, 2 cores:
+    [1024, 2048] @ [2048, 31] 2.0 ms, @ [2048, 32] 1.0 ms; r = 31 is what k = 65,536 gives the 42M model)."""
+
+    def __init__(self, signs):
+        self.r, d = signs.shape
+        width = -(-self.r // GEMM_COLUMNS) * GEMM_COLUMNS
+        self.operand = signs.new_zeros(d, width)
+        self.operand[:, : self.r] = signs.T
+
+    def rows(self, index):
+        """P's columns at `index` (e.g. the tokens of an embedding's out side) [..., r]."""
+        return self.operand[index][..., : self.r]
+
+
+def project_side(x, side):
+    """x [..., d] -> x S^T [..., r] in x's dtype (a Side, x in the side's dtype), or x itself when side is None
+    (identity)."""
+    return x if side is None else (x @ side.operand)[..., : side.r]
 
 
 def factored_block(delta, x, p_out, p_in, scale):
     """[B, r_out * r_in] per-example sum_t (P_out delta_t)(P_in x_t)^T, row by row, in float32. delta [B, T, out],
-    x [B, T, in]; p_out [r_out, out] and p_in [r_in, in] signs (None: identity); scale = 1 / sqrt(r_out r_in) of the
-    random sides."""
+    x [B, T, in]; p_out and p_in Sides (None: identity); scale = 1 / sqrt(r_out r_in) of the random sides."""
     a, c = project_side(delta, p_out).float(), project_side(x, p_in).float()
     return torch.bmm(a.transpose(1, 2), c).flatten(1).mul_(scale)
 
@@ -203,22 +223,24 @@ class FactoredProjector(HookSketch):
     # -- matrices, kept between batches -----------------------------------------------------------------------
     def signs(self, name, axis, size, device, dtype=torch.float32):
         """P's signs [r, size] on one axis ("out" or "in") of a matrix parameter, in the model's dtype (+-1 is exact
-        in any), or None where r >= size."""
+        in any), or None where r >= size (made anew: `matrices` keeps each as a Side)."""
         r = self.r_out if axis == "out" else self.r_in
         if r >= size:
             return None
-        key = ("signs", name, axis, size, str(device), dtype)
-        if key not in self.cache:
-            signs = rademacher_signs(r, size, name_key(self.seed, name, f"factored-{axis}"), device)
-            self.cache[key] = signs.to(dtype)
-        return self.cache[key]
+        return rademacher_signs(r, size, name_key(self.seed, name, f"factored-{axis}"), device).to(dtype)
 
     def matrices(self, name, n_out, n_in, like):
-        """(P_out signs, P_in signs, 1 / sqrt of the random sides' r) of a matrix parameter, on the device and in
-        the dtype of the tensor `like`."""
-        p_out, p_in = (self.signs(name, a, n, like.device, like.dtype) for a, n in (("out", n_out), ("in", n_in)))
-        rows = (p_out.shape[0] if p_out is not None else 1) * (p_in.shape[0] if p_in is not None else 1)
-        return p_out, p_in, 1 / math.sqrt(rows)
+        """(P_out's Side, P_in's Side, 1 / sqrt of the random sides' r) of a matrix parameter, on the device and in
+        the dtype of the tensor `like` (None for a side where r >= d: the identity)."""
+        sides = []
+        for axis, n in (("out", n_out), ("in", n_in)):
+            key = ("side", name, axis, n, str(like.device), like.dtype)
+            if key not in self.cache:
+                signs = self.signs(name, axis, n, like.device, like.dtype)
+                self.cache[key] = None if signs is None else Side(signs)
+            sides.append(self.cache[key])
+        rows = math.prod(side.r for side in sides if side is not None)
+        return *sides, 1 / math.sqrt(rows)
 
     def vector(self, name, value):
         """(slot [B, size], squared norms [B] or None) of a 1-D parameter's per-example gradients [B, n]."""
@@ -260,7 +282,7 @@ class FactoredProjector(HookSketch):
         grad = without_padding(grad, tokens, getattr(mod, "padding_idx", None))
         vocab = mod.weight.shape[0]
         p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad)
-        rows = torch.nn.functional.one_hot(tokens, vocab) if p_out is None else p_out.T[tokens]  # [B, T, r]
+        rows = torch.nn.functional.one_hot(tokens, vocab) if p_out is None else p_out.rows(tokens)  # [B, T, r]
         block = torch.bmm(rows.float().transpose(1, 2), project_side(grad, p_in).float()).flatten(1).mul_(scale)
         squares = embedding_squares(tokens, grad, run.output_rows) if self.normalizer.needs_norms else None
         run.add(name, block, squares)
