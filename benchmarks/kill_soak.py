@@ -325,7 +325,9 @@ def measured(run):
 
 def validate_reference(argv, run, cache, n_subsets):
     """Watch an uninterrupted validate.py: {phase: seconds}: "first" from the retrain launch to the first measured
-    subset (the batch's start-up and first retrains), "between" two measured subsets, "scoring" after the last."""
+    subset (the batch's start-up and first retrains), "scoring" after the last, and "gaps": for each count c, the
+    seconds from the c-th measured subset (the launch for c = 0) to the next. Retrains run n_jobs at a time, so
+    subsets land in bunches: the gap after the first of a pair is a fraction of a second."""
     victim, times = Victim(argv, cache), []
     while victim.proc.poll() is None:
         times += [victim.elapsed()] * (len(measured(run)) - len(times))
@@ -334,8 +336,8 @@ def validate_reference(argv, run, cache, n_subsets):
     if code != 0 or len(measured(run)) != n_subsets:
         raise SystemExit(f"the reference validation failed (exit {code}):\n{victim.tail()}")
     start = victim.seen("mini-LDS: retraining") or 0.0
-    between = (times[-1] - times[0]) / max(n_subsets - 1, 1)
-    return {"first": times[0] - start, "between": between, "scoring": end - times[-1]}
+    gaps = [b - a for a, b in zip([start, *times], times)]
+    return {"first": times[0] - start, "gaps": gaps, "scoring": end - times[-1]}
 
 
 def descendants(pid):
@@ -354,13 +356,16 @@ def descendants(pid):
     return out
 
 
-def validate_plan(n_kills, n_subsets, rng):
+def validate_plan(n_kills, windows, rng):
     """(phase, after this many measured subsets, how: "alone" | "tree", u): the retrain kills kill validate.py's
     whole process tree (a lost node or a cancelled job: the retrains in flight die too), the last one validate.py
     alone (`kill -9 <pid>`: its retrains live on and finish); with two kills or more the last one is made while
-    Table V is scored."""
-    scoring = n_kills >= 2
-    kills = sorted((rng.randint(0, n_subsets - 1), rng.random()) for _ in range(n_kills - scoring))
+    Table V is scored. A retrain kill aims after a count whose gap to the next measured subset is long (a quarter of
+    the longest or more): after the first of a pair that lands together there is no moment to hit."""
+    gaps = windows["gaps"]
+    n_subsets, scoring = len(gaps), n_kills >= 2
+    counts = [c for c, gap in enumerate(gaps) if gap >= 0.25 * max(gaps)]
+    kills = sorted((rng.choice(counts), rng.random()) for _ in range(n_kills - scoring))
     last = len(kills) - 1  # killed alone, the retrains in flight finish: nothing may be left for a later kill
     kills = [("retraining", c, "alone" if i == last else "tree", u) for i, (c, u) in enumerate(kills)]
     return kills + ([("scoring", n_subsets, "alone", rng.random())] if scoring else [])
@@ -374,7 +379,7 @@ def validate_trigger(kill, run, victim, state, windows):
             state["t0"] = victim.elapsed() if len(measured(run)) == count else None
         elif victim.seen("mini-LDS: retraining") is not None:
             already = len(measured(run)) >= count and state["at_start"] >= count  # measured before this process
-            state["window"] = windows["first"] if already or not count else windows["between"]
+            state["window"] = windows["first"] if already else windows["gaps"][count]
             state["t0"] = victim.elapsed() if len(measured(run)) >= count else None
         state.setdefault("window", windows["scoring"])
     return state.get("t0") is not None and victim.elapsed() >= state["t0"] + u * 0.5 * state["window"]
@@ -527,7 +532,7 @@ def validate_soak(args, ref, chain, rng):
         argv(ref.parent / "validate_chain"),
         ref.parent / "validate_chain",
         chain / "cache",
-        validate_plan(args.validate_kills, n_subsets, rng),
+        validate_plan(args.validate_kills, windows, rng),
         n_subsets,
         windows,
     )
