@@ -324,9 +324,9 @@ def measured(run):
 
 
 def validate_reference(argv, run, cache, n_subsets):
-    """Watch an uninterrupted validate.py: {phase: seconds}: "first" from the retrain launch to the first measured
-    subset (the batch's start-up and first retrains), "scoring" after the last, and "gaps": for each count c, the
-    seconds from the c-th measured subset (the launch for c = 0) to the next. Retrains run n_jobs at a time, so
+    """Watch an uninterrupted validate.py: {phase: seconds}: "gaps": for each count c, the seconds from the c-th
+    measured subset to the next (for c = 0 from the retrain launch: the batch's start-up and first retrains), and
+    "scoring" after the last. Retrains run n_jobs at a time, so
     subsets land in bunches: the gap after the first of a pair is a fraction of a second."""
     victim, times = Victim(argv, cache), []
     while victim.proc.poll() is None:
@@ -337,7 +337,7 @@ def validate_reference(argv, run, cache, n_subsets):
         raise SystemExit(f"the reference validation failed (exit {code}):\n{victim.tail()}")
     start = victim.seen("mini-LDS: retraining") or 0.0
     gaps = [b - a for a, b in zip([start, *times], times)]
-    return {"first": times[0] - start, "gaps": gaps, "scoring": end - times[-1]}
+    return {"gaps": gaps, "scoring": end - times[-1]}
 
 
 def descendants(pid):
@@ -379,7 +379,7 @@ def validate_trigger(kill, run, victim, state, windows):
             state["t0"] = victim.elapsed() if len(measured(run)) == count else None
         elif victim.seen("mini-LDS: retraining") is not None:
             already = len(measured(run)) >= count and state["at_start"] >= count  # measured before this process
-            state["window"] = windows["first"] if already else windows["gaps"][count]
+            state["window"] = windows["gaps"][0 if already else count]
             state["t0"] = victim.elapsed() if len(measured(run)) >= count else None
         state.setdefault("window", windows["scoring"])
     return state.get("t0") is not None and victim.elapsed() >= state["t0"] + u * 0.5 * state["window"]
