@@ -61,7 +61,7 @@ def explicit(proj, grads):
         g = grads[name].double()
         if ranks is None:
             keys = (name_key(proj.seed, name, "factored-bucket"), name_key(proj.seed, name, "factored-sign"))
-            parts.append(vector_slot(g[None], size, *keys)[0].double())
+            parts.append(vector_slot(g.reshape(1, -1), size, *keys)[0].double())
             continue
         sides = [proj.signs(name, axis, n, g.device) for axis, n in (("out", g.shape[0]), ("in", g.shape[1]))]
         p_out, p_in = [torch.eye(n, dtype=torch.float64) if s is None else s.double() for s, n in zip(sides, g.shape)]

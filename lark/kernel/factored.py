@@ -25,10 +25,14 @@ cosine ~0.7: std 0.32, against 1/r = 0.06 for a dense projection to r^2 numbers)
 averages some of it away. That is the price of never forming G (benchmarks/attribution_speed.py measures it).
 
 The other parameters:
-- the input embedding E [V, d]: its gradient sum_s onehot(tok_s) e_s^T (e_s = dL/d embedding at position s) is
-  factored the same way, P_out's columns looked up at the tokens: the V x d gradient is never formed. A tied output
-  layer (a Linear on the same weight) uses the same matrices (keyed by the parameter's name), so its block adds into
-  the embedding's;
+- the input embedding E [V, d]: its gradient sum_s onehot(tok_s) e_s^T (e_s = dL/d embedding at position s) has
+  only the example's T token rows, so it is count-sketched (`row_sketch`, the hash of vector_slot) into the slot a
+  factored block would take (min(r_out, V) x min(r_in, d) numbers) from those rows alone, T x d hashes per example:
+  the V x d gradient is never formed, and its inner products get a dense JL estimate's error at that many numbers
+  instead of a factored block's ~sqrt(1/r_out + 1/r_in) (which swamped the Adam-corrected cosines, where rare
+  tokens' rows carry most of the norm: docs/validation.md). A tied input embedding is factored instead, P_out's
+  columns looked up at the tokens: its output layer's gradient is dense (every vocabulary row), so the weight's two
+  parts must share the factored matrices (keyed by the parameter's name) to add into one block;
 - 1-D parameters (norm weights of sketch_math.NORMS, biases): the exact per-example gradient when it has at most
   r_out * r_in numbers (every norm of a small model), else a count sketch of it into r_out * r_in buckets (hash of
   the same seed and name).
@@ -111,6 +115,17 @@ def vector_slot(value, size, bucket_key, sign_key):
     index = torch.arange(n, dtype=torch.int64, device=value.device)
     bucket, sign = hashed(index, bucket_key) % size, random_signs(index, sign_key)
     return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
+
+
+def row_sketch(tokens, rows, size, bucket_key, sign_key):
+    """[B, size] vector_slot of a row-sparse gradient sum_s onehot(tokens_s) rows_s^T [V, d] flattened row by row
+    (coordinate v * d + j), from its T rows alone: each row's d numbers added at their coordinates' buckets with
+    their signs (the same hash as vector_slot, so the two agree number for number). tokens [B, T], rows [B, T, d]."""
+    d = rows.shape[-1]
+    index = tokens.unsqueeze(-1) * d + torch.arange(d, device=rows.device)  # [B, T, d] flat coordinates
+    bucket, sign = hashed(index, bucket_key) % size, random_signs(index, sign_key)
+    out = torch.zeros(rows.shape[0], size, device=rows.device)
+    return out.scatter_add_(1, bucket.flatten(1), (rows.float() * sign).flatten(1))
 
 
 def layout_size(matrices, vectors, r_out, r_in):
@@ -199,7 +214,9 @@ class FactoredProjector(HookSketch):
         self.r_out, self.r_in = r_out, r_in
         slots = {}
         for name, p in params:
-            if p.dim() == 2:
+            if p is self.input_weight and not self.tied:  # count-sketched rows, a factored block's size
+                slots[name] = (min(r_out, p.shape[0]) * min(r_in, p.shape[1]), None)
+            elif p.dim() == 2:
                 ranks = (min(r_out, p.shape[0]), min(r_in, p.shape[1]))
                 slots[name] = (ranks[0] * ranks[1], ranks)
             else:
@@ -215,6 +232,7 @@ class FactoredProjector(HookSketch):
             "r_out": self.r_out,
             "r_in": self.r_in,
             "matrix": "rademacher",
+            "embedding": "factored" if self.tied else "count-sketch",  # lark.kernel.factored's module docstring
             "hash": "murmur3-fmix32",
             "coverage": round(self.coverage(), 6),
         }
@@ -242,12 +260,15 @@ class FactoredProjector(HookSketch):
         rows = math.prod(side.r for side in sides if side is not None)
         return *sides, 1 / math.sqrt(rows)
 
+    def slot_keys(self, name):
+        """The hash keys (bucket, sign) of a count-sketched slot (1-D parameters, an untied input embedding)."""
+        return name_key(self.seed, name, "factored-bucket"), name_key(self.seed, name, "factored-sign")
+
     def vector(self, name, value):
         """(slot [B, size], squared norms [B] or None) of a 1-D parameter's per-example gradients [B, n]."""
         value = self.corrected(name, value)
-        keys = (name_key(self.seed, name, "factored-bucket"), name_key(self.seed, name, "factored-sign"))
         squares = value.float().square().sum(dim=1) if self.normalizer.needs_norms else None
-        return vector_slot(value, self.slots[name][0], *keys), squares
+        return vector_slot(value, self.slots[name][0], *self.slot_keys(name)), squares
 
     # -- one module's blocks ----------------------------------------------------------------------------------
     def add_linear(self, run, mod, x, delta):
@@ -274,17 +295,22 @@ class FactoredProjector(HookSketch):
                 run.add(name, *self.vector(name, g))
 
     def add_embedding(self, run, mod, grad):
-        """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows:
-        sum_s (P_out[:, tok_s]) (P_in e_s)^T, P_out's columns taken at the tokens."""
+        """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows: the
+        count sketch of those rows (untied), or sum_s (P_out[:, tok_s]) (P_in e_s)^T, P_out's columns taken at the
+        tokens (tied: the output layer's factored block adds into it)."""
         name, tokens = self.param_names[id(mod.weight)], run.tokens
         if self.precondition is not None:
             grad = self.precondition.rows(name, tokens, grad)
         grad = without_padding(grad, tokens, getattr(mod, "padding_idx", None))
+        squares = embedding_squares(tokens, grad, run.output_rows) if self.normalizer.needs_norms else None
+        size, ranks = self.slots[name]
+        if ranks is None:
+            run.add(name, row_sketch(tokens, grad, size, *self.slot_keys(name)), squares)
+            return
         vocab = mod.weight.shape[0]
         p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad)
         rows = torch.nn.functional.one_hot(tokens, vocab) if p_out is None else p_out.rows(tokens)  # [B, T, r]
         block = torch.bmm(rows.float().transpose(1, 2), project_side(grad, p_in).float()).flatten(1).mul_(scale)
-        squares = embedding_squares(tokens, grad, run.output_rows) if self.normalizer.needs_norms else None
         run.add(name, block, squares)
 
     # -- the pass ---------------------------------------------------------------------------------------------
