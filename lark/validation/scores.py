@@ -18,7 +18,7 @@ from lark.data.bm25 import BM25
 from lark.data.formats import encode
 from lark.data.sources import example_text
 from lark.errors import ConfigError, RunDirError
-from lark.fingerprints import content_hash, fingerprints
+from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
 from lark.kernel.build import project_examples
 from lark.kernel.factory import make_kernel, make_projector, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments
@@ -89,8 +89,12 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
     attr) at one checkpoint (cached in <run>/validation/scores/<name>/<checkpoint folder>/scores.safetensors; name
     may hold a slash: "cosine/factored")."""
     sets = {"queries": run.queries, "train": run.train_fields, "pool": run.pool}
+    kernel = make_kernel(attr)
+    projector = make_projector(attr, model, kernel, checkpoint_moments(kernel, checkpoint))
     key = content_hash(
         OmegaConf.to_container(attr, resolve=True),
+        projector.spec(),  # what the stores record: a projector whose numbers changed says so here
+        PROJECTOR_VERSION,
         fingerprints(model, tokenizer, run.cfg.format),
         run.cfg.max_length,
         {k: [e["id"] for e in v] for k, v in sets.items()},
@@ -100,8 +104,6 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
     if cached is not None:
         run.log(f"[lark] {path}: cached, reused")
         return cached
-    kernel = make_kernel(attr)
-    projector = make_projector(attr, model, kernel, checkpoint_moments(kernel, checkpoint))
     raw = {
         set_name: project_examples(
             model,
