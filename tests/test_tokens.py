@@ -100,13 +100,17 @@ def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path,
         assert sum(w for w in written if w is not None) == pytest.approx(record["score"], abs=1e-3)
 
 
-@pytest.mark.parametrize("projector", ["sketch", "factored", "rapidin", "gaussian"])
-def test_transpose_is_the_projection_adjoint(setup, projector):
+@pytest.mark.parametrize(
+    "projector, options",
+    [("sketch", {}), ("sketch", {"method": "tensorsketch"}), ("factored", {}), ("rapidin", {}), ("gaussian", {})],
+)
+def test_transpose_is_the_projection_adjoint(setup, projector, options):
     """<P^T w, N D g> = <w, project_batch(example)> for the projector's own vector of an example (with per-tensor
-    norms and the Adam correction: the rapidin and adam kernels), on autograd's gradient g."""
+    norms and the Adam correction: the rapidin and adam kernels), on autograd's gradient g; the sketch at k = 512
+    reads many rotated chunks per parameter, with a last partial one (its Linear layers also as TensorSketch)."""
     model = setup["model"]
     for kernel in ("rapidin", "adam"):
-        attr = attribution(projector, kernel, k=512)
+        attr = attribution(projector, kernel, k=512, **options)
         moments = (
             estimate_moments(model, [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
             if kernel == "adam"

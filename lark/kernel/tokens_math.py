@@ -15,7 +15,7 @@ P^T w per projector (`transpose`), from the projector's own hashes and matrices:
   (the rotated-chunk count sketch; the input embedding and a tied output layer share the parameter's hash);
   a TensorSketch layer: U[i, j] = w[(h1(i) + h2(j)) mod k] s1(i) s2(j).
 - factored: each matrix's block B = scale P_out G P_in^T, so U = scale P_out^T W P_in (W the slot as r_out x r_in);
-  a 1-D parameter's slot is itself or its count sketch.
+  a 1-D parameter's slot (and an untied input embedding's) is itself or its count sketch.
 - rapidin, gaussian, exact (per-example projectors with project(grads)): autograd through project() at zero.
 """
 
@@ -32,7 +32,6 @@ from lark.kernel.hashing import hashed, name_key, random_signs
 from lark.kernel.normalizers import NoNorm
 from lark.kernel.projectors import PerExample, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
-from lark.kernel.sketch_math import rotated_buckets
 
 
 # ------------------------------------------------------------------------------ P^T w
@@ -64,10 +63,39 @@ def gather_reader(bucket, sign, shape):
     return lambda w: w.index_select(1, bucket).mul_(sign).view(w.shape[0], *shape)
 
 
+def rotated_reader(projector, name, shape, device):
+    """w [m, k] -> [m, *shape] of a parameter in the rotated-chunk count sketch: chunk c of its flat coordinates
+    reads w rotated by the chunk's offset o_c (coordinate c k + j reads w[(o_c + j) mod k]), a window of [w, w]
+    (unfold: no index per coordinate), times the coordinate's sign. The signs are the projector's own (its
+    cache, 1 byte per coordinate, within attribution.projector.cache_bytes; beyond it hashed per call): the
+    transpose keeps nothing per coordinate, so its memory is the tangent it returns."""
+    numel, k = math.prod(shape), projector.k
+    offsets = projector.offsets(name, 0, -(-numel // k), device)
+
+    def read(w):
+        windows = torch.cat([w, w], dim=1).unfold(1, k, 1)  # [m, k + 1, k]: window o = w rotated left by o
+        u = windows[:, offsets].flatten(1)[:, :numel]
+        return u.mul_(projector.signs(name, numel, 0, numel, device)).view(w.shape[0], *shape)
+
+    return read
+
+
+def tensorsketch_reader(projector, name, shape, device):
+    """w [m, k] -> [m, out, in] of a TensorSketch layer: U[i, j] = w[(h1(i) + h2(j)) mod k] s1(i) s2(j), the
+    per-axis hashes the projector keeps (out + in numbers), the [out, in] index made per call and dropped."""
+    (b1, s1), (b2, s2) = (projector.axis_hash(name, axis, n, device) for axis, n in enumerate(shape))
+
+    def read(w):
+        bucket = (b1.unsqueeze(1) + b2.unsqueeze(0)).remainder_(projector.k).flatten()
+        return w.index_select(1, bucket).view(w.shape[0], *shape).mul_(s1.unsqueeze(1) * s2.unsqueeze(0))
+
+    return read
+
+
 def sketch_readers(projector, model, device):
-    """The `sketch` projector's readers: the rotated-chunk count sketch's flat hash (HookSketch.sketch_flat; the
-    input embedding and a tied output layer share it), TensorSketch's for the layers it sketches that way."""
-    tensorsketch, readers, k = {}, {}, projector.k
+    """The `sketch` projector's readers: the rotated-chunk count sketch (HookSketch's hash; the input embedding and a
+    tied output layer share it), TensorSketch's for the layers it sketches that way."""
+    tensorsketch, readers = {}, {}
     for mod in projector.linears.values():
         n_out, n_in = mod.weight.shape
         uses_ts = projector.use_tensorsketch(projector.plan_tokens, n_in, n_out, mod.weight.element_size())
@@ -78,21 +106,16 @@ def sketch_readers(projector, model, device):
         if id(p) not in covered:
             continue
         if id(p) in tensorsketch:
-            n_out, n_in = tensorsketch[id(p)]
-            (b1, s1), (b2, s2) = (projector.axis_hash(name, a, n, device) for a, n in ((0, n_out), (1, n_in)))
-            bucket, sign = (b1.unsqueeze(1) + b2.unsqueeze(0)) % k, s1.unsqueeze(1) * s2.unsqueeze(0)
+            readers[name] = tensorsketch_reader(projector, name, p.shape, device)
         else:
-            index = torch.arange(p.numel(), dtype=torch.int64, device=device)
-            bucket = rotated_buckets(index, name_key(projector.seed, name, "offset"), k)
-            sign = random_signs(index, name_key(projector.seed, name, "sign"))
-        readers[name] = gather_reader(bucket.flatten(), sign.flatten(), p.shape)
+            readers[name] = rotated_reader(projector, name, p.shape, device)
     return readers
 
 
 def factored_readers(projector, model, device):
     """The `factored` projector's readers, slot by slot in its concatenation order: a matrix's block is
     scale P_out G P_in^T, so it reads scale P_out^T W P_in (W its slot as r_out x r_in, P the identity where r
-    >= d); a 1-D parameter's slot is itself or its count sketch."""
+    >= d); a 1-D parameter's slot (and an untied input embedding's) is itself or its count sketch."""
     params, readers, start = dict(trainable(model)), {}, 0
     for name, (size, ranks) in projector.slots.items():
         p, span = params[name], slice(start, start + size)
@@ -105,12 +128,12 @@ def factored_readers(projector, model, device):
             scale = 1 / math.prod(side.shape[0] for side in sides if side is not None) ** 0.5
             readers[name] = matrix_reader(span, ranks, sides, scale)
         elif p.numel() <= size:
-            readers[name] = lambda w, span=span: w[:, span]
+            readers[name] = lambda w, span=span, shape=p.shape: w[:, span].reshape(w.shape[0], *shape)
         else:
             index = torch.arange(p.numel(), dtype=torch.int64, device=device)
-            bucket = hashed(index, name_key(projector.seed, name, "factored-bucket")) % size + span.start
+            bucket_key, sign_key = projector.slot_keys(name)
             readers[name] = gather_reader(
-                bucket, random_signs(index, name_key(projector.seed, name, "factored-sign")), p.shape
+                hashed(index, bucket_key) % size + span.start, random_signs(index, sign_key), p.shape
             )
     return readers
 
