@@ -122,6 +122,9 @@ def test_transpose_is_the_projection_adjoint(setup, projector, options):
         vector = proj.project_batch(model, batch)[0]
         w = torch.randn(2, vector.shape[0], generator=torch.Generator().manual_seed(3))
         u, diagonal = Transpose(proj, model)(w), scaling(proj, model, batch)
+        tangents = Transpose(proj, model)(w, diagonal)  # what the token pass uses, parameter by parameter
+        for n in u:
+            torch.testing.assert_close(tangents[n], u[n] * diagonal[n], msg=n)
         from lark.kernel.projectors import example_gradient
 
         _, g = example_gradient(model, batch, trainable(model))

@@ -102,10 +102,10 @@ class Pass:
             part = partners[start : start + self.chunk]
             w = torch.stack([self.scored[other][j] for other, j in part])
             w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
-            u = self.transpose((w / denominator).to(self.device))
+            tangents = self.transpose((w / denominator).to(self.device), diagonal)
             reverse = self.mode == "reverse" or (self.mode == "auto" and n_loss < len(part))
             derivatives = token_products if reverse else token_derivatives
-            rows.append(derivatives(self.model, batch, {n: t * diagonal[n] for n, t in u.items()}).cpu())
+            rows.append(derivatives(self.model, batch, tangents).cpu())
         return torch.cat(rows)
 
     def side(self, encoded, row):

@@ -52,10 +52,17 @@ class Transpose:
         else:
             raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
 
-    def __call__(self, w):
+    def __call__(self, w, diagonal=None):
+        """{name: [m, *shape]} P^T w, float32; with `diagonal` ({name: N D}, `scaling`) the tangents N D P^T w in
+        each parameter's dtype, made parameter by parameter (at 7B a float32 copy of every tangent would double
+        what the pass holds)."""
         if self.readers is None:
-            return autograd_transpose(self.projector, self.model, w)
-        return {name: read(w) for name, read in self.readers.items()}
+            u = autograd_transpose(self.projector, self.model, w)
+            return u if diagonal is None else {n: t * diagonal[n] for n, t in u.items()}
+        if diagonal is None:
+            return {name: read(w) for name, read in self.readers.items()}
+        dtypes = {n: p.dtype for n, p in trainable(self.model)}
+        return {name: read(w).mul_(diagonal[name]).to(dtypes[name]) for name, read in self.readers.items()}
 
 
 def gather_reader(bucket, sign, shape):
@@ -128,7 +135,7 @@ def factored_readers(projector, model, device):
             scale = 1 / math.prod(side.shape[0] for side in sides if side is not None) ** 0.5
             readers[name] = matrix_reader(span, ranks, sides, scale)
         elif p.numel() <= size:
-            readers[name] = lambda w, span=span, shape=p.shape: w[:, span].reshape(w.shape[0], *shape)
+            readers[name] = lambda w, span=span, shape=p.shape: w[:, span].reshape(w.shape[0], *shape).clone()
         else:
             index = torch.arange(p.numel(), dtype=torch.int64, device=device)
             bucket_key, sign_key = projector.slot_keys(name)
