@@ -9,7 +9,9 @@ Rows: the training step (forward + backward of the mean loss, = 1.0), the floor 
 activations only, no weight-gradient GEMMs), and each projector at k = 8192 and 65536: `sketch` without and with
 RapidIn's per-tensor normalisation (`sketch per_tensor`), `rapidin` (without; with per_tensor on SmolLM2, the
 paper's kernel), and `factored` (lark/kernel/factored.py, LoGra / Bergson) at the same k (r_out = r_in from k) and
-at Bergson's 16 x 16 per module (k follows from the model), without and with per_tensor; each plain `factored` row
+at Bergson's 16 x 16 per module (k follows from the model), without and with per_tensor, and both without
+per_tensor with `vocab=factored` (the embedding and output layer factored like every matrix, Bergson's way, instead
+of TensorSketched: what that choice costs and buys); each plain `factored` row
 gets a comment line with its time against the floor's, paired (the issue's goal: within 10% of it). A
 `per_tensor` row's fidelity is against exact per-tensor-normalised cosines, and a comment line after the model's
 rows gives its time against the same projector without normalisation, paired the same way (`--repeats`
@@ -214,11 +216,14 @@ def train_step(model, batch):
 
 def projector_of(model, kind, method, how, k, seq):
     """The projector of one row: sketch (method auto / materialize / tensorsketch), rapidin, or factored (method
-    None: r from k; "16x16": Bergson's r_out = r_in = 16 per module, k follows)."""
+    None: r from k; "16x16": Bergson's r_out = r_in = 16 per module, k follows; either with " vocab=factored": the
+    embedding and output layer factored like the other matrices, as Bergson does, instead of TensorSketched)."""
     if kind == "sketch":
         return HookSketch(model, k, 0, how, method, plan_tokens=seq)
     if kind == "factored":
-        return FactoredProjector(model, k or 1, 0, how, *((16, 16) if method == "16x16" else (None, None)))
+        ranks = (16, 16) if method and method.startswith("16x16") else (None, None)
+        vocab = method.split("vocab=")[1] if method and "vocab=" in method else "tensorsketch"
+        return FactoredProjector(model, k or 1, 0, how, *ranks, vocab=vocab)
     return CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how)
 
 
@@ -261,7 +266,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
             # parameters per row): the paper's kernel, rapidin per_tensor, only
         if real and kind == "sketch" and method == "tensorsketch":
             continue
-        for k in args.ks if method != "16x16" else [None]:  # Bergson's 16 x 16 per module: k follows from it
+        for k in args.ks if not (method or "").startswith("16x16") else [None]:  # 16 x 16 per module: k follows
             projector = projector_of(model, kind, method, how, k, args.seq)
             k = projector.k
             made[kind, method, how, k] = projector
@@ -330,6 +335,10 @@ def main():
         ("factored", None, "per_tensor"),
         ("factored", "16x16", "none"),
         ("factored", "16x16", "per_tensor"),
+        ("factored", "vocab=input", "none"),
+        ("factored", "16x16 vocab=input", "none"),
+        ("factored", "vocab=factored", "none"),
+        ("factored", "16x16 vocab=factored", "none"),
     ] + ([("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
     args.projectors = [row for row in args.projectors if args.kinds is None or row[0] in args.kinds]
     if args.threads:

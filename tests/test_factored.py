@@ -59,6 +59,12 @@ def explicit(proj, grads):
     parts = []
     for name, (size, ranks) in proj.slots.items():
         g = grads[name].double()
+        if ranks == "tensorsketch":  # coordinate (i, j) at bucket (h1(i) + h2(j)) mod size, sign s1(i) s2(j)
+            (b1, s1), (b2, s2) = proj.vocab_hashes(name, g.shape, g.device)
+            bucket = (b1.unsqueeze(1) + b2.unsqueeze(0)) % size
+            sign = (s1.unsqueeze(1) * s2.unsqueeze(0)).double()
+            parts.append(torch.zeros(size, dtype=torch.float64).index_add_(0, bucket.flatten(), (g * sign).flatten()))
+            continue
         if ranks is None:
             keys = (name_key(proj.seed, name, "factored-bucket"), name_key(proj.seed, name, "factored-sign"))
             parts.append(vector_slot(g.reshape(1, -1), size, *keys)[0].double())
@@ -74,14 +80,20 @@ def autograd_gradients(model, encoded, pad):
     return [example_gradient(model, collate([e], pad), params)[1] for e in encoded]
 
 
+@pytest.mark.parametrize("vocab", ["tensorsketch", "input", "factored"])
 @pytest.mark.parametrize("how", ["none", "per_tensor"])
 @pytest.mark.parametrize("arch, r", [("olmo3", 8), ("olmo3", 4), ("llama-tied-bias", 8)])
-def test_factored_vector_is_the_kronecker_projection_of_the_autograd_gradient(setup, arch, r, how):
+def test_factored_vector_is_the_kronecker_projection_of_the_autograd_gradient(setup, arch, r, how, vocab):
     """A padded batch's factored vectors = (P_out (x) P_in) vec(G) of each example's autograd gradient G (r = 4:
-    the 64-wide norms are count-sketched into 16 numbers; r = 8: kept exactly), per-tensor normalised or not."""
+    the 64-wide norms are count-sketched into 16 numbers; r = 8: kept exactly), per-tensor normalised or not; the
+    embedding and output layer TensorSketched (vocab=tensorsketch: a tied weight's two parts in one slot), only an
+    untied input embedding (input), or factored like the rest."""
     model = setup["model"] if arch == "olmo3" else tiny_llama(setup["tok"], tie_word_embeddings=True, mlp_bias=True)
     pad, encoded = setup["tok"].pad_token_id, setup["encoded"]
-    proj = make_projector(attribution({"none": "cosine", "per_tensor": "rapidin"}[how], r_in=r, r_out=r), model)
+    kernel = {"none": "cosine", "per_tensor": "rapidin"}[how]
+    proj = make_projector(attribution(kernel, r_in=r, r_out=r, vocab=vocab), model)
+    sketched = [n for n, (_, how_) in proj.slots.items() if how_ == "tensorsketch"]
+    assert len(sketched) == {"factored": 0, "input": int(arch == "olmo3"), "tensorsketch": 1 + (arch == "olmo3")}[vocab]
     assert isinstance(proj, FactoredProjector) and proj.coverage() == 1.0 and proj.tied == (arch != "olmo3")
     got = project_examples(model, encoded, proj, pad, batch_size=4)
     grads = autograd_gradients(model, encoded, pad)

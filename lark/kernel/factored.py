@@ -25,14 +25,22 @@ cosine ~0.7: std 0.32, against 1/r = 0.06 for a dense projection to r^2 numbers)
 averages some of it away. That is the price of never forming G (benchmarks/attribution_speed.py measures it).
 
 The other parameters:
-- the input embedding E [V, d]: its gradient sum_s onehot(tok_s) e_s^T (e_s = dL/d embedding at position s) has
-  only the example's T token rows, so it is count-sketched (`row_sketch`, the hash of vector_slot) into the slot a
-  factored block would take (min(r_out, V) x min(r_in, d) numbers) from those rows alone, T x d hashes per example:
-  the V x d gradient is never formed, and its inner products get a dense JL estimate's error at that many numbers
-  instead of a factored block's ~sqrt(1/r_out + 1/r_in) (which swamped the Adam-corrected cosines, where rare
-  tokens' rows carry most of the norm: docs/validation.md). A tied input embedding is factored instead, P_out's
-  columns looked up at the tokens: its output layer's gradient is dense (every vocabulary row), so the weight's two
-  parts must share the factored matrices (keyed by the parameter's name) to add into one block;
+- the vocabulary-sized matrices, the input embedding E [V, d] and the output layer, by `vocab`: each one chosen is
+  TensorSketched into the slot a factored block would take (min(r_out, V) x min(r_in, d) numbers): coordinate
+  (i, j) to bucket (h1(i) + h2(j)) mod size with sign s1(i) s2(j), per-axis hashes of the seed and the parameter's
+  name (sketch_math.axis_hash), so its error is a dense JL estimate's at that many numbers where a factored block's
+  is ~sqrt(1/r_out + 1/r_in) for a one-token gradient. The embedding's gradient sum_s onehot(tok_s) e_s^T has only
+  the example's T rows: their d numbers per token are added at their buckets (T x d per example, no FFT, about
+  what the factored block costs). The output layer's sum_t delta_t x_t^T goes through sketch_math.tensorsketch
+  (count-sketch both factors over the vocabulary and the width, multiply their FFTs: 10-20% of the floor's time
+  more on the CPU models, docs/benchmarks.md). A tied weight's two parts share the hashes (keyed by the name), so
+  they add into one slot.
+  `input` (the default): an untied input embedding TensorSketched, the rest factored (a tied embedding too: its
+  output layer's part is factored). `tensorsketch`: the embedding and the output layer. `factored` (Bergson's):
+  neither, the embedding's P_out columns looked up at the tokens, a tied output layer's block added into it.
+  Why: the optimizer-aware kernels' corrected gradients put most of their norm on these matrices (rare tokens'
+  rows, whose second moments are small); on the embedded run factoring them cost provenance recall and LDS
+  (docs/validation.md);
 - 1-D parameters (norm weights of sketch_math.NORMS, biases): the exact per-example gradient when it has at most
   r_out * r_in numbers (every norm of a small model), else a count sketch of it into r_out * r_in buckets (hash of
   the same seed and name).
@@ -54,7 +62,15 @@ import torch
 from lark.kernel.hashing import hashed, name_key, random_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.sketch import HookSketch
-from lark.kernel.sketch_math import embedding_squares, frobenius, norm_gradients, rows_at_tokens, without_padding
+from lark.kernel.sketch_math import (
+    axis_hash,
+    embedding_squares,
+    frobenius,
+    norm_gradients,
+    rows_at_tokens,
+    tensorsketch,
+    without_padding,
+)
 
 
 # ------------------------------------------------------------------------------ the math, shapes in docstrings
@@ -117,15 +133,16 @@ def vector_slot(value, size, bucket_key, sign_key):
     return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
 
 
-def row_sketch(tokens, rows, size, bucket_key, sign_key):
-    """[B, size] vector_slot of a row-sparse gradient sum_s onehot(tokens_s) rows_s^T [V, d] flattened row by row
-    (coordinate v * d + j), from its T rows alone: each row's d numbers added at their coordinates' buckets with
-    their signs (the same hash as vector_slot, so the two agree number for number). tokens [B, T], rows [B, T, d]."""
-    d = rows.shape[-1]
-    index = tokens.unsqueeze(-1) * d + torch.arange(d, device=rows.device)  # [B, T, d] flat coordinates
-    bucket, sign = hashed(index, bucket_key) % size, random_signs(index, sign_key)
-    out = torch.zeros(rows.shape[0], size, device=rows.device)
-    return out.scatter_add_(1, bucket.flatten(1), (rows.float() * sign).flatten(1))
+def embedding_tensorsketch(tokens, rows, out_hash, in_hash, size):
+    """[B, size] TensorSketch of the row-sparse sum_s onehot(tokens_s) rows_s^T [V, d] (sketch_math.tensorsketch's
+    buckets and signs, out_hash over the vocabulary), from its T rows alone. tokens [B, T], rows [B, T, d]."""
+    (b1, s1), (b2, s2) = out_hash, in_hash
+    bucket = (b1[tokens].unsqueeze(-1) + b2).remainder_(size)  # [B, T, d]
+    signed = rows.float() * (s1[tokens].unsqueeze(-1) * s2)
+    return torch.zeros(rows.shape[0], size, device=rows.device).scatter_add_(1, bucket.flatten(1), signed.flatten(1))
+
+
+VOCAB = ("tensorsketch", "input", "factored")  # attribution.projector.vocab
 
 
 def layout_size(matrices, vectors, r_out, r_in):
@@ -170,14 +187,26 @@ class FactoredProjector(HookSketch):
     self_check = False  # lark.kernel.selfcheck checks the count sketch; tests/test_factored.py checks this one
 
     def __init__(
-        self, model, k=65536, seed=0, normalize="none", r_in=None, r_out=None, partial=False, precondition=None
+        self,
+        model,
+        k=65536,
+        seed=0,
+        normalize="none",
+        r_in=None,
+        r_out=None,
+        partial=False,
+        precondition=None,
+        vocab="input",
     ):
+        if vocab not in VOCAB:
+            raise ValueError(f"attribution.projector.vocab: unknown '{vocab}' ({' | '.join(VOCAB)})")
         self.normalizer = normalizer(normalize)  # lark.kernel.normalizers: NoNorm or PerTensor (or its string)
-        self.seed, self.precondition, self.partial = int(seed), precondition, bool(partial)
+        self.seed, self.precondition, self.partial, self.vocab = int(seed), precondition, bool(partial), vocab
         self.find_layers(model)  # HookSketch's: linears, norms, embeddings, param_names, coverage
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.input_weight = model.get_input_embeddings().weight
         self.tied = out is not None and out.weight is self.input_weight
+        self.vocab_weights = {id(self.input_weight)} | ({id(out.weight)} if out is not None else set())
         if self.normalizer.needs_norms:
             self.refuse_other_shared_weights(out)
         if not self.partial:
@@ -199,7 +228,8 @@ class FactoredProjector(HookSketch):
             )
 
     def plan(self, model, k, r_in, r_out):
-        """{parameter: (slot size, (r_out, r_in) of a matrix or None)} in parameter order; sets r_out, r_in."""
+        """{parameter: (slot size, how)} in parameter order, how = (r_out, r_in) of a factored matrix, None (a 1-D
+        parameter: itself or its count sketch) or "tensorsketch" (a vocabulary matrix); sets r_out, r_in."""
         for key, r in (("r_in", r_in), ("r_out", r_out)):
             if r is not None and not (isinstance(r, int) and r > 0):
                 raise ValueError(f"attribution.projector.{key} must be a positive integer or null, got {r!r}")
@@ -214,8 +244,11 @@ class FactoredProjector(HookSketch):
         self.r_out, self.r_in = r_out, r_in
         slots = {}
         for name, p in params:
-            if p is self.input_weight and not self.tied:  # count-sketched rows, a factored block's size
-                slots[name] = (min(r_out, p.shape[0]) * min(r_in, p.shape[1]), None)
+            untied_input = p is self.input_weight and not self.tied
+            if (self.vocab == "tensorsketch" and id(p) in self.vocab_weights) or (
+                self.vocab == "input" and untied_input
+            ):
+                slots[name] = (min(r_out, p.shape[0]) * min(r_in, p.shape[1]), "tensorsketch")
             elif p.dim() == 2:
                 ranks = (min(r_out, p.shape[0]), min(r_in, p.shape[1]))
                 slots[name] = (ranks[0] * ranks[1], ranks)
@@ -232,7 +265,7 @@ class FactoredProjector(HookSketch):
             "r_out": self.r_out,
             "r_in": self.r_in,
             "matrix": "rademacher",
-            "embedding": "factored" if self.tied else "count-sketch",  # lark.kernel.factored's module docstring
+            "vocab": self.vocab,
             "hash": "murmur3-fmix32",
             "coverage": round(self.coverage(), 6),
         }
@@ -261,8 +294,26 @@ class FactoredProjector(HookSketch):
         return *sides, 1 / math.sqrt(rows)
 
     def slot_keys(self, name):
-        """The hash keys (bucket, sign) of a count-sketched slot (1-D parameters, an untied input embedding)."""
+        """The hash keys (bucket, sign) of a count-sketched 1-D parameter's slot."""
         return name_key(self.seed, name, "factored-bucket"), name_key(self.seed, name, "factored-sign")
+
+    def vocab_hash(self, name, axis, size, device):
+        """A TensorSketched vocabulary matrix's (bucket, sign) on one axis ("out" or "in"; sketch_math.axis_hash
+        into its slot size), cached: out + in numbers."""
+        key = ("ts", name, axis, size, str(device))
+        if key not in self.cache:
+            keys = (
+                name_key(self.seed, name, f"factored-ts-{axis}-bucket"),
+                name_key(self.seed, name, f"factored-ts-{axis}-sign"),
+            )
+            self.cache[key] = axis_hash(size, *keys, self.slots[name][0], device)
+        return self.cache[key]
+
+    def vocab_hashes(self, name, shape, device):
+        """(out hash, in hash) of a TensorSketched matrix of `shape`, or None when its slot is not one."""
+        if self.slots[name][1] != "tensorsketch":
+            return None
+        return tuple(self.vocab_hash(name, axis, n, device) for axis, n in zip(("out", "in"), shape))
 
     def vector(self, name, value):
         """(slot [B, size], squared norms [B] or None) of a 1-D parameter's per-example gradients [B, n]."""
@@ -283,6 +334,10 @@ class FactoredProjector(HookSketch):
         if mod.weight is self.input_weight and self.normalizer.needs_norms:  # the tied embedding's cross term
             run.output_rows = rows_at_tokens(run.tokens, delta, x)
         squares = weight_squares(delta, x) if self.normalizer.needs_norms else None
+        hashes = self.vocab_hashes(w_name, mod.weight.shape, x.device)
+        if hashes is not None:
+            run.add(w_name, tensorsketch(delta, x, *hashes, self.slots[w_name][0]), squares)
+            return
         run.add(w_name, factored_block(delta, x, *self.matrices(w_name, delta.shape[-1], x.shape[-1], x)), squares)
 
     def add_norm(self, run, mod, out, grad):
@@ -295,17 +350,16 @@ class FactoredProjector(HookSketch):
                 run.add(name, *self.vector(name, g))
 
     def add_embedding(self, run, mod, grad):
-        """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows: the
-        count sketch of those rows (untied), or sum_s (P_out[:, tok_s]) (P_in e_s)^T, P_out's columns taken at the
-        tokens (tied: the output layer's factored block adds into it)."""
+        """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows: their
+        TensorSketch, or sum_s (P_out[:, tok_s]) (P_in e_s)^T, P_out's columns taken at the tokens (vocab=factored)."""
         name, tokens = self.param_names[id(mod.weight)], run.tokens
         if self.precondition is not None:
             grad = self.precondition.rows(name, tokens, grad)
         grad = without_padding(grad, tokens, getattr(mod, "padding_idx", None))
         squares = embedding_squares(tokens, grad, run.output_rows) if self.normalizer.needs_norms else None
-        size, ranks = self.slots[name]
-        if ranks is None:
-            run.add(name, row_sketch(tokens, grad, size, *self.slot_keys(name)), squares)
+        hashes = self.vocab_hashes(name, mod.weight.shape, grad.device)
+        if hashes is not None:
+            run.add(name, embedding_tensorsketch(tokens, grad, *hashes, self.slots[name][0]), squares)
             return
         vocab = mod.weight.shape[0]
         p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad)

@@ -15,7 +15,8 @@ P^T w per projector (`transpose`), from the projector's own hashes and matrices:
   (the rotated-chunk count sketch; the input embedding and a tied output layer share the parameter's hash);
   a TensorSketch layer: U[i, j] = w[(h1(i) + h2(j)) mod k] s1(i) s2(j).
 - factored: each matrix's block B = scale P_out G P_in^T, so U = scale P_out^T W P_in (W the slot as r_out x r_in);
-  a 1-D parameter's slot (and an untied input embedding's) is itself or its count sketch.
+  a TensorSketched vocabulary matrix reads as the sketch's TensorSketch layers do, in its slot; a 1-D parameter's
+  slot is itself or its count sketch.
 - rapidin, gaussian, exact (per-example projectors with project(grads)): autograd through project() at zero.
 """
 
@@ -87,14 +88,17 @@ def rotated_reader(projector, name, shape, device):
     return read
 
 
-def tensorsketch_reader(projector, name, shape, device):
-    """w [m, k] -> [m, out, in] of a TensorSketch layer: U[i, j] = w[(h1(i) + h2(j)) mod k] s1(i) s2(j), the
-    per-axis hashes the projector keeps (out + in numbers), the [out, in] index made per call and dropped."""
-    (b1, s1), (b2, s2) = (projector.axis_hash(name, axis, n, device) for axis, n in enumerate(shape))
+def tensorsketch_reader(out_hash, in_hash, span):
+    """w [m, k] -> [m, out, in] of a TensorSketched matrix in the slot w[:, span]: U[i, j] = w[span][(h1(i) + h2(j))
+    mod size] s1(i) s2(j), from the per-axis hashes the projector keeps (out + in numbers); the [out, in] index is
+    made per call and dropped."""
+    (b1, s1), (b2, s2) = out_hash, in_hash
+    size = span.stop - span.start
 
     def read(w):
-        bucket = (b1.unsqueeze(1) + b2.unsqueeze(0)).remainder_(projector.k).flatten()
-        return w.index_select(1, bucket).view(w.shape[0], *shape).mul_(s1.unsqueeze(1) * s2.unsqueeze(0))
+        bucket = (b1.unsqueeze(1) + b2.unsqueeze(0)).remainder_(size).add_(span.start).flatten()
+        shape = (w.shape[0], len(b1), len(b2))
+        return w.index_select(1, bucket).view(shape).mul_(s1.unsqueeze(1) * s2.unsqueeze(0))
 
     return read
 
@@ -113,7 +117,8 @@ def sketch_readers(projector, model, device):
         if id(p) not in covered:
             continue
         if id(p) in tensorsketch:
-            readers[name] = tensorsketch_reader(projector, name, p.shape, device)
+            hashes = (projector.axis_hash(name, axis, n, device) for axis, n in enumerate(p.shape))
+            readers[name] = tensorsketch_reader(*hashes, slice(0, projector.k))
         else:
             readers[name] = rotated_reader(projector, name, p.shape, device)
     return readers
@@ -122,12 +127,15 @@ def sketch_readers(projector, model, device):
 def factored_readers(projector, model, device):
     """The `factored` projector's readers, slot by slot in its concatenation order: a matrix's block is
     scale P_out G P_in^T, so it reads scale P_out^T W P_in (W its slot as r_out x r_in, P the identity where r
-    >= d); a 1-D parameter's slot (and an untied input embedding's) is itself or its count sketch."""
+    >= d); a TensorSketched vocabulary matrix reads its slot at (h1(i) + h2(j)) mod size; a 1-D parameter's slot
+    is itself or its count sketch."""
     params, readers, start = dict(trainable(model)), {}, 0
     for name, (size, ranks) in projector.slots.items():
         p, span = params[name], slice(start, start + size)
         start += size
-        if ranks is not None:
+        if ranks == "tensorsketch":
+            readers[name] = tensorsketch_reader(*projector.vocab_hashes(name, p.shape, device), span)
+        elif ranks is not None:
             sides = [
                 None if r >= n else rademacher_signs(r, n, name_key(projector.seed, name, f"factored-{axis}"), device)
                 for axis, n, r in (("out", p.shape[0], ranks[0]), ("in", p.shape[1], ranks[1]))
