@@ -32,15 +32,15 @@ The other parameters:
   is ~sqrt(1/r_out + 1/r_in) for a one-token gradient. The embedding's gradient sum_s onehot(tok_s) e_s^T has only
   the example's T rows: their d numbers per token are added at their buckets (T x d per example, no FFT, about
   what the factored block costs). The output layer's sum_t delta_t x_t^T goes through sketch_math.tensorsketch
-  (count-sketch both factors over the vocabulary and the width, multiply their FFTs: 10-20% of the floor's time
-  more on the CPU models, docs/benchmarks.md). A tied weight's two parts share the hashes (keyed by the name), so
-  they add into one slot.
+  (count-sketch both factors over the vocabulary and the width, multiply their FFTs: 0-15% of the floor's time
+  more on the 8.4M and 42M CPU models, docs/benchmarks.md). A tied weight's two parts share the hashes (keyed
+  by the name), so they add into one slot.
   `input` (the default): an untied input embedding TensorSketched, the rest factored (a tied embedding too: its
   output layer's part is factored). `tensorsketch`: the embedding and the output layer. `factored` (Bergson's):
   neither, the embedding's P_out columns looked up at the tokens, a tied output layer's block added into it.
   Why: the optimizer-aware kernels' corrected gradients put most of their norm on these matrices (rare tokens'
-  rows, whose second moments are small); on the embedded run factoring them cost provenance recall and LDS
-  (docs/validation.md);
+  rows, whose second moments are small); on the embedded run factoring the embedding cost half of adam's
+  pretraining provenance against the sketch's (docs/validation.md);
 - 1-D parameters (norm weights of sketch_math.NORMS, biases): the exact per-example gradient when it has at most
   r_out * r_in numbers (every norm of a small model), else a count sketch of it into r_out * r_in buckets (hash of
   the same seed and name).
