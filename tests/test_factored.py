@@ -86,14 +86,14 @@ def autograd_gradients(model, encoded, pad):
 def test_factored_vector_is_the_kronecker_projection_of_the_autograd_gradient(setup, arch, r, how, vocab):
     """A padded batch's factored vectors = (P_out (x) P_in) vec(G) of each example's autograd gradient G (r = 4:
     the 64-wide norms are count-sketched into 16 numbers; r = 8: kept exactly), per-tensor normalised or not; the
-    embedding and output layer TensorSketched (vocab=tensorsketch: a tied weight's two parts in one slot), only an
-    untied input embedding (input), or factored like the rest."""
+    embedding and output layer TensorSketched (vocab=tensorsketch: a tied weight's two parts in one slot), only the
+    input embedding's weight (input: with a tied output layer's part), or factored like the rest."""
     model = setup["model"] if arch == "olmo3" else tiny_llama(setup["tok"], tie_word_embeddings=True, mlp_bias=True)
     pad, encoded = setup["tok"].pad_token_id, setup["encoded"]
     kernel = {"none": "cosine", "per_tensor": "rapidin"}[how]
     proj = make_projector(attribution(kernel, r_in=r, r_out=r, vocab=vocab), model)
     sketched = [n for n, (_, how_) in proj.slots.items() if how_ == "tensorsketch"]
-    assert len(sketched) == {"factored": 0, "input": int(arch == "olmo3"), "tensorsketch": 1 + (arch == "olmo3")}[vocab]
+    assert len(sketched) == {"factored": 0, "input": 1, "tensorsketch": 1 + (arch == "olmo3")}[vocab]
     assert isinstance(proj, FactoredProjector) and proj.coverage() == 1.0 and proj.tied == (arch != "olmo3")
     got = project_examples(model, encoded, proj, pad, batch_size=4)
     grads = autograd_gradients(model, encoded, pad)

@@ -35,9 +35,11 @@ The other parameters:
   (count-sketch both factors over the vocabulary and the width, multiply their FFTs: 0-15% of the floor's time
   more on the 8.4M and 42M CPU models, docs/benchmarks.md). A tied weight's two parts share the hashes (keyed
   by the name), so they add into one slot.
-  `input` (the default): an untied input embedding TensorSketched, the rest factored (a tied embedding too: its
-  output layer's part is factored). `tensorsketch`: the embedding and the output layer. `factored` (Bergson's):
-  neither, the embedding's P_out columns looked up at the tokens, a tied output layer's block added into it.
+  `input` (the default): the input embedding's weight TensorSketched (a tied output layer's part with it, as it
+  shares the weight), an untied output layer factored. `tensorsketch`: the embedding and the output layer.
+  `factored` (Bergson's): neither, the embedding's P_out columns looked up at the tokens, a tied output layer's
+  block added into it. On SmolLM2-135M (tied) `input` took the factored vector's Pearson against exact cosines from
+  0.864 to 0.936 at k = 61,200 for 2-3 points of the floor's time (docs/benchmarks.md).
   Why: the optimizer-aware kernels' corrected gradients put most of their norm on these matrices (rare tokens'
   rows, whose second moments are small); on the embedded run factoring the embedding cost half of adam's
   pretraining provenance against the sketch's (docs/validation.md);
@@ -244,9 +246,8 @@ class FactoredProjector(HookSketch):
         self.r_out, self.r_in = r_out, r_in
         slots = {}
         for name, p in params:
-            untied_input = p is self.input_weight and not self.tied
             if (self.vocab == "tensorsketch" and id(p) in self.vocab_weights) or (
-                self.vocab == "input" and untied_input
+                self.vocab == "input" and p is self.input_weight  # (tied: with its output layer's part)
             ):
                 slots[name] = (min(r_out, p.shape[0]) * min(r_in, p.shape[1]), "tensorsketch")
             elif p.dim() == 2:
