@@ -65,7 +65,7 @@ def main():
     grads = []
     for e in encoded:
         g = example_gradient(model, collate([e], pad), params)[1]
-        grads.append({n: v * pre.scale(n, v.shape, v.device) if pre is not None else v for n, v in g.items()})
+        grads.append(pre.apply(g) if pre is not None else g)
     names = list(projector.slots)
     norms = torch.stack([torch.cat([g[n].flatten().double() for n in names]) for g in grads]).norm(dim=1)
     scale = norms[:n_q, None] * norms[None, n_q:]
