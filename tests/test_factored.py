@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from lark.data.datamodule import collate
 from lark.data.formats import encode_text
 from lark.kernel.build import project_examples
-from lark.kernel.factored import FactoredProjector, rademacher_signs, rank_for, vector_slot
+from lark.kernel.factored import MATRICES, FactoredProjector, hadamard_signs, rank_for, vector_slot
 from lark.kernel.factory import make_projector
 from lark.kernel.hashing import name_key
 from lark.kernel.normalizers import normalizer
@@ -133,18 +133,64 @@ def test_adam_correction_is_the_projection_of_the_corrected_gradient(setup):
     torch.testing.assert_close(project_examples(model, encoded, proj, pad), want, rtol=1e-5, atol=1e-6)
 
 
-def test_matrices_depend_on_seed_and_name_only_in_a_fresh_process():
-    here = rademacher_signs(16, 300, name_key(3, "model.layers.0.mlp.up_proj.weight", "factored-in"), "cpu")
+@pytest.mark.parametrize("matrix", sorted(MATRICES))
+def test_matrices_depend_on_seed_and_name_only_in_a_fresh_process(matrix):
+    signs = MATRICES[matrix]
+    here = signs(16, 300, name_key(3, "model.layers.0.mlp.up_proj.weight", "factored-in"), "cpu")
     code = (
-        "from lark.kernel.factored import rademacher_signs; from lark.kernel.hashing import name_key; "
-        "s = rademacher_signs(16, 300, name_key(3, 'model.layers.0.mlp.up_proj.weight', 'factored-in'), 'cpu'); "
+        "from lark.kernel.factored import MATRICES; from lark.kernel.hashing import name_key; "
+        f"s = MATRICES['{matrix}'](16, 300, name_key(3, 'model.layers.0.mlp.up_proj.weight', 'factored-in'), 'cpu'); "
         "print(','.join(str(int(v)) for v in s.flatten().tolist()))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert [int(v) for v in out.stdout.strip().split(",")] == here.flatten().int().tolist()
-    other = rademacher_signs(16, 300, name_key(4, "model.layers.0.mlp.up_proj.weight", "factored-in"), "cpu")
+    other = signs(16, 300, name_key(4, "model.layers.0.mlp.up_proj.weight", "factored-in"), "cpu")
     assert not torch.equal(here, other) and set(here.unique().tolist()) == {-1.0, 1.0}
     assert abs(here.mean().item()) < 0.05  # balanced signs: E[P^T P] = I after the 1/sqrt(r)
+
+
+@pytest.mark.parametrize("cols", [64, 300])
+def test_hadamard_rows_are_distinct_rows_of_an_orthogonal_matrix(cols):
+    """All n rows (n = 64 or 512, the power of two >= cols) give S^T S = n I exactly; fewer rows are a prefix of
+    the same order (r = 16 is the first 16 rows of r = 32), all distinct."""
+    n, key = 1 << (cols - 1).bit_length(), name_key(0, "w", "factored-in")
+    full = hadamard_signs(n, cols, key, "cpu")
+    torch.testing.assert_close(full.T @ full, n * torch.eye(cols), rtol=0, atol=0)
+    assert torch.equal(hadamard_signs(16, cols, key, "cpu"), hadamard_signs(32, cols, key, "cpu")[:16])
+    assert full.unique(dim=0).shape[0] == n and set(full.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_hadamard_rows_err_far_less_than_independent_signs_when_r_nears_d():
+    """The sampling without replacement that hadamard buys: at r = 63 of d = 64 a unit inner product's JL estimate
+    errs ~8x less (std 0.02 against 0.15 over 200 keys)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 64, generator=gen).unbind()
+    x, y = x / x.norm(), (0.7 * x / x.norm() + 0.3 * y / y.norm())
+    exact, std = (x @ y).item(), {}
+    for matrix, signs in MATRICES.items():
+        errors = [(signs(63, 64, key, "cpu") @ x) @ (signs(63, 64, key, "cpu") @ y) / 63 - exact for key in range(200)]
+        std[matrix] = torch.stack(errors).std().item()
+    assert std["hadamard"] < 0.04 < 0.1 < std["rademacher"]
+
+
+def test_hadamard_factored_cosines_are_closer_to_exact_at_r_near_d():
+    """On the tiny model at r = 63 (its 64-wide sides nearly exact under hadamard) the factored cosines' mean error
+    against autograd's exact ones is less than half rademacher's (measured 0.004 and 0.013); an unknown matrix is
+    refused by its key."""
+    tok, model, texts = tiny_with_norms()
+    encoded, pad = [encode_text(tok, t, 40) for t in texts[:12]], tok.pad_token_id
+    flat = [torch.cat([g[n].double().flatten() for n in sorted(g)]) for g in autograd_gradients(model, encoded, pad)]
+    flat = torch.nn.functional.normalize(torch.stack(flat), dim=1)
+    upper = torch.triu_indices(len(encoded), len(encoded), 1).unbind()
+    error = {}
+    for matrix in MATRICES:
+        proj = make_projector(attribution(r_in=63, r_out=63, matrix=matrix), model)
+        assert proj.spec()["matrix"] == matrix
+        v = torch.nn.functional.normalize(project_examples(model, encoded, proj, pad).double(), dim=1)
+        error[matrix] = (v @ v.T - flat @ flat.T)[upper].abs().mean().item()
+    assert error["hadamard"] < 0.5 * error["rademacher"], error
+    with pytest.raises(ValueError, match=r"attribution\.projector\.matrix: unknown 'gaussian'"):
+        make_projector(attribution(matrix="gaussian"), model)
 
 
 def test_rank_from_k_is_the_largest_that_fits_and_too_small_k_is_refused(setup):
@@ -166,7 +212,7 @@ def test_spec_differs_from_the_sketch_and_reports_coverage(setup):
     proj = make_projector(attribution("rapidin", r_in=16, r_out=16), setup["model"])
     spec = proj.spec()
     assert spec["kind"] == "factored" and spec["coverage"] == 1.0 and spec["normalize"] == "per_tensor"
-    assert (spec["r_out"], spec["r_in"], spec["matrix"], spec["k"]) == (16, 16, "rademacher", proj.k)
+    assert (spec["r_out"], spec["r_in"], spec["matrix"], spec["k"]) == (16, 16, "hadamard", proj.k)
 
 
 def test_unreached_parameters_are_refused_unless_partial(setup):

@@ -28,8 +28,8 @@ import torch
 from torch.func import functional_call, jvp, vmap
 
 from lark.data.formats import IGNORE
-from lark.kernel.factored import FactoredProjector, rademacher_signs
-from lark.kernel.hashing import hashed, name_key, random_signs
+from lark.kernel.factored import FactoredProjector
+from lark.kernel.hashing import hashed, random_signs
 from lark.kernel.normalizers import NoNorm
 from lark.kernel.projectors import PerExample, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
@@ -136,10 +136,7 @@ def factored_readers(projector, model, device):
         if ranks == "tensorsketch":
             readers[name] = tensorsketch_reader(*projector.vocab_hashes(name, p.shape, device), span)
         elif ranks is not None:
-            sides = [
-                None if r >= n else rademacher_signs(r, n, name_key(projector.seed, name, f"factored-{axis}"), device)
-                for axis, n, r in (("out", p.shape[0], ranks[0]), ("in", p.shape[1], ranks[1]))
-            ]
+            sides = [projector.signs(name, axis, n, device) for axis, n in zip(("out", "in"), p.shape)]
             scale = 1 / math.prod(side.shape[0] for side in sides if side is not None) ** 0.5
             readers[name] = matrix_reader(span, ranks, sides, scale)
         elif p.numel() <= size:
