@@ -15,16 +15,17 @@ not require grad during the pass, so the backward pass runs no weight-gradient G
 The matrices (`matrix`): P = S / sqrt(r), S of +-1 from the counter hash of (seed, parameter name, axis)
 (lark.kernel.hashing), generated on the model's device when first needed and kept in memory (r x d numbers per
 side, r / d of the weight's size; never saved). `hadamard` (the default): r distinct rows of a Hadamard matrix with
-hashed column signs (hadamard_signs, a subsampled randomized Hadamard transform, formed as a matrix); `rademacher`
-(Bergson's, this projector's earlier default): independent signs. +-1 either way, rather than Gaussian: the hash
-gives the same matrix on every device and in every process (torch's CPU and CUDA generators do not), +-1 is exact
-in bf16 (the 1 / sqrt(r) is applied to the float32 block), and its JL variance is at most a Gaussian's. Scaling:
-E[P^T P] = I on each side, independently, so E<P_out G P_in^T, P_out H P_in^T> = <G, H> for every module: inner
-products are unbiased and cosines are JL estimates, like the other projectors'. Where r >= d on a side that side
-is the identity (exact). Why Hadamard rows: they are sampled without replacement from a matrix with orthogonal
-columns, so a side's error vanishes as r approaches d instead of staying that of any r-dim projection (variance
-x (n - r) / (n - 1), n the power of two >= d): on the embedded default (64-wide, r = 63) the sides of width 64
-went from std 0.15 to 0.018 on a unit inner product; for r << d the two are the same.
+hashed column signs (hadamard_signs: a subsampled randomized Hadamard transform, formed as a matrix);
+`rademacher` (this projector's earlier default): independent signs, like Bergson's i.i.d. normal or +-1 entries.
++-1 either way, rather than Gaussian: the hash gives the same matrix on every device and in every process
+(torch's CPU and CUDA generators do not), +-1 is exact in bf16 (the 1 / sqrt(r) is applied to the float32 block),
+and its JL variance is at most a Gaussian's. Scaling: E[P^T P] = I on each side, independently, so
+E<P_out G P_in^T, P_out H P_in^T> = <G, H> for every module: inner products are unbiased and cosines are JL
+estimates, like the other projectors'. Where r >= d on a side that side is the identity (exact). Why Hadamard
+rows: they are sampled without replacement from a matrix with orthogonal columns, so a side's error vanishes as r
+approaches d instead of staying that of any r-dim projection (variance x (n - r) / (n - 1), n the power of two
+>= d): at r = 63 on a side of width 64 (the embedded default's) std 0.15 -> 0.018 on a unit inner product; at
+r << d the two are the same (tests/test_factored.py, docs/benchmarks.md).
 Not a JL projection to r_out r_in dimensions, though: a one-token (rank-one) gradient's inner product is the product
 of two r-dimensional JL estimates, relative error ~ sqrt(1/r_out + 1/r_in) (measured at r = 16 on unit vectors of
 cosine ~0.7: std 0.32, against 1/r = 0.06 for a dense projection to r^2 numbers); summing over tokens (rank T)
