@@ -216,14 +216,16 @@ def train_step(model, batch):
 
 def projector_of(model, kind, method, how, k, seq):
     """The projector of one row: sketch (method auto / materialize / tensorsketch), rapidin, or factored (method
-    None: r from k; "16x16": Bergson's r_out = r_in = 16 per module, k follows; either with " vocab=factored": the
-    embedding and output layer factored like the other matrices, as Bergson does, instead of TensorSketched)."""
+    None: r from k; "16x16": Bergson's r_out = r_in = 16 per module, k follows; either followed by FactoredProjector
+    keywords as key=value, e.g. "vocab=factored" (the embedding and output layer factored like the other matrices,
+    as Bergson does) or "matrix=rademacher" (independent signs instead of Hadamard rows); unnamed keys: defaults)."""
     if kind == "sketch":
         return HookSketch(model, k, 0, how, method, plan_tokens=seq)
     if kind == "factored":
-        ranks = (16, 16) if method and method.startswith("16x16") else (None, None)
-        vocab = {"vocab": method.split("vocab=")[1]} if method and "vocab=" in method else {}  # else the default
-        return FactoredProjector(model, k or 1, 0, how, *ranks, **vocab)
+        words = (method or "").split()
+        ranks = (16, 16) if "16x16" in words else (None, None)
+        keywords = dict(word.split("=", 1) for word in words if "=" in word)
+        return FactoredProjector(model, k or 1, 0, how, *ranks, **keywords)
     return CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how)
 
 
@@ -339,6 +341,8 @@ def main():
         ("factored", "16x16 vocab=tensorsketch", "none"),
         ("factored", "vocab=factored", "none"),
         ("factored", "16x16 vocab=factored", "none"),
+        ("factored", "matrix=rademacher", "none"),
+        ("factored", "16x16 matrix=rademacher", "none"),
     ] + ([("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
     args.projectors = [row for row in args.projectors if args.kinds is None or row[0] in args.kinds]
     if args.threads:
@@ -353,7 +357,7 @@ def main():
         f"fidelity over {n_fid} real-text examples"
     )
     header = (
-        f"{'model':<11} {'row':<28} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} "
+        f"{'model':<11} {'row':<34} {'k':>6} {'ex/s':>8} {'x train':>8} {'peak MB':>10} {'x peak':>6} "
         f"{'pearson':>8} {'JL exp.':>8} {'max|err|':>8} {'top-10':>6}"
     )
     print(header)
@@ -370,7 +374,7 @@ def main():
                 else (nan,) * 4
             )
             print(
-                f"{name:<11} {label:<28} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
+                f"{name:<11} {label:<34} {k:>6} {examples:>8.1f} {speed:>8.2f} {rss:>10.0f} "
                 f"{rss / base_rss:>6.2f} {p:>8.4f} {c:>8.4f} {e:>8.4f} {t:>6.2f}"
             )
             if name == "llama-8.4M" and label == "sketch" and k == 65536:

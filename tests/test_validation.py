@@ -368,3 +368,30 @@ def test_validation_md_quotes_the_committed_factored_table(tmp_path):
     doc = (ROOT / "docs" / "validation.md").read_text()
     missing = [row for row in rows if row not in doc]
     assert not missing, f"docs/validation.md's factored Table V differs from the committed run's: {missing}"
+
+
+def test_validation_md_quotes_the_committed_projection_noise_table():
+    """docs/validation.md's projection-noise rows (adam and cosine: each projector at seeds 0 and 1, and exact) are
+    the committed validation.json files' numbers: seed 0 from docs/results/embedded_factored, the others from
+    docs/results/embedded_projection_noise."""
+    results = ROOT / "docs" / "results"
+    runs = {
+        "sketch, seed 0": (results / "embedded_factored" / "validation.json", "sketch"),
+        "sketch, seed 1": (results / "embedded_projection_noise" / "sketch_seed1.json", None),
+        "factored, seed 0": (results / "embedded_factored" / "validation.json", "factored"),
+        "factored, seed 1": (results / "embedded_projection_noise" / "factored_seed1.json", None),
+        "exact (k = P)": (results / "embedded_projection_noise" / "exact.json", None),
+    }
+    doc = (ROOT / "docs" / "validation.md").read_text()
+    for kernel in ("adam", "cosine"):
+        for label, (path, projector) in runs.items():
+            result = json.loads(path.read_text())["rows"]
+            rows = {(r["method"], r["epoch"]): r for r in result if r.get("projector") == projector}
+            cells = []
+            for measure in ("pt_mrr", "ft_mrr", "lds"):
+                values = [rows[kernel, epoch][measure] for epoch in range(6)]
+                cells.append(", ".join(f"{v:.3f}" for v in values) + f" ({sum(values) / 6:.3f})")
+            t = rows[f"{kernel} TracIn-CP", "all"]
+            tracin = f"{t['lds']:.3f} [{t['lds_low']:.3f}, {t['lds_high']:.3f}]"
+            row = f"| {kernel} | {label} | " + " | ".join(cells) + f" | {tracin} |"
+            assert row in doc, f"docs/validation.md lacks or differs from: {row}"
