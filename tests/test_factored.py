@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from lark.data.datamodule import collate
 from lark.data.formats import encode_text
 from lark.kernel.build import project_examples
-from lark.kernel.factored import MATRICES, FactoredProjector, hadamard_signs, rank_for, vector_slot
+from lark.kernel.factored import MATRICES, FactoredProjector, rank_for, vector_slot
 from lark.kernel.factory import make_projector
-from lark.kernel.hashing import name_key
+from lark.kernel.hashing import hadamard_signs, name_key
 from lark.kernel.normalizers import normalizer
 from lark.kernel.optimizer import AdamScale, Moments, shaped
 from lark.kernel.projectors import example_gradient, trainable

@@ -261,6 +261,35 @@ def test_table5_scores_each_kernel_with_each_projector(run_dir, validated):
     assert "Projector" not in (run_dir / "tables" / "table5.md").read_text()
 
 
+def test_a_second_projector_draw_is_scored_and_written_apart(run_dir, validated):
+    """validate.projector_seed=1: every kernel scored with the sketch drawn anew (its own score cache, reused on a
+    rerun), the LDS retrains shared, the result in validation/seed_1/ with its seed in the table's notes, and the
+    run's own Table V files untouched."""
+    from safetensors.torch import load_file
+
+    from lark.validation.table5 import validate_run
+
+    _, _, vcfg = validated
+    cfg = OmegaConf.merge(vcfg, {"kernels": ["cosine"], "projector_seed": 1})
+    own = {p: p.read_bytes() for p in (run_dir / "validation" / "validation.json", run_dir / "tables" / "table5.md")}
+    messages = []
+    result = validate_run(run_dir, cfg, log=messages.append)
+    assert not [m for m in messages if "retraining" in m] and result["projector_seed"] == 1
+    folder = run_dir / "validation" / "seed_1"
+    assert json.loads((folder / "validation.json").read_text())["rows"] == result["rows"]
+    assert "drawn with seed 1" in (folder / "table5.md").read_text() and (folder / "fig5_validation.png").is_file()
+    assert {p: p.read_bytes() for p in own} == own
+    scores = run_dir / "validation" / "scores"
+    first, second = (
+        load_file(scores / n / "epoch_001" / "scores.safetensors")["train"] for n in ("cosine", "cosine@seed1")
+    )
+    assert first.shape == second.shape and not torch.allclose(first, second, atol=1e-4)
+    assert torch.corrcoef(torch.stack([first.flatten(), second.flatten()]))[0, 1] > 0.5  # two draws of one kernel
+    again = []
+    validate_run(run_dir, cfg, log=again.append)
+    assert any("cosine@seed1/epoch_001/scores.safetensors: cached" in m for m in again)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "pubmedqa").is_dir(), reason="../shared/data is not present")
 def test_the_canary_plants_on_pubmedqa_local(tmp_path):

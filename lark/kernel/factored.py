@@ -13,19 +13,14 @@ this class inherits from lark.kernel.sketch.HookSketch: find_layers, backward, k
 not require grad during the pass, so the backward pass runs no weight-gradient GEMM.
 
 The matrices (`matrix`): P = S / sqrt(r), S of +-1 from the counter hash of (seed, parameter name, axis)
-(lark.kernel.hashing), generated on the model's device when first needed and kept in memory (r x d numbers per
-side, r / d of the weight's size; never saved). `hadamard` (the default): r distinct rows of a Hadamard matrix with
-hashed column signs (hadamard_signs: a subsampled randomized Hadamard transform, formed as a matrix);
-`rademacher` (this projector's earlier default): independent signs, like Bergson's i.i.d. normal or +-1 entries.
-+-1 either way, rather than Gaussian: the hash gives the same matrix on every device and in every process
-(torch's CPU and CUDA generators do not), +-1 is exact in bf16 (the 1 / sqrt(r) is applied to the float32 block),
-and its JL variance is at most a Gaussian's. Scaling: E[P^T P] = I on each side, independently, so
-E<P_out G P_in^T, P_out H P_in^T> = <G, H> for every module: inner products are unbiased and cosines are JL
-estimates, like the other projectors'. Where r >= d on a side that side is the identity (exact). Why Hadamard
-rows: they are sampled without replacement from a matrix with orthogonal columns, so a side's error vanishes as r
-approaches d instead of staying that of any r-dim projection (variance x (n - r) / (n - 1), n the power of two
->= d): at r = 63 on a side of width 64 (the embedded default's) std 0.15 -> 0.018 on a unit inner product; at
-r << d the two are the same (tests/test_factored.py, docs/benchmarks.md).
+(lark.kernel.hashing), made on the model's device when first needed and kept (r x d numbers per side; never saved):
+`hadamard` (the default) r distinct rows of a Hadamard matrix with hashed column signs, so a side's error vanishes
+as r nears d (at r = 63 of 64: std 0.018 on a unit inner product, against 0.15; the same as independent signs
+for r << d; hashing.hadamard_signs), or `rademacher`, independent signs (the earlier default; Bergson draws i.i.d.
+normal or +-1 entries). +-1 rather than Gaussian: the same matrix on every device and in every process, exact in
+bf16 (the 1 / sqrt(r) is applied to the float32 block), JL variance at most a Gaussian's. E[P^T P] = I on each
+side, independently, so E<P_out G P_in^T, P_out H P_in^T> = <G, H> for every module: inner products are unbiased
+and cosines are JL estimates, like the other projectors'. Where r >= d on a side that side is the identity.
 Not a JL projection to r_out r_in dimensions, though: a one-token (rank-one) gradient's inner product is the product
 of two r-dimensional JL estimates, relative error ~ sqrt(1/r_out + 1/r_in) (measured at r = 16 on unit vectors of
 cosine ~0.7: std 0.32, against 1/r = 0.06 for a dense projection to r^2 numbers); summing over tokens (rank T)
@@ -68,7 +63,7 @@ import math
 
 import torch
 
-from lark.kernel.hashing import GOLDEN, hashed, mix32, name_key, random_signs
+from lark.kernel.hashing import hadamard_signs, hashed, name_key, rademacher_signs, random_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.sketch import HookSketch
 from lark.kernel.sketch_math import (
@@ -81,34 +76,8 @@ from lark.kernel.sketch_math import (
     without_padding,
 )
 
-
 # ------------------------------------------------------------------------------ the math, shapes in docstrings
-def rademacher_signs(rows, cols, key, device):
-    """[rows, cols] float32 +1 / -1 from the counter hash of (key, i * cols + j): the same on every device."""
-    index = torch.arange(rows * cols, dtype=torch.int64, device=device)
-    return random_signs(index, key).view(rows, cols)
-
-
-def hadamard_signs(rows, cols, key, device):
-    """[rows, cols] float32 +1 / -1: `rows` distinct rows of the Sylvester-Hadamard matrix of order n (the power of
-    two >= cols; H[i, j] = (-1)^popcount(i & j)), its first `cols` columns, times a random sign per column. Rows:
-    the first in the counter hash's order of 0..n-1 (stable sort: ties by index); column signs: the hash of the
-    column under a key derived from `key`; the same on every device. H's columns are orthogonal (H^T H = n I), so
-    E[S^T S] = rows I as for independent signs, but the rows are sampled without replacement: a JL estimate's
-    variance shrinks by (n - rows) / (n - 1), to ~0 as rows -> cols (a 63 x 64 Rademacher matrix errs like any
-    r = 63 projection, std 0.15 on a unit inner product; these rows 0.018)."""
-    n = 1 << max(cols - 1, 0).bit_length()
-    order = torch.argsort(hashed(torch.arange(n, dtype=torch.int64, device=device), key), stable=True)[:rows]
-    column = torch.arange(cols, dtype=torch.int64, device=device)
-    x = order.unsqueeze(1) & column  # parity of popcount(i & j), folded 32 -> 1 bits
-    for shift in (16, 8, 4, 2, 1):
-        x = x ^ (x >> shift)
-    return (1 - 2 * (x & 1)).to(torch.float32) * random_signs(column, mix32(key ^ GOLDEN))
-
-
 MATRICES = {"hadamard": hadamard_signs, "rademacher": rademacher_signs}  # attribution.projector.matrix
-
-
 GEMM_COLUMNS = 16  # a side's S^T is zero-padded to a multiple of this many columns (not a knob: same numbers)
 
 

@@ -14,7 +14,8 @@ Every query and every training item is projected here, at every checkpoint (the 
 `source.size` fine-tuning items); the score matrices are cached under <run>/validation/scores, keyed by content.
 
 Outputs: tables/table5.{md,csv}, figures/fig5_validation.png, validation/validation.json (everything, with the
-time each column cost).
+time each column cost); with `validate.projector_seed` (a second draw of every projector) the same three files in
+validation/seed_<n>/ instead, the run's own Table V untouched.
 
 The verbs, each in its module: load the run (load.py), score each kernel and baseline (scores.py), measure the
 checks (quality.py), write Table V (write.py); validate_run below chains them.
@@ -50,6 +51,7 @@ def validate_run(run_dir, vcfg, log=print):
     console.setup()  # as train.py: no per-file progress bars of transformers in a log
     run = load_run(run_dir, vcfg, log)
     projectors = vcfg.get("projectors") or None  # null (the default; older configs): the run's own, rows as before
+    seed = vcfg.get("projector_seed")  # null (the default; older configs): each projector's own seed
     for name in projectors or []:
         projector_file(name)  # an unknown name stops here, before the retrains
     timing, subsets = {}, None
@@ -62,7 +64,7 @@ def validate_run(run_dir, vcfg, log=print):
         for projector in projectors or [None]:
             label = name if projector is None else f"{name} ({projector})"
             start = time.perf_counter()
-            kernel_rows, tracin_sum, used, k = validate_kernel(run, name, subsets, backdoor_by_epoch, projector)
+            kernel_rows, tracin_sum, used, k = validate_kernel(run, name, subsets, backdoor_by_epoch, projector, seed)
             if tracin_sum is not None:
                 tracin[label] = {"checkpoints": used}
                 tag = {"method": f"{name} TracIn-CP"} | ({} if projector is None else {"projector": projector})
@@ -89,21 +91,26 @@ def validate_run(run_dir, vcfg, log=print):
         "pool": OmegaConf.to_container(vcfg.pool),
         "kernels": OmegaConf.to_container(vcfg.kernels or []),
         **({} if projectors is None else {"projectors": projector_k}),  # {name: the vectors' k}
+        **({} if seed is None else {"projector_seed": int(seed)}),
         "lds": None if subsets is None else {"n_subsets": len(subsets["losses"]), "fraction": float(vcfg.lds.fraction)},
     }
-    return write_result(result, run_dir)
+    return write_result(result, run_dir, None if seed is None else run_dir / "validation" / f"seed_{int(seed)}")
 
 
-def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None):
+def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=None):
     """(rows, TracIn-CP sum [Q, N] or None, checkpoints in that sum, the vectors' k) of kernel `name` with projector
-    `projector` (None: the run's own; rows then have no "projector" key, as before validate.projectors): one row
-    per checkpoint; the canary's backdoor rate of each checkpoint not yet in backdoor_by_epoch is added there."""
+    `projector` (None: the run's own; rows then have no "projector" key, as before validate.projectors), drawn with
+    `seed` where it has one (None: its config's): one row per checkpoint; the canary's backdoor rate of each
+    checkpoint not yet in backdoor_by_epoch is added there."""
     attr = kernel_config(run.cfg.attribution, name)
     tag, cache = {"method": name}, name
     if projector is not None:
         attr = with_projector(attr, run.cfg, projector)
         tag["projector"] = projector
         cache = name if projector == own_projector(run.cfg.attribution) else f"{name}/{projector}"
+    if seed is not None and "seed" in attr.projector:  # a second draw: its own score cache beside the first's
+        attr = OmegaConf.merge(attr, {"projector": {"seed": int(seed)}})
+        cache = f"{cache}@seed{int(seed)}"
     rows, tracin_sum, used, dim = [], None, 0, None
     for epoch, folder in run.epochs.items():
         require_safetensors(folder)  # a corrupted checkpoint stops validation naming the epoch, never scores
@@ -125,12 +132,14 @@ def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None):
     return rows, tracin_sum, used, dim
 
 
-def write_result(result, run_dir):
-    """tables/table5.{md,csv}, figures/fig5_validation.png and validation/validation.json; returns the result with
-    "files" (the table and figure paths) added after validation.json is written."""
-    files = write_table5(result, run_dir / "tables") + [
-        plot_validation(result, run_dir / "figures" / "fig5_validation.png")
-    ]
-    write_json(run_dir / "validation" / "validation.json", result)
+def write_result(result, run_dir, folder=None):
+    """tables/table5.{md,csv}, figures/fig5_validation.png and validation/validation.json of the run (or all three
+    in `folder`); returns the result with "files" (the table and figure paths) added after validation.json is
+    written."""
+    tables, figures, data = (
+        (run_dir / "tables", run_dir / "figures", run_dir / "validation") if folder is None else [folder] * 3
+    )
+    files = write_table5(result, tables) + [plot_validation(result, figures / "fig5_validation.png")]
+    write_json(data / "validation.json", result)
     result["files"] = [str(f) for f in files]
     return result

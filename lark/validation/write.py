@@ -71,6 +71,11 @@ def notes(result):
             + ", ".join(f"{name} k = {fmt(k, ',')}" for name, k in result["projectors"].items())
             + "."
         )
+    if result.get("projector_seed") is not None:
+        parts.append(
+            f"A second draw (validate.projector_seed): every projector with a seed drawn with seed "
+            f"{result['projector_seed']} instead of its config's."
+        )
     if result["n_pool"]:
         pool = result["pool"]
         how = (
