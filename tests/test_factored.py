@@ -103,6 +103,25 @@ def test_factored_vector_is_the_kronecker_projection_of_the_autograd_gradient(se
     assert want.norm(dim=1).min() > 0
 
 
+@pytest.mark.parametrize("arch, vocab", [("olmo3", "tensorsketch"), ("llama-tied-bias", "input")])
+def test_vocab_numbers_sizes_the_tensorsketched_slots(setup, arch, vocab):
+    """vocab_numbers=1000: each TensorSketched vocabulary matrix gets 1000 numbers instead of a block's 64 (r = 8),
+    k grows by as much, the spec says so, and the vectors are still the explicit TensorSketch / Kronecker
+    projection of autograd's gradient; a value below 1 is refused by its key."""
+    model = setup["model"] if arch == "olmo3" else tiny_llama(setup["tok"], tie_word_embeddings=True, mlp_bias=True)
+    pad, encoded = setup["tok"].pad_token_id, setup["encoded"]
+    plain = make_projector(attribution(r_in=8, r_out=8, vocab=vocab), model)
+    proj = make_projector(attribution(r_in=8, r_out=8, vocab=vocab, vocab_numbers=1000), model)
+    sketched = [n for n, (size, how) in proj.slots.items() if how == "tensorsketch"]
+    assert sketched and all(proj.slots[n][0] == 1000 and plain.slots[n][0] == 64 for n in sketched)
+    assert proj.k == plain.k + len(sketched) * (1000 - 64) and proj.spec()["vocab_numbers"] == 1000
+    got = project_examples(model, encoded, proj, pad, batch_size=4)
+    want = torch.stack([explicit(proj, g) for g in autograd_gradients(model, encoded, pad)]).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"attribution\.projector\.vocab_numbers must be a positive integer"):
+        make_projector(attribution(vocab_numbers=0), model)
+
+
 @pytest.mark.parametrize("arch", ["olmo3", "llama-tied-bias"])
 def test_per_tensor_norms_are_the_autograd_norms(setup, arch):
     """What the rapidin kernel divides each slot by -- from X and Delta, the embedding's token sum and the tied

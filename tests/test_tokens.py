@@ -102,7 +102,14 @@ def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path,
 
 @pytest.mark.parametrize(
     "projector, options",
-    [("sketch", {}), ("sketch", {"method": "tensorsketch"}), ("factored", {}), ("rapidin", {}), ("gaussian", {})],
+    [
+        ("sketch", {}),
+        ("sketch", {"method": "tensorsketch"}),
+        ("factored", {}),
+        ("factored", {"vocab_numbers": 700}),
+        ("rapidin", {}),
+        ("gaussian", {}),
+    ],
 )
 def test_transpose_is_the_projection_adjoint(setup, projector, options):
     """<P^T w, N D g> = <w, project_batch(example)> for the projector's own vector of an example (with per-tensor

@@ -28,7 +28,7 @@ averages some of it away. That is the price of never forming G (benchmarks/attri
 
 The other parameters:
 - the vocabulary-sized matrices, the input embedding E [V, d] and the output layer, by `vocab`: each one chosen is
-  TensorSketched into the slot a factored block would take (min(r_out, V) x min(r_in, d) numbers): coordinate
+  TensorSketched into `vocab_numbers` numbers (null: what a block would take, min(r_out, V) x min(r_in, d)): coordinate
   (i, j) to bucket (h1(i) + h2(j)) mod size with sign s1(i) s2(j), per-axis hashes of the seed and the parameter's
   name (sketch_math.axis_hash), so its error is a dense JL estimate's at that many numbers where a factored block's
   is ~sqrt(1/r_out + 1/r_in) for a one-token gradient. The embedding's gradient sum_s onehot(tok_s) e_s^T has only
@@ -44,7 +44,8 @@ The other parameters:
   0.864 to 0.936 at k = 61,200 for 2-3 points of the floor's time (docs/benchmarks.md).
   Why: the optimizer-aware kernels' corrected gradients put most of their norm on these matrices (rare tokens'
   rows, whose second moments are small); on the embedded run factoring the embedding cost half of adam's
-  pretraining provenance against the sketch's (docs/validation.md);
+  pretraining provenance against the sketch's, and a block's worth of numbers is little for them (adam's PT MRR
+  0.086 at 3,969 numbers, 0.108 at 65,536, the sketch's 0.116; docs/validation.md);
 - 1-D parameters (norm weights of sketch_math.NORMS, biases): the exact per-example gradient when it has at most
   r_out * r_in numbers (every norm of a small model), else a count sketch of it into r_out * r_in buckets (hash of
   the same seed and name).
@@ -69,6 +70,7 @@ from lark.kernel.sketch import HookSketch
 from lark.kernel.sketch_math import (
     axis_hash,
     embedding_squares,
+    embedding_tensorsketch,
     frobenius,
     norm_gradients,
     rows_at_tokens,
@@ -131,15 +133,6 @@ def vector_slot(value, size, bucket_key, sign_key):
     return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
 
 
-def embedding_tensorsketch(tokens, rows, out_hash, in_hash, size):
-    """[B, size] TensorSketch of the row-sparse sum_s onehot(tokens_s) rows_s^T [V, d] (sketch_math.tensorsketch's
-    buckets and signs, out_hash over the vocabulary), from its T rows alone. tokens [B, T], rows [B, T, d]."""
-    (b1, s1), (b2, s2) = out_hash, in_hash
-    bucket = (b1[tokens].unsqueeze(-1) + b2).remainder_(size)  # [B, T, d]
-    signed = rows.float() * (s1[tokens].unsqueeze(-1) * s2)
-    return torch.zeros(rows.shape[0], size, device=rows.device).scatter_add_(1, bucket.flatten(1), signed.flatten(1))
-
-
 VOCAB = ("tensorsketch", "input", "factored")  # attribution.projector.vocab
 
 
@@ -196,6 +189,7 @@ class FactoredProjector(HookSketch):
         precondition=None,
         vocab="input",
         matrix="hadamard",
+        vocab_numbers=None,
     ):
         if vocab not in VOCAB:
             raise ValueError(f"attribution.projector.vocab: unknown '{vocab}' ({' | '.join(VOCAB)})")
@@ -203,7 +197,11 @@ class FactoredProjector(HookSketch):
             raise ValueError(f"attribution.projector.matrix: unknown '{matrix}' ({' | '.join(MATRICES)})")
         self.normalizer = normalizer(normalize)  # lark.kernel.normalizers: NoNorm or PerTensor (or its string)
         self.seed, self.precondition, self.partial, self.vocab = int(seed), precondition, bool(partial), vocab
-        self.matrix = matrix
+        self.matrix, self.vocab_numbers = matrix, None if vocab_numbers is None else int(vocab_numbers)
+        if self.vocab_numbers is not None and self.vocab_numbers < 1:
+            raise ValueError(
+                f"attribution.projector.vocab_numbers must be a positive integer or null, got {vocab_numbers!r}"
+            )
         self.find_layers(model)  # HookSketch's: linears, norms, embeddings, param_names, coverage
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.input_weight = model.get_input_embeddings().weight
@@ -249,7 +247,8 @@ class FactoredProjector(HookSketch):
             if (self.vocab == "tensorsketch" and id(p) in self.vocab_weights) or (
                 self.vocab == "input" and p is self.input_weight  # (tied: with its output layer's part)
             ):
-                slots[name] = (min(r_out, p.shape[0]) * min(r_in, p.shape[1]), "tensorsketch")
+                block = min(r_out, p.shape[0]) * min(r_in, p.shape[1])  # vocab_numbers null: a block's worth
+                slots[name] = (self.vocab_numbers or block, "tensorsketch")
             elif p.dim() == 2:
                 ranks = (min(r_out, p.shape[0]), min(r_in, p.shape[1]))
                 slots[name] = (ranks[0] * ranks[1], ranks)
@@ -267,6 +266,7 @@ class FactoredProjector(HookSketch):
             "r_in": self.r_in,
             "matrix": self.matrix,
             "vocab": self.vocab,
+            "vocab_numbers": self.vocab_numbers,
             "hash": "murmur3-fmix32",
             "coverage": round(self.coverage(), 6),
         }

@@ -141,6 +141,15 @@ def axis_hash(size, bucket_key, sign_key, k, device):
     return hashed(index, bucket_key) % k, random_signs(index, sign_key)
 
 
+def embedding_tensorsketch(tokens, rows, out_hash, in_hash, size):
+    """[B, size] TensorSketch of the row-sparse sum_s onehot(tokens_s) rows_s^T [V, d] (sketch_math.tensorsketch's
+    buckets and signs, out_hash over the vocabulary), from its T rows alone. tokens [B, T], rows [B, T, d]."""
+    (b1, s1), (b2, s2) = out_hash, in_hash
+    bucket = (b1[tokens].unsqueeze(-1) + b2).remainder_(size)  # [B, T, d]
+    signed = rows.float() * (s1[tokens].unsqueeze(-1) * s2)
+    return torch.zeros(rows.shape[0], size, device=rows.device).scatter_add_(1, bucket.flatten(1), signed.flatten(1))
+
+
 def tensorsketch(delta, x, out_hash, in_hash, k):
     """TensorSketch of G_b = sum_t delta_t x_t^T for each example: delta [B, T, out], x [B, T, in] -> [B, k].
     Coordinate (i, j) goes to bucket (h1(i) + h2(j)) mod k with sign s1(i) s2(j) (out_hash = (h1, s1), in_hash
