@@ -71,18 +71,35 @@ def gather_reader(bucket, sign, shape):
     return lambda w: w.index_select(1, bucket).mul_(sign).view(w.shape[0], *shape)
 
 
-def rotated_reader(projector, name, shape, device):
+class Doubler:
+    """[w, w] of the last w [m, k] asked for, the windows of the rotated chunks: made once per transpose and shared
+    by every parameter's reader (each used to make its own)."""
+
+    def __init__(self):
+        self.w = self.doubled = None
+
+    def __call__(self, w):
+        if self.w is not w:
+            self.w, self.doubled = w, torch.cat([w, w], dim=1)
+        return self.doubled
+
+
+def rotated_reader(projector, name, shape, device, doubler):
     """w [m, k] -> [m, *shape] of a parameter in the rotated-chunk count sketch: chunk c of its flat coordinates
     reads w rotated by the chunk's offset o_c (coordinate c k + j reads w[(o_c + j) mod k]), a window of [w, w]
-    (unfold: no index per coordinate), times the coordinate's sign. The signs are the projector's own (its
-    cache, 1 byte per coordinate, within attribution.projector.cache_bytes; beyond it hashed per call): the
-    transpose keeps nothing per coordinate, so its memory is the tangent it returns."""
+    (`doubler`'s; unfold: no index per coordinate; a last partial chunk copies only its own numbers), times the
+    coordinate's sign. The signs are the projector's own (its cache, 1 byte per coordinate, within
+    attribution.projector.cache_bytes; beyond it hashed per call): the transpose keeps nothing per coordinate, so
+    its memory is the tangent it returns."""
     numel, k = math.prod(shape), projector.k
-    offsets = projector.offsets(name, 0, -(-numel // k), device)
+    full, rest = divmod(numel, k)
+    offsets = projector.offsets(name, 0, full + (rest > 0), device).tolist()
 
     def read(w):
-        windows = torch.cat([w, w], dim=1).unfold(1, k, 1)  # [m, k + 1, k]: window o = w rotated left by o
-        u = windows[:, offsets].flatten(1)[:, :numel]
+        doubled = doubler(w)
+        parts = [doubled.unfold(1, k, 1)[:, offsets[:full]].flatten(1)] if full else []
+        parts += [doubled[:, offsets[full] : offsets[full] + rest]] if rest else []
+        u = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
         return u.mul_(projector.signs(name, numel, 0, numel, device)).view(w.shape[0], *shape)
 
     return read
@@ -106,7 +123,7 @@ def tensorsketch_reader(out_hash, in_hash, span):
 def sketch_readers(projector, model, device):
     """The `sketch` projector's readers: the rotated-chunk count sketch (HookSketch's hash; the input embedding and a
     tied output layer share it), TensorSketch's for the layers it sketches that way."""
-    tensorsketch, readers = {}, {}
+    tensorsketch, readers, doubler = {}, {}, Doubler()
     for mod in projector.linears.values():
         n_out, n_in = mod.weight.shape
         uses_ts = projector.use_tensorsketch(projector.plan_tokens, n_in, n_out, mod.weight.element_size())
@@ -120,7 +137,7 @@ def sketch_readers(projector, model, device):
             hashes = (projector.axis_hash(name, axis, n, device) for axis, n in enumerate(p.shape))
             readers[name] = tensorsketch_reader(*hashes, slice(0, projector.k))
         else:
-            readers[name] = rotated_reader(projector, name, p.shape, device)
+            readers[name] = rotated_reader(projector, name, p.shape, device, doubler)
     return readers
 
 
