@@ -202,8 +202,8 @@ def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projecto
 
 
 def test_reverse_mode_equals_forward_mode(setup):
-    """token_products (a backward pass per loss token) = token_derivatives (a forward-mode pass per tangent) on
-    random tangents over every parameter, the padding row of the input embedding included, for an example with
+    """token_products (a backward pass per loss token, one at a time or 4 batched) = token_derivatives (a
+    forward-mode pass per tangent) on random tangents over every parameter, the padding row of the input embedding included, for an example with
     loss on its second half and one with loss on every token."""
     model = setup["model"]
     gen = torch.Generator().manual_seed(5)
@@ -211,6 +211,7 @@ def test_reverse_mode_equals_forward_mode(setup):
     for name in ("formatted", "raw"):
         batch = batch_of(setup, setup["sets"][name][1])
         forward, reverse = token_derivatives(model, batch, tangents), token_products(model, batch, tangents)
+        torch.testing.assert_close(token_products(model, batch, tangents, chunk=4), reverse)  # batched backward
         assert forward.shape == reverse.shape == (3, batch["input_ids"].shape[1])
         assert (reverse[:, batch["labels"][0] == IGNORE] == 0).all()
         torch.testing.assert_close(reverse, forward, rtol=1e-4, atol=1e-6)

@@ -104,8 +104,10 @@ class Pass:
             w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
             tangents = self.transpose((w / denominator).to(self.device), diagonal)
             reverse = self.mode == "reverse" or (self.mode == "auto" and n_loss < len(part))
-            derivatives = token_products if reverse else token_derivatives
-            rows.append(derivatives(self.model, batch, tangents).cpu())
+            if reverse:
+                rows.append(token_products(self.model, batch, tangents, self.chunk))
+            else:
+                rows.append(token_derivatives(self.model, batch, tangents).cpu())
         return torch.cat(rows)
 
     def side(self, encoded, row):
@@ -114,10 +116,9 @@ class Pass:
         key = tuple(ids)
         if key not in self.texts:
             self.texts[key] = pieces(self.tokenizer, ids)
-        text, spans = self.texts[key]
+        (text, spans), values = self.texts[key], row.tolist()
         tokens = [
-            [text[a:b], a, b, float(row[s]) if s >= 1 and labels[s] != IGNORE else None]
-            for s, (a, b) in enumerate(spans)
+            [text[a:b], a, b, values[s] if s >= 1 and labels[s] != IGNORE else None] for s, (a, b) in enumerate(spans)
         ]
         return {"text": text, "tokens": tokens}
 

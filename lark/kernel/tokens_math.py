@@ -54,16 +54,19 @@ class Transpose:
             raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
 
     def __call__(self, w, diagonal=None):
-        """{name: [m, *shape]} P^T w, float32; with `diagonal` ({name: N D}, `scaling`) the tangents N D P^T w in
-        each parameter's dtype, made parameter by parameter (at 7B a float32 copy of every tangent would double
-        what the pass holds)."""
+        """{name: [m, *shape]} P^T w, float32; with `diagonal` ({name: N D}, `scaling`; a parameter it leaves out
+        is not scaled) the tangents N D P^T w in each parameter's dtype, made parameter by parameter (at 7B a
+        float32 copy of every tangent would double what the pass holds)."""
         if self.readers is None:
             u = autograd_transpose(self.projector, self.model, w)
-            return u if diagonal is None else {n: t * diagonal[n] for n, t in u.items()}
+            return u if diagonal is None else {n: t * diagonal[n] if n in diagonal else t for n, t in u.items()}
         if diagonal is None:
             return {name: read(w) for name, read in self.readers.items()}
-        dtypes = {n: p.dtype for n, p in trainable(self.model)}
-        return {name: read(w).mul_(diagonal[name]).to(dtypes[name]) for name, read in self.readers.items()}
+        dtypes, tangents = {n: p.dtype for n, p in trainable(self.model)}, {}
+        for name, read in self.readers.items():
+            u = read(w) if name not in diagonal else read(w).mul_(diagonal[name])
+            tangents[name] = u.to(dtypes[name])
+        return tangents
 
 
 def gather_reader(bucket, sign, shape):
@@ -97,10 +100,13 @@ def rotated_reader(projector, name, shape, device, doubler):
 
     def read(w):
         doubled = doubler(w)
-        parts = [doubled.unfold(1, k, 1)[:, offsets[:full]].flatten(1)] if full else []
+        signs = projector.signs(name, numel, 0, numel, device)
+        if not full:  # one partial chunk: a window of [w, w], signed in one pass
+            return torch.mul(doubled[:, offsets[0] : offsets[0] + rest], signs).view(w.shape[0], *shape)
+        parts = [doubled.unfold(1, k, 1)[:, offsets[:full]].flatten(1)]
         parts += [doubled[:, offsets[full] : offsets[full] + rest]] if rest else []
-        u = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
-        return u.mul_(projector.signs(name, numel, 0, numel, device)).view(w.shape[0], *shape)
+        u = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return u.mul_(signs).view(w.shape[0], *shape)
 
     return read
 
@@ -195,9 +201,12 @@ def autograd_transpose(projector, model, w):
 def scaling(projector, model, example):
     """{parameter: the diagonal N D of one example} (float32, the parameter's shape or broadcastable): the
     optimizer correction D (projector.precondition) times, when the projector normalises per tensor, 1 / ||D g||
-    of that parameter's gradient for this example (one backward pass). example: a batch of one."""
+    of that parameter's gradient for this example (one backward pass); {} where the kernel has neither (the
+    identity). example: a batch of one."""
     params = trainable(model)
     pre = projector.precondition
+    if pre is None and not projector.normalizer.needs_norms:
+        return {}
     scale = {
         n: pre.scale(n, p.shape, p.device) if pre is not None else torch.ones((), device=p.device) for n, p in params
     }
@@ -253,22 +262,32 @@ def token_derivatives(model, example, tangents):
         model.set_attn_implementation(before)
 
 
-def token_products(model, example, tangents):
-    """[m, T] <u_i, g_t> as token_derivatives gives it, by reverse mode: for each loss token t one backward pass of
-    its share gives g_t (only for the parameters with a tangent), dotted with all m tangents. T_loss backward
-    passes instead of m forward-mode ones. An input embedding's padding row gets no gradient, as in training."""
+def token_products(model, example, tangents, chunk=1):
+    """[m, T] <u_i, g_t> as token_derivatives gives it, by reverse mode: one backward pass of each loss token's
+    share gives g_t (only for the parameters with a tangent), dotted with all m tangents; `chunk` loss tokens'
+    backward passes at once (autograd's is_grads_batched: their gradients held together, chunk x the tangents'
+    parameters). T_loss backward passes instead of m forward-mode ones. An input embedding's padding row gets no
+    gradient, as in training."""
     params = {n: p.detach().requires_grad_(n in tangents) for n, p in trainable(model)}
     names = [n for n in tangents if params[n].requires_grad]
     losses = token_losses(model, params, example)
     positions = [t for t in range(1, losses.shape[0]) if example["labels"][0, t] != IGNORE]
     m = next(iter(tangents.values())).shape[0]
     out = torch.zeros(m, losses.shape[0])
-    for n_done, t in enumerate(positions, 1):
+    for start in range(0, len(positions), chunk):
+        done = positions[start : start + chunk]
+        seeds = torch.zeros(len(done), losses.shape[0], device=losses.device)
+        seeds[torch.arange(len(done)), done] = 1
         grads = torch.autograd.grad(
-            losses[t], [params[n] for n in names], retain_graph=n_done < len(positions), allow_unused=True
+            losses,
+            [params[n] for n in names],
+            seeds,
+            retain_graph=start + chunk < len(positions),
+            allow_unused=True,
+            is_grads_batched=True,
         )
-        out[:, t] = sum(
-            tangents[n].flatten(1).float() @ g.flatten().float() for n, g in zip(names, grads) if g is not None
+        out[:, done] = sum(
+            tangents[n].flatten(1).float() @ g.flatten(1).float().T for n, g in zip(names, grads) if g is not None
         ).cpu()
     return out
 
