@@ -20,6 +20,7 @@ P^T w per projector (`transpose`), from the projector's own hashes and matrices:
 - rapidin, gaussian, exact (per-example projectors with project(grads)): autograd through project() at zero.
 """
 
+import contextlib
 import copy
 import itertools
 import math
@@ -253,42 +254,54 @@ def token_derivatives(model, example, tangents):
             t = t.clone()
             t[:, pad] = 0
         part[n] = t
+    with eager_attention(model):
+        along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
+        return vmap(along)(part).detach().float()
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """The model with eager attention within the block: PyTorch's fused attention kernels have neither a
+    forward-mode derivative nor, on every device, a batched backward (vmap); both compute the same attention."""
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
-        return vmap(along)(part).detach().float()
+        yield model
     finally:
         model.set_attn_implementation(before)
 
 
 def token_products(model, example, tangents, chunk=1):
     """[m, T] <u_i, g_t> as token_derivatives gives it, by reverse mode: one backward pass of each loss token's
-    share gives g_t (only for the parameters with a tangent), dotted with all m tangents; `chunk` loss tokens'
-    backward passes at once (autograd's is_grads_batched: their gradients held together, chunk x the tangents'
-    parameters). T_loss backward passes instead of m forward-mode ones. An input embedding's padding row gets no
-    gradient, as in training."""
+    share gives g_t (only for the parameters with a tangent), dotted with all m tangents; up to `chunk` loss
+    tokens' backward passes at once (autograd's is_grads_batched, with eager attention: their gradients held
+    together, chunk x the tangents' parameters). T_loss backward passes instead of m forward-mode ones. An input
+    embedding's padding row gets no gradient, as in training."""
     params = {n: p.detach().requires_grad_(n in tangents) for n, p in trainable(model)}
     names = [n for n in tangents if params[n].requires_grad]
-    losses = token_losses(model, params, example)
-    positions = [t for t in range(1, losses.shape[0]) if example["labels"][0, t] != IGNORE]
+    positions = [t for t in range(1, example["labels"].shape[1]) if example["labels"][0, t] != IGNORE]
     m = next(iter(tangents.values())).shape[0]
-    out = torch.zeros(m, losses.shape[0])
-    for start in range(0, len(positions), chunk):
-        done = positions[start : start + chunk]
-        seeds = torch.zeros(len(done), losses.shape[0], device=losses.device)
-        seeds[torch.arange(len(done)), done] = 1
-        grads = torch.autograd.grad(
-            losses,
-            [params[n] for n in names],
-            seeds,
-            retain_graph=start + chunk < len(positions),
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-        out[:, done] = sum(
-            tangents[n].flatten(1).float() @ g.flatten(1).float().T for n, g in zip(names, grads) if g is not None
-        ).cpu()
+    out = torch.zeros(m, example["labels"].shape[1])
+    batched = chunk > 1 and len(positions) > 1
+    with eager_attention(model) if batched else contextlib.nullcontext():
+        losses = token_losses(model, params, example)
+        for start in range(0, len(positions), chunk):
+            done = positions[start : start + chunk]
+            seeds = torch.zeros(len(done), losses.shape[0], device=losses.device)
+            seeds[torch.arange(len(done)), done] = 1
+            grads = torch.autograd.grad(
+                losses,
+                [params[n] for n in names],
+                seeds if len(done) > 1 else seeds[0],
+                retain_graph=start + chunk < len(positions),
+                allow_unused=True,
+                is_grads_batched=len(done) > 1,
+            )
+            out[:, done] = sum(
+                tangents[n].flatten(1).float() @ g.reshape(len(done), -1).float().T
+                for n, g in zip(names, grads)
+                if g is not None
+            ).cpu()
     return out
 
 
