@@ -203,8 +203,8 @@ def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projecto
 
 def test_reverse_mode_equals_forward_mode(setup):
     """token_products (a backward pass per loss token, one at a time or 4 batched) = token_derivatives (a
-    forward-mode pass per tangent) on random tangents over every parameter, the padding row of the input embedding included, for an example with
-    loss on its second half and one with loss on every token."""
+    forward-mode pass per tangent) on random tangents over every parameter, the padding row of the input embedding
+    included, for an example with loss on its second half and one with loss on every token."""
     model = setup["model"]
     gen = torch.Generator().manual_seed(5)
     tangents = {n: torch.randn(3, *p.shape, generator=gen) for n, p in trainable(model)}
