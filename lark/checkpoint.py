@@ -176,7 +176,8 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     attr = {
         k: v
         for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
-        if k not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_pass")
+        if k
+        not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_pass", "tokens_budget")
     }
     return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
 

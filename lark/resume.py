@@ -129,6 +129,7 @@ IGNORED = (
     "attribution.projector.fold",  # the fold's schedule: same sums (a GPU run may switch triton -> index)
     "attribution.projector.cache_bytes",  # how many hash signs are kept between batches: speed only
     "attribution.tokens_pass",  # forward or reverse derivatives of the token contributions: speed only
+    "attribution.tokens_budget",  # how many tangents a derivative pass holds: speed and memory only
 )
 
 

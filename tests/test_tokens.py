@@ -59,13 +59,14 @@ def batch_of(setup, example):
     return collate([setup["encoder"](example)], setup["tok"].pad_token_id)
 
 
-@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
-def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path, mode):
+@pytest.mark.parametrize("mode, budget", [("auto", None), ("forward", None), ("reverse", None), ("auto", 1)])
+def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path, mode, budget):
     """(a) Exact projector, cosine: c_t(d) = <v_q, g_t(d)> / ||g(d)|| with g_t the autograd gradient of loss token
     t's share (one backward per token), and c_t(q) likewise; both within 1e-4 of what the files say, whether the
-    pass is forward mode (a pass per partner), reverse mode (a pass per loss token) or the cheaper of the two."""
+    pass is forward mode (a pass per partner), reverse mode (a pass per loss token) or the cheaper of the two, and
+    whether a pass takes many tangents (loss tokens) or, with attribution.tokens_budget = 1, one."""
     model, sets = setup["model"], setup["sets"]
-    rows = run_tokens(setup, attribution("exact"), tmp_path, mode=mode)
+    rows = run_tokens(setup, attribution("exact"), tmp_path, mode=mode, budget=budget)
     params = trainable(model)
 
     def grads(example):
@@ -140,9 +141,9 @@ def test_transpose_is_the_projection_adjoint(setup, projector, options):
             assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
 
 
-def run_tokens(setup, attr, folder, moments=None, mode="auto"):
-    """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens:
-    {source: [records]}."""
+def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None):
+    """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens
+    (attribution.tokens_budget = budget where given): {source: [records]}."""
     model, sets = setup["model"], setup["sets"]
     kernel = make_kernel(attr)
     projector = make_projector(attr, model, kernel, moments)
@@ -159,7 +160,7 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto"):
             rows += [
                 (q["id"], name, r + 1, sets[name][index[i, r]]["id"], round(values[i, r].item(), 6)) for r in range(3)
             ]
-    cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2}})
+    cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2, **({"tokens_budget": budget} if budget else {})}})
     ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
     write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode)
     return {
@@ -248,6 +249,8 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
         ({"tokens": "all"}, "attribution.tokens"),
         ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_pass": "both"}, "attribution.tokens_pass"),
+        ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": 0}, "attribution.tokens_budget"),
+        ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": "2^26"}, "attribution.tokens_budget"),
     ):
         with pytest.raises(ConfigError, match=key):
             check(OmegaConf.create({**base, **bad}))

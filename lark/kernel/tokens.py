@@ -39,7 +39,15 @@ from lark.data.io import write_jsonl
 from lark.errors import ConfigError
 from lark.kernel.kernels import whitening
 from lark.kernel.stores import load_store
-from lark.kernel.tokens_math import Transpose, pieces, scaling, tangent_chunk, token_derivatives, token_products
+from lark.kernel.tokens_math import (
+    TANGENT_NUMBERS,
+    Transpose,
+    pieces,
+    scaling,
+    tangent_chunk,
+    token_derivatives,
+    token_products,
+)
 
 MODES = ("off", "topk")  # attribution.tokens
 PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
@@ -60,6 +68,9 @@ def check(attr):
         )
     if attr.get("tokens_pass", "auto") not in PASSES:
         raise ConfigError(f"attribution.tokens_pass: unknown '{attr.tokens_pass}' ({' | '.join(PASSES)})")
+    budget = attr.get("tokens_budget", TANGENT_NUMBERS)
+    if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1):
+        raise ConfigError(f"attribution.tokens_budget must be a positive integer (tangent numbers), got {budget!r}")
     if attr.store_dtype == "bit":
         raise ConfigError("attribution.tokens=topk: store_dtype=bit's SimHash cosine is not a dot product to split")
     return True
@@ -74,12 +85,13 @@ def missing(out_dir, attr, sources):
 class Pass:
     """One checkpoint's token pass: the model, its projector and kernel, the stores' vectors and norms."""
 
-    def __init__(self, model, tokenizer, projector, kernel, vectors, norms, query_set, mode="auto"):
+    def __init__(self, model, tokenizer, projector, kernel, vectors, norms, query_set, mode="auto", budget=None):
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.mode = mode  # auto: the fewer passes; forward | reverse: always that one (tests compare them)
         self.query_set, self.norms = query_set, norms
         self.device = next(model.parameters()).device
-        self.transpose, self.texts, self.chunk = Transpose(projector, model), {}, tangent_chunk(model)
+        self.chunk = tangent_chunk(model, budget or TANGENT_NUMBERS)  # attribution.tokens_budget
+        self.transpose, self.texts = Transpose(projector, model), {}
         linear = whitening(vectors, query_set, kernel.mix, kernel.damping) if kernel.whitens else None
         self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())
         self.mapped = {name: self.map(v) for name, v in vectors.items()}  # M s, before the unit step
@@ -135,7 +147,8 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     top_k = ck.cfg.attribution.tokens_top_k
     mode = mode or ck.cfg.attribution.get("tokens_pass", "auto")
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
-    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode)
+    budget = ck.cfg.attribution.get("tokens_budget", TANGENT_NUMBERS)
+    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode, budget)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
     pairs = [r for r in rows if r[2] <= top_k]
     by_doc, by_query = defaultdict(list), defaultdict(list)

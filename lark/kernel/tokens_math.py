@@ -305,9 +305,12 @@ def token_products(model, example, tangents, chunk=1):
     return out
 
 
-def tangent_chunk(model, numbers=2**26):
-    """How many tangents one batched pass takes: as many as `numbers` tangent numbers hold (2^26: 256 MiB of
-    float32), at least 1, at most 64."""
+TANGENT_NUMBERS = 2**26  # attribution.tokens_budget's default (conf/attribution/default.yaml)
+
+
+def tangent_chunk(model, numbers=TANGENT_NUMBERS):
+    """How many tangents one batched pass takes: as many as `numbers` tangent numbers hold (attribution.
+    tokens_budget; 2^26: 256 MiB of float32), at least 1, at most 64."""
     return min(64, max(1, numbers // sum(p.numel() for _, p in trainable(model))))
 
 
