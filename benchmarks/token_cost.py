@@ -4,6 +4,7 @@ topk with each example's fewer derivative passes (attribution.tokens_pass=auto) 
     python benchmarks/token_cost.py                       # the embedded default (trains a 1-epoch run first)
     python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint instead
     python benchmarks/token_cost.py --smollm2             # also SmolLM2-135M-Instruct, in process (GGUF package)
+    python benchmarks/token_cost.py --tokens-budget 536870912   # attribution.tokens_budget (tangents a pass holds)
 
 Embedded rows: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk, tokens_pass}, resume=False)` on the
 same saved checkpoint, paired (off, topk forward, topk auto, `--repeats` times), median seconds each: stores,
@@ -51,20 +52,21 @@ def timed(fn):
 PASSES = ("forward", "auto")  # attribution.tokens_pass of the topk rows
 
 
-def embedded_row(run, epoch, repeats, top_k):
+def embedded_row(run, epoch, repeats, top_k, budget=None):
     """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired, with
-    attribution.tokens_top_k = top_k."""
+    attribution.tokens_top_k = top_k (and attribution.tokens_budget = budget where given)."""
     quiet = lambda *a, **k: None  # noqa: E731
     seconds = {mode: [] for mode in ("off", *PASSES)}
     for _ in range(repeats):
         for mode, out in seconds.items():
             overrides = {"enabled": True, "checkpoints": [epoch], "tokens": "off" if mode == "off" else "topk"}
             overrides.update(tokens_pass="auto" if mode == "off" else mode, tokens_top_k=top_k)
+            overrides.update({"tokens_budget": budget} if budget else {})
             out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
-def smollm2_row(n, top_k, repeats):
+def smollm2_row(n, top_k, repeats, budget=None):
     """{"off": seconds, "forward": ..., "auto": ...} on SmolLM2-135M-Instruct, or a note why the row is skipped.
     The paper's shapes: `n` test questions as Formatted queries (ChatML, loss on the answer) against `n` medical
     abstracts NoFormat (loss on every token) and the same abstracts Formatted (the QA template: loss on the last
@@ -100,6 +102,8 @@ def smollm2_row(n, top_k, repeats):
         encoded[("medical_format", d["id"])] = encode_qa(tok, document_fields(d), chatml, 256)
     kind = {id(e): name for name, examples in sets.items() for e in examples}  # which set an example is of
     attr = OmegaConf.create({"max_length": 256, "attribution": {"top_k": top_k, "tokens_top_k": top_k}})
+    if budget:
+        attr.attribution.tokens_budget = budget
     attr.attribution.projector = OmegaConf.load(ROOT / "conf" / "attribution" / "projector" / "sketch.yaml")
     attr.attribution.kernel = OmegaConf.load(ROOT / "conf" / "attribution" / "kernel" / "cosine.yaml")
     kernel = make_kernel(attr.attribution)
@@ -144,6 +148,7 @@ def main():
     ap.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M-Instruct row")
     ap.add_argument("--n", type=int, default=8, help="SmolLM2 row: queries and documents")
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
+    ap.add_argument("--tokens-budget", type=int, help="attribution.tokens_budget (default: the config's, 2^26)")
     args = ap.parse_args()
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
     print(f"{'model':<36} {'tokens':<14} {'seconds':>8} {'x off':>6}")
@@ -152,9 +157,10 @@ def main():
             run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
             for top_k in args.top_k:
                 name = f"embedded, tokens_top_k={top_k} {' '.join(args.overrides)}".strip()
-                show(name, embedded_row(run, args.epoch, args.repeats, top_k))
+                show(name, embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget))
     if args.smollm2:
-        show(f"SmolLM2-135M-Instruct, n={args.n}", smollm2_row(args.n, 3, args.repeats))
+        budget = f", budget={args.tokens_budget}" if args.tokens_budget else ""
+        show(f"SmolLM2-135M-Instruct, n={args.n}{budget}", smollm2_row(args.n, 3, args.repeats, args.tokens_budget))
 
 
 def show(name, row):
