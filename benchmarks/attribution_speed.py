@@ -214,6 +214,11 @@ def train_step(model, batch):
     model(**batch).loss.backward()
 
 
+def bergson_ranks(method):
+    """Whether a factored row's method words ask for Bergson's r_out = r_in = 16 per module ("16x16")."""
+    return "16x16" in (method or "").split()
+
+
 def projector_of(model, kind, method, how, k, seq):
     """The projector of one row: sketch (method auto / materialize / tensorsketch), rapidin, or factored (method
     None: r from k; "16x16": Bergson's r_out = r_in = 16 per module, k follows; either followed by FactoredProjector
@@ -223,7 +228,7 @@ def projector_of(model, kind, method, how, k, seq):
         return HookSketch(model, k, 0, how, method, plan_tokens=seq)
     if kind == "factored":
         words = (method or "").split()
-        ranks = (16, 16) if "16x16" in words else (None, None)
+        ranks = (16, 16) if bergson_ranks(method) else (None, None)
         keywords = dict(word.split("=", 1) for word in words if "=" in word)
         return FactoredProjector(model, k or 1, 0, how, *ranks, **keywords)
     return CountSketch({n: tuple(p.shape) for n, p in trainable(model)}, k, 0, how)
@@ -268,7 +273,7 @@ def bench_model(name, args, repeats, n_fid, corpus):
             # parameters per row): the paper's kernel, rapidin per_tensor, only
         if real and kind == "sketch" and method == "tensorsketch":
             continue
-        for k in args.ks if not (method or "").startswith("16x16") else [None]:  # 16 x 16 per module: k follows
+        for k in args.ks if not bergson_ranks(method) else [None]:  # 16 x 16 per module: k follows
             projector = projector_of(model, kind, method, how, k, args.seq)
             k = projector.k
             made[kind, method, how, k] = projector

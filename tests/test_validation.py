@@ -288,6 +288,10 @@ def test_a_second_projector_draw_is_scored_and_written_apart(run_dir, validated)
     again = []
     validate_run(run_dir, cfg, log=again.append)
     assert any("cosine@seed1/epoch_001/scores.safetensors: cached" in m for m in again)
+    from lark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="validate.projector_seed"):  # refused before any scoring or retraining
+        validate_run(run_dir, OmegaConf.merge(cfg, {"projector_seed": "one"}), log=again.append)
 
 
 @pytest.mark.slow

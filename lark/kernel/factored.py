@@ -64,7 +64,7 @@ import math
 
 import torch
 
-from lark.kernel.hashing import hadamard_signs, hashed, name_key, rademacher_signs, random_signs
+from lark.kernel.hashing import hadamard_signs, name_key, rademacher_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.sketch import HookSketch
 from lark.kernel.sketch_math import (
@@ -128,8 +128,7 @@ def vector_slot(value, size, bucket_key, sign_key):
     n = value.shape[1]
     if n <= size:
         return value.float()
-    index = torch.arange(n, dtype=torch.int64, device=value.device)
-    bucket, sign = hashed(index, bucket_key) % size, random_signs(index, sign_key)
+    bucket, sign = axis_hash(n, bucket_key, sign_key, size, value.device)
     return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
 
 
@@ -197,11 +196,12 @@ class FactoredProjector(HookSketch):
             raise ValueError(f"attribution.projector.matrix: unknown '{matrix}' ({' | '.join(MATRICES)})")
         self.normalizer = normalizer(normalize)  # lark.kernel.normalizers: NoNorm or PerTensor (or its string)
         self.seed, self.precondition, self.partial, self.vocab = int(seed), precondition, bool(partial), vocab
-        self.matrix, self.vocab_numbers = matrix, None if vocab_numbers is None else int(vocab_numbers)
-        if self.vocab_numbers is not None and self.vocab_numbers < 1:
+        digits = str(vocab_numbers)  # (an int, or its digits from a benchmark's key=value)
+        if vocab_numbers is not None and not (digits.isdigit() and int(digits) >= 1):
             raise ValueError(
                 f"attribution.projector.vocab_numbers must be a positive integer or null, got {vocab_numbers!r}"
             )
+        self.matrix, self.vocab_numbers = matrix, None if vocab_numbers is None else int(digits)
         self.find_layers(model)  # HookSketch's: linears, norms, embeddings, param_names, coverage
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.input_weight = model.get_input_embeddings().weight

@@ -85,12 +85,14 @@ def missing(out_dir, attr, sources):
 class Pass:
     """One checkpoint's token pass: the model, its projector and kernel, the stores' vectors and norms."""
 
-    def __init__(self, model, tokenizer, projector, kernel, vectors, norms, query_set, mode="auto", budget=None):
+    def __init__(
+        self, model, tokenizer, projector, kernel, vectors, norms, query_set, mode="auto", budget=TANGENT_NUMBERS
+    ):
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.mode = mode  # auto: the fewer passes; forward | reverse: always that one (tests compare them)
         self.query_set, self.norms = query_set, norms
         self.device = next(model.parameters()).device
-        self.chunk = tangent_chunk(model, budget or TANGENT_NUMBERS)  # attribution.tokens_budget
+        self.chunk = tangent_chunk(model, budget)  # attribution.tokens_budget
         self.transpose, self.texts = Transpose(projector, model), {}
         linear = whitening(vectors, query_set, kernel.mix, kernel.damping) if kernel.whitens else None
         self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())

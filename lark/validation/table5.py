@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from lark import console
 from lark.data.io import write_json
+from lark.errors import ConfigError
 from lark.models import load_pretrained
 from lark.rundir import epoch_lr, require_safetensors
 from lark.validation import lds
@@ -52,6 +53,8 @@ def validate_run(run_dir, vcfg, log=print):
     run = load_run(run_dir, vcfg, log)
     projectors = vcfg.get("projectors") or None  # null (the default; older configs): the run's own, rows as before
     seed = vcfg.get("projector_seed")  # null (the default; older configs): each projector's own seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):  # before the retrains
+        raise ConfigError(f"validate.projector_seed must be an integer or null, got {seed!r}")
     for name in projectors or []:
         projector_file(name)  # an unknown name stops here, before the retrains
     timing, subsets = {}, None
@@ -91,10 +94,10 @@ def validate_run(run_dir, vcfg, log=print):
         "pool": OmegaConf.to_container(vcfg.pool),
         "kernels": OmegaConf.to_container(vcfg.kernels or []),
         **({} if projectors is None else {"projectors": projector_k}),  # {name: the vectors' k}
-        **({} if seed is None else {"projector_seed": int(seed)}),
+        **({} if seed is None else {"projector_seed": seed}),
         "lds": None if subsets is None else {"n_subsets": len(subsets["losses"]), "fraction": float(vcfg.lds.fraction)},
     }
-    return write_result(result, run_dir, None if seed is None else run_dir / "validation" / f"seed_{int(seed)}")
+    return write_result(result, run_dir, None if seed is None else run_dir / "validation" / f"seed_{seed}")
 
 
 def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=None):
@@ -109,8 +112,8 @@ def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=
         tag["projector"] = projector
         cache = name if projector == own_projector(run.cfg.attribution) else f"{name}/{projector}"
     if seed is not None and "seed" in attr.projector:  # a second draw: its own score cache beside the first's
-        attr = OmegaConf.merge(attr, {"projector": {"seed": int(seed)}})
-        cache = f"{cache}@seed{int(seed)}"
+        attr = OmegaConf.merge(attr, {"projector": {"seed": seed}})
+        cache = f"{cache}@seed{seed}"
     rows, tracin_sum, used, dim = [], None, 0, None
     for epoch, folder in run.epochs.items():
         require_safetensors(folder)  # a corrupted checkpoint stops validation naming the epoch, never scores
