@@ -7,12 +7,17 @@
      H200's 139 GiB with them),
    - `sketch` (lark.kernel.sketch.HookSketch) with normalize none and per_tensor for every fold schedule of
      --schedules (HookSketch.fold_schedule; on cuda `triton` = the `fused` rows and `index` = the `unfused` rows;
-     a schedule this branch's HookSketch does not know is an `unavailable` row), and with every sign resident,
+     a schedule this branch's HookSketch does not know is an `unavailable` row), and with every sign resident
+     (on the first schedule that reads signs: `index` on cuda; the Triton fold hashes its own), and a `#` line
+     with the first two schedules' agreement on the fidelity examples (schedules_agree: fused against unfused),
    - `rapidin` (lark.kernel.projectors.CountSketch, per_tensor: RapidIn's recipe; one backward per example),
    - `floor (no weight GEMMs)`: forward + backward with every weight frozen (the activation gradients only), the
      limit of any projector that never forms a weight gradient (issue 23's goal for `factored`: within 10% of it),
    - `factored` (lark.kernel.factored.FactoredProjector, LoGra / Bergson) with normalize none and per_tensor at k
      (r_out = r_in from k), and none at Bergson's 16 x 16 per module (k follows from the model),
+   each row also logged (`# row: ...`) as it is measured; a row that fails (out of memory, a kernel) is a NaN
+   row naming the error and a config that fails keeps its rows; on a card under 100 GiB (an H100) the 7b config
+   keeps 16 of its 32 layers and the end-to-end part runs 1b (fit_card). Columns:
    examples/s, the ratio to the training step's examples/s (higher is faster), peak device memory (max
    allocated, reset before each row) and its ratio to the training step's, and fidelity on the pairs of
    `--fidelity-examples` examples against the exact cosine of the same normalisation (plain for none,
@@ -31,6 +36,7 @@ The last lines are the end-to-end stage table and one `SUMMARY ...` line (both p
 """
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -100,8 +106,28 @@ def sync(device):
 
 def reset_peak(device):
     if device.type == "cuda":
+        gc.collect()  # what a failed row left (its exception's frames) before the cache is emptied
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def fit_card(args, log):
+    """An 80 GB card (an H100, the device tool's default kind) cannot hold the 7B AdamW step at all 32 layers
+    (~92 GB at batch 8 x 512; 78.4 GiB peak on an H200 in issue 20) nor the end-to-end run's AdamW states beside
+    the sketch: below 100 GiB the 7b config keeps 16 of its layers (the same widths: the ratios are those of its
+    blocks, the vocabulary layers weighing twice as much) and the end-to-end part runs the 1b config, unless
+    --layers / --e2e-config say otherwise. Each change is logged."""
+    if not args.device.startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+    if total >= 100 * 2**30:
+        return
+    if "7b" in args.configs and args.layers is None:
+        args.layers = 16
+        log(f"# {total / 2**30:.0f} GiB card: 7b at 16 of its 32 layers (--layers to choose)")
+    if args.e2e_config is None and args.configs[-1] == "7b" and "e2e" in args.parts:
+        args.e2e_config = "1b"
+        log(f"# {total / 2**30:.0f} GiB card: the end-to-end part on 1b (--e2e-config to choose)")
 
 
 def peak(device):
@@ -215,7 +241,23 @@ def floor_step(model, batch):
             p.requires_grad_(flag)
 
 
-def rows_of(name, args, device, dtype, log):
+def schedules_agree(model, args, batch):
+    """max |v_a - v_b| / max |v_b| of the sketches of `batch` (normalize none) by the first two fold schedules of
+    --schedules: on CUDA the compiled Triton fold against index_add_'s, the check that the fused fold gives the
+    unfused one's vectors on the device (equal up to float32 summation order; its CPU test runs the interpreter)."""
+    vectors = []
+    for schedule in args.schedules[:2]:
+        proj = HookSketch(model, args.k, normalize="none", plan_tokens=args.seq)
+        proj.fold_schedule = schedule
+        vectors.append(proj.project_batch(model, batch).float())
+        del proj
+    a, b = vectors
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def rows_of(name, args, device, dtype, log, add):
+    """Measures config `name`'s rows, handing each to `add` as it is made (a later failure keeps them); returns
+    the first two fold schedules' agreement (schedules_agree; NaN where there are not two or one fails)."""
     model = build(name, device, dtype, args.layers if name == "7b" else None)
     p = sum(x.numel() for x in model.parameters())
     vocab = model.config.vocab_size
@@ -236,13 +278,9 @@ def rows_of(name, args, device, dtype, log):
     del opt
     model.zero_grad(set_to_none=True)
     model.eval()
-    rows = [
-        (name, "train step (AdamW)", "-", b / train_s, 1.0, train_peak, train_peak / train_peak, math.nan, math.nan)
-    ]
+    add((name, "train step (AdamW)", "-", b / train_s, 1.0, train_peak, 1.0, math.nan, math.nan))
     floor_s, floor_peak = timed(lambda: floor_step(model, batch), device, args.repeats)
-    rows.append(
-        (name, FLOOR, "-", b / floor_s, train_s / floor_s, floor_peak, floor_peak / train_peak, *(math.nan,) * 2)
-    )
+    add((name, FLOOR, "-", b / floor_s, train_s / floor_s, floor_peak, floor_peak / train_peak, *(math.nan,) * 2))
 
     # fidelity examples: single sequences, their exact gradients one at a time
     n_fid = args.fidelity_examples
@@ -252,9 +290,9 @@ def rows_of(name, args, device, dtype, log):
     reset_peak(device)
 
     shapes = {n: tuple(x.shape) for n, x in trainable(model)}
-    first = args.schedules[0]
+    cached = next((s for s in args.schedules if s != "triton"), "index")  # the Triton fold hashes its signs
     cases = [("sketch", how, None, s) for s in args.schedules for how in ("none", "per_tensor")]
-    cases += [("sketch", "none", 2**36, first), ("rapidin", "per_tensor", None, None)]
+    cases += [("sketch", "none", 2**36, cached), ("rapidin", "per_tensor", None, None)]
     cases += [
         ("factored", "none", None, None),
         ("factored", "per_tensor", None, None),
@@ -264,15 +302,30 @@ def rows_of(name, args, device, dtype, log):
         label = row_label(kind, how, cache, schedule)
         try:
             row = measure_row(model, kind, how, cache, schedule, shapes, batch, fid_batch, exact, args, device)
-        except (ValueError, ImportError, NotImplementedError) as e:  # a fold schedule this HookSketch lacks
-            log(f"# {name} {label}: unavailable ({str(e).splitlines()[0]})")
-            rows.append((name, label, args.k, *UNAVAILABLE))
+        except Exception as e:  # a fold schedule this HookSketch lacks, out of memory, a kernel that fails
+            log(f"# {name} {label}: unavailable ({type(e).__name__}: {first_line(e)})")
+            row = None
+        if row is None:  # (outside the except: its traceback no longer holds the row's tensors)
+            add((name, label, args.k, *UNAVAILABLE))
+            reset_peak(device)
             continue
         ex_s, mem, err_max, err_mean, k = row
-        rows.append((name, label, k, ex_s, ex_s / (b / train_s), mem, mem / train_peak, err_max, err_mean))
+        add((name, label, k, ex_s, ex_s / (b / train_s), mem, mem / train_peak, err_max, err_mean))
+    agree = math.nan
+    if len(args.schedules) > 1 and n_fid:
+        try:
+            agree = schedules_agree(model, args, fid_batch)
+            pair = " and ".join(args.schedules[:2])
+            log(f"# {name}: fold schedules {pair} agree to {agree:.2e} (max |diff| / max |v|)")
+        except Exception as e:
+            log(f"# {name}: fold schedules not compared ({type(e).__name__}: {first_line(e)})")
     del model
     reset_peak(device)
-    return rows
+    return agree
+
+
+def first_line(error):
+    return (str(error).splitlines() or [""])[0][:200]
 
 
 def main(argv=None):
@@ -305,6 +358,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.schedules = args.schedules or (["triton", "index"] if args.device.startswith("cuda") else ["auto"])
     log = lambda s="": print(s, flush=True)  # noqa: E731
+    fit_card(args, log)
     start = time.perf_counter()
     gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
     summary = [f"device={gpu.replace(' ', '_')}"]
@@ -316,45 +370,66 @@ def main(argv=None):
 
 
 def engine(args, gpu, log):
-    """The engine table (every config's rows); returns its SUMMARY fields (the last config's rows)."""
+    """The engine table (every config's rows, each also logged as it is measured: a config that fails keeps the
+    rows before it, and the next config still runs); returns its SUMMARY fields (the last config's rows, NaN
+    where a row is missing)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     log(
         f"# torch {torch.__version__}, {gpu}, {args.dtype}, batch {args.batch} x {args.seq}, k = {args.k}, "
         f"median of {args.repeats} after a warm-up (rapidin {args.rapidin_repeats}), fidelity over "
         f"{args.fidelity_examples * (args.fidelity_examples - 1) // 2} pairs, fold schedules {' '.join(args.schedules)}"
     )
-    rows = []
-    for name in args.configs:
-        rows += rows_of(name, args, device, dtype, log)
-    log(
+    header = (
         f"{'config':6s} {'row':36s} {'k':>6s} {'ex/s':>8s} {'x train':>8s} {'peak GiB':>9s} {'x peak':>7s} "
         f"{'max|err|':>9s} {'mean|err|':>9s}"
     )
+    rows, agree = [], {}
+
+    def add(row):
+        rows.append(row)
+        log(f"# row: {formatted(row)}")
+
+    for name in args.configs:
+        try:
+            agree[name] = rows_of(name, args, device, dtype, log, add)
+        except Exception as e:  # out of memory in the training step, ...: the next config still runs
+            log(f"# {name}: stopped ({type(e).__name__}: {first_line(e)})")
+        reset_peak(device)  # (outside the except: its traceback no longer holds the model)
+    log(header)
     log("-" * 106)
-    for name, label, k, ex, speed, mem, mem_ratio, err_max, err_mean in rows:
-        log(
-            f"{name:6s} {label:36s} {k!s:>6s} {ex:8.2f} {speed:8.2f} {mem / 2**30:9.2f} {mem_ratio:7.2f} "
-            f"{err_max:9.4f} {err_mean:9.4f}"
-        )
+    for row in rows:
+        log(formatted(row))
     last = args.configs[-1]
     mine = {r[1]: r for r in rows if r[0] == last}
-    first, ri = args.schedules[0], mine["rapidin per_tensor"]
-    s, pt = mine[row_label("sketch", "none", None, first)], mine[row_label("sketch", "per_tensor", None, first)]
+
+    def at(label, i):
+        return mine[label][i] if label in mine else math.nan
+
+    first = args.schedules[0]
+    s, pt = row_label("sketch", "none", None, first), row_label("sketch", "per_tensor", None, first)
+    ri, f = "rapidin per_tensor", "factored none"
     fields = [
-        f"config={last} sketch_vs_train_step={s[4]:.2f} sketch_per_tensor_vs_train_step={pt[4]:.2f}",
-        f"rapidin_vs_train_step={ri[4]:.2f} sketch_peak_vs_train_step={s[6]:.2f} sketch_max_abs_err={s[7]:.4f}",
-        f"sketch_per_tensor_max_abs_err={pt[7]:.4f} rapidin_max_abs_err={ri[7]:.4f}",
-    ]
-    f, floor = mine["factored none"], mine[FLOOR]
-    fields += [
-        f"floor_vs_train_step={floor[4]:.2f} factored_vs_train_step={f[4]:.2f} factored_vs_floor={f[3] / floor[3]:.2f}",
-        f"factored_per_tensor_vs_train_step={mine['factored per_tensor'][4]:.2f} factored_max_abs_err={f[7]:.4f}",
-        f"factored_16x16_vs_train_step={mine['factored none 16x16'][4]:.2f}",
+        f"config={last} sketch_vs_train_step={at(s, 4):.2f} sketch_per_tensor_vs_train_step={at(pt, 4):.2f}",
+        f"rapidin_vs_train_step={at(ri, 4):.2f} sketch_peak_vs_train_step={at(s, 6):.2f}",
+        f"sketch_max_abs_err={at(s, 7):.4f} sketch_per_tensor_max_abs_err={at(pt, 7):.4f}",
+        f"rapidin_max_abs_err={at(ri, 7):.4f} fold_schedules_rel_diff={agree.get(last, math.nan):.2e}",
+        f"floor_vs_train_step={at(FLOOR, 4):.2f} factored_vs_train_step={at(f, 4):.2f}",
+        f"factored_vs_floor={at(f, 3) / at(FLOOR, 3):.2f}",
+        f"factored_per_tensor_vs_train_step={at('factored per_tensor', 4):.2f} factored_max_abs_err={at(f, 7):.4f}",
+        f"factored_16x16_vs_train_step={at('factored none 16x16', 4):.2f}",
     ]
     for schedule in args.schedules[1:]:  # the other schedules' speed, e.g. sketch_unfused_vs_train_step
         word = SCHEDULE_NAMES.get(schedule, schedule)
-        fields.append(f"sketch_{word}_vs_train_step={mine[row_label('sketch', 'none', None, schedule)][4]:.2f}")
+        fields.append(f"sketch_{word}_vs_train_step={at(row_label('sketch', 'none', None, schedule), 4):.2f}")
     return fields
+
+
+def formatted(row):
+    name, label, k, ex, speed, mem, mem_ratio, err_max, err_mean = row
+    return (
+        f"{name:6s} {label:36s} {k!s:>6s} {ex:8.2f} {speed:8.2f} {mem / 2**30:9.2f} {mem_ratio:7.2f} "
+        f"{err_max:9.4f} {err_mean:9.4f}"
+    )
 
 
 if __name__ == "__main__":

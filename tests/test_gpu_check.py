@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -137,3 +138,55 @@ def test_gpu_check_sh_runs_the_whole_check_on_a_cpu(tmp_path):
     assert (checkpoint / "config.json").is_file() and (model / "tokenizer.json").is_file()
     weights = [*model.glob("*.safetensors"), *checkpoint.parent.glob("*/*.safetensors")]
     assert not weights, weights  # deleted once loaded / attributed (a 7B run's disk)
+
+
+def test_a_failing_row_is_a_nan_row_the_rest_is_measured_and_two_schedules_are_compared(monkeypatch, capsys):
+    """An error in one row (here factored runs out of memory, as a 7B row may on an 80 GB card) is a NaN row naming
+    it; the rows before and after it are kept and the SUMMARY is printed. With two fold schedules their vectors on
+    the fidelity examples are compared (slices and index on a CPU: the same float32 sums)."""
+    import gpu_check
+
+    def out_of_memory(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(gpu_check.FactoredProjector, "project_batch", out_of_memory)
+    gpu_check.main([*ENGINE_TINY, "--parts", "engine", "--schedules", "slices", "index"])
+    out = capsys.readouterr().out
+    assert re.search(r"^tiny\s+sketch none slices\s+4096\s+[\d.]+", out, re.M), out
+    assert re.search(r"^tiny\s+rapidin per_tensor\s+4096\s+[\d.]+", out, re.M), out
+    assert re.search(r"^tiny\s+sketch none slices \(all signs cached\)\s+4096\s+[\d.]+", out, re.M), out
+    assert re.search(r"^tiny\s+factored none\s+4096\s+nan\s+nan", out, re.M), out
+    assert "# tiny factored none: unavailable (OutOfMemoryError: CUDA out of memory." in out, out
+    agree = float(re.search(r"^# tiny: fold schedules slices and index agree to (\S+) ", out, re.M).group(1))
+    assert agree < 1e-6, out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("SUMMARY device=cpu config=tiny sketch_vs_train_step="), summary
+    for kept in ("sketch", "rapidin", "floor", "sketch_unfused"):
+        assert re.search(rf" {kept}_vs_train_step=\d", summary), (kept, summary)
+    assert "factored_vs_train_step=nan" in summary and "fold_schedules_rel_diff=0.00e+00" in summary, summary
+
+
+def test_an_80_gb_card_runs_7b_at_16_layers_and_the_end_to_end_part_at_1b(monkeypatch):
+    """fit_card: under 100 GiB (an H100) 7b keeps 16 of its 32 layers and the end-to-end part runs 1b, unless the
+    arguments chose; an H200 (139 GiB) and a CPU keep the defaults."""
+    import argparse
+
+    import gpu_check
+
+    def card(gib):
+        props = argparse.Namespace(total_memory=gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    def fitted(**given):
+        args = argparse.Namespace(device="cuda", configs=["1b", "7b"], layers=None, e2e_config=None, parts=["e2e"])
+        vars(args).update(given)
+        lines = []
+        gpu_check.fit_card(args, lines.append)
+        return args.layers, args.e2e_config, len(lines)
+
+    card(79)
+    assert fitted() == (16, "1b", 2)
+    assert fitted(layers=8, e2e_config="7b") == (8, "7b", 0)
+    assert fitted(device="cpu") == (None, None, 0)
+    card(139)
+    assert fitted() == (None, None, 0)
