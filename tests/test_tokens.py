@@ -204,18 +204,29 @@ def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projecto
 
 def test_reverse_mode_equals_forward_mode(setup):
     """token_products (a backward pass per loss token, one at a time or 4 batched) = token_derivatives (a
-    forward-mode pass per tangent) on random tangents over every parameter, the padding row of the input embedding
-    included, for an example with loss on its second half and one with loss on every token."""
-    model = setup["model"]
+    forward-mode pass per tangent) on random tangents over every parameter, for an example with loss on its second
+    half and one with loss on every token, each with the padding token inside its prompt and among its loss tokens
+    (SmolLM2's pad id is <|im_end|>, in every ChatML prompt); their sums over tokens = the tangents' products with
+    autograd's gradient of the whole example, whose input embedding gives the padding row no gradient (the stores'
+    gradient, lark.kernel.sketch_math.without_padding)."""
+    from lark.kernel.projectors import example_gradient
+
+    model, pad = setup["model"], setup["tok"].pad_token_id
+    assert model.get_input_embeddings().padding_idx == pad
+    params = trainable(model)
     gen = torch.Generator().manual_seed(5)
-    tangents = {n: torch.randn(3, *p.shape, generator=gen) for n, p in trainable(model)}
+    tangents = {n: torch.randn(3, *p.shape, generator=gen) for n, p in params}
     for name in ("formatted", "raw"):
         batch = batch_of(setup, setup["sets"][name][1])
+        batch["input_ids"][0, [2, -3]] = pad  # in the prompt, and a loss token (its row gets no input gradient)
         forward, reverse = token_derivatives(model, batch, tangents), token_products(model, batch, tangents)
         torch.testing.assert_close(token_products(model, batch, tangents, chunk=4), reverse)  # batched backward
         assert forward.shape == reverse.shape == (3, batch["input_ids"].shape[1])
         assert (reverse[:, batch["labels"][0] == IGNORE] == 0).all()
         torch.testing.assert_close(reverse, forward, rtol=1e-4, atol=1e-6)
+        _, g = example_gradient(model, batch, params)
+        whole = sum((tangents[n].flatten(1) @ g[n].flatten().float()) for n, _ in params if g.get(n) is not None)
+        torch.testing.assert_close(forward.sum(dim=1), whole, rtol=1e-4, atol=1e-5)
 
 
 def test_pieces_cover_the_decoded_text(setup):

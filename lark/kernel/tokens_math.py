@@ -225,12 +225,21 @@ def token_losses(model, params, example):
     position of the token it predicts (0 elsewhere): the loss lark.kernel.sketch_math.per_example_loss splits.
     params: {name: tensor} overriding the model's trainable parameters. The output layer runs only at the
     positions that predict a loss token (transformers' logits_to_keep): a Formatted example's prompt costs no
-    vocabulary-wide logits, nor their derivatives."""
+    vocabulary-wide logits, nor their derivatives. The input embedding is looked up here, its padding_idx rows
+    (SmolLM2: <|im_end|>, in every ChatML prompt) from the detached weight: nn.Embedding never gives that row a
+    gradient through the lookup (lark.kernel.sketch_math.without_padding), in forward mode as in reverse mode,
+    while a tied output layer's use of the same row still has one."""
     ids, labels = example["input_ids"], example["labels"]
     targets = labels[0, 1:]
     keep = (targets != IGNORE).nonzero().flatten()  # the logit positions that predict a loss token
-    kwargs = {"attention_mask": example["attention_mask"], "logits_to_keep": keep}
-    logits = functional_call(model, params, (ids,), kwargs).logits[0]
+    embedding = model.get_input_embeddings()
+    weight = next((params[n] for n, p in trainable(model) if p is embedding.weight and n in params), embedding.weight)
+    embeds = torch.nn.functional.embedding(ids, weight)
+    if getattr(embedding, "padding_idx", None) is not None:
+        still = torch.nn.functional.embedding(ids, weight.detach())
+        embeds = torch.where((ids == embedding.padding_idx).unsqueeze(-1), still, embeds)
+    kwargs = {"attention_mask": example["attention_mask"], "logits_to_keep": keep, "inputs_embeds": embeds}
+    logits = functional_call(model, params, (), kwargs).logits[0]
     kept = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none") / max(len(keep), 1)
     placed = torch.zeros(labels.shape[1], len(keep), device=kept.device)  # loss j -> position keep[j] + 1
     placed[keep + 1, torch.arange(len(keep), device=kept.device)] = 1
@@ -241,19 +250,10 @@ def token_derivatives(model, example, tangents):
     """[m, T] <u_i, g_t>: the derivative of each loss token's share along each tangent u_i (tangents: {name:
     [m, *shape]}, the model's trainable parameters; missing ones are 0), by forward-mode autodiff, the m tangents
     in one batched pass (vmap), with eager attention (PyTorch's fused attention kernels have no forward-mode
-    derivative; both compute the same attention). An input embedding with a padding_idx gets no tangent on that
-    row, as its gradient never has one."""
+    derivative; both compute the same attention). The input embedding's padding row: token_losses."""
     params = {n: p.detach() for n, p in trainable(model)}
     m = next(iter(tangents.values())).shape[0]
-    embedding = model.get_input_embeddings()
-    pad = getattr(embedding, "padding_idx", None)
-    part = {}
-    for n, p in params.items():
-        t = tangents[n].to(p.dtype) if n in tangents else p.new_zeros(m, *p.shape)
-        if pad is not None and p is embedding.weight:
-            t = t.clone()
-            t[:, pad] = 0
-        part[n] = t
+    part = {n: tangents[n].to(p.dtype) if n in tangents else p.new_zeros(m, *p.shape) for n, p in params.items()}
     with eager_attention(model):
         along = lambda u: jvp(lambda q: token_losses(model, q, example), (params,), (u,))[1]  # noqa: E731
         return vmap(along)(part).detach().float()
@@ -275,8 +275,8 @@ def token_products(model, example, tangents, chunk=1):
     """[m, T] <u_i, g_t> as token_derivatives gives it, by reverse mode: one backward pass of each loss token's
     share gives g_t (only for the parameters with a tangent), dotted with all m tangents; up to `chunk` loss
     tokens' backward passes at once (autograd's is_grads_batched, with eager attention: their gradients held
-    together, chunk x the tangents' parameters). T_loss backward passes instead of m forward-mode ones. An input
-    embedding's padding row gets no gradient, as in training."""
+    together, chunk x the tangents' parameters). T_loss backward passes instead of m forward-mode ones. The input
+    embedding's padding row: token_losses."""
     params = {n: p.detach().requires_grad_(n in tangents) for n, p in trainable(model)}
     names = [n for n in tangents if params[n].requires_grad]
     positions = [t for t in range(1, example["labels"].shape[1]) if example["labels"][0, t] != IGNORE]
