@@ -244,6 +244,14 @@ def test_pieces_cover_the_decoded_text(setup):
     assert text == "Gene \U0001f9ec café" and "".join(text[a:b] for a, b in spans) == text
     split = [text[a:b] for a, b in spans]
     assert "\U0001f9ec" in split and "é" in split and "" in split
+    # a cut through a character (truncate_middle may cut between byte tokens): the text holds U+FFFD, and the
+    # tokens after it keep their pieces
+    ids = tok("Gene \U0001f9ec café and more words")["input_ids"]
+    first = next(i for i, t in enumerate(ids) if "\ufffd" in tok.decode([t]))
+    cut = ids[:first] + ids[first + 1 :]
+    text, spans = pieces(tok, cut)
+    assert "\ufffd" in text and "".join(text[a:b] for a, b in spans) == text
+    assert text[spans[-1][0] : spans[-1][1]] == tok.decode(cut[-1:]) and text.endswith(" words")
 
 
 def test_top_pieces_and_config_checks(setup, tmp_path):
@@ -259,6 +267,7 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     for bad, key in (
         ({"tokens": "all"}, "attribution.tokens"),
         ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),
+        ({"tokens": "topk", "tokens_top_k": True}, "tokens_top_k"),  # YAML's yes/true is not 1
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_pass": "both"}, "attribution.tokens_pass"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": 0}, "attribution.tokens_budget"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": "2^26"}, "attribution.tokens_budget"),

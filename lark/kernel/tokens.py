@@ -62,7 +62,7 @@ def check(attr):
     if mode == "off":
         return False
     n = attr.get("tokens_top_k")
-    if not (isinstance(n, int) and 1 <= n <= attr.top_k):
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= attr.top_k):
         raise ConfigError(
             f"attribution.tokens_top_k must be an integer in [1, attribution.top_k={attr.top_k}], got {n!r}"
         )

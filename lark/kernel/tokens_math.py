@@ -24,6 +24,7 @@ import contextlib
 import copy
 import itertools
 import math
+import os
 
 import torch
 from torch.func import functional_call, jvp, vmap
@@ -328,9 +329,9 @@ def pieces(tokenizer, ids):
         ends = list(itertools.accumulate(len(piece) for piece in alone))
         return text, list(zip([0, *ends[:-1]], ends))
     spans, done = [], 0
-    for i in range(len(ids)):
+    for i in range(len(ids)):  # a prefix ending in part of a character decodes it as U+FFFD: not common with text
         prefix = tokenizer.decode(ids[: i + 1], **options) if i + 1 < len(ids) else text
-        end = len(prefix) if text.startswith(prefix) and "\ufffd" not in prefix[done:] else done
+        end = max(done, len(os.path.commonprefix([prefix, text])))
         spans.append((done, end))
         done = end
     return text, spans
