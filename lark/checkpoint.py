@@ -286,6 +286,7 @@ def attribute_checkpoint(ck, sets, queries, info):
     metrics.json. metrics.json is written last: it marks the epoch complete. Returns (metrics, top-k rows)."""
     if ck.rank == 0:
         (ck.out_dir / "metrics.json").unlink(missing_ok=True)
+        shutil.rmtree(ck.out_dir / "tokens", ignore_errors=True)  # another attribution's: its scores, not these
     kernel = make_kernel(ck.cfg.attribution)
     projector = make_projector(ck.cfg.attribution, ck.model, kernel, ck.moments)
     stores = build_stores(ck, projector, kernel, {QUERY_SET: queries, **sets})

@@ -352,3 +352,14 @@ def test_train_writes_tokens_and_attribute_adds_them_without_recomputing_stores(
                         assert (x[3] is None) == (y[3] is None) and (
                             x[3] is None or x[3] == pytest.approx(y[3], abs=1e-6)
                         )
+    # (e) another tokens_top_k on the finished epoch writes the pairs it asks (stores reused); an epoch attributed
+    # again without tokens keeps no token files of the earlier scores
+    folder = runs["off"] / "attribution" / "epoch_001"
+    attribute(runs["off"], {"tokens": "topk", "tokens_top_k": 2, "checkpoints": [1]})
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stores} == before
+    top = list(csv.DictReader((folder / "top_influences.csv").open()))
+    for source, records in read_tokens(folder / "tokens").items():
+        expected = [(r["query_id"], r["doc_id"]) for r in top if r["source"] == source and int(r["rank"]) <= 2]
+        assert [(r["query_id"], r["doc_id"]) for r in records] == expected and {r["rank"] for r in records} == {1, 2}
+    attribute(runs["off"], {"tokens": "off", "checkpoints": [1]}, resume=False)
+    assert not (folder / "tokens").exists() and (folder / "metrics.json").is_file()

@@ -27,6 +27,7 @@ File format, one JSON object per line:
 piece == text[start:end].
 """
 
+import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -77,9 +78,29 @@ def check(attr):
 
 
 def missing(out_dir, attr, sources):
-    """Whether tokens are wanted and some source's tokens/<source>.jsonl is not there (an epoch complete without
-    them is attributed again, its stores reused)."""
-    return check(attr) and any(not (Path(out_dir) / "tokens" / f"{s}.jsonl").is_file() for s in sources)
+    """Whether tokens are wanted and some source's tokens/<source>.jsonl is not there or does not hold exactly
+    the pairs asked: top_influences.csv's rows of rank <= tokens_top_k (an epoch complete without them, or with
+    another tokens_top_k, is attributed again, its stores reused). An unreadable file counts as missing."""
+    if not check(attr):
+        return False
+    folder = Path(out_dir)
+    if not (folder / "top_influences.csv").is_file():
+        return True  # (the epoch is not complete: attributed anyway)
+    wanted = defaultdict(set)
+    with open(folder / "top_influences.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if int(row["rank"]) <= attr.tokens_top_k:
+                wanted[row["source"]].add((row["query_id"], row["doc_id"]))
+    for source in sources:
+        path = folder / "tokens" / f"{source}.jsonl"
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+            have = lines is not None and {(str(r["query_id"]), str(r["doc_id"])) for r in map(json.loads, lines)}
+        except (ValueError, KeyError, TypeError, OSError):  # a torn or foreign file: written again
+            return True
+        if have != wanted[source]:
+            return True
+    return False
 
 
 class Pass:
