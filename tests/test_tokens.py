@@ -59,12 +59,15 @@ def batch_of(setup, example):
     return collate([setup["encoder"](example)], setup["tok"].pad_token_id)
 
 
-@pytest.mark.parametrize("mode, budget", [("auto", None), ("forward", None), ("reverse", None), ("auto", 1)])
+@pytest.mark.parametrize(
+    "mode, budget", [("auto", None), ("forward", None), ("reverse", None), ("auto", 1), ("reverse", 1)]
+)
 def test_contributions_equal_explicit_per_token_gradient_shares(setup, tmp_path, mode, budget):
     """(a) Exact projector, cosine: c_t(d) = <v_q, g_t(d)> / ||g(d)|| with g_t the autograd gradient of loss token
     t's share (one backward per token), and c_t(q) likewise; both within 1e-4 of what the files say, whether the
     pass is forward mode (a pass per partner), reverse mode (a pass per loss token) or the cheaper of the two, and
-    whether a pass takes many tangents (loss tokens) or, with attribution.tokens_budget = 1, one."""
+    whether a pass takes many tangents (loss tokens) or, with attribution.tokens_budget = 1, one (in reverse mode:
+    each loss token's backward pass dotted with the partners' tangents one batch of one at a time)."""
     model, sets = setup["model"], setup["sets"]
     rows = run_tokens(setup, attribution("exact"), tmp_path, mode=mode, budget=budget)
     params = trainable(model)
@@ -221,6 +224,13 @@ def test_reverse_mode_equals_forward_mode(setup):
         batch["input_ids"][0, [2, -3]] = pad  # in the prompt, and a loss token (its row gets no input gradient)
         forward, reverse = token_derivatives(model, batch, tangents), token_products(model, batch, tangents)
         torch.testing.assert_close(token_products(model, batch, tangents, chunk=4), reverse)  # batched backward
+        made = []  # the tangents in batches of 2 and 1, made on demand: the first once, the other per loss batch
+        batches = [{n: t[:2] for n, t in tangents.items()}, {n: t[2:] for n, t in tangents.items()}]
+        makers = [lambda b=b: made.append(b) or batches[b] for b in (0, 1)]
+        for chunk, passes in ((1, int((batch["labels"][0, 1:] != IGNORE).sum())), (4, None)):
+            made.clear()
+            torch.testing.assert_close(token_products(model, batch, makers, chunk=chunk), reverse)
+            assert made.count(0) == 1 and (passes is None or made.count(1) == passes), made
         assert forward.shape == reverse.shape == (3, batch["input_ids"].shape[1])
         assert (reverse[:, batch["labels"][0] == IGNORE] == 0).all()
         torch.testing.assert_close(reverse, forward, rtol=1e-4, atol=1e-6)

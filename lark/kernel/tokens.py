@@ -132,18 +132,16 @@ class Pass:
         diagonal = scaling(self.projector, self.model, batch)
         denominator = self.scale(name, i)
         n_loss = sum(label != IGNORE for label in encoded["labels"][1:])
-        rows = []
-        for start in range(0, len(partners), self.chunk):
-            part = partners[start : start + self.chunk]
+
+        def tangents(part):  # N D P^T of M^T v_partner / ||M r|| for a batch of partners
             w = torch.stack([self.scored[other][j] for other, j in part])
             w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
-            tangents = self.transpose((w / denominator).to(self.device), diagonal)
-            reverse = self.mode == "reverse" or (self.mode == "auto" and n_loss < len(part))
-            if reverse:
-                rows.append(token_products(self.model, batch, tangents, self.chunk))
-            else:
-                rows.append(token_derivatives(self.model, batch, tangents).cpu())
-        return torch.cat(rows)
+            return self.transpose((w / denominator).to(self.device), diagonal)
+
+        parts = [partners[start : start + self.chunk] for start in range(0, len(partners), self.chunk)]
+        if self.mode == "reverse" or (self.mode == "auto" and n_loss < len(partners)):
+            return token_products(self.model, batch, [lambda p=p: tangents(p) for p in parts], self.chunk)
+        return torch.cat([token_derivatives(self.model, batch, tangents(part)).cpu() for part in parts])
 
     def side(self, encoded, row):
         """{"text", "tokens"} of an example with its contribution row [T] (null where no loss)."""

@@ -276,14 +276,17 @@ def token_products(model, example, tangents, chunk=1):
     """[m, T] <u_i, g_t> as token_derivatives gives it, by reverse mode: one backward pass of each loss token's
     share gives g_t (only for the parameters with a tangent), dotted with all m tangents; up to `chunk` loss
     tokens' backward passes at once (autograd's is_grads_batched, with eager attention: their gradients held
-    together, chunk x the tangents' parameters). T_loss backward passes instead of m forward-mode ones. The input
-    embedding's padding row: token_losses."""
-    params = {n: p.detach().requires_grad_(n in tangents) for n, p in trainable(model)}
-    names = [n for n in tangents if params[n].requires_grad]
+    together, chunk x the tangents' parameters). T_loss backward passes instead of m forward-mode ones, however
+    many batches the tangents come in: tangents is {name: [m, *shape]}, or a list of callables each making one
+    batch of them (rows in that order), the first made once and kept, the others made again for each batch of
+    loss tokens (one batch of tangents held beside it: a model whose tangent budget holds one tangent). The
+    input embedding's padding row: token_losses."""
+    makers = [lambda: tangents] if isinstance(tangents, dict) else list(tangents)
+    first = makers[0]()
+    params = {n: p.detach().requires_grad_(n in first) for n, p in trainable(model)}
+    names = [n for n in first if params[n].requires_grad]
     positions = [t for t in range(1, example["labels"].shape[1]) if example["labels"][0, t] != IGNORE]
-    m = next(iter(tangents.values())).shape[0]
-    out = torch.zeros(m, example["labels"].shape[1])
-    batched = chunk > 1 and len(positions) > 1
+    rows, batched = [], chunk > 1 and len(positions) > 1
     with eager_attention(model) if batched else contextlib.nullcontext():
         losses = token_losses(model, params, example)
         for start in range(0, len(positions), chunk):
@@ -298,12 +301,17 @@ def token_products(model, example, tangents, chunk=1):
                 allow_unused=True,
                 is_grads_batched=len(done) > 1,
             )
-            out[:, done] = sum(
-                tangents[n].flatten(1).float() @ g.reshape(len(done), -1).float().T
-                for n, g in zip(names, grads)
-                if g is not None
-            ).cpu()
-    return out
+            flat = {n: g.reshape(len(done), -1).float() for n, g in zip(names, grads) if g is not None}
+            for b, make in enumerate(makers):
+                part = first if b == 0 else make()
+                m = next(iter(part.values())).shape[0]
+                if start == 0:
+                    rows.append(torch.zeros(m, example["labels"].shape[1]))
+                if flat:
+                    rows[b][:, done] = sum(part[n].flatten(1).float() @ g.T for n, g in flat.items()).cpu()
+    if not positions:  # no loss token: zero rows, one per tangent
+        rows = [torch.zeros(next(iter(make().values())).shape[0], example["labels"].shape[1]) for make in makers]
+    return torch.cat(rows)
 
 
 TANGENT_NUMBERS = 2**26  # attribution.tokens_budget's default (conf/attribution/default.yaml)
