@@ -19,13 +19,13 @@ def main(cfg):
     from lark.analysis.runs import find_runs
     from lark.errors import LarkError
 
-    if cfg.validate:  # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml), so the report has it
-        from lark.validation.load import load_config
-        from lark.validation.table5 import validate_run
-
-        for run_dir in find_runs(cfg.run_dir).values():
-            print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))
     try:
+        if cfg.validate:  # Table V first (as `python validate.py run_dir=<run>`, conf/validate.yaml): in the report
+            from lark.validation.load import load_config
+            from lark.validation.table5 import validate_run
+
+            for run_dir in find_runs(cfg.run_dir).values():
+                print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))
         result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch, cfg.report, cfg.snippet_chars)
     except LarkError as e:  # an incomplete or corrupted run: the message says which file and what to do
         print(f"[lark] error: {e}", file=sys.stderr)

@@ -16,28 +16,27 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from lark import console, legacy, notices, rundir
 from lark.analysis import analyze as analysis
 from lark.callbacks import AttributionCallback
 from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
+from lark.config_checks import check_config
 from lark.config_files import apply_config_files
-from lark.data.corpora import check_corpora
 from lark.data.datamodule import LarkDataModule
 from lark.data.formats import encode, qa_fields
 from lark.data.io import BadRows, write_json, write_jsonl
 from lark.data.readers import load_data, qa_record, read_examples
-from lark.data.sources import build_sources, check_sources
+from lark.data.sources import build_sources
 from lark.data.world import save_world
 from lark.errors import ConfigError, RunDirError
-from lark.kernel import tokens
 from lark.kernel.factory import make_kernel, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.kernel.projectors import trainable
 from lark.kernel.selfcheck import check_sketch, compared, uses_sketch
-from lark.kernel.stores import TIERS, store_bytes
+from lark.kernel.stores import store_bytes
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
@@ -46,97 +45,6 @@ from lark.tracin import write_tracin_cp
 from lark.training import CausalLMModule
 from lark.validation.canary import plant as plant_canary
 from lark.validation.lds import train_subset
-
-
-def need(ok, message):
-    """Raise ConfigError(message) unless ok."""
-    if not ok:
-        raise ConfigError(message)
-
-
-def check_config(cfg):
-    """Fail at start, naming the key, on values that would only break later (ConfigError)."""
-    epochs = cfg.trainer.max_epochs
-    need(isinstance(epochs, int) and epochs >= 0, f"trainer.max_epochs must be an integer >= 0, got {epochs}")
-    check_attribution_keys(cfg.attribution)
-    check_source_keys(cfg.source, cfg.data)
-    need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
-    check_data_keys(cfg.data)
-    evaluator = instantiate(cfg.eval)
-    need(
-        cfg.attribution.query_target != "predicted" or evaluator.predicts,
-        f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
-        "eval=choices / eval=exact_match)",
-    )
-
-
-def check_attribution_keys(attr):
-    """attribution: k, the projector and kernel, the store tier, the shard size, the checkpoints."""
-    k = attr.projector.get("k", 1)
-    need(isinstance(k, int) and k > 0, f"attribution.projector.k must be a positive integer, got {k}")
-    check_targets(attr)
-    need(attr.store_dtype in TIERS, f"attribution.store_dtype: unknown '{attr.store_dtype}' ({', '.join(TIERS)})")
-    need(
-        isinstance(attr.get("shard_size", 1), int) and attr.get("shard_size", 1) > 0,
-        f"attribution.shard_size must be a positive integer, got {attr.get('shard_size')}",
-    )
-    need(
-        attr.checkpoints == "all" or all(isinstance(e, int) and e >= 0 for e in attr.checkpoints),
-        f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}",
-    )
-    tokens.check(attr)  # attribution.tokens, tokens_top_k (lark.kernel.tokens)
-
-
-def check_source_keys(source, data):
-    """source: its size, the corpora its sources draw from (data.corpora), the FT / PT sources, the format pairs."""
-    need(isinstance(source.size, int) and source.size > 0, f"source.size must be a positive integer, got {source.size}")
-    corpora = data.get("corpora") or {}
-    check_corpora(corpora)
-    check_sources(source, list(corpora))
-    names = set(source.sources)
-    for key in ("ft_source", "pt_source"):
-        need(source[key] in names, f"source.{key}: '{source[key]}' is not one of source.sources ({', '.join(names)})")
-    for content, pair in source.format_pairs.items():
-        for name in pair:
-            need(name in names, f"source.format_pairs.{content}: '{name}' is not one of source.sources")
-
-
-def check_data_keys(data):
-    """data: a reader or a world, the fields, on_bad_rows, the files it names."""
-    need("reader" in data, "data.reader: missing (a _target_: data=jsonl, data=hf, data=world or your own reader)")
-    for key in ("id", "question", "context", "answer", "split"):
-        need(key in data.fields, f"data.fields.{key}: missing (null when the data has no such field)")
-    for key in ("question", "answer"):
-        need(bool(data.fields[key]), f"data.fields.{key}: name the field holding the {key}")
-    BadRows(data.get("on_bad_rows", "error"))
-    reader = data.get("reader") or {}
-    paths = {
-        "data.reader.path": reader.get("path"),
-        "data.reader.test_path": reader.get("test_path"),
-        "data.test_ids": data.get("test_ids"),
-    }
-    for key, path in paths.items():
-        need(path is None or Path(path).is_file(), f"{key}: {path} is not a file")
-
-
-def check_targets(attr):
-    """The projector and kernel `_target_`s import, and the kernel accepts its options (ConfigError naming them)."""
-    for key in ("projector", "kernel"):
-        target = (attr.get(key) or {}).get("_target_")
-        if target is None:
-            raise ConfigError(f"attribution.{key}: no _target_ (choose one with attribution/{key}=<name>)")
-        try:
-            get_object(target)
-        except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
-            raise ConfigError(
-                f"attribution.{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})"
-            ) from None
-    kernel = make_kernel(attr)
-    if kernel.whitens and attr.store_dtype == "bit":
-        raise ConfigError(
-            f"attribution.store_dtype=bit cannot be whitened by attribution/kernel={kernel.name} (sign "
-            "vectors, SimHash cosine); use float16, bfloat16 or int8"
-        )
 
 
 def prepare_data(cfg, run_dir, log=print):

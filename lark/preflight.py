@@ -265,14 +265,17 @@ def disk_problems(cfg, n_params):
     checkpoint's attribution stores per attributed epoch, against the free space of the output folder."""
     if not n_params:
         return []
-    epochs = int(cfg.trainer.get("max_epochs") or 0) + 1
     attr = cfg.attribution
-    k = attr.projector.get("k") or n_params  # exact: no k, the full gradient
-    n_queries = cfg.data.get("n_test") or (cfg.data.get("world") or {}).get("n_test") or 0
-    n_docs = cfg.source.size * len(cfg.source.sources)
-    checkpoint = n_params * DTYPE_BYTES.get(str(cfg.model.get("dtype", "float32")), 4)
-    stores = store_bytes(n_docs + n_queries, n_queries, n_docs, k, attr.store_dtype, attr.save_scores)
-    attributed = epochs if attr.checkpoints == "all" else len(list(attr.checkpoints))
+    try:
+        epochs = int(cfg.trainer.get("max_epochs") or 0) + 1
+        k = attr.projector.get("k") or n_params  # exact: no k, the full gradient
+        n_queries = cfg.data.get("n_test") or (cfg.data.get("world") or {}).get("n_test") or 0
+        n_docs = cfg.source.size * len(cfg.source.sources)
+        checkpoint = n_params * DTYPE_BYTES.get(str(cfg.model.get("dtype", "float32")), 4)
+        stores = store_bytes(n_docs + n_queries, n_queries, n_docs, k, attr.store_dtype, attr.save_scores)
+        attributed = epochs if attr.checkpoints == "all" else len(list(attr.checkpoints))
+    except (TypeError, ValueError):  # a malformed key: no estimate; check_config names the key right after
+        return []
     need = (
         (epochs * checkpoint if attr.get("save_checkpoints", True) else 0)
         + attributed * stores * attr.enabled

@@ -11,6 +11,7 @@ from lark.analysis.figures import plot_figures
 from lark.analysis.markdown import format_bytes, write_tables
 from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics, pick_epoch
 from lark.analysis.tables import build_tables
+from lark.errors import RunDirError
 
 # The paper's Table II: epoch -> (FT, PT, PT wins, accuracy, lr, format effect medical)
 PAPER = {
@@ -127,10 +128,10 @@ def test_find_runs_single_and_multirun(tmp_path, single_run, multirun):
 
 
 def test_find_runs_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(RunDirError, match="nowhere"):
         find_runs(tmp_path / "nowhere")
     (tmp_path / "empty" / "a" / "b").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="empty"):
+    with pytest.raises(RunDirError, match="empty"):
         find_runs(tmp_path / "empty")
 
 
@@ -146,10 +147,10 @@ def test_load_metrics_clear_errors(tmp_path, single_run):
     with pytest.raises(ValueError, match="invalid JSON in .*epoch_003.*metrics.json"):
         load_metrics(single_run)
     bad.unlink()
-    with pytest.raises(FileNotFoundError, match="missing .*epoch_003.*metrics.json"):
+    with pytest.raises(RunDirError, match="missing .*epoch_003.*metrics.json"):
         load_metrics(single_run)
     (tmp_path / "bare" / "attribution").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="bare"):
+    with pytest.raises(RunDirError, match="bare"):
         load_metrics(tmp_path / "bare")
 
 

@@ -125,13 +125,43 @@ def test_trainer_gpu_and_ddp():
         ("attribution.projector._target_=lark.nope.Projector", "attribution.projector._target_"),
         ("attribution.kernel._target_=lark.kernel.kernels.Nope", "attribution.kernel._target_"),
         ("source.pt_source=nope", "source.pt_source"),
+        ("attribution.top_k=-3", "attribution.top_k"),
+        ("attribution.batch_size=0", "attribution.batch_size"),
+        ("batch_size=0", "batch_size"),
+        ("attribution.checkpoints=5", "attribution.checkpoints"),
+        ("attribution.checkpoints=[0,9]", "attribution.checkpoints"),  # the run has epochs 0-5
+        ("data.reader.path=/nonexistent/train.jsonl", "data.reader.path"),  # named before the sources drawn from it
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, key):
-    from lark.experiment import check_config
+    from lark.config_checks import check_config
 
+    overrides = ["data=jsonl", override] if override.startswith("data.reader") else [override]
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        check_config(compose([override]))
+        check_config(compose(overrides))
+
+
+class WhitensWithoutMap:
+    """A plug-in kernel that whitens (transform maps by a matrix) but gives no linear_map."""
+
+    name, uses_optimizer, run_level, whitens = "mine", False, False, True
+
+    def __init__(self):
+        from lark.kernel.normalizers import NoNorm
+
+        self.normalizer = NoNorm()
+
+
+def test_a_whitening_kernel_without_its_linear_map_is_refused_for_tokens_at_start():
+    """attribution.tokens=topk splits a score through the kernel's linear map: a plug-in whitening kernel without
+    linear_map() is refused by check_config, naming attribution.kernel._target_, not after the stores are built."""
+    from lark.config_checks import check_config
+
+    mine = "attribution.kernel._target_=test_config.WhitensWithoutMap"
+    check_config(compose([mine]))  # without tokens it is a kernel like any other
+    with pytest.raises(ValueError, match=r"attribution\.kernel\._target_ test_config\.WhitensWithoutMap"):
+        check_config(compose([mine, "attribution.tokens=topk"]))
+    check_config(compose(["attribution/kernel=trackstar", "attribution.tokens=topk"]))  # TrackStar has its map
 
 
 @pytest.mark.parametrize(

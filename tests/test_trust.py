@@ -556,8 +556,8 @@ def test_train_py_stops_before_compute_on_bad_data_and_skip_mode_counts(tmp_path
     ],
 )
 def test_bad_config_values_fail_at_start_naming_the_key(override, key, tmp_path):
+    from lark.config_checks import check_config
     from lark.errors import ConfigError
-    from lark.experiment import check_config
 
     (tmp_path / "f").write_text("x")
     keys = ("data.reader.path", "data.corpora.medical.path", "data.corpora.entertainment.path")

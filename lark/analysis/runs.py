@@ -15,6 +15,7 @@ import yaml
 
 from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
+from lark.errors import RunDirError
 
 
 def find_runs(path):
@@ -22,12 +23,12 @@ def find_runs(path):
     labelled by the job's Hydra overrides joined with "," (or its folder name when there are none)."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory")
+        raise RunDirError(f"{root} is not a directory")
     if is_run_dir(root):
         return {"run": root}
     run_dirs = sorted(search_run_dirs(root, depth=3), key=lambda d: natural_key(d.relative_to(root).as_posix()))
     if not run_dirs:
-        raise FileNotFoundError(f"no run directory (a folder with attribution/) in {root} or up to 3 levels below")
+        raise RunDirError(f"no run directory (a folder with attribution/) in {root} or up to 3 levels below")
     runs = {}
     for run_dir in run_dirs:
         label = job_label(run_dir, root)
@@ -74,14 +75,14 @@ def load_metrics(run_dir):
     attribution = Path(run_dir) / "attribution"
     epoch_dirs = [d for d in attribution.glob("epoch_[0-9]*") if d.is_dir()]
     if not epoch_dirs:
-        raise FileNotFoundError(f"no epoch_NNN/metrics.json in {attribution}")
+        raise RunDirError(f"no epoch_NNN/metrics.json in {attribution}")
     return sorted((read_metrics(d / "metrics.json") for d in epoch_dirs), key=lambda m: m["epoch"])
 
 
 def read_metrics(file):
     """One metrics.json, NaN and infinities as None, checked against lark.analysis.schema."""
     if not file.is_file():
-        raise FileNotFoundError(f"missing {file}")
+        raise RunDirError(f"missing {file}")
     try:
         metrics = json.loads(file.read_text())
     except json.JSONDecodeError as error:

@@ -18,8 +18,9 @@ projection, so that influence = the cosine of what comes out. Chosen with `attri
 
 A kernel of your own plugs in by its `_target_`; what the run asks of it is in class attributes, never its name:
 `normalizer` (lark.kernel.normalizers, handed to the projector), `uses_optimizer` (needs the AdamW moments:
-preconditioner() returns the projector's correction), `whitens` (transform() maps the vectors by a matrix, which
-store_dtype=bit's sign vectors cannot carry) and `run_level` (also scored over all checkpoints).
+preconditioner() returns the projector's correction), `whitens` (transform() maps the vectors by a symmetric
+matrix, which store_dtype=bit's sign vectors cannot carry; linear_map(vectors, query_set) returns it as a function,
+which attribution.tokens=topk needs to split a score) and `run_level` (also scored over all checkpoints).
 
 Epoch 0 (the base model) has no optimizer state: its moments are estimated from one pass over the fine-tuning set
 in training order's batches (no step taken, gradients clipped like training's): the mean of the squared batch
@@ -108,7 +109,12 @@ class TrackStar(Adam):
         return {**super().options(), "mix": self.mix, "damping": self.damping}
 
     def transform(self, vectors, query_set):
-        return whiten(vectors, query_set, self.mix, self.damping)
+        linear = self.linear_map(vectors, query_set)
+        return {name: unit_rows(linear(x)).float() for name, x in vectors.items()}
+
+    def linear_map(self, vectors, query_set):
+        """M (symmetric), x [n, k] -> [n, k] float64: whitening() of these vectors."""
+        return whitening(vectors, query_set, self.mix, self.damping)
 
 
 class TracInCP(Cosine):
@@ -145,5 +151,4 @@ def whitening(vectors, query_set, mix, damping):
 
 def whiten(vectors, query_set, mix, damping):
     """Each set's rows mapped by whitening() and unit-normalised (TrackStar's transform)."""
-    linear = whitening(vectors, query_set, mix, damping)
-    return {name: unit_rows(linear(x)).float() for name, x in vectors.items()}
+    return TrackStar(mix=mix, damping=damping).transform(vectors, query_set)

@@ -38,7 +38,6 @@ from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
 from lark.data.io import write_jsonl
 from lark.errors import ConfigError
-from lark.kernel.kernels import whitening
 from lark.kernel.stores import load_store
 from lark.kernel.tokens_math import (
     TANGENT_NUMBERS,
@@ -115,7 +114,7 @@ class Pass:
         self.device = next(model.parameters()).device
         self.chunk = tangent_chunk(model, budget)  # attribution.tokens_budget
         self.transpose, self.texts = Transpose(projector, model), {}
-        linear = whitening(vectors, query_set, kernel.mix, kernel.damping) if kernel.whitens else None
+        linear = kernel.linear_map(vectors, query_set) if kernel.whitens else None
         self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())
         self.mapped = {name: self.map(v) for name, v in vectors.items()}  # M s, before the unit step
         self.scored = {name: m / m.norm(dim=1, keepdim=True).clamp_min(1e-30) for name, m in self.mapped.items()}
