@@ -10,6 +10,8 @@ from pathlib import Path
 
 import hydra
 
+from lark.console import require_run_dir
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
@@ -35,4 +37,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    require_run_dir()  # a mistyped run_dir: one line, no folder made for Hydra's log
     main()

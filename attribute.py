@@ -12,6 +12,8 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
+from lark.console import require_run_dir
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
@@ -32,4 +34,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    require_run_dir()  # a mistyped run_dir: one line, no folder made for Hydra's log
     main()

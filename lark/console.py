@@ -64,6 +64,17 @@ def tee_to_log():
             setattr(sys, name, Tee(stream, files[0]))
 
 
+def require_run_dir(argv=None):
+    """Before Hydra starts attribute.py, analyze.py or validate.py (whose Hydra log goes into run_dir): a run_dir=
+    argument that is not a directory stops with one line and exit code 2, where Hydra would create that folder
+    for its log and the script would then report it empty."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "run_dir" and value and "," not in value and not Path(value).is_dir():
+            print(f"[lark] error: run_dir={value}: not a directory (a run folder written by train.py)", file=sys.stderr)
+            sys.exit(2)
+
+
 def tty():
     return sys.stderr.isatty()
 

@@ -922,3 +922,17 @@ def test_resume_accepts_another_fold_schedule_but_not_another_projection(tmp_pat
     check_same_run(OmegaConf.merge(cfg, {"attribution": {"projector": {"fold": "slices", "cache_bytes": 0}}}), tmp_path)
     with pytest.raises(RunDirError, match=r"attribution\.projector\.seed was 0, now 1"):
         check_same_run(OmegaConf.merge(cfg, {"attribution": {"projector": {"seed": 1}}}), tmp_path)
+
+
+@pytest.mark.parametrize("script", ["attribute.py", "analyze.py", "validate.py"])
+def test_a_mistyped_run_dir_is_one_line_and_makes_no_folder(script, tmp_path):
+    """attribute.py / analyze.py / validate.py run_dir=<no such folder>: exit 2 with one line naming it, and no
+    folder made (Hydra would create run_dir for its log before the script could say the run is missing)."""
+    missing = tmp_path / "runs" / "typo"
+    done = subprocess.run(
+        [sys.executable, script, f"run_dir={missing}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"[lark] error: run_dir={missing}: not a directory (a run folder written by train.py)"
+    ), done.stderr
+    assert not (tmp_path / "runs").exists()
