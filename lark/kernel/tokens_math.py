@@ -236,7 +236,7 @@ def token_losses(model, params, example):
     embedding = model.get_input_embeddings()
     weight = next((params[n] for n, p in trainable(model) if p is embedding.weight and n in params), embedding.weight)
     embeds = torch.nn.functional.embedding(ids, weight)
-    if getattr(embedding, "padding_idx", None) is not None:
+    if getattr(embedding, "padding_idx", None) is not None and bool((ids == embedding.padding_idx).any()):
         still = torch.nn.functional.embedding(ids, weight.detach())
         embeds = torch.where((ids == embedding.padding_idx).unsqueeze(-1), still, embeds)
     kwargs = {"attention_mask": example["attention_mask"], "logits_to_keep": keep, "inputs_embeds": embeds}
