@@ -62,7 +62,7 @@ def small_run(tmp_path):
     run = synthetic_run(tmp_path / "run", n_queries=30, n_docs=12, n_epochs=2, top_k=3)
     source = run / "data" / "sources" / "entertainment_noformat.jsonl"  # text that must not end the script element
     rows = lines(source)
-    rows[0]["text"] = "lyrics </script><b>not markup</b> & more"
+    rows[0]["text"] = "lyrics </script><b>not markup</b> & more <!-- <script> var x = 1;"  # (web text does this)
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
@@ -104,7 +104,7 @@ def test_the_page_is_self_contained(small_run):
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//)""", text) and "<link" not in text
     assert text.count("data:image/png;base64,") == 3 and "<script src" not in text
     assert "TABLE II: Influence score evolution during fine-tuning" in text
-    assert "</script><b>" not in text  # escaped inside the JSON blob
+    assert "</script><b>" not in text and "<!-- <script>" not in text  # escaped inside the JSON blob
 
 
 def test_table5_and_markdown_tables():
@@ -130,6 +130,23 @@ def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
     links = re.findall(r"href='([^']+)'>open<", text)
     assert links == ["../0/report/index.html", "../1/report/index.html"]
     assert all((page.parent / link).resolve().is_file() for link in links)
+
+
+@needs_chromium
+def test_the_sweep_table_sorts_numbers_as_numbers_and_dashes_last(tmp_path):
+    """Clicking a column of the sweep table sorts it, ascending then descending; a job without that number ("-")
+    comes last both ways, not in the middle (it compared as text with the numbers)."""
+    root = tmp_path / "sweep"
+    for job, accuracy in (("0", 0.5), ("1", None), ("2", 0.3)):
+        synthetic_run(root / job, n_queries=10, n_docs=8, n_epochs=1, top_k=2, seed=int(job))
+        (root / job / ".hydra").mkdir()
+        (root / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={job}"]))
+        for path in (root / job / "attribution").glob("epoch_*/metrics.json"):
+            metrics = json.loads(path.read_text())
+            path.write_text(json.dumps({**metrics, "accuracy": accuracy}))
+    result = selftest(analyze(root)["report"])
+    assert result["sorted"]["Acc."] == [["30.0%", "50.0%", "-"], ["50.0%", "30.0%", "-"]], result
+    assert result["sorted"]["seed"] == [["0", "1", "2"], ["2", "1", "0"]], result
 
 
 @needs_chromium
@@ -401,3 +418,20 @@ def test_the_token_views_in_chromium_show_the_files_numbers(real_runs, tmp_path)
             assert cls == ("pos" if c > 0 else "neg") and rgba == (*colours[cls], round(abs(level) / LEVELS, 2))
     browser.screenshot(page, tmp_path / "tokens.png", f"questions&q={query}&epoch={epoch}&tokens")
     assert_not_blank(tmp_path / "tokens.png")
+
+
+def test_the_config_summary_names_the_projector_and_kernel(tmp_path):
+    """Today's configs name the projector and kernel by `_target_` (a config from before those groups by `kind`);
+    the kernel row is its class path, not the config mapping printed raw."""
+    from lark.analysis.report import config_summary
+
+    (tmp_path / ".hydra").mkdir()
+    attribution = {"projector": {"_target_": "lark.kernel.sketch.HookSketch", "k": 4096}}
+    attribution["kernel"] = {"_target_": "lark.kernel.kernels.Cosine"}
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"attribution": attribution}))
+    rows = dict(config_summary(tmp_path))
+    assert rows["projector"] == "lark.kernel.sketch.HookSketch" and rows["kernel"] == "lark.kernel.kernels.Cosine"
+    assert rows["k"] == 4096
+    legacy = {"attribution": {"projector": {"kind": "rapidin"}}}
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(legacy))
+    assert dict(config_summary(tmp_path))["projector"] == "rapidin"

@@ -40,9 +40,10 @@ SUMMARY_KEYS = [
     ("precision", "trainer.precision"),
     ("seed", "seed"),
     ("documents per source", "source.size"),
-    ("projector", "attribution.projector.kind"),
+    ("projector", "attribution.projector._target_"),
+    ("projector", "attribution.projector.kind"),  # a config saved before the projector group (lark.legacy)
     ("k", "attribution.projector.k"),
-    ("kernel", "attribution.kernel"),
+    ("kernel", "attribution.kernel._target_"),
     ("store tier", "attribution.store_dtype"),
     ("query target", "attribution.query_target"),
     ("top-k", "attribution.top_k"),
@@ -137,10 +138,10 @@ def page(title, body, data=None):
     """A whole HTML document with the stylesheet, the data blob and the script inline."""
     css = (RESOURCES / "report.css").read_text()
     blob = ""
-    if data is not None:  # "</" cannot close the script element inside JSON: escape it
+    if data is not None:  # no "<" inside the JSON ("</script>", "<!--" + "<script" end or swallow the element)
         blob = (
             "<script type='application/json' id='lark-data'>"
-            + json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+            + json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
             + "</script>"
         )
     js = f"<script>{(RESOURCES / 'report.js').read_text()}</script>"

@@ -55,16 +55,24 @@
     for (const table of document.querySelectorAll("table.sortable")) {
       table.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {
         const body = table.tBodies[0];
-        const key = (tr) => { const t = tr.cells[col].textContent.replace(/[%×,]/g, "");
-          return isNaN(parseFloat(t)) ? t : parseFloat(t); };
+        // [0, number] or [1, text]: numbers compare as numbers, cells without one ("-") come last either way
+        const key = (tr) => { const t = tr.cells[col].textContent.replace(/[%×,]/g, "").trim();
+          return isNaN(parseFloat(t)) ? [1, t] : [0, parseFloat(t)]; };
         const dir = th.dataset.dir === "asc" ? -1 : 1;
         th.dataset.dir = dir === 1 ? "asc" : "desc";
-        [...body.rows].sort((a, b) => (key(a) > key(b) ? dir : key(a) < key(b) ? -dir : 0))
-          .forEach((tr) => body.append(tr));
+        const cmp = (a, b) => a[0] - b[0] || (a[1] > b[1] ? dir : a[1] < b[1] ? -dir : 0);
+        [...body.rows].sort((a, b) => cmp(key(a), key(b))).forEach((tr) => body.append(tr));
       }));
     }
   }
   sortableTables();
+  if (params.has("selftest") && !(D && D.queries)) {  // a page without questions (a sweep's): each column sorted
+    const table = document.querySelector("table.sortable"), sorted = {};
+    const column = (col) => [...table.tBodies[0].rows].map((tr) => tr.cells[col].textContent);
+    if (table) table.querySelectorAll("th").forEach((th, col) => { th.click(); const up = column(col);
+      th.click(); sorted[th.textContent] = [up, column(col)]; });
+    document.body.append(el("pre", {id: "selftest", text: JSON.stringify({sorted})}));
+  }
   if (!D || !D.queries) return;
 
   const Q = D.queries;
