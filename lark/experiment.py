@@ -27,7 +27,7 @@ from lark.config_checks import check_config
 from lark.config_files import apply_config_files
 from lark.data.datamodule import LarkDataModule
 from lark.data.formats import encode, qa_fields
-from lark.data.io import BadRows, write_json, write_jsonl
+from lark.data.io import BadRows, write_json, write_jsonl, write_manifest
 from lark.data.readers import load_data, qa_record, read_examples
 from lark.data.sources import build_sources
 from lark.data.world import save_world
@@ -154,6 +154,7 @@ def train(cfg, log=print):
     sets = build_sources(cfg.source, cfg.format, train_items, test_items, corpora, cfg.seed)
     for name, examples in sets.items():
         write_jsonl(examples, run_dir / "data" / "sources" / f"{name}.jsonl")
+    write_manifest(run_dir / "data", rundir.DATA_FILES)  # what attribute.py and validate.py read back (check_data)
     notices.report_shortfalls(cfg, sets, len(train_items), run_dir, log)
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
@@ -247,6 +248,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     cfg = attribution_config(legacy.load(run_dir), overrides)
     check_config(cfg)
     rundir.clean(run_dir, log)
+    rundir.check_data(run_dir)
     test_items = read_examples(run_dir / "data" / "test.jsonl", qa_record)
     sets = {name: read_examples(run_dir / "data" / "sources" / f"{name}.jsonl") for name in cfg.source.sources}
     epochs = {e: f for e, f in rundir.saved_checkpoints(run_dir).items() if wanted(cfg.attribution, e)}

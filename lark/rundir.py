@@ -121,6 +121,22 @@ def require_safetensors(folder):
     return folder
 
 
+DATA_FILES = ("train.jsonl", "test.jsonl", "sources/*", "world/*")  # data/checksums.json: what is read back
+
+
+def check_data(run_dir):
+    """The run's data/ files that attribution and validation read back (DATA_FILES) against data/checksums.json
+    (written by lark.experiment.train once they are final): CorruptFile naming the first that does not match, so
+    no corrupted text is scored; a run written before LARK checksummed its data has none and is read unverified."""
+    try:
+        return check_manifest(Path(run_dir) / "data")
+    except CorruptFile as e:
+        raise CorruptFile(
+            f"{e}; the data files are written once, by training: rerun `python train.py <its overrides> "
+            "hydra.run.dir=<a new folder>` (deterministic), or restore the file"
+        ) from None
+
+
 def epoch_lr(checkpoint, metrics):
     """The learning rate of a checkpoint's epoch as training recorded it (runs before lark_epoch.json: metrics)."""
     for path in (checkpoint / "lark_epoch.json", metrics):

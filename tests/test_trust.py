@@ -206,6 +206,30 @@ def test_a_truncated_store_is_recomputed_not_trusted(reference, tmp_path, one_th
     assert_same_results(reference["dir"], run_dir)
 
 
+def test_a_corrupted_data_file_is_refused_not_scored(reference, tmp_path):
+    """data/checksums.json lists what attribution and validation read back (train, test, sources, the world); one
+    flipped byte in a source's text stops attribute() and load_run naming the file, and nothing is recomputed."""
+    from lark.errors import CorruptFile
+    from lark.experiment import attribute
+    from lark.validation.load import load_config, load_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    listed = json.loads((run_dir / "data" / "checksums.json").read_text())
+    assert {"train.jsonl", "test.jsonl", "world/provenance.json"} <= set(listed)
+    assert any(name.startswith("sources/") for name in listed) and "warnings.json" not in listed
+    source = next(run_dir.glob("data/sources/*noformat.jsonl"))
+    text = source.read_bytes()
+    at = text.index(b'"text": "') + 12
+    source.write_bytes(text[:at] + bytes([text[at] ^ 1]) + text[at + 1 :])
+    stores = {p: p.stat().st_mtime_ns for p in run_dir.glob("attribution/*/stores/*.safetensors")}
+    with pytest.raises(CorruptFile, match=f"{source.name}: checksum mismatch"):
+        attribute(run_dir, {"checkpoints": [1]}, resume=False)
+    with pytest.raises(CorruptFile, match=f"{source.name}: checksum mismatch"):
+        load_run(run_dir, load_config())
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("attribution/*/stores/*.safetensors")} == stores
+
+
 def test_analysis_refuses_a_partial_run(reference, tmp_path):
     from lark.analysis.analyze import analyze
     from lark.errors import RunDirError

@@ -217,10 +217,16 @@ def check_safetensors(path):
     return True
 
 
-def write_manifest(folder):
-    """checksums.json in `folder`: the sha256 of every file in it (write it last, before the folder's rename)."""
+def write_manifest(folder, patterns=("*",)):
+    """checksums.json in `folder`: the sha256 of every file in it whose path relative to it matches one of
+    `patterns` (pathlib's match: "*" every file, "sources/*" those of sources/). Write it last, before the folder's
+    rename, or once the files it lists are final."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and any(p.relative_to(folder).match(g) for g in patterns)
+    )
     write_json(folder / MANIFEST, {p.relative_to(folder).as_posix(): sha256(chunks(p)) for p in files})
 
 

@@ -19,7 +19,7 @@ from lark.data.sources import query_examples
 from lark.data.world import load_world
 from lark.errors import ConfigError, RunDirError
 from lark.legacy import load as load_run_config
-from lark.rundir import saved_checkpoints
+from lark.rundir import check_data, saved_checkpoints
 from lark.validation import recall as R
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -53,6 +53,7 @@ def load_run(run_dir, vcfg, log=print):
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     bm25.configure(cfg.source.get("bm25"))  # Table V's BM25 row uses the run's BM25 settings
+    check_data(run_dir)  # data/checksums.json: no corrupted text is scored
     test = read_examples(run_dir / "data" / "test.jsonl", qa_record)
     train = read_examples(run_dir / "data" / "train.jsonl", qa_record)
     epochs = saved_checkpoints(run_dir)
