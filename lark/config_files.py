@@ -71,5 +71,8 @@ def apply_config_files(cfg):
             cfg.data.corpora = OmegaConf.create(corpora_from_file(data_file))
         if source_file:
             for key, value in source_from_file(source_file).items():
-                cfg.source[key] = OmegaConf.create(value) if isinstance(value, dict) else value
+                if key == "bm25" and isinstance(value, dict) and "bm25" in cfg.source:  # keep the keys not given
+                    cfg.source.bm25 = OmegaConf.merge(cfg.source.bm25, value)
+                else:
+                    cfg.source[key] = OmegaConf.create(value) if isinstance(value, dict) else value
     return cfg

@@ -161,6 +161,10 @@ def test_config_files_errors_name_the_key_and_the_file(tmp_path):
     sources.write_text("sources: {finetune: {kind: finetune, formatted: true}}\n")
     assert list(apply_config_files(cfg).source.sources) == ["finetune"]  # replaced whole
     assert cfg.source.pt_source == "atlas_retrieved"  # keys the file does not give keep the recipe's values
+    sources.write_text("bm25: {k1: 1.2}\n")  # one BM25 key: merged, the others (index_dir, ...) kept
+    cfg = compose(["+experiment=own_data", f"source.file={sources}"])
+    before = OmegaConf.to_container(cfg.source.bm25)
+    assert OmegaConf.to_container(apply_config_files(cfg).source.bm25) == {**before, "k1": 1.2}
 
 
 def test_a_utf8_bom_is_accepted(tmp_path):

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,9 +74,19 @@ def parse_line(raw, where):
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if LONE_SURROGATE.search(line):  # (rare: only then the record is encoded to find one left unpaired)
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: an unpaired surrogate escape (\\ud800-\\udfff) is not text") from None
     return record
+
+
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a surrogate escape: paired (an emoji) or not
 
 
 def read_jsonl(path, bad=None):
