@@ -18,7 +18,7 @@ from lark.analysis import metrics as M
 from lark.checkpoint import QUERY_SET, TOP_COLUMNS, top_rows
 from lark.data.io import write_csv, write_json
 from lark.errors import RunDirError
-from lark.kernel.stores import atomic_save, check_compatible, cosine_scores, load_store
+from lark.kernel.stores import atomic_save, best_by_value, check_compatible, cosine_scores, load_store
 
 FOLDER = "tracin_cp"
 
@@ -64,7 +64,8 @@ def write_tracin_cp(run_dir, cfg, log=print):
             doc_ids = d_ids
             parts.append((lr, (q, q_norm), (d, d_norm)))
         scores = tracin_scores(parts, attr.store_dtype)
-        values, index = scores.nan_to_num(float("-inf")).topk(min(attr.top_k, scores.shape[1]), dim=1)
+        columns = torch.arange(scores.shape[1]).expand(scores.shape[0], -1)
+        values, index = best_by_value(scores.nan_to_num(float("-inf")), columns, attr.top_k)  # ties: smaller index
         maxinf[name] = values[:, 0] if values.shape[1] else torch.full((len(query_ids),), float("nan"))
         rows += top_rows(values, index, query_ids, doc_ids, name)
         if attr.save_scores:

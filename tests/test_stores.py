@@ -123,6 +123,21 @@ def test_topk_in_blocks_equals_full_topk(block):
     assert torch.equal(index, full.indices) and torch.allclose(values, full.values)
 
 
+@pytest.mark.parametrize("block", [1, 7, 100, 4096])
+def test_tied_scores_rank_by_document_index_whatever_the_block(block):
+    """Bit-tier-like scores (few distinct values, many ties): every block size gives the same top-k, ties broken by
+    the smaller document index (topk's order among equal values depends on the blocks)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 8, generator=gen).sign()
+    d = torch.randn(300, 8, generator=gen).sign()  # 9 possible dot products: ties everywhere
+    values, index = topk_scores(q, d, 10, block=block)
+    scores = q @ d.T
+    for row in range(4):  # the reference: sort by (-score, index)
+        expected = sorted(range(300), key=lambda j: (-scores[row, j].item(), j))[:10]
+        assert index[row].tolist() == expected
+        assert values[row].tolist() == [scores[row, j].item() for j in expected]
+
+
 def test_nan_rows_never_win():
     q, d = unit_rows(vectors(2, 16)), unit_rows(vectors(4, 16, 5))
     d[1] = float("nan")

@@ -227,7 +227,8 @@ def cosine_scores(queries, docs, tier="float16", block=4096):
 
 def topk_scores(queries, docs, k, tier="float16", block=4096):
     """(values, indices) [n_q, k] of each query's k best documents, never holding more than one block of scores
-    (plus the running top-k): for stores too large to score all at once."""
+    (plus the running top-k): for stores too large to score all at once. Equal scores (the bit tier's are few
+    distinct values) rank by document index, whatever the block size (best_by_value)."""
     k, finish = min(k, len(docs)), tier_of(tier).finish
     best_v = torch.full((len(queries), 0), float("-inf"))
     best_i = torch.zeros((len(queries), 0), dtype=torch.long)
@@ -235,9 +236,17 @@ def topk_scores(queries, docs, k, tier="float16", block=4096):
         scores = finish(dots(queries, docs[s : s + block])).nan_to_num(float("-inf"))
         values = torch.cat([best_v, scores], dim=1)
         index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(len(queries), -1)], dim=1)
-        best_v, pos = values.topk(min(k, values.shape[1]), dim=1)
-        best_i = index.gather(1, pos)
+        best_v, best_i = best_by_value(values, index, k)
     return best_v, best_i
+
+
+def best_by_value(values, index, k):
+    """The k largest values of each row and their indices, ties by the smaller index (a stable sort of the
+    entries in index order; topk's order among equal values is arbitrary)."""
+    order = index.argsort(dim=1)
+    values, index = values.gather(1, order), index.gather(1, order)
+    values, pos = values.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], index.gather(1, pos[:, :k])
 
 
 def faiss_index(paths, kind="flat", nlist=64, m=64, train_size=20000, nprobe=8):
