@@ -149,6 +149,34 @@ def test_a_saved_index_is_reused_and_a_changed_corpus_rebuilt(tmp_path, world):
     assert len(list((tmp_path / "idx").iterdir())) == 2
 
 
+def test_a_saved_index_that_fails_its_checksums_is_rebuilt_not_trusted(tmp_path, world):
+    """A saved index carries checksums.json: an edited array (which changed retrieval silently), a truncated one
+    (a raw mmap error) or no checksums at all is indexed again, giving the fresh index's scores; the temporary
+    folder of a killed save (a dead pid) is removed by the next save."""
+    queries, texts = world
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(texts[:200])]
+    key, logs = corpus_key(docs), []
+    fresh = bm25.cached(lambda: (d["text"] for d in docs), key, tmp_path / "idx", log=logs.append).matrix(queries)
+    path = tmp_path / "idx" / bm25.index_key(key)
+    assert "checksums.json" in {p.name for p in path.iterdir()}
+    arrays = sorted(p for p in path.glob("*.npy"))
+    for damage in ("edit", "truncate", "unlisted"):
+        if damage == "edit":
+            raw = bytearray(arrays[0].read_bytes())
+            raw[-1] ^= 0xFF
+            arrays[0].write_bytes(bytes(raw))
+        elif damage == "truncate":
+            arrays[-1].write_bytes(arrays[-1].read_bytes()[:64])
+        else:
+            (path / "checksums.json").unlink()
+        dead = tmp_path / "idx" / f"{path.name}.tmp999999999"
+        dead.mkdir()
+        again = bm25.cached(lambda: (d["text"] for d in docs), key, tmp_path / "idx", log=logs.append)
+        assert "indexed again" in logs[-2] and "saved in" in logs[-1], (damage, logs[-2:])
+        assert np.array_equal(again.matrix(queries), fresh) and not dead.exists()
+        assert "reusing" in (bm25.cached(None, key, tmp_path / "idx", log=logs.append) and logs[-1])
+
+
 def test_where_the_index_is_cached_changes_no_epoch_fingerprint():
     """A run resumed with another cache folder (source.bm25.index_dir follows paths.cache_dir) reuses its epochs;
     a BM25 setting that changes the retrieval does not."""

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from lark.console import progress
-from lark.errors import ConfigError
+from lark.data.io import check_manifest, write_manifest
+from lark.errors import ConfigError, CorruptFile
 from lark.fingerprints import content_hash
 
 TOKEN_PATTERN = r"\w+"  # the tokenisation, part of a saved index's key
@@ -223,12 +224,18 @@ class BM25:
         return [top(self.scores(q), depth) for q in queries]
 
     def save(self, directory):
-        """Write the index (bm25s only) to `directory` whole or not at all (a half-written one is never loaded)."""
+        """Write the index (bm25s only) to `directory` whole or not at all (a half-written one is never loaded),
+        with its checksums.json (lark.data.io.write_manifest: `cached` verifies it before reuse); the temporaries
+        of killed saves of the same index are removed."""
         directory = Path(directory)
+        for stale in directory.parent.glob(f"{directory.name}.tmp*"):
+            if not alive(stale.name.rsplit(".tmp", 1)[1]):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         self.index.save(tmp)
         (tmp / "lark_bm25.json").write_text(json.dumps(self.settings, sort_keys=True))
+        write_manifest(tmp)
         shutil.rmtree(directory, ignore_errors=True)
         try:
             os.replace(tmp, directory)
@@ -243,6 +250,19 @@ class BM25:
         out = cls(None, **json.loads((Path(directory) / "lark_bm25.json").read_text()))
         out.index = BACKENDS[out.settings["backend"]].load(directory)
         return out
+
+
+def alive(pid):
+    """Whether process `pid` (a string of digits) is running: a save's temporary of a live one is left alone."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def top(scores, depth):
@@ -271,8 +291,13 @@ def cached(texts, corpus_key, directory, desc=None, log=print):
         return BM25(texts(), desc)
     path = Path(directory) / index_key(corpus_key)
     if (path / "lark_bm25.json").is_file():
-        log(f"[lark] BM25: reusing the index in {path}")
-        return BM25.load(path)
+        try:
+            if check_manifest(path):
+                log(f"[lark] BM25: reusing the index in {path}")
+                return BM25.load(path)
+            log(f"[lark] BM25: {path} has no checksums.json (saved before LARK checksummed it): indexed again")
+        except (CorruptFile, OSError, ValueError) as e:
+            log(f"[lark] BM25: the saved index is not used ({str(e).splitlines()[0]}): indexed again")
     index = BM25(texts(), desc)
     index.save(path)
     log(f"[lark] BM25: {len(index)} documents indexed, saved in {path}")
