@@ -216,3 +216,13 @@ def test_the_scale_benchmark_runs_both_backends(tmp_path):
     (tmp_path / "corpus_300.jsonl").unlink()
     subprocess.run([sys.executable, str(script), *args, "--backends", "bm25s"], check=True, capture_output=True)
     assert (tmp_path / "corpus_300.jsonl").read_text() == first  # the generated corpus is deterministic
+
+
+def test_words_keep_their_combining_marks_and_compose():
+    """BM25's words: a Devanagari word keeps its vowel signs (\\w alone left lone consonants that match
+    everywhere), a decomposed (NFD) word equals the composed one, a ligature is its letters, case is folded."""
+    import unicodedata
+
+    assert bm25.tokens("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert bm25.tokens(unicodedata.normalize("NFD", "Café Zürich")) == bm25.tokens("café zürich") == ["café", "zürich"]
+    assert bm25.tokens("ﬁne STRASSE straße, x_2!") == ["fine", "strasse", "strasse", "x_2"]

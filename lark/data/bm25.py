@@ -20,11 +20,12 @@ Two backends give these scores (source.bm25.backend; tests/test_bm25.py holds th
 
 import json
 import os
-import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
+import regex
 import torch
 
 from lark.console import progress
@@ -32,14 +33,19 @@ from lark.data.io import check_manifest, write_manifest
 from lark.errors import ConfigError, CorruptFile
 from lark.fingerprints import content_hash
 
-TOKEN_PATTERN = r"\w+"  # the tokenisation, part of a saved index's key
+TOKEN_PATTERN = r"[\p{L}\p{M}\p{N}_]+"  # the tokenisation (on NFKC, case-folded text), part of a saved index's key
 # source.bm25 (conf/source/default.yaml) as `configure` last set it; these are its shipped values.
 SETTINGS = {"backend": "bm25s", "k1": 1.5, "b": 0.75, "epsilon": 0.25, "chunk": 10000, "dtype": "float64"}
 
 
 def tokens(text):
-    """The words BM25 indexes: maximal runs of word characters, lower-cased."""
-    return re.findall(TOKEN_PATTERN, text.lower())
+    """The words BM25 indexes: maximal runs of letters, combining marks, digits and _ (a Devanagari or Thai word
+    keeps its vowel signs; \\w alone split it into lone consonants), on NFKC-normalised, case-folded text (a
+    decomposed "café" is the composed one)."""
+    return WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+WORD = regex.compile(TOKEN_PATTERN)
 
 
 def configure(cfg=None):
