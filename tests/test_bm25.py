@@ -226,3 +226,18 @@ def test_words_keep_their_combining_marks_and_compose():
     assert bm25.tokens("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
     assert bm25.tokens(unicodedata.normalize("NFD", "Café Zürich")) == bm25.tokens("café zürich") == ["café", "zürich"]
     assert bm25.tokens("ﬁne STRASSE straße, x_2!") == ["fine", "strasse", "strasse", "x_2"]
+
+
+def test_a_streamed_corpus_reports_each_bad_row_once(tmp_path, world):
+    """take() stops part-way through a streamed corpus and a later full pass reads the same rows again: each bad
+    row is still reported once to the run's BadRows (on_bad_rows=skip)."""
+    _, texts = world
+    path = tmp_path / "c.jsonl"
+    write_corpus(path, texts[:60])
+    lines = path.read_text().splitlines()
+    lines[3] = '{"id": "broken", "text": '  # line 4
+    path.write_text("\n".join(lines) + "\n")
+    bad = BadRows("skip")
+    docs = JsonlCorpus(path, stream=True)(bad)
+    assert docs.take([10]) and len(docs) == 59 and random_sample(docs=docs, size=5, seed=1)
+    assert bad.report()["skipped"] == 1 and "c.jsonl:4" in bad.messages[0], bad.messages

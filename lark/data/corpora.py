@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lark.data.bm25 import tokens
-from lark.data.io import BadRows, read_jsonl
+from lark.data.io import read_jsonl
 from lark.data.records import checked, document, unique
 from lark.errors import ConfigError, DataError
 
@@ -135,15 +135,21 @@ class Streamed:
     documents; len() and take(positions) read it once (the first complete pass also counts it)."""
 
     def __init__(self, corpus, bad):
-        self.corpus, self.bad, self.size = corpus, bad, None
+        self.corpus, self.bad, self.size, self.reported = corpus, bad, None, set()
 
     def fingerprint(self):
         return self.corpus.fingerprint()
 
+    def report(self, error):
+        """A bad row goes to the run's BadRows the first time a pass meets it (a pass cut short by take() and the
+        full pass after it both read the same rows)."""
+        if self.bad.mode == "error" or str(error) not in self.reported:
+            self.reported.add(str(error))
+            self.bad(error)
+
     def __iter__(self):
         n = 0
-        bad = self.bad if self.size is None else BadRows(self.bad.mode)  # bad rows are reported by one pass
-        for n, doc in enumerate(self.corpus.documents(bad), start=1):
+        for n, doc in enumerate(self.corpus.documents(self.report), start=1):
             yield doc
         self.size = n
 
