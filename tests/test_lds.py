@@ -260,3 +260,16 @@ def test_resumable_retrains_keep_their_resume_state_and_resume():
     resumable = lds.retrain_command("/c", "/s", 0.5, [0, 1], cfg)
     assert "resume=true" in resumable and "trainer.enable_checkpointing=true" in resumable
     assert "resume=false" not in resumable and "trainer.enable_checkpointing=false" not in resumable
+
+
+def test_the_retrains_key_follows_the_overrides_that_change_a_retrain():
+    """lds.extra_overrides that change training (optimizer.lr=...) give other retrains; Hydra's own (a launcher's
+    partition) and none at all keep the key, so finished retrains are reused only when they are the same recipe."""
+    from conftest import compose
+
+    from lark.validation.lds import recipe_key
+
+    cfg = compose()
+    plain = recipe_key(cfg, 0.5)
+    assert recipe_key(cfg, 0.5, []) == plain == recipe_key(cfg, 0.5, ["hydra.launcher.partition=gpu"])
+    assert recipe_key(cfg, 0.5, ["optimizer.lr=0.05"]) != plain != recipe_key(cfg, 0.4)

@@ -261,6 +261,7 @@ def test_table5_scores_each_kernel_with_each_projector(run_dir, validated):
     assert "Projector" not in (run_dir / "tables" / "table5.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_projector_draw_is_scored_and_written_apart(run_dir, validated):
     """validate.projector_seed=1: every kernel scored with the sketch drawn anew (its own score cache, reused on a
     rerun), the LDS retrains shared, the result in validation/seed_1/ with its seed in the table's notes, and the
@@ -292,6 +293,29 @@ def test_a_second_projector_draw_is_scored_and_written_apart(run_dir, validated)
 
     with pytest.raises(ConfigError, match="validate.projector_seed"):  # refused before any scoring or retraining
         validate_run(run_dir, OmegaConf.merge(cfg, {"projector_seed": "one"}), log=again.append)
+    with pytest.raises(ConfigError, match="validate.projector_seed=0 is the seed the run's projector already"):
+        validate_run(run_dir, OmegaConf.merge(cfg, {"projector_seed": 0}), log=again.append)  # the same draw
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"kernels": ["cosin"]}, r"validate\.kernels: unknown kernel 'cosin'"),
+        ({"kernels": ["cosine", "tracin_cp"]}, r"validate\.kernels: tracin_cp is the run-level sum"),
+        ({"checkpoints": 0}, r"validate\.checkpoints"),
+        ({"recall_ks": 10}, r"validate\.recall_ks"),
+        ({"lds": {"n_boot": 0}}, r"validate\.lds\.n_boot"),
+    ],
+)
+def test_bad_validate_values_stop_before_any_work_naming_the_key(tmp_path, change, key):
+    """Checked before the run is read or anything retrained: a misspelled kernel was found only after the LDS
+    retrains, an integer for a list was a raw TypeError, n_boot=0 a RuntimeError once the first row was scored."""
+    from lark.errors import ConfigError
+    from lark.validation.load import load_config
+    from lark.validation.table5 import validate_run
+
+    with pytest.raises(ConfigError, match=key):
+        validate_run(tmp_path / "not_read", OmegaConf.merge(load_config(), change))
 
 
 @pytest.mark.slow

@@ -153,13 +153,15 @@ RETRAIN_OFF = [
 RECIPE_EXCLUDE = ("paths", "logger", "attribution", "analysis", "resume", "hydra", "trainer")
 
 
-def recipe_key(cfg, fraction):
+def recipe_key(cfg, fraction, extra=()):
     """What a retrain's result depends on: the run's config (data, model, format, optimiser, schedule, seed...)
-    without paths, loggers, attribution and analysis, the trainer's epochs and precision, and the fraction."""
+    without paths, loggers, attribution and analysis, the trainer's epochs and precision, the fraction, and the
+    lds.extra_overrides that are not Hydra's own (hydra.launcher.partition=... moves a job, not its result)."""
     recipe = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in RECIPE_EXCLUDE}
     recipe["data"] = first_form(recipe["data"])  # as hashed before the world and corpora were reader _target_s
     trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "precision", "accelerator", "deterministic")}
-    return content_hash(recipe, trainer, float(fraction))
+    changes = sorted(str(o) for o in extra if not str(o).lstrip("+~").startswith("hydra."))
+    return content_hash(recipe, trainer, float(fraction), *([changes] if changes else []))
 
 
 def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
@@ -193,7 +195,8 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     by a validation that was killed) are not retrained; the others are launched as one Hydra multirun of
     ordinary LARK runs (lds_cfg.launcher: joblib locally, submitit_slurm on a cluster), and each is measured as
     soon as its final checkpoint appears, so a kill loses only the retrains in flight."""
-    base = Path(lds_cfg.dir or Path(run_dir) / "validation" / "lds") / recipe_key(cfg, lds_cfg.fraction)
+    key = recipe_key(cfg, lds_cfg.fraction, lds_cfg.get("extra_overrides") or ())
+    base = Path(lds_cfg.dir or Path(run_dir) / "validation" / "lds") / key
     seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
     query_ids = [q["id"] for q in queries]
     batch.stop_stale(base, log)  # a killed validation's retrains must not write on

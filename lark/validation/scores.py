@@ -29,14 +29,19 @@ KERNELS = CONF / "attribution" / "kernel"
 PROJECTORS = CONF / "attribution" / "projector"
 
 
-def kernel_config(run_attr, name):
-    """The run's attribution config with kernel `name` of the attribution/kernel group (conf/attribution/kernel)."""
+def kernel_file(name):
+    """conf/attribution/kernel/<name>.yaml, or a ConfigError naming validate.kernels and the known names."""
     path = KERNELS / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in KERNELS.glob("*.yaml")))
         raise ConfigError(f"validate.kernels: unknown kernel '{name}' ({known})")
+    return path
+
+
+def kernel_config(run_attr, name):
+    """The run's attribution config with kernel `name` of the attribution/kernel group (conf/attribution/kernel)."""
     attr = OmegaConf.create(OmegaConf.to_container(upgrade(run_attr), resolve=True))
-    attr.kernel = OmegaConf.load(path)
+    attr.kernel = OmegaConf.load(kernel_file(name))
     return attr
 
 
@@ -97,7 +102,7 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
         PROJECTOR_VERSION,
         fingerprints(model, tokenizer, run.cfg.format),
         run.cfg.max_length,
-        {k: [e["id"] for e in v] for k, v in sets.items()},
+        sets,  # the examples themselves: validate.pool.format changes the pool's text, not its ids
     )
     path = run.run_dir / "validation" / "scores" / name / checkpoint.name / "scores.safetensors"
     cached = read_cached(path, key)

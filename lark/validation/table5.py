@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from lark import console
 from lark.data.io import write_json
 from lark.errors import ConfigError
+from lark.kernel.factory import upgrade
 from lark.models import load_pretrained
 from lark.rundir import epoch_lr, require_safetensors
 from lark.validation import lds
@@ -37,6 +38,7 @@ from lark.validation.quality import backdoor, quality
 from lark.validation.scores import (
     BASELINES,
     kernel_config,
+    kernel_file,
     kernel_scores,
     own_projector,
     projector_file,
@@ -50,6 +52,7 @@ def validate_run(run_dir, vcfg, log=print):
     """Table V of a run directory; returns the result dict also written to validation/validation.json."""
     run_dir = Path(run_dir)
     console.setup()  # as train.py: no per-file progress bars of transformers in a log
+    check_request(vcfg)
     run = load_run(run_dir, vcfg, log)
     projectors = vcfg.get("projectors") or None  # null (the default; older configs): the run's own, rows as before
     seed = vcfg.get("projector_seed")  # null (the default; older configs): each projector's own seed
@@ -57,6 +60,13 @@ def validate_run(run_dir, vcfg, log=print):
         raise ConfigError(f"validate.projector_seed must be an integer or null, got {seed!r}")
     for name in projectors or []:
         projector_file(name)  # an unknown name stops here, before the retrains
+    for name in projectors or [None] if seed is not None else []:  # a "second draw" with the first's seed
+        own = OmegaConf.load(projector_file(name)) if name else upgrade(run.cfg.attribution).projector
+        if own.get("seed") == seed:
+            raise ConfigError(
+                f"validate.projector_seed={seed} is the seed {name or 'the run'}'s projector already draws with: "
+                "the same draw again; choose another seed"
+            )
     timing, subsets = {}, None
     if lds_enabled(vcfg, run.cfg):
         start = time.perf_counter()
@@ -98,6 +108,33 @@ def validate_run(run_dir, vcfg, log=print):
         "lds": None if subsets is None else {"n_subsets": len(subsets["losses"]), "fraction": float(vcfg.lds.fraction)},
     }
     return write_result(result, run_dir, None if seed is None else run_dir / "validation" / f"seed_{seed}")
+
+
+def check_request(vcfg):
+    """validate.* values that would only break later (after the retrains, or as a raw TypeError): ConfigError
+    naming the key."""
+    for name in vcfg.kernels or []:
+        if name == "tracin_cp":
+            raise ConfigError(
+                "validate.kernels: tracin_cp is the run-level sum every kernel's 'TracIn-CP' row already is (its "
+                "per-checkpoint row would be cosine's); name per-checkpoint kernels"
+            )
+        kernel_file(name)  # an unknown name: ConfigError naming validate.kernels and the known ones
+    checkpoints = vcfg.checkpoints
+    if not (checkpoints == "all" or (is_list(checkpoints) and all(count(e, 0) for e in checkpoints))):
+        raise ConfigError(f"validate.checkpoints must be 'all' or a list of epochs >= 0, got {checkpoints!r}")
+    if not (is_list(vcfg.recall_ks) and all(count(k, 1) for k in vcfg.recall_ks)):
+        raise ConfigError(f"validate.recall_ks must be a list of integers >= 1, got {vcfg.recall_ks!r}")
+    if not count(vcfg.lds.n_boot, 1):
+        raise ConfigError(f"validate.lds.n_boot must be an integer >= 1, got {vcfg.lds.n_boot!r}")
+
+
+def is_list(value):
+    return OmegaConf.is_list(value) or isinstance(value, (list, tuple))
+
+
+def count(value, least):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=None):
