@@ -198,6 +198,13 @@ def test_free_form_answers_get_an_answer_loss_filter_not_a_label_per_sentence(sm
         }
         == {"low": 10, "mid": 10, "high": 10}
     )
+
+    def lowest(epoch):  # the ids of a checkpoint's lowest-loss third
+        rows = lines(small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl")
+        cut = sorted(p["loss"] for p in rows)[len(rows) // 3]
+        return sorted(str(p["id"]) for p in rows if p["loss"] < cut)
+
+    assert sorted(result["loss_low_ids"]) == lowest(2) != lowest(0)  # the shown checkpoint's, and that matters
     for epoch in range(3):
         predictions = lines(small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl")
         right = sum(bool(p["correct"]) for p in predictions)

@@ -370,6 +370,8 @@
     if (!D.label_set) {
       out.loss = {};
       for (const t of ["low", "mid", "high"]) { set(labelSelect, t, "change"); out.loss[t] = Number(count.dataset.shown); }
+      set(labelSelect, "low", "change");  // which questions: the shown checkpoint's lowest third, not another's
+      out.loss_low_ids = [...list.querySelectorAll("article.q")].map((a) => a.dataset.id);
     }
     set(labelSelect, "", "change");
     out.correct = {};
