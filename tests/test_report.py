@@ -126,10 +126,18 @@ def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
     text = page.read_text()
     header = re.search(r"<table class='sortable'><thead><tr>(.*?)</tr>", text)[1]
     assert re.findall(r"<th>(.*?)</th>", header)[:3] == ["job", "format", "Epoch"]  # seed, logger do not vary
+    assert "<th>Test metric</th>" in header  # the metric that chose each row's epoch (answer loss: no accuracy)
     assert "<td>noformat</td>" in text and "<td>chatml</td>" in text
     links = re.findall(r"href='([^']+)'>open<", text)
     assert links == ["../0/report/index.html", "../1/report/index.html"]
     assert all((page.parent / link).resolve().is_file() for link in links)
+    for job in ("0", "1"):  # each job's page embeds its own tables, written now at the sweep's epoch rule
+        for rule, epoch in (("last", 1), (0, 0)):
+            analyze(root, table1_epoch=rule)
+            job_page = (root / job / "report" / "index.html").read_text()
+            table1 = (root / job / "tables" / "table1.md").read_text()
+            assert f"(Epoch {epoch})" in table1 and f"first show epoch {epoch}:" in job_page
+            assert f"across data sources (Epoch {epoch})" in job_page
 
 
 @needs_chromium

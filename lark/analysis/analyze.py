@@ -60,4 +60,6 @@ def write_report(path, run_dirs, runs, out_dir, table1_epoch, snippet_chars):
         return write_run_report(
             run_dirs["run"], runs["run"], out_dir, epochs["run"]["epoch"], snippet_chars, rule=rules["run"]
         )
+    for run_dir in run_dirs.values():  # each job's page embeds its own tables and figures: made now, at this rule
+        analyze(run_dir, table1_epoch=table1_epoch, report=False)
     return write_sweep_report(path, run_dirs, runs, epochs, out_dir, snippet_chars, rules)

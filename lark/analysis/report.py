@@ -51,6 +51,7 @@ SUMMARY_KEYS = [
 METRIC_COLUMNS = [
     ("epoch", "Epoch", "d"),
     ("accuracy", "Acc.", "%"),
+    ("eval", "Test metric", ".4g"),  # metrics.json's eval: the metric that chose the epoch (answer loss, ...)
     ("ft", "FT", ".3f"),
     ("pt", "PT", ".3f"),
     ("ft_pt_ratio", "Ratio", ".2f"),
@@ -217,6 +218,9 @@ def varying(overrides_by_job):
 
 
 def metric_cell(m, key, spec):
+    if key == "eval":  # {"metric", "value"}: the number first (the table sorts by it), then which metric
+        score = m.get("eval") or {}
+        return "-" if score.get("value") is None else f"{score['value']:{spec}} ({score.get('metric', '?')})"
     value = (m.get("bm25") or {}).get("ft_wins") if key == "bm25_ft_wins" else m.get(key)
     if value is None:
         return "-"
