@@ -81,7 +81,8 @@ def validate_run(run_dir, vcfg, log=print):
             if tracin_sum is not None:
                 tracin[label] = {"checkpoints": used}
                 tag = {"method": f"{name} TracIn-CP"} | ({} if projector is None else {"projector": projector})
-                kernel_rows.append({**tag, "epoch": "all", **quality(tracin_sum, None, run, subsets)})
+                summed = "all" if vcfg.checkpoints == "all" else "+".join(str(e) for e in sorted(run.epochs) if e > 0)
+                kernel_rows.append({**tag, "epoch": summed, **quality(tracin_sum, None, run, subsets)})
             timing[label] = time.perf_counter() - start
             rows += [row | {"seconds": timing[label]} for row in kernel_rows]
             if projector is not None:
