@@ -8,7 +8,7 @@ import pytest
 
 from lark.analysis.analyze import analyze
 from lark.analysis.figures import plot_figures
-from lark.analysis.markdown import format_bytes, write_tables
+from lark.analysis.markdown import COLUMNS, format_bytes, write_tables
 from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics, pick_epoch
 from lark.analysis.tables import build_tables
 from lark.errors import RunDirError
@@ -217,6 +217,17 @@ def test_storage_falls_back_to_params_times_dtype(single_run):
     del metrics[2]["storage"]["full_bytes_per_example"], metrics[2]["storage"]["store_bytes_per_example"]
     full, projected, _ = build_tables({"run": metrics})["table3"]
     assert full["bytes_per_example"] == 14596022272 and projected["bytes_per_example"] == 131072
+
+
+def test_table3_compression_keeps_two_digits_below_ten():
+    compression = dict(COLUMNS["table3"])["Compression"]  # below 10x (k near P) two digits, not "0x" or "1x"
+    assert [compression({"compression": c}) for c in (111358.8, 11.2, 5.63, 0.5, None)] == [
+        "111,359×",
+        "11×",
+        "5.6×",
+        "0.5×",
+        "-",
+    ]
 
 
 def test_format_bytes_shows_decimal_and_binary_units():

@@ -72,7 +72,7 @@ COLUMNS = {
         ("Examples", lambda r: fmt(r["n_examples"], ",.0f")),
         ("Per Example", lambda r: format_bytes(r["bytes_per_example"])),
         ("All Examples", lambda r: format_bytes(r["bytes_total"])),
-        ("Compression", lambda r: fmt(r["compression"], ",.0f", "×")),
+        ("Compression", lambda r: fmt(r["compression"], ",.0f" if (r["compression"] or 0) >= 10 else ".2g", "×")),
     ],
     "table4": [
         ("Method", lambda r: r["method"]),
