@@ -273,3 +273,22 @@ def test_the_retrains_key_follows_the_overrides_that_change_a_retrain():
     plain = recipe_key(cfg, 0.5)
     assert recipe_key(cfg, 0.5, []) == plain == recipe_key(cfg, 0.5, ["hydra.launcher.partition=gpu"])
     assert recipe_key(cfg, 0.5, ["optimizer.lr=0.05"]) != plain != recipe_key(cfg, 0.4)
+
+
+def test_the_retrains_start_from_the_runs_own_base_model(tmp_path):
+    """The retrains load the run's checkpoints/epoch_000 (the embedded model's pretraining cache is keyed by config
+    and corpus, and another thread count pretrains other weights under the same key), and those weights are in the
+    retrains' key; a run without a checksummed epoch_000 keeps its config and key."""
+    from conftest import compose
+
+    from lark.validation.lds import own_base, recipe_key
+
+    cfg = compose()
+    assert own_base(tmp_path, cfg) == (cfg, None)
+    folder = tmp_path / "checkpoints" / "epoch_000"
+    folder.mkdir(parents=True)
+    (folder / "checksums.json").write_text(json.dumps({"model.safetensors": "ab12"}))
+    retrain, weights = own_base(tmp_path, cfg)
+    assert retrain.model.load._target_ == "lark.models.hub_model" and retrain.model.hub_id == str(folder.resolve())
+    assert cfg.model.load._target_ == "lark.pretrain.tiny_model"  # the run's own config untouched
+    assert recipe_key(cfg, 0.5, (), weights) != recipe_key(cfg, 0.5) != recipe_key(cfg, 0.5, (), {"x": "cd34"})

@@ -153,15 +153,30 @@ RETRAIN_OFF = [
 RECIPE_EXCLUDE = ("paths", "logger", "attribution", "analysis", "resume", "hydra", "trainer")
 
 
-def recipe_key(cfg, fraction, extra=()):
+def recipe_key(cfg, fraction, extra=(), base=None):
     """What a retrain's result depends on: the run's config (data, model, format, optimiser, schedule, seed...)
-    without paths, loggers, attribution and analysis, the trainer's epochs and precision, the fraction, and the
-    lds.extra_overrides that are not Hydra's own (hydra.launcher.partition=... moves a job, not its result)."""
+    without paths, loggers, attribution and analysis, the trainer's epochs and precision, the fraction, the
+    lds.extra_overrides that are not Hydra's own (hydra.launcher.partition=... moves a job, not its result) and
+    the base model's weights (base: the run's epoch_000 checksums, own_base)."""
     recipe = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in RECIPE_EXCLUDE}
     recipe["data"] = first_form(recipe["data"])  # as hashed before the world and corpora were reader _target_s
     trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "precision", "accelerator", "deterministic")}
     changes = sorted(str(o) for o in extra if not str(o).lstrip("+~").startswith("hydra."))
-    return content_hash(recipe, trainer, float(fraction), *([changes] if changes else []))
+    return content_hash(recipe, trainer, float(fraction), *([changes] if changes else []), *([base] if base else []))
+
+
+def own_base(run_dir, cfg):
+    """(the retrains' config, the base's checksums): the run's config with its base model loaded from the run's own
+    checkpoints/epoch_000 (lark.models.hub_model on that folder), so every retrain fine-tunes the very weights the
+    run did -- the embedded model's pretraining cache is keyed by config and corpus, not by the weights a thread
+    count gives -- or the config unchanged and None where the run saved no epoch_000 with checksums."""
+    folder = Path(run_dir) / "checkpoints" / "epoch_000"
+    if not (folder / "checksums.json").is_file():
+        return cfg, None
+    retrain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    retrain.model.load = {"_target_": "lark.models.hub_model", "_partial_": True}
+    retrain.model.hub_id = str(folder.resolve())
+    return retrain, json.loads((folder / "checksums.json").read_text())
 
 
 def retrain_command(config_dir, sweep_dir, fraction, seeds, lds_cfg):
@@ -195,7 +210,8 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     by a validation that was killed) are not retrained; the others are launched as one Hydra multirun of
     ordinary LARK runs (lds_cfg.launcher: joblib locally, submitit_slurm on a cluster), and each is measured as
     soon as its final checkpoint appears, so a kill loses only the retrains in flight."""
-    key = recipe_key(cfg, lds_cfg.fraction, lds_cfg.get("extra_overrides") or ())
+    retrain_cfg, weights = own_base(run_dir, cfg)
+    key = recipe_key(cfg, lds_cfg.fraction, lds_cfg.get("extra_overrides") or (), weights)
     base = Path(lds_cfg.dir or Path(run_dir) / "validation" / "lds") / key
     seeds = list(range(int(lds_cfg.seed_offset), int(lds_cfg.seed_offset) + int(lds_cfg.n_subsets)))
     query_ids = [q["id"] for q in queries]
@@ -203,7 +219,7 @@ def retrain_losses(run_dir, cfg, lds_cfg, queries, train_ids, log=print):
     todo = [s for s in seeds if saved_losses(base / f"subset_{s}", query_ids) is None]
     if todo:
         base.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, base / "config.yaml")  # the run's config in today's form (lark.legacy) is the recipe
+        OmegaConf.save(retrain_cfg, base / "config.yaml")  # the run's config (today's form), its own base model
         measure = partial(measure_if_trained, base=base, cfg=cfg, queries=queries, lds_cfg=lds_cfg)
         todo = [s for s in todo if not measure(s, found=True, log=log)]
     if todo:
