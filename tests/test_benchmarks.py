@@ -46,7 +46,8 @@ def test_attribution_speed_prints_paired_rows_with_fidelity_and_the_jl_reference
         # same k (0.74-0.78 on the tiny model at k=1,024; few pairs here, hence the margin), never far off
         assert pearson > jl - 0.25 and pearson > 0.4 and error < 0.35, (label, pearson, jl, error)
         assert peak_ratio < 1.6, (label, peak_ratio)  # peak memory near a training step's
-    assert sketch[1] > rapidin[1], (sketch[1], rapidin[1])  # batched hooks beat one backward per example
+    # (no speed comparison here: timings are the benchmark's table, and a loaded CI machine inverted one, 0.49x
+    # against 8.47x; a timed assertion is a flaky test)
     assert "sketch per_tensor" in rows, out
     examples, speed, peak, peak_ratio, pearson, jl, error, _ = rows["sketch per_tensor"]
     assert examples > 0 and peak > 0 and 0 < jl < 1 and jl != sketch[5]  # its own exact (per-tensor) reference
