@@ -56,17 +56,7 @@ def validate_run(run_dir, vcfg, log=print):
     run = load_run(run_dir, vcfg, log)
     projectors = vcfg.get("projectors") or None  # null (the default; older configs): the run's own, rows as before
     seed = vcfg.get("projector_seed")  # null (the default; older configs): each projector's own seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):  # before the retrains
-        raise ConfigError(f"validate.projector_seed must be an integer or null, got {seed!r}")
-    for name in projectors or []:
-        projector_file(name)  # an unknown name stops here, before the retrains
-    for name in projectors or [None] if seed is not None else []:  # a "second draw" with the first's seed
-        own = OmegaConf.load(projector_file(name)) if name else upgrade(run.cfg.attribution).projector
-        if own.get("seed") == seed:
-            raise ConfigError(
-                f"validate.projector_seed={seed} is the seed {name or 'the run'}'s projector already draws with: "
-                "the same draw again; choose another seed"
-            )
+    check_projectors(run, projectors, seed)
     timing, subsets = {}, None
     if lds_enabled(vcfg, run.cfg):
         start = time.perf_counter()
@@ -128,6 +118,22 @@ def check_request(vcfg):
         raise ConfigError(f"validate.recall_ks must be a list of integers >= 1, got {vcfg.recall_ks!r}")
     if not count(vcfg.lds.n_boot, 1):
         raise ConfigError(f"validate.lds.n_boot must be an integer >= 1, got {vcfg.lds.n_boot!r}")
+
+
+def check_projectors(run, projectors, seed):
+    """validate.projectors' names and validate.projector_seed, before the retrains: ConfigError naming the key for
+    an unknown name, a seed that is not an integer, or one a projector already draws with (the same draw again)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"validate.projector_seed must be an integer or null, got {seed!r}")
+    for name in projectors or []:
+        projector_file(name)  # an unknown name stops here
+    for name in projectors or [None] if seed is not None else []:
+        own = OmegaConf.load(projector_file(name)) if name else upgrade(run.cfg.attribution).projector
+        if own.get("seed") == seed:
+            raise ConfigError(
+                f"validate.projector_seed={seed} is the seed {name or 'the run'}'s projector already draws with: "
+                "the same draw again; choose another seed"
+            )
 
 
 def is_list(value):
