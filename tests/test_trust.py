@@ -514,6 +514,11 @@ def test_a_corrupted_run_file_stops_attribution_naming_file_line_and_field(refer
     lines = path.read_text().splitlines()
     lines[2] = json.dumps({**json.loads(lines[2]), "answer": 3})
     path.write_text("\n".join(lines) + "\n")
+    from lark.errors import CorruptFile
+
+    with pytest.raises(CorruptFile, match=f"{path}: checksum mismatch"):  # changed after training: data/checksums
+        attribute(run_dir, log=lambda m: None)
+    (run_dir / "data" / "checksums.json").unlink()  # a run from before the data checksums: read, row by row
     with pytest.raises(DataError, match=f"{path}:3: field 'answer' must be str"):
         attribute(run_dir, log=lambda m: None)
 
