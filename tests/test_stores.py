@@ -138,6 +138,19 @@ def test_tied_scores_rank_by_document_index_whatever_the_block(block):
         assert values[row].tolist() == [scores[row, j].item() for j in expected]
 
 
+@pytest.mark.parametrize("tier", ["float16", "int8", "bit"])
+def test_a_zero_gradient_scores_zero_in_every_tier(tmp_path, tier):
+    """A zero gradient (an example whose loss tokens were all cut, a frozen model) scores 0 against everything in
+    every tier: the bit tier's signs made it all +1, scoring 1.0 against every other zero row."""
+    v = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    v[[1, 3]] = 0
+    save_store(tmp_path / "s.safetensors", v, [f"id{i}" for i in range(5)], {"set": "s"}, tier)
+    loaded, norms, _, _ = load_store(tmp_path / "s.safetensors")
+    assert (norms[[1, 3]] == 0).all() and (loaded[[1, 3]] == 0).all()
+    scores = cosine_scores(loaded, loaded, tier)
+    assert scores[1, 3] == 0 and scores[1].abs().max() == 0 and scores[0, 0] > 0.9
+
+
 def test_nan_rows_never_win():
     q, d = unit_rows(vectors(2, 16)), unit_rows(vectors(4, 16, 5))
     d[1] = float("nan")

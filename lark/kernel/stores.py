@@ -159,10 +159,12 @@ def atomic_save(tensors, path, metadata):
 
 
 def decoded(tensors, tier, k):
-    """The tier's decode(), with the rows of non-finite gradients (non-finite norms) NaN in every tier (the bit tier
-    would otherwise turn them into valid-looking sign vectors)."""
+    """The tier's decode(), with the rows of non-finite gradients (non-finite norms) NaN and those of zero gradients
+    zero in every tier (the bit tier would otherwise turn both into valid-looking sign vectors: a zero gradient
+    all +1, scoring 1.0 against every other zero row where the other tiers score 0)."""
     vectors = tier_of(tier).decode(tensors, k)
-    return torch.where(torch.isfinite(tensors["norms"]).unsqueeze(1), vectors, float("nan"))
+    norms = tensors["norms"].unsqueeze(1)
+    return torch.where(torch.isfinite(norms), torch.where(norms == 0, 0.0, vectors), float("nan"))
 
 
 def save_store(path, vectors, ids, meta, tier="float16"):
