@@ -10,7 +10,7 @@ from hydra.utils import get_object, instantiate
 from lark.data.corpora import check_corpora
 from lark.data.io import BadRows
 from lark.data.sources import check_sources
-from lark.errors import ConfigError
+from lark.errors import ConfigError, whole
 from lark.kernel import tokens
 from lark.kernel.factory import make_kernel
 from lark.kernel.stores import TIERS
@@ -22,16 +22,11 @@ def need(ok, message):
         raise ConfigError(message)
 
 
-def positive(value):
-    """An integer >= 1 (not a bool: YAML's yes)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def check_config(cfg):
     """Fail at start, naming the key, on values that would only break later (ConfigError)."""
     epochs = cfg.trainer.max_epochs
     need(isinstance(epochs, int) and epochs >= 0, f"trainer.max_epochs must be an integer >= 0, got {epochs}")
-    need(positive(cfg.batch_size), f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+    need(whole(cfg.batch_size), f"batch_size must be a positive integer, got {cfg.batch_size!r}")
     check_attribution_keys(cfg.attribution)
     asked = [] if cfg.attribution.checkpoints == "all" else list(cfg.attribution.checkpoints)
     need(
@@ -65,8 +60,8 @@ def check_attribution_keys(attr):
         or (isinstance(attr.checkpoints, Sequence) and all(isinstance(e, int) and e >= 0 for e in attr.checkpoints)),
         f"attribution.checkpoints must be 'all' or a list of epochs >= 0, got {attr.checkpoints}",
     )
-    need(positive(attr.top_k), f"attribution.top_k must be a positive integer, got {attr.top_k!r}")
-    need(positive(attr.batch_size), f"attribution.batch_size must be a positive integer, got {attr.batch_size!r}")
+    need(whole(attr.top_k), f"attribution.top_k must be a positive integer, got {attr.top_k!r}")
+    need(whole(attr.batch_size), f"attribution.batch_size must be a positive integer, got {attr.batch_size!r}")
     tokens.check(attr)  # attribution.tokens, tokens_top_k (lark.kernel.tokens)
 
 

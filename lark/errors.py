@@ -2,6 +2,12 @@
 train.py and attribute.py print them without a traceback and exit with status 2."""
 
 
+def whole(value, least=1):
+    """Whether a config value is an integer >= least: not a bool (YAML reads yes / true as one), nor a float or a
+    string. The checks that raise ConfigError share it."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 class LarkError(ValueError):
     """A problem with the input, the config or the run directory, not a bug in LARK."""
 

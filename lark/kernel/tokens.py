@@ -37,7 +37,7 @@ import torch
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
 from lark.data.io import write_jsonl
-from lark.errors import ConfigError
+from lark.errors import ConfigError, whole
 from lark.kernel.stores import load_store
 from lark.kernel.tokens_math import (
     TANGENT_NUMBERS,
@@ -62,14 +62,14 @@ def check(attr):
     if mode == "off":
         return False
     n = attr.get("tokens_top_k")
-    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= attr.top_k):
+    if not (whole(n) and n <= attr.top_k):
         raise ConfigError(
             f"attribution.tokens_top_k must be an integer in [1, attribution.top_k={attr.top_k}], got {n!r}"
         )
     if attr.get("tokens_pass", "auto") not in PASSES:
         raise ConfigError(f"attribution.tokens_pass: unknown '{attr.tokens_pass}' ({' | '.join(PASSES)})")
     budget = attr.get("tokens_budget", TANGENT_NUMBERS)
-    if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1):
+    if not whole(budget):
         raise ConfigError(f"attribution.tokens_budget must be a positive integer (tangent numbers), got {budget!r}")
     if attr.store_dtype == "bit":
         raise ConfigError("attribution.tokens=topk: store_dtype=bit's SimHash cosine is not a dot product to split")

@@ -22,13 +22,14 @@ checks (quality.py), write Table V (write.py); validate_run below chains them.
 """
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lark import console
 from lark.data.io import write_json
-from lark.errors import ConfigError
+from lark.errors import ConfigError, whole
 from lark.kernel.factory import upgrade
 from lark.models import load_pretrained
 from lark.rundir import epoch_lr, require_safetensors
@@ -112,11 +113,11 @@ def check_request(vcfg):
             )
         kernel_file(name)  # an unknown name: ConfigError naming validate.kernels and the known ones
     checkpoints = vcfg.checkpoints
-    if not (checkpoints == "all" or (is_list(checkpoints) and all(count(e, 0) for e in checkpoints))):
+    if not (checkpoints == "all" or (isinstance(checkpoints, Sequence) and all(whole(e, 0) for e in checkpoints))):
         raise ConfigError(f"validate.checkpoints must be 'all' or a list of epochs >= 0, got {checkpoints!r}")
-    if not (is_list(vcfg.recall_ks) and all(count(k, 1) for k in vcfg.recall_ks)):
+    if not (isinstance(vcfg.recall_ks, Sequence) and all(whole(k) for k in vcfg.recall_ks)):
         raise ConfigError(f"validate.recall_ks must be a list of integers >= 1, got {vcfg.recall_ks!r}")
-    if not count(vcfg.lds.n_boot, 1):
+    if not whole(vcfg.lds.n_boot):
         raise ConfigError(f"validate.lds.n_boot must be an integer >= 1, got {vcfg.lds.n_boot!r}")
 
 
@@ -134,14 +135,6 @@ def check_projectors(run, projectors, seed):
                 f"validate.projector_seed={seed} is the seed {name or 'the run'}'s projector already draws with: "
                 "the same draw again; choose another seed"
             )
-
-
-def is_list(value):
-    return OmegaConf.is_list(value) or isinstance(value, (list, tuple))
-
-
-def count(value, least):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=None):
