@@ -283,6 +283,22 @@ def test_load_corpus_hub_bad_row_names_the_row(monkeypatch):
         D.load_corpus(cfg)
 
 
+def test_a_hub_revision_reaches_load_dataset_and_the_index_fingerprint(monkeypatch):
+    """A pinned revision is what load_dataset reads and what a saved BM25 index is keyed by; left at null, no
+    revision is passed (the hub's newest, the behaviour before the key)."""
+    calls = []
+    monkeypatch.setattr("datasets.load_dataset", fake_load_dataset([{"id": "a", "text": "one"}], calls))
+    spec = {"hub_id": "org/corpus", "split": "train", "limit": None}
+    pinned, floating = HubCorpus(**spec, revision="0a1b2c"), HubCorpus(**spec)
+    assert pinned(IO.BadRows()) == floating(IO.BadRows()) == [{"id": "a", "text": "one"}]
+    assert [c[3] for c in calls] == [{"streaming": True, "revision": "0a1b2c"}, {"streaming": True}]
+    assert pinned.fingerprint() != floating.fingerprint() != HubCorpus(**spec, revision="v2").fingerprint()
+    calls.clear()
+    rows, _ = D.HubRows("org/qa", revision=7)(IO.BadRows())  # a commit YAML reads as a number is passed as a string
+    next(rows)
+    assert calls == [("org/qa", None, "train", {"revision": "7"})]
+
+
 # ----------------------------------------------------------------------------- readers by _target_ (load_data)
 SMALL_WORLD = dict(n_train=24, n_test=12, n_facts=30, n_medical_docs=100, n_entertainment_docs=40)
 

@@ -101,7 +101,8 @@ class JsonlCorpus(Corpus):
 
 class HubCorpus(Corpus):
     """The documents of a `datasets` dataset (`hub_id`: a hub name or a local folder), streamed: only the first
-    `limit` are read."""
+    `limit` are read. `revision` pins a hub dataset to a branch, tag or commit: part of the fingerprint, so a saved
+    BM25 index is rebuilt when it changes (a hub name left at null, its newest, cannot be seen to change)."""
 
     def __init__(
         self,
@@ -113,9 +114,11 @@ class HubCorpus(Corpus):
         limit=None,
         exclude_medical=False,
         stream=False,
+        revision=None,
     ):
         super().__init__(text_field, id_field, limit, exclude_medical, stream)
         self.hub_id, self.hub_config, self.split, self.name = hub_id, hub_config, split, str(hub_id)
+        self.revision = revision
 
     def fingerprint(self):
         folder = Path(str(self.hub_id))  # a local folder: its files' sizes and times; a hub name: the name
@@ -126,7 +129,8 @@ class HubCorpus(Corpus):
     def rows(self, bad):
         import datasets  # imported on use: a heavy optional dependency
 
-        rows = datasets.load_dataset(self.hub_id, self.hub_config, split=self.split, streaming=True)
+        pinned = {"revision": str(self.revision)} if self.revision else {}
+        rows = datasets.load_dataset(self.hub_id, self.hub_config, split=self.split, streaming=True, **pinned)
         return ((f"{self.hub_id} row {n}", r) for n, r in enumerate(rows))
 
 

@@ -81,10 +81,12 @@ class JsonlRows:
 
 class HubRows:
     """QA rows of a Hugging Face `datasets` dataset: a hub name (load_dataset) or a local save_to_disk folder
-    (load_from_disk); `split` holds the rows (the training rows when `test_split` is set)."""
+    (load_from_disk); `split` holds the rows (the training rows when `test_split` is set); `revision` pins the hub
+    dataset to a branch, tag or commit (null: its newest; ignored for a local folder)."""
 
-    def __init__(self, hub_id, hub_config=None, split="train", test_split=None):
+    def __init__(self, hub_id, hub_config=None, split="train", test_split=None, revision=None):
         self.hub_id, self.hub_config, self.split, self.test_split = hub_id, hub_config, split, test_split
+        self.revision = revision
         self.name = f"{hub_id}/{hub_config}" if hub_config else str(hub_id)
         self.test_name = f"data.reader.test_split: {self.name}[{test_split}]" if test_split else None
 
@@ -99,7 +101,8 @@ class HubRows:
                 data = datasets.load_from_disk(str(folder))
                 rows = data[split] if isinstance(data, datasets.DatasetDict) else data
             else:
-                rows = datasets.load_dataset(self.hub_id, self.hub_config, split=split)
+                pinned = {"revision": str(self.revision)} if self.revision else {}
+                rows = datasets.load_dataset(self.hub_id, self.hub_config, split=split, **pinned)
             return ((f"{self.name}[{split}] row {n}", row) for n, row in enumerate(rows))
 
         return split_rows(self.split), (split_rows(self.test_split) if self.test_split else None)
