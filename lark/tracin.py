@@ -3,8 +3,12 @@ lr_c * <g_c(q), g_c(d)>, from the per-checkpoint stores (unit vectors and norms:
 lr_c is the learning rate of the epoch that produced checkpoint c (metrics.json `lr`); epoch 0, the base model, has
 none and takes no part (TracIn-CP sums over checkpoints taken after training steps).
 
+Only epochs whose stores the tracin_cp kernel wrote, with one projector, are summed (same_gradients; the others are
+named in the log). Each query's top-k is found one block of documents at a time; the whole matrix is formed only
+when attribution.save_scores asks for it.
+
 Layout written under attribution/tracin_cp/:
-  scores/<source>.safetensors  TracIn-CP scores [n_queries, n_docs] float32
+  scores/<source>.safetensors  TracIn-CP scores [n_queries, n_docs] float32 (attribution.save_scores)
   top_influences.csv           each query's top-k documents per source
   metrics.json                 the paper's metrics on these scores (lark.analysis.metrics), the checkpoints and their lr
 """
@@ -18,18 +22,59 @@ from lark.analysis import metrics as M
 from lark.checkpoint import QUERY_SET, TOP_COLUMNS, top_rows
 from lark.data.io import write_csv, write_json
 from lark.errors import RunDirError
-from lark.kernel.stores import atomic_save, best_by_value, check_compatible, cosine_scores, load_store
+from lark.kernel.stores import MATCH, atomic_save, best_by_value, check_compatible, cosine_scores, load_store
 
 FOLDER = "tracin_cp"
 
 
-def tracin_scores(checkpoints, tier):
-    """sum_c lr_c * cos_c * |q_c| |d_c| for checkpoints [(lr, (q unit, q norms), (d unit, d norms))]."""
+def tracin_scores(checkpoints, tier, start=0, stop=None):
+    """sum_c lr_c * cos_c * |q_c| |d_c| for checkpoints [(lr, (q unit, q norms), (d unit, d norms))], over the
+    documents start:stop [n_q, stop - start]."""
     total = None
     for lr, (q, q_norm), (d, d_norm) in checkpoints:
+        d, d_norm = d[start:stop], d_norm[start:stop]
         part = lr * cosine_scores(q, d, tier) * q_norm.unsqueeze(1) * d_norm.unsqueeze(0)
         total = part if total is None else total + part
     return total
+
+
+def tracin_top(checkpoints, tier, k, block=4096):
+    """(values, indices) [n_q, k] of each query's k best TracIn-CP documents, one block of documents at a time
+    (never the whole score matrix; ties by the smaller index, as stores.topk_scores)."""
+    n_q, n_d = len(checkpoints[0][1][0]), len(checkpoints[0][2][0])
+    best_v, best_i = torch.full((n_q, 0), float("-inf")), torch.zeros((n_q, 0), dtype=torch.long)
+    for s in range(0, n_d, block):
+        scores = tracin_scores(checkpoints, tier, s, s + block).nan_to_num(float("-inf"))
+        values = torch.cat([best_v, scores], dim=1)
+        index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(n_q, -1)], dim=1)
+        best_v, best_i = best_by_value(values, index, k)
+    return best_v, best_i
+
+
+def same_gradients(epochs, log):
+    """The epochs [(epoch, lr, stores)] whose query stores hold the tracin_cp kernel's vectors of one projector
+    (every MATCH field but the checkpoint equal to the newest such epoch's): TracIn-CP sums one gradient over
+    checkpoints, never a normalised or whitened vector of another kernel. The others are named in the log."""
+    heads = {e: load_store(stores / f"{QUERY_SET}.safetensors")[3] for e, _, stores in epochs}
+
+    def kernel(e):
+        return ((heads[e].get("projector") or {}).get("kernel") or {}).get("name")
+
+    ours = [e for e, _, _ in epochs if kernel(e) == "tracin_cp"]
+    if not ours:
+        return [], heads
+    ref = heads[ours[-1]]
+    fields = [key for key in MATCH if key != "checkpoint"]
+    kept = [x for x in epochs if x[0] in ours and all(heads[x[0]].get(f) == ref.get(f) for f in fields)]
+    left = [e for e, _, _ in epochs if e not in {x[0] for x in kept}]
+    if left:
+        log(
+            f"[lark] tracin_cp: epochs {left} left out of the sum: their stores are another kernel's "
+            f"({', '.join(sorted({str(kernel(e)) for e in left}))}) or another projector's than epoch {ours[-1]}'s; "
+            f"to include them: attribute.py run_dir=<run> attribution/kernel=tracin_cp "
+            f"'attribution.checkpoints={left}'"
+        )
+    return kept, heads
 
 
 def write_tracin_cp(run_dir, cfg, log=print):
@@ -41,14 +86,15 @@ def write_tracin_cp(run_dir, cfg, log=print):
         lr = json.loads(metrics_file.read_text()).get("lr") if metrics_file.is_file() else None
         if lr is not None:
             epochs.append((int(folder.name.split("_")[1]), float(lr), folder / "stores"))
+    epochs, heads = same_gradients(epochs, log) if epochs else ([], {})
     if not epochs:  # e.g. trainer.max_epochs=0: nothing to sum, and nothing computed is lost
         log(
-            f"[lark] tracin_cp: {run_dir / 'attribution'} has no attributed checkpoint after a training step (with "
-            "an lr); TracIn-CP needs trainer.max_epochs >= 1, not written"
+            f"[lark] tracin_cp: {run_dir / 'attribution'} has no checkpoint after a training step (with an lr) "
+            "attributed with attribution/kernel=tracin_cp; TracIn-CP needs trainer.max_epochs >= 1, not written"
         )
         return None
     queries = {e: load_store(stores / f"{QUERY_SET}.safetensors") for e, _, stores in epochs}
-    query_ids = queries[epochs[0][0]][2]
+    query_ids, tier = queries[epochs[0][0]][2], heads[epochs[0][0]]["tier"]  # the stores' own tier
     maxinf, rows, out = {}, [], run_dir / "attribution" / FOLDER
     for name in src.sources:
         parts, doc_ids = [], None
@@ -63,14 +109,12 @@ def write_tracin_cp(run_dir, cfg, log=print):
                 )
             doc_ids = d_ids
             parts.append((lr, (q, q_norm), (d, d_norm)))
-        scores = tracin_scores(parts, attr.store_dtype)
-        columns = torch.arange(scores.shape[1]).expand(scores.shape[0], -1)
-        values, index = best_by_value(scores.nan_to_num(float("-inf")), columns, attr.top_k)  # ties: smaller index
+        values, index = tracin_top(parts, tier, attr.top_k)
         maxinf[name] = values[:, 0] if values.shape[1] else torch.full((len(query_ids),), float("nan"))
         rows += top_rows(values, index, query_ids, doc_ids, name)
-        if attr.save_scores:
+        if attr.save_scores:  # the whole matrix only when asked for (attribution.save_scores)
             atomic_save(
-                {"scores": scores.contiguous()},
+                {"scores": tracin_scores(parts, tier).contiguous()},
                 out / "scores" / f"{name}.safetensors",
                 {"queries": json.dumps(query_ids), "docs": json.dumps(doc_ids)},
             )

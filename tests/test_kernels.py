@@ -221,7 +221,7 @@ def test_legacy_configs_map_to_the_targets_they_meant():
 def test_tracin_cp_is_the_lr_weighted_sum_of_inner_products_by_hand(tmp_path):
     """Epoch 1 (lr 0.1): q = (3, 4), d = (1, 0) -> <q, d> = 3; epoch 2 (lr 0.01): q = (0, 2), d = (0, 3) -> 6;
     epoch 0 has no lr and takes no part: TracIn-CP = 0.1 * 3 + 0.01 * 6 = 0.36. The other document: -0.4 + 0."""
-    meta = {"projector": {"kind": "exact"}, "checkpoint": "c", "tokenizer": "t", "format": "f"}
+    meta = {"projector": {"kind": "exact", "kernel": {"name": "tracin_cp"}}, "checkpoint": "c", "format": "f"}
     vectors = {
         0: ([[9.0, 9.0]], [[9.0, 9.0], [1.0, 1.0]]),
         1: ([[3.0, 4.0]], [[1.0, 0.0], [0.0, -1.0]]),
@@ -249,6 +249,43 @@ def test_tracin_cp_is_the_lr_weighted_sum_of_inner_products_by_hand(tmp_path):
     assert metrics["sources"]["ft"]["mean_max"] == pytest.approx(0.36, abs=2e-3)
     assert (out / "top_influences.csv").read_text().splitlines()[1].startswith("q1,ft,1,d1,0.36")
     assert json.loads((out / "metrics.json").read_text())["kernel"] == "tracin_cp"
+
+
+def test_tracin_cp_sums_only_the_tracin_cp_kernels_stores_in_their_own_tier(tmp_path):
+    """An epoch re-attributed with another kernel (RapidIn's normalised vectors, here in the bit tier) is left out of
+    the sum and named in the log, never added in; the tier is the stores' own, whatever attribution.store_dtype
+    says; the blockwise top-k equals the whole matrix's."""
+    torch.manual_seed(0)
+    q, d = torch.randn(3, 16), torch.randn(50, 16)
+    for epoch, kernel, tier in ((1, "rapidin", "bit"), (2, "tracin_cp", "int8"), (3, "tracin_cp", "int8")):
+        meta = {"projector": {"kind": "sketch", "kernel": {"name": kernel}}, "checkpoint": f"c{epoch}"}
+        folder = tmp_path / "attribution" / f"epoch_{epoch:03d}"
+        save_store(folder / "stores" / "test_queries.safetensors", q * epoch, ["a", "b", "c"], meta, tier)
+        for name in ("ft", "pt"):
+            save_store(folder / "stores" / f"{name}.safetensors", d, [f"d{i}" for i in range(50)], meta, tier)
+        (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, "lr": 0.1 * epoch}))
+    cfg = OmegaConf.create(
+        {
+            "source": {"sources": {"ft": {}, "pt": {}}, "ft_source": "ft", "pt_source": "pt", "format_pairs": {}},
+            "attribution": {"store_dtype": "float16", "top_k": 50, "save_scores": True},
+        }
+    )
+    logs = []
+    metrics = write_tracin_cp(tmp_path, cfg, log=logs.append)
+    assert metrics["epochs"] == [2, 3] and any("epochs [1] left out" in m and "rapidin" in m for m in logs)
+    from safetensors import safe_open
+
+    from lark.tracin import tracin_top
+
+    scores = safe_open(str(tmp_path / "attribution/tracin_cp/scores/ft.safetensors"), "pt").get_tensor("scores")
+    dot = q @ d.T  # int8 decoding of unit vectors: the sum 0.2 * 2 <q, d> + 0.3 * 3 <q, d>
+    torch.testing.assert_close(scores, 1.3 * dot, rtol=0.03, atol=0.03 * dot.abs().max().item())
+    rows = (tmp_path / "attribution/tracin_cp/top_influences.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[3] for r in rows[:50]] == [f"d{i}" for i in scores[0].argsort(descending=True).tolist()]
+    parts = [(0.2, (q * 2, torch.full((3,), 1.0)), (d, torch.ones(50)))]
+    whole, small = tracin_top(parts, "float16", 7, block=4096), tracin_top(parts, "float16", 7, block=3)
+    assert torch.equal(whole[1], small[1])  # (values: equal up to the BLAS's summation order per block shape)
+    torch.testing.assert_close(whole[0], small[0])
 
 
 # ------------------------------------------------------------------------------ end to end through train.py
