@@ -264,6 +264,19 @@ def test_write_tables_markdown_and_csv(tmp_path, single_run):
     assert rows[0]["lr"] == "" and rows[4]["reduced_lr"] == "True"
 
 
+def test_table2_names_each_epochs_kernel_when_a_run_mixes_them(tmp_path):
+    """A run whose epoch 2 was re-attributed with another kernel (attribute.py on a subset of checkpoints): Table
+    II gains a Kernel/projector column and a footnote instead of showing one series; one kernel: neither."""
+    metrics = [paper_metrics(e) | {"kernel": {"name": "rapidin"}} for e in (0, 1, 2)]
+    metrics[2] |= {"kernel": {"name": "adam"}, "projector": {"kind": "factored"}}
+    write_tables(build_tables({"run": metrics}), tmp_path / "mixed")
+    md = (tmp_path / "mixed" / "table2.md").read_text().splitlines()
+    assert md[2].endswith("| Kernel/projector |") and md[4].endswith("| rapidin/rapidin |")
+    assert md[6].endswith("| adam/factored |") and "not one series" in md[-1]
+    write_tables(build_tables({"run": metrics[:2]}), tmp_path / "one")
+    assert "Kernel" not in (tmp_path / "one" / "table2.md").read_text()
+
+
 def test_multirun_tables_lead_with_job_and_show_nulls(multirun, tmp_path):
     runs = {label: load_metrics(d) for label, d in find_runs(multirun).items()}
     tables = build_tables(runs)

@@ -118,6 +118,7 @@ def table2_columns(rows):
         *evaluation,
         ("lr", lambda r: fmt(r["lr"], "g")),
         *effects,
+        *([("Kernel/projector", lambda r: str(r["method"]))] if any("method" in row for row in rows) else []),
     ]
 
 
@@ -134,6 +135,7 @@ def eval_headers(rows):
         "ratio",
         "pt_wins_pct",
         "job",
+        "method",
     }
     return known + [(key, key, False) for key in present if key not in columns and not key.startswith("format_")]
 
@@ -155,7 +157,11 @@ def scale_bytes(n, base, units):
 
 def footnotes(name, rows):
     if name == "table2":
-        return lr_footnotes(rows)
+        mixed = [
+            "Epochs were attributed with different kernels or projectors (Kernel/projector): their scores are "
+            "not one series; attribute.py run_dir=<run> 'attribution.checkpoints=[...]' re-attributes the others."
+        ]
+        return lr_footnotes(rows) + (mixed if any("method" in row for row in rows) else [])
     if name == "table3":
         return ["KB, MB, GB, TB = 10^3, 10^6, 10^9, 10^12 bytes; KiB, MiB, GiB, TiB = 2^10, 2^20, 2^30, 2^40 bytes."]
     if name == "table4":

@@ -71,10 +71,18 @@ def source_rows(m):
     return rows
 
 
+def method(m):
+    """ "kernel/projector" of an epoch's metrics (e.g. "rapidin/sketch")."""
+    return f"{(m.get('kernel') or {}).get('name', 'cosine')}/{(m.get('projector') or {}).get('kind', '?')}"
+
+
 def epoch_rows(metrics):
-    """Table II: one row per epoch, with a format_effect_<kind> column per content kind."""
+    """Table II: one row per epoch, with a format_effect_<kind> column per content kind, and a `method` column
+    (kernel/projector) when the run's epochs were attributed with different ones (a partial re-attribution):
+    their scores are then not one series."""
     reduced = reduced_lr_epochs(metrics)
     kinds = dict.fromkeys(kind for m in metrics for kind in (m.get("format_effect") or {}))
+    mixed = len({method(m) for m in metrics}) > 1
     rows = []
     for m in metrics:
         effect = m.get("format_effect") or {}
@@ -89,6 +97,7 @@ def epoch_rows(metrics):
                 "pt_wins_pct": pct(m.get("pt_wins")),
                 **eval_column(m),
                 **{f"format_effect_{kind}": effect.get(kind) for kind in kinds},
+                **({"method": method(m)} if mixed else {}),
             }
         )
     return rows
