@@ -110,6 +110,17 @@ def test_factored_moments_equal_the_full_division_when_v_has_rank_one():
         AdamScale(Moments({"x": {"v": v}}, "optimizer"), 0.0, Matrix())
 
 
+def test_the_full_moments_are_never_replaced_by_saved_factored_ones(tmp_path):
+    """attribution.kernel.factored=false on a run that saved factored moments: an error naming the file and the
+    key, not the rank-one approximation under the reference's name."""
+    m = torch.rand(3, 4) + 0.1
+    Moments({"w": {"row": m.mean(1), "col": m.mean(0)}}, "optimizer").save(tmp_path / "adam_moments.safetensors")
+    saved = Moments.load(tmp_path / "adam_moments.safetensors")
+    assert AdamScale(saved, 0.0, Matrix()).spec()["form"] == "factored"
+    with pytest.raises(ValueError, match=r"factored=false needs the full v_hat.*adam_moments\.safetensors"):
+        Adam(factored=False).preconditioner(saved, Matrix())
+
+
 def test_adam_kernel_refuses_without_moments():
     with pytest.raises(ValueError, match=r"attribution\.kernel=adam needs the run's AdamW second moments"):
         make_projector(attribution("exact", "adam"), TwoParameters())
@@ -124,9 +135,10 @@ def test_trackstar_down_weights_the_direction_every_query_shares_by_hand():
     torch.testing.assert_close(out["q"], torch.cat([e1, e1]))  # unit rows
 
 
-def test_trackstar_whitening_equals_the_explicit_k_by_k_inverse_square_root():
+@pytest.mark.parametrize("k", [5, 12])  # 8 finite rows: R's eigenpairs from A^T A (k = 5) or the Gram matrix (12)
+def test_trackstar_whitening_equals_the_explicit_k_by_k_inverse_square_root(k):
     gen = torch.Generator().manual_seed(3)
-    q, d1, d2 = (torch.randn(n, 5, generator=gen) for n in (3, 2, 4))
+    q, d1, d2 = (torch.randn(n, k, generator=gen) for n in (3, 2, 4))
     q[1] = float("nan")  # non-finite rows stay out of R
     mix, damping = 0.7, 0.3
     out = whiten({"q": q, "d1": d1, "d2": d2}, "q", mix, damping)

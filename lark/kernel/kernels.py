@@ -87,7 +87,7 @@ class Adam(Cosine):
                 f"attribution.kernel={self.name} needs the run's AdamW second moments at this "
                 f"checkpoint (checkpoints/epoch_NNN/{MOMENTS_FILE}); none were given"
             )
-        return AdamScale(moments, self.eps, model)
+        return AdamScale(moments, self.eps, model, self.factored)
 
 
 class TrackStar(Adam):
@@ -127,10 +127,10 @@ class TracInCP(Cosine):
 def whitening(vectors, query_set, mix, damping):
     """The linear map M: x [n, k] -> [n, k] float64 of TrackStar's whitening, (R + delta I)^-1/2 scaled by
     sqrt(delta) (which cosine ignores). R = mix * mean(q q^T) over the query rows + (1 - mix) * mean(d d^T) over
-    every other set's rows (the k x k matrix is never formed: R = A^T A with A the n x k stack of weighted rows,
-    whose Gram matrix gives R's non-zero eigenpairs); delta = damping * the mean non-zero eigenvalue of R. A
-    direction of R with eigenvalue s is weighted sqrt(delta / (s + delta)) relative to directions no example spans.
-    M is symmetric (M^T = M)."""
+    every other set's rows (R = A^T A with A the n x k stack of weighted rows: its eigenpairs from the smaller of
+    A^T A [k, k] and the Gram matrix A A^T [n, n], whose non-zero eigenpairs are R's); delta = damping * the mean
+    non-zero eigenvalue of R. A direction of R with eigenvalue s is weighted sqrt(delta / (s + delta)) relative to
+    directions no example spans. M is symmetric (M^T = M)."""
 
     def finite(x):
         return x[torch.isfinite(x).all(dim=1)].double()
@@ -140,10 +140,11 @@ def whitening(vectors, query_set, mix, damping):
     parts = [p for p, w in ((queries, mix), (train, 1 - mix)) if len(p) and w > 0]
     weights = [w for p, w in ((queries, mix), (train, 1 - mix)) if len(p) and w > 0]
     a = torch.cat([p * (w / len(p)) ** 0.5 for p, w in zip(parts, weights)])
-    s, u = torch.linalg.eigh(a @ a.T)
+    gram = len(a) <= a.shape[1]  # fewer examples than numbers: the n x n Gram matrix is the smaller
+    s, u = torch.linalg.eigh(a @ a.T if gram else a.T @ a)
     keep = s > s.max().clamp_min(1e-300) * 1e-10
     s, u = s[keep], u[:, keep]
-    basis = a.T @ u / s.sqrt()  # [k, r]: R's eigenvectors of non-zero eigenvalues
+    basis = a.T @ u / s.sqrt() if gram else u  # [k, r]: R's eigenvectors of non-zero eigenvalues
     delta = damping * s.mean()
     weight = (delta / (s + delta)).sqrt() - 1
     return lambda x: x.double() + ((x.double() @ basis) * weight) @ basis.T

@@ -22,10 +22,11 @@ MOMENTS_FILE = "adam_moments.safetensors"  # beside each checkpoint: checkpoints
 class Moments:
     """Second moments v_hat of every trainable parameter at one checkpoint: {name: {"v": tensor}} (full) or
     {name: {"row": [shape[0]], "col": [numel / shape[0]]}} (factored: means of v_hat over columns and rows).
-    source: "optimizer" (the run's AdamW state, bias-corrected) or "estimate" (epoch 0, one pass)."""
+    source: "optimizer" (the run's AdamW state, bias-corrected) or "estimate" (epoch 0, one pass); path: the file
+    they were loaded from (None: in memory)."""
 
-    def __init__(self, tensors, source):
-        self.tensors, self.source = tensors, source
+    def __init__(self, tensors, source, path=None):
+        self.tensors, self.source, self.path = tensors, source, path
 
     def fingerprint(self):
         h = hashlib.sha256(self.source.encode())
@@ -61,7 +62,7 @@ class Moments:
             for key in f.keys():
                 name, part = key.rsplit("::", 1)
                 tensors.setdefault(name, {})[part] = f.get_tensor(key)
-        return cls(tensors, source)
+        return cls(tensors, source, str(path))
 
 
 def shaped(v, factored):
@@ -138,13 +139,21 @@ class AdamScale:
     row = ((r + eps^2) / mean(r + eps^2))^-1/2 and col = (c + eps^2)^-1/2 -- 1 / sqrt(v_hat) of the factored
     v_hat = r c^T / mean(r) (exact when v_hat has rank one; eps^2 keeps zero rows finite, at Adam's 1/eps scale)."""
 
-    def __init__(self, moments, eps, model):
+    def __init__(self, moments, eps, model, factored=True):
         self.moments, self.eps = moments, float(eps)
         missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in moments.tensors]
         if missing:
             raise ConfigError(
                 f"attribution.kernel: the AdamW moments ({moments.source}) have no entry for "
                 f"{missing[:3]} ({len(missing)} parameters); they were saved for another model"
+            )
+        rank_one = [n for n, t in moments.tensors.items() if "row" in t]
+        if not factored and rank_one:  # the full v_hat was asked for: never its rank-one approximation instead
+            raise ConfigError(
+                f"attribution.kernel.factored=false needs the full v_hat, but the AdamW moments "
+                f"({moments.path or moments.source}) are factored ({rank_one[0]} and {len(rank_one) - 1} more: "
+                "the run was trained with factored=true); train with attribution.kernel.factored=false to save the "
+                "full moments, or keep attribution.kernel.factored=true"
             )
         self.cache = {}
 
