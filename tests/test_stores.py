@@ -13,6 +13,8 @@ from lark.kernel.stores import (
     Bit,
     Float16,
     Int8,
+    StoreMismatch,
+    check_compatible,
     cosine_scores,
     dots,
     load_store,
@@ -178,6 +180,26 @@ def test_faiss_index_matches_blocked_topk(tmp_path):
     index, ids = faiss_index(paths, "ivfpq", nlist=4, m=8, train_size=300, nprobe=4)
     _, approx = faiss_topk(index, ids, q, 5)
     assert index.ntotal == 500 and sum(len(set(r) & set(g)) for r, g in zip(approx, got_ids)) >= 10
+    b[3] = float("nan")  # a non-finite example's row: left out of both kinds (IVF-PQ's training refused it)
+    save_store(tmp_path / "b.safetensors", b, [f"b{i}" for i in range(200)], {"set": "B"})
+    for kind in ("flat", "ivfpq"):
+        index, ids = faiss_index(paths, kind, nlist=4, m=8, train_size=300, nprobe=4)
+        assert index.ntotal == 499 == len(ids) and ("B", "b3") not in ids and ids[303] == ("B", "b4")
+
+
+def test_stores_norms_sum_in_float64(tmp_path):
+    """A finite row of large coordinates keeps a finite norm (float32's sum of squares overflowed: the row then
+    read as a non-finite gradient)."""
+    rows = torch.tensor([[3e20, 4e20], [3.0, 4.0]])
+    save_store(tmp_path / "s.safetensors", rows, ["big", "small"], {"set": "S"})
+    _, norms, _, _ = load_store(tmp_path / "s.safetensors")
+    torch.testing.assert_close(norms, torch.tensor([5e20, 5.0]))
+    assert torch.isfinite(stored_view(rows, "float16")).all()
+
+
+def test_a_header_missing_a_field_is_a_store_mismatch_naming_it():
+    with pytest.raises(StoreMismatch, match=r"projector\.cache differs \(None vs '<missing>'\)"):
+        check_compatible({"projector": {"k": 8, "cache": None}}, {"projector": {"k": 8}})
 
 
 def test_exact_length_vectors_are_normalised_and_scored_in_float64():

@@ -138,6 +138,12 @@ def unit_rows(vectors):
     return vectors / norms.clamp_min(1e-30).to(vectors.dtype)
 
 
+def row_norms(vectors):
+    """[n] float32 norms of the rows, accumulated in float64 as unit_rows' (a float32 sum of squares loses ~1% over
+    10^8 coordinates and overflows to inf for coordinates near 1e20, which a finite gradient can have)."""
+    return torch.linalg.vector_norm(vectors, dim=1, dtype=torch.float64).float()
+
+
 def dots(a, b, chunk=2**20):
     """a @ b.T. Rows longer than `chunk` (the exact projector: k = every parameter) are multiplied a chunk of
     columns at a time and summed in float64: a float32 product over 10^8 coordinates drifts by ~1% on a CPU."""
@@ -170,7 +176,7 @@ def decoded(tensors, tier, k):
 def save_store(path, vectors, ids, meta, tier="float16"):
     """Write projected gradients [n, k] as a store; returns the decoded unit vectors the scores will use."""
     unit = unit_rows(vectors)
-    tensors = {**tier_of(tier).encode(unit), "norms": vectors.norm(dim=1).float()}
+    tensors = {**tier_of(tier).encode(unit), "norms": row_norms(vectors)}
     metadata = {
         "ids": json.dumps(ids),
         "tier": json.dumps(tier),
@@ -183,7 +189,7 @@ def save_store(path, vectors, ids, meta, tier="float16"):
 
 def stored_view(vectors, tier):
     """What the scores see of vectors stored in a tier (without writing them)."""
-    return decoded({**tier_of(tier).encode(unit_rows(vectors)), "norms": vectors.norm(dim=1)}, tier, vectors.shape[1])
+    return decoded({**tier_of(tier).encode(unit_rows(vectors)), "norms": row_norms(vectors)}, tier, vectors.shape[1])
 
 
 def load_store(path):
@@ -203,9 +209,10 @@ def check_compatible(a, b, a_name="a", b_name="b"):
         if x == y:
             continue
         field = key
-        if isinstance(x, dict) and isinstance(y, dict):
-            sub = next(s for s in sorted(set(x) | set(y)) if x.get(s) != y.get(s))
-            field, x, y = f"{key}.{sub}", x.get(sub), y.get(sub)
+        if isinstance(x, dict) and isinstance(y, dict):  # name the first sub-field that differs (or is missing)
+            missing = object()
+            sub = next(s for s in sorted(set(x) | set(y)) if x.get(s, missing) != y.get(s, missing))
+            field, x, y = f"{key}.{sub}", x.get(sub, "<missing>"), y.get(sub, "<missing>")
         raise StoreMismatch(
             f"cannot score {a_name} against {b_name}: {field} differs ({x!r} vs {y!r}); "
             "stores from different projectors, checkpoints, tokenizers or formats never mix"
@@ -256,7 +263,8 @@ def faiss_index(paths, kind="flat", nlist=64, m=64, train_size=20000, nprobe=8):
     store at a time, with the (set, id) of every row. kind=flat keeps the decoded vectors (4 bytes/dim, exact
     top-k); kind=ivfpq keeps m bytes per vector (product quantisation, nlist inverted lists), for sets of stores
     larger than memory: its codebooks are trained on up to `train_size` vectors of the first stores, and a search
-    visits `nprobe` of the lists."""
+    visits `nprobe` of the lists. Rows of non-finite gradients (NaN in a store) are left out: they score nothing
+    (FAISS would refuse them in training and rank their NaN scores arbitrarily)."""
     import faiss
     import numpy as np
 
@@ -277,8 +285,9 @@ def faiss_index(paths, kind="flat", nlist=64, m=64, train_size=20000, nprobe=8):
                 index.nprobe = nprobe
             else:
                 raise ValueError(f"faiss_index: unknown kind '{kind}' (flat or ivfpq)")
-        ids += [(meta["set"], i) for i in store_ids]
-        pending.append(vectors.numpy().astype(np.float32))
+        finite = torch.isfinite(vectors).all(dim=1)
+        ids += [(meta["set"], i) for i, keep in zip(store_ids, finite.tolist()) if keep]
+        pending.append(vectors[finite].numpy().astype(np.float32))
         if index.is_trained or sum(len(r) for r in pending) >= train_size or path == paths[-1]:
             rows, pending = np.concatenate(pending), []
             if not index.is_trained:
