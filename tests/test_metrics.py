@@ -97,7 +97,7 @@ def test_influence_metrics_on_a_hand_example():
     assert r["pt"] == pytest.approx(0.325)  # (0.2 + 0.4 + 0.6 + 0.1) / 4
     assert r["ft_pt_ratio"] == pytest.approx(0.4 / 0.325)
     assert r["ft_wins"] == pytest.approx(1 / 3)  # 0.5>0.2 win, 0.4=0.4 tie, 0.3<0.6; query 4 left out
-    assert r["pt_wins"] == pytest.approx(2 / 3)
+    assert r["pt_wins"] == pytest.approx(1 / 3)  # strict too: the tie is neither's win (was 1 - FT wins = 2/3)
     assert r["format_effect"] == pytest.approx({"medical": 0.325 / 0.1, "entertainment": 0.2 / 0.1})
     s = r["sources"]
     assert s["finetune"] == {"mean_max": pytest.approx(0.4), "ft_wins": None, "n_nonfinite": 1}
@@ -213,7 +213,8 @@ def test_wins_and_mean_max_properties(pair):
     both = [(a, b) for a, b in zip(*pair) if not (math.isnan(a) or math.isnan(b))]
     if both:
         assert r["ft_wins"] == pytest.approx(sum(a > b for a, b in both) / len(both))
-        assert r["ft_wins"] + r["pt_wins"] == pytest.approx(1.0)
+        assert r["pt_wins"] == pytest.approx(sum(b > a for a, b in both) / len(both))
+        assert r["ft_wins"] + r["pt_wins"] == pytest.approx(1.0 - sum(a == b for a, b in both) / len(both))
         assert 0.0 <= r["ft_wins"] <= 1.0
     else:
         assert r["ft_wins"] is None and r["pt_wins"] is None

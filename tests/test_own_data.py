@@ -139,9 +139,7 @@ def test_every_artifact_of_an_own_data_run(sweep, job, metric, column):
             "recipes_all": "all",
         }
         assert metrics["sources"]["news_sampled"]["corpus"] == "news"
-        assert metrics["ft_wins"] + metrics["pt_wins"] == pytest.approx(1) and set(metrics["format_effect"]) == {
-            "atlas"
-        }
+        assert 0 < metrics["ft_wins"] + metrics["pt_wins"] <= 1 and set(metrics["format_effect"]) == {"atlas"}
         with safe_open(str(folder / "stores" / "test_queries.safetensors"), framework="pt") as f:
             assert f.get_tensor("vectors").shape == (10, 512)
         for name, size in SOURCES.items():

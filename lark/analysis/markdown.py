@@ -163,7 +163,11 @@ def footnotes(name, rows):
         ]
         return lr_footnotes(rows) + (mixed if any("method" in row for row in rows) else [])
     if name == "table3":
-        return ["KB, MB, GB, TB = 10^3, 10^6, 10^9, 10^12 bytes; KiB, MiB, GiB, TiB = 2^10, 2^20, 2^30, 2^40 bytes."]
+        return [
+            "KB, MB, GB, TB = 10^3, 10^6, 10^9, 10^12 bytes; KiB, MiB, GiB, TiB = 2^10, 2^20, 2^30, 2^40 bytes.",
+            "Projected: the k numbers in the store's tier, as the paper counts them; a store also keeps each "
+            "example's float32 gradient norm (4 B).",
+        ]
     if name == "table4":
         versus = ", ".join(sorted({str(row["pt_source"]) for row in rows}))
         return [f"FT Wins: % of test queries whose top fine-tuning influence beats the top influence of {versus}."]

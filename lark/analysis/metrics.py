@@ -3,7 +3,8 @@
 maxinf(q, S) = max over documents d in S of score(q, d)
 MeanMax(S)   = mean over q of maxinf(q, S)
 FT/PT ratio  = MeanMax(ft source) / MeanMax(pt source)
-FT wins vs S = share of q with maxinf(q, ft) > maxinf(q, S);  PT wins = 1 - FT wins vs the pt source
+FT wins vs S = share of q with maxinf(q, ft) > maxinf(q, S);  PT wins = share with maxinf(q, pt) > maxinf(q, ft)
+               (the paper's "pretrain data shows higher influence": strict, so a tie is neither's win)
 Format effect(content) = MeanMax(content formatted) / MeanMax(content raw)
 Queries with a non-finite maxinf in a compared source are left out of that number (and counted).
 bm25_baseline: the same wins and MeanMax with BM25 scores (question -> document text), Table IV's baseline.
@@ -51,6 +52,7 @@ def influence_metrics(maxinf, ft_source, pt_source, format_pairs):
         for name, m in maxinf.items()
     }
     ft_wins = sources[pt_source]["ft_wins"]
+    pt_wins = wins(maxinf[pt_source], ft)
     return {
         "sources": sources,
         "ft_source": ft_source,
@@ -59,7 +61,7 @@ def influence_metrics(maxinf, ft_source, pt_source, format_pairs):
         "pt": sources[pt_source]["mean_max"],
         "ft_pt_ratio": ratio(sources[ft_source]["mean_max"], sources[pt_source]["mean_max"]),
         "ft_wins": ft_wins,
-        "pt_wins": None if ft_wins is None else 1.0 - ft_wins,
+        "pt_wins": pt_wins,
         "format_effect": {
             content: ratio(sources[f]["mean_max"], sources[r]["mean_max"])
             for content, (f, r) in format_pairs.items()
