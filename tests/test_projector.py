@@ -759,6 +759,50 @@ def test_project_examples_sharded_over_two_ranks_gives_the_same_rows(setup, kind
     torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
 
 
+def test_two_ranks_resuming_from_shards_agree_on_each_reuse(setup, tmp_path):
+    """Two ranks (threads with an all_gather over a barrier) resume a set from its complete shards while rank 1
+    lags: rank 0 must not save the store and delete the shards before rank 1 has read them (rank 1 would then
+    project alone and wait forever in the all_gather). Both finish with the single-process vectors."""
+    import threading
+    import time
+
+    from lark.kernel.build import StoreBuilder
+
+    model, enc, pad = setup["model"], setup["encoded"][:6], setup["tok"].pad_token_id
+    proj = make(setup, kind="sketch", k=64)
+    meta, ids = {"set": "s", "epoch": 1}, [f"e{i}" for i in range(6)]
+    StoreBuilder(model, proj, tmp_path, pad, shard_size=2).project(enc, ids, meta)  # the killed run's 3 shards
+    single = StoreBuilder(model, proj, tmp_path / "single", pad).build(enc, ids, meta)
+    barrier, slots, results, lagging = threading.Barrier(2, timeout=10), [None, None], {}, threading.Event()
+
+    def run(rank):
+        def gather(t):
+            slots[rank] = t
+            barrier.wait()
+            out = torch.stack(list(slots))
+            barrier.wait()
+            return out
+
+        def log(message):  # rank 0 goes on once rank 1 has read its first shard; rank 1 then lags
+            if rank == 1:
+                lagging.set()
+                time.sleep(0.5)
+            else:
+                lagging.wait(10)
+
+        builder = StoreBuilder(model, proj, tmp_path, pad, shard_size=2, rank=rank, world=2, gather=gather)
+        builder.reuse, builder.log = True, log
+        results[rank] = builder.build(enc, ids, meta)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert set(results) == {0, 1}, "a rank did not finish"
+    for rank in (0, 1):
+        torch.testing.assert_close(results[rank], single, rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "shards").glob("s.*"))  # gone once the store is complete
+
+
 def test_example_gradient_is_the_models_mean_loss_gradient(setup):
     model, e, pad = setup["model"], setup["encoded"][0], setup["tok"].pad_token_id
     params = trainable(model)

@@ -83,6 +83,8 @@ class StoreBuilder:
         projected and saved by rank 0 (the other ranks keep what the store would give). Then its shards go."""
         path = self.folder / "stores" / f"{meta['set']}.safetensors"
         vectors = reusable_store(path, ids, meta, self.tier, self.projector.k, self.log) if self.reuse else None
+        if not self.everyone(vectors is not None):
+            vectors = None
         if vectors is not None:
             self.log(f"[lark] {path}: store complete, reused")
         else:
@@ -93,6 +95,15 @@ class StoreBuilder:
                 shard.unlink()
             faults.point("shard")
         return vectors
+
+    def everyone(self, found):
+        """Whether every rank found what it looked for (a store or shard to reuse): all ranks reuse it or all
+        compute it, so no rank waits in project_examples' all_gather for one that went on (a collective per
+        lookup; rank 0 deletes a set's shards only after every rank has read them)."""
+        if self.world <= 1:
+            return found
+        device = next(self.model.parameters()).device
+        return bool(self.gather(torch.tensor([float(found)], device=device)).min() > 0)
 
     def project(self, encoded, ids, meta):
         """[n, k] projected gradients of one set, computed shard by shard (shard_size examples): when a set spans
@@ -110,6 +121,8 @@ class StoreBuilder:
         """[len(encoded), k] projections of the examples from `start` on; saved (or reused) when `sharded`."""
         path = self.folder / "shards" / f"{meta['set']}.{start:06d}.safetensors"
         saved = read_shard(path, ids, meta, self.log) if self.reuse and sharded else None
+        if not self.everyone(saved is not None):
+            saved = None
         if saved is not None:
             self.log(f"[lark] {path.name}: shard complete, reused")
             return saved
