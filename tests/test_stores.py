@@ -197,6 +197,15 @@ def test_stores_norms_sum_in_float64(tmp_path):
     assert torch.isfinite(stored_view(rows, "float16")).all()
 
 
+def test_a_trackstar_store_is_not_scored_alone(tmp_path):
+    from lark.kernel.stores import score_stores
+
+    meta = {"set": "S", "projector": {"kind": "sketch", "kernel": {"name": "trackstar"}}}
+    save_store(tmp_path / "s.safetensors", vectors(3, 8), ["a", "b", "c"], meta)
+    with pytest.raises(StoreMismatch, match=r"s\.safetensors: a trackstar store"):
+        score_stores(tmp_path / "s.safetensors", tmp_path / "s.safetensors")
+
+
 def test_a_header_missing_a_field_is_a_store_mismatch_naming_it():
     with pytest.raises(StoreMismatch, match=r"projector\.cache differs \(None vs '<missing>'\)"):
         check_compatible({"projector": {"k": 8, "cache": None}}, {"projector": {"k": 8}})
@@ -286,7 +295,8 @@ def test_score_gives_the_hand_computed_top_documents_and_matrices(tmp_path):
 
 
 def test_measure_gives_the_hand_computed_metrics(tmp_path):
-    """maxinf ft (0.5, 0.5), pt (1.0, 0.5): MeanMax 0.5 and 0.75, FT/PT 2/3, FT wins 0 (a tie is no win). BM25 over
+    """maxinf ft (0.5, 0.5), pt (1.0, 0.5): MeanMax 0.5 and 0.75, FT/PT 2/3, FT wins 0 and PT wins 0.5 (a tie is no
+    one's win). BM25 over
     the 4 one-word documents: a query's word is in one document, idf = ln((4 - 1 + 0.5) / (1 + 0.5)) = ln(7/3), its
     term weight tf (k1 + 1) / (tf + k1) = 1 at dl = avgdl; q1 (alpha) finds ft's d1, q2 (gamma) pt's e1."""
     from lark.checkpoint import measure
@@ -300,7 +310,7 @@ def test_measure_gives_the_hand_computed_metrics(tmp_path):
         "fingerprints", "warnings",
     ]  # fmt: skip
     assert metrics["warnings"] == {}  # nothing cut, no source short, no all-zero scores
-    assert (metrics["ft"], metrics["pt"], metrics["ft_wins"], metrics["pt_wins"]) == (0.5, 0.75, 0.0, 1.0)
+    assert (metrics["ft"], metrics["pt"], metrics["ft_wins"], metrics["pt_wins"]) == (0.5, 0.75, 0.0, 0.5)
     assert metrics["ft_pt_ratio"] == pytest.approx(2 / 3) and metrics["n_queries"] == 2
     assert metrics["sources"]["pt"] == {
         "mean_max": 0.75,

@@ -219,11 +219,23 @@ def check_compatible(a, b, a_name="a", b_name="b"):
         )
 
 
+def refuse_whitened(meta, path):
+    """A store of a kernel that transforms its checkpoint's vectors together before scoring (TrackStar's
+    whitening over every set) cannot be scored alone: its plain cosines are not the kernel's scores."""
+    kernel = (meta.get("projector") or {}).get("kernel") or {}
+    if kernel.get("name") == "trackstar":
+        raise StoreMismatch(
+            f"{path}: a trackstar store: its scores need the whitening over all of the checkpoint's sets (the "
+            "run's scores/ and top_influences.csv have them); scoring it alone would give unwhitened cosines"
+        )
+
+
 def score_stores(query_path, doc_path, block=4096):
     """[n_q, n_d] cosine scores between two stores on disk, after checking that they can be compared."""
     q, _, _, q_meta = load_store(query_path)
     d, _, _, d_meta = load_store(doc_path)
     check_compatible(q_meta, d_meta, Path(query_path).name, Path(doc_path).name)
+    refuse_whitened(q_meta, query_path)
     return cosine_scores(q, d, q_meta["tier"], block)
 
 
@@ -276,6 +288,7 @@ def faiss_index(paths, kind="flat", nlist=64, m=64, train_size=20000, nprobe=8):
         vectors, _, store_ids, meta = load_store(path)
         first = first or (meta, path.name)
         check_compatible(first[0], meta, first[1], path.name)
+        refuse_whitened(meta, path)
         if index is None:
             dim = vectors.shape[1]
             if kind == "flat":
