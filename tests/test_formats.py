@@ -347,3 +347,21 @@ def test_qa_fields_joins_contexts(world):
         "context": " ".join(item["contexts"]),
         "answer": item["answer"],
     }
+
+
+def test_the_fine_tuning_loader_works_with_spawned_workers():
+    """num_workers > 0 where workers are spawned (macOS, Windows): the loader's collate_fn must pickle (a lambda
+    did not); a spawned worker gives the batch the main process gives."""
+    import multiprocessing
+    import pickle
+
+    import torch
+
+    from lark.data.datamodule import collate, make_loader
+
+    encoded = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
+    loader = make_loader(encoded, 2, 0, shuffle=False, seed=0, num_workers=1)
+    pickle.dumps(loader.collate_fn)
+    loader.multiprocessing_context = multiprocessing.get_context("spawn")
+    (batch,) = list(loader)
+    assert torch.equal(batch["input_ids"], collate(encoded, 0)["input_ids"])

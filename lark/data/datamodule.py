@@ -2,6 +2,8 @@
 run, shared with evaluation and attribution, so that each example is tokenised once, not at every checkpoint)
 and the shuffled fine-tuning loader (its generator is saved for resume by lark.resume.ShuffleState)."""
 
+from functools import partial
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -43,5 +45,5 @@ def make_loader(encoded, batch_size, pad_id, shuffle, seed, num_workers=0):
         shuffle=shuffle,
         generator=generator,
         num_workers=num_workers,
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=partial(collate, pad_id=pad_id),  # picklable: workers started by spawn (macOS, Windows) get it
     )
