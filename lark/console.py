@@ -75,6 +75,18 @@ def require_run_dir(argv=None):
             sys.exit(2)
 
 
+def run_dir_chosen():
+    """Whether this process's run folder was chosen rather than made by Hydra for this start: hydra.run.dir given,
+    a multirun job, or not under Hydra at all (a caller composing the config chose paths.output_dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    hydra = HydraConfig.get()
+    given = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hydra.overrides.hydra)
+    return given or str(hydra.mode) == "RunMode.MULTIRUN"
+
+
 def tty():
     return sys.stderr.isatty()
 

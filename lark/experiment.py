@@ -40,7 +40,14 @@ from lark.kernel.stores import store_bytes
 from lark.loggers import build_loggers, finish, log_images, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
-from lark.resume import AtomicCheckpointIO, check_same_run, last_checkpoint, resume_callbacks
+from lark.resume import (
+    AtomicCheckpointIO,
+    check_resumable,
+    check_same_run,
+    last_checkpoint,
+    resume_callbacks,
+    save_run_config,
+)
 from lark.tracin import write_tracin_cp
 from lark.training import CausalLMModule
 from lark.validation.canary import plant as plant_canary
@@ -199,10 +206,12 @@ def open_run(cfg, log=print):
     run_dir = Path(cfg.paths.output_dir)
     resume = bool(cfg.get("resume"))
     if resume:
+        check_resumable(run_dir, console.run_dir_chosen())
         check_same_run(cfg, run_dir)
         rundir.clean(run_dir, log)
     else:
         rundir.require_new(run_dir)
+    save_run_config(cfg, run_dir, resume)
     L.seed_everything(cfg.seed, workers=True)
     return run_dir, resume
 

@@ -133,11 +133,49 @@ IGNORED = (
 )
 
 
+RUN_CONFIG = "lark_config.yaml"  # <run>/lark_config.yaml: the resolved config the run was started with
+
+
+def save_run_config(cfg, run_dir, resume):
+    """Keep the config a run was started with, what check_same_run compares a resume against whether or not
+    checkpoints are saved: written at a new start, and at a resume of a run that has computed nothing yet (a
+    start that failed on its input before any result; a resume keeps the config of a run that has results)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not (resume and computed(run_dir) and path.is_file()):
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        with replacing(path, len(text)) as tmp:
+            tmp.write_text(text)
+
+
+def computed(run_dir):
+    """Whether a run folder holds results (data, checkpoints, resume state, attribution)."""
+    return any((Path(run_dir) / name).exists() for name in ("data", "checkpoints", "resume", "attribution"))
+
+
+def holds_run(run_dir):
+    """Whether a folder holds a started run (its config or results)."""
+    return (Path(run_dir) / RUN_CONFIG).exists() or computed(run_dir)
+
+
+def check_resumable(run_dir, chosen):
+    """resume=true in a folder without a run, which Hydra made for this start (hydra.run.dir not `chosen`): the
+    default folder is new at every start, so the run would silently start over. A chosen empty folder starts
+    (a script restarting itself, the LDS retrains)."""
+    if not chosen and not holds_run(run_dir):
+        raise RunDirError(
+            f"resume=true: {run_dir} holds no run to resume (a new folder: Hydra's default is new at every start); "
+            "give the killed run's folder with hydra.run.dir=<run>, or leave out resume=true to start a new run"
+        )
+
+
 def check_same_run(cfg, run_dir):
-    """Refuse to resume a run with other settings than it was started with (its epoch_000 config). Keys the run's
-    config does not have (added to LARK since it started) take today's value."""
-    saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
+    """Refuse to resume a run with other settings than it was started with (<run>/lark_config.yaml; runs from
+    before it: their epoch_000 config). Keys the run's config does not have (added to LARK since it started) take
+    today's value."""
+    saved = Path(run_dir) / RUN_CONFIG
     if not saved.is_file():
+        saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
+    if not saved.is_file() or not computed(run_dir):  # nothing computed yet: nothing to keep consistent
         return
     old = flat(OmegaConf.to_container(upgrade(OmegaConf.load(saved)), resolve=True))  # an earlier LARK: today's form
     new = flat(OmegaConf.to_container(cfg, resolve=True))

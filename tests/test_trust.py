@@ -154,6 +154,40 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_a_used_folder(ref
         train(cfg)
 
 
+def compose_value(path, key):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(OmegaConf.load(path), key)
+
+
+def test_resume_compares_with_the_started_config_without_checkpoints_and_needs_a_run(tmp_path):
+    """attribution.save_checkpoints=false: no epoch_000 config is written, and a resume with another k was not
+    refused; the run keeps its started config at <run>/lark_config.yaml. resume=true in a folder Hydra made for
+    this start (no hydra.run.dir) would silently start over: refused; a chosen empty folder starts."""
+    from omegaconf import open_dict
+
+    from lark.errors import RunDirError
+    from lark.experiment import open_run
+    from lark.resume import check_resumable
+
+    def config(*extra):
+        cfg = compose(RUN + ["attribution.save_checkpoints=false", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    open_run(config("attribution.projector.k=640"), log=lambda m: None)  # a start that failed on its input
+    open_run(config(), log=lambda m: None)  # nothing computed: started again with other settings
+    assert compose_value(tmp_path / "run" / "lark_config.yaml", "attribution.projector.k") != 640
+    (tmp_path / "run" / "data").mkdir()  # a result
+    with pytest.raises(RunDirError, match=r"attribution\.projector\.k was"):
+        open_run(config("resume=true", "attribution.projector.k=2048"), log=lambda m: None)
+    open_run(config("resume=true"), log=lambda m: None)  # the same settings resume
+    with pytest.raises(RunDirError, match="holds no run to resume.*hydra.run.dir"):
+        check_resumable(tmp_path / "new", chosen=False)
+    check_resumable(tmp_path / "new", chosen=True)
+
+
 # ---------------------------------------------------------------------------------------- 2. attribution shards
 def test_attribute_py_killed_resumes_from_complete_shards(reference, tmp_path):
     """attribute.py attributing epoch 0 afresh (shards of 4) killed after 2 shards; run again, it reuses the 2
