@@ -192,8 +192,10 @@ def train(cfg, log=print):
             )
         if trainer.global_rank == 0:
             close_run(cfg, run_dir, loggers, log)
-    finally:
-        finish(loggers)
+    except BaseException:
+        finish(loggers, failed=True)
+        raise
+    finish(loggers)
     return run_dir
 
 

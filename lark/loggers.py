@@ -89,12 +89,13 @@ def log_report(loggers, path):
             warnings.warn(f"{type(lg).__name__}: could not log the report: {e}")
 
 
-def finish(loggers):
-    """Close W&B runs so that the next multirun job starts clean."""
+def finish(loggers, failed=False):
+    """Close the loggers (W&B runs, so that the next multirun job starts clean), marked failed when the run
+    stopped on an error (W&B then shows it crashed, not finished)."""
     for lg in loggers:
         try:
-            lg.finalize("success")
+            lg.finalize("failed" if failed else "success")
             if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):
-                lg.experiment.finish()
+                lg.experiment.finish(**({"exit_code": 1} if failed else {}))
         except Exception as e:
             warnings.warn(f"{type(lg).__name__}: could not close: {e}")

@@ -830,6 +830,41 @@ def test_a_run_continues_when_wandb_cannot_write_its_folder(tmp_path):
     assert (out / "attribution/epoch_000/metrics.json").is_file()
 
 
+def test_a_run_that_stops_on_an_error_closes_its_loggers_as_failed(tmp_path, monkeypatch):
+    """W&B recorded a crashed run as finished (finalize("success"), exit code 0); a finished run stays success."""
+    from omegaconf import open_dict
+
+    import lark.experiment as E
+
+    calls = []
+
+    class Recorder:
+        def finalize(self, status):
+            calls.append(status)
+
+        @property
+        def experiment(self):
+            return self
+
+        def finish(self, **kwargs):
+            calls.append(kwargs)
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(E, "build_loggers", lambda spec: [Recorder()])
+    monkeypatch.setattr(E, "evaluate_checkpoint", crash)
+    cfg = compose([o for o in SMALL if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=0"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(OSError, match="No space"):
+        E.train(cfg, log=lambda m: None)
+    assert calls == ["failed", {"exit_code": 1}]
+    calls.clear()
+    E.finish([Recorder()])
+    assert calls == ["success", {}]
+
+
 # ------------------------------------------------------------------------------------------------------ 8. disk
 def test_attribution_refuses_to_start_without_disk_space(reference, tmp_path, monkeypatch):
     import shutil as sh
