@@ -2,10 +2,12 @@
 before any work in train.py, attribute.py and validate.py (lark.experiment), after preflight's hub, GPU and disk
 checks (lark.preflight)."""
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.utils import get_object, instantiate
+from omegaconf import OmegaConf
 
 from lark.data.corpora import check_corpora
 from lark.data.io import BadRows
@@ -37,12 +39,38 @@ def check_config(cfg):
     check_data_keys(cfg.data)  # first: a missing data file is the mistake to name, before the sources drawn from it
     check_source_keys(cfg.source, cfg.data)
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
+    for key in ("optimizer", "scheduler.scheduler", "trainer"):  # called late (after data and the model load)
+        check_arguments(cfg, key)
     evaluator = instantiate(cfg.eval)
     need(
         cfg.attribution.query_target != "predicted" or evaluator.predicts,
         f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
         "eval=choices / eval=exact_match)",
     )
+
+
+def check_arguments(cfg, key):
+    """The `_target_` at `key` imports and accepts the node's keys (ConfigError naming `key.<name>`): a misspelt
+    optimizer, scheduler or trainer key failed only when training began, after the data and the model loaded. The
+    arguments the code passes itself (the optimizer's parameters, the Trainer's callbacks) are not keys."""
+    node = OmegaConf.select(cfg, key)
+    if node is None or "_target_" not in node:
+        return
+    try:
+        target = get_object(node._target_)
+    except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
+        raise ConfigError(f"{key}._target_: cannot import '{node._target_}' ({str(e).splitlines()[0]})") from None
+    keys = [k for k in node if not str(k).startswith("_")]
+    try:
+        inspect.signature(target).bind_partial(**dict.fromkeys(keys))
+    except TypeError as e:
+        known = ", ".join(p for p in inspect.signature(target).parameters if p not in ("self", "params"))
+        bad = next((k for k in keys if k in str(e)), None)
+        raise ConfigError(
+            f"{key}.{bad}: not an argument of {node._target_} ({known})" if bad else f"{key}: {e}"
+        ) from None
+    except ValueError:  # a builtin without a signature: nothing to check
+        pass
 
 
 def check_attribution_keys(attr):

@@ -131,6 +131,10 @@ def test_trainer_gpu_and_ddp():
         ("attribution.checkpoints=5", "attribution.checkpoints"),
         ("attribution.checkpoints=[0,9]", "attribution.checkpoints"),  # the run has epochs 0-5
         ("data.reader.path=/nonexistent/train.jsonl", "data.reader.path"),  # named before the sources drawn from it
+        ("+optimizer.weight_decy=0.1", "optimizer.weight_decy"),  # misspelt: failed only when training began
+        ("+trainer.max_epoch=3", "trainer.max_epoch"),
+        ("+scheduler.scheduler.milestone=[2]", "scheduler.scheduler.milestone"),
+        ("optimizer._target_=torch.optim.Nope", "optimizer._target_"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, key):
