@@ -1,8 +1,9 @@
 # Two commands do everything on a fresh clone:  `make run` (the embedded default)  and  `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# torch is installed first and pinned so pip never pulls a different build later. On a GPU box
-# override it, e.g. `make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# torch is installed first and pinned so pip never pulls a different build later. Which build torch==2.13.0 is
+# depends on pip's indexes: PyPI's is CUDA's on Linux x86_64 (a GPU box needs nothing more); a CPU-only wheel:
+# `make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"` (README, "Two commands").
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
