@@ -37,7 +37,7 @@ from lark.kernel.optimizer import MOMENTS_FILE, Moments, checkpoint_moments
 from lark.kernel.projectors import trainable
 from lark.kernel.selfcheck import check_sketch, compared, uses_sketch
 from lark.kernel.stores import store_bytes
-from lark.loggers import build_loggers, finish, log_images, log_report
+from lark.loggers import build_loggers, finish, log_images, log_metrics, log_report
 from lark.models import load_base_model, load_pretrained
 from lark.preflight import preflight
 from lark.resume import (
@@ -185,7 +185,10 @@ def train(cfg, log=print):
             ck = Checkpoint(
                 cfg, model, tokenizer, run_dir, 0, moments=moments, encoder=data.encoder, reuse=resume, log=log
             )
-            evaluate_checkpoint(ck, test_items, sets)
+            logged, rows = evaluate_checkpoint(ck, test_items, sets)
+            log_metrics(trainer, logged, step=0)  # as the callback logs each epoch's
+            if rows:
+                callbacks[0].log_tables(trainer, ck.name, logged, rows)
         else:
             trainer.fit(
                 module, datamodule=data, ckpt_path=last_checkpoint(run_dir, log) if resume else None, weights_only=True

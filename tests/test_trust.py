@@ -830,6 +830,26 @@ def test_a_run_continues_when_wandb_cannot_write_its_folder(tmp_path):
     assert (out / "attribution/epoch_000/metrics.json").is_file()
 
 
+def test_a_base_model_only_run_logs_its_metrics(tmp_path):
+    """trainer.max_epochs=0 (attribute the base model alone): its metrics reach the loggers as an epoch's do."""
+    import csv
+
+    from omegaconf import open_dict
+
+    from lark.experiment import train
+
+    cfg = compose(
+        [o for o in SMALL if not o.startswith("trainer.max_epochs")]
+        + ["trainer.max_epochs=0", "logger=csv", "analysis.enabled=false"]
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    out = train(cfg, log=lambda m: None)
+    (metrics,) = out.rglob("metrics.csv")
+    columns = next(csv.reader(metrics.open()))
+    assert "influence/ft" in columns and "influence/pt_wins" in columns
+
+
 def test_a_run_that_stops_on_an_error_closes_its_loggers_as_failed(tmp_path, monkeypatch):
     """W&B recorded a crashed run as finished (finalize("success"), exit code 0); a finished run stays success."""
     from omegaconf import open_dict
