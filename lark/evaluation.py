@@ -90,9 +90,15 @@ class Choices(Evaluator):
 
 
 def gold_answer_losses(model, encoder, fields_list):
-    """[n] mean cross-entropy (nats per token) of each item's gold answer tokens after its prompt."""
-    with torch.no_grad():
-        sums, counts = answer_log_likelihoods(model, encoder.tokenizer, [encoder(f) for f in fields_list])
+    """[n] mean cross-entropy (nats per token) of each item's gold answer tokens after its prompt, in eval mode (no
+    dropout: the same losses on every call, and no draw from the RNG that a resumed run would not replay)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sums, counts = answer_log_likelihoods(model, encoder.tokenizer, [encoder(f) for f in fields_list])
+    finally:
+        model.train(was_training)
     return -sums / counts.clamp(min=1)
 
 

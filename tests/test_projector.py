@@ -868,3 +868,23 @@ def test_sketch_refuses_full_moments_naming_the_key(setup):
     hook = make_projector(projector_cfg(kind="sketch", k=64, kernel="adam"), setup["model"], moments=full)
     with pytest.raises(ValueError, match=r"attribution\.kernel\.factored=false"):
         project_examples(setup["model"], setup["encoded"][:1], hook, setup["tok"].pad_token_id)
+
+
+def test_gold_answer_losses_are_taken_without_dropout(setup):
+    """predictions.jsonl's losses, taken during training (the model in train mode): with dropout they changed
+    from call to call and drew from the RNG a resumed run does not replay. In eval mode, the same every call; the
+    model goes back to train mode."""
+    import copy
+
+    from lark.data.formats import Encoder
+    from lark.evaluation import gold_answer_losses
+
+    model = copy.deepcopy(setup["model"]).train()
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    world = generate_world(seed=1, n_train=24, n_test=4, n_facts=30, n_medical_docs=100, n_entertainment_docs=10)
+    fields = [qa_fields(x, "{final_decision}") for x in world.test]
+    encoder = Encoder(setup["tok"], CHAT, 256)
+    first = gold_answer_losses(model, encoder, fields)
+    assert torch.equal(first, gold_answer_losses(model, encoder, fields)) and model.training
