@@ -163,6 +163,7 @@ def train(cfg, log=print):
         write_jsonl(examples, run_dir / "data" / "sources" / f"{name}.jsonl")
     write_manifest(run_dir / "data", rundir.DATA_FILES)  # what attribute.py and validate.py read back (check_data)
     notices.report_shortfalls(cfg, sets, len(train_items), run_dir, log)
+    notices.warn_precision(cfg, run_dir, log)
     model, tokenizer = prepare_model(cfg, corpora, log)
     check_attribution(cfg, run_dir, model, sets, len(test_items), range(cfg.trainer.max_epochs + 1))
     self_check(cfg, model, tokenizer, sets, log)

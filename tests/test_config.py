@@ -220,3 +220,17 @@ def test_attribute_py_takes_another_projector_or_kernel_by_group():
     assert cfg.attribution.kernel._target_ == "lark.kernel.kernels.TrackStar"
     assert cfg.attribution.projector._target_ == "lark.kernel.projectors.CountSketch.of_model"
     assert dict(compose(["run_dir=x"], "attribute").attribution) == {}  # default: the run's own
+
+
+def test_a_pure_bf16_fine_tune_is_said_once_and_kept_with_the_run(tmp_path):
+    """trainer=gpu (bf16-true, the paper recipe's) rounds small AdamW updates away: a warning on the console and
+    in data/warnings.json (every metrics.json carries it); float32 and bf16-mixed runs get none."""
+    from lark import notices
+
+    lines = []
+    notices.warn_precision(compose(["trainer=gpu"]), tmp_path, lines.append)
+    assert len(lines) == 1 and "bf16-mixed model.dtype=float32" in lines[0]
+    assert "bf16_true" in notices.read(tmp_path)
+    notices.warn_precision(compose(["trainer.precision=bf16-mixed"]), tmp_path / "mixed", lines.append)
+    notices.warn_precision(compose([]), tmp_path / "f32", lines.append)
+    assert len(lines) == 1
