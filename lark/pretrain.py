@@ -96,15 +96,17 @@ def pretrain(model_cfg, texts, folder):
     loader = make_loader(blocks, p.batch_size, tokenizer.pad_token_id, shuffle=True, seed=p.seed)
     module = CausalLMModule(
         model,
-        optimizer=functools.partial(torch.optim.AdamW, lr=p.lr, weight_decay=0.0),
-        scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=p.steps, eta_min=p.lr * 0.1),
+        optimizer=functools.partial(torch.optim.AdamW, lr=p.lr, weight_decay=p.get("weight_decay", 0.0)),
+        scheduler=functools.partial(
+            torch.optim.lr_scheduler.CosineAnnealingLR, T_max=p.steps, eta_min=p.lr * p.get("min_lr_ratio", 0.1)
+        ),
         scheduler_interval="step",
         stage="pretrain",
     )
     steps = StepProgress(p.steps)
     with quiet_trainer():
         trainer = L.Trainer(
-            accelerator="cpu",
+            accelerator="cpu",  # always: the same weights on every machine for the same cache key
             devices=1,
             max_steps=p.steps,
             max_epochs=-1,
@@ -112,7 +114,7 @@ def pretrain(model_cfg, texts, folder):
             enable_checkpointing=False,
             enable_model_summary=False,
             deterministic=True,
-            gradient_clip_val=1.0,
+            gradient_clip_val=p.get("gradient_clip_val", 1.0),
             log_every_n_steps=50,
             enable_progress_bar=False,
             callbacks=[steps],
