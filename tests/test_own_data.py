@@ -70,7 +70,7 @@ def independent_eval(run, epoch, max_length=96, max_new_tokens=32):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One Hydra sweep through train.py: job 0 = eval=exact_match (the experiment's), job 1 = eval=loss."""
+    """One Hydra sweep through train.py: job 0 = eval=exact_match, job 1 = eval=loss (the experiment's)."""
     out = tmp_path_factory.mktemp("own_data") / "sweep"
     run = subprocess.run(
         [
