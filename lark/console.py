@@ -54,13 +54,16 @@ class Tee:
 
 def tee_to_log():
     """Idempotent: sys.stdout and sys.stderr also go, line by line, to the root logger's file handler (Hydra's
-    <task>.log) when there is one; the handlers' own records are not doubled (they hold the original streams)."""
+    <task>.log) when there is one; the handlers' own records are not doubled (they hold the original streams).
+    Called again by the next job of a sweep, it moves the streams to that job's log."""
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     if not files:
         return
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
-        if not isinstance(stream, Tee):
+        if isinstance(stream, Tee):
+            stream.handler = files[0]
+        else:
             setattr(sys, name, Tee(stream, files[0]))
 
 
@@ -76,15 +79,16 @@ def require_run_dir(argv=None):
 
 
 def run_dir_chosen():
-    """Whether this process's run folder was chosen rather than made by Hydra for this start: hydra.run.dir given,
-    a multirun job, or not under Hydra at all (a caller composing the config chose paths.output_dir)."""
+    """Whether this process's run folder was chosen rather than made by Hydra for this start: hydra.run.dir given
+    (a sweep's job: hydra.sweep.dir), or not under Hydra at all (a caller composing the config chose
+    paths.output_dir)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return True
     hydra = HydraConfig.get()
-    given = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hydra.overrides.hydra)
-    return given or str(hydra.mode) == "RunMode.MULTIRUN"
+    key = "hydra.sweep.dir=" if str(hydra.mode) == "RunMode.MULTIRUN" else "hydra.run.dir="
+    return any(o.lstrip("+").startswith(key) for o in hydra.overrides.hydra)
 
 
 def tty():

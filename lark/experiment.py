@@ -239,6 +239,10 @@ def make_trainer(cfg, run_dir, data, callbacks, loggers):
 
 def close_run(cfg, run_dir, loggers, log=print):
     """After the last epoch (rank 0): the run-level scores (TracIn-CP), then the tables, figures and report."""
+    if not cfg.attribution.enabled:  # evaluation only: no influence to tabulate (the run succeeded)
+        log(f"[lark] attribution.enabled=false: no influence tables; attribute.py run_dir={run_dir} attributes the")
+        log("[lark] saved checkpoints later (attribution.save_checkpoints=true keeps them)")
+        return
     if make_kernel(cfg.attribution).run_level:
         write_tracin_cp(run_dir, cfg, log)
     if not cfg.analysis.enabled:
@@ -285,7 +289,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
 
 def attribution_config(cfg, overrides):
     """A saved run's config with attribution overrides: another projector or kernel (a `_target_`) replaces the
-    run's, other keys merge; checkpoints are not saved again."""
+    run's, other keys merge; checkpoints are not saved again; attribution is on (a run trained with it off)."""
     overrides = OmegaConf.create(overrides or {})
     with open_dict(cfg):
         if uses_sketch(cfg.attribution.projector) and "plan_tokens" not in cfg.attribution.projector:
@@ -295,6 +299,7 @@ def attribution_config(cfg, overrides):
                 cfg.attribution[key] = overrides.pop(key)
         cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
         cfg.attribution.save_checkpoints = False
+        cfg.attribution.enabled = True  # attributing is what attribute.py is for, whatever the training run said
     return cfg
 
 

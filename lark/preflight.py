@@ -47,11 +47,15 @@ class PreflightError(LarkError):
 
 def preflight(cfg, log=print):
     """Raise PreflightError listing every missing thing; return quietly when the run can start."""
-    key = OmegaConf.to_yaml(
-        OmegaConf.masked_copy(cfg, [k for k in ("model", "data", "trainer", "source", "attribution") if k in cfg])
-    )
+    needed = OmegaConf.masked_copy(cfg, [k for k in ("model", "data", "trainer", "source", "attribution") if k in cfg])
+    key = OmegaConf.to_yaml(needed)
     if key in _passed or not cfg.get("preflight", True):
         return
+    missing = placeholders(OmegaConf.to_container(needed))  # `???`: a key the config group needs from the user
+    if missing:
+        raise PreflightError(
+            [f"{k}: not set (the config has ???); give it on the command line, {k}=..." for k in missing]
+        )
     n_params = model_parameters(cfg.model)
     problems = (
         local_model_problems(cfg) + hub_problems(cfg) + gpu_problems(cfg, n_params) + disk_problems(cfg, n_params)
@@ -59,6 +63,13 @@ def preflight(cfg, log=print):
     if problems:
         raise PreflightError(problems + ["preflight stopped the run before any work (preflight=false skips it)"])
     _passed.add(key)
+
+
+def placeholders(node, prefix=""):
+    """The dotted keys whose value is still the config's `???` (read without resolving interpolations)."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in placeholders(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "???" else []
 
 
 # ------------------------------------------------------------------------------------------------ hub

@@ -116,3 +116,25 @@ def test_train_log_holds_the_whole_console(console):
     assert "[lark] pretraining the tiny model" in log and f"[lark] outputs: {run}" in log
     twice = [line for line, n in collections.Counter(stamped).items() if n > 1 and not re.fullmatch(r"\|[-|]+\|", line)]
     assert twice == [], log  # no record doubled (a table's separator rows repeat)
+
+
+def test_each_sweep_job_logs_its_console_to_its_own_file(tmp_path, monkeypatch):
+    """Hydra gives each job of a sweep its own <task>.log handler; the console's lines went on into the first
+    job's file (the Tee kept its handler)."""
+    import logging
+    import sys
+
+    from lark.console import Tee, tee_to_log
+
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    root = logging.getLogger()
+    for job in ("0", "1"):
+        handler = logging.FileHandler(tmp_path / f"{job}.log")
+        monkeypatch.setattr(root, "handlers", [handler])
+        tee_to_log()
+        print(f"[lark] job {job} says hello")
+        handler.flush()
+    assert isinstance(sys.stdout, Tee)
+    assert "job 0" in (tmp_path / "0.log").read_text() and "job 1" not in (tmp_path / "0.log").read_text()
+    assert "job 1" in (tmp_path / "1.log").read_text()

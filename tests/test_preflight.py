@@ -137,3 +137,14 @@ def test_the_embedded_default_passes_and_a_full_disk_is_named(tmp_path, monkeypa
     with open_dict(cfg):
         cfg.preflight = False
     P.preflight(cfg)  # preflight=false skips it
+
+
+def test_a_key_left_at_the_configs_placeholder_is_named_before_any_work():
+    """model=hub without model.hub_id (`???`) passed preflight (OmegaConf's .get reads ??? as None), ran the data
+    and BM25, then stopped in a MissingMandatoryValue traceback."""
+    from lark.preflight import PreflightError, preflight
+
+    with pytest.raises(PreflightError, match=r"model\.hub_id: not set"):
+        preflight(compose(["model=hub"]))
+    with pytest.raises(PreflightError, match=r"data\.reader\.path: not set"):
+        preflight(compose(["data=jsonl"]))

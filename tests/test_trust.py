@@ -1054,3 +1054,18 @@ def test_a_mistyped_run_dir_is_one_line_and_makes_no_folder(script, tmp_path):
         f"[lark] error: run_dir={missing}: not a directory (a run folder written by train.py)"
     ), done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_without_attribution_ends_well_and_attribute_py_attributes_it(tmp_path):
+    """attribution.enabled=false (evaluation only) ended in analyze's 'no run directory' error, exit 2; its
+    checkpoints then could not be attributed: attribute.py kept the run's enabled=false and found none wanted."""
+    from omegaconf import open_dict
+
+    from lark.experiment import attribution_config, close_run
+
+    cfg = compose(RUN + ["attribution.enabled=false"])
+    lines = []
+    close_run(cfg, tmp_path, [], lines.append)
+    assert "attribution.enabled=false: no influence tables" in lines[0]
+    with open_dict(cfg):
+        assert attribution_config(cfg, {"checkpoints": [1]}).attribution.enabled is True

@@ -457,3 +457,16 @@ def test_validation_md_quotes_the_committed_projection_noise_table():
             tracin = f"{t['lds']:.3f} [{t['lds_low']:.3f}, {t['lds_high']:.3f}]"
             row = f"| {kernel} | {label} | " + " | ".join(cells) + f" | {tracin} |"
             assert row in doc, f"docs/validation.md lacks or differs from: {row}"
+
+
+def test_lds_enabled_takes_auto_true_or_false_only():
+    """Any other value (a misspelt `fals`, `no`) was read as true and started the retrains."""
+    from lark.errors import ConfigError
+    from lark.validation.load import lds_enabled
+
+    world, jsonl = compose(SMALL), compose(["data=jsonl"])
+    for flag, cfg, want in (("auto", world, True), ("auto", jsonl, False), (True, jsonl, True), (False, world, False)):
+        assert lds_enabled(OmegaConf.create({"lds": {"enabled": flag}}), cfg) is want
+    for flag in ("fals", "no", 1):
+        with pytest.raises(ConfigError, match=r"lds\.enabled must be auto, true or false"):
+            lds_enabled(OmegaConf.create({"lds": {"enabled": flag}}), world)

@@ -109,8 +109,14 @@ def pool_examples(docs, how):
 
 
 def lds_enabled(vcfg, cfg):
+    """validate's lds.enabled: auto (on for the embedded world), true or false; anything else is refused (a
+    misspelt `fals` once started 32 retrains)."""
     flag = vcfg.lds.enabled
-    return "world" in cfg.data if flag == "auto" else bool(flag)
+    if flag == "auto":
+        return "world" in cfg.data
+    if not isinstance(flag, bool):
+        raise ConfigError(f"lds.enabled must be auto, true or false, got {flag!r}")
+    return flag
 
 
 def load_config(overrides=None):
