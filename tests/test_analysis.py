@@ -168,6 +168,20 @@ def test_pick_epoch():
         pick_epoch(metrics, "first")
 
 
+def test_bad_table1_epochs_and_files_are_user_errors(tmp_path, single_run):
+    """analyze.py reports a LarkError in one line; these were plain ValueErrors, printed as a traceback."""
+    from lark.errors import ConfigError, CorruptFile
+
+    metrics = load_metrics(single_run)
+    for which in (7, "bestt"):
+        with pytest.raises(ConfigError, match="table1_epoch"):
+            choose_epoch(metrics, which)
+    bad = write_run(tmp_path / "bad", [paper_metrics(0)])
+    (bad / "attribution/epoch_000/metrics.json").write_text('{"epoch": 0, "ft": ')
+    with pytest.raises(CorruptFile, match="invalid JSON"):
+        load_metrics(bad)
+
+
 def test_best_epoch_follows_the_evaluation():
     """eval=loss: the lowest answer loss is best (the issue's run: epoch 2, 2.793, not the last epoch's 2.964);
     exact match 0 at every epoch: the last epoch, and the rule says every epoch ties."""

@@ -15,7 +15,7 @@ import yaml
 
 from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
-from lark.errors import RunDirError
+from lark.errors import ConfigError, CorruptFile, RunDirError
 
 
 def find_runs(path):
@@ -86,9 +86,9 @@ def read_metrics(file):
     try:
         metrics = json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"invalid JSON in {file}: {error}") from error
+        raise CorruptFile(f"invalid JSON in {file}: {error}") from error
     if not isinstance(metrics, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(metrics).__name__}")
+        raise CorruptFile(f"{file}: expected a JSON object, got {type(metrics).__name__}")
     metrics = M.clean(metrics)
     if metrics.get("epoch") is None:
         metrics["epoch"] = int(file.parent.name.removeprefix("epoch_"))
@@ -123,11 +123,15 @@ def choose_epoch(metrics, which="best"):
     try:
         epoch = int(which)
     except (TypeError, ValueError):
-        raise ValueError(f'table1_epoch must be "best", "last" or an epoch number, got {which!r}') from None
+        raise ConfigError(
+            f'table1_epoch (train.py: analysis.table1_epoch) must be "best", "last" or an epoch number, got {which!r}'
+        ) from None
     for m in metrics:
         if m["epoch"] == epoch:
             return m, f"epoch {epoch} (table1_epoch={epoch})"
-    raise ValueError(f"epoch {epoch} has no metrics; available epochs: {[m['epoch'] for m in metrics]}")
+    raise ConfigError(
+        f"table1_epoch={epoch}: that epoch has no metrics; available epochs: {[m['epoch'] for m in metrics]}"
+    )
 
 
 def pick_epoch(metrics, which="best"):

@@ -26,6 +26,8 @@ Only epoch, sources, ft_source and pt_source are required of a file (runs from o
 
 from numbers import Number
 
+from lark.errors import CorruptFile
+
 NUMBER = (Number, type(None))
 OBJECT = (dict,)
 FIELDS = {
@@ -66,7 +68,7 @@ def check(metrics, where):
     """The metrics, unchanged, if they follow the schema; else ValueError naming the file and the key."""
 
     def fail(key, problem):
-        raise ValueError(f"{where}: {key} {problem} (see lark/analysis/schema.py)")
+        raise CorruptFile(f"{where}: {key} {problem} (see lark/analysis/schema.py)")
 
     if not isinstance(metrics, dict):
         fail("the file", f"must be a JSON object, got {type(metrics).__name__}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lark.analysis import metrics as M
 from lark.analysis.runs import pick_epoch, reduced_lr_epochs
+from lark.errors import RunDirError
 
 TITLES = {
     "table1": "TABLE I: Influence score comparison across data sources",
@@ -34,7 +35,7 @@ def build_tables(runs, table1_epoch="best"):
     tables = {name: [] for name in TITLES if name != "tracin_cp"}  # tracin_cp: analyze() adds it if a run has it
     for job, metrics in runs.items():
         if not metrics:
-            raise ValueError(f"run {job!r} has no metrics")
+            raise RunDirError(f"run {job!r} has no metrics")
         chosen = pick_epoch(metrics, table1_epoch)
         lead = {"job": job} if multirun else {}
         tables["table1"] += [lead | row for row in source_rows(chosen)]
