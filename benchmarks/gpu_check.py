@@ -285,7 +285,7 @@ def rows_of(name, args, device, dtype, log, add):
     # fidelity examples: single sequences, their exact gradients one at a time
     n_fid = args.fidelity_examples
     fid = [batch_of(1, args.seq, vocab, device, seed=100 + i) for i in range(n_fid)]
-    fid_batch = {key: torch.cat([f[key] for f in fid]) for key in fid[0]}
+    fid_batch = {key: torch.cat([f[key] for f in fid]) for key in fid[0]} if fid else None  # 0: no fidelity
     exact = exact_cosines(model, fid) if n_fid > 1 else {}
     reset_peak(device)
 

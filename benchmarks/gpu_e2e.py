@@ -157,6 +157,7 @@ def overrides(args, model_dir, run_dir, cuda, dtype):
         f"data.n_test={args.e2e_queries}",
         f"source.size={args.e2e_docs}",
         f"attribution.projector.k={args.k}",  # the engine table's k (gpu_check --k; the paper's 65,536)
+        "attribution/kernel=rapidin",  # the paper's kernel (conf/experiment/pubmedqa.yaml): per-tensor norms
         "max_length=1024",  # the paper's (conf/experiment/pubmedqa.yaml); also the sketch's plan_tokens
         "logger=csv",
         # the closing Tables/Figures need every checkpoint's weights (a complete run) and matplotlib: only with
