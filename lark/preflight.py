@@ -57,6 +57,11 @@ def preflight(cfg, log=print):
             [f"{k}: not set (the config has ???); give it on the command line, {k}=..." for k in missing]
         )
     n_params = model_parameters(cfg.model)
+    if not n_params:  # a hub model not in the cache, a GGUF file: sized only once it loads
+        log(
+            "[lark] preflight: the model's size is unknown before it loads (not cached, or not a config.json), so "
+            "the disk for its checkpoints and resume state is not checked (attribution's stores are, later)"
+        )
     problems = (
         local_model_problems(cfg) + hub_problems(cfg) + gpu_problems(cfg, n_params) + disk_problems(cfg, n_params)
     )

@@ -148,3 +148,14 @@ def test_a_key_left_at_the_configs_placeholder_is_named_before_any_work():
         preflight(compose(["model=hub"]))
     with pytest.raises(PreflightError, match=r"data\.reader\.path: not set"):
         preflight(compose(["data=jsonl"]))
+
+
+def test_an_unsized_model_says_its_checkpoints_disk_is_not_checked(tmp_path):
+    """The paper recipes' models (a hub model not yet cached, SmolLM2's GGUF) have no size before they load: the
+    disk check of their checkpoints was skipped without a word."""
+    from lark.preflight import PreflightError, preflight
+
+    lines = []
+    with pytest.raises(PreflightError):  # the folder is not a model either: named as a problem
+        preflight(compose(["model=hub", f"model.hub_id={tmp_path}"]), lines.append)
+    assert any("size is unknown before it loads" in line for line in lines), lines
