@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from lark.data.io import check_manifest, check_safetensors
 from lark.errors import CorruptFile, RunDirError
 
@@ -30,7 +32,28 @@ def problems(run_dir):
     for folder in sorted((run_dir / "attribution").glob("epoch_[0-9][0-9][0-9]")):
         if not (folder / "metrics.json").is_file():
             found.append(f"{folder.relative_to(run_dir)}: no metrics.json (attribution did not finish)")
+    for epoch in expected_epochs(run_dir):
+        folder = run_dir / "attribution" / f"epoch_{epoch:03d}"
+        if not folder.exists():
+            found.append(f"{folder.relative_to(run_dir)}: missing (the run stopped before this epoch)")
     return found
+
+
+def expected_epochs(run_dir):
+    """The epochs a run's config asks to attribute (trainer.max_epochs, attribution.checkpoints/enabled), from the
+    config it was started with; [] when it cannot be read (runs from before lark_config.yaml: .hydra's)."""
+    for path in (Path(run_dir) / "lark_config.yaml", Path(run_dir) / ".hydra" / "config.yaml"):
+        if path.is_file():
+            try:
+                cfg = OmegaConf.load(path)
+                attr, last = cfg.attribution, int(cfg.trainer.max_epochs)
+                if not attr.get("enabled", True):
+                    return []
+                asked = range(last + 1) if attr.checkpoints == "all" else [int(e) for e in attr.checkpoints]
+                return [e for e in asked if 0 <= e <= last]
+            except Exception:  # noqa: BLE001 -- an unreadable or interpolated config: nothing expected
+                return []
+    return []
 
 
 def corrupt(run_dir):

@@ -355,3 +355,19 @@ def test_analyze_end_to_end(multirun, single_run, tmp_path):
         in (tmp_path / "report" / "tables" / "table1.md").read_text()
     )
     assert "first show epoch 5: the last epoch (table1_epoch=last)." in result["report"].read_text()
+
+
+def test_analyze_refuses_a_killed_run_and_names_a_sweeps_failed_job(tmp_path):
+    """A run killed after epoch 0 of 2 was analysed as complete (Table I at "the best" of one epoch); a sweep's
+    job that failed before attribution/ existed was left out of the comparison without a word."""
+    from omegaconf import OmegaConf
+
+    run = write_run(tmp_path / "killed", [paper_metrics(0)])
+    OmegaConf.save({"trainer": {"max_epochs": 2}, "attribution": {"checkpoints": "all"}}, run / "lark_config.yaml")
+    with pytest.raises(RunDirError, match=r"(?s)attribution/epoch_001: missing.*epoch_002: missing"):
+        analyze(run)
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "0", [paper_metrics(0)], overrides=["seed=0"])
+    (sweep / "1" / ".hydra").mkdir(parents=True)  # job 1 failed at start
+    with pytest.raises(RunDirError, match=r"job\(s\) 1 have no attribution/"):
+        find_runs(sweep)

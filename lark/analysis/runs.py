@@ -29,6 +29,13 @@ def find_runs(path):
     run_dirs = sorted(search_run_dirs(root, depth=3), key=lambda d: natural_key(d.relative_to(root).as_posix()))
     if not run_dirs:
         raise RunDirError(f"no run directory (a folder with attribution/) in {root} or up to 3 levels below")
+    unfinished = [d for d in search_run_dirs(root, depth=3, job=True) if not is_run_dir(d)]
+    if unfinished:  # a sweep's job that failed or is still running: never left out of the comparison silently
+        names = ", ".join(d.relative_to(root).as_posix() for d in unfinished)
+        raise RunDirError(
+            f"{root}: job(s) {names} have no attribution/ (failed, or still running): finish them (train.py "
+            "... hydra.sweep.dir=<sweep> resume=true), or move them out of the sweep to compare the others"
+        )
     runs = {}
     for run_dir in run_dirs:
         label = job_label(run_dir, root)
@@ -42,12 +49,14 @@ def is_run_dir(path):
     return (path / "attribution").is_dir()
 
 
-def search_run_dirs(folder, depth):
-    """Run dirs below `folder`, at most `depth` levels down; hidden folders and run dirs' insides are skipped."""
+def search_run_dirs(folder, depth, job=False):
+    """Run dirs below `folder`, at most `depth` levels down; hidden folders and run dirs' insides are skipped.
+    job: also the folders Hydra ran a job in (a .hydra/ folder) that hold no run."""
     found = []
     for child in sorted(folder.iterdir()) if depth > 0 else []:
         if child.is_dir() and not child.name.startswith("."):
-            found += [child] if is_run_dir(child) else search_run_dirs(child, depth - 1)
+            hit = is_run_dir(child) or (job and (child / ".hydra").is_dir())
+            found += [child] if hit else search_run_dirs(child, depth - 1, job)
     return found
 
 
