@@ -19,7 +19,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg):
     from lark.config_files import apply_config_files
-    from lark.console import tee_to_log
+    from lark.console import sweeping, tee_to_log
     from lark.errors import LarkError
     from lark.preflight import preflight
 
@@ -33,6 +33,8 @@ def main(cfg):
         run_dir = train(cfg)
     except LarkError as e:  # bad data, config or run directory: the message says what and where
         print(f"[lark] error: {e}", file=sys.stderr)
+        if sweeping():  # Hydra runs the sweep's other jobs, then reports the first failure (exit code 1)
+            raise
         sys.exit(2)
     finally:
         print(f"[lark] outputs: {run_dir or cfg.paths.output_dir}")

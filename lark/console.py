@@ -78,6 +78,13 @@ def require_run_dir(argv=None):
             sys.exit(2)
 
 
+def sweeping():
+    """Whether this process runs a job of a Hydra sweep (-m)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
 def run_dir_chosen():
     """Whether this process's run folder was chosen rather than made by Hydra for this start: hydra.run.dir given
     (a sweep's job: hydra.sweep.dir), or not under Hydra at all (a caller composing the config chose

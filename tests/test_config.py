@@ -234,3 +234,21 @@ def test_a_pure_bf16_fine_tune_is_said_once_and_kept_with_the_run(tmp_path):
     notices.warn_precision(compose(["trainer.precision=bf16-mixed"]), tmp_path / "mixed", lines.append)
     notices.warn_precision(compose([]), tmp_path / "f32", lines.append)
     assert len(lines) == 1
+
+
+def test_a_sweep_runs_every_job_when_one_fails(tmp_path):
+    """A job's user error (a LarkError) ended the whole sweep with sys.exit(2): the jobs after it never ran (with
+    joblib, a running one was killed). Now each job's error is printed and Hydra reports the first at the end."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "attribution.top_k=0,-1", f"hydra.sweep.dir={tmp_path}/s"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("[lark] error:")]
+    assert [e.split("got ")[-1] for e in errors] == ["0", "-1"], done.stderr[-2000:]
