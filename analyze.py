@@ -37,5 +37,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    require_run_dir()  # a mistyped run_dir: one line, no folder made for Hydra's log
+    require_run_dir(sweep=True)  # a mistyped run_dir: one line, no folder made for Hydra's log
     main()

@@ -67,14 +67,25 @@ def tee_to_log():
             setattr(sys, name, Tee(stream, files[0]))
 
 
-def require_run_dir(argv=None):
+def require_run_dir(argv=None, sweep=False):
     """Before Hydra starts attribute.py, analyze.py or validate.py (whose Hydra log goes into run_dir): a run_dir=
     argument that is not a directory stops with one line and exit code 2, where Hydra would create that folder
-    for its log and the script would then report it empty."""
+    for its log and the script would then report it empty; so does a sweep's folder (multirun.yaml) unless the
+    script takes one (`sweep`: analyze.py), naming its jobs' folders."""
     for arg in sys.argv[1:] if argv is None else argv:
         key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "run_dir" and value and "," not in value and not Path(value).is_dir():
+        if key.lstrip("+~") != "run_dir" or not value or "," in value:
+            continue
+        if not Path(value).is_dir():
             print(f"[lark] error: run_dir={value}: not a directory (a run folder written by train.py)", file=sys.stderr)
+            sys.exit(2)
+        if not sweep and (Path(value) / "multirun.yaml").is_file():
+            jobs = sorted(p.name for p in Path(value).iterdir() if (p / ".hydra").is_dir())
+            print(
+                f"[lark] error: run_dir={value}: a sweep's folder; give one job's run folder, e.g. "
+                f"run_dir={Path(value) / (jobs[0] if jobs else '<n>')} (jobs: {', '.join(jobs) or 'none'})",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
 

@@ -1056,6 +1056,25 @@ def test_a_mistyped_run_dir_is_one_line_and_makes_no_folder(script, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweeps_folder_given_to_attribute_or_validate_names_its_jobs(tmp_path, capsys):
+    """attribute.py / validate.py take one run; a sweep's folder answered '.hydra/config.yaml: not found' and left
+    a log in the sweep's root. analyze.py compares a sweep's jobs and takes it."""
+    from lark.console import require_run_dir
+
+    (tmp_path / "multirun.yaml").write_text("{}")
+    for job in ("0", "1"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        require_run_dir([f"run_dir={tmp_path}"])
+    assert (
+        stop.value.code == 2
+        and f"a sweep's folder; give one job's run folder, e.g. run_dir={tmp_path / '0'} (jobs: 0, 1)"
+        in capsys.readouterr().err
+    )
+    require_run_dir([f"run_dir={tmp_path}"], sweep=True)
+    require_run_dir([f"run_dir={tmp_path / '0'}"])
+
+
 def test_a_run_without_attribution_ends_well_and_attribute_py_attributes_it(tmp_path):
     """attribution.enabled=false (evaluation only) ended in analyze's 'no run directory' error, exit 2; its
     checkpoints then could not be attributed: attribute.py kept the run's enabled=false and found none wanted."""
