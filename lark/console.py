@@ -104,9 +104,8 @@ def run_dir_chosen():
 
     if not HydraConfig.initialized():
         return True
-    hydra = HydraConfig.get()
-    key = "hydra.sweep.dir=" if str(hydra.mode) == "RunMode.MULTIRUN" else "hydra.run.dir="
-    return any(o.lstrip("+").startswith(key) for o in hydra.overrides.hydra)
+    key = "hydra.sweep.dir=" if sweeping() else "hydra.run.dir="
+    return any(o.lstrip("+").startswith(key) for o in HydraConfig.get().overrides.hydra)
 
 
 def tty():

@@ -18,6 +18,7 @@ from lark import faults
 from lark.data.io import replacing, sha256
 from lark.errors import CorruptFile, RunDirError
 from lark.legacy import upgrade
+from lark.rundir import RUN_CONFIG, computed, holds_run
 
 LAST = "last.ckpt"
 CHECKSUM = "lark_checksum"  # the resume state's key holding the sha256 of the rest of it (state_checksum)
@@ -133,9 +134,6 @@ IGNORED = (
 )
 
 
-RUN_CONFIG = "lark_config.yaml"  # <run>/lark_config.yaml: the resolved config the run was started with
-
-
 def save_run_config(cfg, run_dir, resume):
     """Keep the config a run was started with, what check_same_run compares a resume against whether or not
     checkpoints are saved: written at a new start, and at a resume of a run that has computed nothing yet (a
@@ -145,16 +143,6 @@ def save_run_config(cfg, run_dir, resume):
         text = OmegaConf.to_yaml(cfg, resolve=True)
         with replacing(path, len(text)) as tmp:
             tmp.write_text(text)
-
-
-def computed(run_dir):
-    """Whether a run folder holds results (data, checkpoints, resume state, attribution)."""
-    return any((Path(run_dir) / name).exists() for name in ("data", "checkpoints", "resume", "attribution"))
-
-
-def holds_run(run_dir):
-    """Whether a folder holds a started run (its config or results)."""
-    return (Path(run_dir) / RUN_CONFIG).exists() or computed(run_dir)
 
 
 def check_resumable(run_dir, chosen):

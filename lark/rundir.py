@@ -21,6 +21,19 @@ def leftovers(run_dir):
     return sorted(p for p in run_dir.rglob("*") if TMP.search(p.name) and "wandb" not in p.relative_to(run_dir).parts)
 
 
+RUN_CONFIG = "lark_config.yaml"  # <run>/lark_config.yaml: the resolved config the run was started with
+
+
+def computed(run_dir):
+    """Whether a run folder holds results (data, checkpoints, resume state, attribution)."""
+    return any((Path(run_dir) / name).exists() for name in ("data", "checkpoints", "resume", "attribution"))
+
+
+def holds_run(run_dir):
+    """Whether a folder holds a started run (its config or results)."""
+    return (Path(run_dir) / RUN_CONFIG).exists() or computed(run_dir)
+
+
 def problems(run_dir):
     """What makes a run directory incomplete: leftovers, checkpoints without weights, attributed epochs without
     metrics.json (written last), attribution shards of a set still in progress."""
@@ -42,7 +55,7 @@ def problems(run_dir):
 def expected_epochs(run_dir):
     """The epochs a run's config asks to attribute (trainer.max_epochs, attribution.checkpoints/enabled), from the
     config it was started with; [] when it cannot be read (runs from before lark_config.yaml: .hydra's)."""
-    for path in (Path(run_dir) / "lark_config.yaml", Path(run_dir) / ".hydra" / "config.yaml"):
+    for path in (Path(run_dir) / RUN_CONFIG, Path(run_dir) / ".hydra" / "config.yaml"):
         if path.is_file():
             try:
                 cfg = OmegaConf.load(path)

@@ -22,7 +22,7 @@ from lark.analysis import metrics as M
 from lark.checkpoint import QUERY_SET, TOP_COLUMNS, top_rows
 from lark.data.io import write_csv, write_json
 from lark.errors import RunDirError
-from lark.kernel.stores import MATCH, atomic_save, best_by_value, check_compatible, cosine_scores, load_store
+from lark.kernel.stores import MATCH, atomic_save, check_compatible, cosine_scores, load_store, top_by_blocks
 
 FOLDER = "tracin_cp"
 
@@ -42,13 +42,7 @@ def tracin_top(checkpoints, tier, k, block=4096):
     """(values, indices) [n_q, k] of each query's k best TracIn-CP documents, one block of documents at a time
     (never the whole score matrix; ties by the smaller index, as stores.topk_scores)."""
     n_q, n_d = len(checkpoints[0][1][0]), len(checkpoints[0][2][0])
-    best_v, best_i = torch.full((n_q, 0), float("-inf")), torch.zeros((n_q, 0), dtype=torch.long)
-    for s in range(0, n_d, block):
-        scores = tracin_scores(checkpoints, tier, s, s + block).nan_to_num(float("-inf"))
-        values = torch.cat([best_v, scores], dim=1)
-        index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(n_q, -1)], dim=1)
-        best_v, best_i = best_by_value(values, index, k)
-    return best_v, best_i
+    return top_by_blocks(lambda s, e: tracin_scores(checkpoints, tier, s, e), n_q, n_d, k, block)
 
 
 def same_gradients(epochs, log):

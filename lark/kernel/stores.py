@@ -250,14 +250,20 @@ def topk_scores(queries, docs, k, tier="float16", block=4096):
     """(values, indices) [n_q, k] of each query's k best documents, never holding more than one block of scores
     (plus the running top-k): for stores too large to score all at once. Equal scores (the bit tier's are few
     distinct values) rank by document index, whatever the block size (best_by_value)."""
-    k, finish = min(k, len(docs)), tier_of(tier).finish
-    best_v = torch.full((len(queries), 0), float("-inf"))
-    best_i = torch.zeros((len(queries), 0), dtype=torch.long)
-    for s in range(0, len(docs), block):
-        scores = finish(dots(queries, docs[s : s + block])).nan_to_num(float("-inf"))
+    finish = tier_of(tier).finish
+    return top_by_blocks(lambda s, e: finish(dots(queries, docs[s:e])), len(queries), len(docs), k, block)
+
+
+def top_by_blocks(score, n_queries, n_docs, k, block=4096):
+    """(values, indices) [n_q, min(k, n_d)] of each query's k best documents, `score(start, stop)` giving the
+    [n_q, stop - start] scores of one block of documents at a time (NaN ranks last); ties by document index."""
+    best_v = torch.full((n_queries, 0), float("-inf"))
+    best_i = torch.zeros((n_queries, 0), dtype=torch.long)
+    for s in range(0, n_docs, block):
+        scores = score(s, min(s + block, n_docs)).nan_to_num(float("-inf"))
         values = torch.cat([best_v, scores], dim=1)
-        index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(len(queries), -1)], dim=1)
-        best_v, best_i = best_by_value(values, index, k)
+        index = torch.cat([best_i, torch.arange(s, s + scores.shape[1]).expand(n_queries, -1)], dim=1)
+        best_v, best_i = best_by_value(values, index, min(k, n_docs))
     return best_v, best_i
 
 
