@@ -45,18 +45,18 @@ def tracin_top(checkpoints, tier, k, block=4096):
     return top_by_blocks(lambda s, e: tracin_scores(checkpoints, tier, s, e), n_q, n_d, k, block)
 
 
-def same_gradients(epochs, log):
-    """The epochs [(epoch, lr, stores)] whose query stores hold the tracin_cp kernel's vectors of one projector
-    (every MATCH field but the checkpoint equal to the newest such epoch's): TracIn-CP sums one gradient over
-    checkpoints, never a normalised or whitened vector of another kernel. The others are named in the log."""
-    heads = {e: load_store(stores / f"{QUERY_SET}.safetensors")[3] for e, _, stores in epochs}
+def same_gradients(epochs, heads, log):
+    """The epochs [(epoch, lr, stores)] whose query stores (headers `heads` by epoch) hold the tracin_cp kernel's
+    vectors of one projector (every MATCH field but the checkpoint equal to the newest such epoch's): TracIn-CP
+    sums one gradient over checkpoints, never a normalised or whitened vector of another kernel. The others are
+    named in the log."""
 
     def kernel(e):
         return ((heads[e].get("projector") or {}).get("kernel") or {}).get("name")
 
     ours = [e for e, _, _ in epochs if kernel(e) == "tracin_cp"]
     if not ours:
-        return [], heads
+        return []
     ref = heads[ours[-1]]
     fields = [key for key in MATCH if key != "checkpoint"]
     kept = [x for x in epochs if x[0] in ours and all(heads[x[0]].get(f) == ref.get(f) for f in fields)]
@@ -68,7 +68,7 @@ def same_gradients(epochs, log):
             f"to include them: attribute.py run_dir=<run> attribution/kernel=tracin_cp "
             f"'attribution.checkpoints={left}'"
         )
-    return kept, heads
+    return kept
 
 
 def write_tracin_cp(run_dir, cfg, log=print):
@@ -80,15 +80,15 @@ def write_tracin_cp(run_dir, cfg, log=print):
         lr = json.loads(metrics_file.read_text()).get("lr") if metrics_file.is_file() else None
         if lr is not None:
             epochs.append((int(folder.name.split("_")[1]), float(lr), folder / "stores"))
-    epochs, heads = same_gradients(epochs, log) if epochs else ([], {})
+    queries = {e: load_store(stores / f"{QUERY_SET}.safetensors") for e, _, stores in epochs}
+    epochs = same_gradients(epochs, {e: q[3] for e, q in queries.items()}, log) if epochs else []
     if not epochs:  # e.g. trainer.max_epochs=0: nothing to sum, and nothing computed is lost
         log(
             f"[lark] tracin_cp: {run_dir / 'attribution'} has no checkpoint after a training step (with an lr) "
             "attributed with attribution/kernel=tracin_cp; TracIn-CP needs trainer.max_epochs >= 1, not written"
         )
         return None
-    queries = {e: load_store(stores / f"{QUERY_SET}.safetensors") for e, _, stores in epochs}
-    query_ids, tier = queries[epochs[0][0]][2], heads[epochs[0][0]]["tier"]  # the stores' own tier
+    query_ids, tier = queries[epochs[0][0]][2], queries[epochs[0][0]][3]["tier"]  # the stores' own tier
     maxinf, rows, out = {}, [], run_dir / "attribution" / FOLDER
     for name in src.sources:
         parts, doc_ids = [], None
