@@ -121,7 +121,10 @@ def multirun(tmp_path):
 
 def test_find_runs_single_and_multirun(tmp_path, single_run, multirun):
     assert find_runs(single_run) == {"run": single_run}
-    write_run(multirun / "10" / "inner", [paper_metrics(0)])  # one level deeper, no overrides
+    runs = find_runs(multirun)  # seed=0, which both jobs share, repeated itself in every table row and legend
+    assert list(runs) == ["format=chatml", "format=noformat"]
+    assert runs["format=noformat"] == multirun / "1"
+    write_run(multirun / "10" / "inner", [paper_metrics(0)])  # one level deeper, no overrides: nothing is shared
     runs = find_runs(multirun)
     assert list(runs) == ["format=chatml,seed=0", "format=noformat,seed=0", "10/inner"]
     assert runs["format=noformat,seed=0"] == multirun / "1"
@@ -296,23 +299,23 @@ def test_multirun_tables_lead_with_job_and_show_nulls(multirun, tmp_path):
     tables = build_tables(runs)
     for rows in tables.values():
         assert all(list(row)[0] == "job" for row in rows)
-    table1 = [row for row in tables["table1"] if row["job"] == "format=noformat,seed=0"]
+    table1 = [row for row in tables["table1"] if row["job"] == "format=noformat"]
     assert {row["epoch"] for row in table1} == {0}  # job 1: epoch 2 has no accuracy -> best is 0
     sparse = build_tables(runs, table1_epoch=2)
-    noformat = [r for r in sparse["table4"] if r["job"] == "format=noformat,seed=0"]
+    noformat = [r for r in sparse["table4"] if r["job"] == "format=noformat"]
     assert noformat[1]["ft_wins_pct"] is None and noformat[2]["difference_pp"] is None
 
     write_tables(sparse, tmp_path / "out")
     md1 = (tmp_path / "out" / "table1.md").read_text().splitlines()
     assert md1[2] == "| Job | Data Source | Mean Max | FT Wins |"
-    assert "| format=noformat,seed=0 | medical_noformat | - | 100.0% |" in md1
+    assert "| format=noformat | medical_noformat | - | 100.0% |" in md1
     md2 = (tmp_path / "out" / "table2.md").read_text()
     assert md2.splitlines()[2].endswith("| Format Effect (entertainment) | Format Effect (wiki) |")
-    assert "| format=noformat,seed=0 | 2 | 0.386 | 0.365 | - | 13.4% | - | 0.0002 | - | 2.99× | 1.50× |" in md2
-    assert "| format=chatml,seed=0 | 5* | 0.366 | 0.341 | 1.07 | 28.4% | - | 2e-05 | 2.90× | 2.99× | - |" in md2
-    assert "\\*format=chatml,seed=0: Epochs 4, 5 use a lower learning rate" in md2
+    assert "| format=noformat | 2 | 0.386 | 0.365 | - | 13.4% | - | 0.0002 | - | 2.99× | 1.50× |" in md2
+    assert "| format=chatml | 5* | 0.366 | 0.341 | 1.07 | 28.4% | - | 2e-05 | 2.90× | 2.99× | - |" in md2
+    assert "\\*format=chatml: Epochs 4, 5 use a lower learning rate" in md2
     md4 = (tmp_path / "out" / "table4.md").read_text()
-    assert "| format=noformat,seed=0 | Difference | - | LARK minus BM25 |" in md4
+    assert "| format=noformat | Difference | - | LARK minus BM25 |" in md4
     with open(tmp_path / "out" / "table3.csv") as f:
         assert next(csv.reader(f))[:2] == ["job", "method"]
 
@@ -341,7 +344,7 @@ def test_figures_are_pngs(single_run, multirun, tmp_path):
 
 def test_analyze_end_to_end(multirun, single_run, tmp_path):
     result = analyze(multirun)
-    assert list(result["runs"]) == ["format=chatml,seed=0", "format=noformat,seed=0"]
+    assert list(result["runs"]) == ["format=chatml", "format=noformat"]
     assert {f.parent for f in result["table_files"]} == {multirun / "tables"}
     assert {f.parent for f in result["figure_files"]} == {multirun / "figures"}
     assert list(find_runs(multirun)) == list(result["runs"])  # outputs are not mistaken for runs

@@ -3,7 +3,7 @@
 A run directory holds attribution/epoch_NNN/metrics.json, one per attributed checkpoint (epoch 0 = the base
 model). A Hydra multirun folder holds numbered job folders, each a run directory, labelled by the job's overrides.
 
-    find_runs("multirun/2025-01-01_12-00-00")   # -> {"format=chatml,seed=0": Path(.../0), ...}
+    find_runs("multirun/2025-01-01_12-00-00")   # -> {"format=chatml": Path(.../0), "format=noformat": ...}
     load_metrics(run_dir)                        # -> [metrics.json dict of epoch 0, of epoch 1, ...]
 """
 
@@ -20,7 +20,8 @@ from lark.errors import ConfigError, CorruptFile, RunDirError
 
 def find_runs(path):
     """label -> run dir. A run dir itself gives {"run": path}; a multirun folder gives one entry per job,
-    labelled by the job's Hydra overrides joined with "," (or its folder name when there are none)."""
+    labelled by the job's Hydra overrides joined with ",", less those every job shares (`-m format=chatml,noformat
+    seed=0` gives "format=chatml" and "format=noformat"); by its folder name when none are left."""
     root = Path(path)
     if not root.is_dir():
         raise RunDirError(f"{root} is not a directory")
@@ -36,9 +37,12 @@ def find_runs(path):
             f"{root}: job(s) {names} have no attribution/ (failed, or still running): finish them (train.py "
             "... hydra.sweep.dir=<sweep> resume=true), or move them out of the sweep to compare the others"
         )
+    overrides = {run_dir: job_overrides(run_dir, root) for run_dir in run_dirs}
+    shared = set.intersection(*map(set, overrides.values())) if len(run_dirs) > 1 else set()
     runs = {}
     for run_dir in run_dirs:
-        label = job_label(run_dir, root)
+        label = ",".join(item for item in overrides[run_dir] if item not in shared)
+        label = label or run_dir.relative_to(root).as_posix()
         if label in runs:  # two jobs with the same overrides: tell them apart by folder
             label = f"{label} ({run_dir.relative_to(root).as_posix()})"
         runs[label] = run_dir
@@ -65,18 +69,15 @@ def natural_key(text):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def job_label(run_dir, root):
-    """The overrides in .hydra/overrides.yaml of the run dir or a folder between it and the root, joined
-    with ","; the run dir's path under the root when there are none."""
+def job_overrides(run_dir, root):
+    """The overrides in .hydra/overrides.yaml of the run dir or the nearest folder between it and the root, as
+    strings; [] when there are none."""
     relative = run_dir.relative_to(root)
     for folder in [relative, *relative.parents][:-1]:  # [:-1] drops "." (the multirun root itself)
         overrides = root / folder / ".hydra" / "overrides.yaml"
         if overrides.is_file():
-            items = yaml.safe_load(overrides.read_text()) or []
-            if items:
-                return ",".join(str(item) for item in items)
-            break
-    return relative.as_posix()
+            return [str(item) for item in yaml.safe_load(overrides.read_text()) or []]
+    return []
 
 
 def load_metrics(run_dir):
