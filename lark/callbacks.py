@@ -4,12 +4,20 @@ checkpoint (lark.checkpoint: save, accuracy, attribution) and logs metrics, a to
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from lark.checkpoint import Checkpoint, evaluate_checkpoint
 from lark.data.sources import example_text
 from lark.kernel.optimizer import checkpoint_moments
 from lark.kernel.tokens import top_pieces
 from lark.loggers import log_metrics, log_table
+
+
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] on every rank: torch.distributed's object all-gather in Lightning's group."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 class AttributionCallback(L.Callback):
@@ -30,6 +38,7 @@ class AttributionCallback(L.Callback):
 
     def checkpoint(self, trainer, pl_module, epoch, lr):
         gather = (lambda t: pl_module.all_gather(t)) if trainer.world_size > 1 else None
+        gather_objects = all_gather_objects if trainer.world_size > 1 else None
         moments = checkpoint_moments(
             self.cfg.attribution,
             pl_module.model,
@@ -50,6 +59,7 @@ class AttributionCallback(L.Callback):
             rank=trainer.global_rank,
             world=trainer.world_size,
             gather=gather,
+            gather_objects=gather_objects,
             reuse=bool(self.cfg.get("resume")),
             log=self.report,
         )

@@ -38,7 +38,7 @@ from lark.data.formats import Encoder
 from lark.data.io import check_manifest, check_safetensors, disk_full, write_csv, write_json, write_jsonl
 from lark.data.sources import example_text, query_examples
 from lark.errors import CorruptFile
-from lark.evaluation import gold_answer_losses, normalize
+from lark.evaluation import evaluate_on_ranks, gold_answer_losses, normalize
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints, without_locations
 from lark.kernel import tokens
 from lark.kernel.build import StoreBuilder, examples_fingerprint
@@ -61,8 +61,9 @@ class Checkpoint:
     attribution/epoch_NNN); lr: the learning rate of the epoch that produced it (None at epoch 0); moments: its
     AdamW moments for the kernels that use them (lark.kernel.kernels); encoder: the run's memoised
     lark.data.formats.Encoder (the data module's, so that no example is tokenised twice; made here when None);
-    rank, world, gather: this process among `world` (gather: an all_gather, world > 1); reuse: skip an epoch already
-    complete for this checkpoint and config, and reuse its matching stores and shards (resume)."""
+    rank, world, gather, gather_objects: this process among `world` (an all_gather of tensors, one of Python
+    objects; world > 1); reuse: skip an epoch complete for this checkpoint and config, and reuse its matching
+    stores and shards (resume)."""
 
     cfg: object
     model: torch.nn.Module
@@ -75,6 +76,7 @@ class Checkpoint:
     rank: int = 0
     world: int = 1
     gather: Callable | None = None
+    gather_objects: Callable | None = None
     reuse: bool = False
     log: Callable = print
 
@@ -240,7 +242,8 @@ def save(ck):
 def evaluate(ck, test_items, fields):
     """(evaluator, value, predicted answers) of the test questions under the `eval` config; the value is logged."""
     evaluator = instantiate(ck.cfg.eval)
-    value, predicted = evaluator(ck.model, ck.encoder, test_items, fields)
+    split = ck.rank, ck.world, ck.gather_objects
+    value, predicted = evaluate_on_ranks(evaluator, ck.model, ck.encoder, test_items, fields, *split)
     shown = "-" if value is None else f"{value:.3f}"
     ck.log(
         f"[lark] {ck.name}: "

@@ -12,6 +12,10 @@ Table II: `metric` (accuracy | exact_match | answer_loss | ...) and `higher_is_b
   answer after lower-casing, collapsing whitespace and dropping surrounding punctuation; metric exact_match.
 - AnswerLoss: the mean over test items of the mean cross-entropy of the gold answer tokens (lower is better);
   metric answer_loss. It predicts nothing, so attribution.query_target=predicted needs another evaluator.
+
+Under DDP `evaluate_on_ranks` gives each rank every world-th item and combines the ranks' values weighted by their
+counts: an evaluator's value is a mean over items. One whose value is not sets `shardable = False` and runs whole
+on every rank.
 """
 
 import re
@@ -25,7 +29,7 @@ from lark.data.formats import IGNORE, candidate_answer, render, truncate_middle
 
 
 class Evaluator:
-    metric, higher_is_better, predicts = "score", True, False
+    metric, higher_is_better, predicts, shardable = "score", True, False, True
 
     def __call__(self, model, encoder, items, fields_list):
         was_training = model.training
@@ -52,6 +56,24 @@ class Evaluator:
 
     def evaluate(self, model, encoder, items, fields_list):
         raise NotImplementedError
+
+
+def evaluate_on_ranks(evaluator, model, encoder, items, fields_list, rank=0, world=1, gather_objects=None):
+    """(value, predictions or None) of `evaluator` on the items; with world > 1 and gather_objects (an all-gather
+    of Python objects across the ranks) each rank evaluates items[rank::world] and all get the combined result."""
+    if world == 1 or gather_objects is None or not evaluator.shardable:
+        return evaluator(model, encoder, items, fields_list)
+    share = slice(rank, None, world)
+    value, predicted = evaluator(model, encoder, items[share], fields_list[share])
+    shares = gather_objects((value, len(items[share]), predicted))
+    counted = [(v, n) for v, n, _ in shares if v is not None and n]
+    value = sum(v * n for v, n in counted) / sum(n for _, n in counted) if counted else None
+    if any(p is None for _, n, p in shares if n):
+        return value, None
+    predicted = [None] * len(items)
+    for r, (_, _, part) in enumerate(shares):
+        predicted[r::world] = part or []
+    return value, predicted
 
 
 def answer_log_likelihoods(model, tokenizer, encoded, batch_size=16):

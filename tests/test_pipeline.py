@@ -194,6 +194,60 @@ def test_ddp_attribution_equals_single_process(run_dir, tmp_path):
         name = f"attribution/epoch_000/scores/{source}.safetensors"
         single = safe_open(str(run_dir / name), "pt").get_tensor("scores")
         assert torch.allclose(safe_open(str(out / name), "pt").get_tensor("scores"), single, atol=1e-6)
+    for name in ("predictions.jsonl", "metrics.json"):  # the test evaluation, split across the ranks, is the same
+        single, ddp = ((d / "attribution" / "epoch_000" / name).read_text() for d in (run_dir, out))
+        if name == "metrics.json":
+            single, ddp = (json.loads(text)["eval"] for text in (single, ddp))
+        assert ddp == single
+
+
+class ItemMean:
+    """An evaluator whose value is the mean of its items' numbers and whose predictions are their ids; it records
+    the items it was given."""
+
+    shardable = True
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, model, encoder, items, fields_list):
+        self.seen.append([item["id"] for item in items])
+        return (sum(item["x"] for item in items) / len(items) if items else None), [item["id"] for item in items]
+
+
+@pytest.mark.parametrize("n_items, world", [(5, 2), (2, 3)])
+def test_the_test_evaluation_is_split_across_ranks(n_items, world):
+    """Under DDP every rank evaluated every test question (the same answers, world times the work); each now takes
+    every world-th one and all get the combined value and the predictions in the items' order."""
+    import threading
+
+    from lark.evaluation import evaluate_on_ranks
+
+    items = [{"id": f"q{i}", "x": float(i * i)} for i in range(n_items)]
+    barrier, slots, results = threading.Barrier(world, timeout=10), [None] * world, {}
+    evaluators = [ItemMean() for _ in range(world)]
+
+    def run(rank):
+        def gather_objects(obj):
+            slots[rank] = obj
+            barrier.wait()
+            gathered = list(slots)
+            barrier.wait()
+            return gathered
+
+        results[rank] = evaluate_on_ranks(evaluators[rank], None, None, items, items, rank, world, gather_objects)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    whole = (sum(item["x"] for item in items) / n_items, [item["id"] for item in items])
+    assert [results[r] for r in range(world)] == [whole] * world
+    assert [e.seen for e in evaluators] == [[[item["id"] for item in items[r::world]]] for r in range(world)]
+    whole_only = ItemMean()
+    whole_only.shardable = False  # a value that is not a mean over items: every rank evaluates every item
+    refuse = lambda obj: pytest.fail("a whole evaluation gathered")  # noqa: E731
+    assert evaluate_on_ranks(whole_only, None, None, items, items, 1, world, refuse) == whole
+    assert whole_only.seen == [[item["id"] for item in items]]
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
