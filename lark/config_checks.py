@@ -56,10 +56,7 @@ def check_arguments(cfg, key):
     node = OmegaConf.select(cfg, key)
     if node is None or "_target_" not in node:
         return
-    try:
-        target = get_object(node._target_)
-    except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
-        raise ConfigError(f"{key}._target_: cannot import '{node._target_}' ({str(e).splitlines()[0]})") from None
+    target = import_target(node._target_, key)
     keys = [k for k in node if not str(k).startswith("_")]
     try:
         inspect.signature(target).bind_partial(**dict.fromkeys(keys))
@@ -71,6 +68,14 @@ def check_arguments(cfg, key):
         ) from None
     except ValueError:  # a builtin without a signature: nothing to check
         pass
+
+
+def import_target(target, key):
+    """The object a `_target_` names, or a ConfigError naming `key._target_`."""
+    try:
+        return get_object(target)
+    except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
+        raise ConfigError(f"{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})") from None
 
 
 def check_attribution_keys(attr):
@@ -131,12 +136,7 @@ def check_targets(attr):
         target = (attr.get(key) or {}).get("_target_")
         if target is None:
             raise ConfigError(f"attribution.{key}: no _target_ (choose one with attribution/{key}=<name>)")
-        try:
-            get_object(target)
-        except Exception as e:  # noqa: BLE001 -- hydra wraps import errors of any kind
-            raise ConfigError(
-                f"attribution.{key}._target_: cannot import '{target}' ({str(e).splitlines()[0]})"
-            ) from None
+        import_target(target, f"attribution.{key}")
     kernel = make_kernel(attr)
     if kernel.whitens and attr.store_dtype == "bit":
         raise ConfigError(
