@@ -1,15 +1,18 @@
 """Loggers: built from the `logger` config group (a dict, one entry per logger), never allowed to fail a run."""
 
 import os
+import secrets
 import warnings
 from pathlib import Path
 
 from hydra.utils import instantiate
 
 
-def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, **kwargs):
+def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, continue_run=False, **kwargs):
     """A Lightning WandbLogger, offline by default (syncable later with `wandb sync`). Returns None, with a
-    warning, when W&B cannot start (no network in online mode, a bad key, a full disk)."""
+    warning, when W&B cannot start (no network in online mode, a bad key, a full disk). continue_run: log into the
+    W&B run this folder started (its id in <save_dir>/wandb/run_id), so that a resumed run's curves go on in one
+    W&B run; else a new one."""
     from lightning.pytorch.loggers import WandbLogger
 
     try:
@@ -23,6 +26,7 @@ def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, **kwarg
             name=name,
             save_dir=save_dir,
             offline=offline,
+            id=kwargs.pop("id", None) or wandb_run_id(save_dir, continue_run),  # Lightning passes resume="allow"
             settings=wandb.Settings(init_timeout=init_timeout, silent=True),
             **kwargs,
         )
@@ -34,6 +38,17 @@ def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, **kwarg
     except Exception as e:  # W&B must never stop the experiment
         warnings.warn(f"W&B logging disabled: {type(e).__name__}: {e}")
         return None
+
+
+def wandb_run_id(save_dir, continue_run):
+    """The id saved in <save_dir>/wandb/run_id when continue_run and it exists; else a new id, saved there."""
+    file = Path(save_dir) / "wandb" / "run_id"
+    if continue_run and file.is_file() and file.read_text().strip():
+        return file.read_text().strip()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(4)  # W&B's own ids: 8 lower-case letters and digits
+    file.write_text(run_id + "\n")
+    return run_id
 
 
 def build_loggers(cfg):

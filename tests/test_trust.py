@@ -809,6 +809,23 @@ def test_wandb_failures_degrade_to_a_warning(tmp_path, monkeypatch):
         log_metrics(Trainer(), {"a": 1.0}, step=0)
 
 
+def test_a_resumed_run_logs_into_the_w_and_b_run_it_started(tmp_path):
+    """resume=true opened a new W&B run: the resumed epochs' curves were in another run than the first epochs'."""
+    from lark.loggers import wandb_logger
+
+    def run_id(continue_run):
+        logger = wandb_logger("p", "n", save_dir=str(tmp_path), continue_run=continue_run)
+        logger.experiment.finish()
+        return logger.experiment.id
+
+    first = run_id(False)
+    assert run_id(True) == first and (tmp_path / "wandb" / "run_id").read_text().strip() == first
+    assert sorted(d.name[-len(first) :] for d in (tmp_path / "wandb").glob("offline-run-*")) == [first, first]
+    assert run_id(False) != first  # a run started over in the folder is a new W&B run
+    cfg = compose(["resume=true"])
+    assert cfg.logger.wandb.continue_run is True and compose([]).logger.wandb.continue_run is False
+
+
 def test_a_run_continues_when_wandb_cannot_write_its_folder(tmp_path):
     from omegaconf import open_dict
 
