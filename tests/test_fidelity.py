@@ -54,6 +54,15 @@ def test_error_shrinks_like_one_over_sqrt_k(setup, kind):
     assert best["pearson"] >= 0.995 and best["max_abs_err"] <= 0.03 and best["top1"] >= 0.9
 
 
+def test_a_per_tensor_projector_is_compared_with_per_tensor_exact_scores(setup):
+    """fidelity() without `exact` compared a per-tensor (rapidin) projector with unnormalised exact cosines."""
+    model, pad, queries, docs, _ = setup
+    spec = {"kind": "sketch", "k": 4096, "seed": 0, "normalize": "per_tensor", "method": "auto"}
+    p = make_projector(OmegaConf.create(spec), model)
+    exact = exact_scores(model, queries[:3], docs[:4], pad, "per_tensor")
+    assert fidelity(model, queries[:3], docs[:4], p, pad) == fidelity(model, queries[:3], docs[:4], p, pad, exact)
+
+
 def test_store_tiers_cost(setup):
     model, pad, queries, docs, exact = setup
     p = projector(model, "sketch", 65536)
@@ -70,6 +79,17 @@ def test_agreement_on_hand_matrices():
     assert same["pearson"] == pytest.approx(1) and same["max_abs_err"] == 0 and same["top1"] == 1 and same["top2"] == 1
     swapped = agreement(exact, torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.8, 0.3]]), top=2)
     assert swapped["top1"] == 0.5 and swapped["max_abs_err"] == pytest.approx(0.8) and swapped["top2"] == 0.75
+
+
+def test_spearman_gives_tied_scores_their_mean_rank():
+    """The bit tier's scores take k + 1 values: an argsort of an argsort ranked ties in an arbitrary order, which
+    understated Spearman (a tie-coarsened copy of the scores is a perfect monotone match)."""
+    exact = torch.arange(12.0).view(2, 6)
+    coarse = (exact / 3).floor()  # ties in groups of three
+    ra = torch.tensor([2.0, 2, 2, 5, 5, 5, 8, 8, 8, 11, 11, 11])  # mean ranks of the groups
+    expected = torch.corrcoef(torch.stack([torch.arange(1.0, 13), ra]))[0, 1].item()
+    assert agreement(exact, coarse)["spearman"] == pytest.approx(expected)
+    assert agreement(exact, -coarse)["spearman"] == pytest.approx(-expected)
 
 
 def test_jl_pearson_predicts_a_dense_gaussian_projection():

@@ -147,6 +147,33 @@ def test_retrieval_metrics_on_a_hand_made_ranking():
         R.columns(["d0"], [["d7"]])
 
 
+def test_non_finite_score_rows_are_left_out_of_table_v():
+    """An example whose loss or gradient was not finite has a NaN row. A NaN query ranked documents in column order
+    (a perfect recall when its relevant document came first) and got a made-up LDS; a NaN document made every subset
+    holding it NaN, and the LDS of every query a rank of NaNs."""
+    scores = torch.tensor([[0.1, 0.9, 0.5], [float("nan")] * 3, [0.9, float("nan"), 0.2]])
+    relevant = [[0], [0], [1]]  # query 2's relevant document has no gradient: ranked last
+    assert R.reciprocal_rank(scores, relevant).tolist()[0] == 1 / 3
+    assert math.isnan(R.reciprocal_rank(scores, relevant)[1].item())  # was 1.0
+    assert R.reciprocal_rank(scores, relevant)[2].item() == 1 / 3
+    g = torch.Generator().manual_seed(0)
+    ids = [f"d{i}" for i in range(20)]
+    membership = lds.masks([lds.subset(ids, 0.5, m) for m in range(16)], ids)
+    clean = torch.randn(3, 20, generator=g)
+    losses = -(membership @ clean.double().T) + 0.1 * torch.randn(16, 3, generator=g, dtype=torch.float64)
+    reference = lds.lds(clean, membership, losses)
+    nan_query = clean.clone()
+    nan_query[1] = float("nan")
+    result = lds.lds(nan_query, membership, losses)
+    assert result["per_query"][1] is None and result["n_nonfinite"] == 1 and result["n_queries"] == 2
+    assert result["per_query"][0] == pytest.approx(reference["per_query"][0])
+    nan_doc, zero_doc = clean.clone(), clean.clone()
+    nan_doc[:, 7], zero_doc[:, 7] = float("nan"), 0.0
+    result = lds.lds(nan_doc, membership, losses)
+    assert result["n_nonfinite"] == 0 and result["n_queries"] == 3
+    assert result["per_query"] == lds.lds(zero_doc, membership, losses)["per_query"]
+
+
 # ------------------------------------------------------------------------------------------ kills during retrains
 def test_a_stale_batch_is_found_by_its_token_and_stopped(tmp_path):
     """batch.launch marks the whole process tree (a grandchild too) with its token; stop_stale kills exactly

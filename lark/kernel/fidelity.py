@@ -25,7 +25,11 @@ from lark.kernel.stores import cosine_scores, stored_view, unit_rows
 
 
 def ranks(x):
-    return torch.argsort(torch.argsort(x)).double()
+    """Average 1-based ranks of a 1-D tensor, float64: ties share their mean rank, as Spearman's rho needs (an
+    argsort of an argsort ranked tied scores, the bit tier's k + 1 values, in an arbitrary order)."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    counts = counts.double()
+    return (counts.cumsum(0) - (counts - 1) / 2)[inverse]
 
 
 def agreement(exact, approx, top=10):
@@ -79,8 +83,10 @@ def exact_scores(model, queries, docs, pad_id, normalize="none", on_gradient=Non
 
 
 def fidelity(model, queries, docs, projector, pad_id, exact=None, tier="float16"):
-    """agreement() of a projector (and store tier) on encoded query and document examples."""
-    exact = exact_scores(model, queries, docs, pad_id) if exact is None else exact
+    """agreement() of a projector (and store tier) on encoded query and document examples; the exact scores, when
+    not given, are normalised as the projector normalises (rapidin's per-tensor norms)."""
+    if exact is None:
+        exact = exact_scores(model, queries, docs, pad_id, getattr(projector, "normalizer", "none"))
     q = stored_view(project_examples(model, queries, projector, pad_id), tier)
     d = stored_view(project_examples(model, docs, projector, pad_id), tier)
     return agreement(exact, cosine_scores(q, d, tier))

@@ -15,7 +15,9 @@ p = bucket - offset_c mod k: contiguous but for one wrap), adds it with its sign
 index) in registers (shared by the tile's examples), and stores the tile once. No index tensor, no signed float32
 copy, no sign cache (what index_add_ needed: 33% + 18% of the GPU's time at 7B, issue 20), and the sums are added
 chunk by chunk in float32 like fold_slices': on a CPU (interpreter) the two agree bit for bit (tested), and on a
-GPU a run repeats itself exactly by construction (not yet run on one), which index_add_'s atomics do not.
+GPU the fold repeats itself exactly by construction (not yet run on one), which index_add_'s atomics do not (the
+embedding and TensorSketch sketches still add with scatter_add_ / index_add_: a GPU store as a whole can differ
+in its last bits from run to run).
 Compiled for sm_90 here, without a GPU (cuobjdump): 40 registers at one example per program (86 at UNROLL 4, 144
 at 4 examples x UNROLL 4), no spills, 16-bit scalar loads -- a rotation starts anywhere, so no vector load can be
 proven aligned.

@@ -23,7 +23,8 @@ matrix, which store_dtype=bit's sign vectors cannot carry; linear_map(vectors, q
 which attribution.tokens=topk needs to split a score) and `run_level` (also scored over all checkpoints).
 
 Epoch 0 (the base model) has no optimizer state: its moments are estimated from one pass over the fine-tuning set
-in training order's batches (no step taken, gradients clipped like training's): the mean of the squared batch
+in batches of the training batch size, in the set's order (not training's seeded shuffle; no step taken,
+gradients clipped like training's): the mean of the squared batch
 gradients, which is what AdamW's bias-corrected v_hat approaches at beta2 -> 1 with the weights held at epoch 0.
 """
 

@@ -8,7 +8,10 @@ Tiers (`attribution.store_dtype`: one Tier class each, in TIERS), bytes per dime
 - float16 / bfloat16 (2 bytes, default float16): the unit vector itself.
 - int8 (1 byte + 4 bytes per vector): round(127 * v / max|v|) and the per-vector scale max|v| / 127.
 - bit (1/8 byte): the sign of each coordinate, packed; cos = sin(pi/2 * <sign(a), sign(b)> / k), the SimHash
-  estimate (angle = pi * Hamming / k), valid because sketch coordinates are near-Gaussian sums.
+  estimate (angle = pi * Hamming / k), exact for Gaussian vectors. Gradient sketches are heavier-tailed: on the
+  tiny model's trained checkpoint (k = 65,536) the bit cosines came out shrunk, slope 0.68 and mean |error| 0.16
+  against the float16 tier under kernel normalize=none, slope 0.90 and 0.07 under per_tensor (rapidin): compare
+  bit-tier scores with each other, not with another tier's.
 """
 
 import json

@@ -29,6 +29,7 @@ from lark.data.io import write_json
 from lark.data.readers import first_form, sample
 from lark.errors import ConfigError
 from lark.fingerprints import content_hash
+from lark.kernel.fidelity import ranks
 from lark.models import load_pretrained
 from lark.rundir import require_safetensors, saved_checkpoints
 from lark.validation import batch
@@ -70,21 +71,7 @@ def predictions(scores, membership):
 
 def rank(x):
     """Average 1-based ranks along dim 0 (ties share their mean rank), float64."""
-    x = x.double()
-    order = torch.argsort(x, dim=0, stable=True)
-    sorted_x = torch.gather(x, 0, order)
-    ranks = torch.empty_like(x)
-    n = x.shape[0]
-    positions = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1).expand_as(x)
-    for j in range(x.shape[1]):  # tie groups per column
-        col, pos = sorted_x[:, j], positions[:, j].clone()
-        start = 0
-        for i in range(1, n + 1):
-            if i == n or col[i] != col[start]:
-                pos[start:i] = (start + 1 + i) / 2
-                start = i
-        ranks[order[:, j], j] = pos
-    return ranks
+    return torch.stack([ranks(column) for column in x.double().T], dim=1) if x.numel() else x.double()
 
 
 def spearman(a, b):
@@ -96,14 +83,20 @@ def spearman(a, b):
 
 
 def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
-    """{lds, low, high, n_queries, n_constant, per_query} of scores [Q, N] against measured losses [M, Q] of
-    models trained on the subsets membership [M, N]."""
-    per_query = spearman(predictions(scores, membership), -losses.double())
+    """{lds, low, high, n_queries, n_constant, n_nonfinite, per_query} of scores [Q, N] against measured losses
+    [M, Q] of models trained on the subsets membership [M, N]. A query row with a NaN score (an example whose loss or
+    gradient was not finite) is left out (n_nonfinite) rather than ranked; a NaN document column counts 0 in the
+    other queries' sums (no gradient, no influence)."""
+    finite = torch.isfinite(scores)
+    nonfinite = ~finite[:, finite.any(0)].all(1)  # any NaN outside the NaN documents' columns
+    per_query = spearman(predictions(scores.nan_to_num(nan=0.0), membership), -losses.double())
+    per_query[nonfinite] = float("nan")
     ok = torch.isfinite(per_query)
     values = per_query[ok]
     out = {
         "n_queries": int(ok.sum()),
-        "n_constant": int((~ok).sum()),
+        "n_constant": int((~ok & ~nonfinite).sum()),
+        "n_nonfinite": int(nonfinite.sum()),
         "per_query": [None if not math.isfinite(v) else v for v in per_query.tolist()],
     }
     if not values.numel():

@@ -6,15 +6,17 @@ recall@k(q)    = |relevant(q) in the top k| / |relevant(q)|          (Bergson's 
 MRR(q)         = 1 / rank of the best-ranked relevant document         (rank 1 = first)
 precision@n(q) = |relevant(q) in the top n| / n                        (n = |relevant(q)|: R-precision)
 AP(q)          = mean over relevant documents d of precision@rank(d)   (area under the precision-recall curve)
-Ties are broken by column order (stable sort), so a constant score ranks documents in their given order.
+Ties are broken by column order (stable sort), so a constant score ranks documents in their given order. A NaN
+score (an example whose loss or gradient was not finite, lark.kernel.build) ranks its document last; a query with no
+finite score is left out (NaN), as README promises for non-finite rows.
 """
 
 import torch
 
 
 def ranking(scores):
-    """[n_queries, n_docs] document columns, best first (stable: ties keep column order)."""
-    return torch.argsort(-scores.float(), dim=1, stable=True)
+    """[n_queries, n_docs] document columns, best first (stable: ties keep column order; NaN last)."""
+    return torch.argsort(-scores.float().nan_to_num(nan=-torch.inf), dim=1, stable=True)
 
 
 def relevant_ranks(scores, relevant):
@@ -29,8 +31,10 @@ def relevant_ranks(scores, relevant):
 
 
 def _per_query(scores, relevant, metric):
+    scored = torch.isfinite(scores).any(1).tolist()  # a NaN query row ranked documents in column order
     return torch.tensor(
-        [metric(r) if len(r) else float("nan") for r in relevant_ranks(scores, relevant)], dtype=torch.float64
+        [metric(r) if len(r) and ok else float("nan") for r, ok in zip(relevant_ranks(scores, relevant), scored)],
+        dtype=torch.float64,
     )
 
 
