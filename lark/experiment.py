@@ -25,6 +25,7 @@ from lark.callbacks import AttributionCallback
 from lark.checkpoint import Checkpoint, evaluate_checkpoint, wanted
 from lark.config_checks import check_config
 from lark.config_files import apply_config_files
+from lark.data import bm25
 from lark.data.datamodule import LarkDataModule
 from lark.data.formats import encode, qa_fields
 from lark.data.io import BadRows, write_json, write_jsonl, write_manifest
@@ -266,6 +267,7 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     console.setup()
     cfg = attribution_config(legacy.load(run_dir), overrides)
     check_config(cfg)
+    bm25.configure(cfg.source.get("bm25"))  # Table IV's BM25 baseline with the run's settings, not the defaults
     rundir.clean(run_dir, log)
     rundir.check_data(run_dir)
     test_items = read_examples(run_dir / "data" / "test.jsonl", qa_record)

@@ -204,6 +204,13 @@ def test_source_bm25_is_checked_and_selects_the_backend():
     assert isinstance(bm25.BM25(["a b", "b c"]).index, bm25.RankBm25Index)
 
 
+def test_configure_starts_from_the_shipped_settings():
+    """A sweep job (one process) whose source.bm25 left k1 out kept the previous job's k1."""
+    bm25.configure({"k1": 0.9, "b": 0.5})
+    bm25.configure({"b": 0.6})
+    assert bm25.SETTINGS == {**bm25.DEFAULTS, "b": 0.6}
+
+
 @pytest.mark.slow  # two fresh subprocesses (each imports torch)
 def test_the_scale_benchmark_runs_both_backends(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bm25_scale.py"

@@ -33,6 +33,25 @@ def flip(path, offset):
     path.write_bytes(data)
 
 
+def test_attribute_scores_bm25_with_the_runs_settings(finished, tmp_path, monkeypatch):
+    """attribute.py's Table IV BM25 baseline used the default k1 and b (only train.py and validate.py set the run's):
+    re-attributing a run with source.bm25.k1=0.9 rewrote metrics.json's bm25 block with other numbers."""
+    from omegaconf import OmegaConf
+
+    import lark.experiment as E
+    from lark.data import bm25
+
+    run_dir = copy_of(finished, tmp_path)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved.source.bm25.k1, saved.source.bm25.b = 0.9, 0.4
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    monkeypatch.setattr(bm25, "SETTINGS", dict(bm25.DEFAULTS))  # a fresh attribute.py process
+    seen = []
+    monkeypatch.setattr(E, "evaluate_checkpoint", lambda ck, items, sets: seen.append(dict(bm25.SETTINGS)))
+    E.attribute(run_dir, {"checkpoints": [1]}, log=lambda line: None)
+    assert [(s["k1"], s["b"]) for s in seen] == [(0.9, 0.4)]
+
+
 # ------------------------------------------------------------------------------------------------ the format
 def test_every_single_byte_flip_of_a_store_is_caught_and_an_unchecksummed_one_still_loads(tmp_path):
     from safetensors.torch import save_file

@@ -34,8 +34,9 @@ from lark.errors import ConfigError, CorruptFile
 from lark.fingerprints import content_hash
 
 TOKEN_PATTERN = r"[\p{L}\p{M}\p{N}_]+"  # the tokenisation (on NFKC, case-folded text), part of a saved index's key
-# source.bm25 (conf/source/default.yaml) as `configure` last set it; these are its shipped values.
-SETTINGS = {"backend": "bm25s", "k1": 1.5, "b": 0.75, "epsilon": 0.25, "chunk": 10000, "dtype": "float64"}
+# source.bm25 (conf/source/default.yaml) as `configure` last set it, over its shipped values (DEFAULTS).
+DEFAULTS = {"backend": "bm25s", "k1": 1.5, "b": 0.75, "epsilon": 0.25, "chunk": 10000, "dtype": "float64"}
+SETTINGS = dict(DEFAULTS)
 
 
 def tokens(text):
@@ -49,8 +50,9 @@ WORD = regex.compile(TOKEN_PATTERN)
 
 
 def configure(cfg=None):
-    """Set the BM25 every caller gets (source.bm25: backend, k1, b, epsilon, chunk, dtype); unknown keys or
-    backends fail naming the key."""
+    """Set the BM25 every caller gets (source.bm25: backend, k1, b, epsilon, chunk, dtype), keys left out at their
+    shipped values (not at a previous sweep job's); unknown keys or backends fail naming the key."""
+    SETTINGS.update(DEFAULTS)
     for key in cfg or {}:
         if key == "index_dir":  # read by the retrieve kind (conf/source/kinds), not here
             continue
