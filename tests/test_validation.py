@@ -470,3 +470,20 @@ def test_lds_enabled_takes_auto_true_or_false_only():
     for flag in ("fals", "no", 1):
         with pytest.raises(ConfigError, match=r"lds\.enabled must be auto, true or false"):
             lds_enabled(OmegaConf.create({"lds": {"enabled": flag}}), world)
+
+
+def test_a_corrupted_score_cache_is_recomputed_not_used(tmp_path):
+    """validate.py reused a cached score matrix without its checksum: one flipped byte went into Table V."""
+    from lark.kernel.stores import atomic_save
+    from lark.validation.scores import read_cached
+
+    path = tmp_path / "scores.safetensors"
+    atomic_save({"train": torch.ones(2, 4)}, path, {"key": "k1"})
+    assert torch.equal(read_cached(path, "k1")["train"], torch.ones(2, 4))
+    assert read_cached(path, "another key") is None
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # a byte of the tensor
+    path.write_bytes(data)
+    logs = []
+    assert read_cached(path, "k1", logs.append) is None
+    assert len(logs) == 1 and "scores.safetensors: checksum mismatch" in logs[0] and logs[0].endswith("recomputed")

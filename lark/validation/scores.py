@@ -16,8 +16,9 @@ from safetensors import SafetensorError, safe_open
 
 from lark.data.bm25 import BM25
 from lark.data.formats import encode
+from lark.data.io import check_safetensors
 from lark.data.sources import example_text
-from lark.errors import ConfigError, RunDirError
+from lark.errors import ConfigError, CorruptFile, RunDirError
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
 from lark.kernel.build import project_examples
 from lark.kernel.factory import make_kernel, make_projector, upgrade
@@ -79,12 +80,18 @@ def with_projector(attr, run_cfg, name):
     return attr
 
 
-def read_cached(path, key):
+def read_cached(path, key, log=print):
+    """The cached tensors at `path` when it was written for `key` and passes its checksum, else None (computed
+    again; a corrupted cache is logged)."""
     try:
+        check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
             if f.metadata().get("key") != key:
                 return None
             return {name: f.get_tensor(name) for name in f.keys()}
+    except CorruptFile as error:
+        log(f"[lark] {error}: recomputed")
+        return None
     except (OSError, ValueError, SafetensorError):
         return None
 
@@ -105,7 +112,7 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
         sets,  # the examples themselves: validate.pool.format changes the pool's text, not its ids
     )
     path = run.run_dir / "validation" / "scores" / name / checkpoint.name / "scores.safetensors"
-    cached = read_cached(path, key)
+    cached = read_cached(path, key, run.log)
     if cached is not None:
         run.log(f"[lark] {path}: cached, reused")
         return cached
