@@ -39,7 +39,8 @@ def warn_cut(cfg, tokenizer, named_sets, log=print, run_dir=None):
     if cut:
         message = (
             f"longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping its last 64 "
-            "tokens; a document at its end): " + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
+            "tokens; an answer beyond max_length/2 at its end, without its end-of-turn token; a document at its "
+            "end): " + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
         )
         warn(run_dir, "max_length", message, log, counts=cut)
     return cut
