@@ -127,18 +127,15 @@ def test_bm25_retrieve_takes_each_querys_next_best_in_turn_without_duplicates():
     docs.append({"id": "copy", "text": "  songs   RHYME. "})  # the text of d3 again (case and spacing aside)
     # with the copy, "songs" is in 2 of 5 documents and "fast" in 1, so "fast songs" ranks d2, d3, copy (tied with
     # d3, after it); "reeds" ranks d0, then the zeros in corpus order: d1, d2. Round robin over the ranks: d0, d2;
-    # d1, d3; d2 again (same id) and copy (same text as d3) are left out.
+    # d1 (score 0: shares no word with "reeds", so no hit; it used to be taken), d3; d2 again (same id) and copy
+    # (same text as d3) are left out.
     assert [r.tolist() for r in BM25([d["text"] for d in docs]).rankings(["reeds", "fast songs"], 3)] == [
         [0, 1, 2],
         [2, 3, 4],
     ]
-    assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=10, per_query=3)] == [
-        "d0",
-        "d2",
-        "d1",
-        "d3",
-    ]
-    assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=3, per_query=3)] == ["d0", "d2", "d1"]
+    assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=10, per_query=3)] == ["d0", "d2", "d3"]
+    assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=2, per_query=3)] == ["d0", "d2"]
+    assert bm25_retrieve(["opera"], docs, n=3, per_query=3) == []  # no document shares a word
 
 
 def test_each_example_is_tokenised_once_per_run():

@@ -40,11 +40,13 @@ def take(docs, positions):
 
 
 def bm25_retrieve(queries, docs, n, per_query=10, index_dir=None):
-    """Up to n distinct documents, taking each query's rank-1 hit, then each query's rank-2 hit, and so on.
-    docs: a list or a streamed corpus (lark.data.corpora.Streamed), indexed in chunks; index_dir: where the
-    index is saved and reused (lark.data.bm25.cached)."""
+    """Up to n distinct documents, taking each query's rank-1 hit, then each query's rank-2 hit, and so on; a
+    document that shares no word with the query (BM25 score 0) is no hit, so a source short of matches is warned
+    about (lark.notices) instead of filled with unrelated documents. docs: a list or a streamed corpus
+    (lark.data.corpora.Streamed), indexed in chunks; index_dir: where the index is saved and reused
+    (lark.data.bm25.cached)."""
     index = bm25.cached(lambda: (d["text"] for d in docs), corpus_key(docs), index_dir, "BM25 indexing")
-    rankings = index.rankings(queries, per_query, "BM25 retrieval")
+    rankings = index.rankings(queries, per_query, "BM25 retrieval", matched=True)
     positions = sorted({int(i) for ranking in rankings for i in ranking})
     found = dict(zip(positions, take(docs, positions)))
     picked, seen_ids, seen_text = [], set(), set()
