@@ -156,7 +156,9 @@ def cosine_scores(kernel, raw):
 
 
 def tracin_term(scores, lr):
-    """[Q, N] lr x <g(q), g(d)>: one checkpoint's TracIn-CP term, the cosine times both raw norms."""
+    """[Q, N] one checkpoint's TracIn-CP term: lr x the kernel's cosine x both raw norms, = lr x <g(q), g(d)> for
+    cosine (rapidin: its norms are of per-tensor-normalised vectors; trackstar: a whitened cosine, unwhitened
+    norms; docs/validation.md)."""
     dots = scores["train"] * scores["q_norm"][:, None] * scores["t_norm"][None, :]
     return lr * dots
 
