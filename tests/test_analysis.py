@@ -200,8 +200,20 @@ def test_best_epoch_follows_the_evaluation():
         paper_metrics(e) | {"eval": {"metric": "exact_match", "value": 0.0, "higher_is_better": True}} for e in PAPER
     ]
     chosen, rule = choose_epoch(zero)
-    assert chosen["epoch"] == 5 and rule.startswith("every epoch ties at exact_match 0")
+    assert chosen["epoch"] == 5 and rule.startswith("every epoch ties at exact_match 0.0%")
     assert choose_epoch(metrics, "last")[1].startswith("the last epoch")
+    best = max(paper_metrics(e)["accuracy"] or 0 for e in PAPER)  # a percent in the caption, as in Table II (was 0.86)
+    assert f"highest test accuracy ({100 * best:.1f}%;" in choose_epoch([paper_metrics(e) for e in PAPER])[1]
+
+
+def test_win_shares_are_exact_fractions():
+    """22 wins of 100 were float32's 0.2199999988079071, written as 21.99999988079071 in table4.csv."""
+    import torch
+
+    from lark.analysis.metrics import wins
+
+    a = torch.tensor([1.0] * 22 + [0.0] * 78 + [float("nan")])
+    assert wins(a, torch.full((101,), 0.5)) == 0.22 and wins(a[-1:], a[-1:]) is None
 
 
 def test_tables_reproduce_the_paper(single_run):
@@ -374,3 +386,26 @@ def test_analyze_refuses_a_killed_run_and_names_a_sweeps_failed_job(tmp_path):
     (sweep / "1" / ".hydra").mkdir(parents=True)  # job 1 failed at start
     with pytest.raises(RunDirError, match=r"job\(s\) 1 have no attribution/"):
         find_runs(sweep)
+
+
+def test_figure_3_keeps_lark_one_colour_and_says_larger_when_the_projection_is(tmp_path):
+    """Fig. 3 coloured the first bar red and the second blue, so red was TracIn in panel A and LARK in panel B; a
+    projection bigger than the full gradient (ratio 0.49) was annotated "0× smaller"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lark.analysis.figures import LARK, plot_storage, plot_wins
+
+    _, (a, b) = plt.subplots(1, 2)
+    storage = [[{"bytes_per_example": 4000}, {"bytes_per_example": 8192}, {"compression": 4000 / 8192}]]
+    plot_storage(a, storage)
+    plot_wins(b, [{"epoch": 3, "ft_wins": 0.9, "bm25": {"ft_wins": 0.22}}])
+    colors = [
+        {c.get_label(): matplotlib.colors.to_hex(c.patches[0].get_facecolor()) for c in ax.containers} for ax in (a, b)
+    ]
+    assert colors[0]["LARK (projected)"] == colors[1]["LARK (gradient)"] == matplotlib.colors.to_hex(LARK)
+    assert colors[0]["Full gradient (TracIn)"] == colors[1]["BM25"] != matplotlib.colors.to_hex(LARK)
+    assert [t.get_text() for t in a.texts if "×" in t.get_text()] == ["2× larger"]
+    plt.close("all")

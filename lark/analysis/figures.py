@@ -99,7 +99,8 @@ def plot_pt_wins(runs, path):
             ax.axvspan(
                 epoch - 0.5, epoch + 0.5, color=color, alpha=0.12, linewidth=0, label=shade_label if i == 0 else None
             )
-    ax.set_ylim(bottom=0)
+    values = [v for m in runs.values() for v in series(m, lambda m: pct(m.get("pt_wins")))[1]]
+    ax.set_ylim(0, max([5.0, *values]) * 1.1)  # all PT wins 0: an axis to 5.5%, not matplotlib's 0-0.055%
     finish(ax, "Pretraining influence during fine-tuning", "PT wins (% of test queries)")
     save_figure(figure, path)
 
@@ -134,9 +135,13 @@ def plot_storage(ax, storage):
     sizes = [row["bytes_per_example"] for rows in storage for row in rows[:2] if row["bytes_per_example"]]
     for i, (full, projected, compression) in enumerate(storage):
         values = [full["bytes_per_example"], projected["bytes_per_example"]]
-        bar_pair(ax, i, values, ["Full gradient (TracIn)", "LARK (projected)"], i == 0, format_bytes_short)
-        if compression["compression"] is not None:
-            ax.annotate(f"{compression['compression']:,.0f}× smaller", (i, max(sizes) * 4), ha="center")
+        labels = ["Full gradient (TracIn)", "LARK (projected)"]
+        bar_pair(ax, i, values, labels, i == 0, format_bytes_short, colors=(OTHER, LARK))
+        ratio = compression["compression"]
+        if ratio is not None:  # Table III's format; a projection bigger than the gradient is "larger"
+            shown = f"{ratio:,.0f}× smaller" if ratio >= 10 else f"{ratio:.2g}× smaller" if ratio >= 1 else None
+            shown = shown or f"{1 / ratio:.2g}× larger"
+            ax.annotate(shown, (i, max(sizes) * 4), ha="center")
     ax.set_yscale("log")
     if sizes:
         ax.set_ylim(min(sizes) / 10, max(sizes) * 10_000)
@@ -147,16 +152,19 @@ def plot_wins(ax, chosen):
     for i, m in enumerate(chosen):
         gradient, bm25, difference = method_rows(m)
         values = [gradient["ft_wins_pct"], bm25["ft_wins_pct"]]
-        bar_pair(ax, i, values, ["LARK (gradient)", "BM25"], i == 0, lambda v: f"{v:.1f}%")
+        bar_pair(ax, i, values, ["LARK (gradient)", "BM25"], i == 0, lambda v: f"{v:.1f}%", colors=(LARK, OTHER))
         if difference["difference_pp"] is not None:
             ax.annotate(f"{difference['difference_pp']:+.1f} pp", (i, 106), ha="center")
     ax.set_ylim(0, 130)
 
 
-def bar_pair(ax, x, values, labels, first, text):
-    """Two bars side by side at x (None values skipped), each labelled with text(value); legend labels only on
-    the first pair."""
-    for offset, value, label, color in zip((-BAR_WIDTH / 2, BAR_WIDTH / 2), values, labels, ("C3", "C0")):
+LARK, OTHER = "C0", "C7"  # LARK's bars keep one colour in both panels of Fig. 3; the method it is compared with grey
+
+
+def bar_pair(ax, x, values, labels, first, text, colors):
+    """Two bars side by side at x (None values skipped) in `colors`, each labelled with text(value); legend labels
+    only on the first pair."""
+    for offset, value, label, color in zip((-BAR_WIDTH / 2, BAR_WIDTH / 2), values, labels, colors):
         if value is not None:
             bars = ax.bar(x + offset, value, BAR_WIDTH, color=color, label=label if first else None)
             ax.bar_label(bars, [text(value)], fontsize="small")

@@ -180,14 +180,15 @@ def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=2
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
     overrides = read_overrides(run_dir)
-    kernel = (metrics[-1].get("projector") or {}) if metrics else {}
+    last = metrics[-1] if metrics else {}
+    kernel = {"kernel": (last.get("kernel") or {}).get("name", "-"), **(last.get("projector") or {})}
     data = run_data(run_dir, metrics, metrics[-1]["epoch"] if epoch is None else epoch, snippet_chars)
     body = "".join(
         [
             NAV,
             "<div class='grid'>",
             section("Config", pairs_html(config_summary(run_dir)), "config"),
-            section("Kernel (projector spec, last checkpoint)", pairs_html(kernel.items()), "kernel"),
+            section("Kernel and projector (last checkpoint)", pairs_html(kernel.items()), "kernel"),
             section("Timings (files' modification times)", pairs_html(timings(run_dir, metrics)), "timings"),
             "</div>",
             f"<p class='note'>overrides: <code>{esc(' '.join(overrides) or '(none)')}</code></p>",

@@ -112,6 +112,11 @@ def evaluation(m):
     return score.get("metric", "accuracy"), score.get("value"), score.get("higher_is_better", True)
 
 
+def shown(metric, value):
+    """A test metric's value as the tables show it: accuracy and exact match in percent, others as numbers."""
+    return f"{100 * value:.1f}%" if metric in ("accuracy", "exact_match") else f"{value:.4g}"
+
+
 def choose_epoch(metrics, which="best"):
     """(the metrics of one epoch, the rule that chose it, in words). "best" follows the evaluation: the highest
     accuracy / exact match, the lowest answer loss; epochs that tie for best: the earliest of them; every epoch
@@ -125,9 +130,9 @@ def choose_epoch(metrics, which="best"):
         best = (max if higher else min)(value for _, _, value, _ in scored)
         tied = [m for m, _, value, _ in scored if value == best]
         if len(tied) == len(scored) > 1:
-            return scored[-1][0], f"every epoch ties at {metric} {best:.4g}: the last epoch"
+            return scored[-1][0], f"every epoch ties at {metric} {shown(metric, best)}: the last epoch"
         word = "highest" if higher else "lowest"
-        return tied[0], f"the {word} test {metric} ({best:.4g}; ties: the earliest epoch)"
+        return tied[0], f"the {word} test {metric} ({shown(metric, best)}; ties: the earliest epoch)"
     if which == "last":
         return metrics[-1], "the last epoch (table1_epoch=last)"
     try:
