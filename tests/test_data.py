@@ -723,3 +723,17 @@ PQA_SPEC = {
 def test_qa_item_rejects_any_other_label(rec, label):
     with pytest.raises(DataError, match=r"^r\.jsonl:7: field 'final_decision'"):
         D.qa_item({**rec, "final_decision": label}, "r.jsonl:7", PQA_SPEC)
+
+
+@pytest.mark.parametrize("content", ["[]", '["a.bin"]', '"sha256:0"', "3"])
+def test_a_checksums_json_that_is_not_an_object_is_a_corrupt_file_naming_it(tmp_path, content):
+    """check_manifest read any JSON: a list raised AttributeError (which bm25.cached, catching CorruptFile, let
+    through and the run stopped with a traceback)."""
+    from lark.errors import CorruptFile
+
+    (tmp_path / "a.bin").write_bytes(b"x")
+    IO.write_manifest(tmp_path)
+    assert IO.check_manifest(tmp_path)
+    (tmp_path / IO.MANIFEST).write_text(content)
+    with pytest.raises(CorruptFile, match=rf"{tmp_path / IO.MANIFEST}: expected a JSON object"):
+        IO.check_manifest(tmp_path)

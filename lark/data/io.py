@@ -251,6 +251,11 @@ def check_manifest(folder):
         listed = json.loads(path.read_text())
     except ValueError:
         raise CorruptFile(f"{path}: unreadable (corrupted after it was written)") from None
+    if not isinstance(listed, dict):  # valid JSON but not the {file: checksum} object write_manifest writes
+        raise CorruptFile(
+            f"{path}: expected a JSON object of file checksums, got {type(listed).__name__} (corrupted or "
+            "overwritten after it was written)"
+        )
     for name, want in listed.items():
         if not (folder / name).is_file() or sha256(chunks(folder / name)) != want:
             raise CorruptFile(
