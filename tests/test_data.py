@@ -737,3 +737,25 @@ def test_a_checksums_json_that_is_not_an_object_is_a_corrupt_file_naming_it(tmp_
     (tmp_path / IO.MANIFEST).write_text(content)
     with pytest.raises(CorruptFile, match=rf"{tmp_path / IO.MANIFEST}: expected a JSON object"):
         IO.check_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_exclude_medical_that_leaves_out_every_document_read_names_the_corpus(tmp_path, stream):
+    """With a limit, exclude_medical could leave out every document read: the corpus came back empty and a source
+    failed later with a ValueError naming no corpus."""
+    path = write_lines(
+        tmp_path / "mixed.jsonl", [{"id": i, "text": "patient trial" if i < 5 else "music"} for i in range(10)]
+    )
+    spec = corpus_cfg(path, limit=5, exclude_medical=True, stream=stream)
+    with pytest.raises(DataError, match=r"^data\.corpora\.web \(.*mixed\.jsonl\): exclude_medical left out all 5 .*"):
+        list(D.load_corpus(spec, name="web"))
+    medical_only = corpus_cfg(write_lines(tmp_path / "med.jsonl", [{"text": "a dose"}]), exclude_medical=True)
+    with pytest.raises(DataError, match=r"^data\.corpora\.web .*left out all 1 .*set exclude_medical: false"):
+        D.load_corpus(medical_only, name="web")
+    spec.limit = 7
+    assert [d["text"] for d in D.load_corpus(spec, name="web")] == ["music", "music"]  # limit counts those read
+    qa = [write_lines(tmp_path / f"{name}.jsonl", [{"prompt": "Q?", "response": "A"}]) for name in ("tr", "te")]
+    data = data_spec("jsonl", **{"reader.path": qa[0], "reader.test_path": qa[1], "fields.id": "null"})
+    data["corpora"] = {"web": {"path": str(path), "limit": 5, "exclude_medical": True}}
+    with pytest.raises(DataError, match=r"^data\.corpora\.web \("):  # a run's load_data names its key
+        D.load_data(OmegaConf.create(data))

@@ -47,6 +47,7 @@ class Corpus:
     corpus (read again when used, never held) instead of a list: for corpora of millions of documents."""
 
     name = "corpus"
+    key = None  # its config key, data.corpora.<name> (set by corpus_reader when it has one): named in errors
 
     def __init__(self, text_field="text", id_field="id", limit=None, exclude_medical=False, stream=False):
         self.text_field, self.id_field, self.limit, self.exclude_medical = text_field, id_field, limit, exclude_medical
@@ -55,27 +56,43 @@ class Corpus:
     def rows(self, bad):
         raise NotImplementedError
 
+    @property
+    def where(self):
+        """What errors name: the config key and the source, or the source alone."""
+        return f"{self.key} ({self.name})" if self.key else self.name
+
     def document(self, where, record):
         return where, document(record, where, self.text_field, self.id_field)
 
     def fingerprint(self):
         """What identifies these documents for a saved BM25 index (lark.data.bm25.cached): the reader's settings
         (a subclass adds its source's state)."""
-        return {"reader": type(self).__name__, **vars(self)}
+        return {"reader": type(self).__name__, **{k: v for k, v in vars(self).items() if k != "key"}}
 
     def documents(self, bad):
         """Yield the documents one at a time (what __call__ lists); nothing is kept but the ids seen."""
-        seen, n = set(), 0
+        seen, n, kept = set(), 0, 0
         for where, doc in checked(self.rows(bad), self.document, bad):
             if not unique(doc, seen, where, bad):
                 continue
             n += 1
             if not (self.exclude_medical and medical(doc)):
+                kept += 1
                 yield doc
             if self.limit and n >= self.limit:
                 break
         if not n:
-            raise DataError(f"{self.name}: no documents")
+            raise DataError(f"{self.where}: no documents")
+        if not kept:  # an empty corpus would fail later, in the sources, naming no corpus
+            fix = (
+                f"limit: {self.limit} counts the documents read, not those kept: raise it"
+                if n == self.limit
+                else "read a corpus with non-medical documents, or set exclude_medical: false"
+            )
+            raise DataError(
+                f"{self.where}: exclude_medical left out all {n} documents read, each has medical vocabulary "
+                f"(lark.data.corpora.MEDICAL_TERMS); {fix}"
+            )
 
     def __call__(self, bad, qa_reader=None):
         return Streamed(self, bad) if self.stream else list(self.documents(bad))
@@ -179,15 +196,19 @@ class Streamed:
         return [found[i] for i in positions]
 
 
-def corpus_reader(spec):
-    """The reader of one data.corpora entry: its `_target_`, or the reader its location key names (SHORTHAND)."""
+def corpus_reader(spec, name=None):
+    """The reader of one data.corpora entry (`name`: its key, which a Corpus names in errors): its `_target_`, or
+    the reader its location key names (SHORTHAND)."""
     spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
     if "_target_" not in spec:
         given = [key for key in SHORTHAND if spec.get(key)]
         if len(given) != 1:
             raise DataError("corpus: give a path (JSON Lines), a hub_id (a datasets name or folder) or a _target_")
         spec = {"_target_": SHORTHAND[given[0]], **spec}
-    return instantiate(spec)
+    reader = instantiate(spec)
+    if name is not None and isinstance(reader, Corpus):
+        reader.key = f"data.corpora.{name}"
+    return reader
 
 
 def check_corpora(corpora):
@@ -203,6 +224,6 @@ def check_corpora(corpora):
         if spec.get("path") and not Path(spec.path).is_file():
             raise ConfigError(f"data.corpora.{name}.path: {spec.get('path')} is not a file")
         try:
-            corpus_reader(spec)
+            corpus_reader(spec, name)
         except Exception as e:  # noqa: BLE001 -- hydra wraps a reader's errors of any kind
             raise ConfigError(f"data.corpora.{name}: {str(e).splitlines()[-1]}") from None

@@ -126,7 +126,7 @@ def load_data(cfg, bad=None):
             if split
             else f"{reader.name}: no test questions (data.test_ids, data.n_test or the reader's test split)"
         )
-    corpora = {name: load_corpus(spec, bad, reader) for name, spec in (cfg.get("corpora") or {}).items()}
+    corpora = {name: load_corpus(spec, bad, reader, name) for name, spec in (cfg.get("corpora") or {}).items()}
     return train, test, corpora, getattr(reader, "world", None)
 
 
@@ -147,9 +147,10 @@ def load_qa(cfg, reader=None, bad=None):
     return (train if n_train is None else train[:n_train]), (test if n_test is None else test[:n_test])
 
 
-def load_corpus(spec, bad=None, qa_reader=None):
-    """Documents {id, text} of one data.corpora entry, read by its reader (lark.data.corpora.corpus_reader)."""
-    return corpus_reader(spec)(bad or BadRows(), qa_reader)
+def load_corpus(spec, bad=None, qa_reader=None, name=None):
+    """Documents {id, text} of one data.corpora entry (`name`: its key, named in errors), read by its reader
+    (lark.data.corpora.corpus_reader)."""
+    return corpus_reader(spec, name)(bad or BadRows(), qa_reader)
 
 
 def split_qa(rows, test_rows, spec, test_ids=None, bad=None, name="data"):
