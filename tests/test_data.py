@@ -2,6 +2,7 @@
 validation, sampling."""
 
 import json
+import os
 import string
 import tempfile
 from collections import Counter
@@ -759,3 +760,52 @@ def test_exclude_medical_that_leaves_out_every_document_read_names_the_corpus(tm
     data["corpora"] = {"web": {"path": str(path), "limit": 5, "exclude_medical": True}}
     with pytest.raises(DataError, match=r"^data\.corpora\.web \("):  # a run's load_data names its key
         D.load_data(OmegaConf.create(data))
+
+
+def rewrite_keeping_size_and_time(path, text):
+    """Rewrite a file with bytes of the same length and restore its modification time (cp -p, rsync -t, tar x)."""
+    before = path.stat()
+    assert len(text.encode()) == before.st_size
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_streamed_corpus_rewritten_with_its_size_and_time_gets_a_new_bm25_index(tmp_path):
+    """The index key held the file's size and modification time: a same-size rewrite with its time restored reused
+    the old index, whose positions then named other documents."""
+    from lark.data.sources import bm25_retrieve
+
+    path = tmp_path / "c.jsonl"
+
+    def lines(*texts):
+        return "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+
+    path.write_text(lines("aspirin reduces pain", "music and dance", "movies tonight"))
+    first = JsonlCorpus(str(path), stream=True)(IO.BadRows())
+    assert bm25_retrieve(["aspirin"], first, 1, index_dir=tmp_path / "ix")[0]["text"] == "aspirin reduces pain"
+    old_key = first.fingerprint()
+    rewrite_keeping_size_and_time(path, lines("music reduces pain", "aspirin and dance", "movies tonight"))
+    again = JsonlCorpus(str(path), stream=True)(IO.BadRows())
+    assert again.fingerprint() != old_key
+    assert bm25_retrieve(["aspirin"], again, 1, index_dir=tmp_path / "ix") == [
+        {"id": "d1", "text": "aspirin and dance"}
+    ]
+    folder = tmp_path / "hub"  # a local datasets folder: its files' contents too
+    folder.mkdir()
+    (folder / "part.jsonl").write_text(lines("one"))
+    before = HubCorpus(str(folder), stream=True).fingerprint()
+    rewrite_keeping_size_and_time(folder / "part.jsonl", lines("two"))
+    assert HubCorpus(str(folder), stream=True).fingerprint() != before
+
+
+def test_an_unpinned_streamed_hub_corpus_says_once_that_its_index_is_reused_blind(capsys):
+    """A hub corpus at no revision or at a branch cannot be seen to change: the run logs it once, naming the key."""
+    floating = corpus_reader({"hub_id": "org/unpinned-corpus", "stream": True}, "web")
+    floating.fingerprint()
+    floating.fingerprint()
+    out = capsys.readouterr().out
+    assert out.count("org/unpinned-corpus") == 1 and "data.corpora.web.revision=<commit sha>" in out
+    corpus_reader({"hub_id": "org/unpinned-corpus", "revision": "main", "stream": True}, "web").fingerprint()
+    assert "revision 'main' (a branch or tag can move)" in capsys.readouterr().out
+    corpus_reader({"hub_id": "org/unpinned-corpus", "revision": "0123abcd" * 5}, "web").fingerprint()
+    assert capsys.readouterr().out == ""  # a commit is pinned

@@ -12,13 +12,14 @@ Without a `_target_`, an entry's one location key names the reader (SHORTHAND): 
 ('data.corpora={web: {path: corpus.jsonl}}') and of the configs runs saved before corpora were readers.
 """
 
+import re
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lark.data.bm25 import tokens
-from lark.data.io import read_jsonl
+from lark.data.io import chunks, read_jsonl, sha256
 from lark.data.records import checked, document, unique
 from lark.errors import ConfigError, DataError
 
@@ -106,11 +107,9 @@ class JsonlCorpus(Corpus):
         self.path, self.name = path, str(path)
 
     def fingerprint(self):
-        stat = Path(self.path).stat()  # a rewritten file has another size or modification time
-        return super().fingerprint() | {
-            "path": str(Path(self.path).resolve()),
-            "file": [stat.st_size, stat.st_mtime_ns],
-        }
+        """The settings and the sha256 of the file's bytes: a file rewritten with the same size and its time restored
+        (cp -p, rsync -t, tar x) is another corpus (hashing reads it once, far less work than tokenising it)."""
+        return super().fingerprint() | {"path": str(Path(self.path).resolve()), "sha256": sha256(chunks(self.path))}
 
     def rows(self, bad):
         return ((f"{self.path}:{n}", r) for n, r in read_jsonl(self.path, bad))
@@ -119,7 +118,8 @@ class JsonlCorpus(Corpus):
 class HubCorpus(Corpus):
     """The documents of a `datasets` dataset (`hub_id`: a hub name or a local folder), streamed: only the first
     `limit` are read. `revision` pins a hub dataset to a branch, tag or commit: part of the fingerprint, so a saved
-    BM25 index is rebuilt when it changes (a hub name left at null, its newest, cannot be seen to change)."""
+    BM25 index is rebuilt when it changes (a hub name left at null, its newest, or at a branch cannot be seen to
+    change: the run says so once)."""
 
     def __init__(
         self,
@@ -138,10 +138,27 @@ class HubCorpus(Corpus):
         self.revision = revision
 
     def fingerprint(self):
-        folder = Path(str(self.hub_id))  # a local folder: its files' sizes and times; a hub name: the name
+        """The settings and, for a local folder, the sha256 of each of its files; a hub name is known by its name
+        and revision only (a floating one is logged once: unpinned)."""
+        folder = Path(str(self.hub_id))
+        if not folder.is_dir():
+            self.unpinned()
         files = sorted(folder.rglob("*")) if folder.is_dir() else []
-        state = [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+        state = [[f.relative_to(folder).as_posix(), sha256(chunks(f))] for f in files if f.is_file()]
         return super().fingerprint() | {"files": state}
+
+    def unpinned(self, log=print):
+        """Log once per run, for a hub dataset whose revision is not a commit (null: its newest, or a branch or tag
+        name, which can move), that a saved BM25 index of it is reused without knowing whether it changed."""
+        if COMMIT.fullmatch(str(self.revision or "")) or (self.hub_id, self.revision) in UNPINNED:
+            return
+        UNPINNED.add((self.hub_id, self.revision))
+        key = self.key or "data.corpora.<name>"
+        at = f"revision {self.revision!r} (a branch or tag can move)" if self.revision else "no revision (its newest)"
+        log(
+            f"[lark] BM25: {key} streams {self.hub_id} at {at}: a saved index of it is reused without knowing "
+            f"whether the dataset changed; pin it to a commit with {key}.revision=<commit sha>"
+        )
 
     def rows(self, bad):
         import datasets  # imported on use: a heavy optional dependency
@@ -149,6 +166,10 @@ class HubCorpus(Corpus):
         pinned = {"revision": str(self.revision)} if self.revision else {}
         rows = datasets.load_dataset(self.hub_id, self.hub_config, split=self.split, streaming=True, **pinned)
         return ((f"{self.hub_id} row {n}", r) for n, r in enumerate(rows))
+
+
+COMMIT = re.compile(r"[0-9a-fA-F]{40}")  # a full commit hash: the one revision that cannot move
+UNPINNED = set()  # the (hub_id, revision) of the hub corpora logged as unpinned in this process
 
 
 class Streamed:
