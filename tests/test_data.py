@@ -809,3 +809,32 @@ def test_an_unpinned_streamed_hub_corpus_says_once_that_its_index_is_reused_blin
     assert "revision 'main' (a branch or tag can move)" in capsys.readouterr().out
     corpus_reader({"hub_id": "org/unpinned-corpus", "revision": "0123abcd" * 5}, "web").fingerprint()
     assert capsys.readouterr().out == ""  # a commit is pinned
+
+
+def test_hub_reader_errors_on_saved_folders_and_files_name_the_key_and_the_path(tmp_path):
+    """A saved single Dataset with test_split used all its rows as both sets (then 'duplicate id'); a missing split
+    was a bare KeyError; a single Parquet file failed in datasets with "Couldn't find any data file"."""
+    import datasets
+
+    table = datasets.Dataset.from_list([{"q": f"Q{i}?", "a": f"A{i}", "uid": i} for i in range(3)])
+    table.save_to_disk(tmp_path / "one")
+    with pytest.raises(ConfigError, match=rf"^data\.reader\.test_split: {tmp_path / 'one'} is a single table"):
+        D.HubRows(str(tmp_path / "one"), test_split="test")(IO.BadRows())
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(tmp_path / "dict")
+    for key, split in [("test_split", "tset"), ("split", "trian")]:
+        reader = D.HubRows(str(tmp_path / "dict"), **{key: split})
+        with pytest.raises(ConfigError, match=rf"^data\.reader\.{key}: .*dict has no split '{split}' \(it has: train"):
+            reader(IO.BadRows())
+    table.to_parquet(tmp_path / "qa.parquet")
+    rows, test = D.HubRows(str(tmp_path / "qa.parquet"))(IO.BadRows())
+    file = tmp_path / "qa.parquet"
+    assert test is None and [(w, r["uid"]) for w, r in rows] == [(f"{file}[train] row {n}", n) for n in range(3)]
+    with pytest.raises(ConfigError, match=r"^data\.reader\.test_split: .*qa\.parquet is a single table"):
+        D.HubRows(str(tmp_path / "qa.parquet"), test_split="test")(IO.BadRows())
+    not_parquet = write_lines(tmp_path / "qa.jsonl", [{"q": "Q?"}])
+    with pytest.raises(ConfigError, match=rf"^data\.reader\.hub_id: {not_parquet} is a file that datasets cannot"):
+        D.HubRows(str(not_parquet))(IO.BadRows())
+    (tmp_path / "files").mkdir()  # a folder of data files (load_dataset): an unknown split names its key too
+    table.to_parquet(tmp_path / "files" / "train.parquet")
+    with pytest.raises(ConfigError, match=r"^data\.reader\.test_split: .*files has no split 'tset'"):
+        D.HubRows(str(tmp_path / "files"), test_split="tset")(IO.BadRows())

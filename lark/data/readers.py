@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from lark.data.corpora import SHORTHAND, corpus_reader
 from lark.data.io import BadRows, read_jsonl
 from lark.data.records import checked, identifier, lookup, required, unique
-from lark.errors import DataError
+from lark.errors import ConfigError, DataError
 
 
 def qa_item(record, where, spec):
@@ -80,9 +80,10 @@ class JsonlRows:
 
 
 class HubRows:
-    """QA rows of a Hugging Face `datasets` dataset: a hub name (load_dataset) or a local save_to_disk folder
-    (load_from_disk); `split` holds the rows (the training rows when `test_split` is set); `revision` pins the hub
-    dataset to a branch, tag or commit (null: its newest; ignored for a local folder)."""
+    """QA rows of a Hugging Face `datasets` dataset: a hub name or a folder of data files (load_dataset), a local
+    save_to_disk folder (load_from_disk) or a single Parquet file; `split` holds the rows (the training rows when
+    `test_split` is set; a saved single Dataset or a Parquet file has no splits: all its rows, and no test_split);
+    `revision` pins the hub dataset to a branch, tag or commit (null: its newest; ignored for a local folder)."""
 
     def __init__(self, hub_id, hub_config=None, split="train", test_split=None, revision=None):
         self.hub_id, self.hub_config, self.split, self.test_split = hub_id, hub_config, split, test_split
@@ -93,19 +94,59 @@ class HubRows:
     def __call__(self, bad):
         import datasets
 
-        folder = Path(str(self.hub_id))
-        saved = folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file())
+        path = Path(str(self.hub_id))
+        saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+        if not (saved or path.is_file()):
+            return self.hub_split(datasets, self.split, "split"), (
+                self.hub_split(datasets, self.test_split, "test_split") if self.test_split else None
+            )
+        data = datasets.load_from_disk(str(path)) if saved else parquet_file(datasets, path)
+        if not isinstance(data, datasets.DatasetDict):  # one table: its rows are all the rows
+            if self.test_split:
+                raise ConfigError(
+                    f"data.reader.test_split: {path} is a single table (a saved Dataset or a Parquet file), not "
+                    f"splits: its rows are all the rows; drop test_split={self.test_split} and give the test set by "
+                    "data.test_ids or data.fields.split, or save a DatasetDict with that split"
+                )
+            return self.rows(data, self.split), None
+        return self.rows(saved_split(data, self.split, "split", path), self.split), (
+            self.rows(saved_split(data, self.test_split, "test_split", path), self.test_split)
+            if self.test_split
+            else None
+        )
 
-        def split_rows(split):
-            if saved:
-                data = datasets.load_from_disk(str(folder))
-                rows = data[split] if isinstance(data, datasets.DatasetDict) else data
-            else:
-                pinned = {"revision": str(self.revision)} if self.revision else {}
-                rows = datasets.load_dataset(self.hub_id, self.hub_config, split=split, **pinned)
-            return ((f"{self.name}[{split}] row {n}", row) for n, row in enumerate(rows))
+    def rows(self, rows, split):
+        return ((f"{self.name}[{split}] row {n}", row) for n, row in enumerate(rows))
 
-        return split_rows(self.split), (split_rows(self.test_split) if self.test_split else None)
+    def hub_split(self, datasets, split, key):
+        """The rows of one split of a hub dataset or a folder of data files; an unknown split names its key."""
+        pinned = {"revision": str(self.revision)} if self.revision else {}
+        try:
+            rows = datasets.load_dataset(self.hub_id, self.hub_config, split=split, **pinned)
+        except ValueError as e:
+            if not str(e).startswith("Unknown split"):
+                raise
+            raise ConfigError(f"data.reader.{key}: {self.name} has no split '{split}' ({e})") from None
+        return self.rows(rows, split)
+
+
+def saved_split(data, split, key, path):
+    """One split of a saved DatasetDict; a missing one names its config key, the folder and the splits there are."""
+    if split not in data:
+        raise ConfigError(f"data.reader.{key}: {path} has no split '{split}' (it has: {', '.join(data)})")
+    return data[split]
+
+
+def parquet_file(datasets, path):
+    """The rows of a single Parquet file (data.reader.hub_id), as `datasets` reads parquet data_files."""
+    try:
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 -- pyarrow and datasets raise errors of many kinds on a bad file
+        raise ConfigError(
+            f"data.reader.hub_id: {path} is a file that datasets cannot read as Parquet ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); give a Parquet file, a save_to_disk folder, a folder of "
+            "data files or a hub name (JSON Lines: data=jsonl)"
+        ) from None
 
 
 def load_data(cfg, bad=None):
