@@ -329,17 +329,32 @@ def pieces(tokenizer, ids):
     token i's piece text[start:end]. When the tokens decoded one by one add up to the text (byte-level BPE without
     a split character, the usual case), each piece is its own decoding; otherwise piece i ends where the decoding
     of the first i + 1 tokens does, and a token that decodes to part of a character (byte-level BPE) gets an
-    empty piece, the character going to the token that completes it."""
+    empty piece, the character going to the token that completes it. That decoding is incremental (`prefix_ends`:
+    linear in the tokens), the decoding of every prefix only for a tokenizer whose decodings do not concatenate."""
     options = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
     text = tokenizer.decode(ids, **options)
     alone = tokenizer.batch_decode([[i] for i in ids], **options)
     if "".join(alone) == text and "\ufffd" not in text:
         ends = list(itertools.accumulate(len(piece) for piece in alone))
         return text, list(zip([0, *ends[:-1]], ends))
-    spans, done = [], 0
-    for i in range(len(ids)):  # a prefix ending in part of a character decodes it as U+FFFD: not common with text
-        prefix = tokenizer.decode(ids[: i + 1], **options) if i + 1 < len(ids) else text
-        end = max(done, len(os.path.commonprefix([prefix, text])))
-        spans.append((done, end))
-        done = end
-    return text, spans
+    ends = prefix_ends(tokenizer, ids, text, options)
+    if ends is None:  # decodings that do not concatenate (e.g. a leading space dropped): every prefix decoded
+        ends = [len(os.path.commonprefix([tokenizer.decode(ids[: i + 1], **options), text])) for i in range(len(ids))]
+    ends = list(itertools.accumulate([*ends[:-1], len(text)], max)) if ids else []
+    return text, list(zip([0, *ends[:-1]], ends))
+
+
+def prefix_ends(tokenizer, ids, text, options):
+    """[per token: how far the decoding of the first i + 1 tokens agrees with the text], decoding only from the
+    last token where the text read so far was whole (a split character spans at most a few tokens), or None where
+    such a window does not decode to the text (the decodings do not concatenate: the caller decodes prefixes)."""
+    ends, anchor, at = [], 0, 0  # tokens [0, anchor) decode to text[:at]
+    for i in range(len(ids)):
+        window = tokenizer.decode(ids[anchor : i + 1], **options)
+        agree = len(os.path.commonprefix([window, text[at : at + len(window)]]))
+        if window[agree:].replace("\ufffd", ""):  # not a character still being read
+            return None
+        ends.append(at + agree)
+        if agree == len(window):
+            anchor, at = i + 1, at + agree
+    return ends if not ids or ends[-1] == len(text) else None
