@@ -19,7 +19,7 @@ from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.optimizer import estimate_moments
 from lark.kernel.projectors import trainable
 from lark.kernel.stores import topk_scores
-from lark.kernel.tokens import check, top_pieces, write_tokens
+from lark.kernel.tokens import TOKENS_TOP_K, check, missing, top_k_of, top_pieces, write_tokens
 from lark.kernel.tokens_math import Transpose, pieces, scaling, token_derivatives, token_losses, token_products
 
 CONF = ROOT / "conf" / "attribution"
@@ -309,6 +309,10 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     base = {"top_k": 5, "store_dtype": "float16"}
     assert check(OmegaConf.create({**base, "tokens": "off"})) is False
     assert check(OmegaConf.create({**base, "tokens": "topk", "tokens_top_k": 3})) is True
+    # a run saved before the tokens keys existed: tokens_top_k (as tokens_pass and tokens_budget) has its default
+    assert check(OmegaConf.create({**base, "tokens": "topk"})) is True
+    assert top_k_of(OmegaConf.create(base)) == OmegaConf.load(CONF / "default.yaml").tokens_top_k == TOKENS_TOP_K
+    assert missing(tmp_path, OmegaConf.create({**base, "tokens": "topk"}), ["raw"]) is True  # its files not there
     for bad, key in (
         ({"tokens": "all"}, "attribution.tokens"),
         ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),

@@ -51,6 +51,13 @@ from lark.kernel.tokens_math import (
 
 MODES = ("off", "topk")  # attribution.tokens
 PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
+TOKENS_TOP_K = 3  # attribution.tokens_top_k's default (conf/attribution/default.yaml), for runs saved before it
+
+
+def top_k_of(attr):
+    """attribution.tokens_top_k, the default for a run saved before the key existed (as tokens_pass's and
+    tokens_budget's)."""
+    return attr.get("tokens_top_k", TOKENS_TOP_K)
 
 
 def check(attr):
@@ -61,7 +68,7 @@ def check(attr):
         raise ConfigError(f"attribution.tokens: unknown '{mode}' ({' | '.join(MODES)})")
     if mode == "off":
         return False
-    n = attr.get("tokens_top_k")
+    n = top_k_of(attr)
     if not (whole(n) and n <= attr.top_k):
         raise ConfigError(
             f"attribution.tokens_top_k must be an integer in [1, attribution.top_k={attr.top_k}], got {n!r}"
@@ -88,7 +95,7 @@ def missing(out_dir, attr, sources):
     wanted = defaultdict(set)
     with open(folder / "top_influences.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            if int(row["rank"]) <= attr.tokens_top_k:
+            if int(row["rank"]) <= top_k_of(attr):
                 wanted[row["source"]].add((row["query_id"], row["doc_id"]))
     for source in sources:
         path = folder / "tokens" / f"{source}.jsonl"
@@ -164,7 +171,7 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
     score); mode: Pass's (attribution.tokens_pass by default)."""
     out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
-    top_k = ck.cfg.attribution.tokens_top_k
+    top_k = top_k_of(ck.cfg.attribution)
     mode = mode or ck.cfg.attribution.get("tokens_pass", "auto")
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
     budget = ck.cfg.attribution.get("tokens_budget", TANGENT_NUMBERS)
