@@ -15,7 +15,9 @@ from lark.data.sources import check_sources
 from lark.errors import ConfigError, whole
 from lark.kernel import tokens
 from lark.kernel.factory import make_kernel
+from lark.kernel.kernels import Cosine
 from lark.kernel.stores import TIERS
+from lark.kernel.tokens_math import TRANSPOSABLE
 
 
 def need(ok, message):
@@ -143,8 +145,31 @@ def check_targets(attr):
             f"attribution.store_dtype=bit cannot be whitened by attribution/kernel={kernel.name} (sign "
             "vectors, SimHash cosine); use float16, bfloat16 or int8"
         )
-    if kernel.whitens and not callable(getattr(kernel, "linear_map", None)) and tokens.check(attr):
-        raise ConfigError(
-            f"attribution.tokens=topk: attribution.kernel._target_ {attr.kernel._target_} whitens without a "
-            "linear_map(vectors, query_set) to split its scores with (lark.kernel.kernels)"
-        )
+    if tokens.check(attr):
+        check_tokens(attr, kernel)
+
+
+def check_tokens(attr, kernel):
+    """attribution.tokens=topk splits a score through the projector's transpose and the kernel's linear map: a
+    projector lark.kernel.tokens_math.Transpose does not know (it failed only once every store was built), a kernel
+    whose transform() is not the identity without saying so (`whitens`, linear_map: the token sums would not be its
+    scores) or that whitens without a linear_map is refused here, naming its _target_."""
+    target = import_target(attr.projector._target_, "attribution.projector")
+    made = target if isinstance(target, type) else getattr(target, "__self__", None)  # a class or its classmethod
+    need(
+        not isinstance(made, type) or issubclass(made, TRANSPOSABLE),
+        f"attribution.tokens=topk: attribution.projector._target_ {attr.projector._target_} has no transpose to "
+        f"split scores with (lark.kernel.tokens_math.Transpose knows {', '.join(t.__name__ for t in TRANSPOSABLE)} "
+        "and their subclasses)",
+    )
+    need(
+        kernel.whitens or getattr(type(kernel), "transform", Cosine.transform) is Cosine.transform,
+        f"attribution.tokens=topk: attribution.kernel._target_ {attr.kernel._target_} overrides transform() without "
+        "whitens = True and a linear_map(vectors, query_set): its token sums would not be its scores "
+        "(lark.kernel.kernels)",
+    )
+    need(
+        not kernel.whitens or callable(getattr(kernel, "linear_map", None)),
+        f"attribution.tokens=topk: attribution.kernel._target_ {attr.kernel._target_} whitens without a "
+        "linear_map(vectors, query_set) to split its scores with (lark.kernel.kernels)",
+    )

@@ -16,8 +16,10 @@ from lark.data.datamodule import collate
 from lark.data.formats import IGNORE, encode_text
 from lark.kernel.build import StoreBuilder
 from lark.kernel.factory import make_kernel, make_projector
+from lark.kernel.kernels import Cosine
 from lark.kernel.optimizer import estimate_moments
 from lark.kernel.projectors import trainable
+from lark.kernel.sketch import HookSketch
 from lark.kernel.stores import topk_scores
 from lark.kernel.tokens import TOKENS_TOP_K, check, missing, top_k_of, top_pieces, write_tokens
 from lark.kernel.tokens_math import Transpose, pieces, scaling, token_derivatives, token_losses, token_products
@@ -412,3 +414,47 @@ def test_train_writes_tokens_and_attribute_adds_them_without_recomputing_stores(
         assert [(r["query_id"], r["doc_id"]) for r in records] == expected and {r["rank"] for r in records} == {1, 2}
     attribute(runs["off"], {"tokens": "off", "checkpoints": [1]}, resume=False)
     assert not (folder / "tokens").exists() and (folder / "metrics.json").is_file()
+
+
+class OwnProjector:
+    """A user's projector that lark.kernel.tokens_math.Transpose does not know."""
+
+
+class OwnSketch(HookSketch):
+    """A user's projector built on one Transpose knows."""
+
+
+class ScaledKernel(Cosine):
+    """A user's kernel mapping the vectors without saying so (whitens False, no linear_map)."""
+
+    def transform(self, vectors, query_set):
+        return {name: 2 * v for name, v in vectors.items()}
+
+
+def test_tokens_refuse_at_start_a_projector_without_transpose_and_a_silent_transform():
+    """With tokens=topk, a projector Transpose does not know failed with a TypeError only after every store and
+    score was built, and a kernel whose transform() is not the identity without `whitens` gave token sums that are
+    not its scores: both are ConfigErrors at start, naming the key; known projectors (a class, a classmethod, a
+    subclass) and the built-in kernels pass, and with tokens off nothing is asked of them."""
+    from lark.config_checks import check_targets
+    from lark.errors import ConfigError
+
+    def attr(projector=None, kernel=None, tokens="topk", name="sketch", kernel_name="cosine"):
+        node = attribution(name, kernel_name)
+        node.tokens, node.tokens_top_k = tokens, 2
+        if projector:
+            node.projector = {"_target_": projector}
+        if kernel:
+            node.kernel = {"_target_": kernel}
+        return node
+
+    with pytest.raises(ConfigError, match=r"attribution\.projector\._target_ test_tokens\.OwnProjector has no"):
+        check_targets(attr(projector="test_tokens.OwnProjector"))
+    with pytest.raises(ConfigError, match=r"attribution\.kernel\._target_ test_tokens\.ScaledKernel overrides"):
+        check_targets(attr(kernel="test_tokens.ScaledKernel"))
+    check_targets(attr(projector="test_tokens.OwnProjector", tokens="off"))
+    check_targets(attr(kernel="test_tokens.ScaledKernel", tokens="off"))
+    check_targets(attr(projector="test_tokens.OwnSketch"))
+    for name in ("sketch", "factored", "rapidin", "gaussian", "exact"):
+        for kernel_name in ("cosine", "rapidin", "adam", "trackstar", "tracin_cp"):
+            check_targets(attr(name=name, kernel_name=kernel_name))

@@ -36,8 +36,10 @@ from lark.kernel.normalizers import NoNorm
 from lark.kernel.projectors import PerExample, example_gradient, trainable
 from lark.kernel.sketch import HookSketch
 
-
 # ------------------------------------------------------------------------------ P^T w
+TRANSPOSABLE = (FactoredProjector, HookSketch, PerExample)  # the projector classes Transpose knows
+
+
 class Transpose:
     """P^T of a projector: transpose(w) for w [m, k] float32 -> {parameter name: [m, *shape]}, the parameters the
     projector reads (the others get no entry: their coordinates never reach the vector). Each parameter's reader
@@ -52,7 +54,7 @@ class Transpose:
             self.readers = sketch_readers(projector, model, device)
         elif isinstance(projector, PerExample):
             self.readers = None
-        else:
+        else:  # lark.config_checks refuses such a projector at start (check_tokens)
             raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
 
     def __call__(self, w, diagonal=None):
