@@ -136,10 +136,11 @@ def evaluate_checkpoint(ck, test_items, sets):
     attr = ck.cfg.attribution
     prints = ck.prints if wanted(attr, ck.epoch) else None
     fingerprint = prints and epoch_fingerprint(ck.cfg, prints, test_items, sets, ck.epoch)
-    redo = tokens.missing(ck.out_dir, attr, sets)  # tokens asked of an epoch complete without them: stores reused
-    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints and not redo else None
+    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints else None
     saved = not attr.save_checkpoints or intact(ck.run_dir / "checkpoints" / ck.name, ck.log)
     if done and saved:
+        if ck.rank == 0 and tokens.complete(ck, test_items, sets, QUERY_SET):  # the token files asked, from its stores
+            ck.log(f"[lark] {ck.name}: token files written from its stores and top_influences.csv")
         ck.log(f"[lark] {ck.name}: complete (metrics.json matches this checkpoint and config), not attributed again")
         score = done.get("eval") or {"metric": "accuracy", "value": done.get("accuracy")}  # runs before `eval`
         return {f"test/{score['metric']}": score["value"], "checkpoint_epoch": ck.epoch, **influence_logs(done)}, []

@@ -12,8 +12,10 @@ import torch
 from conftest import ROOT, tiny_with_norms
 from omegaconf import OmegaConf
 
+from lark.checkpoint import TOP_COLUMNS
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE, encode_text
+from lark.data.io import write_csv
 from lark.kernel.build import StoreBuilder
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.kernels import Cosine
@@ -166,6 +168,7 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None):
             rows += [
                 (q["id"], name, r + 1, sets[name][index[i, r]]["id"], round(values[i, r].item(), 6)) for r in range(3)
             ]
+    write_csv(folder / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)
     cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2, **({"tokens_budget": budget} if budget else {})}})
     ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
     write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode)
@@ -458,3 +461,60 @@ def test_tokens_refuse_at_start_a_projector_without_transpose_and_a_silent_trans
     for name in ("sketch", "factored", "rapidin", "gaussian", "exact"):
         for kernel_name in ("cosine", "rapidin", "adam", "trackstar", "tracin_cp"):
             check_targets(attr(name=name, kernel_name=kernel_name))
+
+
+def test_tokens_added_to_a_complete_epoch_touch_nothing_else_and_survive_a_kill(setup, tmp_path, monkeypatch):
+    """tokens=topk asked of an epoch complete without those tokens (metrics.json matches: here `completed` says
+    so) makes only the token files, from the stores and top_influences.csv: it re-ran the whole epoch, deleting
+    metrics.json and the old tokens/ first, so that a kill during the token pass left an epoch analyze refuses.
+    A kill mid-pass (a raise from the pass) leaves metrics.json, the stores, the csv and the old token files as
+    they were; the rerun writes each query's top tokens_top_k = 3 pairs, their sums the csv's scores."""
+    import lark.checkpoint as C
+    import lark.kernel.tokens as tokens
+
+    out = tmp_path / "attribution" / "epoch_001"
+    root = OmegaConf.create({"max_length": 128, "attribution": attribution("sketch", "cosine", k=256), "format": {}})
+    run_tokens(setup, root.attribution, out)  # stores, top_influences.csv, tokens/ with tokens_top_k = 2
+    (out / "metrics.json").write_text('{"epoch": 1}')
+    root.attribution.update(enabled=True, checkpoints="all", save_checkpoints=False, tokens="topk", tokens_top_k=3)
+    done = {"sources": {}, "format_effect": {}, "bm25": {"ft_wins": None}, "eval": {"metric": "m", "value": 0.5}}
+    done.update(dict.fromkeys(("ft", "pt", "ft_pt_ratio", "ft_wins", "pt_wins")))
+    monkeypatch.setattr(C, "completed", lambda folder, fingerprint, log: done if folder == out else None)
+    monkeypatch.setattr(C, "epoch_fingerprint", lambda *args: "same")
+    monkeypatch.setattr(tokens, "query_examples", lambda items, fmt, answers: setup["sets"][QUERIES])
+    ck = C.Checkpoint(root, setup["model"], setup["tok"], tmp_path, 1, encoder=setup["encoder"], reuse=True)
+    ck.__dict__["prints"] = {"checkpoint": "c"}  # (the cached fingerprints)
+    sources = {name: setup["sets"][name] for name in ("formatted", "raw")}
+
+    def files():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before, real, calls = files(), tokens.Pass.contributions, []
+
+    def killed(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed mid-pass")
+        return real(self, *args)
+
+    monkeypatch.setattr(tokens.Pass, "contributions", killed)
+    with pytest.raises(KeyboardInterrupt):
+        C.evaluate_checkpoint(ck, [None] * 4, sources)
+    assert {p: v for p, v in files().items() if "tokens.tmp" not in p.parts} == before  # nothing lost
+    monkeypatch.setattr(tokens.Pass, "contributions", real)
+    logs, _ = C.evaluate_checkpoint(ck, [None] * 4, sources)
+    assert logs["test/m"] == 0.5 and not (out / "tokens.tmp").exists()
+    after = files()
+    assert {p: v for p, v in after.items() if "tokens" not in p.parts} == {
+        p: v for p, v in before.items() if "tokens" not in p.parts
+    }  # metrics.json, the stores and the csv untouched
+    written = read_tokens(out / "tokens")
+    assert {r["rank"] for records in written.values() for r in records} == {1, 2, 3}
+    for records in written.values():
+        assert len(records) == 4 * 3
+        for r in records:
+            for side in ("doc", "query"):
+                assert sum(c for *_, c in r[side]["tokens"] if c is not None) == pytest.approx(r["score"], abs=1e-3)
+    calls.clear()
+    C.evaluate_checkpoint(ck, [None] * 4, sources)  # complete now: nothing written again
+    assert files() == after

@@ -25,10 +25,17 @@ File format, one JSON object per line:
    "doc": {"text", "tokens": [[piece, start, end, contribution or null], ...]}, "query": {...}}
 `text` is the decoded token ids of the encoded example (special tokens kept; a cut example's kept tokens), and
 piece == text[start:end].
+
+Every source's file is written under tokens.tmp/ first, then moved into tokens/ (os.replace, file by file): a kill
+during the pass leaves the old files as they were. An epoch complete without the tokens asked (its metrics.json
+matching this checkpoint and config) gets them from its stores and top_influences.csv (`complete`): its
+metrics.json, stores, scores and predictions are neither recomputed nor touched.
 """
 
 import csv
 import json
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,8 +43,10 @@ import torch
 
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
-from lark.data.io import write_jsonl
+from lark.data.io import read_jsonl, write_jsonl
+from lark.data.sources import query_examples
 from lark.errors import ConfigError, whole
+from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.stores import load_store
 from lark.kernel.tokens_math import (
     TANGENT_NUMBERS,
@@ -86,7 +95,7 @@ def check(attr):
 def missing(out_dir, attr, sources):
     """Whether tokens are wanted and some source's tokens/<source>.jsonl is not there or does not hold exactly
     the pairs asked: top_influences.csv's rows of rank <= tokens_top_k (an epoch complete without them, or with
-    another tokens_top_k, is attributed again, its stores reused). An unreadable file counts as missing."""
+    another tokens_top_k, gets them from its stores: `complete`). An unreadable file counts as missing."""
     if not check(attr):
         return False
     folder = Path(out_dir)
@@ -107,6 +116,30 @@ def missing(out_dir, attr, sources):
         if have != wanted[source]:
             return True
     return False
+
+
+def complete(ck, test_items, sets, query_set):
+    """The token files asked of an epoch complete without them (its metrics.json matches this checkpoint and
+    config; rank 0), made from its stores (vectors and norms) and top_influences.csv: its metrics.json, stores,
+    scores and predictions are neither recomputed nor touched, and its old token files stay until the new ones
+    replace them (write_tokens). The queries are the stores': with attribution.query_target=predicted,
+    predictions.jsonl's answers. Returns whether it wrote any."""
+    attr, folder = ck.cfg.attribution, Path(ck.out_dir)
+    if not missing(folder, attr, sets):
+        return False
+    answers = None
+    if attr.get("query_target") == "predicted":
+        predicted = {str(r["id"]): r["predicted"] for _, r in read_jsonl(folder / "predictions.jsonl")}
+        answers = [predicted[str(item["id"])] for item in test_items]
+    sets = {query_set: query_examples(test_items, ck.cfg.format, answers), **sets}
+    vectors = {name: load_store(folder / "stores" / f"{name}.safetensors")[0] for name in sets}
+    ids = {name: {str(e["id"]): e["id"] for e in examples} for name, examples in sets.items()}
+    with open(folder / "top_influences.csv", newline="", encoding="utf-8") as f:
+        rows = [(r["query_id"], r["source"], int(r["rank"]), r["doc_id"], float(r["score"])) for r in csv.DictReader(f)]
+    rows = [(ids[query_set][q], source, rank, ids[source][d], score) for q, source, rank, d, score in rows]
+    kernel = make_kernel(attr)
+    write_tokens(ck, make_projector(attr, ck.model, kernel, ck.moments), kernel, vectors, sets, rows, query_set)
+    return True
 
 
 class Pass:
@@ -210,9 +243,15 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
                 "query": run.side(encoder(sets[query_set][iq]), query_rows[(q, source, d)]),
             }
         )
+    written = out_dir / "tokens.tmp"  # every source's file first, then each moved into tokens/ (os.replace)
+    shutil.rmtree(written, ignore_errors=True)
     for source in sets:
         if source != query_set:
-            write_jsonl(out[source], out_dir / "tokens" / f"{source}.jsonl")
+            write_jsonl(out[source], written / f"{source}.jsonl")
+    (out_dir / "tokens").mkdir(exist_ok=True)
+    for path in sorted(written.glob("*.jsonl")):
+        os.replace(path, out_dir / "tokens" / path.name)
+    shutil.rmtree(written, ignore_errors=True)
 
 
 def top_pieces(folder, n=5):
