@@ -378,6 +378,39 @@ def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):
         analyze(small_run)
 
 
+def page_pieces(entry_texts):
+    """Each page text's tokens as report.js's tokenSpans slices them (String.slice: UTF-16 code units), run in
+    Node on the function itself; in Python (the same arithmetic on the UTF-16 encoding) where Node is missing."""
+    js = (ROOT / "lark" / "resources" / "report.js").read_text()
+    spans = re.search(r"\n  const spansCache = new Map\(\);\n  function tokenSpans\(t\) \{.*?\n  \}\n", js, re.S)
+    if shutil.which("node") and spans:
+        script = f"const T = {{texts: {json.dumps(entry_texts)}}};{spans[0]}console.log(JSON.stringify("
+        script += "T.texts.map(([text], t) => tokenSpans(t).map(([s, e]) => text.slice(s, e)))));"
+        return json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True).stdout)
+    out = []
+    for text, offsets in entry_texts:
+        units, at, pieces = text.encode("utf-16-le"), 0, []
+        for gap, length in zip(offsets[::2], offsets[1::2]):
+            pieces.append(units[2 * (at + gap) : 2 * (at + gap + length)].decode("utf-16-le"))
+            at += gap + length
+        out.append(pieces)
+    return out
+
+
+def test_the_page_slices_each_token_after_an_emoji_to_its_piece():
+    """The files' offsets are Python code points, the page slices JavaScript strings (UTF-16 units): after a
+    character outside the Basic Multilingual Plane (an emoji, two units) every boundary moved one unit left, unless
+    the page's offsets are UTF-16 units (read_tokens)."""
+    from lark.analysis.report_data import token_entry
+
+    text = "Gene \U0001f9ec drives \U0001f600\U0001f600 BRCA1 caf\u00e9 \u65e5\u672c expression"
+    tokens = [[m[0], m.start(), m.end(), 0.1 * n] for n, m in enumerate(re.finditer(r"\s*\S+", text))]
+    texts = {}
+    index, shades, top = token_entry({"text": text, "tokens": tokens}, texts, "here")
+    assert index == 0 and len(shades) == len(tokens) and len(top) == 2 * min(10, len(tokens))
+    assert page_pieces([[t, list(offsets)] for t, offsets in texts]) == [[piece for piece, *_ in tokens]]
+
+
 def token_spans(dom):
     """[(class, white text, data-n, data-l or None, (r, g, b, alpha) or None, text)] of the shaded tokens in a DOM
     dump, in order."""

@@ -10,6 +10,7 @@ when the run wrote them, attribution/epoch_NNN/tokens/<source>.jsonl (token-wise
 """
 
 import csv
+import itertools
 import json
 import re
 from datetime import datetime, timezone
@@ -174,7 +175,8 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
     """The token-wise attribution of the pairs the page lists (attribution/epoch_NNN/tokens/<source>.jsonl, one line
     per (query, document) pair; the pairs not in `top`, read_top's lists, are left out to keep the page small), or
     None when no checkpoint has a tokens/ folder. Layout (lark/resources/report.js renders it):
-    {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per token]] (each tokenised text once),
+    {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per token]] (each tokenised text once; in
+     UTF-16 code units, JavaScript's string indices, where the files' offsets are Python's code points),
      "kernel": {epoch: kernel}, "pairs": {epoch: {source: {query index: {doc index:
         [doc text index, doc shades, doc top, query text index, query shades, query top]}}}}}
     shades: one character per token (SHADES[level + LEVELS], "." where the token carries no loss, ".n" for n such
@@ -215,12 +217,21 @@ def token_entry(part, texts, where):
     for n, ((piece, *_), (start, end)) in enumerate(zip(tokens, spans)):
         if text[start:end] != piece:
             raise DataError(f"{where}: token {n} {piece!r} is not text[{start}:{end}] = {text[start:end]!r}")
-    offsets, previous = [], 0
-    for start, end in spans:
+    offsets, previous, unit = [], 0, utf16(text)
+    for start, end in ((unit(a), unit(b)) for a, b in spans):
         offsets += [start - previous, end - start]
         previous = end
     index = texts.setdefault((text, tuple(offsets)), len(texts))
     return [index, shades(values), top_tokens(values)]
+
+
+def utf16(text):
+    """position in code points (Python's, the token files') -> in UTF-16 code units (JavaScript's string indices, the
+    page's): a character outside the Basic Multilingual Plane (an emoji) is two units."""
+    if text.isascii() or max(map(ord, text)) <= 0xFFFF:
+        return int
+    units = list(itertools.accumulate((1 + (ord(ch) > 0xFFFF) for ch in text), initial=0))
+    return units.__getitem__
 
 
 def shades(values):

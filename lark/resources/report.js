@@ -4,7 +4,8 @@
 //   top: {epoch: {source: [per query: [doc, score, doc, score, ...] by rank]}},
 //   pred: {epoch: [per query: [label, loss, correct]] or null}, prov: {query id: [doc ids carrying its fact]},
 //   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter),
-//   tokens (only when the run wrote attribution/epoch_NNN/tokens/): {levels, texts: [[text, [gap, length, ...]]],
+//   tokens (only when the run wrote attribution/epoch_NNN/tokens/): {levels, texts: [[text, [gap, length, ...]]]
+//     (in UTF-16 code units: String.slice's indices, an emoji two),
 //     kernel: {epoch: name}, pairs: {epoch: {source: {query index: {doc index: [doc text, doc shades, doc top,
 //     query text, query shades, query top]}}}}} (lark/analysis/report_data.py read_tokens: shades one character
 //     per token, ".n" for n tokens without loss; top [token, contribution, ...])}
@@ -170,7 +171,7 @@
   const tokenPair = (epoch, source, i, d) =>
     T ? ((((T.pairs[String(epoch)] || {})[source] || {})[String(i)] || {})[String(d)] || null) : null;
   const spansCache = new Map();
-  function tokenSpans(t) {  // [[start, end] per token] of T.texts[t]
+  function tokenSpans(t) {  // [[start, end] per token] of T.texts[t], UTF-16 code units (report_data.utf16)
     if (!spansCache.has(t)) {
       const offsets = T.texts[t][1], spans = [];
       for (let n = 0, at = 0; n < offsets.length; n += 2) { const s = at + offsets[n]; at = s + offsets[n + 1]; spans.push([s, at]); }
