@@ -411,6 +411,26 @@ def test_the_page_slices_each_token_after_an_emoji_to_its_piece():
     assert page_pieces([[t, list(offsets)] for t, offsets in texts]) == [[piece for piece, *_ in tokens]]
 
 
+def test_a_character_split_over_byte_tokens_is_one_page_token_with_their_contributions_added():
+    """Byte-level BPE splits an emoji or an accent over tokens: the files give the ones before the last an empty
+    piece and their own contribution (the page showed them shaded but zero-width, their tops as ''), a fast
+    tokenizer's offsets the same span twice; the page shows the character once, its tokens' contributions added
+    (a text's sum unchanged), a token without loss among them not hiding the others'."""
+    from lark.analysis.report_data import token_entry
+
+    text = "Gene \U0001f9ec caf\u00e9 ok"
+    tokens = [["Gene", 0, 4, 0.1], [" ", 4, 5, None], ["", 5, 5, 0.2], ["", 5, 5, None], ["\U0001f9ec", 5, 6, 0.3]]
+    tokens += [[" caf", 6, 10, 0.1], ["\u00e9", 10, 11, -0.4], ["\u00e9", 11 - 1, 11, 0.1], [" ok", 11, 14, 0.05]]
+    texts = {}
+    _, shades, top = token_entry({"text": text, "tokens": tokens}, texts, "here")
+    assert page_pieces([[t, list(offsets)] for t, offsets in texts]) == [
+        ["Gene", " ", "\U0001f9ec", " caf", "\u00e9", " ok"]
+    ]
+    assert len(shades) == 6 and shades[1] == "."
+    assert dict(zip(top[::2], top[1::2])) == {2: 0.5, 4: -0.3, 0: 0.1, 3: 0.1, 5: 0.05}
+    assert sum(top[1::2]) == pytest.approx(sum(c for *_, c in tokens if c is not None))
+
+
 def token_spans(dom):
     """[(class, white text, data-n, data-l or None, (r, g, b, alpha) or None, text)] of the shaded tokens in a DOM
     dump, in order."""

@@ -23,7 +23,7 @@ from lark.kernel.optimizer import estimate_moments
 from lark.kernel.projectors import trainable
 from lark.kernel.sketch import HookSketch
 from lark.kernel.stores import topk_scores
-from lark.kernel.tokens import TOKENS_TOP_K, check, missing, top_k_of, top_pieces, write_tokens
+from lark.kernel.tokens import TOKENS_TOP_K, by_character, check, missing, top_k_of, top_pieces, write_tokens
 from lark.kernel.tokens_math import Transpose, pieces, scaling, token_derivatives, token_losses, token_products
 
 CONF = ROOT / "conf" / "attribution"
@@ -268,6 +268,34 @@ def test_pieces_cover_the_decoded_text(setup):
     text, spans = pieces(tok, cut)
     assert "\ufffd" in text and "".join(text[a:b] for a, b in spans) == text
     assert text[spans[-1][0] : spans[-1][1]] == tok.decode(cut[-1:]) and text.endswith(" words")
+
+
+def test_a_character_split_over_byte_tokens_shows_as_one_piece(setup, tmp_path):
+    """Documents with emoji and accents (byte tokens here): the file gives the tokens before a character's last an
+    empty piece with their own contribution, summing to the score; W&B's top pieces and the report's page tokens
+    show the character once with its tokens' contributions added (no '' piece), a text's sum unchanged."""
+    from lark.analysis.report_data import token_entry
+
+    tok, model = setup["tok"], setup["model"]
+    raw = [e["text"].replace(" ", " \U0001f9ec caf\u00e9 ", 3) for e in setup["sets"]["raw"]]
+    sets = {**setup["sets"], "raw": [{"id": f"r{i}", "text": t} for i, t in enumerate(raw)]}
+    encoded = {e["text"]: encode_text(tok, e["text"], 40) for examples in sets.values() for e in examples}
+    emoji = {"tok": tok, "model": model, "sets": sets, "encoder": lambda e: encoded[e["text"]]}
+    rows = run_tokens(emoji, attribution("sketch", "cosine", k=256), tmp_path)
+    shown = top_pieces(tmp_path / "tokens", n=40)
+    empty = 0
+    for r in rows["raw"]:
+        tokens = r["doc"]["tokens"]
+        empty += sum(piece == "" and c is not None for piece, *_, c in tokens)
+        assert "''" not in shown[(r["query_id"], "raw", r["doc_id"])]
+        assert "\U0001f9ec" in shown[(r["query_id"], "raw", r["doc_id"])]
+        _, _, top = token_entry(r["doc"], {}, "here")
+        assert sum(c for *_, c in tokens if c is not None) == pytest.approx(r["score"], abs=1e-3)
+        assert len(top) // 2 == min(10, sum(c is not None for *_, c in by_character(tokens)))
+        assert all(piece for piece, *_, c in by_character(tokens) if c is not None)
+        merged = sum(c for *_, c in by_character(tokens) if c is not None)
+        assert merged == pytest.approx(sum(c for *_, c in tokens if c is not None), abs=1e-9)
+    assert empty > 0  # the file keeps each byte token's own value
 
 
 def prefix_pieces(tok, ids):

@@ -175,13 +175,14 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
     """The token-wise attribution of the pairs the page lists (attribution/epoch_NNN/tokens/<source>.jsonl, one line
     per (query, document) pair; the pairs not in `top`, read_top's lists, are left out to keep the page small), or
     None when no checkpoint has a tokens/ folder. Layout (lark/resources/report.js renders it):
-    {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per token]] (each tokenised text once; in
+    {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per page token]] (each tokenised text once, in
      UTF-16 code units, JavaScript's string indices, where the files' offsets are Python's code points),
      "kernel": {epoch: kernel}, "pairs": {epoch: {source: {query index: {doc index:
         [doc text index, doc shades, doc top, query text index, query shades, query top]}}}}}
-    shades: one character per token (SHADES[level + LEVELS], "." where the token carries no loss, ".n" for n such
-    tokens in a row); top: the
-    TOP_TOKENS largest |contribution| tokens as [token index, contribution (4 significant digits)] by |c|."""
+    A page token is a file's token, or a character split over byte tokens with their contributions added
+    (`characters`). shades: one character per page token (SHADES[level + LEVELS], "." where the token carries no
+    loss, ".n" for n such tokens in a row); top: the TOP_TOKENS largest |contribution| page tokens as [page token
+    index, contribution (4 significant digits)] by |c|."""
     folders = {e: epoch_dir(run_dir, e) / "tokens" for e in epochs}
     if not any(folder.is_dir() for folder in folders.values()):
         return None
@@ -217,12 +218,29 @@ def token_entry(part, texts, where):
     for n, ((piece, *_), (start, end)) in enumerate(zip(tokens, spans)):
         if text[start:end] != piece:
             raise DataError(f"{where}: token {n} {piece!r} is not text[{start}:{end}] = {text[start:end]!r}")
+    spans, values = zip(*characters(spans, values)) if spans else ((), ())
     offsets, previous, unit = [], 0, utf16(text)
     for start, end in ((unit(a), unit(b)) for a, b in spans):
         offsets += [start - previous, end - start]
         previous = end
     index = texts.setdefault((text, tuple(offsets)), len(texts))
     return [index, shades(values), top_tokens(values)]
+
+
+def characters(spans, values):
+    """[(span, contribution)] of the page's tokens: a token with an empty piece (byte-level BPE: a byte of a character
+    that the next token completes) or the next one's span is shown with that next one, their contributions added
+    (null where none carries loss). The files keep each token's own value; a text's sum is unchanged."""
+    out, held = [], []
+    for n, (span, c) in enumerate(zip(spans, values)):
+        held.append(c)
+        after = spans[n + 1] if n + 1 < len(spans) else None
+        if after is not None and (span == after or span[0] == span[1] == after[0]):
+            continue
+        kept = [x for x in held if x is not None]
+        out.append((span, sum(kept) if kept else None))
+        held = []
+    return out
 
 
 def utf16(text):

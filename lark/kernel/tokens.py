@@ -24,7 +24,10 @@ File format, one JSON object per line:
   {"query_id", "doc_id", "rank", "score", "kernel",
    "doc": {"text", "tokens": [[piece, start, end, contribution or null], ...]}, "query": {...}}
 `text` is the decoded token ids of the encoded example (special tokens kept; a cut example's kept tokens), and
-piece == text[start:end].
+piece == text[start:end]. start and end count Python code points (the report converts them to JavaScript's UTF-16
+units). A character split over byte tokens (byte-level BPE: an emoji, an accented letter) is the piece of the token
+that completes it; the tokens before it get an empty piece (start == end) with their own contribution, and the
+report and W&B's top pieces show them with the token that completes the character, contributions added.
 
 Every source's file is written under tokens.tmp/ first, then moved into tokens/ (os.replace, file by file): a kill
 during the pass leaves the old files as they were. An epoch complete without the tokens asked (its metrics.json
@@ -254,14 +257,31 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     shutil.rmtree(written, ignore_errors=True)
 
 
+def by_character(tokens):
+    """[[piece, start, end, contribution or None]] with a token of empty piece (a byte of a character the next
+    token completes) or of the next one's span folded into that next one, contributions added (None where none
+    carries loss): what the report (lark.analysis.report_data.characters) and top_pieces show."""
+    out, held = [], []
+    for n, (piece, start, end, c) in enumerate(tokens):
+        held.append(c)
+        after = tokens[n + 1][1:3] if n + 1 < len(tokens) else None
+        if after is not None and ([start, end] == list(after) or start == end == after[0]):
+            continue
+        kept = [x for x in held if x is not None]
+        out.append([piece, start, end, sum(kept) if kept else None])
+        held = []
+    return out
+
+
 def top_pieces(folder, n=5):
     """{(query_id, source, doc_id): "piece (+0.012), ..."} of the n document tokens of largest contribution, from
-    a checkpoint's tokens/*.jsonl (the W&B top-k table's column); {} when there are none."""
+    a checkpoint's tokens/*.jsonl (the W&B top-k table's column), a character split over byte tokens as one
+    (by_character); {} when there are none."""
     shown = {}
     for path in sorted(Path(folder).glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            tokens = [t for t in record["doc"]["tokens"] if t[3] is not None]
+            tokens = [t for t in by_character(record["doc"]["tokens"]) if t[3] is not None]
             best = sorted(tokens, key=lambda t: -abs(t[3]))[:n]
             shown[(record["query_id"], path.stem, record["doc_id"])] = ", ".join(
                 f"{t[0]!r} ({t[3]:+.3g})" for t in best
