@@ -16,9 +16,10 @@ document's prompt, a query's question) have no gradient of their own: contributi
 
 The pairs are each query's top `attribution.tokens_top_k` documents of every source (ranks as in
 top_influences.csv). Cost: every example in a written pair (each document and query once, with all its partners)
-takes min(m, T_loss) derivative passes — m forward-mode passes, one per partner's tangent u = N D P^T w, or, when
-it has fewer loss tokens than partners, T_loss backward passes, one per loss token, run in batches (a query's
-short answer) — plus a backward pass under per-tensor normalisation (its norms).
+takes min(m, T_loss) derivatives — m forward-mode ones, one per partner's tangent u = N D P^T w, the partners'
+tangents batched into vmapped passes of as many as attribution.tokens_budget holds (tangent_chunk: ceil(m / chunk)
+passes), or, when it has fewer loss tokens than partners, T_loss backward ones, one per loss token, batched the
+same way (a query's short answer) — plus a backward pass under per-tensor normalisation (its norms).
 
 File format, one JSON object per line:
   {"query_id", "doc_id", "rank", "score", "kernel",
