@@ -381,7 +381,7 @@ def measure(ck, stores, maxinf, queries, sets, info):
             src.ft_source,
             src.pt_source,
         ),
-        "storage": storage(ck.model, stores.projector.k, attr.store_dtype, src.size),
+        "storage": storage(ck.model, stores.projector.k, attr.store_dtype, len(sets[src.ft_source])),
         "projector": stores.projector.spec(),
         "kernel": stores.kernel.spec(),
         "loss_target": {"answer_template": fmt.get("answer_template"), "query_target": attr.get("query_target")},

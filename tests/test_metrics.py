@@ -239,3 +239,33 @@ def test_max_influence_property(n_q, n_d, data):
     rows = [data.draw(st.lists(scores_st, min_size=n_d, max_size=n_d)) for _ in range(n_q)]
     out = M.max_influence(torch.tensor(rows))
     assert out.tolist() == [max(torch.tensor(r).tolist()) for r in rows]
+
+
+def test_table_iii_counts_the_fine_tuning_sources_examples(tmp_path):
+    """Table III multiplied the per-example bytes by source.size even when the finetune source held another number
+    of items (size: null takes every training item)."""
+    import types
+
+    from omegaconf import OmegaConf
+
+    import lark.checkpoint as C
+
+    source = {"ft_source": "ft", "pt_source": "pt", "format_pairs": {}, "size": 100}
+    source["sources"] = {
+        "ft": {"kind": "finetune", "formatted": True, "size": None},
+        "pt": {"kind": "retrieve", "corpus": "m", "formatted": True},
+    }
+    cfg = OmegaConf.create(
+        {
+            "source": source,
+            "format": {"answer_template": "{answer}"},
+            "attribution": {"store_dtype": "float16", "query_target": "gold"},
+        }
+    )
+    ck = types.SimpleNamespace(cfg=cfg, model=torch.nn.Linear(3, 2), prints={}, run_dir=tmp_path, out_dir=tmp_path)
+    projector = types.SimpleNamespace(k=8, spec=lambda: {"kind": "sketch"})
+    stores = types.SimpleNamespace(projector=projector, kernel=types.SimpleNamespace(spec=lambda: {}), nonfinite={})
+    sets = {"ft": [{"text": f"a b {i}", "id": str(i)} for i in range(500)], "pt": [{"text": "a c", "id": "p"}]}
+    maxinf = {"ft": torch.tensor([0.5, 0.4]), "pt": torch.tensor([0.3, 0.6])}
+    out = C.measure(ck, stores, maxinf, [{"question": "a b"}, {"question": "c"}], sets, {"epoch": 1})
+    assert out["sources"]["ft"]["n_docs"] == out["storage"]["n_examples"] == 500
