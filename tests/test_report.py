@@ -503,3 +503,21 @@ def test_the_config_summary_names_the_projector_and_kernel(tmp_path):
     legacy = {"attribution": {"projector": {"kind": "rapidin"}}}
     (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(legacy))
     assert dict(config_summary(tmp_path))["projector"] == "rapidin"
+
+
+def test_an_exact_match_run_is_not_labelled_accuracy(tmp_path):
+    """metrics.json's `accuracy` holds exact match under eval=exact_match; the sweep table's "Acc." column and the
+    question browser's "accuracy" showed it as accuracy."""
+    from lark.analysis.report import metric_cell
+
+    m = {"epoch": 2, "accuracy": 0.31, "eval": {"metric": "exact_match", "value": 0.31, "higher_is_better": True}}
+    assert metric_cell(m, "accuracy", "%") == "-" and metric_cell(m, "eval", ".4g") == "0.31 (exact_match)"
+    m["eval"]["metric"] = "accuracy"
+    assert metric_cell(m, "accuracy", "%") == "31.0%"
+    run = tmp_path / "run"
+    synthetic_run(run, n_queries=6, n_docs=5, n_epochs=1, top_k=2, seed=0)
+    for file in run.glob("attribution/epoch_*/metrics.json"):
+        metrics = json.loads(file.read_text())
+        metrics["eval"] = {"metric": "exact_match", "value": metrics.get("accuracy"), "higher_is_better": True}
+        file.write_text(json.dumps(metrics))
+    assert blob(analyze(run)["report"])["accuracy_metric"] == "exact_match"

@@ -222,6 +222,8 @@ def metric_cell(m, key, spec):
     if key == "eval":  # {"metric", "value"}: the number first (the table sorts by it), then which metric
         score = m.get("eval") or {}
         return "-" if score.get("value") is None else f"{score['value']:{spec}} ({score.get('metric', '?')})"
+    if key == "accuracy" and (m.get("eval") or {}).get("metric", "accuracy") != "accuracy":
+        return "-"  # metrics.json's `accuracy` holds exact match then: the Test metric column names it
     value = (m.get("bm25") or {}).get("ft_wins") if key == "bm25_ft_wins" else m.get(key)
     if value is None:
         return "-"

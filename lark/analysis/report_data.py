@@ -144,6 +144,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         "snippet": snippet_chars,
         "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
         "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
+        "accuracy_metric": next(((m.get("eval") or {}).get("metric") for m in metrics if m.get("eval")), "accuracy"),
         "label_set": label_set(run_dir, tests),
         "queries": [
             {

@@ -23,6 +23,7 @@
     .split(" "));
   const blobNode = document.getElementById("lark-data");
   const D = blobNode ? JSON.parse(blobNode.textContent) : null;
+  const ACC = ((D && D.accuracy_metric) || "accuracy").replace("_", " ");  // exact match is no "accuracy"
   const params = new URLSearchParams(location.search);
 
   function el(tag, attrs, ...kids) {
@@ -112,7 +113,7 @@
     return s;
   };
   const epochSelect = select("f-epoch", D.epochs.map((e) => [String(e), "checkpoint epoch " + e +
-    (e === 0 ? " (base)" : "") + (D.accuracy[e] != null ? ", acc. " + fmt(100 * D.accuracy[e], 1) + "%" : "")]),
+    (e === 0 ? " (base)" : "") + (D.accuracy[e] != null ? ", " + ACC + " " + fmt(100 * D.accuracy[e], 1) + "%" : "")]),
     String(state.epoch), "epoch");
   const labelSelect = D.label_set  // free-form answers: one entry per sentence would be useless, so loss thirds
     ? select("f-label", [["", "any gold label"], ...labels.map((l) => [l, "gold = " + l])], state.label, "label")
@@ -145,7 +146,7 @@
     list.replaceChildren();
     const acc = D.accuracy[state.epoch];
     count.textContent = state.list.length + " of " + Q.length + " questions" + " \u00b7 checkpoint epoch " +
-      state.epoch + (acc != null ? " \u00b7 accuracy " + fmt(100 * acc, 1) + "%" : "");
+      state.epoch + (acc != null ? " \u00b7 " + ACC + " " + fmt(100 * acc, 1) + "%" : "");
     count.dataset.shown = state.list.length;
     count.dataset.total = Q.length;
     renderMore();
