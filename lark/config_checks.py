@@ -3,6 +3,7 @@ before any work in train.py, attribute.py and validate.py (lark.experiment), aft
 checks (lark.preflight)."""
 
 import inspect
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def check_config(cfg):
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
     for key in ("optimizer", "scheduler.scheduler", "trainer"):  # called late (after data and the model load)
         check_arguments(cfg, key)
+    adam_eps = (cfg.get("optimizer") or {}).get("eps", 1e-8)  # torch's AdamW default when the key is absent
+    kernel_eps = cfg.attribution.kernel.get("eps")
+    need(
+        kernel_eps is None or math.isclose(kernel_eps, adam_eps, rel_tol=1e-6),
+        f"attribution.kernel.eps={kernel_eps} differs from optimizer.eps={adam_eps}: the kernel divides by "
+        "sqrt(v_hat) + eps as the run's AdamW did; set them equal",
+    )
     evaluator = instantiate(cfg.eval)
     need(
         cfg.attribution.query_target != "predicted" or evaluator.predicts,

@@ -252,7 +252,7 @@ def gpu_problems(cfg, n_params):
     wanted = trainer.get("devices")
     if not devices:
         return [
-            f"trainer={'ddp' if trainer.get('strategy') == 'ddp' else 'gpu'} needs a CUDA device and this "
+            f"trainer={'ddp' if 'ddp' in str(trainer.get('strategy')).lower() else 'gpu'} needs a CUDA device and this "
             f"machine has none visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
             f"{sized}: run on a GPU machine, or on a CPU: `+experiment=pubmedqa_small` or `trainer=cpu`"
         ]

@@ -131,6 +131,7 @@ IGNORED = (
     "attribution.projector.cache_bytes",  # how many hash signs are kept between batches: speed only
     "attribution.tokens_pass",  # forward or reverse derivatives of the token contributions: speed only
     "attribution.tokens_budget",  # how many tangents a derivative pass holds: speed and memory only
+    "trainer.strategy.timeout",  # how long a DDP rank waits at a collective
 )
 
 

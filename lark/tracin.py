@@ -103,7 +103,7 @@ def write_tracin_cp(run_dir, cfg, log=print):
                 )
             doc_ids = d_ids
             parts.append((lr, (q, q_norm), (d, d_norm)))
-        values, index = tracin_top(parts, tier, attr.top_k)
+        values, index = tracin_top(parts, tier, attr.top_k, attr.get("score_block", 4096))
         maxinf[name] = values[:, 0] if values.shape[1] else torch.full((len(query_ids),), float("nan"))
         rows += top_rows(values, index, query_ids, doc_ids, name)
         if attr.save_scores:  # the whole matrix only when asked for (attribution.save_scores)

@@ -52,6 +52,31 @@ def test_attribute_scores_bm25_with_the_runs_settings(finished, tmp_path, monkey
     assert [(s["k1"], s["b"]) for s in seen] == [(0.9, 0.4)]
 
 
+def test_attribute_py_analyses_with_the_runs_own_analysis_settings(finished, tmp_path):
+    """attribute.py's analysis used the defaults (Table I at "best", a report) whatever the run had asked."""
+    from omegaconf import OmegaConf
+
+    run_dir = copy_of(finished, tmp_path)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved.analysis.table1_epoch, saved.analysis.report = "last", False
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    shutil.rmtree(run_dir / "report", ignore_errors=True)
+    run("attribute.py", [f"run_dir={run_dir}"], tmp_path)
+    assert "the last epoch (table1_epoch=last)" in (run_dir / "tables" / "table1.md").read_text()
+    assert not (run_dir / "report").exists()
+
+
+def test_kernel_eps_must_be_the_optimizers():
+    from conftest import compose
+
+    from lark.config_checks import check_config
+    from lark.errors import ConfigError
+
+    check_config(compose(["attribution/kernel=adam"]))
+    with pytest.raises(ConfigError, match=r"attribution.kernel.eps=1e-08 differs from optimizer.eps=1e-06"):
+        check_config(compose(["attribution/kernel=trackstar", "optimizer.eps=1e-6"]))
+
+
 # ------------------------------------------------------------------------------------------------ the format
 def test_every_single_byte_flip_of_a_store_is_caught_and_an_unchecksummed_one_still_loads(tmp_path):
     from safetensors.torch import save_file

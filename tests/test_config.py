@@ -114,7 +114,11 @@ def test_trainer_gpu_and_ddp():
     gpu = compose(["trainer=gpu"]).trainer
     ddp = compose(["trainer=ddp"]).trainer
     assert gpu.precision == "bf16-true" and gpu.accelerator == "gpu"
-    assert ddp.strategy == "ddp" and ddp.precision == "bf16-true"
+    assert ddp.precision == "bf16-true"
+    strategy = instantiate(ddp.strategy)  # its collective timeout is a key (the token pass runs on rank 0 alone)
+    assert type(strategy).__name__ == "DDPStrategy" and strategy._timeout.total_seconds() == 30 * 60
+    longer = instantiate(compose(["trainer=ddp", "trainer.strategy.timeout.minutes=120"]).trainer.strategy)
+    assert longer._timeout.total_seconds() == 120 * 60
 
 
 @pytest.mark.parametrize(
