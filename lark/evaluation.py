@@ -25,7 +25,7 @@ import torch
 
 from lark.console import progress
 from lark.data.datamodule import collate
-from lark.data.formats import IGNORE, candidate_answer, render, truncate_middle
+from lark.data.formats import IGNORE, candidate_answer, cut_prompt, render
 
 
 class Evaluator:
@@ -166,7 +166,7 @@ class ExactMatch(Evaluator):
         predicted = []
         for fields in fields_list:
             prompt = tokenizer(render(tokenizer, fields, encoder.fmt)[0], add_special_tokens=False)["input_ids"]
-            ids = truncate_middle(prompt, max(1, encoder.max_length - self.max_new_tokens), keep_tail=64)
+            ids = cut_prompt(tokenizer, fields, encoder.fmt, prompt, max(1, encoder.max_length - self.max_new_tokens))
             out = []
             for _ in range(self.max_new_tokens):  # greedy decoding without a KV cache (use_cache is off)
                 logits = model(input_ids=torch.tensor([ids + out], device=device)).logits[0, -1]

@@ -38,9 +38,10 @@ def warn_cut(cfg, tokenizer, named_sets, log=print, run_dir=None):
     cut = {name: counts for name, counts in cut.items() if counts[0]}
     if cut:
         message = (
-            f"longer than max_length={cfg.max_length} tokens, so cut (a prompt in its middle, keeping its last 64 "
-            "tokens; an answer beyond max_length/2 at its end, without its end-of-turn token; a document at its "
-            "end): " + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
+            f"longer than max_length={cfg.max_length} tokens, so cut (a prompt in the middle of its context, keeping "
+            "the question and the generation prompt, at least its last 64 tokens; an answer beyond max_length/2 at "
+            "its end, without its end-of-turn token; a document at its end): "
+            + ", ".join(f"{n} of {total} {name}" for name, (n, total) in cut.items())
         )
         warn(run_dir, "max_length", message, log, counts=cut)
     return cut

@@ -2,6 +2,7 @@
 candidates."""
 
 import pytest
+import torch
 from conftest import data_spec
 from omegaconf import OmegaConf
 
@@ -256,6 +257,37 @@ def test_truncation_keeps_answer_and_prompt_end(tok, world, fmt, max_length):
     assert kept[: len(kept) - tail] == full_prompt[: len(kept) - tail]  # the start too; the middle is cut
     if max_length >= 200:
         assert f["question"] in tok.decode(kept[-tail:])
+
+
+@pytest.mark.parametrize("fmt", [CHAT, PLAIN], ids=["chat", "plain"])
+def test_a_long_question_survives_whole_and_the_context_is_cut(tok, world, fmt):
+    """The prompt kept a fixed last 64 tokens, so a question longer than that lost its start (632 of PubMedQA's
+    1,000 with the tiny tokenizer at max_length=256) while context was kept; now the context alone is cut."""
+    from lark.evaluation import ExactMatch
+
+    question = " ".join([world.test[3]["question"]] * 4)
+    f = qa_fields(dict(world.test[3], question=question, contexts=world.test[3]["contexts"] * 6))
+    prompt, answer = render(tok, f, fmt)
+    assert len(ids_of(tok, question)) > 64 and len(ids_of(tok, prompt)) + len(ids_of(tok, answer)) > 400
+    enc = encode_qa(tok, f, fmt, 400)
+    kept = enc["input_ids"][: check_mask_shape(enc)]
+    assert len(enc["input_ids"]) == 400 and question in tok.decode(kept)
+    encoder = type("E", (), {"tokenizer": tok, "fmt": fmt, "max_length": 400})()
+    seen = []
+
+    class Model(torch.nn.Module):  # records the generation prompt, answers end-of-sequence at once
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            seen.append(input_ids[0].tolist())
+            logits = torch.zeros(1, input_ids.shape[1], len(tok))
+            logits[0, -1, tok.eos_token_id] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    ExactMatch(max_new_tokens=8).evaluate(Model(), encoder, [f], [f])
+    assert question in tok.decode(seen[0]) and len(seen[0]) <= 400 - 8
 
 
 def test_no_truncation_when_it_fits(tok, fields):

@@ -93,9 +93,9 @@ def test_a_prompt_cut_by_max_length_is_counted_in_one_warning():
     )
     assert cut == {"fine-tuning items": [1, 3]}
     assert printed == [
-        "[lark] warning: longer than max_length=64 tokens, so cut (a prompt in its middle, keeping its last 64 tokens; "
-        "an answer beyond max_length/2 at its end, without its end-of-turn token; a document at its end): 1 of 3 "
-        "fine-tuning items"
+        "[lark] warning: longer than max_length=64 tokens, so cut (a prompt in the middle of its context, keeping the "
+        "question and the generation prompt, at least its last 64 tokens; an answer beyond max_length/2 at its end, "
+        "without its end-of-turn token; a document at its end): 1 of 3 fine-tuning items"
     ]
     assert warn_cut(cfg, tokenizer, {"test questions": [short]}, printed.append) == {} and len(printed) == 1
 

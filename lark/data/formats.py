@@ -119,6 +119,20 @@ def truncate_middle(ids, budget, keep_tail):
     return ids[: budget - tail] + ids[len(ids) - tail :]
 
 
+def cut_prompt(tokenizer, fields, fmt, prompt_ids, budget):
+    """A QA prompt's ids shortened to `budget` tokens in the middle of its context. What follows the context (the
+    question and the generation prompt: the tokens the prompt shares at its end with the same prompt rendered
+    without context) survives whole, up to half the budget; at least the last 64 tokens do (a fixed 64 cut into
+    questions longer than about 50 tokens)."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    bare = tokenizer(render(tokenizer, {**fields, "context": ""}, fmt)[0], add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(bare), len(prompt_ids)) and bare[-1 - shared] == prompt_ids[-1 - shared]:
+        shared += 1
+    return truncate_middle(prompt_ids, budget, keep_tail=max(64, shared))
+
+
 def encode_qa(tokenizer, fields, fmt, max_length, answer=None):
     """input_ids and labels (-100 outside the answer) of a QA-shaped example. `answer` replaces the rendered
     answer text (used to score candidate answers)."""
@@ -126,7 +140,7 @@ def encode_qa(tokenizer, fields, fmt, max_length, answer=None):
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(rendered if answer is None else answer, add_special_tokens=False)["input_ids"]
     answer_ids = answer_ids[: max_length // 2]
-    prompt_ids = truncate_middle(prompt_ids, max_length - len(answer_ids), keep_tail=64)
+    prompt_ids = cut_prompt(tokenizer, fields, fmt, prompt_ids, max_length - len(answer_ids))
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
 
 
