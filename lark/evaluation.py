@@ -76,12 +76,13 @@ def evaluate_on_ranks(evaluator, model, encoder, items, fields_list, rank=0, wor
     return value, predicted
 
 
-def answer_log_likelihoods(model, tokenizer, encoded, batch_size=16):
-    """([n] summed log-probabilities of the labelled tokens, [n] their count) of encoded examples."""
+def answer_log_likelihoods(model, pad_id, encoded, batch_size=16):
+    """([n] summed log-probabilities of the labelled tokens, [n] their count) of encoded examples, `batch_size`
+    at a time (eval.batch_size: a batch's logits are batch x length x vocabulary floats)."""
     device = next(model.parameters()).device
     sums, counts = [], []
     for start in progress(range(0, len(encoded), batch_size), "evaluation", unit="batch"):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        batch = collate(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -97,28 +98,30 @@ class Choices(Evaluator):
 
     metric, predicts = "accuracy", True
 
-    def __init__(self, labels):
-        self.labels = list(labels)
+    def __init__(self, labels, batch_size=16):
+        self.labels, self.batch_size = list(labels), batch_size
 
     def evaluate(self, model, encoder, items, fields_list):
         tokenizer = encoder.tokenizer
         encoded = [
             encoder(f, answer=candidate_answer(encoder.fmt, label)) for f in fields_list for label in self.labels
         ]
-        scores = answer_log_likelihoods(model, tokenizer, encoded)[0].view(len(fields_list), len(self.labels))
+        scores = answer_log_likelihoods(model, tokenizer.pad_token_id, encoded, self.batch_size)[0]
+        scores = scores.view(len(fields_list), len(self.labels))
         predicted = [self.labels[i] for i in scores.argmax(-1).tolist()]
         correct = sum(p == item["answer"] for p, item in zip(predicted, items))
         return correct / max(1, len(items)), predicted
 
 
-def gold_answer_losses(model, encoder, fields_list):
+def gold_answer_losses(model, encoder, fields_list, batch_size=16):
     """[n] mean cross-entropy (nats per token) of each item's gold answer tokens after its prompt, in eval mode (no
     dropout: the same losses on every call, and no draw from the RNG that a resumed run would not replay)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums, counts = answer_log_likelihoods(model, encoder.tokenizer, [encoder(f) for f in fields_list])
+            encoded = [encoder(f) for f in fields_list]
+            sums, counts = answer_log_likelihoods(model, encoder.tokenizer.pad_token_id, encoded, batch_size)
     finally:
         model.train(was_training)
     return -sums / counts.clamp(min=1)
@@ -129,8 +132,11 @@ class AnswerLoss(Evaluator):
 
     metric, higher_is_better = "answer_loss", False
 
+    def __init__(self, batch_size=16):
+        self.batch_size = batch_size
+
     def evaluate(self, model, encoder, items, fields_list):
-        per_item = gold_answer_losses(model, encoder, fields_list)
+        per_item = gold_answer_losses(model, encoder, fields_list, self.batch_size)
         return (per_item.mean().item() if len(per_item) else None), None
 
 
@@ -157,8 +163,8 @@ class ExactMatch(Evaluator):
 
     metric, predicts = "exact_match", True
 
-    def __init__(self, max_new_tokens=32):
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, max_new_tokens=32, batch_size=16):
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size  # batch_size: predictions' losses
 
     def evaluate(self, model, encoder, items, fields_list):
         device, tokenizer = next(model.parameters()).device, encoder.tokenizer

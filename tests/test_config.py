@@ -256,3 +256,9 @@ def test_a_sweep_runs_every_job_when_one_fails(tmp_path):
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("[lark] error:")]
     assert [e.split("got ")[-1] for e in errors] == ["0", "-1"], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("evaluator", ["choices", "loss", "exact_match"])
+def test_the_evaluation_batch_is_a_key(evaluator):
+    """Answers were scored 16 at a time whatever the model: at 7B, 16 x 1,024 tokens of logits are ~6.6 GB."""
+    assert instantiate(compose([f"eval={evaluator}", "eval.batch_size=2"]).eval).batch_size == 2

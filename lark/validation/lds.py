@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lark.data.datamodule import collate
 from lark.data.formats import encode
 from lark.data.io import write_json
 from lark.data.readers import first_form, sample
 from lark.errors import ConfigError
+from lark.evaluation import answer_log_likelihoods
 from lark.fingerprints import content_hash
 from lark.kernel.fidelity import ranks
 from lark.models import load_pretrained
@@ -112,22 +112,17 @@ def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
     }
 
 
-@torch.no_grad()
 def query_losses(model, encoded, pad_id, batch_size=16):
-    """[n] mean loss over each example's loss tokens (the quantity whose gradient the attribution projects)."""
-    device = next(model.parameters()).device
+    """[n] mean loss over each example's loss tokens (the quantity whose gradient the attribution projects), in
+    eval mode: lark.evaluation's answer log-likelihoods."""
     was_training = model.training
     model.eval()
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        target = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0), reduction="none")
-        keep = (target != -100).float()
-        out.append(((nll * keep).sum(1) / keep.sum(1).clamp_min(1)).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    try:
+        with torch.no_grad():
+            sums, counts = answer_log_likelihoods(model, pad_id, encoded, batch_size)
+    finally:
+        model.train(was_training)
+    return -sums / counts.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------- retrains
