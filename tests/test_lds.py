@@ -167,6 +167,9 @@ def test_non_finite_score_rows_are_left_out_of_table_v():
     result = lds.lds(nan_query, membership, losses)
     assert result["per_query"][1] is None and result["n_nonfinite"] == 1 and result["n_queries"] == 2
     assert result["per_query"][0] == pytest.approx(reference["per_query"][0])
+    narrow = lds.lds(clean, membership, losses, level=0.5)  # validate's lds.level (the 95% was fixed)
+    assert reference["low"] <= narrow["low"] <= narrow["high"] <= reference["high"]
+    assert narrow["high"] - narrow["low"] < reference["high"] - reference["low"]
     nan_doc, zero_doc = clean.clone(), clean.clone()
     nan_doc[:, 7], zero_doc[:, 7] = float("nan"), 0.0
     result = lds.lds(nan_doc, membership, losses)

@@ -159,3 +159,22 @@ def test_an_unsized_model_says_its_checkpoints_disk_is_not_checked(tmp_path):
     with pytest.raises(PreflightError):  # the folder is not a model either: named as a problem
         preflight(compose(["model=hub", f"model.hub_id={tmp_path}"]), lines.append)
     assert any("size is unknown before it loads" in line for line in lines), lines
+
+
+def test_the_hub_check_waits_preflight_timeout_s(monkeypatch):
+    """Each hub id's check waited a fixed 4 s: behind a slow proxy the run stopped with no key to raise it."""
+    import huggingface_hub
+
+    import lark.preflight as P
+
+    asked = []
+
+    class Api:
+        def repo_info(self, repo, repo_type, timeout):
+            asked.append((repo, timeout))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(P, "cached_repos", lambda: set())
+    cfg = compose(["+experiment=pubmedqa", "preflight_timeout_s=30"])
+    assert P.hub_problems(cfg) == [] and asked and {timeout for _, timeout in asked} == {30}

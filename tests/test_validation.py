@@ -187,7 +187,7 @@ def test_lds_retrains_are_real_subset_runs_and_are_reused(run_dir, validated):
     from lark.validation.table5 import validate_run
 
     result, messages, vcfg = validated
-    assert result["lds"] == {"n_subsets": 3, "fraction": 0.5}
+    assert result["lds"] == {"n_subsets": 3, "fraction": 0.5, "level": 0.95}
     jobs = sorted((run_dir / "validation" / "lds").glob("*/subset_*"))
     assert [j.name for j in jobs] == ["subset_0", "subset_1", "subset_2"]
     train_ids = [r["id"] for r in rows_of(run_dir / "data" / "train.jsonl")]

@@ -97,7 +97,13 @@ def validate_run(run_dir, vcfg, log=print):
         "kernels": OmegaConf.to_container(vcfg.kernels or []),
         **({} if projectors is None else {"projectors": projector_k}),  # {name: the vectors' k}
         **({} if seed is None else {"projector_seed": seed}),
-        "lds": None if subsets is None else {"n_subsets": len(subsets["losses"]), "fraction": float(vcfg.lds.fraction)},
+        "lds": None
+        if subsets is None
+        else {
+            "n_subsets": len(subsets["losses"]),
+            "fraction": float(vcfg.lds.fraction),
+            "level": float(vcfg.lds.get("level", 0.95)),
+        },
     }
     return write_result(result, run_dir, None if seed is None else run_dir / "validation" / f"seed_{seed}")
 

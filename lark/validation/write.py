@@ -100,7 +100,8 @@ def notes(result):
     if result["lds"]:
         parts.append(
             f"LDS: {result['lds']['n_subsets']} retrains on {result['lds']['fraction']:.0%} subsets, "
-            "Spearman of the summed scores with -loss, mean over queries [95% bootstrap interval]; "
+            f"Spearman of the summed scores with -loss, mean over queries [{result['lds'].get('level', 0.95):.0%} "
+            "bootstrap interval]; "
             f"retrains took {result['timing_s'].get('lds_retrains', 0):.0f} s (shared by every row)."
         )
     parts.append("Time: seconds for that row's method over all checkpoints (TracIn-CP reuses its kernel's).")
