@@ -126,7 +126,9 @@ def cut_prompt(tokenizer, fields, fmt, prompt_ids, budget):
     questions longer than about 50 tokens)."""
     if len(prompt_ids) <= budget:
         return prompt_ids
-    bare = tokenizer(render(tokenizer, {**fields, "context": ""}, fmt)[0], add_special_tokens=False)["input_ids"]
+    bare = prompt_ids  # no context: the whole prompt is what follows it
+    if fields.get("context"):
+        bare = tokenizer(render(tokenizer, {**fields, "context": ""}, fmt)[0], add_special_tokens=False)["input_ids"]
     shared = 0
     while shared < min(len(bare), len(prompt_ids)) and bare[-1 - shared] == prompt_ids[-1 - shared]:
         shared += 1
