@@ -762,6 +762,16 @@ def test_exclude_medical_that_leaves_out_every_document_read_names_the_corpus(tm
         D.load_data(OmegaConf.create(data))
 
 
+def test_exclude_medical_takes_a_list_of_words(tmp_path):
+    """The control group's word list was a hidden constant (MEDICAL_TERMS); a list replaces it, matched casefolded."""
+    rows = [{"id": i, "text": t} for i, t in enumerate(["the Opera house", "a patient", "rock songs", "MUSIC video"])]
+    path = write_lines(tmp_path / "mixed.jsonl", rows)
+    own = D.load_corpus(corpus_cfg(path, exclude_medical=["opera", "Music"]), name="web")
+    assert [d["text"] for d in own] == ["a patient", "rock songs"]
+    shipped = D.load_corpus(corpus_cfg(path, exclude_medical=True), name="web")
+    assert [d["text"] for d in shipped] == ["the Opera house", "rock songs", "MUSIC video"]
+
+
 def rewrite_keeping_size_and_time(path, text):
     """Rewrite a file with bytes of the same length and restore its modification time (cp -p, rsync -t, tar x)."""
     before = path.stat()

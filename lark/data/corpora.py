@@ -36,21 +36,24 @@ MEDICAL_TERMS = frozenset(
 )
 
 
-def medical(doc):
-    """Whether a document has medical vocabulary (left out of a non-medical control group)."""
-    return bool(MEDICAL_TERMS.intersection(tokens(doc["text"])))
+def medical(doc, terms=MEDICAL_TERMS):
+    """Whether a document has one of `terms` (medical vocabulary: left out of a non-medical control group)."""
+    return bool(terms.intersection(tokens(doc["text"])))
 
 
 class Corpus:
     """Documents {id, text} of a reader's (where, record) rows (`rows`, in a subclass): each row checked, ids
-    unique, at most `limit` documents (null or 0: all); with `exclude_medical`, documents with medical vocabulary
-    are left out (a non-medical control group from a mixed corpus). With `stream`, the reader gives a Streamed
+    unique, at most `limit` documents (null or 0: all); with `exclude_medical` (true: MEDICAL_TERMS, or a list of
+    your own words), documents holding one of those words are left out (a non-medical control group from a mixed
+    corpus). With `stream`, the reader gives a Streamed
     corpus (read again when used, never held) instead of a list: for corpora of millions of documents."""
 
     name = "corpus"
     key = None  # its config key, data.corpora.<name> (set by corpus_reader when it has one): named in errors
 
     def __init__(self, text_field="text", id_field="id", limit=None, exclude_medical=False, stream=False):
+        if not isinstance(exclude_medical, bool):  # a list of words (lower-case: they match casefolded text)
+            exclude_medical = sorted(str(word).casefold() for word in exclude_medical)
         self.text_field, self.id_field, self.limit, self.exclude_medical = text_field, id_field, limit, exclude_medical
         self.stream = stream
 
@@ -73,11 +76,12 @@ class Corpus:
     def documents(self, bad):
         """Yield the documents one at a time (what __call__ lists); nothing is kept but the ids seen."""
         seen, n, kept = set(), 0, 0
+        terms = MEDICAL_TERMS if self.exclude_medical is True else frozenset(self.exclude_medical or ())
         for where, doc in checked(self.rows(bad), self.document, bad):
             if not unique(doc, seen, where, bad):
                 continue
             n += 1
-            if not (self.exclude_medical and medical(doc)):
+            if not (terms and medical(doc, terms)):
                 kept += 1
                 yield doc
             if self.limit and n >= self.limit:
@@ -91,8 +95,8 @@ class Corpus:
                 else "read a corpus with non-medical documents, or set exclude_medical: false"
             )
             raise DataError(
-                f"{self.where}: exclude_medical left out all {n} documents read, each has medical vocabulary "
-                f"(lark.data.corpora.MEDICAL_TERMS); {fix}"
+                f"{self.where}: exclude_medical left out all {n} documents read, each has one of its words "
+                f"({'lark.data.corpora.MEDICAL_TERMS' if terms is MEDICAL_TERMS else sorted(terms)}); {fix}"
             )
 
     def __call__(self, bad, qa_reader=None):
