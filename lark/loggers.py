@@ -7,6 +7,8 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
+from lark.data.io import replacing
+
 
 def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, continue_run=False, **kwargs):
     """A Lightning WandbLogger, offline by default (syncable later with `wandb sync`). Returns None, with a
@@ -45,9 +47,9 @@ def wandb_run_id(save_dir, continue_run):
     file = Path(save_dir) / "wandb" / "run_id"
     if continue_run and file.is_file() and file.read_text().strip():
         return file.read_text().strip()
-    file.parent.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)  # W&B's own ids: 8 lower-case letters and digits
-    file.write_text(run_id + "\n")
+    with replacing(file) as tmp:  # written whole or not at all, like every file LARK writes
+        tmp.write_text(run_id + "\n")
     return run_id
 
 
