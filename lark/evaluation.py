@@ -80,7 +80,7 @@ def answer_log_likelihoods(model, pad_id, encoded, batch_size=16):
     """([n] summed log-probabilities of the labelled tokens, [n] their count) of encoded examples, `batch_size`
     at a time (eval.batch_size: a batch's logits are batch x length x vocabulary floats)."""
     device = next(model.parameters()).device
-    sums, counts = [], []
+    sums, counts = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]  # a DDP rank may get no questions
     for start in progress(range(0, len(encoded), batch_size), "evaluation", unit="batch"):
         batch = collate(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -153,6 +153,12 @@ def upgrade_targets(obj):
     return obj
 
 
+DDP_STRATEGY = {  # conf/trainer/ddp.yaml's strategy: what "ddp" meant (Lightning's 30-minute collective timeout)
+    "_target_": "lightning.pytorch.strategies.DDPStrategy",
+    "timeout": {"_target_": "datetime.timedelta", "minutes": 30},
+}
+
+
 def upgrade(cfg):
     """A saved run config (DictConfig) in today's form (a new object; the argument is not changed)."""
     cfg = OmegaConf.create(upgrade_targets(OmegaConf.to_container(cfg, resolve=False)))
@@ -167,6 +173,8 @@ def upgrade(cfg):
             cfg.source = upgrade_source(cfg.source)
         if "format" in cfg:
             cfg.format = upgrade_format(cfg.format)
+        if cfg.get("trainer") and cfg.trainer.get("strategy") == "ddp":  # a string before its timeout was a key
+            cfg.trainer.strategy = DDP_STRATEGY
     return cfg
 
 

@@ -43,7 +43,12 @@ def wandb_logger(project, name, save_dir, offline=True, init_timeout=30, continu
 
 
 def wandb_run_id(save_dir, continue_run):
-    """The id saved in <save_dir>/wandb/run_id when continue_run and it exists; else a new id, saved there."""
+    """The id saved in <save_dir>/wandb/run_id when continue_run and it exists; else a new id, saved there. Only
+    global rank 0 logs (and writes the file): another DDP rank, started as its own process, gets None."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return None
     file = Path(save_dir) / "wandb" / "run_id"
     if continue_run and file.is_file() and file.read_text().strip():
         return file.read_text().strip()

@@ -124,3 +124,25 @@ def test_a_target_that_imports_today_is_never_renamed():
     assert legacy.today_target("lark.validation.canary.plant") == "lark.validation.canary.plant"
     assert legacy.today_target("lark.validation.validate_run") == "lark.validation.table5.validate_run"
     assert legacy.today_target("my_package.MyKernel") == "my_package.MyKernel"
+
+
+def test_a_ddp_run_saved_with_the_strategy_string_resumes(tmp_path):
+    """trainer.strategy was the string "ddp" before its timeout became a key: resume=true refused such a run
+    ("trainer.strategy was 'ddp', now None")."""
+    from omegaconf import open_dict
+
+    from lark.legacy import upgrade
+    from lark.resume import check_same_run
+
+    today = compose(["trainer=ddp"])
+    with open_dict(today):
+        today.paths.output_dir = str(tmp_path)
+    old = OmegaConf.to_container(today, resolve=True)
+    old["trainer"]["strategy"] = "ddp"
+    assert OmegaConf.to_container(upgrade(OmegaConf.create(old)).trainer.strategy) == OmegaConf.to_container(
+        today.trainer.strategy
+    )
+    (tmp_path / "lark_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    (tmp_path / "attribution" / "epoch_000").mkdir(parents=True)
+    (tmp_path / "attribution" / "epoch_000" / "metrics.json").write_text("{}")
+    check_same_run(today, tmp_path)  # no RunDirError

@@ -245,6 +245,10 @@ def test_the_test_evaluation_is_split_across_ranks(n_items, world):
     assert [e.seen for e in evaluators] == [[[item["id"] for item in items[r::world]]] for r in range(world)]
     whole_only = ItemMean()
     whole_only.shardable = False  # a value that is not a mean over items: every rank evaluates every item
+    from lark.evaluation import answer_log_likelihoods
+
+    sums, counts = answer_log_likelihoods(torch.nn.Linear(1, 1), 0, [])  # a rank without questions (2 on 3 ranks)
+    assert sums.shape == counts.shape == (0,)
     refuse = lambda obj: pytest.fail("a whole evaluation gathered")  # noqa: E731
     assert evaluate_on_ranks(whole_only, None, None, items, items, 1, world, refuse) == whole
     assert whole_only.seen == [[item["id"] for item in items]]

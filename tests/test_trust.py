@@ -809,7 +809,7 @@ def test_wandb_failures_degrade_to_a_warning(tmp_path, monkeypatch):
         log_metrics(Trainer(), {"a": 1.0}, step=0)
 
 
-def test_a_resumed_run_logs_into_the_w_and_b_run_it_started(tmp_path):
+def test_a_resumed_run_logs_into_the_w_and_b_run_it_started(tmp_path, monkeypatch):
     """resume=true opened a new W&B run: the resumed epochs' curves were in another run than the first epochs'."""
     from lark.loggers import wandb_logger
 
@@ -825,6 +825,13 @@ def test_a_resumed_run_logs_into_the_w_and_b_run_it_started(tmp_path):
     assert run_id(False) != first  # a run started over in the folder is a new W&B run
     cfg = compose(["resume=true"])
     assert cfg.logger.wandb.continue_run is True and compose([]).logger.wandb.continue_run is False
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lark.loggers import wandb_run_id
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)  # another DDP rank, its own process
+    saved = (tmp_path / "wandb" / "run_id").read_text()
+    assert wandb_run_id(tmp_path, False) is None and (tmp_path / "wandb" / "run_id").read_text() == saved
 
 
 def test_a_run_continues_when_wandb_cannot_write_its_folder(tmp_path):
