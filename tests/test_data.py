@@ -768,6 +768,7 @@ def test_exclude_medical_takes_a_list_of_words(tmp_path):
     path = write_lines(tmp_path / "mixed.jsonl", rows)
     own = D.load_corpus(corpus_cfg(path, exclude_medical=["opera", "Music"]), name="web")
     assert [d["text"] for d in own] == ["a patient", "rock songs"]
+    assert len(D.load_corpus(corpus_cfg(path, exclude_medical=None), name="web")) == 4  # null: keep all, as false
     shipped = D.load_corpus(corpus_cfg(path, exclude_medical=True), name="web")
     assert [d["text"] for d in shipped] == ["the Opera house", "rock songs", "MUSIC video"]
 

@@ -136,6 +136,9 @@ def test_bm25_retrieve_takes_each_querys_next_best_in_turn_without_duplicates():
     assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=10, per_query=3)] == ["d0", "d2", "d3"]
     assert [d["id"] for d in bm25_retrieve(["reeds", "fast songs"], docs, n=2, per_query=3)] == ["d0", "d2"]
     assert bm25_retrieve(["opera"], docs, n=3, per_query=3) == []  # no document shares a word
+    half = [{"id": f"h{i}", "text": t} for i, t in enumerate(["alpha beta", "alpha gamma", "delta", "epsilon"])]
+    # "alpha" is in half the documents: idf 0, so its documents score 0 like the others, yet they are matches
+    assert [d["id"] for d in bm25_retrieve(["alpha"], half, n=4, per_query=4)] == ["h0", "h1"]
 
 
 def test_each_example_is_tokenised_once_per_run():

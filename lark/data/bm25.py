@@ -225,16 +225,11 @@ class BM25:
         queries = progress(queries, desc) if desc else queries
         return torch.from_numpy(np.stack([self.scores(q) for q in queries]))
 
-    def rankings(self, queries, depth, desc=None, matched=False):
+    def rankings(self, queries, depth, desc=None):
         """Each query's `depth` best document indices, best first (ties: the lower index first, as a stable sort
-        of every score would give); matched: only documents that score above 0 (share a word with the query)."""
+        of every score would give)."""
         queries = progress(queries, desc, unit="query") if desc else queries
-        out = []
-        for query in queries:
-            scores = self.scores(query)
-            best = top(scores, depth)
-            out.append(best[scores[best] > 0] if matched else best)
-        return out
+        return [top(self.scores(q), depth) for q in queries]
 
     def save(self, directory):
         """Write the index (bm25s only) to `directory` whole or not at all (a half-written one is never loaded),

@@ -52,7 +52,9 @@ class Corpus:
     key = None  # its config key, data.corpora.<name> (set by corpus_reader when it has one): named in errors
 
     def __init__(self, text_field="text", id_field="id", limit=None, exclude_medical=False, stream=False):
-        if not isinstance(exclude_medical, bool):  # a list of words (lower-case: they match casefolded text)
+        if not exclude_medical:  # null or 0: keep every document, as false
+            exclude_medical = False
+        elif not isinstance(exclude_medical, bool):  # a list of words (lower-case: they match casefolded text)
             exclude_medical = sorted(str(word).casefold() for word in exclude_medical)
         self.text_field, self.id_field, self.limit, self.exclude_medical = text_field, id_field, limit, exclude_medical
         self.stream = stream

@@ -41,22 +41,26 @@ def take(docs, positions):
 
 def bm25_retrieve(queries, docs, n, per_query=10, index_dir=None):
     """Up to n distinct documents, taking each query's rank-1 hit, then each query's rank-2 hit, and so on; a
-    document that shares no word with the query (BM25 score 0) is no hit, so a source short of matches is warned
-    about (lark.notices) instead of filled with unrelated documents. docs: a list or a streamed corpus
+    document that shares no word with the query (bm25.tokens) is no hit, so a source short of matches is warned
+    about (lark.notices) instead of filled with unrelated documents (a score of 0 is no test: a word in half the
+    documents has idf 0). docs: a list or a streamed corpus
     (lark.data.corpora.Streamed), indexed in chunks; index_dir: where the index is saved and reused
     (lark.data.bm25.cached)."""
     index = bm25.cached(lambda: (d["text"] for d in docs), corpus_key(docs), index_dir, "BM25 indexing")
-    rankings = index.rankings(queries, per_query, "BM25 retrieval", matched=True)
+    rankings = index.rankings(queries, per_query, "BM25 retrieval")
+    words = [set(bm25.tokens(q)) for q in queries]
     positions = sorted({int(i) for ranking in rankings for i in ranking})
     found = dict(zip(positions, take(docs, positions)))
     picked, seen_ids, seen_text = [], set(), set()
     for rank in range(per_query):
-        for ranking in rankings:
+        for ranking, query_words in zip(rankings, words):
             if len(picked) >= n:
                 return picked
             if rank >= len(ranking):
                 continue
             doc = found[int(ranking[rank])]
+            if query_words.isdisjoint(bm25.tokens(doc["text"])):
+                continue
             text_key = " ".join(doc["text"].lower().split())
             if doc["id"] in seen_ids or text_key in seen_text:
                 continue
