@@ -44,6 +44,8 @@ def check_config(cfg):
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
     for key in ("optimizer", "scheduler.scheduler", "trainer"):  # called late (after data and the model load)
         check_arguments(cfg, key)
+    batch = cfg.eval.get("batch_size", 1)
+    need(whole(batch), f"eval.batch_size must be a positive integer, got {batch!r}")
     adam_eps = (cfg.get("optimizer") or {}).get("eps", 1e-8)  # torch's AdamW default when the key is absent
     kernel_eps = cfg.attribution.kernel.get("eps")
     need(

@@ -139,6 +139,7 @@ def test_trainer_gpu_and_ddp():
         ("+trainer.max_epoch=3", "trainer.max_epoch"),
         ("+scheduler.scheduler.milestone=[2]", "scheduler.scheduler.milestone"),
         ("optimizer._target_=torch.optim.Nope", "optimizer._target_"),
+        ("eval.batch_size=0", "eval.batch_size"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, key):

@@ -170,6 +170,8 @@ def test_non_finite_score_rows_are_left_out_of_table_v():
     narrow = lds.lds(clean, membership, losses, level=0.5)  # validate's lds.level (the 95% was fixed)
     assert reference["low"] <= narrow["low"] <= narrow["high"] <= reference["high"]
     assert narrow["high"] - narrow["low"] < reference["high"] - reference["low"]
+    alone = lds.lds(torch.full((1, 20), float("nan")), membership, losses[:, :1])  # every row NaN
+    assert (alone["n_nonfinite"], alone["n_constant"], alone["n_queries"]) == (1, 0, 0)
     nan_doc, zero_doc = clean.clone(), clean.clone()
     nan_doc[:, 7], zero_doc[:, 7] = float("nan"), 0.0
     result = lds.lds(nan_doc, membership, losses)

@@ -88,8 +88,8 @@ def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
     gradient was not finite) is left out (n_nonfinite) rather than ranked; a NaN document column counts 0 in the
     other queries' sums (no gradient, no influence)."""
     finite = torch.isfinite(scores)
-    nonfinite = ~finite[:, finite.any(0)].all(1)  # any NaN outside the NaN documents' columns
-    per_query = spearman(predictions(scores.nan_to_num(nan=0.0), membership), -losses.double())
+    nonfinite = ~finite[:, finite.any(0)].all(1) | ~finite.any(1)  # a NaN outside the NaN documents, or all NaN
+    per_query = spearman(predictions(scores.nan_to_num(0.0, 0.0, 0.0), membership), -losses.double())
     per_query[nonfinite] = float("nan")
     ok = torch.isfinite(per_query)
     values = per_query[ok]
