@@ -19,6 +19,7 @@ import yaml
 
 from lark.data.io import read_jsonl
 from lark.errors import DataError
+from lark.kernel.tokens import by_character
 
 LEVELS = 25  # shades per sign of a token's contribution on the page: level = round(LEVELS * c / max |c|)
 SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy"  # level -25 .. 25 as one character; "." no loss
@@ -181,9 +182,9 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
      "kernel": {epoch: kernel}, "pairs": {epoch: {source: {query index: {doc index:
         [doc text index, doc shades, doc top, query text index, query shades, query top]}}}}}
     A page token is a file's token, or a character split over byte tokens with their contributions added
-    (`characters`). shades: one character per page token (SHADES[level + LEVELS], "." where the token carries no
-    loss, ".n" for n such tokens in a row); top: the TOP_TOKENS largest |contribution| page tokens as [page token
-    index, contribution (4 significant digits)] by |c|."""
+    (lark.kernel.tokens.by_character). shades: one character per page token (SHADES[level + LEVELS], "." where
+    the token carries no loss, ".n" for n such tokens in a row); top: the TOP_TOKENS largest |contribution| page
+    tokens as [page token index, contribution (4 significant digits)] by |c|."""
     folders = {e: epoch_dir(run_dir, e) / "tokens" for e in epochs}
     if not any(folder.is_dir() for folder in folders.values()):
         return None
@@ -219,29 +220,14 @@ def token_entry(part, texts, where):
     for n, ((piece, *_), (start, end)) in enumerate(zip(tokens, spans)):
         if text[start:end] != piece:
             raise DataError(f"{where}: token {n} {piece!r} is not text[{start}:{end}] = {text[start:end]!r}")
-    spans, values = zip(*characters(spans, values)) if spans else ((), ())
+    merged = by_character([[None, a, b, c] for (a, b), c in zip(spans, values)])  # a split character as one token
+    values = [c for *_, c in merged]
     offsets, previous, unit = [], 0, utf16(text)
-    for start, end in ((unit(a), unit(b)) for a, b in spans):
+    for start, end in ((unit(a), unit(b)) for _, a, b, _ in merged):
         offsets += [start - previous, end - start]
         previous = end
     index = texts.setdefault((text, tuple(offsets)), len(texts))
     return [index, shades(values), top_tokens(values)]
-
-
-def characters(spans, values):
-    """[(span, contribution)] of the page's tokens: a token with an empty piece (byte-level BPE: a byte of a character
-    that the next token completes) or the next one's span is shown with that next one, their contributions added
-    (null where none carries loss). The files keep each token's own value; a text's sum is unchanged."""
-    out, held = [], []
-    for n, (span, c) in enumerate(zip(spans, values)):
-        held.append(c)
-        after = spans[n + 1] if n + 1 < len(spans) else None
-        if after is not None and (span == after or span[0] == span[1] == after[0]):
-            continue
-        kept = [x for x in held if x is not None]
-        out.append((span, sum(kept) if kept else None))
-        held = []
-    return out
 
 
 def utf16(text):

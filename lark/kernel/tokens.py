@@ -261,7 +261,7 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
 def by_character(tokens):
     """[[piece, start, end, contribution or None]] with a token of empty piece (a byte of a character the next
     token completes) or of the next one's span folded into that next one, contributions added (None where none
-    carries loss): what the report (lark.analysis.report_data.characters) and top_pieces show."""
+    carries loss): what the report (lark.analysis.report_data) and top_pieces show."""
     out, held = [], []
     for n, (piece, start, end, c) in enumerate(tokens):
         held.append(c)
