@@ -113,18 +113,23 @@ class Choices(Evaluator):
         return correct / max(1, len(items)), predicted
 
 
-def gold_answer_losses(model, encoder, fields_list, batch_size=16):
-    """[n] mean cross-entropy (nats per token) of each item's gold answer tokens after its prompt, in eval mode (no
-    dropout: the same losses on every call, and no draw from the RNG that a resumed run would not replay)."""
+def answer_losses(model, pad_id, encoded, batch_size=16):
+    """[n] mean cross-entropy (nats per token) of each encoded example's loss tokens, in eval mode (no dropout: the
+    same losses on every call, and no draw from the RNG that a resumed run would not replay); the LDS retrains'
+    query losses too (lark.validation.lds)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            encoded = [encoder(f) for f in fields_list]
-            sums, counts = answer_log_likelihoods(model, encoder.tokenizer.pad_token_id, encoded, batch_size)
+            sums, counts = answer_log_likelihoods(model, pad_id, encoded, batch_size)
     finally:
         model.train(was_training)
     return -sums / counts.clamp(min=1)
+
+
+def gold_answer_losses(model, encoder, fields_list, batch_size=16):
+    """[n] answer_losses of each item's gold answer tokens after its prompt."""
+    return answer_losses(model, encoder.tokenizer.pad_token_id, [encoder(f) for f in fields_list], batch_size)
 
 
 class AnswerLoss(Evaluator):

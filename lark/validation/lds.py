@@ -27,7 +27,7 @@ from lark.data.formats import encode
 from lark.data.io import write_json
 from lark.data.readers import first_form, sample
 from lark.errors import ConfigError
-from lark.evaluation import answer_log_likelihoods
+from lark.evaluation import answer_losses
 from lark.fingerprints import content_hash
 from lark.kernel.fidelity import ranks
 from lark.models import load_pretrained
@@ -110,19 +110,6 @@ def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
         "high": torch.quantile(boots, 1 - alpha).item(),
         **out,
     }
-
-
-def query_losses(model, encoded, pad_id, batch_size=16):
-    """[n] mean loss over each example's loss tokens (the quantity whose gradient the attribution projects), in
-    eval mode: lark.evaluation's answer log-likelihoods."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            sums, counts = answer_log_likelihoods(model, pad_id, encoded, batch_size)
-    finally:
-        model.train(was_training)
-    return -sums / counts.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------- retrains
@@ -286,7 +273,7 @@ def measure_retrain(job, cfg, queries, keep_checkpoints):
     model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
     encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
     used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines() if line.strip()]
-    losses = query_losses(model, encoded, tokenizer.pad_token_id)
+    losses = answer_losses(model, tokenizer.pad_token_id, encoded)  # the loss whose gradient is projected
     write_json(
         job / "query_losses.json",
         {"query_ids": [q["id"] for q in queries], "train_ids": used, "epoch": max(epochs), "losses": losses.tolist()},
