@@ -14,7 +14,7 @@ Layout written under attribution/epoch_NNN/:
   metrics.json                (schema: lark/analysis/schema.py) the paper's metrics (lark.analysis.metrics) + the eval,
                               lr, storage, BM25 baseline, non-finite ids, fingerprints, warnings; written last
   shards/                     only while a set larger than attribution.shard_size is in progress (lark.kernel.build)
-Stores, shards, score matrices and checkpoints carry checksums (lark.data.io); `completed` and `intact` say what
+Stores, shards, score matrices and checkpoints carry checksums (lark.data.io); lark.reuse and `intact` say what
 resume=true does with one that fails its own.
 """
 
@@ -35,7 +35,7 @@ from lark import notices
 from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
 from lark.data.formats import Encoder
-from lark.data.io import check_manifest, check_safetensors, disk_full, write_csv, write_json, write_jsonl
+from lark.data.io import check_manifest, disk_full, write_csv, write_json, write_jsonl
 from lark.data.sources import example_text, query_examples
 from lark.errors import CorruptFile
 from lark.evaluation import evaluate_on_ranks, gold_answer_losses, normalize
@@ -47,6 +47,7 @@ from lark.kernel.optimizer import MOMENTS_FILE
 from lark.kernel.projectors import trainable
 from lark.kernel.stores import atomic_save, check_compatible, cosine_scores, tier_of, topk_scores
 from lark.models import save_checkpoint
+from lark.reuse import reusable, stored_sets
 
 QUERY_SET = "test_queries"
 TOP_COLUMNS = ("query_id", "source", "rank", "doc_id", "score")  # top_influences.csv
@@ -136,10 +137,11 @@ def evaluate_checkpoint(ck, test_items, sets):
     attr = ck.cfg.attribution
     prints = ck.prints if wanted(attr, ck.epoch) else None
     fingerprint = prints and epoch_fingerprint(ck.cfg, prints, test_items, sets, ck.epoch)
-    done = completed(ck.out_dir, fingerprint, ck.log) if ck.reuse and prints else None
+    done = reusable(ck, test_items, sets, fingerprint, QUERY_SET) if ck.reuse and prints else None
     saved = not attr.save_checkpoints or intact(ck.run_dir / "checkpoints" / ck.name, ck.log)
     if done and saved:
-        if ck.rank == 0 and tokens.complete(ck, test_items, sets, QUERY_SET):  # the token files asked, from its stores
+        stored = stored_sets(ck.out_dir, ck.cfg, test_items, sets, QUERY_SET)
+        if ck.rank == 0 and tokens.complete(ck, stored, QUERY_SET):  # the token files asked, from its stores
             ck.log(f"[lark] {ck.name}: token files written from its stores and top_influences.csv")
         ck.log(f"[lark] {ck.name}: complete (metrics.json matches this checkpoint and config), not attributed again")
         score = done.get("eval") or {"metric": "accuracy", "value": done.get("accuracy")}  # runs before `eval`
@@ -183,28 +185,6 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
         not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_pass", "tokens_budget")
     }
     return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
-
-
-def completed(folder, fingerprint, log=print):
-    """The metrics of an attributed epoch whose metrics.json carries this fingerprint, else None. Its stores and
-    score matrices must pass their checksums, else the epoch is attributed again: a corrupted store is recomputed
-    (lark.kernel.build says so), the intact ones reused, every score matrix written again (a corrupted one logged
-    here). Nothing is deleted: every rank comes to the same answer."""
-    try:
-        metrics = check_metrics(json.loads((folder / "metrics.json").read_text()), folder / "metrics.json")
-    except (OSError, ValueError):
-        return None
-    if metrics.get("fingerprint") != fingerprint:
-        return None
-    corrupted = 0
-    for path in sorted([*folder.glob("stores/*.safetensors"), *folder.glob("scores/*.safetensors")]):
-        try:
-            check_safetensors(path)
-        except CorruptFile as e:
-            corrupted += 1
-            if path.parent.name == "scores":
-                log(f"[lark] {e}: recomputed")
-    return None if corrupted else metrics
 
 
 def intact(folder, log=print):

@@ -157,6 +157,29 @@ def test_reattribution_reproduces_the_scores(run_dir):
     assert json.loads((folder / "metrics.json").read_text()) == metrics_before
 
 
+def test_resume_attributes_again_an_epoch_whose_stores_hold_other_token_ids(run_dir):
+    """An epoch complete by its fingerprint is reused whole, unless a store was projected from other token ids than
+    today's LARK gives the same examples (an earlier version's cut of long prompts): the fingerprint hashes the text,
+    not the tokenisation. Then the epoch is attributed again, saying which stores, and ends as it was."""
+    from lark.experiment import attribute
+    from lark.kernel.stores import load_store, save_store
+
+    folder = run_dir / "attribution" / "epoch_001"
+    path = folder / "stores" / "medical_format.safetensors"
+    original = path.read_bytes()
+    messages = []
+    attribute(run_dir, {"checkpoints": [1]}, log=messages.append, resume=True)
+    assert any("epoch_001: complete" in m for m in messages), messages
+    unit, norms, ids, meta = load_store(path)
+    tier, _ = meta.pop("tier"), meta.pop("k")
+    save_store(path, unit * norms[:, None], ids, {**meta, "examples": "an earlier tokenisation"}, tier)
+    messages.clear()
+    attribute(run_dir, {"checkpoints": [1]}, log=messages.append, resume=True)
+    assert any("stores of medical_format were projected from other token ids" in m for m in messages), messages
+    assert not any("epoch_001: complete" in m for m in messages)
+    assert path.read_bytes() == original  # projected again from the checkpoint, as the run first wrote it
+
+
 def test_multirun_and_analyze_cli(tmp_path):
     """A real Hydra sweep of two jobs through train.py, then analyze.py over the sweep folder."""
     sweep = tmp_path / "sweep"

@@ -492,13 +492,14 @@ def test_tokens_refuse_at_start_a_projector_without_transpose_and_a_silent_trans
 
 
 def test_tokens_added_to_a_complete_epoch_touch_nothing_else_and_survive_a_kill(setup, tmp_path, monkeypatch):
-    """tokens=topk asked of an epoch complete without those tokens (metrics.json matches: here `completed` says
+    """tokens=topk asked of an epoch complete without those tokens (metrics.json matches: here `reusable` says
     so) makes only the token files, from the stores and top_influences.csv: it re-ran the whole epoch, deleting
     metrics.json and the old tokens/ first, so that a kill during the token pass left an epoch analyze refuses.
     A kill mid-pass (a raise from the pass) leaves metrics.json, the stores, the csv and the old token files as
     they were; the rerun writes each query's top tokens_top_k = 3 pairs, their sums the csv's scores."""
     import lark.checkpoint as C
     import lark.kernel.tokens as tokens
+    import lark.reuse
 
     out = tmp_path / "attribution" / "epoch_001"
     root = OmegaConf.create({"max_length": 128, "attribution": attribution("sketch", "cosine", k=256), "format": {}})
@@ -507,9 +508,9 @@ def test_tokens_added_to_a_complete_epoch_touch_nothing_else_and_survive_a_kill(
     root.attribution.update(enabled=True, checkpoints="all", save_checkpoints=False, tokens="topk", tokens_top_k=3)
     done = {"sources": {}, "format_effect": {}, "bm25": {"ft_wins": None}, "eval": {"metric": "m", "value": 0.5}}
     done.update(dict.fromkeys(("ft", "pt", "ft_pt_ratio", "ft_wins", "pt_wins")))
-    monkeypatch.setattr(C, "completed", lambda folder, fingerprint, log: done if folder == out else None)
+    monkeypatch.setattr(C, "reusable", lambda ck, *args: done if ck.out_dir == out else None)
     monkeypatch.setattr(C, "epoch_fingerprint", lambda *args: "same")
-    monkeypatch.setattr(tokens, "query_examples", lambda items, fmt, answers: setup["sets"][QUERIES])
+    monkeypatch.setattr(lark.reuse, "query_examples", lambda items, fmt, answers: setup["sets"][QUERIES])
     ck = C.Checkpoint(root, setup["model"], setup["tok"], tmp_path, 1, encoder=setup["encoder"], reuse=True)
     ck.__dict__["prints"] = {"checkpoint": "c"}  # (the cached fingerprints)
     sources = {name: setup["sets"][name] for name in ("formatted", "raw")}

@@ -487,3 +487,27 @@ def test_a_corrupted_score_cache_is_recomputed_not_used(tmp_path):
     logs = []
     assert read_cached(path, "k1", logs.append) is None
     assert len(logs) == 1 and "scores.safetensors: checksum mismatch" in logs[0] and logs[0].endswith("recomputed")
+
+
+@pytest.mark.slow
+def test_cached_scores_are_not_reused_for_other_token_ids(run_dir, validated, monkeypatch):
+    """The score cache's key held the examples' text but not their token ids: scores cached under an earlier
+    tokenisation (an earlier cut of long prompts) were reused for today's. (Last in this file: it rewrites the
+    cosine cache.)"""
+    from lark.validation import scores
+    from lark.validation.table5 import validate_run
+
+    _, _, vcfg = validated
+    only_cosine = OmegaConf.merge(vcfg, {"kernels": ["cosine"]})
+    again = []
+    validate_run(run_dir, only_cosine, log=again.append)
+    assert any("cosine/epoch_001/scores.safetensors: cached" in m for m in again)
+    real = scores.encode
+
+    def earlier(*args, **kwargs):  # another tokenisation of the same examples: the first token cut
+        return {k: v[1:] for k, v in real(*args, **kwargs).items()}
+
+    monkeypatch.setattr(scores, "encode", earlier)
+    retokenised = []
+    validate_run(run_dir, only_cosine, log=retokenised.append)
+    assert not any("scores.safetensors: cached" in m for m in retokenised), retokenised

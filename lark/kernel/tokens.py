@@ -47,8 +47,7 @@ import torch
 
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
-from lark.data.io import read_jsonl, write_jsonl
-from lark.data.sources import query_examples
+from lark.data.io import write_jsonl
 from lark.errors import ConfigError, whole
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.stores import load_store
@@ -122,20 +121,15 @@ def missing(out_dir, attr, sources):
     return False
 
 
-def complete(ck, test_items, sets, query_set):
+def complete(ck, sets, query_set):
     """The token files asked of an epoch complete without them (its metrics.json matches this checkpoint and
     config; rank 0), made from its stores (vectors and norms) and top_influences.csv: its metrics.json, stores,
     scores and predictions are neither recomputed nor touched, and its old token files stay until the new ones
-    replace them (write_tokens). The queries are the stores': with attribution.query_target=predicted,
-    predictions.jsonl's answers. Returns whether it wrote any."""
+    replace them (write_tokens). sets: {set: [example]} as the stores hold them, the queries included
+    (lark.reuse.stored_sets). Returns whether it wrote any."""
     attr, folder = ck.cfg.attribution, Path(ck.out_dir)
-    if not missing(folder, attr, sets):
+    if not missing(folder, attr, [name for name in sets if name != query_set]):
         return False
-    answers = None
-    if attr.get("query_target") == "predicted":
-        predicted = {str(r["id"]): r["predicted"] for _, r in read_jsonl(folder / "predictions.jsonl")}
-        answers = [predicted[str(item["id"])] for item in test_items]
-    sets = {query_set: query_examples(test_items, ck.cfg.format, answers), **sets}
     vectors = {name: load_store(folder / "stores" / f"{name}.safetensors")[0] for name in sets}
     ids = {name: {str(e["id"]): e["id"] for e in examples} for name, examples in sets.items()}
     with open(folder / "top_influences.csv", newline="", encoding="utf-8") as f:

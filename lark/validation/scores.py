@@ -2,8 +2,9 @@
 
 A kernel's scores come from projecting every query, every fine-tuning item and every pool candidate here (the
 run's own stores hold only `source.size` fine-tuning items), cached under <run>/validation/scores/<kernel>/epoch_NNN
-and keyed by content (the kernel's config, the model's fingerprints, max_length, the examples' ids); with another
-projector than the run's (validate.projectors) under <run>/validation/scores/<kernel>/<projector>/epoch_NNN.
+and keyed by content (the kernel's config, the model's fingerprints, max_length, the examples and their token ids);
+with another projector than the run's (validate.projectors), in
+<run>/validation/scores/<kernel>/<projector>/epoch_NNN.
 
     scores = kernel_scores(run, "cosine", kernel_config(run.cfg.attribution, "cosine"), model, tokenizer, folder)
     # -> {"train": [Q, N] cosine, "pool": [Q, P] cosine, "q_norm": [Q], "t_norm": [N], "k": [] the vectors' k}
@@ -20,7 +21,7 @@ from lark.data.io import check_safetensors
 from lark.data.sources import example_text
 from lark.errors import ConfigError, CorruptFile, RunDirError
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
-from lark.kernel.build import project_examples
+from lark.kernel.build import examples_fingerprint, project_examples
 from lark.kernel.factory import make_kernel, make_projector, upgrade
 from lark.kernel.optimizer import MOMENTS_FILE, Moments
 from lark.kernel.stores import atomic_save, unit_rows
@@ -101,6 +102,10 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
     attr) at one checkpoint (cached in <run>/validation/scores/<name>/<checkpoint folder>/scores.safetensors; name
     may hold a slash: "cosine/factored")."""
     sets = {"queries": run.queries, "train": run.train_fields, "pool": run.pool}
+    encoded = {
+        name: [encode(tokenizer, e, run.cfg.format, run.cfg.max_length) for e in examples]
+        for name, examples in sets.items()
+    }
     kernel = make_kernel(attr)
     projector = make_projector(attr, model, kernel, checkpoint_moments(kernel, checkpoint))
     key = content_hash(
@@ -110,6 +115,7 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
         fingerprints(model, tokenizer, run.cfg.format),
         run.cfg.max_length,
         sets,  # the examples themselves: validate.pool.format changes the pool's text, not its ids
+        {name: examples_fingerprint(e) for name, e in encoded.items()},  # and their token ids (an earlier cut)
     )
     path = run.run_dir / "validation" / "scores" / name / checkpoint.name / "scores.safetensors"
     cached = read_cached(path, key, run.log)
@@ -117,14 +123,8 @@ def kernel_scores(run, name, attr, model, tokenizer, checkpoint):
         run.log(f"[lark] {path}: cached, reused")
         return cached
     raw = {
-        set_name: project_examples(
-            model,
-            [encode(tokenizer, e, run.cfg.format, run.cfg.max_length) for e in examples],
-            projector,
-            tokenizer.pad_token_id,
-            attr.batch_size,
-        )
-        for set_name, examples in sets.items()
+        name: project_examples(model, examples, projector, tokenizer.pad_token_id, attr.batch_size)
+        for name, examples in encoded.items()
         if examples
     }
     out = cosine_scores(kernel, raw) | {"k": torch.tensor(projector.k)}
