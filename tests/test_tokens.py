@@ -5,6 +5,7 @@ for every kernel and projector on real stores, and `train.py` / `attribute.py` w
 import json
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -337,6 +338,13 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     shown = top_pieces(tmp_path / "tokens", n=3)
     r = rows["raw"][0]
     assert (r["query_id"], "raw", r["doc_id"]) in shown and shown[(r["query_id"], "raw", r["doc_id"])].count("(") == 3
+    # W&B's column lists as many pieces as the report does under the shaded text (it listed 5, the report 10)
+    from lark.analysis.report_data import token_entry
+
+    default = top_pieces(tmp_path / "tokens")
+    for r in rows["raw"]:
+        _, _, top = token_entry(r["doc"], {}, "here")
+        assert len(re.findall(r" \([+-]\d", default[(r["query_id"], "raw", r["doc_id"])])) == len(top) // 2 == 10
     from lark.errors import ConfigError
 
     base = {"top_k": 5, "store_dtype": "float16"}

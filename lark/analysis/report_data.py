@@ -19,11 +19,10 @@ import yaml
 
 from lark.data.io import read_jsonl
 from lark.errors import DataError
-from lark.kernel.tokens import by_character
+from lark.kernel.tokens import TOP_TOKENS, by_character
 
 LEVELS = 25  # shades per sign of a token's contribution on the page: level = round(LEVELS * c / max |c|)
 SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy"  # level -25 .. 25 as one character; "." no loss
-TOP_TOKENS = 10  # tokens listed with their exact contribution under a shaded text
 
 
 def read_config(run_dir):

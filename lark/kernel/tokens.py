@@ -63,6 +63,7 @@ from lark.kernel.tokens_math import (
 
 MODES = ("off", "topk")  # attribution.tokens
 PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
+TOP_TOKENS = 10  # tokens listed by |contribution|: under each shaded text of the report, in W&B's top-k table
 TOKENS_TOP_K = 3  # attribution.tokens_top_k's default (conf/attribution/default.yaml), for runs saved before it
 
 
@@ -268,7 +269,7 @@ def by_character(tokens):
     return out
 
 
-def top_pieces(folder, n=5):
+def top_pieces(folder, n=TOP_TOKENS):
     """{(query_id, source, doc_id): "piece (+0.012), ..."} of the n document tokens of largest contribution, from
     a checkpoint's tokens/*.jsonl (the W&B top-k table's column), a character split over byte tokens as one
     (by_character); {} when there are none."""
