@@ -177,9 +177,26 @@ def test_the_question_browser_in_chromium(small_run):
         predictions = lines(small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl")
         right = sum(p["predicted"] == p["gold"] for p in predictions)
         assert result["correct"][str(epoch)] == [right, len(predictions) - right]
+    assert result["verdict_filter"] is True and result["prediction_badges"] == result["cards"]
     assert result["across_columns"] == 3
     dom, _ = browser.dump_dom(page, "q=" + tests[4]["question"].split()[3] + "+" + tests[4]["question"].split()[4])
     assert re.search(r'data-id="%s"' % tests[4]["id"], dom)  # the URL's search shows the question
+
+
+@needs_chromium
+def test_a_run_without_predictions_shows_no_verdicts(small_run):
+    """eval=loss predicts nothing (predictions.jsonl: predicted and correct null): every card showed a red
+    "predicted: null \u2717" badge, and the correct / incorrect filter showed 0 of 30 either way."""
+    for epoch in range(3):
+        path = small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl"
+        rows = [{**p, "predicted": None, "correct": None} for p in lines(path)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = analyze(small_run)["report"]
+    result = selftest(page)
+    assert result["verdict_filter"] is False and result["prediction_badges"] == 0 and result["correct"] == {}
+    assert result["cards"] == 25 and result["count_text"].startswith("30 of 30 questions")
+    dom, _ = browser.dump_dom(page, "correct=correct")  # a link made before: the filter is not applied
+    assert "predicted: null" not in dom and 'id="f-correct"' not in dom and dom.count('class="q"') >= 25
 
 
 @needs_chromium

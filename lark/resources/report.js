@@ -121,7 +121,10 @@
       ["mid", "answer loss: middle third"], ["high", "answer loss: highest third"]], state.loss, "loss");
   const correctSelect = select("f-correct", [["", "correct and incorrect"], ["correct", "correct only"],
     ["incorrect", "incorrect only"]], state.correct, "correct");
-  document.getElementById("controls").append(search, epochSelect, labelSelect, correctSelect);
+  // eval=loss predicts nothing: no checkpoint has a verdict, so the filter would show 0 of n either way
+  const verdicts = D.epochs.some((e) => Q.some((_, i) => correct(i, e) !== null));
+  if (!verdicts) state.correct = "";
+  document.getElementById("controls").append(search, epochSelect, labelSelect, ...(verdicts ? [correctSelect] : []));
 
   function matches(i) {
     if (state.q) for (const term of state.q.toLowerCase().split(/\s+/)) if (term && !haystack[i].includes(term)) return false;
@@ -253,7 +256,7 @@
     const head = el("header", {},
       el("span", {class: "qid", text: q.id}),
       badge("gold", "gold: " + q.gold),
-      p ? badge(ok ? "ok" : "bad", "predicted: " + p[0] + (ok ? " \u2713" : " \u2717")) : null,
+      p && p[0] != null ? badge(ok ? "ok" : "bad", "predicted: " + p[0] + (ok ? " \u2713" : " \u2717")) : null,
       p && p[1] != null ? badge("loss", "loss " + fmt(p[1], 3), "negative log-likelihood of the gold answer") : null,
       q.canary ? badge("canary", "canary") : null);
     const ctx = el("details", {class: "ctx"}, el("summary", {text: "context"}));
@@ -377,7 +380,9 @@
     }
     set(labelSelect, "", "change");
     out.correct = {};
-    for (const e of D.epochs) {
+    out.verdict_filter = verdicts;
+    out.prediction_badges = list.querySelectorAll("article.q .badge.ok, article.q .badge.bad").length;
+    for (const e of verdicts ? D.epochs : []) {
       set(epochSelect, String(e), "change");
       set(correctSelect, "correct", "change");
       out.correct[e] = Number(count.dataset.shown);
