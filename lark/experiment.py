@@ -50,7 +50,7 @@ from lark.resume import (
     save_run_config,
 )
 from lark.tracin import write_tracin_cp
-from lark.training import CausalLMModule
+from lark.training import CausalLMModule, weights_dtype
 from lark.validation.canary import plant as plant_canary
 from lark.validation.lds import train_subset
 
@@ -181,6 +181,7 @@ def train(cfg, log=print):
     trainer = make_trainer(cfg, run_dir, data, callbacks, loggers)
     try:
         if cfg.trainer.max_epochs == 0:  # Lightning skips on_train_start then: attribute the base model alone
+            model.to(device=trainer_device(cfg.trainer) or model.device, dtype=weights_dtype(cfg))  # as fit() would
             moments = checkpoint_moments(
                 cfg.attribution, model, 0, loader=data.train_dataloader(), clip=cfg.get("gradient_clip_val")
             )
@@ -276,7 +277,9 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     if not epochs:
         raise RunDirError(f"{run_dir / 'checkpoints'}: no epoch_NNN checkpoints to attribute")
     for epoch, folder in epochs.items():
-        model, tokenizer = load_pretrained(rundir.require_safetensors(folder), cfg.model)
+        # in the trainer's dtype (bf16-true: bf16, whatever model.dtype says) and on its device, as trained
+        model, tokenizer = load_pretrained(rundir.require_safetensors(folder), cfg.model, dtype=weights_dtype(cfg))
+        model.to(trainer_device(cfg.trainer) or model.device)
         if epoch == min(epochs):
             check_attribution(cfg, run_dir, model, sets, len(test_items), epochs)
             self_check(cfg, model, tokenizer, sets, log)

@@ -48,9 +48,10 @@ def build_tiny(model_cfg, tokenizer):
     return Olmo3ForCausalLM(config)
 
 
-def load_pretrained(path, model_cfg):
-    """Model and tokenizer from a folder (a LARK checkpoint or the tiny-model cache) or a hub id."""
-    dtype = getattr(torch, model_cfg.get("dtype", "float32"))
+def load_pretrained(path, model_cfg, dtype=None):
+    """Model and tokenizer from a folder (a LARK checkpoint or the tiny-model cache) or a hub id, in `dtype`
+    (default model.dtype)."""
+    dtype = dtype or getattr(torch, model_cfg.get("dtype", "float32"))
     trust = bool(model_cfg.get("trust_remote_code", False))
     revision = model_cfg.get("revision") if not Path(str(path)).is_dir() else None
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from lark.errors import LarkError
 from lark.kernel.stores import store_bytes
+from lark.training import unified_precision
 
 TIMEOUT = 4.0  # seconds per hub request (in parallel) unless preflight_timeout_s says; a blocked network fails at once
 WAY_OUT = (
@@ -31,7 +32,7 @@ WAY_OUT = (
     "`data=pubmedqa_local`; or download once where the hub is reachable (`huggingface-cli download "
     "{repo_type_flag}{repo}`) and run with HF_HUB_OFFLINE=1"
 )
-PRECISION_BYTES = {"64": 8, "64-true": 8, "32": 4, "32-true": 4, "16": 2, "16-true": 2, "bf16": 2, "bf16-true": 2}
+PRECISION_BYTES = {"64-true": 8, "32-true": 4, "16-true": 2, "bf16-true": 2}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _passed = set()  # configs that passed in this process (train.py, then experiment.train: checked once)
 
@@ -217,9 +218,10 @@ def read_model_config(repo, revision=None):
 def training_bytes(n_params, precision):
     """Full-parameter AdamW fine-tuning: weights + gradients + two optimizer states in the parameter dtype
     (`*-true`), or fp32 master weights, gradients and states (`*-mixed`); activations not included."""
-    if str(precision).endswith("-mixed"):
+    precision = unified_precision(precision)  # "bf16" is bf16-mixed, not bf16-true
+    if precision.endswith("-mixed"):
         return 16 * n_params
-    return 4 * PRECISION_BYTES.get(str(precision), 4) * n_params
+    return 4 * PRECISION_BYTES.get(precision, 4) * n_params
 
 
 def cuda_devices():

@@ -180,6 +180,30 @@ def test_resume_attributes_again_an_epoch_whose_stores_hold_other_token_ids(run_
     assert path.read_bytes() == original  # projected again from the checkpoint, as the run first wrote it
 
 
+@pytest.mark.parametrize("epochs", [1, 0])
+def test_attribute_reloads_a_bf16_true_run_in_bf16_and_reuses_its_epochs(tmp_path, epochs):
+    """trainer.precision=bf16-true with model.dtype float32 (the default) trains and saves bf16 weights, but
+    attribute.py reloaded them as float32: other fingerprints, so it attributed every epoch again in float32 and
+    overwrote the training-time results with other numbers. trainer.max_epochs=0 (no fit()) attributes the base
+    model as the trainer would hold it, in bf16, too."""
+    from lark.experiment import attribute, train
+    from lark.training import weights_dtype
+
+    cfg = compose(SMALL + ["trainer.precision=bf16-true", f"trainer.max_epochs={epochs}", "logger=none"])
+    assert cfg.model.dtype == "float32" and weights_dtype(cfg) == torch.bfloat16
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)  # (what Hydra writes before train.py's main runs)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(__import__("omegaconf").OmegaConf.to_yaml(cfg))
+    run = train(cfg, log=lambda m: None)
+    metrics = {p: p.read_bytes() for p in sorted(run.glob("attribution/epoch_*/metrics.json"))}
+    messages = []
+    attribute(run, log=messages.append)
+    assert sum("complete (metrics.json matches" in m for m in messages) == epochs + 1, messages
+    assert {p: p.read_bytes() for p in metrics} == metrics
+    assert json.loads((run / "checkpoints/epoch_000/config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_multirun_and_analyze_cli(tmp_path):
     """A real Hydra sweep of two jobs through train.py, then analyze.py over the sweep folder."""
     sweep = tmp_path / "sweep"

@@ -104,6 +104,8 @@ def test_a_cached_model_passes_and_is_sized_from_its_config(hub_cache, tmp_path,
     n = P.model_parameters(cfg.model)
     assert n == pytest.approx(7_298_011_136, rel=1e-3)
     assert P.training_bytes(n, "bf16-true") == 8 * n and P.training_bytes(n, "bf16-mixed") == 16 * n
+    # Lightning runs "bf16" and "16" as the mixed precisions (float32 master weights): they were counted as -true
+    assert P.training_bytes(n, "bf16") == P.training_bytes(n, 16) == P.training_bytes(n, "32") == 16 * n
     monkeypatch.setattr(P, "cuda_devices", lambda: [("A10G", 24e9)])
     small = P.gpu_problems(cfg, n)
     assert len(small) == 1 and "A10G has 24 GB" in small[0] and "needs ~58 GB" in small[0]
