@@ -39,7 +39,7 @@ from lark.kernel.projectors import trainable
 from lark.kernel.selfcheck import check_sketch, compared, uses_sketch
 from lark.kernel.stores import store_bytes
 from lark.loggers import build_loggers, finish, log_images, log_metrics, log_report
-from lark.models import load_base_model, load_pretrained
+from lark.models import load_base_model, load_pretrained, weights_dtype
 from lark.preflight import preflight
 from lark.resume import (
     AtomicCheckpointIO,
@@ -50,7 +50,7 @@ from lark.resume import (
     save_run_config,
 )
 from lark.tracin import write_tracin_cp
-from lark.training import CausalLMModule, weights_dtype
+from lark.training import CausalLMModule
 from lark.validation.canary import plant as plant_canary
 from lark.validation.lds import train_subset
 

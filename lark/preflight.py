@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from lark.errors import LarkError
 from lark.kernel.stores import store_bytes
-from lark.training import unified_precision
+from lark.models import unified_precision
 
 TIMEOUT = 4.0  # seconds per hub request (in parallel) unless preflight_timeout_s says; a blocked network fails at once
 WAY_OUT = (

@@ -1,25 +1,8 @@
 """Fine-tuning (and the tiny model's pretraining) with one LightningModule; batching of encoded examples."""
 
 import lightning as L
-import torch
 
 from lark import faults
-
-# Lightning's historical precision names and what it runs for them (lightning.fabric.connector warns on each)
-PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
-CONVERTS_TO = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}  # the weights too
-
-
-def unified_precision(precision):
-    """trainer.precision under Lightning's name for it today ("bf16" -> "bf16-mixed", 32 -> "32-true")."""
-    return PRECISION_ALIASES.get(str(precision), str(precision))
-
-
-def weights_dtype(cfg):
-    """The dtype the trainer holds the weights in, so the saved checkpoints' dtype: a `-true` half or double
-    precision converts the model to it; otherwise (mixed, 32-true) the weights keep model.dtype."""
-    default = getattr(torch, cfg.model.get("dtype", "float32"))
-    return CONVERTS_TO.get(unified_precision(cfg.trainer.get("precision")), default)
 
 
 class CausalLMModule(L.LightningModule):

@@ -187,7 +187,7 @@ def test_attribute_reloads_a_bf16_true_run_in_bf16_and_reuses_its_epochs(tmp_pat
     overwrote the training-time results with other numbers. trainer.max_epochs=0 (no fit()) attributes the base
     model as the trainer would hold it, in bf16, too."""
     from lark.experiment import attribute, train
-    from lark.training import weights_dtype
+    from lark.models import weights_dtype
 
     cfg = compose(SMALL + ["trainer.precision=bf16-true", f"trainer.max_epochs={epochs}", "logger=none"])
     assert cfg.model.dtype == "float32" and weights_dtype(cfg) == torch.bfloat16

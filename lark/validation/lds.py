@@ -30,7 +30,7 @@ from lark.errors import ConfigError
 from lark.evaluation import answer_losses
 from lark.fingerprints import content_hash
 from lark.kernel.fidelity import ranks
-from lark.models import load_pretrained
+from lark.models import load_pretrained, weights_dtype
 from lark.rundir import require_safetensors, saved_checkpoints
 from lark.validation import batch
 
@@ -270,7 +270,7 @@ def measure_retrain(job, cfg, queries, keep_checkpoints):
     keep_checkpoints, its earlier checkpoints are deleted (the losses are what LDS needs; the final one stays)."""
     epochs = saved_checkpoints(job)
     require_safetensors(epochs[max(epochs)])  # its checksums: a corrupted retrain is never measured
-    model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model)
+    model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model, dtype=weights_dtype(cfg))  # as trained
     encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
     used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines() if line.strip()]
     losses = answer_losses(model, tokenizer.pad_token_id, encoded)  # the loss whose gradient is projected

@@ -31,7 +31,7 @@ from lark import console
 from lark.data.io import write_json
 from lark.errors import ConfigError, whole
 from lark.kernel.factory import upgrade
-from lark.models import load_pretrained
+from lark.models import load_pretrained, weights_dtype
 from lark.rundir import epoch_lr, require_safetensors
 from lark.validation import lds
 from lark.validation.load import lds_enabled, load_run
@@ -160,7 +160,7 @@ def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=
     rows, tracin_sum, used, dim = [], None, 0, None
     for epoch, folder in run.epochs.items():
         require_safetensors(folder)  # a corrupted checkpoint stops validation naming the epoch, never scores
-        model, tokenizer = load_pretrained(folder, run.cfg.model)
+        model, tokenizer = load_pretrained(folder, run.cfg.model, dtype=weights_dtype(run.cfg))  # as trained
         scores = kernel_scores(run, cache, attr, model, tokenizer, folder)
         dim = int(scores["k"]) if "k" in scores else None  # (score files cached before k was saved lack it)
         rows.append({**tag, "epoch": epoch, **quality(scores["train"], scores.get("pool"), run, subsets)})
