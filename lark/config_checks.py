@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
@@ -39,6 +40,7 @@ def check_config(cfg):
         f"attribution.checkpoints={asked}: the run has epochs 0-{epochs} (trainer.max_epochs={epochs}; epoch 0 "
         "is the base model)",
     )
+    check_training_keys(cfg)
     check_data_keys(cfg.data)  # first: a missing data file is the mistake to name, before the sources drawn from it
     check_source_keys(cfg.source, cfg.data)
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
@@ -58,6 +60,36 @@ def check_config(cfg):
         cfg.attribution.query_target != "predicted" or evaluator.predicts,
         f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
         "eval=choices / eval=exact_match)",
+    )
+
+
+def number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_training_keys(cfg):
+    """The fine-tuning's numbers, which broke only when training began (a traceback after the model's load):
+    learning rates, the schedule's interval, max_length, num_workers, model.dtype, gradient clipping."""
+    for key in ("scheduler.lr", "optimizer.lr"):
+        lr = OmegaConf.select(cfg, key)
+        need(lr is None or (number(lr) and lr > 0), f"{key} must be a positive number, got {lr!r}")
+    interval = cfg.scheduler.get("interval", "epoch")
+    need(interval in ("step", "epoch"), f"scheduler.interval must be step or epoch, got {interval!r}")
+    need(whole(cfg.max_length), f"max_length must be a positive integer, got {cfg.max_length!r}")
+    workers = cfg.get("num_workers", 0)
+    need(number(workers) and workers == int(workers) >= 0, f"num_workers must be an integer >= 0, got {workers!r}")
+    dtype = getattr(torch, str(cfg.model.get("dtype", "float32")), None)
+    need(
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point,
+        f"model.dtype must name a torch floating dtype (float32, bfloat16, float16), got {cfg.model.get('dtype')!r}",
+    )
+    clip = cfg.get("gradient_clip_val")
+    need(clip is None or (number(clip) and clip >= 0), f"gradient_clip_val must be >= 0 or null (off), got {clip!r}")
+    trainer_clip = cfg.trainer.get("gradient_clip_val", clip)
+    need(
+        trainer_clip == clip,
+        f"trainer.gradient_clip_val={trainer_clip} differs from gradient_clip_val={clip}: set the root key (training "
+        "clips with the trainer's, the epoch-0 moments estimate with the root's)",
     )
 
 

@@ -140,6 +140,15 @@ def test_trainer_gpu_and_ddp():
         ("+scheduler.scheduler.milestone=[2]", "scheduler.scheduler.milestone"),
         ("optimizer._target_=torch.optim.Nope", "optimizer._target_"),
         ("eval.batch_size=0", "eval.batch_size"),
+        # the fine-tuning's numbers: each gave a traceback when training began, after the model's load
+        ("scheduler.interval=epochs", "scheduler.interval"),
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("scheduler.lr=abc", "scheduler.lr"),
+        ("max_length=0", "max_length"),
+        ("num_workers=-1", "num_workers"),
+        ("model.dtype=bf16", "model.dtype"),
+        ("gradient_clip_val=-1", "gradient_clip_val"),  # Lightning skipped clipping, the moments estimate did not
+        ("trainer.gradient_clip_val=0.5", "trainer.gradient_clip_val"),  # the root key stayed 1.0 for the estimate
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, key):
