@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from lark import faults
 from lark.data.io import replacing, sha256
 from lark.errors import CorruptFile, RunDirError
+from lark.fingerprints import without_locations
 from lark.legacy import upgrade
 from lark.rundir import RUN_CONFIG, computed, holds_run
 
@@ -133,6 +134,8 @@ IGNORED = (
     "attribution.tokens_budget",  # how many tangents a derivative pass holds: speed and memory only
     "trainer.strategy.timeout",  # how long a DDP rank waits at a collective
     "preflight_timeout_s",  # how long the start-up check waits for the hub
+    "preflight",  # whether the start-up check runs (its own error says preflight=false skips it)
+    "num_workers",  # data-loading processes: the batches and their order are the main process's
 )
 
 
@@ -167,8 +170,8 @@ def check_same_run(cfg, run_dir):
         saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
     if not saved.is_file() or not computed(run_dir):  # nothing computed yet: nothing to keep consistent
         return
-    old = flat(OmegaConf.to_container(upgrade(OmegaConf.load(saved)), resolve=True))  # an earlier LARK: today's form
-    new = flat(OmegaConf.to_container(cfg, resolve=True))
+    old = flat(without_locations(upgrade(OmegaConf.load(saved))))  # an earlier LARK: today's form
+    new = flat(without_locations(cfg))  # (where a BM25 index is cached, e.g. under LARK_CACHE, changes no result)
     changed = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k in old) and not k.startswith(IGNORED)
     )

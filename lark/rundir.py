@@ -25,13 +25,15 @@ RUN_CONFIG = "lark_config.yaml"  # <run>/lark_config.yaml: the resolved config t
 
 
 def computed(run_dir):
-    """Whether a run folder holds results (data, checkpoints, resume state, attribution)."""
-    return any((Path(run_dir) / name).exists() for name in ("data", "checkpoints", "resume", "attribution"))
+    """Whether a run folder holds results (checkpoints, resume state, attribution). Its data/ is not one: every
+    start makes it again from the config, so a start that failed after writing it (in the model's load) leaves a
+    run that a resume with a mended config starts as that config."""
+    return any((Path(run_dir) / name).exists() for name in ("checkpoints", "resume", "attribution"))
 
 
 def holds_run(run_dir):
-    """Whether a folder holds a started run (its config or results)."""
-    return (Path(run_dir) / RUN_CONFIG).exists() or computed(run_dir)
+    """Whether a folder holds a started run (its config, data or results)."""
+    return (Path(run_dir) / RUN_CONFIG).exists() or (Path(run_dir) / "data").exists() or computed(run_dir)
 
 
 def problems(run_dir):

@@ -179,10 +179,20 @@ def test_resume_compares_with_the_started_config_without_checkpoints_and_needs_a
     open_run(config("attribution.projector.k=640"), log=lambda m: None)  # a start that failed on its input
     open_run(config(), log=lambda m: None)  # nothing computed: started again with other settings
     assert compose_value(tmp_path / "run" / "lark_config.yaml", "attribution.projector.k") != 640
-    (tmp_path / "run" / "data").mkdir()  # a result
+    # data/ alone is no result (made again at every start): a start that failed in the model's load after writing
+    # it pinned its config, so the resume with the mended value was refused
+    (tmp_path / "run" / "data").mkdir()
+    open_run(config("resume=true", "attribution.projector.k=2048"), log=lambda m: None)
+    assert compose_value(tmp_path / "run" / "lark_config.yaml", "attribution.projector.k") == 2048
+    (tmp_path / "run" / "checkpoints").mkdir()  # a result
     with pytest.raises(RunDirError, match=r"attribution\.projector\.k was"):
-        open_run(config("resume=true", "attribution.projector.k=2048"), log=lambda m: None)
-    open_run(config("resume=true"), log=lambda m: None)  # the same settings resume
+        open_run(config("resume=true"), log=lambda m: None)
+    # keys that change no result resume: the start-up check (its own error says preflight=false skips it), the
+    # loader's worker processes, where the caches live (LARK_CACHE: the BM25 index_dir keys derived from it)
+    same = ["resume=true", "attribution.projector.k=2048"]
+    open_run(config(*same), log=lambda m: None)  # the same settings resume
+    elsewhere = f"paths.cache_dir={tmp_path / 'other_cache'}"
+    open_run(config(*same, "preflight=false", "num_workers=1", elsewhere), log=lambda m: None)
     with pytest.raises(RunDirError, match="holds no run to resume.*hydra.run.dir"):
         check_resumable(tmp_path / "new", chosen=False)
     check_resumable(tmp_path / "new", chosen=True)
