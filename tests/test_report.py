@@ -113,8 +113,8 @@ def test_table5_and_markdown_tables():
     assert "<p class='note'>*note</p>" in html
 
 
-def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
-    root = tmp_path / "sweep"
+def two_job_sweep(root):
+    """A synthetic sweep of two one-epoch jobs, 0 (format=chatml) and 1 (format=noformat)."""
     for job, overrides in (
         ("0", ["format=chatml", "seed=0", "logger=none"]),
         ("1", ["format=noformat", "seed=0", "logger=none"]),
@@ -122,6 +122,11 @@ def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
         synthetic_run(root / job, n_queries=10, n_docs=8, n_epochs=1, top_k=2, seed=int(job))
         (root / job / ".hydra").mkdir()
         (root / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    return root
+
+
+def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
+    root = two_job_sweep(tmp_path / "sweep")
     page = analyze(root)["report"]
     text = page.read_text()
     header = re.search(r"<table class='sortable'><thead><tr>(.*?)</tr>", text)[1]
@@ -138,6 +143,23 @@ def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
             table1 = (root / job / "tables" / "table1.md").read_text()
             assert f"(Epoch {epoch})" in table1 and f"first show epoch {epoch}:" in job_page
             assert f"across data sources (Epoch {epoch})" in job_page
+
+
+def test_a_sweep_analysed_into_out_dir_writes_nothing_into_its_jobs(tmp_path):
+    """out_dir was ignored for a sweep's jobs: their tables, figures and pages went into the input job folders, and
+    the sweep page linked there. Now every output lies under out_dir, a job's at its path in the sweep."""
+    root, out = two_job_sweep(tmp_path / "sweep"), tmp_path / "out"
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    page = analyze(root, out_dir=out, table1_epoch=0)["report"]
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert page == out / "report" / "index.html"
+    links = re.findall(r"href='([^']+)'>open<", page.read_text())
+    assert links == ["../0/report/index.html", "../1/report/index.html"]
+    for job, link in zip(("0", "1"), links):
+        assert (page.parent / link).resolve() == (out / job / "report" / "index.html").resolve()
+        assert "(Epoch 0)" in (out / job / "tables" / "table1.md").read_text()
+        assert "across data sources (Epoch 0)" in (out / job / "report" / "index.html").read_text()
+        assert (out / job / "figures").is_dir()
 
 
 @needs_chromium

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lark.analysis.figures import plot_figures
 from lark.analysis.markdown import write_tables
-from lark.analysis.report import write_run_report, write_sweep_report
+from lark.analysis.report import job_out_dir, write_run_report, write_sweep_report
 from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics
 from lark.analysis.tables import build_tables, loss_target_caption, tracin_rows
 from lark.rundir import require_complete
@@ -29,6 +29,7 @@ from lark.rundir import require_complete
 def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=280):
     """Tables (out_dir/tables), figures (out_dir/figures) and, with `report`, the browsable page
     out_dir/report/index.html (lark.analysis.report) of a run or multirun folder; out_dir defaults to `path`.
+    A sweep's jobs get theirs (with `report`) under out_dir at the job's path in the sweep, out_dir/<job>/...
     Returns {"tables", "table_files", "figure_files", "report" (a path or None), "runs"}."""
     run_dirs = find_runs(path)
     for run_dir in run_dirs.values():
@@ -61,5 +62,5 @@ def write_report(path, run_dirs, runs, out_dir, table1_epoch, snippet_chars):
             run_dirs["run"], runs["run"], out_dir, epochs["run"]["epoch"], snippet_chars, rule=rules["run"]
         )
     for run_dir in run_dirs.values():  # each job's page embeds its own tables and figures: made now, at this rule
-        analyze(run_dir, table1_epoch=table1_epoch, report=False)
+        analyze(run_dir, job_out_dir(path, run_dir, out_dir), table1_epoch=table1_epoch, report=False)
     return write_sweep_report(path, run_dirs, runs, epochs, out_dir, snippet_chars, rules)

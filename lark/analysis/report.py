@@ -9,6 +9,7 @@ A sweep's page: one row per job with the sweep's varying override keys as column
 
     write_run_report(run_dir, metrics, out_dir)            # -> out_dir/report/index.html
     write_sweep_report(root, run_dirs, metrics, epochs)    # -> root/report/index.html (+ each job's page)
+    write_sweep_report(root, run_dirs, metrics, epochs, out)   # -> out/report/index.html, out/<job>/report/index.html
 
 Files read (all optional except attribution/epoch_NNN/metrics.json): the run's files that lark.analysis.report_data
 lists, tables/*.md and figures/*.png. Missing pieces leave their section out; nothing here fails a run's analysis for
@@ -231,7 +232,8 @@ def metric_cell(m, key, spec):
 
 
 def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_chars=280, rules=None):
-    """out_dir/report/index.html comparing the jobs of a sweep, and each job's own page in <job>/report/.
+    """out_dir/report/index.html comparing the jobs of a sweep, and each job's own page in
+    out_dir/<job>/report/ (job_out_dir; out_dir defaults to the sweep folder, so the job's own folder).
     run_dirs / metrics / epochs / rules: job label -> run dir / metrics list / the metrics of its Table I epoch /
     the rule that chose it (in words)."""
     root, out_dir = Path(root), Path(out_dir or root)
@@ -251,6 +253,7 @@ def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_ch
         job_page = write_run_report(
             run_dir,
             metrics[job],
+            job_out_dir(root, run_dir, out_dir),
             epoch=epochs[job]["epoch"],
             snippet_chars=snippet_chars,
             title=f"LARK sweep job {job}",
@@ -269,6 +272,12 @@ def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_ch
         ]
     )
     return write_page(page_file, page(f"LARK sweep {root.name} ({len(run_dirs)} jobs)", body, {"sweep": True}))
+
+
+def job_out_dir(root, run_dir, out_dir):
+    """Where a sweep job's tables, figures and page go: its path under the sweep folder `root`, taken under out_dir
+    (the job's own folder when out_dir is the sweep folder, the default). None: the sweep folder."""
+    return Path(out_dir or root) / Path(run_dir).relative_to(root)
 
 
 def sweep_metric_cells(m, kinds):
