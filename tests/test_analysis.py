@@ -185,6 +185,18 @@ def test_bad_table1_epochs_and_files_are_user_errors(tmp_path, single_run):
         load_metrics(bad)
 
 
+def test_a_sweeps_bad_table1_epoch_names_the_job(multirun, tmp_path):
+    """table1_epoch=5 where one job attributed only epochs 0 and 2: the error did not say which job lacks it."""
+    from lark.errors import ConfigError
+
+    message = r"^sweep job 'format=noformat': table1_epoch=5: that epoch has no metrics; available epochs: \[0, 2\]$"
+    with pytest.raises(ConfigError, match=message):
+        analyze(multirun, out_dir=tmp_path / "out", table1_epoch=5)
+    with pytest.raises(ConfigError, match=message):
+        build_tables({job: load_metrics(d) for job, d in find_runs(multirun).items()}, 5)
+    assert not (tmp_path / "out").exists()
+
+
 def test_best_epoch_follows_the_evaluation():
     """eval=loss: the lowest answer loss is best (the issue's run: epoch 2, 2.793, not the last epoch's 2.964);
     exact match 0 at every epoch: the last epoch, and the rule says every epoch ties."""

@@ -55,7 +55,7 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
 
 def write_report(path, run_dirs, runs, out_dir, table1_epoch, snippet_chars):
     """The run's page, or a sweep's comparison page and each job's own page; returns the page's path."""
-    chosen = {label: choose_epoch(metrics, table1_epoch) for label, metrics in runs.items()}
+    chosen = {label: choose_epoch(metrics, table1_epoch, label) for label, metrics in runs.items()}
     epochs, rules = {label: c[0] for label, c in chosen.items()}, {label: c[1] for label, c in chosen.items()}
     if list(runs) == ["run"]:
         return write_run_report(

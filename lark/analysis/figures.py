@@ -109,7 +109,7 @@ def plot_method(runs, path, table1_epoch="best"):
     """Fig. 3: (A) storage per example, full gradient vs projected (log scale, ratio annotated); (B) FT wins (%)
     of the gradient kernel vs BM25 at the Table I epoch. One pair of bars per run."""
     figure, (ax_storage, ax_wins) = new_figure(2)
-    chosen = {job: pick_epoch(metrics, table1_epoch) for job, metrics in runs.items()}
+    chosen = {job: pick_epoch(metrics, table1_epoch, job) for job, metrics in runs.items()}
     storage = [storage_rows(m) for m in chosen.values()]
     plot_storage(ax_storage, storage)
     plot_wins(ax_wins, list(chosen.values()))

@@ -117,11 +117,12 @@ def shown(metric, value):
     return f"{100 * value:.1f}%" if metric in ("accuracy", "exact_match") else f"{value:.4g}"
 
 
-def choose_epoch(metrics, which="best"):
+def choose_epoch(metrics, which="best", job=None):
     """(the metrics of one epoch, the rule that chose it, in words). "best" follows the evaluation: the highest
     accuracy / exact match, the lowest answer loss; epochs that tie for best: the earliest of them; every epoch
     tied (e.g. exact match 0 at all of them): the last epoch, the model as fine-tuned, and the rule says so; no
-    evaluation at all: the last epoch. "last", or an epoch number, choose that epoch."""
+    evaluation at all: the last epoch. "last", or an epoch number, choose that epoch. job: the sweep job's label
+    (find_runs), named in the error of an epoch that job lacks ("run", None: a single run)."""
     if which == "best":
         scored = [(m, *evaluation(m)) for m in metrics if evaluation(m)[1] is not None]
         if not scored:
@@ -144,21 +145,22 @@ def choose_epoch(metrics, which="best"):
     for m in metrics:
         if m["epoch"] == epoch:
             return m, f"epoch {epoch} (table1_epoch={epoch})"
+    whose = "" if job in (None, "run") else f"sweep job {job!r}: "
     raise ConfigError(
-        f"table1_epoch={epoch}: that epoch has no metrics; available epochs: {[m['epoch'] for m in metrics]}"
+        f"{whose}table1_epoch={epoch}: that epoch has no metrics; available epochs: {[m['epoch'] for m in metrics]}"
     )
 
 
-def pick_epoch(metrics, which="best"):
+def pick_epoch(metrics, which="best", job=None):
     """The metrics of the epoch choose_epoch chooses."""
-    return choose_epoch(metrics, which)[0]
+    return choose_epoch(metrics, which, job)[0]
 
 
 def epoch_caption(runs, which="best"):
     """Table I's caption: which epoch each run's Tables I, III and IV show and the rule that chose it."""
     parts = []
     for job, metrics in runs.items():
-        chosen, rule = choose_epoch(metrics, which)
+        chosen, rule = choose_epoch(metrics, which, job)
         parts.append(("" if job == "run" else f"{job}: ") + f"epoch {chosen['epoch']}, {rule}")
     return f"Checkpoint: {'; '.join(parts)}."
 

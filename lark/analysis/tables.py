@@ -36,7 +36,7 @@ def build_tables(runs, table1_epoch="best"):
     for job, metrics in runs.items():
         if not metrics:
             raise RunDirError(f"run {job!r} has no metrics")
-        chosen = pick_epoch(metrics, table1_epoch)
+        chosen = pick_epoch(metrics, table1_epoch, job)
         lead = {"job": job} if multirun else {}
         tables["table1"] += [lead | row for row in source_rows(chosen)]
         tables["table2"] += [lead | row for row in epoch_rows(metrics)]
