@@ -133,6 +133,16 @@ def test_a_sweep_gets_a_comparison_page_with_the_varying_keys(tmp_path):
     assert re.findall(r"<th>(.*?)</th>", header)[:3] == ["job", "format", "Epoch"]  # seed, logger do not vary
     assert "<th>Test metric</th>" in header  # the metric that chose each row's epoch (answer loss: no accuracy)
     assert "<td>noformat</td>" in text and "<td>chatml</td>" in text
+    heads = re.findall(r"<th>(.*?)</th>", header)
+    assert heads[heads.index("PT wins") :][:3] == ["PT wins", "FT wins", "BM25 FT wins"]  # RQ3: LARK vs BM25
+    body = re.search(r"<tbody>(.*?)</tbody>", text[text.index("class='sortable'") :])[1]
+    for job, row in zip(("0", "1"), re.findall(r"<tr>(.*?)</tr>", body)):
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        epoch = int(cells[heads.index("Epoch")])
+        metrics = json.loads((root / job / "attribution" / f"epoch_{epoch:03d}" / "metrics.json").read_text())
+        assert metrics["ft_wins"] is not None and metrics["bm25"]["ft_wins"] is not None
+        assert cells[heads.index("FT wins")] == f"{100 * metrics['ft_wins']:.1f}%"
+        assert cells[heads.index("BM25 FT wins")] == f"{100 * metrics['bm25']['ft_wins']:.1f}%"
     links = re.findall(r"href='([^']+)'>open<", text)
     assert links == ["../0/report/index.html", "../1/report/index.html"]
     assert all((page.parent / link).resolve().is_file() for link in links)

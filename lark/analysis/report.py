@@ -57,6 +57,7 @@ METRIC_COLUMNS = [
     ("pt", "PT", ".3f"),
     ("ft_pt_ratio", "Ratio", ".2f"),
     ("pt_wins", "PT wins", "%"),
+    ("ft_wins", "FT wins", "%"),  # the gradient kernel's, beside BM25's: the paper's RQ3 (Table IV)
     ("bm25_ft_wins", "BM25 FT wins", "%"),
 ]
 
