@@ -3,6 +3,7 @@ paper's numbers in, Tables I-IV and Figures 1-3 out."""
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -195,6 +196,35 @@ def test_a_sweeps_bad_table1_epoch_names_the_job(multirun, tmp_path):
     with pytest.raises(ConfigError, match=message):
         build_tables({job: load_metrics(d) for job, d in find_runs(multirun).items()}, 5)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "key, path",
+    [
+        ("format_effect.medical", ("format_effect", "medical")),
+        ("bm25.ft_wins", ("bm25", "ft_wins")),
+        ("bm25.sources.finetune.mean_max", ("bm25", "sources", "finetune", "mean_max")),
+        ("storage.k", ("storage", "k")),
+    ],
+)
+def test_a_string_where_metrics_json_has_a_number_names_the_file_and_key(tmp_path, key, path):
+    """A string "2.1" in format_effect, bm25 or storage passed the schema and failed later, in the table formatting,
+    as "Unknown format code 'f' for object of type 'str'", naming no file."""
+    from lark.errors import CorruptFile
+
+    metrics = [paper_metrics(0), paper_metrics(1)]
+    leaf = metrics[1]
+    for part in path[:-1]:
+        leaf[part] = dict(leaf[part])
+        leaf = leaf[part]
+    leaf[path[-1]] = "2.1"
+    run = write_run(tmp_path / "run", metrics)
+    file = run / "attribution" / "epoch_001" / "metrics.json"
+    with pytest.raises(
+        CorruptFile, match=f"^{re.escape(str(file))}: {re.escape(key)} must be Number or NoneType, got str"
+    ):
+        analyze(run, report=False)
+    assert not (run / "tables").exists() and not (run / "figures").exists()
 
 
 def test_best_epoch_follows_the_evaluation():

@@ -62,10 +62,25 @@ SOURCE_FIELDS = {
     "formatted": (bool,),
 }
 EVAL_FIELDS = {"metric": (str,), "value": NUMBER, "higher_is_better": (bool,)}
+BM25_FIELDS = {"ft_wins": NUMBER, "pt_wins": NUMBER, "sources": OBJECT}
+STORAGE_FIELDS = dict.fromkeys(
+    (
+        "n_params",
+        "grad_dtype_bytes",
+        "k",
+        "store_dtype_bytes",
+        "n_examples",
+        "full_bytes_per_example",
+        "store_bytes_per_example",
+    ),
+    NUMBER,
+)
 
 
 def check(metrics, where):
-    """The metrics, unchanged, if they follow the schema; else ValueError naming the file and the key."""
+    """The metrics, unchanged, if they follow the schema; else CorruptFile naming the file and the key.
+    The numbers the tables and the report format (format_effect, bm25, storage) are checked to the leaf: a string
+    there failed later, far from the file, as "Unknown format code 'f' for object of type 'str'"."""
 
     def fail(key, problem):
         raise CorruptFile(f"{where}: {key} {problem} (see lark/analysis/schema.py)")
@@ -76,20 +91,35 @@ def check(metrics, where):
         if key not in metrics:
             if required:
                 fail(key, "is missing")
-        elif not isinstance(metrics[key], types) or isinstance(metrics[key], bool) and bool not in types:
-            fail(key, f"must be {' or '.join(t.__name__ for t in types)}, got {type(metrics[key]).__name__}")
-    nested = [(f"sources.{name}", s, SOURCE_FIELDS) for name, s in metrics["sources"].items()]
-    nested += [("eval", metrics["eval"], EVAL_FIELDS)] if "eval" in metrics else []
-    for key, value, fields in nested:
+        elif problem := wrong_type(metrics[key], types):
+            fail(key, problem)
+    for key, value, fields in nested(metrics):
         if not isinstance(value, dict):
             fail(key, "must be an object")
-        for name, types in fields.items():
-            if name in value and not isinstance(value[name], types):
-                fail(
-                    f"{key}.{name}",
-                    f"must be {' or '.join(t.__name__ for t in types)}, got {type(value[name]).__name__}",
-                )
+        for name, types in (fields or dict.fromkeys(value, NUMBER)).items():
+            if name in value and (problem := wrong_type(value[name], types)):
+                fail(f"{key}.{name}", problem)
     for key in ("ft_source", "pt_source"):
         if metrics[key] not in metrics["sources"]:
             fail(key, f"'{metrics[key]}' is not one of the sources")
     return metrics
+
+
+def nested(metrics):
+    """(dotted key, object, {field: types}, or None: every field a number) of the objects inside metrics.json."""
+    bm25 = metrics.get("bm25") or {}
+    out = [(f"sources.{name}", s, SOURCE_FIELDS) for name, s in metrics["sources"].items()]
+    out += [("eval", metrics["eval"], EVAL_FIELDS)] if "eval" in metrics else []
+    out += [("format_effect", metrics["format_effect"], None)] if "format_effect" in metrics else []
+    out += [("storage", metrics["storage"], STORAGE_FIELDS)] if "storage" in metrics else []
+    out += [("bm25", bm25, BM25_FIELDS)] if bm25 else []
+    if isinstance(bm25, dict) and isinstance(bm25.get("sources"), dict):
+        out += [(f"bm25.sources.{name}", s, {"mean_max": NUMBER}) for name, s in bm25["sources"].items()]
+    return out
+
+
+def wrong_type(value, types):
+    """What is wrong with value's type (None: nothing); a bool is no number (JSON true is not 1)."""
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return None
+    return f"must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}"
