@@ -20,7 +20,7 @@ from lark.analysis import browser
 from lark.analysis.analyze import analyze
 from lark.analysis.report import markdown_html
 from lark.analysis.report_data import LEVELS, SHADES, doc_text, read_config
-from lark.errors import DataError
+from lark.errors import CorruptFile, DataError
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report_scale import synthetic_run  # noqa: E402  (the benchmark's generator: one source of synthetic runs)
@@ -170,6 +170,62 @@ def test_a_sweep_analysed_into_out_dir_writes_nothing_into_its_jobs(tmp_path):
         assert "(Epoch 0)" in (out / job / "tables" / "table1.md").read_text()
         assert "across data sources (Epoch 0)" in (out / job / "report" / "index.html").read_text()
         assert (out / job / "figures").is_dir()
+
+
+def outputs(run):
+    return sorted(p.relative_to(run) for sub in ("tables", "figures", "report") for p in (run / sub).rglob("*"))
+
+
+def test_a_torn_top_influences_csv_names_its_file_and_line_and_writes_nothing(small_run):
+    """A top_influences.csv cut mid-row crashed the report with a TypeError naming no file, after the tables and
+    figures were written; analyze.py now prints one `[lark] error: <file>:<line>: ...` line and exits 2."""
+    file = small_run / "attribution" / "epoch_001" / "top_influences.csv"
+    rows = file.read_text().splitlines()
+    file.write_text("\n".join(rows[:3] + [rows[3][:15]]) + "\n")  # line 4 cut in its source: no rank, doc, score
+    with pytest.raises(CorruptFile, match=f"^{re.escape(str(file))}:4: expected the columns query_id, source, rank"):
+        analyze(small_run)
+    assert outputs(small_run) == []
+    done = subprocess.run(
+        [sys.executable, "analyze.py", f"run_dir={small_run}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and done.stderr.startswith(f"[lark] error: {file}:4: expected"), done.stderr[-2000:]
+    rows[5] = rows[5].replace(",2,", ",two,")
+    file.write_text("\n".join(rows) + "\n")
+    with pytest.raises(CorruptFile, match=f"^{re.escape(str(file))}:6: .*invalid literal for int"):
+        analyze(small_run)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"test-00000": {"pretrain_docs": ["med-0', "invalid JSON in {file}"),
+        ('{"test-00000": 3}', "{file}: 'test-00000'"),
+    ],
+)
+def test_an_unreadable_provenance_json_names_its_file_and_writes_nothing(small_run, text, problem):
+    """provenance.json, optional, but there and torn: a JSONDecodeError naming no file (or an AttributeError)."""
+    file = small_run / "data" / "world" / "provenance.json"
+    file.write_text(text)
+    with pytest.raises(CorruptFile, match="^" + re.escape(problem.format(file=file))):
+        analyze(small_run)
+    assert outputs(small_run) == []
+    file.write_text(json.dumps({"test-00000": {"pretrain_docs": ["med-00001"], "finetune_items": None}}))
+    assert blob(analyze(small_run)["report"])["prov"] == {"test-00000": ["med-00001"]}
+
+
+def test_a_torn_tracin_metrics_json_names_its_file(small_run):
+    """attribution/tracin_cp/metrics.json was read with a bare json.loads: a JSONDecodeError naming no file."""
+    file = small_run / "attribution" / "tracin_cp" / "metrics.json"
+    file.parent.mkdir()
+    file.write_text('{"kernel": "tracin_cp", "epochs": [0, 1, ')
+    with pytest.raises(CorruptFile, match=f"^invalid JSON in {re.escape(str(file))}"):
+        analyze(small_run, report=False)
+    metrics = json.loads((small_run / "attribution" / "epoch_001" / "metrics.json").read_text())
+    file.write_text(json.dumps({**metrics, "epoch": "all", "epochs": [0, 1], "lr": [None, 1e-4], "ft": "0.3"}))
+    with pytest.raises(CorruptFile, match=f"^{re.escape(str(file))}: ft must be"):
+        analyze(small_run, report=False)
+    file.write_text(json.dumps({**metrics, "epoch": "all", "epochs": [0, 1], "lr": [None, 1e-4]}))
+    assert analyze(small_run, report=False)["tables"]["tracin_cp"][0]["epochs"] == "0, 1"
 
 
 @needs_chromium

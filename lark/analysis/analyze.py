@@ -21,26 +21,38 @@ from pathlib import Path
 from lark.analysis.figures import plot_figures
 from lark.analysis.markdown import write_tables
 from lark.analysis.report import job_out_dir, write_run_report, write_sweep_report
+from lark.analysis.report_data import run_data
 from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics
 from lark.analysis.tables import build_tables, loss_target_caption, tracin_rows
 from lark.rundir import require_complete
 
 
-def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=280):
+def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=280, title=None):
     """Tables (out_dir/tables), figures (out_dir/figures) and, with `report`, the browsable page
-    out_dir/report/index.html (lark.analysis.report) of a run or multirun folder; out_dir defaults to `path`.
-    A sweep's jobs get theirs (with `report`) under out_dir at the job's path in the sweep, out_dir/<job>/...
+    out_dir/report/index.html (lark.analysis.report; `title`: its title) of a run or multirun folder; out_dir
+    defaults to `path`. A sweep's jobs get theirs (with `report`) under out_dir at the job's path in the sweep.
+    Every file a run's outputs come from is read before the first of them is written: a corrupt one fails naming
+    itself and leaves that run's outputs as they were (a sweep's jobs go one by one, its comparison last).
     Returns {"tables", "table_files", "figure_files", "report" (a path or None), "runs"}."""
     run_dirs = find_runs(path)
     for run_dir in run_dirs.values():
         require_complete(run_dir)
     runs = {label: load_metrics(run_dir) for label, run_dir in run_dirs.items()}
     out_dir = Path(path if out_dir is None else out_dir)
+    chosen = {label: choose_epoch(metrics, table1_epoch, label) for label, metrics in runs.items()}
     tables = build_tables(runs, table1_epoch)
     tracin = tracin_rows(run_dirs)
     if tracin:
         tables["tracin_cp"] = tracin
     captions = {"table1": epoch_caption(runs, table1_epoch), "table2": loss_target_caption(runs)}
+    sweep = list(runs) != ["run"]
+    pages, data = {}, None
+    if report and sweep:  # each job's page embeds its own tables and figures: made now, at this rule
+        for label, run_dir in run_dirs.items():
+            job_out = job_out_dir(path, run_dir, out_dir)
+            pages[label] = analyze(run_dir, job_out, table1_epoch, True, snippet_chars, f"LARK sweep job {label}")
+    elif report:
+        data = run_data(run_dirs["run"], runs["run"], chosen["run"][0]["epoch"], snippet_chars)
     result = {
         "tables": tables,
         "table_files": write_tables(tables, out_dir / "tables", captions),
@@ -48,19 +60,14 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
         "report": None,
         "runs": run_dirs,
     }
-    if report:
-        result["report"] = write_report(path, run_dirs, runs, out_dir, table1_epoch, snippet_chars)
-    return result
-
-
-def write_report(path, run_dirs, runs, out_dir, table1_epoch, snippet_chars):
-    """The run's page, or a sweep's comparison page and each job's own page; returns the page's path."""
-    chosen = {label: choose_epoch(metrics, table1_epoch, label) for label, metrics in runs.items()}
-    epochs, rules = {label: c[0] for label, c in chosen.items()}, {label: c[1] for label, c in chosen.items()}
-    if list(runs) == ["run"]:
-        return write_run_report(
-            run_dirs["run"], runs["run"], out_dir, epochs["run"]["epoch"], snippet_chars, rule=rules["run"]
+    if report and sweep:
+        epochs = {label: c[0] for label, c in chosen.items()}
+        result["report"] = write_sweep_report(
+            path, run_dirs, {k: p["report"] for k, p in pages.items()}, epochs, out_dir
         )
-    for run_dir in run_dirs.values():  # each job's page embeds its own tables and figures: made now, at this rule
-        analyze(run_dir, job_out_dir(path, run_dir, out_dir), table1_epoch=table1_epoch, report=False)
-    return write_sweep_report(path, run_dirs, runs, epochs, out_dir, snippet_chars, rules)
+    elif report:
+        epoch, rule = chosen["run"][0]["epoch"], chosen["run"][1]
+        result["report"] = write_run_report(
+            run_dirs["run"], runs["run"], out_dir, epoch, title=title, rule=rule, data=data
+        )
+    return result

@@ -7,13 +7,13 @@ its answer loss, and per source the top-k documents (score, rank, text) with pro
 The questions travel as one JSON blob; the page builds their DOM on demand (lark/resources/report.js).
 A sweep's page: one row per job with the sweep's varying override keys as columns, linking each job's own page.
 
-    write_run_report(run_dir, metrics, out_dir)            # -> out_dir/report/index.html
-    write_sweep_report(root, run_dirs, metrics, epochs)    # -> root/report/index.html (+ each job's page)
-    write_sweep_report(root, run_dirs, metrics, epochs, out)   # -> out/report/index.html, out/<job>/report/index.html
+    write_run_report(run_dir, metrics, out_dir)              # -> out_dir/report/index.html
+    write_sweep_report(root, run_dirs, pages, epochs, out)   # -> out/report/index.html, linking the jobs' pages
 
 Files read (all optional except attribution/epoch_NNN/metrics.json): the run's files that lark.analysis.report_data
 lists, tables/*.md and figures/*.png. Missing pieces leave their section out; nothing here fails a run's analysis for
-a missing extra.
+a missing extra. One that is there but unreadable (a torn CSV, invalid JSON) fails, naming the file (and line):
+skipped, the page would show the run as one without it (no provenance markers reads "no document carries the fact").
 """
 
 import base64
@@ -175,16 +175,18 @@ QUESTIONS = (
 )
 
 
-def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=280, title=None, rule=None):
+def write_run_report(run_dir, metrics, out_dir=None, epoch=None, snippet_chars=280, title=None, rule=None, data=None):
     """out_dir/report/index.html (out_dir defaults to the run dir) for one run; returns its path.
     metrics: the run's metrics.json dicts by epoch (lark.analysis.runs.load_metrics); epoch: the checkpoint
-    shown first, chosen by `rule` (in words, lark.analysis.runs.choose_epoch; shown on the page)."""
+    shown first, chosen by `rule` (in words, lark.analysis.runs.choose_epoch; shown on the page); data: the
+    page's run_data when the caller read it already (analyze reads it before writing the tables)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
     overrides = read_overrides(run_dir)
     last = metrics[-1] if metrics else {}
     kernel = {"kernel": (last.get("kernel") or {}).get("name", "-"), **(last.get("projector") or {})}
-    data = run_data(run_dir, metrics, metrics[-1]["epoch"] if epoch is None else epoch, snippet_chars)
+    if data is None:
+        data = run_data(run_dir, metrics, metrics[-1]["epoch"] if epoch is None else epoch, snippet_chars)
     body = "".join(
         [
             NAV,
@@ -232,11 +234,10 @@ def metric_cell(m, key, spec):
     return f"{100 * value:.1f}%" if spec == "%" else f"{value:{spec}}"
 
 
-def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_chars=280, rules=None):
-    """out_dir/report/index.html comparing the jobs of a sweep, and each job's own page in
-    out_dir/<job>/report/ (job_out_dir; out_dir defaults to the sweep folder, so the job's own folder).
-    run_dirs / metrics / epochs / rules: job label -> run dir / metrics list / the metrics of its Table I epoch /
-    the rule that chose it (in words)."""
+def write_sweep_report(root, run_dirs, pages, epochs, out_dir=None):
+    """out_dir/report/index.html comparing the jobs of a sweep (out_dir defaults to the sweep folder `root`), linking
+    each job's own page (written before, by lark.analysis.analyze, in out_dir/<job>/report/: job_out_dir).
+    run_dirs / pages / epochs: job label -> run dir / its page / the metrics of its Table I epoch."""
     root, out_dir = Path(root), Path(out_dir or root)
     page_file = out_dir / "report" / "index.html"
     overrides = {job: read_overrides(d) or [o for o in job.split(",") if "=" in o] for job, d in run_dirs.items()}
@@ -250,18 +251,9 @@ def write_sweep_report(root, run_dirs, metrics, epochs, out_dir=None, snippet_ch
         "report",
     ]
     body_rows = []
-    for job, run_dir in run_dirs.items():
-        job_page = write_run_report(
-            run_dir,
-            metrics[job],
-            job_out_dir(root, run_dir, out_dir),
-            epoch=epochs[job]["epoch"],
-            snippet_chars=snippet_chars,
-            title=f"LARK sweep job {job}",
-            rule=(rules or {}).get(job),
-        )
+    for job in run_dirs:
         cells = [job, *(parsed[job].get(k, "-") for k in keys), *sweep_metric_cells(epochs[job], kinds)]
-        link = page_link(job_page, page_file, out_dir)
+        link = page_link(Path(pages[job]), page_file, out_dir)
         body_rows.append(
             "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + f"<td><a href='{esc(str(link))}'>open</a></td></tr>"
         )

@@ -1,6 +1,7 @@
 """What a run's report page shows, read from the run's files: its config and overrides, the test questions, each
 source's documents, the top influences and predictions of every attributed checkpoint, the world's provenance and
-the timings. All optional except attribution/epoch_NNN/metrics.json: a missing piece leaves its part empty.
+the timings. All optional except attribution/epoch_NNN/metrics.json: a missing piece leaves its part empty; one
+that is there but unreadable fails, naming the file (and the line): the page would show a run without it.
 
     data = run_data(run_dir, metrics, epoch, snippet_chars)   # the JSON blob lark/resources/report.js renders
 
@@ -11,14 +12,14 @@ when the run wrote them, attribution/epoch_NNN/tokens/<source>.jsonl (token-wise
 
 import csv
 import itertools
-import json
 import re
 from datetime import datetime, timezone
 
 import yaml
 
+from lark.analysis.runs import read_json_object
 from lark.data.io import read_jsonl
-from lark.errors import DataError
+from lark.errors import CorruptFile, DataError
 from lark.kernel.tokens import TOP_TOKENS, by_character
 
 LEVELS = 25  # shades per sign of a token's contribution on the page: level = round(LEVELS * c / max |c|)
@@ -68,14 +69,29 @@ def read_top(path, query_index, doc_index):
     top = {source: [[] for _ in query_index] for source in doc_index}
     if not path.is_file():
         return top
-    with open(path, newline="") as f:
-        ranked = sorted(csv.DictReader(f), key=lambda r: int(r["rank"]))
-    for row in ranked:
-        q, source = query_index.get(row["query_id"]), row["source"]
-        d = doc_index.get(source, {}).get(row["doc_id"])
+    for _, query, source, doc, score in sorted(top_rows(path), key=lambda row: row[0]):  # by rank
+        q, d = query_index.get(query), doc_index.get(source, {}).get(doc)
         if q is not None and d is not None:
-            top[source][q] += [d, round(float(row["score"]), 4)]
+            top[source][q] += [d, round(score, 4)]
     return top
+
+
+def top_rows(path):
+    """(rank, query_id, source, doc_id, score) of each row of a top_influences.csv; CorruptFile names the file and
+    the line of a row that is not one (a torn file: a row cut short, a rank or score that is no number)."""
+    out, line = [], 1
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                line = reader.line_num
+                out.append((int(row["rank"]), row["query_id"], row["source"], row["doc_id"], float(row["score"])))
+    except (KeyError, TypeError, ValueError, csv.Error) as error:  # UnicodeDecodeError is a ValueError
+        raise CorruptFile(
+            f"{path}:{line}: expected the columns query_id, source, rank (an integer), doc_id, score (a number) "
+            f"({error!r}): re-attribute that epoch (attribute.py), or remove the file to analyse the run without it"
+        ) from None
+    return out
 
 
 def read_predictions(path, query_index):
@@ -86,6 +102,23 @@ def read_predictions(path, query_index):
     for row in rows(path):
         if row.get("id") in query_index:
             out[query_index[row["id"]]] = [row.get("predicted"), row.get("loss"), row.get("correct")]
+    return out
+
+
+def read_provenance(path, tests):
+    """{test id: [ids of the documents that carry its fact]} from the world's provenance.json ({test id:
+    {pretrain_docs, finetune_items}}); {} without the file (a run on other data)."""
+    if not path.is_file():
+        return {}
+    provenance, out = read_json_object(path), {}
+    for t in tests:
+        if t["id"] not in provenance:
+            continue
+        entry = provenance[t["id"]] or {}
+        parts = [entry.get(key) or [] for key in ("pretrain_docs", "finetune_items")] if isinstance(entry, dict) else []
+        if not parts or not all(isinstance(part, list) for part in parts):
+            raise CorruptFile(f"{path}: {t['id']!r} must be an object {{pretrain_docs: [...], finetune_items: [...]}}")
+        out[t["id"]] = [*parts[0], *parts[1]]
     return out
 
 
@@ -132,8 +165,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         examples = rows(run_dir / "data" / "sources" / f"{source}.jsonl")
         docs[source] = [[e["id"], doc_text(e), int(bool(e.get("canary")))] for e in examples]
         doc_index[source] = {e["id"]: i for i, e in enumerate(examples)}
-    provenance_file = run_dir / "data" / "world" / "provenance.json"
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    provenance = read_provenance(run_dir / "data" / "world" / "provenance.json", tests)
     epochs = [m["epoch"] for m in metrics]
     top = {str(e): read_top(epoch_dir(run_dir, e) / "top_influences.csv", query_index, doc_index) for e in epochs}
     tokens = read_tokens(run_dir, epochs, top, query_index, doc_index)
@@ -159,12 +191,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         "docs": docs,
         "top": top,
         "pred": {str(e): read_predictions(epoch_dir(run_dir, e) / "predictions.jsonl", query_index) for e in epochs},
-        "prov": {
-            t["id"]: list((provenance.get(t["id"]) or {}).get("pretrain_docs", []))
-            + list((provenance.get(t["id"]) or {}).get("finetune_items", []))
-            for t in tests
-            if t["id"] in provenance
-        },
+        "prov": provenance,
     }
     return data | ({"tokens": tokens} if tokens else {})  # a run without tokens/: the page of before
 

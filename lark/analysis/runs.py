@@ -93,16 +93,21 @@ def read_metrics(file):
     """One metrics.json, NaN and infinities as None, checked against lark.analysis.schema."""
     if not file.is_file():
         raise RunDirError(f"missing {file}")
-    try:
-        metrics = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise CorruptFile(f"invalid JSON in {file}: {error}") from error
-    if not isinstance(metrics, dict):
-        raise CorruptFile(f"{file}: expected a JSON object, got {type(metrics).__name__}")
-    metrics = M.clean(metrics)
+    metrics = M.clean(read_json_object(file))
     if metrics.get("epoch") is None:
         metrics["epoch"] = int(file.parent.name.removeprefix("epoch_"))
     return check_metrics(metrics, file)
+
+
+def read_json_object(file):
+    """The JSON object in `file`; CorruptFile naming the file when it is not one (torn, truncated, not UTF-8)."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptFile(f"invalid JSON in {file}: {error}") from error
+    if not isinstance(value, dict):
+        raise CorruptFile(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def evaluation(m):

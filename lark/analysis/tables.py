@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from lark.analysis import metrics as M
-from lark.analysis.runs import pick_epoch, reduced_lr_epochs
-from lark.errors import RunDirError
+from lark.analysis.runs import pick_epoch, read_json_object, reduced_lr_epochs
+from lark.analysis.schema import check as check_metrics
+from lark.errors import CorruptFile, RunDirError
 
 TITLES = {
     "table1": "TABLE I: Influence score comparison across data sources",
@@ -161,11 +162,21 @@ def tracin_rows(run_dirs):
     rows = []
     for job, run_dir in run_dirs.items():
         file = Path(run_dir) / "attribution" / "tracin_cp" / "metrics.json"
-        if file.is_file():  # the run-level score's own metrics (epoch "all": not an epoch's metrics.json schema)
-            m = json.loads(file.read_text())
+        if file.is_file():
+            m = read_tracin(file)
             lead = {} if list(run_dirs) == ["run"] else {"job": job}
             rows += [lead | row | {"epochs": ", ".join(map(str, m["epochs"]))} for row in source_rows(m)]
     return rows
+
+
+def read_tracin(file):
+    """attribution/tracin_cp/metrics.json, the run-level score's metrics: checked as an epoch's metrics.json is
+    (lark.analysis.schema) but for its epoch ("all") and lr (one per summed checkpoint), plus its `epochs` list."""
+    m = read_json_object(file)
+    if not isinstance(m.get("epochs"), list):
+        raise CorruptFile(f"{file}: epochs must be the list of the summed checkpoints' epochs")
+    check_metrics({k: v for k, v in m.items() if k not in ("epoch", "lr")} | {"epoch": 0}, file)
+    return m
 
 
 def loss_target_caption(runs):
