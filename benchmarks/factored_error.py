@@ -47,7 +47,7 @@ def main():
     checkpoint = args.run / "checkpoints" / f"epoch_{args.epoch:03d}"
     model = AutoModelForCausalLM.from_pretrained(checkpoint).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    attr = with_projector(kernel_config(run.cfg.attribution, args.kernel), run.cfg, "factored")
+    attr = with_projector(kernel_config(run.cfg, args.kernel), run.cfg, "factored")
     if args.vocab:
         attr.projector.vocab = args.vocab
     kernel = make_kernel(attr)

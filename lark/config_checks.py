@@ -18,6 +18,7 @@ from lark.errors import ConfigError, whole
 from lark.kernel import tokens
 from lark.kernel.factory import make_kernel
 from lark.kernel.kernels import Cosine
+from lark.kernel.optimizer import adam_eps
 from lark.kernel.stores import TIERS
 from lark.kernel.tokens_math import TRANSPOSABLE
 
@@ -48,11 +49,11 @@ def check_config(cfg):
         check_arguments(cfg, key)
     batch = cfg.eval.get("batch_size", 1)
     need(whole(batch), f"eval.batch_size must be a positive integer, got {batch!r}")
-    adam_eps = (cfg.get("optimizer") or {}).get("eps", 1e-8)  # torch's AdamW default when the key is absent
+    run_eps = adam_eps(cfg)
     kernel_eps = cfg.attribution.kernel.get("eps")
     need(
-        kernel_eps is None or math.isclose(kernel_eps, adam_eps, rel_tol=1e-6),
-        f"attribution.kernel.eps={kernel_eps} differs from optimizer.eps={adam_eps}: the kernel divides by "
+        kernel_eps is None or math.isclose(kernel_eps, run_eps, rel_tol=1e-6),
+        f"attribution.kernel.eps={kernel_eps} differs from optimizer.eps={run_eps}: the kernel divides by "
         "sqrt(v_hat) + eps as the run's AdamW did; set them equal",
     )
     evaluator = instantiate(cfg.eval)

@@ -340,7 +340,7 @@ def test_a_projector_name_gives_its_config_at_the_runs_k():
     from lark.validation.scores import kernel_config, own_projector, with_projector
 
     run = compose(SMALL)  # the sketch at k = 512
-    attr = kernel_config(run.attribution, "rapidin")
+    attr = kernel_config(run, "rapidin")
     assert own_projector(run.attribution) == "sketch"
     assert with_projector(attr, run, "sketch") is attr  # the run's own projector: its config, as saved
     factored = with_projector(attr, run, "factored")
@@ -350,12 +350,25 @@ def test_a_projector_name_gives_its_config_at_the_runs_k():
     assert "k" not in with_projector(attr, run, "exact").projector  # exact derives its own k
     other = compose(SMALL + ["attribution/projector=factored", "max_length=96"])
     assert own_projector(other.attribution) == "factored"
-    sketch = with_projector(kernel_config(other.attribution, "cosine"), other, "sketch").projector
+    sketch = with_projector(kernel_config(other, "cosine"), other, "sketch").projector
     assert sketch._target_ == "lark.kernel.sketch.HookSketch" and sketch.k == 512
     assert sketch.plan_tokens == 96  # conf's ${max_length}, resolved in the run's config
     assert own_projector(OmegaConf.create({"projector": {"kind": "rapidin", "k": 64}})) == "rapidin"  # an old run
     with pytest.raises(ConfigError, match=r"validate.projectors: unknown projector 'nope' \(exact, factored"):
         with_projector(attr, run, "nope")
+
+
+def test_a_kernel_row_uses_the_runs_own_kernel_settings_and_adam_eps():
+    from lark.validation.scores import kernel_config
+
+    run = compose(SMALL + ["optimizer.eps=1e-6", "attribution/kernel=trackstar", "attribution.kernel.eps=1e-6"])
+    run.attribution.kernel.mix = 0.9
+    own = kernel_config(run, "trackstar").kernel
+    assert own.mix == 0.9 and own.eps == 1e-6  # the run's kernel as it attributed, not the group's defaults
+    assert kernel_config(run, "adam").kernel.eps == 1e-6  # another kernel takes the run's AdamW eps
+    assert "eps" not in kernel_config(run, "cosine").kernel
+    plain = compose(SMALL)
+    assert kernel_config(plain, "trackstar").kernel.eps == plain.optimizer.eps
 
 
 def table_result(projectors):

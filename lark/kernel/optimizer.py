@@ -18,6 +18,11 @@ from lark.kernel.stores import atomic_save
 MOMENTS_FILE = "adam_moments.safetensors"  # beside each checkpoint: checkpoints/epoch_NNN/adam_moments.safetensors
 
 
+def adam_eps(cfg):
+    """The run's AdamW eps: optimizer.eps, or torch's AdamW default (1e-8) when the run's optimizer sets none."""
+    return (cfg.get("optimizer") or {}).get("eps", 1e-8)
+
+
 # ------------------------------------------------------------------------------------------------ moments
 class Moments:
     """Second moments v_hat of every trainable parameter at one checkpoint: {name: {"v": tensor}} (full) or

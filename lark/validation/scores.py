@@ -6,9 +6,9 @@ and keyed by content (the kernel's config, the model's fingerprints, max_length,
 with another projector than the run's (validate.projectors), in
 <run>/validation/scores/<kernel>/<projector>/epoch_NNN.
 
-    scores = kernel_scores(run, "cosine", kernel_config(run.cfg.attribution, "cosine"), model, tokenizer, folder)
+    scores = kernel_scores(run, "cosine", kernel_config(run.cfg, "cosine"), model, tokenizer, folder)
     # -> {"train": [Q, N] cosine, "pool": [Q, P] cosine, "q_norm": [Q], "t_norm": [N], "k": [] the vectors' k}
-    attr = with_projector(kernel_config(run.cfg.attribution, "cosine"), run.cfg, "factored")
+    attr = with_projector(kernel_config(run.cfg, "cosine"), run.cfg, "factored")
 """
 
 import torch
@@ -23,7 +23,7 @@ from lark.errors import ConfigError, CorruptFile, RunDirError
 from lark.fingerprints import PROJECTOR_VERSION, content_hash, fingerprints
 from lark.kernel.build import examples_fingerprint, project_examples
 from lark.kernel.factory import make_kernel, make_projector, upgrade
-from lark.kernel.optimizer import MOMENTS_FILE, Moments
+from lark.kernel.optimizer import MOMENTS_FILE, Moments, adam_eps
 from lark.kernel.stores import atomic_save, unit_rows
 from lark.validation.load import CONF
 
@@ -40,10 +40,17 @@ def kernel_file(name):
     return path
 
 
-def kernel_config(run_attr, name):
-    """The run's attribution config with kernel `name` of the attribution/kernel group (conf/attribution/kernel)."""
-    attr = OmegaConf.create(OmegaConf.to_container(upgrade(run_attr), resolve=True))
-    attr.kernel = OmegaConf.load(kernel_file(name))
+def kernel_config(run_cfg, name):
+    """The run's attribution config with kernel `name` of the attribution/kernel group (conf/attribution/kernel):
+    the run's own kernel config when it is that kernel (its mix, damping, normalize as trained), else the group's
+    file with its `eps` set to the run's optimizer.eps (torch's AdamW default when the run sets none)."""
+    attr = OmegaConf.create(OmegaConf.to_container(upgrade(run_cfg.attribution), resolve=True))
+    node = OmegaConf.load(kernel_file(name))
+    if attr.kernel.get("_target_") == node.get("_target_"):
+        return attr
+    if "eps" in node:
+        node.eps = adam_eps(run_cfg)
+    attr.kernel = node
     return attr
 
 

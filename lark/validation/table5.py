@@ -148,7 +148,7 @@ def validate_kernel(run, name, subsets, backdoor_by_epoch, projector=None, seed=
     `projector` (None: the run's own; rows then have no "projector" key, as before validate.projectors), drawn with
     `seed` where it has one (None: its config's): one row per checkpoint; the canary's backdoor rate of each
     checkpoint not yet in backdoor_by_epoch is added there."""
-    attr = kernel_config(run.cfg.attribution, name)
+    attr = kernel_config(run.cfg, name)
     tag, cache = {"method": name}, name
     if projector is not None:
         attr = with_projector(attr, run.cfg, projector)
