@@ -17,7 +17,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
 def main(cfg):
-    from lark.analysis.analyze import analyze
+    from lark.analysis.analyze import analyze, own_settings
     from lark.analysis.runs import find_runs
     from lark.errors import LarkError
 
@@ -28,7 +28,8 @@ def main(cfg):
 
             for run_dir in find_runs(cfg.run_dir).values():
                 print("\n".join(validate_run(run_dir, load_config(cfg.get("validate_overrides")))["files"]))
-        result = analyze(cfg.run_dir, cfg.out_dir, cfg.table1_epoch, cfg.report, cfg.snippet_chars)
+        given = {name: cfg[name] for name in ("table1_epoch", "report", "snippet_chars")}
+        result = analyze(cfg.run_dir, cfg.out_dir, **own_settings(cfg.run_dir, **given))
     except LarkError as e:  # an incomplete or corrupted run: the message says which file and what to do
         print(f"[lark] error: {e}", file=sys.stderr)
         sys.exit(2)

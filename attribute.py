@@ -19,21 +19,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="attribute")
 def main(cfg):
-    from lark import legacy
-    from lark.analysis.analyze import analyze
+    from lark.analysis.analyze import analyze, own_settings
     from lark.errors import LarkError
     from lark.experiment import attribute
 
     try:
         run_dir = attribute(cfg.run_dir, OmegaConf.to_container(cfg.attribution), resume=cfg.resume)
         if cfg.analyze:  # with the run's own analysis settings (its Table I epoch rule, report, snippets)
-            settings = legacy.load(run_dir).analysis
-            analyze(
-                run_dir,
-                table1_epoch=settings.table1_epoch,
-                report=settings.report,
-                snippet_chars=settings.report_snippet_chars,
-            )
+            analyze(run_dir, **own_settings(run_dir))
     except LarkError as e:  # bad run directory, data or config: the message says what and where
         print(f"[lark] error: {e}", file=sys.stderr)
         sys.exit(2)

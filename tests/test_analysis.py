@@ -414,6 +414,26 @@ def test_analyze_end_to_end(multirun, single_run, tmp_path):
     assert "first show epoch 5: the last epoch (table1_epoch=last)." in result["report"].read_text()
 
 
+def test_a_sweeps_jobs_give_their_analysis_settings_unless_they_differ(multirun):
+    """analyze.py's table1_epoch / report / snippet_chars default to the runs' own analysis.* (null in
+    conf/analyze.yaml); a sweep whose jobs asked for different ones must be told which to use."""
+    from omegaconf import OmegaConf
+
+    from lark.analysis.analyze import own_settings
+    from lark.errors import ConfigError
+
+    saved = {"table1_epoch": "last", "report": False, "report_snippet_chars": 50}
+    for job in ("0", "1"):
+        OmegaConf.save({"analysis": saved}, multirun / job / ".hydra" / "config.yaml")
+    got = own_settings(multirun, table1_epoch=None, report=None, snippet_chars=None)
+    assert got == {"table1_epoch": "last", "report": False, "snippet_chars": 50}
+    assert own_settings(multirun, report=True)["report"] is True
+    OmegaConf.save({"analysis": {**saved, "table1_epoch": 2}}, multirun / "1" / ".hydra" / "config.yaml")
+    with pytest.raises(ConfigError, match=r"table1_epoch: the sweep's jobs differ in analysis.table1_epoch"):
+        own_settings(multirun)
+    assert own_settings(multirun, table1_epoch="best", report=True, snippet_chars=9)["snippet_chars"] == 9
+
+
 def test_analyze_refuses_a_killed_run_and_names_a_sweeps_failed_job(tmp_path):
     """A run killed after epoch 0 of 2 was analysed as complete (Table I at "the best" of one epoch); a sweep's
     job that failed before attribution/ existed was left out of the comparison without a word."""

@@ -52,8 +52,9 @@ def test_attribute_scores_bm25_with_the_runs_settings(finished, tmp_path, monkey
     assert [(s["k1"], s["b"]) for s in seen] == [(0.9, 0.4)]
 
 
-def test_attribute_py_analyses_with_the_runs_own_analysis_settings(finished, tmp_path):
-    """attribute.py's analysis used the defaults (Table I at "best", a report) whatever the run had asked."""
+def test_attribute_py_and_analyze_py_analyse_with_the_runs_own_analysis_settings(finished, tmp_path):
+    """attribute.py's and analyze.py's analysis used the defaults (Table I at "best", a report) whatever the run had
+    asked, so the tables' epoch depended on which entry point ran last."""
     from omegaconf import OmegaConf
 
     run_dir = copy_of(finished, tmp_path)
@@ -64,6 +65,13 @@ def test_attribute_py_analyses_with_the_runs_own_analysis_settings(finished, tmp
     run("attribute.py", [f"run_dir={run_dir}"], tmp_path)
     assert "the last epoch (table1_epoch=last)" in (run_dir / "tables" / "table1.md").read_text()
     assert not (run_dir / "report").exists()
+    (run_dir / "tables" / "table1.md").unlink()
+    run("analyze.py", [f"run_dir={run_dir}"], tmp_path)  # analyze.py too: its own keys are null by default
+    assert "the last epoch (table1_epoch=last)" in (run_dir / "tables" / "table1.md").read_text()
+    assert not (run_dir / "report").exists()
+    run("analyze.py", [f"run_dir={run_dir}", "table1_epoch=0", "report=true"], tmp_path)  # given: they win
+    assert "epoch 0 (table1_epoch=0)" in (run_dir / "tables" / "table1.md").read_text()
+    assert (run_dir / "report" / "index.html").is_file()
 
 
 def test_kernel_eps_must_be_the_optimizers():

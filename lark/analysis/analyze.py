@@ -24,7 +24,28 @@ from lark.analysis.report import job_out_dir, write_run_report, write_sweep_repo
 from lark.analysis.report_data import run_data
 from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics
 from lark.analysis.tables import build_tables, loss_target_caption, tracin_rows
+from lark.errors import ConfigError
+from lark.legacy import load as saved_config
 from lark.rundir import require_complete
+
+SETTINGS = {"table1_epoch": "table1_epoch", "report": "report", "snippet_chars": "report_snippet_chars"}
+
+
+def own_settings(path, **given):
+    """analyze()'s table1_epoch, report and snippet_chars: each given one that is not None, else the run's own
+    analysis.* (analysis.table1_epoch, .report, .report_snippet_chars of its saved config), so analyze.py and
+    attribute.py show a run as train.py did. A sweep's jobs must agree on a key not given (else a ConfigError
+    naming it)."""
+    settings = {name: given[name] for name in SETTINGS if given.get(name) is not None}
+    if len(settings) == len(SETTINGS):
+        return settings
+    configs = {label: saved_config(run_dir).analysis for label, run_dir in find_runs(path).items()}
+    for name, key in [(n, k) for n, k in SETTINGS.items() if n not in settings]:
+        values = {label: cfg[key] for label, cfg in configs.items()}
+        if len(set(map(str, values.values()))) > 1:
+            raise ConfigError(f"{name}: the sweep's jobs differ in analysis.{key} ({values}); pass {name}=<value>")
+        settings[name] = next(iter(values.values()))
+    return settings
 
 
 def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=280, title=None):
