@@ -354,6 +354,13 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     assert check(OmegaConf.create({**base, "tokens": "topk"})) is True
     assert top_k_of(OmegaConf.create(base)) == OmegaConf.load(CONF / "default.yaml").tokens_top_k == TOKENS_TOP_K
     assert missing(tmp_path, OmegaConf.create({**base, "tokens": "topk"}), ["raw"]) is True  # its files not there
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "top_influences.csv").write_text("query_id,source,rank,doc_id,score\nq1,raw,1,d1,0.5\nq2,raw,1\n")
+    from lark.errors import CorruptFile
+
+    with pytest.raises(CorruptFile, match=r"torn/top_influences.csv:3: expected the columns"):  # not a bare TypeError
+        missing(torn, OmegaConf.create({**base, "tokens": "topk"}), ["raw"])
     for bad, key in (
         ({"tokens": "all"}, "attribution.tokens"),
         ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),

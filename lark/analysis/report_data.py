@@ -10,7 +10,6 @@ data/sources/*.jsonl, data/world/provenance.json, attribution/epoch_NNN/{top_inf
 when the run wrote them, attribution/epoch_NNN/tokens/<source>.jsonl (token-wise attribution: read_tokens).
 """
 
-import csv
 import itertools
 import re
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ import yaml
 from lark.analysis.runs import read_json_object
 from lark.data.io import read_jsonl
 from lark.errors import CorruptFile, DataError
+from lark.kernel.stores import read_top_influences
 from lark.kernel.tokens import TOP_TOKENS, by_character
 
 LEVELS = 25  # shades per sign of a token's contribution on the page: level = round(LEVELS * c / max |c|)
@@ -69,29 +69,11 @@ def read_top(path, query_index, doc_index):
     top = {source: [[] for _ in query_index] for source in doc_index}
     if not path.is_file():
         return top
-    for _, query, source, doc, score in sorted(top_rows(path), key=lambda row: row[0]):  # by rank
+    for _, query, source, doc, score in sorted(read_top_influences(path), key=lambda row: row[0]):  # by rank
         q, d = query_index.get(query), doc_index.get(source, {}).get(doc)
         if q is not None and d is not None:
             top[source][q] += [d, round(score, 4)]
     return top
-
-
-def top_rows(path):
-    """(rank, query_id, source, doc_id, score) of each row of a top_influences.csv; CorruptFile names the file and
-    the line of a row that is not one (a torn file: a row cut short, a rank or score that is no number)."""
-    out, line = [], 1
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                line = reader.line_num
-                out.append((int(row["rank"]), row["query_id"], row["source"], row["doc_id"], float(row["score"])))
-    except (KeyError, TypeError, ValueError, csv.Error) as error:  # UnicodeDecodeError is a ValueError
-        raise CorruptFile(
-            f"{path}:{line}: expected the columns query_id, source, rank (an integer), doc_id, score (a number) "
-            f"({error!r}): re-attribute that epoch (attribute.py), or remove the file to analyse the run without it"
-        ) from None
-    return out
 
 
 def read_predictions(path, query_index):

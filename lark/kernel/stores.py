@@ -14,6 +14,7 @@ Tiers (`attribution.store_dtype`: one Tier class each, in TIERS), bytes per dime
   bit-tier scores with each other, not with another tier's.
 """
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from lark.data.io import CHECKSUM, check_safetensors, replacing, seal
-from lark.errors import StoreMismatch
+from lark.errors import CorruptFile, StoreMismatch
 
 # Header fields two stores must agree on to be scored against each other: the projection (kind, k, seed, version,
 # ...), the tier, and the fingerprints of the checkpoint, the tokenizer and the format that produced them.
@@ -323,3 +324,21 @@ def faiss_topk(index, ids, queries, k, tier="float16"):
     scores, rows = index.search(queries.float().numpy(), k)
     names = [[ids[j] if j >= 0 else None for j in row] for row in rows]
     return tier_of(tier).finish(torch.from_numpy(scores)), names
+
+
+def read_top_influences(path):
+    """(rank, query_id, source, doc_id, score) of each row of a top_influences.csv; CorruptFile names the file and
+    the line of a row that is not one (a torn file: a row cut short, a rank or score that is no number)."""
+    out, line = [], 1
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                line = reader.line_num
+                out.append((int(row["rank"]), row["query_id"], row["source"], row["doc_id"], float(row["score"])))
+    except (KeyError, TypeError, ValueError, csv.Error) as error:  # UnicodeDecodeError is a ValueError
+        raise CorruptFile(
+            f"{path}:{line}: expected the columns query_id, source, rank (an integer), doc_id, score (a number) "
+            f"({error!r}): re-attribute that epoch (attribute.py), or remove the file to analyse the run without it"
+        ) from None
+    return out

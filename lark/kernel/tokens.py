@@ -36,7 +36,6 @@ matching this checkpoint and config) gets them from its stores and top_influence
 metrics.json, stores, scores and predictions are neither recomputed nor touched.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ from lark.data.formats import IGNORE
 from lark.data.io import write_jsonl
 from lark.errors import ConfigError, whole
 from lark.kernel.factory import make_kernel, make_projector
-from lark.kernel.stores import load_store
+from lark.kernel.stores import load_store, read_top_influences
 from lark.kernel.tokens_math import (
     TANGENT_NUMBERS,
     Transpose,
@@ -106,10 +105,9 @@ def missing(out_dir, attr, sources):
     if not (folder / "top_influences.csv").is_file():
         return True  # (the epoch is not complete: attributed anyway)
     wanted = defaultdict(set)
-    with open(folder / "top_influences.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if int(row["rank"]) <= top_k_of(attr):
-                wanted[row["source"]].add((row["query_id"], row["doc_id"]))
+    for rank, query, source, doc, _ in read_top_influences(folder / "top_influences.csv"):
+        if rank <= top_k_of(attr):
+            wanted[source].add((query, doc))
     for source in sources:
         path = folder / "tokens" / f"{source}.jsonl"
         try:
@@ -133,9 +131,8 @@ def complete(ck, sets, query_set):
         return False
     vectors = {name: load_store(folder / "stores" / f"{name}.safetensors")[0] for name in sets}
     ids = {name: {str(e["id"]): e["id"] for e in examples} for name, examples in sets.items()}
-    with open(folder / "top_influences.csv", newline="", encoding="utf-8") as f:
-        rows = [(r["query_id"], r["source"], int(r["rank"]), r["doc_id"], float(r["score"])) for r in csv.DictReader(f)]
-    rows = [(ids[query_set][q], source, rank, ids[source][d], score) for q, source, rank, d, score in rows]
+    rows = read_top_influences(folder / "top_influences.csv")
+    rows = [(ids[query_set][q], source, rank, ids[source][d], score) for rank, q, source, d, score in rows]
     kernel = make_kernel(attr)
     write_tokens(ck, make_projector(attr, ck.model, kernel, ck.moments), kernel, vectors, sets, rows, query_set)
     return True
