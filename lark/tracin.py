@@ -23,6 +23,7 @@ from lark.checkpoint import QUERY_SET, TOP_COLUMNS, top_rows
 from lark.data.io import write_csv, write_json
 from lark.errors import RunDirError
 from lark.kernel.stores import MATCH, atomic_save, check_compatible, cosine_scores, load_store, top_by_blocks
+from lark.rundir import epoch_lr
 
 FOLDER = "tracin_cp"
 
@@ -77,7 +78,7 @@ def write_tracin_cp(run_dir, cfg, log=print):
     epochs = []
     for folder in sorted((run_dir / "attribution").glob("epoch_[0-9][0-9][0-9]")):
         metrics_file = folder / "metrics.json"
-        lr = json.loads(metrics_file.read_text()).get("lr") if metrics_file.is_file() else None
+        lr = epoch_lr(run_dir / "checkpoints" / folder.name, metrics_file) if metrics_file.is_file() else None
         if lr is not None:
             epochs.append((int(folder.name.split("_")[1]), float(lr), folder / "stores"))
     queries = {e: load_store(stores / f"{QUERY_SET}.safetensors") for e, _, stores in epochs}

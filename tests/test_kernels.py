@@ -244,7 +244,10 @@ def test_tracin_cp_is_the_lr_weighted_sum_of_inner_products_by_hand(tmp_path):
         save_store(folder / "stores" / "test_queries.safetensors", torch.tensor(q), ["q1"], meta, "float16")
         for name in ("ft", "pt"):
             save_store(folder / "stores" / f"{name}.safetensors", torch.tensor(d), ["d1", "d2"], meta, "float16")
-        (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, "lr": [None, 0.1, 0.01][epoch]}))
+        (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, "lr": [None, 0.1, None][epoch]}))
+    # epoch 2's lr as training recorded it beside the checkpoint (read as attribute.py and validate.py read it)
+    (tmp_path / "checkpoints" / "epoch_002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "epoch_002" / "lark_epoch.json").write_text(json.dumps({"lr": 0.01}))
     cfg = OmegaConf.create(
         {
             "source": {"sources": {"ft": {}, "pt": {}}, "ft_source": "ft", "pt_source": "pt", "format_pairs": {}},
