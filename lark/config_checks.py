@@ -49,6 +49,13 @@ def check_config(cfg):
         check_arguments(cfg, key)
     batch = cfg.eval.get("batch_size", 1)
     need(whole(batch), f"eval.batch_size must be a positive integer, got {batch!r}")
+    labels, answers = cfg.eval.get("labels"), cfg.data.get("answers")
+    unseen = [a for a in answers or () if labels is not None and a not in labels]
+    need(
+        not unseen,
+        f"eval.labels={list(labels or ())} lacks data.answers {unseen}: the evaluation could never predict them "
+        "(set eval.labels to the data's answers)",
+    )
     run_eps = adam_eps(cfg)
     kernel_eps = cfg.attribution.kernel.get("eps")
     need(
