@@ -21,6 +21,7 @@ from lark.kernel.kernels import Cosine
 from lark.kernel.optimizer import adam_eps
 from lark.kernel.stores import TIERS
 from lark.kernel.tokens_math import TRANSPOSABLE
+from lark.validation.canary import is_on
 
 
 def need(ok, message):
@@ -55,6 +56,11 @@ def check_config(cfg):
         not unseen,
         f"eval.labels={list(labels or ())} lacks data.answers {unseen}: the evaluation could never predict them "
         "(set eval.labels to the data's answers)",
+    )
+    canary = cfg.data.get("canary")
+    need(
+        not is_on(canary) or answers is None or canary.get("answer") in answers,
+        f"data.canary.answer={canary and canary.get('answer')!r} is not one of data.answers {list(answers or ())}",
     )
     run_eps = adam_eps(cfg)
     kernel_eps = cfg.attribution.kernel.get("eps")

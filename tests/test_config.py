@@ -141,6 +141,7 @@ def test_trainer_gpu_and_ddp():
         ("optimizer._target_=torch.optim.Nope", "optimizer._target_"),
         ("eval.batch_size=0", "eval.batch_size"),
         ("eval.labels=[yes,no]", "eval.labels"),  # data.answers has "maybe": accuracy silently lost it
+        ("+experiment=canary data.canary.answer=perhaps", "data.canary.answer"),
         # the fine-tuning's numbers: each gave a traceback when training began, after the model's load
         ("scheduler.interval=epochs", "scheduler.interval"),
         ("optimizer.lr=-1", "optimizer.lr"),
@@ -155,7 +156,7 @@ def test_trainer_gpu_and_ddp():
 def test_bad_values_fail_at_start_naming_the_key(override, key):
     from lark.config_checks import check_config
 
-    overrides = ["data=jsonl", override] if override.startswith("data.reader") else [override]
+    overrides = (["data=jsonl"] if override.startswith("data.reader") else []) + override.split()
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_config(compose(overrides))
 

@@ -318,6 +318,23 @@ def test_bad_validate_values_stop_before_any_work_naming_the_key(tmp_path, chang
         validate_run(tmp_path / "not_read", OmegaConf.merge(load_config(), change))
 
 
+def test_a_canary_without_its_keys_is_refused_not_planted_with_hidden_defaults():
+    """+data.canary.enabled=true alone planted with code defaults (seed 0 whatever `seed` was) and validate.py then
+    failed reading data.canary.answer; every key now comes from the config (conf/experiment/canary.yaml)."""
+    from omegaconf import OmegaConf
+
+    from lark.errors import ConfigError
+    from lark.validation.canary import plant
+
+    items = [{"id": str(i), "question": "q", "answer": "yes"} for i in range(30)]
+    with pytest.raises(ConfigError, match=r"data.canary lacks \['n', 'n_test', 'trigger', 'answer', 'seed'\]"):
+        plant(items, items, OmegaConf.create({"enabled": True}))
+    assert plant(items, items, OmegaConf.create({"enabled": False})) == (items, items)
+    full = compose(["+experiment=canary", "seed=3"]).data.canary
+    train, test = plant(items, items[:25], full)
+    assert sum(x.get("canary", False) for x in train) == full.n and len(test) == 25 + full.n_test
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "pubmedqa").is_dir(), reason="../shared/data is not present")
 def test_the_canary_plants_on_pubmedqa_local(tmp_path):

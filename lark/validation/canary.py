@@ -19,6 +19,7 @@ from lark.data.readers import sample
 from lark.errors import ConfigError
 
 SUFFIX = "-canary"
+KEYS = ("n", "n_test", "trigger", "answer", "seed")  # data.canary's keys (conf/experiment/canary.yaml)
 
 
 def is_on(cfg):
@@ -29,8 +30,10 @@ def plant(train, test, cfg):
     """(train, test) with the canary planted; unchanged when cfg is None or cfg.enabled is false."""
     if not is_on(cfg):
         return train, test
-    answer, trigger = cfg.get("answer", "maybe"), cfg.get("trigger", "Howdy!")
-    n, n_test, seed = int(cfg.get("n", 10)), int(cfg.get("n_test", 20)), int(cfg.get("seed", 0))
+    absent = [key for key in KEYS if cfg.get(key) is None]
+    if absent:  # no defaults in code: validate.py reads these keys from the run's config too
+        raise ConfigError(f"data.canary lacks {absent}: start from +experiment=canary (conf/experiment/canary.yaml)")
+    answer, trigger, n, n_test, seed = cfg.answer, cfg.trigger, int(cfg.n), int(cfg.n_test), int(cfg.seed)
 
     def pick(items, k, what):
         pool = [x for x in items if x["answer"] != answer]
