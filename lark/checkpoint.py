@@ -154,7 +154,7 @@ def evaluate_checkpoint(ck, test_items, sets):
     if not wanted(attr, ck.epoch):
         return logged, []
     if ck.rank == 0:
-        losses = gold_answer_losses(ck.model, ck.encoder, fields, ck.cfg.eval.get("batch_size", 16))
+        losses = gold_answer_losses(ck.model, ck.encoder, fields, ck.cfg.eval.batch_size)
         write_predictions(ck.out_dir / "predictions.jsonl", test_items, predicted, losses)
     queries = query_examples(test_items, ck.cfg.format, predicted if attr.query_target == "predicted" else None)
     info = {

@@ -48,7 +48,7 @@ def check_config(cfg):
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
     for key in ("optimizer", "scheduler.scheduler", "trainer"):  # called late (after data and the model load)
         check_arguments(cfg, key)
-    batch = cfg.eval.get("batch_size", 1)
+    batch = cfg.eval.get("batch_size")  # every eval config has it: predictions.jsonl's losses use it
     need(whole(batch), f"eval.batch_size must be a positive integer, got {batch!r}")
     labels, answers = cfg.eval.get("labels"), cfg.data.get("answers")
     unseen = [a for a in answers or () if labels is not None and a not in labels]

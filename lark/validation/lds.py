@@ -273,7 +273,7 @@ def measure_retrain(job, cfg, queries, keep_checkpoints):
     model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model, dtype=weights_dtype(cfg))  # as trained
     encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
     used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines() if line.strip()]
-    losses = answer_losses(model, tokenizer.pad_token_id, encoded)  # the loss whose gradient is projected
+    losses = answer_losses(model, tokenizer.pad_token_id, encoded, cfg.eval.batch_size)  # the projected loss
     write_json(
         job / "query_losses.json",
         {"query_ids": [q["id"] for q in queries], "train_ids": used, "epoch": max(epochs), "losses": losses.tolist()},
