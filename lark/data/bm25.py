@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import regex
 import torch
+import yaml
 
 from lark.console import progress
 from lark.data.io import check_manifest, write_manifest
@@ -34,8 +35,10 @@ from lark.errors import ConfigError, CorruptFile
 from lark.fingerprints import content_hash
 
 TOKEN_PATTERN = r"[\p{L}\p{M}\p{N}_]+"  # the tokenisation (on NFKC, case-folded text), part of a saved index's key
-# source.bm25 (conf/source/default.yaml) as `configure` last set it, over its shipped values (DEFAULTS).
-DEFAULTS = {"backend": "bm25s", "k1": 1.5, "b": 0.75, "epsilon": 0.25, "chunk": 10000, "dtype": "float64"}
+# source.bm25 as `configure` last set it, over its shipped values (DEFAULTS: conf/source/bm25/default.yaml's, read
+# from the file so the two never drift; index_dir is the retrieve kind's).
+SHIPPED = Path(__file__).resolve().parents[2] / "conf" / "source" / "bm25" / "default.yaml"
+DEFAULTS = {key: value for key, value in yaml.safe_load(SHIPPED.read_text()).items() if key != "index_dir"}
 SETTINGS = dict(DEFAULTS)
 
 

@@ -18,11 +18,10 @@ from lark.data.readers import qa_record, read_examples, sample
 from lark.data.sources import query_examples
 from lark.data.world import load_world
 from lark.errors import ConfigError, RunDirError
+from lark.legacy import CONF
 from lark.legacy import load as load_run_config
 from lark.rundir import check_data, saved_checkpoints
 from lark.validation import recall as R
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass
