@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lark.data.formats import encode
-from lark.data.io import write_json
+from lark.data.io import read_jsonl, write_json
 from lark.data.readers import first_form, sample
 from lark.errors import ConfigError
 from lark.evaluation import answer_losses
@@ -272,7 +272,7 @@ def measure_retrain(job, cfg, queries, keep_checkpoints):
     require_safetensors(epochs[max(epochs)])  # its checksums: a corrupted retrain is never measured
     model, tokenizer = load_pretrained(epochs[max(epochs)], cfg.model, dtype=weights_dtype(cfg))  # as trained
     encoded = [encode(tokenizer, q, cfg.format, cfg.max_length) for q in queries]
-    used = [json.loads(line)["id"] for line in (job / "data" / "train.jsonl").read_text().splitlines() if line.strip()]
+    used = [record["id"] for _, record in read_jsonl(job / "data" / "train.jsonl")]  # a torn line: DataError, file:line
     losses = answer_losses(model, tokenizer.pad_token_id, encoded, cfg.eval.batch_size)  # the projected loss
     write_json(
         job / "query_losses.json",
