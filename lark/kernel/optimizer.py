@@ -157,8 +157,9 @@ class AdamScale:
             raise ConfigError(
                 f"attribution.kernel.factored=false needs the full v_hat, but the AdamW moments "
                 f"({moments.path or moments.source}) are factored ({rank_one[0]} and {len(rank_one) - 1} more: "
-                "the run was trained with factored=true); train with attribution.kernel.factored=false to save the "
-                "full moments, or keep attribution.kernel.factored=true"
+                "attribution.save_moments saves them factored unless the run's own kernel is adam or trackstar "
+                "with factored=false); train with attribution/kernel=adam attribution.kernel.factored=false to save "
+                "the full moments, or keep attribution.kernel.factored=true"
             )
         self.cache = {}
 
