@@ -601,8 +601,12 @@ def test_the_config_summary_names_the_projector_and_kernel(tmp_path):
     (tmp_path / ".hydra").mkdir()
     attribution = {"projector": {"_target_": "lark.kernel.sketch.HookSketch", "k": 4096}}
     attribution["kernel"] = {"_target_": "lark.kernel.kernels.Cosine"}
-    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"attribution": attribution}))
+    scheduler = {"name": "paper", "lr": 2e-4}  # the schedule's name: a label no code reads, shown here
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"attribution": attribution, "scheduler": scheduler})
+    )
     rows = dict(config_summary(tmp_path))
+    assert rows["schedule"] == "paper" and rows["peak lr"] == 2e-4
     assert rows["projector"] == "lark.kernel.sketch.HookSketch" and rows["kernel"] == "lark.kernel.kernels.Cosine"
     assert rows["k"] == 4096
     legacy = {"attribution": {"projector": {"kind": "rapidin"}}}

@@ -37,6 +37,7 @@ SUMMARY_KEYS = [
     ("fine-tuning epochs", "trainer.max_epochs"),
     ("batch size", "batch_size"),
     ("max length", "max_length"),
+    ("schedule", "scheduler.name"),
     ("peak lr", "scheduler.lr"),
     ("precision", "trainer.precision"),
     ("seed", "seed"),
