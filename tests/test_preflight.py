@@ -180,3 +180,8 @@ def test_the_hub_check_waits_preflight_timeout_s(monkeypatch):
     monkeypatch.setattr(P, "cached_repos", lambda: set())
     cfg = compose(["+experiment=pubmedqa", "preflight_timeout_s=30"])
     assert P.hub_problems(cfg) == [] and asked and {timeout for _, timeout in asked} == {30}
+    from lark.errors import ConfigError
+
+    for bad in (0, -1, "abc"):  # 0 became the 4 s default; a string failed inside the hub client as "unreachable"
+        with pytest.raises(ConfigError, match=f"preflight_timeout_s must be a positive number of seconds, got {bad!r}"):
+            P.hub_problems(compose(["+experiment=pubmedqa", f"preflight_timeout_s={bad}"]))
