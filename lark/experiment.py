@@ -45,6 +45,7 @@ from lark.resume import (
     AtomicCheckpointIO,
     check_resumable,
     check_same_run,
+    keep_hydra_files,
     last_checkpoint,
     resume_callbacks,
     save_run_config,
@@ -208,6 +209,7 @@ def train(cfg, log=print):
 def open_run(cfg, log=print):
     """(run directory, resume) of a run about to start: its config checked, the folder new or (resume=true) the
     same run's, cleaned of half-written files; the seed set."""
+    keep_hydra_files(cfg.paths.output_dir)  # before any refusal: Hydra has just rewritten them for this command
     preflight(cfg, log)
     console.setup()
     check_config(cfg)

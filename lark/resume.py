@@ -5,6 +5,7 @@ the sha256 of its own content (`lark_checksum`: every tensor and value, in order
 corrupted resume state stops the run (CorruptFile) saying how to restart."""
 
 import pickle
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -142,12 +143,34 @@ IGNORED = (
 def save_run_config(cfg, run_dir, resume):
     """Keep the config a run was started with, what check_same_run compares a resume against whether or not
     checkpoints are saved: written at a new start, and at a resume of a run that has computed nothing yet (a
-    start that failed on its input before any result; a resume keeps the config of a run that has results)."""
+    start that failed on its input before any result; a resume keeps the config of a run that has results).
+    Hydra's .hydra files of that start are kept beside it (.hydra/first_start, put back by keep_hydra_files)."""
     path = Path(run_dir) / RUN_CONFIG
     if not (resume and computed(run_dir) and path.is_file()):
         text = OmegaConf.to_yaml(cfg, resolve=True)
         with replacing(path, len(text)) as tmp:
             tmp.write_text(text)
+        copy_hydra_files(Path(run_dir) / ".hydra", Path(run_dir) / FIRST_START)
+
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes in <run>/.hydra at every start
+FIRST_START = Path(".hydra") / "first_start"  # their copy from the start whose config the run keeps
+
+
+def copy_hydra_files(source, target):
+    for name in HYDRA_FILES:
+        if (source / name).is_file():
+            with replacing(target / name) as tmp:
+                shutil.copy2(source / name, tmp)  # its time too: the report's start time is config.yaml's
+
+
+def keep_hydra_files(run_dir):
+    """Hydra rewrites .hydra/{config,hydra,overrides}.yaml at every start, before LARK sees the command: a start
+    into a run that has results (a resume, or a start refused for its other settings) puts back those of the start
+    the run keeps, so attribute.py and validate.py read the run's own config and the report and a sweep's labels
+    its own overrides (not `resume=true`, nor a refused `format=...`)."""
+    if computed(run_dir) and (Path(run_dir) / FIRST_START).is_dir():
+        copy_hydra_files(Path(run_dir) / FIRST_START, Path(run_dir) / ".hydra")
 
 
 def check_resumable(run_dir, chosen):

@@ -154,6 +154,22 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_a_used_folder(ref
         train(cfg)
 
 
+def test_a_refused_or_resumed_start_keeps_the_runs_hydra_files(reference, tmp_path):
+    """Hydra rewrote <run>/.hydra at every start, before LARK refused it: a resume refused for format=noformat left
+    .hydra/config.yaml saying noformat, and attribute.py then re-attributed the chatml-trained checkpoints as
+    noformat; a resume put `resume=true` into the overrides the report and a sweep's labels show."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    names = ("config.yaml", "hydra.yaml", "overrides.yaml")
+    before = {n: (run_dir / ".hydra" / n).read_bytes() for n in names}
+    assert all((run_dir / ".hydra" / "first_start" / n).read_bytes() == before[n] for n in names)
+    out = run("train.py", RUN + [f"hydra.run.dir={run_dir}", "resume=true", "format=noformat"], tmp_path, check=False)
+    assert out.returncode == 2 and "with other settings than" in out.stderr, out.stderr[-2000:]
+    out = run("train.py", RUN + [f"hydra.run.dir={run_dir}"], tmp_path, check=False)
+    assert out.returncode == 2 and "already holds a run" in out.stderr, out.stderr[-2000:]
+    assert {n: (run_dir / ".hydra" / n).read_bytes() for n in names} == before
+
+
 def compose_value(path, key):
     from omegaconf import OmegaConf
 
