@@ -67,7 +67,7 @@ def same_gradients(epochs, heads, log):
             f"[lark] tracin_cp: epochs {left} left out of the sum: their stores are another kernel's "
             f"({', '.join(sorted({str(kernel(e)) for e in left}))}) or another projector's than epoch {ours[-1]}'s; "
             f"to include them: attribute.py run_dir=<run> attribution/kernel=tracin_cp "
-            f"'attribution.checkpoints={left}'"
+            f"'+attribution.checkpoints={left}'"
         )
     return kept
 

@@ -288,6 +288,16 @@ def test_tracin_cp_sums_only_the_tracin_cp_kernels_stores_in_their_own_tier(tmp_
     logs = []
     metrics = write_tracin_cp(tmp_path, cfg, log=logs.append)
     assert metrics["epochs"] == [2, 3] and any("epochs [1] left out" in m and "rapidin" in m for m in logs)
+    import shlex
+
+    from conftest import compose
+
+    told = next(m for m in logs if "left out" in m).split("to include them: ")[1]  # a command Hydra takes as given
+    script, run_dir, *overrides = shlex.split(told)
+    assert script == "attribute.py" and run_dir == "run_dir=<run>"
+    attribute_cfg = compose(["run_dir=x", *overrides], config_name="attribute")
+    assert attribute_cfg.attribution.checkpoints == [1]
+    assert attribute_cfg.attribution.kernel._target_ == "lark.kernel.kernels.TracInCP"
     from safetensors import safe_open
 
     from lark.tracin import tracin_top

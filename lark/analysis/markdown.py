@@ -159,7 +159,8 @@ def footnotes(name, rows):
     if name == "table2":
         mixed = [
             "Epochs were attributed with different kernels or projectors (Kernel/projector): their scores are "
-            "not one series; attribute.py run_dir=<run> 'attribution.checkpoints=[...]' re-attributes the others."
+            "not one series; attribute.py run_dir=<run> attribution/kernel=<kernel> attribution/projector=<projector> "
+            "'+attribution.checkpoints=[...]' re-attributes the others with one."
         ]
         return lr_footnotes(rows) + (mixed if any("method" in row for row in rows) else [])
     if name == "table3":
