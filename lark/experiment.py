@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lark import console, legacy, notices, rundir
 from lark.analysis import analyze as analysis
@@ -45,6 +45,7 @@ from lark.resume import (
     AtomicCheckpointIO,
     check_resumable,
     check_same_run,
+    flat,
     keep_hydra_files,
     last_checkpoint,
     resume_callbacks,
@@ -304,10 +305,22 @@ def attribution_config(cfg, overrides):
         for key in ("projector", "kernel"):  # another projector or kernel (a _target_): replaced, not merged
             if "_target_" in (overrides.get(key) or {}):
                 cfg.attribution[key] = overrides.pop(key)
+        for key in flat(OmegaConf.to_container(overrides)):
+            if not has_key(cfg.attribution, key):  # a misspelt key merged silently and re-attributed every epoch
+                raise ConfigError(f"attribution.{key}: the run's attribution config has no such key (misspelt?)")
         cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
         cfg.attribution.save_checkpoints = False
         cfg.attribution.enabled = True  # attributing is what attribute.py is for, whatever the training run said
     return cfg
+
+
+def has_key(node, dotted):
+    """Whether a dotted key names an existing node (its value may be null) of a config."""
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def saved_moments(cfg, folder):

@@ -1139,3 +1139,19 @@ def test_a_run_without_attribution_ends_well_and_attribute_py_attributes_it(tmp_
     assert "attribution.enabled=false: no influence tables" in lines[0]
     with open_dict(cfg):
         assert attribution_config(cfg, {"checkpoints": [1]}).attribution.enabled is True
+
+
+def test_attribute_py_refuses_a_misspelt_attribution_key():
+    """attribute.py run_dir=<run> +attribution.checkpont=[0] merged the typo silently: every epoch was attributed
+    again (not the one meant) under a new fingerprint. Known keys, nested ones and null-valued ones, merge."""
+    from lark.errors import ConfigError
+    from lark.experiment import attribution_config
+
+    cfg = compose(RUN)
+    for typo in ({"checkpont": [0]}, {"projector": {"kk": 8}}):
+        with pytest.raises(ConfigError, match=r"attribution\.(checkpont|projector\.kk): the run's attribution config"):
+            attribution_config(compose(RUN), typo)
+    merged = attribution_config(cfg, {"checkpoints": [0], "projector": {"k": 1024}, "tokens": "topk"}).attribution
+    assert merged.checkpoints == [0] and merged.projector.k == 1024 and merged.tokens == "topk"
+    other = {"kernel": {"_target_": "lark.kernel.kernels.TrackStar", "eps": 1e-8, "factored": True, "mix": 0.9}}
+    assert attribution_config(compose(RUN), other).attribution.kernel.mix == 0.9  # a group: replaced whole
