@@ -67,12 +67,22 @@ def tee_to_log():
             setattr(sys, name, Tee(stream, files[0]))
 
 
+HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "-p", "--package", "-sc", "--shell")
+
+
 def require_run_dir(argv=None, sweep=False):
     """Before Hydra starts attribute.py, analyze.py or validate.py (whose Hydra log goes into run_dir): a run_dir=
     argument that is not a directory stops with one line and exit code 2, where Hydra would create that folder
     for its log and the script would then report it empty; so does a sweep's folder (multirun.yaml) unless the
-    script takes one (`sweep`: analyze.py), naming its jobs' folders."""
-    for arg in sys.argv[1:] if argv is None else argv:
+    script takes one (`sweep`: analyze.py), naming its jobs' folders. A run_dir left out or empty stops likewise
+    (Hydra printed a traceback about its ??? value; an empty one analysed the current folder)."""
+    args = sys.argv[1:] if argv is None else argv
+    given = [arg.partition("=")[2] for arg in args if arg.partition("=")[0].lstrip("+~") == "run_dir"]
+    asks_hydra = any(arg.startswith(HYDRA_FLAGS) for arg in args)  # --help, --cfg job: no run needed
+    if not asks_hydra and (not given or not all(v.strip() for v in given)):
+        print("[lark] error: run_dir=<run folder> is required: a folder written by train.py", file=sys.stderr)
+        sys.exit(2)
+    for arg in args:
         key, _, value = arg.partition("=")
         if key.lstrip("+~") != "run_dir" or not value or "," in value:
             continue

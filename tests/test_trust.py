@@ -1126,6 +1126,18 @@ def test_a_sweeps_folder_given_to_attribute_or_validate_names_its_jobs(tmp_path,
     require_run_dir([f"run_dir={tmp_path / '0'}"])
 
 
+@pytest.mark.parametrize("args", [[], ["run_dir="], ["analyze=false"]])
+def test_a_missing_or_empty_run_dir_stops_in_one_line(args, capsys):
+    """`python attribute.py` without run_dir printed Hydra's 99-line traceback about its ??? value; an empty
+    run_dir= analysed the current folder (conf/ taken for a run) and left a log in the checkout."""
+    from lark.console import require_run_dir
+
+    with pytest.raises(SystemExit) as stop:
+        require_run_dir(args)
+    assert stop.value.code == 2 and "[lark] error: run_dir=<run folder> is required" in capsys.readouterr().err
+    require_run_dir(["--cfg", "job"])  # Hydra's own flags need no run
+
+
 def test_a_run_without_attribution_ends_well_and_attribute_py_attributes_it(tmp_path):
     """attribution.enabled=false (evaluation only) ended in analyze's 'no run directory' error, exit 2; its
     checkpoints then could not be attributed: attribute.py kept the run's enabled=false and found none wanted."""
