@@ -99,10 +99,18 @@ def selectors(source_cfg):
     return {kind: instantiate(spec, _partial_=True) for kind, spec in source_cfg.kinds.items()}
 
 
+SOURCE_KEYS = ("kind", "corpus", "formatted", "size")  # a source.sources entry's keys (conf/source/default.yaml)
+
+
 def check_sources(source_cfg, corpus_names):
-    """Fail at start (ConfigError naming the key) on a source whose kind or corpus is unknown."""
+    """Fail at start (ConfigError naming the key) on a source with an unknown key, kind or corpus."""
     kinds = list(source_cfg.kinds)
     for name, spec in source_cfg.sources.items():
+        unknown = [key for key in spec if key not in SOURCE_KEYS]
+        if unknown:  # a misspelt size or corpus was dropped silently
+            raise ConfigError(f"source.sources.{name}.{unknown[0]}: unknown key ({', '.join(SOURCE_KEYS)})")
+        if not isinstance(spec.get("formatted"), bool):
+            raise ConfigError(f"source.sources.{name}.formatted must be true or false, got {spec.get('formatted')!r}")
         if spec.get("kind") not in kinds:
             raise ConfigError(
                 f"source.sources.{name}.kind: unknown '{spec.get('kind')}' ({', '.join(kinds)}; "
