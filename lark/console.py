@@ -127,8 +127,8 @@ def setup():
     when the root logger has handlers (Hydra's console and file handlers print its records then; Lightning
     itself only adds the handler because it cannot know); its litlogger advertisement is dropped at its logger;
     transformers' per-file progress bars (writing shards, loading weights) and the hub's download bars are off
-    when the console is not a terminal; and Lightning's own deprecation notice about torch's pytree API (not
-    ours to fix) is ignored."""
+    when the console is not a terminal; Lightning's own deprecation notice about torch's pytree API (not ours to
+    fix) is ignored, and so is its notice that <run>/resume is not empty (a resume=true reads it: no news)."""
     tee_to_log()
     if logging.getLogger().handlers:
         package = logging.getLogger("lightning")
@@ -140,6 +140,7 @@ def setup():
     if not any(isinstance(f, DropNotice) for f in rank_zero.filters):
         rank_zero.addFilter(DropNotice("litlogger"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .*resume exists and is not empty")  # a resume
     if not tty():
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging

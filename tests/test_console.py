@@ -138,3 +138,17 @@ def test_each_sweep_job_logs_its_console_to_its_own_file(tmp_path, monkeypatch):
     assert isinstance(sys.stdout, Tee)
     assert "job 0" in (tmp_path / "0.log").read_text() and "job 1" not in (tmp_path / "0.log").read_text()
     assert "job 1" in (tmp_path / "1.log").read_text()
+
+
+def test_a_resumes_checkpoint_folder_notice_is_dropped():
+    """Every resume=true printed Lightning's `Checkpoint directory <run>/resume exists and is not empty.`: the folder
+    a resume reads is expected to hold its checkpoint; the notice stays for any other folder."""
+    import warnings
+
+    from lark import console
+
+    console.setup()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn("Checkpoint directory /r/resume exists and is not empty.", UserWarning, stacklevel=1)
+        warnings.warn("Checkpoint directory /r/mine exists and is not empty.", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["Checkpoint directory /r/mine exists and is not empty."]
