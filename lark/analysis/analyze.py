@@ -18,17 +18,28 @@ computed at attribution time) and schema.py (metrics.json's schema).
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from lark.analysis.figures import plot_figures
 from lark.analysis.markdown import write_tables
 from lark.analysis.report import job_out_dir, write_run_report, write_sweep_report
 from lark.analysis.report_data import run_data
 from lark.analysis.runs import choose_epoch, epoch_caption, find_runs, load_metrics
 from lark.analysis.tables import build_tables, loss_target_caption, tracin_rows
-from lark.errors import ConfigError
+from lark.errors import ConfigError, RunDirError
+from lark.legacy import CONF
 from lark.legacy import load as saved_config
 from lark.rundir import require_complete
 
 SETTINGS = {"table1_epoch": "table1_epoch", "report": "report", "snippet_chars": "report_snippet_chars"}
+
+
+def run_analysis(run_dir):
+    """A run's analysis.* config: its saved one, or (a folder without .hydra/config.yaml) the shipped defaults."""
+    try:
+        return saved_config(run_dir).analysis
+    except RunDirError:
+        return OmegaConf.load(CONF / "analysis" / "default.yaml")
 
 
 def own_settings(path, **given):
@@ -39,7 +50,7 @@ def own_settings(path, **given):
     settings = {name: given[name] for name in SETTINGS if given.get(name) is not None}
     if len(settings) == len(SETTINGS):
         return settings
-    configs = {label: saved_config(run_dir).analysis for label, run_dir in find_runs(path).items()}
+    configs = {label: run_analysis(run_dir) for label, run_dir in find_runs(path).items()}
     for name, key in [(n, k) for n, k in SETTINGS.items() if n not in settings]:
         values = {label: cfg[key] for label, cfg in configs.items()}
         if len(set(map(str, values.values()))) > 1:
