@@ -43,6 +43,11 @@ def check_config(cfg):
         "is the base model)",
     )
     check_training_keys(cfg)
+    rule, last = (cfg.get("analysis") or {}).get("table1_epoch", "best"), cfg.trainer.max_epochs
+    need(
+        rule in ("best", "last") or (whole(rule, 0) and rule <= last),
+        f'analysis.table1_epoch must be "best", "last" or an epoch 0-{last}, got {rule!r} (found only after training)',
+    )
     check_data_keys(cfg.data)  # first: a missing data file is the mistake to name, before the sources drawn from it
     check_source_keys(cfg.source, cfg.data)
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")

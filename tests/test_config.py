@@ -141,6 +141,7 @@ def test_trainer_gpu_and_ddp():
         ("optimizer._target_=torch.optim.Nope", "optimizer._target_"),
         ("eval.batch_size=0", "eval.batch_size"),
         ("eval.labels=[yes,no]", "eval.labels"),  # data.answers has "maybe": accuracy silently lost it
+        ("analysis.table1_epoch=99", "analysis.table1_epoch"),  # the run has epochs 0-5: failed after training
         ("+source.sources.medical_format.sise=3", "source.sources.medical_format.sise"),  # dropped silently
         ("source.sources.finetune.formatted=maybe", "source.sources.finetune.formatted"),
         ("+experiment=canary data.canary.answer=perhaps", "data.canary.answer"),
