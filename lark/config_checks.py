@@ -164,6 +164,8 @@ def check_attribution_keys(attr):
 def check_source_keys(source, data):
     """source: its size, the corpora its sources draw from (data.corpora), the FT / PT sources, the format pairs."""
     need(isinstance(source.size, int) and source.size > 0, f"source.size must be a positive integer, got {source.size}")
+    per_query = source.get("bm25_per_query")
+    need(whole(per_query), f"source.bm25_per_query must be a positive integer, got {per_query!r}")
     corpora = data.get("corpora") or {}
     check_corpora(corpora)
     check_sources(source, list(corpora))
@@ -191,6 +193,12 @@ def check_data_keys(data):
     }
     for key, path in paths.items():
         need(path is None or Path(path).is_file(), f"{key}: {path} is not a file")
+    for key in ("n_train", "n_test"):  # a negative one cut rows silently (items[:-1])
+        value = data.get(key)
+        need(value is None or whole(value), f"data.{key} must be a positive integer or null (all), got {value!r}")
+    for name, spec in (data.get("corpora") or {}).items():
+        limit = spec.get("limit")
+        need(limit is None or whole(limit), f"data.corpora.{name}.limit must be a positive integer or null: {limit!r}")
 
 
 def check_targets(attr):

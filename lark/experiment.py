@@ -279,6 +279,8 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     epochs = {e: f for e, f in rundir.saved_checkpoints(run_dir).items() if wanted(cfg.attribution, e)}
     if not epochs:
         raise RunDirError(f"{run_dir / 'checkpoints'}: no epoch_NNN checkpoints to attribute")
+    for folder in epochs.values():  # every epoch's moments before the first epoch is touched, not at its turn
+        saved_moments(cfg, folder, load=False)
     for epoch, folder in epochs.items():
         # in the trainer's dtype (bf16-true: bf16, whatever model.dtype says) and on its device, as trained
         model, tokenizer = load_pretrained(rundir.require_safetensors(folder), cfg.model, dtype=weights_dtype(cfg))
@@ -323,10 +325,12 @@ def has_key(node, dotted):
     return True
 
 
-def saved_moments(cfg, folder):
-    """The AdamW moments saved beside a checkpoint, or None; RunDirError when the kernel needs them."""
-    moments = Moments.load(folder / MOMENTS_FILE) if (folder / MOMENTS_FILE).is_file() else None
-    if moments is None and make_kernel(cfg.attribution).uses_optimizer:
+def saved_moments(cfg, folder, load=True):
+    """The AdamW moments saved beside a checkpoint, or None; RunDirError when the kernel needs them (load=False:
+    only that check)."""
+    present = (folder / MOMENTS_FILE).is_file()
+    moments = Moments.load(folder / MOMENTS_FILE) if present and load else None
+    if not present and make_kernel(cfg.attribution).uses_optimizer:
         raise RunDirError(
             f"{folder / MOMENTS_FILE}: not found; attribution.kernel="
             f"{make_kernel(cfg.attribution).name} needs the run's AdamW moments at each checkpoint "

@@ -365,3 +365,18 @@ def test_validation_refuses_a_checkpoint_whose_weights_fail_their_checksum(finis
     vcfg = load_config({"kernels": ["cosine"], "lds": {"enabled": False}, "checkpoints": [1]})
     with pytest.raises(CorruptFile, match=r"epoch_001/model.safetensors: checksum mismatch"):
         validate_run(run_dir, vcfg, log=lambda line: None)
+
+
+def test_attribute_checks_every_epochs_moments_before_touching_any(finished, tmp_path):
+    """attribute.py attribution/kernel=adam on epochs [0, 1] with epoch 1's moments gone re-attributed epoch 0 with
+    adam and only then stopped at epoch 1, leaving a run of mixed kernels; now it stops before any epoch."""
+    from lark import experiment as E
+    from lark.errors import RunDirError
+
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "checkpoints" / "epoch_001" / "adam_moments.safetensors").unlink()
+    before = (run_dir / "attribution" / "epoch_000" / "metrics.json").read_bytes()
+    adam = {"_target_": "lark.kernel.kernels.Adam", "eps": 1e-8, "factored": True, "normalize": "none"}
+    with pytest.raises(RunDirError, match=r"epoch_001/adam_moments\.safetensors: not found"):
+        E.attribute(run_dir, {"checkpoints": [0, 1], "kernel": adam}, log=lambda line: None)
+    assert (run_dir / "attribution" / "epoch_000" / "metrics.json").read_bytes() == before

@@ -142,6 +142,9 @@ def test_trainer_gpu_and_ddp():
         ("eval.batch_size=0", "eval.batch_size"),
         ("eval.labels=[yes,no]", "eval.labels"),  # data.answers has "maybe": accuracy silently lost it
         ("analysis.table1_epoch=99", "analysis.table1_epoch"),  # the run has epochs 0-5: failed after training
+        ("source.bm25_per_query=0", "source.bm25_per_query"),  # a ValueError naming a source, not the key
+        ("+data.n_train=-1", "data.n_train"),  # items[:-1]: one row dropped silently
+        ("data=pubmedqa_local data.n_test=-2", "data.n_test"),
         ("+source.sources.medical_format.sise=3", "source.sources.medical_format.sise"),  # dropped silently
         ("source.sources.finetune.formatted=maybe", "source.sources.finetune.formatted"),
         ("+experiment=canary data.canary.answer=perhaps", "data.canary.answer"),

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lark.data import bm25
 from lark.data.formats import document_fields, qa_fields
 from lark.data.readers import sample
-from lark.errors import ConfigError
+from lark.errors import ConfigError, DataError
 
 
 def corpus_key(docs):
@@ -178,7 +178,10 @@ def build_sources(source_cfg, fmt, train_items, test_items, corpora, seed):
                 else [{"id": d["id"], "text": d["text"]} for d in picked]
             )
         if not sets[name]:
-            raise ValueError(f"source.sources.{name}: no documents selected")
+            raise DataError(
+                f"source.sources.{name}: no documents selected (kind {spec.kind}, corpus {spec.get('corpus')}: an "
+                "empty fine-tuning file or corpus, or nothing retrieved)"
+            )
     return sets
 
 
