@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from lark import console, legacy, notices, rundir
 from lark.analysis import analyze as analysis
@@ -297,6 +297,9 @@ def attribute(run_dir, overrides=None, log=print, resume=True):
     return run_dir
 
 
+ABSENT = object()  # OmegaConf.select's answer for a key the config does not have (a null-valued key is there)
+
+
 def attribution_config(cfg, overrides):
     """A saved run's config with attribution overrides: another projector or kernel (a `_target_`) replaces the
     run's, other keys merge; checkpoints are not saved again; attribution is on (a run trained with it off)."""
@@ -308,21 +311,12 @@ def attribution_config(cfg, overrides):
             if "_target_" in (overrides.get(key) or {}):
                 cfg.attribution[key] = overrides.pop(key)
         for key in flat(OmegaConf.to_container(overrides)):
-            if not has_key(cfg.attribution, key):  # a misspelt key merged silently and re-attributed every epoch
+            if OmegaConf.select(cfg.attribution, key, default=ABSENT) is ABSENT:  # a misspelt key merged silently
                 raise ConfigError(f"attribution.{key}: the run's attribution config has no such key (misspelt?)")
         cfg.attribution = upgrade(OmegaConf.merge(cfg.attribution, overrides))
         cfg.attribution.save_checkpoints = False
         cfg.attribution.enabled = True  # attributing is what attribute.py is for, whatever the training run said
     return cfg
-
-
-def has_key(node, dotted):
-    """Whether a dotted key names an existing node (its value may be null) of a config."""
-    for part in dotted.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def saved_moments(cfg, folder, load=True):
