@@ -4,7 +4,7 @@ checks (lark.preflight)."""
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from lark.data.corpora import check_corpora
+from lark.data.formats import layout
 from lark.data.io import BadRows
 from lark.data.sources import check_sources
 from lark.errors import ConfigError, whole
@@ -22,6 +23,11 @@ from lark.kernel.optimizer import adam_eps
 from lark.kernel.stores import TIERS
 from lark.kernel.tokens_math import TRANSPOSABLE
 from lark.validation.canary import is_on
+
+# data's keys (conf/data/*.yaml; canary from +experiment=canary) and data.fields' keys
+DATA_KEYS = ("name", "reader", "world", "fields", "answers", "extras", "train_subset", "test_ids", "n_train", "n_test")
+DATA_KEYS += ("on_bad_rows", "corpora_file", "corpora", "canary")
+FIELDS = ("id", "question", "context", "answer", "split")
 
 
 def need(ok, message):
@@ -43,6 +49,8 @@ def check_config(cfg):
         "is the base model)",
     )
     check_training_keys(cfg)
+    check_switches(cfg)
+    check_format(cfg.format)
     rule, last = (cfg.get("analysis") or {}).get("table1_epoch", "best"), cfg.trainer.max_epochs
     need(
         rule in ("best", "last") or (whole(rule, 0) and rule <= last),
@@ -84,6 +92,44 @@ def check_config(cfg):
 
 def number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_switches(cfg):
+    """The run's on/off keys and the seed: `attribution.enabled=maybe` or `seed=abc` passed and broke (or meant
+    something else) later."""
+    for key in ("resume", "preflight", "attribution.enabled", "analysis.enabled", "analysis.report"):
+        value = OmegaConf.select(cfg, key)
+        need(value is None or isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+    need(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), f"seed must be an integer, got {cfg.seed!r}")
+    chars = OmegaConf.select(cfg, "analysis.report_snippet_chars")
+    need(chars is None or whole(chars), f"analysis.report_snippet_chars must be a positive integer, got {chars!r}")
+
+
+def check_format(fmt):
+    """format: its layout's `_target_` builds, the system prompt is text or null, and the user template names only
+    {context} and {question} (each failed when the first example was encoded, after the model's load)."""
+    try:
+        layout(fmt)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- hydra wraps import and argument errors of any kind
+        raise ConfigError(
+            f"format.layout: cannot build {fmt.layout.get('_target_')!r} ({str(e).splitlines()[0]})"
+        ) from None
+    prompt = fmt.get("system_prompt")
+    need(prompt is None or isinstance(prompt, str), f"format.system_prompt must be text or null, got {prompt!r}")
+    template = fmt.get("user_template")
+    need(
+        isinstance(template, str),
+        f"format.user_template must be text with {{context}} and {{question}}, got {template!r}",
+    )
+    try:
+        template.format(context="", question="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"format.user_template: {template!r} cannot be filled ({type(e).__name__}: {e}); it may name only "
+            "{context} and {question} (double a literal brace: {{ }})"
+        ) from None
 
 
 def check_training_keys(cfg):
@@ -172,16 +218,41 @@ def check_source_keys(source, data):
     names = set(source.sources)
     for key in ("ft_source", "pt_source"):
         need(source[key] in names, f"source.{key}: '{source[key]}' is not one of source.sources ({', '.join(names)})")
-    for content, pair in source.format_pairs.items():
+    pairs = source.format_pairs
+    need(
+        isinstance(pairs, Mapping),
+        f"source.format_pairs must be a mapping {{content: [formatted, noformat]}}: {pairs!r}",
+    )
+    for content, pair in pairs.items():
+        need(
+            isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2,
+            f"source.format_pairs.{content} must be [formatted source, noformat source], got {pair!r}",
+        )
         for name in pair:
             need(name in names, f"source.format_pairs.{content}: '{name}' is not one of source.sources")
 
 
+def known_keys(node, key, known):
+    """Every key of `node` is one of `known` (a misspelt one was dropped silently); ConfigError names `key.<name>`."""
+    unknown = [k for k in node if k not in known]
+    need(not unknown, f"{key}.{unknown[0] if unknown else ''}: unknown key ({', '.join(known)})")
+
+
 def check_data_keys(data):
-    """data: a reader or a world, the fields, on_bad_rows, the files it names."""
+    """data: its keys, a reader or a world, the fields and extras, on_bad_rows, the files it names."""
+    known_keys(data, "data", DATA_KEYS)
     need("reader" in data, "data.reader: missing (a _target_: data=jsonl, data=hf, data=world or your own reader)")
-    for key in ("id", "question", "context", "answer", "split"):
+    known_keys(data.fields, "data.fields", FIELDS)
+    for key in FIELDS:
         need(key in data.fields, f"data.fields.{key}: missing (null when the data has no such field)")
+    extras = data.get("extras") or {}
+    need(isinstance(extras, Mapping), f"data.extras must be a mapping {{name: {{field, default}}}}, got {extras!r}")
+    for name, extra in extras.items():
+        need(
+            isinstance(extra, Mapping) and isinstance(extra.get("field"), str),
+            f"data.extras.{name} must be {{field: <row field>, default: <value when absent>}}, got {extra!r}",
+        )
+        known_keys(extra, f"data.extras.{name}", ("field", "default"))
     for key in ("question", "answer"):
         need(bool(data.fields[key]), f"data.fields.{key}: name the field holding the {key}")
     BadRows(data.get("on_bad_rows", "error"))

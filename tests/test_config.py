@@ -157,6 +157,19 @@ def test_trainer_gpu_and_ddp():
         ("model.dtype=bf16", "model.dtype"),
         ("gradient_clip_val=-1", "gradient_clip_val"),  # Lightning skipped clipping, the moments estimate did not
         ("trainer.gradient_clip_val=0.5", "trainer.gradient_clip_val"),  # the root key stayed 1.0 for the estimate
+        # each failed when the first example was encoded, after the model's load
+        ("format.user_template='{answer}'", "format.user_template"),
+        ("format.layout._target_=lark.data.formats.Nope", "format.layout"),
+        ("format.system_prompt=[1]", "format.system_prompt"),
+        # passed, and broke or meant something else later
+        ("seed=abc", "seed"),
+        ("attribution.enabled=maybe", "attribution.enabled"),
+        ("analysis.report=maybe", "analysis.report"),
+        ("analysis.report_snippet_chars=-1", "analysis.report_snippet_chars"),
+        ("+data.n_tset=5", "data.n_tset"),  # misspelt data keys were dropped silently
+        ("+data.fields.contexts=abstract", "data.fields.contexts"),
+        ("+data.extras.long=3", "data.extras.long"),  # a TypeError naming no key when the rows were read
+        ("source.format_pairs.medical=[medical_format]", "source.format_pairs.medical"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, key):
