@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from lark.data.io import read_yaml
 from lark.errors import RunDirError
 from lark.fingerprints import MOVED, renamed
 from lark.kernel.factory import upgrade as upgrade_attribution
@@ -207,7 +208,7 @@ def today_config(run_dir):
     path = Path(run_dir) / ".hydra" / "hydra.yaml"
     if not path.is_file():
         return None
-    choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
+    choices = OmegaConf.to_container(read_yaml(path, OmegaConf.load).hydra.runtime.choices)
     tree = compose_train(return_hydra_config=True).hydra.runtime.choices  # the groups of the default tree
     return compose_train(
         [
@@ -223,6 +224,6 @@ def load(run_dir):
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{path}: not found; run_dir must be a run directory written by train.py")
-    cfg = upgrade(OmegaConf.load(path))
+    cfg = upgrade(read_yaml(path, OmegaConf.load))
     today = today_config(run_dir)
     return cfg if today is None else fill(cfg, today)

@@ -3,6 +3,7 @@ validation, sampling."""
 
 import json
 import os
+import re
 import string
 import tempfile
 from collections import Counter
@@ -162,6 +163,19 @@ def test_load_qa_reads_a_test_ids_file(tmp_path, local_split):
     train, test = D.load_qa(data_cfg(test_ids=str(tmp_path / "ids.txt"), n_test=3))
     assert len(train) == 500
     assert [x["id"] for x in test] == [x["id"] for x in local_split[1][:3]]
+
+
+def test_a_test_ids_file_with_a_bom_reads_and_one_not_utf8_is_named_with_its_line(tmp_path):
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Q{i}?", "response": "A."}) + "\n" for i in range(4)))
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbfq1\nq3\n")  # Windows Notepad's UTF-8 BOM: it hid q1 from the test set
+    cfg = OmegaConf.create(data_spec("jsonl", **{"reader.path": str(rows), "test_ids": str(ids)}))
+    train, test = D.load_qa(cfg)
+    assert sorted(x["id"] for x in test) == ["q1", "q3"] and sorted(x["id"] for x in train) == ["q0", "q2"]
+    ids.write_bytes(b"q1\nq3 \xe9t\xe9\n")  # Latin-1
+    with pytest.raises(DataError, match=rf"data\.test_ids: {re.escape(str(ids))}:2: not valid UTF-8"):
+        D.load_qa(cfg)
 
 
 def test_load_qa_world_items_are_mapped_like_any_rows():

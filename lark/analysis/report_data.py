@@ -14,11 +14,9 @@ import itertools
 import re
 from datetime import datetime, timezone
 
-import yaml
-
 from lark.analysis.runs import read_json_object
-from lark.data.io import read_jsonl
-from lark.errors import CorruptFile, DataError
+from lark.data.io import read_jsonl, read_yaml
+from lark.errors import CorruptFile, DataError, RunDirError
 from lark.kernel.stores import read_top_influences
 from lark.kernel.tokens import TOP_TOKENS, by_character
 
@@ -30,13 +28,21 @@ def read_config(run_dir):
     """The run's resolved config as a dict (a checkpoint's lark_config.yaml is resolved; .hydra's may not be)."""
     for path in (run_dir / "checkpoints" / "epoch_000" / "lark_config.yaml", run_dir / ".hydra" / "config.yaml"):
         if path.is_file():
-            return yaml.safe_load(path.read_text()) or {}
+            return shaped(read_yaml(path) or {}, dict, path)
     return {}
 
 
 def read_overrides(run_dir):
     path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+    return [str(o) for o in shaped(read_yaml(path) or [], list, path)] if path.is_file() else []
+
+
+def shaped(value, kind, path):
+    """`value` when it is a `kind` (a config: a mapping; overrides: a list), else a RunDirError naming the file."""
+    if not isinstance(value, kind):
+        what = "mapping" if kind is dict else "list"
+        raise RunDirError(f"{path}: must hold a {what}, got {type(value).__name__}; restore the file")
+    return value
 
 
 def dotted(config, key):

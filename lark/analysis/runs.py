@@ -11,10 +11,9 @@ import json
 import re
 from pathlib import Path
 
-import yaml
-
 from lark.analysis import metrics as M
 from lark.analysis.schema import check as check_metrics
+from lark.data.io import read_yaml
 from lark.errors import ConfigError, CorruptFile, RunDirError
 
 
@@ -76,7 +75,7 @@ def job_overrides(run_dir, root):
     for folder in [relative, *relative.parents][:-1]:  # [:-1] drops "." (the multirun root itself)
         overrides = root / folder / ".hydra" / "overrides.yaml"
         if overrides.is_file():
-            return [str(item) for item in yaml.safe_load(overrides.read_text()) or []]
+            return [str(item) for item in read_yaml(overrides) or []]
     return []
 
 

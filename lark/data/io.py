@@ -23,8 +23,10 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from lark import faults
-from lark.errors import ConfigError, CorruptFile, DataError, DiskFull
+from lark.errors import ConfigError, CorruptFile, DataError, DiskFull, RunDirError
 
 MAX_LINE_BYTES = 16 * 2**20  # a longer JSON Lines row is an error (a 50 MB line is never one record we want)
 
@@ -107,6 +109,33 @@ def read_jsonl(path, bad=None):
                 continue
             if record is not None:
                 yield line_no, record
+
+
+def read_yaml(path, load=None):
+    """What a YAML file of a run holds: yaml.safe_load's object, or `load(path)`'s (OmegaConf.load for a config).
+    One that does not parse (torn, or edited by hand) is a RunDirError naming file:line, not PyYAML's traceback."""
+    try:
+        return load(path) if load else yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RunDirError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); restore the file") from None
+    except UnicodeDecodeError as e:
+        raise RunDirError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); restore the file") from None
+
+
+def read_text_lines(path, key):
+    """The lines of a UTF-8 text file (a leading BOM skipped); a missing or non-UTF-8 file is a DataError naming
+    `key`, the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{key}: {path}: file not found")
+    blob = path.read_bytes()
+    try:
+        return blob.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = blob[: e.start].count(b"\n") + 1
+        raise DataError(f"{key}: {path}:{line}: not valid UTF-8 ({e.reason}); save it as UTF-8 text") from None
 
 
 @contextmanager

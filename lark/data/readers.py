@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lark.data.corpora import SHORTHAND, corpus_reader
-from lark.data.io import BadRows, read_jsonl
+from lark.data.io import BadRows, read_jsonl, read_text_lines
 from lark.data.records import checked, identifier, lookup, required, unique
 from lark.errors import ConfigError, DataError
 
@@ -177,9 +177,7 @@ def load_qa(cfg, reader=None, bad=None):
     bad = bad or BadRows()
     test_ids = None
     if cfg.get("test_ids"):
-        if not Path(cfg.test_ids).is_file():
-            raise DataError(f"data.test_ids: {cfg.test_ids}: file not found")
-        test_ids = read_ids(Path(cfg.test_ids).read_text().splitlines())
+        test_ids = read_ids(read_text_lines(cfg.test_ids, "data.test_ids"))
     reader = instantiate(cfg.reader) if reader is None else reader
     rows, test_rows = reader(bad)
     spec = OmegaConf.to_container(cfg, resolve=True)
