@@ -94,11 +94,28 @@ def require_complete(run_dir):
     found = problems(run_dir)
     if found:
         raise RunDirError(
-            f"{run_dir} is incomplete, not trusted:\n  "
-            + "\n  ".join(found[:20])
-            + "\nfinish it with `python train.py <its overrides> hydra.run.dir=<it> resume=true` or "
+            f"{run_dir} is incomplete, not trusted:\n  " + "\n  ".join(found[:20]) + f"\n{finish(run_dir)}"
+        )
+    check_data(run_dir)  # the report shows data/'s text: a corrupted file is not shown as the run's
+
+
+def finish(run_dir):
+    """How to finish an incomplete run: attribute.py when every epoch it attributes has its checkpoint, else the
+    training must go on first (attribute.py alone would stop at the first missing checkpoint)."""
+    expected = expected_epochs(run_dir)
+    if not expected:  # a config that cannot be read (or asks for no epoch): either may be the way
+        return (
+            "finish it with `python train.py <its overrides> hydra.run.dir=<it> resume=true` or "
             "`python attribute.py run_dir=<it>`"
         )
+    have = {e for e, folder in saved_checkpoints(run_dir).items() if (folder / "model.safetensors").is_file()}
+    untrained = [e for e in expected if e not in have]
+    if untrained:
+        return (
+            f"training stopped before epoch {untrained[0]}: finish it with `python train.py <its overrides> "
+            f"hydra.run.dir={run_dir} resume=true` (it attributes each epoch as it goes)"
+        )
+    return f"every checkpoint is there: finish it with `python attribute.py run_dir={run_dir}`"
 
 
 def clean(run_dir, log=print):

@@ -20,7 +20,7 @@ from lark.analysis import browser
 from lark.analysis.analyze import analyze
 from lark.analysis.report import markdown_html
 from lark.analysis.report_data import LEVELS, SHADES, doc_text, read_config
-from lark.errors import CorruptFile, DataError
+from lark.errors import CorruptFile, DataError, RunDirError
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report_scale import synthetic_run  # noqa: E402  (the benchmark's generator: one source of synthetic runs)
@@ -630,3 +630,35 @@ def test_an_exact_match_run_is_not_labelled_accuracy(tmp_path):
         metrics["eval"] = {"metric": "exact_match", "value": metrics.get("accuracy"), "higher_is_better": True}
         file.write_text(json.dumps(metrics))
     assert blob(analyze(run)["report"])["accuracy_metric"] == "exact_match"
+
+
+@pytest.mark.parametrize("name", [".hydra/overrides.yaml", ".hydra/config.yaml"])
+def test_a_torn_yaml_file_of_the_run_names_its_file_and_line(small_run, name):
+    """The run's .hydra files were read with a bare yaml.safe_load: a torn one gave PyYAML's traceback (a
+    ScannerError naming no LARK file) after the tables were written."""
+    file = small_run / name
+    file.parent.mkdir(exist_ok=True)
+    file.write_text('- format=noformat\n- "data.n_test=3\n')  # cut inside a quoted string: line 3 ends the file
+    with pytest.raises(RunDirError, match=f"^{re.escape(str(file))}:3: not valid YAML"):
+        analyze(small_run)
+    done = subprocess.run(
+        [sys.executable, "analyze.py", f"run_dir={small_run}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and done.stderr.startswith(f"[lark] error: {file}:3: not valid YAML"), done.stderr
+    file.write_text("format: noformat\n" if name.endswith("overrides.yaml") else "- format=noformat\n")  # not its shape
+    with pytest.raises(RunDirError, match=f"^{re.escape(str(file))}: must hold a"):
+        analyze(small_run)
+
+
+def test_a_data_file_changed_after_training_is_not_shown_as_the_runs(small_run):
+    """analyze.py read data/'s text unverified (attribute.py and validate.py check data/checksums.json): a test
+    question edited after training was shown as the one the scores were computed for."""
+    from lark.data.io import write_manifest
+    from lark.rundir import DATA_FILES
+
+    write_manifest(small_run / "data", DATA_FILES)  # as lark.experiment.train writes it
+    file = small_run / "data" / "test.jsonl"
+    file.write_text(file.read_text().replace('"question": "', '"question": "Edited: ', 1))
+    with pytest.raises(CorruptFile, match=f"{re.escape(str(file))}.*restore the file"):
+        analyze(small_run)
+    assert outputs(small_run) == []

@@ -6,6 +6,7 @@ with an uninterrupted run: tensors and JSON bit for bit."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -249,6 +250,31 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file_and_a_reported_lef
         require_complete(tmp_path)
     clean(tmp_path, log=lambda m: None)
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_an_incomplete_run_is_told_the_command_that_finishes_it(tmp_path):
+    """A run killed mid-training was told to finish with `attribute.py`, which stops at the first missing
+    checkpoint; the advice now follows what the run lacks."""
+    from omegaconf import OmegaConf
+
+    from lark.errors import RunDirError
+    from lark.rundir import require_complete
+
+    OmegaConf.save({"trainer": {"max_epochs": 2}, "attribution": {"checkpoints": "all"}}, tmp_path / "lark_config.yaml")
+    for epoch in (0, 1):
+        (tmp_path / f"checkpoints/epoch_{epoch:03d}").mkdir(parents=True)
+        (tmp_path / f"checkpoints/epoch_{epoch:03d}/model.safetensors").write_bytes(b"weights")
+    (tmp_path / "attribution/epoch_000").mkdir(parents=True)
+    (tmp_path / "attribution/epoch_000/metrics.json").write_text("{}")
+    with pytest.raises(RunDirError, match=r"training stopped before epoch 2: .*train\.py .*resume=true") as e:
+        require_complete(tmp_path)
+    assert "attribute.py" not in str(e.value)
+    (tmp_path / "checkpoints/epoch_002").mkdir()
+    (tmp_path / "checkpoints/epoch_002/model.safetensors").write_bytes(b"weights")
+    with pytest.raises(
+        RunDirError, match=rf"every checkpoint is there: .*attribute\.py run_dir={re.escape(str(tmp_path))}"
+    ):
+        require_complete(tmp_path)
 
 
 def test_a_truncated_store_is_recomputed_not_trusted(reference, tmp_path, one_thread):
