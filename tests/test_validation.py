@@ -305,6 +305,13 @@ def test_a_second_projector_draw_is_scored_and_written_apart(run_dir, validated)
         ({"checkpoints": 0}, r"validate\.checkpoints"),
         ({"recall_ks": 10}, r"validate\.recall_ks"),
         ({"lds": {"n_boot": 0}}, r"validate\.lds\.n_boot"),
+        # each failed only after the retrains (a torch.quantile error) or started them wrongly
+        ({"lds": {"level": 95}}, r"validate\.lds\.level must be a number in \(0, 1\)"),
+        ({"lds": {"fraction": 0}}, r"validate\.lds\.fraction"),
+        ({"lds": {"n_subsets": 1}}, r"validate\.lds\.n_subsets must be an integer >= 2"),
+        ({"lds": {"n_jobs": "two"}}, r"validate\.lds\.n_jobs"),
+        ({"lds": {"resumable": "maybe"}}, r"validate\.lds\.resumable"),
+        ({"lds": {"extra_overrides": "trainer=gpu"}}, r"validate\.lds\.extra_overrides"),
     ],
 )
 def test_bad_validate_values_stop_before_any_work_naming_the_key(tmp_path, change, key):

@@ -26,13 +26,36 @@ from omegaconf import OmegaConf
 from lark.data.formats import encode
 from lark.data.io import read_jsonl, write_json
 from lark.data.readers import first_form, sample
-from lark.errors import ConfigError
+from lark.errors import ConfigError, whole
 from lark.evaluation import answer_losses
 from lark.fingerprints import content_hash
 from lark.kernel.fidelity import ranks
 from lark.models import load_pretrained, weights_dtype
 from lark.rundir import require_safetensors, saved_checkpoints
 from lark.validation import batch
+
+
+def check(lds_cfg):
+    """validate.lds values that broke only after the retrains, or started them wrongly (a level of 95 gave a
+    torch.quantile error once 32 retrains were done): ConfigError naming the key."""
+
+    def number(key, ok, says):
+        value = lds_cfg.get(key)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value)):
+            raise ConfigError(f"validate.lds.{key} must be {says}, got {value!r}")
+
+    number("fraction", lambda x: 0 < x <= 1, "a number in (0, 1]")
+    number("level", lambda x: 0 < x < 1, "a number in (0, 1), e.g. 0.95")
+    number("poll_s", lambda x: x > 0, "a positive number of seconds")
+    for key, least in (("n_subsets", 2), ("n_jobs", 1), ("seed_offset", 0)):  # Spearman needs 2 subsets at least
+        if not whole(lds_cfg.get(key), least):
+            raise ConfigError(f"validate.lds.{key} must be an integer >= {least}, got {lds_cfg.get(key)!r}")
+    for key in ("keep_checkpoints", "resumable"):
+        if not isinstance(lds_cfg.get(key, False), bool):
+            raise ConfigError(f"validate.lds.{key} must be true or false, got {lds_cfg.get(key)!r}")
+    extra = lds_cfg.get("extra_overrides") or []
+    if isinstance(extra, str) or not all(isinstance(o, str) for o in extra):
+        raise ConfigError(f"validate.lds.extra_overrides must be a list of train.py overrides, got {extra!r}")
 
 
 def subset(items, fraction, seed):

@@ -125,6 +125,7 @@ def check_request(vcfg):
         raise ConfigError(f"validate.recall_ks must be a list of integers >= 1, got {vcfg.recall_ks!r}")
     if not whole(vcfg.lds.n_boot):
         raise ConfigError(f"validate.lds.n_boot must be an integer >= 1, got {vcfg.lds.n_boot!r}")
+    lds.check(vcfg.lds)
 
 
 def check_projectors(run, projectors, seed):
