@@ -215,7 +215,7 @@ def test_countsketch_is_linear():
 
 def test_countsketch_inner_products_are_unbiased_over_seeds():
     shapes = {"w1": (40, 25), "w2": (1000,)}
-    x = rand_grads(shapes, 10)
+    x = {n: g + 0.5 for n, g in rand_grads(shapes, 10).items()}  # not centred: without signs, collisions add bias
     noise = rand_grads(shapes, 11)
     y = {n: 0.6 * x[n] + 0.8 * noise[n] for n in shapes}
     z = {
@@ -634,7 +634,7 @@ class OneLinear(torch.nn.Module):
 def test_sketch_flat_inner_products_are_unbiased_over_seeds():
     lin = OneLinear()  # sketch_flat only needs (seed, name, k)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1200, generator=gen)
+    x = torch.randn(1, 1200, generator=gen) + 0.5  # not centred: without signs, collisions add bias
     noise = torch.randn(1, 1200, generator=gen)
     y = 0.6 * x + 0.8 * noise
     z = noise - (noise @ x.T) / (x @ x.T) * x  # orthogonal to x

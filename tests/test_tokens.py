@@ -338,6 +338,10 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     shown = top_pieces(tmp_path / "tokens", n=3)
     r = rows["raw"][0]
     assert (r["query_id"], "raw", r["doc_id"]) in shown and shown[(r["query_id"], "raw", r["doc_id"])].count("(") == 3
+    for r in rows["raw"]:  # the 3 of largest |contribution|, largest first, with their values
+        largest = sorted((c for *_, c in by_character(r["doc"]["tokens"]) if c is not None), key=abs, reverse=True)
+        listed = re.findall(r" \(([+-][0-9.e+-]+)\)(?:, |$)", shown[(r["query_id"], "raw", r["doc_id"])])
+        assert [float(v) for v in listed] == pytest.approx(largest[:3], rel=5e-3)  # printed with 3 significant digits
     # W&B's column lists as many pieces as the report does under the shaded text (it listed 5, the report 10)
     from lark.analysis.report_data import token_entry
 
