@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from lark.data.datamodule import collate
 from lark.data.formats import encode_text
 from lark.kernel.build import project_examples
-from lark.kernel.factored import MATRICES, FactoredProjector, rank_for, vector_slot
+from lark.kernel.factored import MATRICES, FactoredProjector, rank_for
 from lark.kernel.factory import make_projector
-from lark.kernel.hashing import hadamard_signs, name_key
+from lark.kernel.hashing import hadamard_signs, hashed, name_key, rademacher_signs, random_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.optimizer import AdamScale, Moments, shaped
 from lark.kernel.projectors import example_gradient, trainable
@@ -52,26 +52,46 @@ def attribution(kernel="cosine", **projector):
     return OmegaConf.create({"projector": projector, "kernel": OmegaConf.load(CONF / "kernel" / f"{kernel}.yaml")})
 
 
+def documented_hash(n, seed, name, purpose, size):
+    """(bucket [n] in [0, size), sign [n]) of coordinates 0..n-1 by the documented counter hash under the keys
+    (seed, name, "<purpose>-bucket" / "<purpose>-sign"): built here from lark.kernel.hashing's primitives, not by
+    the projector."""
+    index = torch.arange(n, dtype=torch.int64)
+    bucket = hashed(index, name_key(seed, name, f"{purpose}-bucket")) % size
+    return bucket, random_signs(index, name_key(seed, name, f"{purpose}-sign")).double()
+
+
 def explicit(proj, grads):
-    """The factored vector of one example's autograd gradients {name: G}, formed the slow way in float64: each
-    matrix's (P_out (x) P_in) vec(G) / sqrt(r_out r_in) (kron of the projector's own signs, identity where r >= d),
-    each 1-D parameter's vector_slot."""
+    """The factored vector of one example's autograd gradients {name: G}, formed the slow way in float64 from the
+    hash primitives and the sign matrices (tested on their own above), never from the projector's own hashing: each
+    matrix's (P_out (x) P_in) vec(G) / sqrt(r_out r_in) (the identity where r >= d), each TensorSketched matrix's
+    coordinate (i, j) at bucket (h_out(i) + h_in(j)) mod size with sign s_out(i) s_in(j), each 1-D parameter itself
+    or, when longer than its slot, its count sketch."""
     parts = []
     for name, (size, ranks) in proj.slots.items():
         g = grads[name].double()
-        if ranks == "tensorsketch":  # coordinate (i, j) at bucket (h1(i) + h2(j)) mod size, sign s1(i) s2(j)
-            (b1, s1), (b2, s2) = proj.vocab_hashes(name, g.shape, g.device)
-            bucket = (b1.unsqueeze(1) + b2.unsqueeze(0)) % size
-            sign = (s1.unsqueeze(1) * s2.unsqueeze(0)).double()
+        if ranks == "tensorsketch":
+            (b1, s1), (b2, s2) = (
+                documented_hash(n, proj.seed, name, f"factored-ts-{axis}", size)
+                for axis, n in zip(("out", "in"), g.shape)
+            )
+            bucket, sign = (b1.unsqueeze(1) + b2.unsqueeze(0)) % size, s1.unsqueeze(1) * s2.unsqueeze(0)
             parts.append(torch.zeros(size, dtype=torch.float64).index_add_(0, bucket.flatten(), (g * sign).flatten()))
-            continue
-        if ranks is None:
-            keys = (name_key(proj.seed, name, "factored-bucket"), name_key(proj.seed, name, "factored-sign"))
-            parts.append(vector_slot(g.reshape(1, -1), size, *keys)[0].double())
-            continue
-        sides = [proj.signs(name, axis, n, g.device) for axis, n in (("out", g.shape[0]), ("in", g.shape[1]))]
-        p_out, p_in = [torch.eye(n, dtype=torch.float64) if s is None else s.double() for s, n in zip(sides, g.shape)]
-        parts.append(torch.kron(p_out, p_in) @ g.reshape(-1) / (p_out.shape[0] * p_in.shape[0]) ** 0.5)
+        elif ranks is None:
+            flat = g.reshape(-1)
+            if flat.numel() > size:
+                bucket, sign = documented_hash(flat.numel(), proj.seed, name, "factored", size)
+                flat = torch.zeros(size, dtype=torch.float64).index_add_(0, bucket, flat * sign)
+            parts.append(flat)
+        else:
+            signs = {"hadamard": hadamard_signs, "rademacher": rademacher_signs}[proj.matrix]
+            p_out, p_in = (
+                torch.eye(n, dtype=torch.float64)
+                if r >= n
+                else signs(r, n, name_key(proj.seed, name, f"factored-{axis}"), "cpu").double()
+                for axis, n, r in (("out", g.shape[0], proj.r_out), ("in", g.shape[1], proj.r_in))
+            )
+            parts.append(torch.kron(p_out, p_in) @ g.reshape(-1) / (p_out.shape[0] * p_in.shape[0]) ** 0.5)
     return torch.cat(parts)
 
 
