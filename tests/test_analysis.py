@@ -290,6 +290,21 @@ def test_storage_falls_back_to_params_times_dtype(single_run):
     assert full["bytes_per_example"] == 14596022272 and projected["bytes_per_example"] == 131072
 
 
+def test_table3_says_when_its_ratio_is_of_bytes_not_of_numbers(single_run):
+    """A float32 model with float16 stores: the 11x was P/k = 5.63 times 2 for the byte widths, where the paper's
+    ratio (both at 2 B) is P/k; the footnote gives both. At equal widths (the paper's 7B) it says nothing more."""
+    from lark.analysis.markdown import to_markdown
+
+    metrics = load_metrics(single_run)
+    same = to_markdown("table3", build_tables({"run": metrics})["table3"])
+    assert "ratio of numbers" not in same
+    storage = {"n_params": 369216, "grad_dtype_bytes": 4, "k": 65536, "store_dtype_bytes": 2, "n_examples": 100}
+    metrics[2]["storage"] = storage | {"full_bytes_per_example": 369216 * 4, "store_bytes_per_example": 131072}
+    text = to_markdown("table3", build_tables({"run": metrics})["table3"])
+    assert "369,216 numbers x 4 B (the model's dtype); projected: 65,536 x 2 B" in text
+    assert "ratio of numbers P/k is 5.63x, of bytes 11.3x" in text and "| 11× |" in text
+
+
 def test_table3_compression_keeps_two_digits_below_ten():
     compression = dict(COLUMNS["table3"])["Compression"]  # below 10x (k near P) two digits, not "0x" or "1x"
     assert [compression({"compression": c}) for c in (111358.8, 11.2, 5.63, 0.5, None)] == [

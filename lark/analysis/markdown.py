@@ -155,6 +155,21 @@ def scale_bytes(n, base, units):
     return f"{n} B" if power == 0 else f"{n / base**power:.2f} {units[power]}"
 
 
+def widths_note(rows):
+    """When the full gradient's numbers and the projected ones differ in width (a float32 model, float16 stores),
+    the ratio is of bytes, not the P/k of the paper (which counts both at 2 B): say both."""
+    full, projected = (
+        next((r for r in rows if r.get("numbers") and r["method"].startswith(m)), None) for m in ("Full", "LARK")
+    )
+    if not full or not projected or full.get("number_bytes") == projected.get("number_bytes"):
+        return []
+    p, b, k, kb = full["numbers"], full["number_bytes"], projected["numbers"], projected["number_bytes"]
+    return [
+        f"Full gradient: {p:,} numbers x {b} B (the model's dtype); projected: {k:,} x {kb:g} B: the ratio of numbers "
+        f"P/k is {p / k:,.3g}x, of bytes {p * b / (k * kb):,.3g}x (the paper counts both at 2 B)."
+    ]
+
+
 def footnotes(name, rows):
     if name == "table2":
         mixed = [
@@ -168,7 +183,7 @@ def footnotes(name, rows):
             "KB, MB, GB, TB = 10^3, 10^6, 10^9, 10^12 bytes; KiB, MiB, GiB, TiB = 2^10, 2^20, 2^30, 2^40 bytes.",
             "Projected: the k numbers in the store's tier, as the paper counts them; a store also keeps each "
             "example's float32 gradient norm (4 B).",
-        ]
+        ] + widths_note(rows)
     if name == "table4":
         versus = ", ".join(sorted({str(row["pt_source"]) for row in rows}))
         return [f"FT Wins: % of test queries whose top fine-tuning influence beats the top influence of {versus}."]

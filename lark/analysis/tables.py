@@ -119,11 +119,14 @@ def storage_rows(m):
     full = storage.get("full_bytes_per_example") or product(storage.get("n_params"), storage.get("grad_dtype_bytes"))
     projected = storage.get("store_bytes_per_example") or product(k, storage.get("store_dtype_bytes"))
     kind = (m.get("projector") or {}).get("kind") or "projected"
+    widths = {"numbers": storage.get("n_params"), "number_bytes": storage.get("grad_dtype_bytes")}  # the footnote's
     return [
-        storage_row("Full gradient (TracIn)", n_examples=n, bytes_per_example=full, bytes_total=product(full, n)),
+        storage_row("Full gradient (TracIn)", n_examples=n, bytes_per_example=full, bytes_total=product(full, n))
+        | widths,
         storage_row(
             f"LARK ({kind}, k={k})", k=k, n_examples=n, bytes_per_example=projected, bytes_total=product(projected, n)
-        ),
+        )
+        | {"numbers": k, "number_bytes": storage.get("store_dtype_bytes")},
         storage_row("Compression ratio (full / projected)", compression=M.ratio(full, projected)),
     ]
 
