@@ -411,6 +411,40 @@ def test_figures_are_pngs(single_run, multirun, tmp_path):
             assert_png(f)
 
 
+def drawn_figures(monkeypatch, runs, tmp_path):
+    """{file name: matplotlib Figure} as plot_figures draws them (save_figure captures instead of writing)."""
+    from lark.analysis import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "save_figure", lambda figure, path: drawn.__setitem__(path.name, figure))
+    plot_figures(runs, tmp_path, table1_epoch=2)
+    return drawn
+
+
+def lines_of(ax):
+    """{label: (x, y)} of an axis' plotted lines."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_figures_1_and_2_plot_each_sources_mean_max_and_pt_wins_per_epoch(single_run, monkeypatch, tmp_path):
+    """The PNG tests checked only the file's magic bytes: Fig. 2 drawing FT wins, or Fig. 1 drawing zeros, passed."""
+    metrics = load_metrics(single_run)
+    drawn = drawn_figures(monkeypatch, {"run": metrics}, tmp_path)
+    epochs = [m["epoch"] for m in metrics]
+    formatted, raw = (lines_of(ax) for ax in drawn["fig1_influence.png"].axes)
+    for name, source in metrics[0]["sources"].items():
+        values = [m["sources"][name]["mean_max"] for m in metrics]
+        if source["formatted"] or name == metrics[0]["ft_source"]:
+            assert formatted[name] == (epochs, values), name
+        if not source["formatted"]:
+            assert raw[name] == (epochs, values), name
+    assert raw[f"{metrics[0]['ft_source']} (reference)"] == formatted[metrics[0]["ft_source"]]
+    (ax,) = drawn["fig2_pt_wins.png"].axes
+    assert lines_of(ax)["PT wins"] == (epochs, [pytest.approx(100 * m["pt_wins"]) for m in metrics])
+    shaded = sorted(round(p.get_x() + p.get_width() / 2) for p in ax.patches)  # the reduced-lr epochs' spans
+    assert shaded == [m["epoch"] for m in metrics if m["epoch"] >= 4] and shaded
+
+
 def test_analyze_end_to_end(multirun, single_run, tmp_path):
     result = analyze(multirun)
     assert list(result["runs"]) == ["format=chatml", "format=noformat"]
