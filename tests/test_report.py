@@ -471,6 +471,32 @@ def test_the_page_data_carries_the_token_files_of_the_listed_pairs(real_runs):
     assert carried == 2 * 12 * 5 * 5 and data["tokens"]["kernel"] == {"0": "rapidin", "1": "rapidin"}
 
 
+@pytest.mark.slow
+def test_the_page_carries_the_token_files_attribute_py_writes(real_runs, tmp_path):
+    """The page tests above read made-up contributions; these are the files the token pass itself writes (real
+    pieces, offsets and contributions, the run's own kernel), added to the finished run by attribute.py."""
+    from lark.experiment import attribute
+
+    run = tmp_path / "run"
+    shutil.copytree(real_runs[0], run)
+    attribute(run, {"tokens": "topk", "tokens_top_k": 1}, log=lambda *a: None)
+    data = blob(analyze(run)["report"])
+    ids = {s: [d[0] for d in docs] for s, docs in data["docs"].items()}
+    queries = [q["id"] for q in data["queries"]]
+    carried = 0
+    for folder in sorted((run / "attribution").glob("epoch_*")):
+        epoch = int(folder.name[6:])
+        for path in sorted((folder / "tokens").glob("*.jsonl")):
+            for line in lines(path):
+                pairs = data["tokens"]["pairs"][str(epoch)][path.stem][str(queries.index(line["query_id"]))]
+                entry = pairs[str(ids[path.stem].index(line["doc_id"]))]
+                assert decoded(data, entry[:3]) == expected(line["doc"]), (path, line["doc_id"])
+                assert decoded(data, entry[3:]) == expected(line["query"]), (path, line["query_id"])
+                carried += 1
+    assert carried == 2 * len(queries) * len(ids)  # 2 checkpoints x each query's top document of every source
+    assert data["tokens"]["kernel"] == {"0": "cosine", "1": "cosine"}
+
+
 def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):
     folder = small_run / "attribution" / "epoch_001"
     with open(folder / "top_influences.csv", newline="") as f:
