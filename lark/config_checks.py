@@ -64,6 +64,10 @@ def check_config(cfg):
     batch = cfg.eval.get("batch_size")  # every eval config has it: predictions.jsonl's losses use it
     need(whole(batch), f"eval.batch_size must be a positive integer, got {batch!r}")
     labels, answers = cfg.eval.get("labels"), cfg.data.get("answers")
+    need(
+        labels is None or (isinstance(labels, Sequence) and not isinstance(labels, str) and len(labels) > 0),
+        f"eval.labels must be a non-empty list of the answers to choose from, got {labels!r}",
+    )
     unseen = [a for a in answers or () if labels is not None and a not in labels]
     need(
         not unseen,

@@ -445,6 +445,16 @@ def test_figures_1_and_2_plot_each_sources_mean_max_and_pt_wins_per_epoch(single
     assert shaded == [m["epoch"] for m in metrics if m["epoch"] >= 4] and shaded
 
 
+def test_an_out_dir_that_is_a_file_is_named_before_anything_is_written(single_run, tmp_path):
+    """analyze.py out_dir=<a file> gave NotADirectoryError's traceback."""
+    from lark.errors import ConfigError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"out_dir=.*notes\.txt: is a file, not a folder"):
+        analyze(single_run, out_dir=tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (single_run / "tables").exists()
+
+
 def test_analyze_end_to_end(multirun, single_run, tmp_path):
     result = analyze(multirun)
     assert list(result["runs"]) == ["format=chatml", "format=noformat"]

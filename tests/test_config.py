@@ -141,6 +141,7 @@ def test_trainer_gpu_and_ddp():
         ("optimizer._target_=torch.optim.Nope", "optimizer._target_"),
         ("eval.batch_size=0", "eval.batch_size"),
         ("eval.labels=[yes,no]", "eval.labels"),  # data.answers has "maybe": accuracy silently lost it
+        ("data.answers=null eval.labels=[]", "eval.labels must be a non-empty"),  # crashed once epoch_000 was written
         ("analysis.table1_epoch=99", "analysis.table1_epoch"),  # the run has epochs 0-5: failed after training
         ("source.bm25_per_query=0", "source.bm25_per_query"),  # a ValueError naming a source, not the key
         ("+data.n_train=-1", "data.n_train"),  # items[:-1]: one row dropped silently

@@ -178,6 +178,21 @@ def test_a_test_ids_file_with_a_bom_reads_and_one_not_utf8_is_named_with_its_lin
         D.load_qa(cfg)
 
 
+def test_skipping_every_test_row_as_bad_says_so_not_that_the_file_is_empty(tmp_path):
+    """on_bad_rows=skip over a test file whose every row is bad said "the test set has no rows: add the questions"."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text(json.dumps({"id": "a", "prompt": "Q?", "response": "A."}) + "\n")
+    test.write_text("".join(json.dumps({"id": f"t{i}", "prompt": "Q?"}) + "\n" for i in range(3)))  # no response
+    spec = {"reader.path": str(train), "reader.test_path": str(test)}
+    with pytest.raises(
+        DataError, match=r"no test question left after 3 bad rows were left out .*skip\), e\.g\. .*test\.jsonl:1"
+    ):
+        D.load_data(OmegaConf.create(data_spec("jsonl", **spec)), IO.BadRows("skip"))
+    test.write_text("")
+    with pytest.raises(DataError, match=r"test\.jsonl: the test set has no rows"):
+        D.load_data(OmegaConf.create(data_spec("jsonl", **spec)), IO.BadRows("skip"))
+
+
 def test_load_qa_world_items_are_mapped_like_any_rows():
     rows = [dict(record(i), id=f"w{i}", fact_id=f"f{i}") for i in range(9)]
     reader = GeneratedWorld()

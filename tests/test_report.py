@@ -688,3 +688,14 @@ def test_a_data_file_changed_after_training_is_not_shown_as_the_runs(small_run):
     with pytest.raises(CorruptFile, match=f"{re.escape(str(file))}.*restore the file"):
         analyze(small_run)
     assert outputs(small_run) == []
+
+
+def test_a_prediction_with_a_list_for_its_id_names_its_file_and_line(small_run):
+    """predictions.jsonl with an id that is not a string crashed the report with `unhashable type: 'list'`."""
+    file = small_run / "attribution" / "epoch_001" / "predictions.jsonl"
+    rows = file.read_text().splitlines()
+    rows[1] = json.dumps({**json.loads(rows[1]), "id": ["test-00001"]})
+    file.write_text("\n".join(rows) + "\n")
+    with pytest.raises(CorruptFile, match=f"^{re.escape(str(file))}:2: expected a string id and a numeric loss"):
+        analyze(small_run)
+    assert outputs(small_run) == []

@@ -71,6 +71,8 @@ def analyze(path, out_dir=None, table1_epoch="best", report=True, snippet_chars=
         require_complete(run_dir)
     runs = {label: load_metrics(run_dir) for label, run_dir in run_dirs.items()}
     out_dir = Path(path if out_dir is None else out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # before anything is written: tables/ could not be made in it
+        raise ConfigError(f"out_dir={out_dir}: is a file, not a folder; name a folder (made if missing)")
     chosen = {label: choose_epoch(metrics, table1_epoch, label) for label, metrics in runs.items()}
     tables = build_tables(runs, table1_epoch)
     tracin = tracin_rows(run_dirs)

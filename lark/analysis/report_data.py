@@ -87,9 +87,14 @@ def read_predictions(path, query_index):
     if not path.is_file():
         return None
     out = [None] * len(query_index)
-    for row in rows(path):
-        if row.get("id") in query_index:
-            out[query_index[row["id"]]] = [row.get("predicted"), row.get("loss"), row.get("correct")]
+    for line, row in read_jsonl(path):
+        loss = row.get("loss")
+        if not isinstance(row.get("id"), str) or not (loss is None or isinstance(loss, (int, float))):
+            raise CorruptFile(
+                f"{path}:{line}: expected a string id and a numeric loss, got {row.get('id')!r}, {loss!r}"
+            )
+        if row["id"] in query_index:
+            out[query_index[row["id"]]] = [row.get("predicted"), loss, row.get("correct")]
     return out
 
 

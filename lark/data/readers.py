@@ -160,6 +160,11 @@ def load_data(cfg, bad=None):
     train, test = load_qa(cfg, reader, bad)
     if not test:  # nothing to attribute: name the file (or the split rule) that gave no test question
         split = (cfg.get("fields") or {}).get("split")
+        if bad.messages:  # data.on_bad_rows=skip may have left every test row out: the rows are there, but bad
+            raise DataError(
+                f"no test question left after {len(bad.messages)} bad rows were left out (data.on_bad_rows=skip), "
+                f"e.g. {bad.messages[0]}; set data.on_bad_rows=error to stop at the first"
+            )
         raise DataError(
             f"{reader.test_name}: the test set has no rows: add the questions to attribute, one JSON object per line"
             if getattr(reader, "test_name", None)
