@@ -103,12 +103,12 @@ def finish(run_dir):
     """How to finish an incomplete run: attribute.py when every epoch it attributes has its checkpoint, else the
     training must go on first (attribute.py alone would stop at the first missing checkpoint)."""
     expected = expected_epochs(run_dir)
-    if not expected:  # a config that cannot be read (or asks for no epoch): either may be the way
+    have = {e for e, folder in saved_checkpoints(run_dir).items() if (folder / "model.safetensors").is_file()}
+    if not expected or not have:  # a config that cannot be read, no epoch asked, or no checkpoint kept (or written)
         return (
             "finish it with `python train.py <its overrides> hydra.run.dir=<it> resume=true` or "
             "`python attribute.py run_dir=<it>`"
         )
-    have = {e for e, folder in saved_checkpoints(run_dir).items() if (folder / "model.safetensors").is_file()}
     untrained = [e for e in expected if e not in have]
     if untrained:
         return (

@@ -164,9 +164,10 @@ def widths_note(rows):
     if not full or not projected or full.get("number_bytes") == projected.get("number_bytes"):
         return []
     p, b, k, kb = full["numbers"], full["number_bytes"], projected["numbers"], projected["number_bytes"]
+    shown = lambda r: f"{r:,.0f}" if r >= 100 else f"{r:.3g}"  # noqa: E731
     return [
         f"Full gradient: {p:,} numbers x {b} B (the model's dtype); projected: {k:,} x {kb:g} B: the ratio of numbers "
-        f"P/k is {p / k:,.3g}x, of bytes {p * b / (k * kb):,.3g}x (the paper counts both at 2 B)."
+        f"P/k is {shown(p / k)}x, of bytes {shown(p * b / (k * kb))}x (the paper counts both at 2 B)."
     ]
 
 
