@@ -187,7 +187,11 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None):
         ("sketch", "adam"),
         ("sketch", "trackstar"),
         ("sketch", "tracin_cp"),
+        ("factored", "cosine"),
         ("factored", "rapidin"),
+        ("factored", "adam"),
+        ("factored", "trackstar"),
+        ("factored", "tracin_cp"),
     ],
 )
 def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel):
