@@ -566,7 +566,7 @@ def token_spans(dom):
     """[(class, white text, data-n, data-l or None, (r, g, b, alpha) or None, text)] of the shaded tokens in a DOM
     dump, in order."""
     found = re.findall(
-        r'<span class="tk (\w+)( dark)?" data-n="(\d+)"(?: data-l="(-?\d+)")?'
+        r'<span class="tk (\w+)( dark)?( nl)?" data-n="(\d+)"(?: data-l="(-?\d+)")?'
         r'(?: style="background-color: rgba?\(([^)]*)\);")?>(.*?)</span>',
         dom,
         re.S,
@@ -574,7 +574,8 @@ def token_spans(dom):
     colour = lambda text: tuple(float(x) for x in (text + ", 1").split(",")[:4]) if text else None  # noqa: E731
     return [
         (c, bool(dark), int(n), int(level) if level else None, colour(rgba), html.unescape(t))
-        for c, dark, n, level, rgba, t in found
+        for c, dark, nl, n, level, rgba, t in found
+        if nl == (" nl" if "\n" in html.unescape(t) and not html.unescape(t).strip() else "")  # a line break marked
     ]
 
 
@@ -699,3 +700,27 @@ def test_a_prediction_with_a_list_for_its_id_names_its_file_and_line(small_run):
     with pytest.raises(CorruptFile, match=f"^{re.escape(str(file))}:2: expected a string id and a numeric loss"):
         analyze(small_run)
     assert outputs(small_run) == []
+
+
+@needs_chromium
+def test_a_card_says_whose_answer_its_documents_explain_and_keeps_the_answer_line_in_view(small_run):
+    """A wrong card showed `predicted: yes` above documents ranked for the gold `maybe`, and nothing on the card said
+    so; QA documents longer than the snippet hid their answer line (the part that carries the loss) behind "full
+    text"; the yellow marks (shared words) had no legend."""
+    page = analyze(small_run)["report"]
+    dom, _ = browser.dump_dom(page, "epoch=1&questions")
+    cards = re.findall(r'<article class="q"[^>]*>(.*?)</article>', dom, re.S)
+    assert len(cards) == 25
+    for body in cards:
+        wrong = 'class="badge bad"' in body
+        assert ("documents ranked for the gold answer" in body) == wrong
+    assert sum('class="badge bad"' in body for body in cards) > 0
+    assert re.search(r'<p class="note" id="reading">score: the cosine .*gold answer.*yellow: words the document', dom)
+    formatted = {d["id"]: d for d in lines(small_run / "data" / "sources" / "medical_format.jsonl")}
+    shown = 0
+    for section in re.findall(r'<section class="src" data-source="medical_format">(.*?)</section>', dom, re.S):
+        for doc_id, text in re.findall(r'<li data-doc="(med-\d+)">.*?<div class="text">(.*?)</div>', section, re.S):
+            plain = html.unescape(re.sub(r"</?mark>", "", text))  # question, context, "Answer: <label>", cut
+            assert plain.endswith(f"\u2026 Answer: {formatted[doc_id]['answer']}"), plain[-80:]
+            shown += 1
+    assert shown > 0

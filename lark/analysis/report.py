@@ -49,6 +49,8 @@ SUMMARY_KEYS = [
     ("store tier", "attribution.store_dtype"),
     ("query target", "attribution.query_target"),
     ("top-k", "attribution.top_k"),
+    ("token-wise", "attribution.tokens"),
+    ("token pairs per query and source", "attribution.tokens_top_k"),
 ]
 METRIC_COLUMNS = [
     ("epoch", "Epoch", "d"),

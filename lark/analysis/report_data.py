@@ -167,6 +167,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         "epoch": epoch,
         "sources": sources,
         "snippet": snippet_chars,
+        "target": dotted(read_config(run_dir), "attribution.query_target") or "gold",  # whose loss the scores used
         "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
         "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
         "accuracy_metric": next(((m.get("eval") or {}).get("metric") for m in metrics if m.get("eval")), "accuracy"),

@@ -24,6 +24,7 @@
   const blobNode = document.getElementById("lark-data");
   const D = blobNode ? JSON.parse(blobNode.textContent) : null;
   const ACC = ((D && D.accuracy_metric) || "accuracy").replace("_", " ");  // exact match is no "accuracy"
+  const TARGET = D && D.target === "predicted" ? "predicted answer" : "gold answer";  // attribution.query_target
   const params = new URLSearchParams(location.search);
 
   function el(tag, attrs, ...kids) {
@@ -51,7 +52,19 @@
     return String(text).split(TOKEN).map((part, i) =>
       i % 2 && shared.has(part.toLowerCase()) ? "<mark>" + escapeHtml(part) + "</mark>" : escapeHtml(part)).join("");
   }
-  const fmt = (x, d) => (x == null ? "-" : Number(x).toFixed(d));
+  const fmt = (x, d) => {  // a small negative shown as 0.000, not -0.000
+    if (x == null) return "-";
+    const s = Number(x).toFixed(d);
+    return /^-0\.?0*$/.test(s) ? s.slice(1) : s;
+  };
+  // the first `n` characters of a text, and its end when cut: a QA item's answer line or a document's last sentence
+  // (where a Formatted document's loss falls) stays in view
+  function snippet(text, n) {
+    if (text.length <= n) return text;
+    const cut = Math.max(text.lastIndexOf("\n"), text.lastIndexOf(". ", text.length - 3) + 1);
+    const tail = cut > 0 && text.length - cut <= n / 2 ? text.slice(cut).trim() : "";
+    return text.slice(0, n - tail.length) + "\u2026" + (tail ? " " + tail : "");
+  }
 
   function sortableTables() {
     for (const table of document.querySelectorAll("table.sortable")) {
@@ -136,6 +149,9 @@
 
   const list = document.getElementById("list");
   const count = document.getElementById("count");
+  count.after(el("p", {class: "note", id: "reading", text: "score: the cosine of a document's projected loss gradient " +
+    "with that of the question's " + TARGET + " (the run's kernel); yellow: words the document shares with the " +
+    "question (lexical overlap, a reading aid, not attribution)"}));
   const sentinel = document.getElementById("sentinel");
   const more = el("button", {id: "more", onclick: () => renderMore()}, "show more questions");
   sentinel.append(more);
@@ -195,8 +211,10 @@
       if (start > at) box.append(text.slice(at, start));
       const level = shades[n] === "." ? null : SHADES.indexOf(shades[n]) - T.levels;
       const dark = Math.abs(level) > 0.55 * T.levels ? " dark" : "";  // white text on the strongest shades
-      const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)) + dark, "data-n": n,
-        text: text.slice(Math.max(start, at), end)});
+      const piece = text.slice(Math.max(start, at), end);
+      const nl = piece.includes("\n") && !piece.trim() ? " nl" : "";  // a line break's shade: drawn on a \u21b5 (CSS)
+      const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)) + dark + nl, "data-n": n,
+        text: piece});
       if (level !== null) span.dataset.l = level;
       if (level) span.style.backgroundColor = "rgba(" + COLOURS[signClass(level)] + ", " +
         (Math.abs(level) / T.levels).toFixed(2) + ")";
@@ -228,7 +246,7 @@
       "data-doc": D.docs[source][d][0]}, legend,
       el("h6", {text: "document " + D.docs[source][d][0] + " (" + source + ")"}), shadedText(dt, ds),
       el("p", {class: "note", text: "largest |contribution|:"}), topList(dt, dtop),
-      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the answer drive the match)"}),
+      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the " + TARGET + " drive the match)"}),
       shadedText(qt, qs), el("p", {class: "note", text: "largest |contribution|:"}), topList(qt, qtop));
   }
 
@@ -257,7 +275,10 @@
       el("span", {class: "qid", text: q.id}),
       badge("gold", "gold: " + q.gold),
       p && p[0] != null ? badge(ok ? "ok" : "bad", "predicted: " + p[0] + (ok ? " \u2713" : " \u2717")) : null,
-      p && p[1] != null ? badge("loss", "loss " + fmt(p[1], 3), "negative log-likelihood of the gold answer") : null,
+      p && p[1] != null ? badge("loss", "loss " + fmt(p[1], 3), "mean negative log-likelihood per token of the gold " +
+        "answer (its end-of-turn token included)") : null,
+      p && p[0] != null && !ok ? badge("target", "documents ranked for the " + TARGET, "attribution.query_target=" +
+        D.target + ": the scores compare each document's gradient with that of the " + TARGET + "'s loss") : null,
       q.canary ? badge("canary", "canary") : null);
     const ctx = el("details", {class: "ctx"}, el("summary", {text: "context"}));
     ctx.addEventListener("toggle", () => { if (ctx.open && ctx.children.length === 1) ctx.append(el("p", {text: q.c})); },
@@ -295,11 +316,10 @@
     const [id, text, canary] = D.docs[source][d];
     const snippetLength = D.snippet;
     const long = text.length > snippetLength;
-    const body = el("div", {class: "text", html: highlight(long ? text.slice(0, snippetLength) + "\u2026" : text,
-      queryWords[i])});
+    const body = el("div", {class: "text", html: highlight(snippet(text, snippetLength), queryWords[i])});
     const toggle = long ? el("button", {class: "expand", onclick: () => {
       const open = toggle.dataset.open === "1";
-      body.innerHTML = highlight(open ? text.slice(0, snippetLength) + "\u2026" : text, queryWords[i]);
+      body.innerHTML = highlight(open ? snippet(text, snippetLength) : text, queryWords[i]);
       toggle.dataset.open = open ? "0" : "1";
       toggle.textContent = open ? "full text" : "less";
     }}, "full text") : null;
