@@ -150,7 +150,3 @@ def save_checkpoint(model, tokenizer, folder, extra_files=None):
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     return folder
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

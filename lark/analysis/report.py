@@ -23,8 +23,8 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lark.analysis.report_data import dotted, read_config, read_overrides, run_data, timings
-from lark.analysis.runs import natural_key
+from lark.analysis.report_data import dotted, read_config, run_data, timings
+from lark.analysis.runs import natural_key, read_overrides
 from lark.data.io import replacing
 
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"

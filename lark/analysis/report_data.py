@@ -14,9 +14,9 @@ import itertools
 import re
 from datetime import datetime, timezone
 
-from lark.analysis.runs import read_json_object
+from lark.analysis.runs import read_json_object, shaped
 from lark.data.io import read_jsonl, read_yaml
-from lark.errors import CorruptFile, DataError, RunDirError
+from lark.errors import CorruptFile, DataError
 from lark.kernel.stores import read_top_influences
 from lark.kernel.tokens import TOP_TOKENS, by_character
 
@@ -30,19 +30,6 @@ def read_config(run_dir):
         if path.is_file():
             return shaped(read_yaml(path) or {}, dict, path)
     return {}
-
-
-def read_overrides(run_dir):
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in shaped(read_yaml(path) or [], list, path)] if path.is_file() else []
-
-
-def shaped(value, kind, path):
-    """`value` when it is a `kind` (a config: a mapping; overrides: a list), else a RunDirError naming the file."""
-    if not isinstance(value, kind):
-        what = "mapping" if kind is dict else "list"
-        raise RunDirError(f"{path}: must hold a {what}, got {type(value).__name__}; restore the file")
-    return value
 
 
 def dotted(config, key):

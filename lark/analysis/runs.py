@@ -73,10 +73,23 @@ def job_overrides(run_dir, root):
     strings; [] when there are none."""
     relative = run_dir.relative_to(root)
     for folder in [relative, *relative.parents][:-1]:  # [:-1] drops "." (the multirun root itself)
-        overrides = root / folder / ".hydra" / "overrides.yaml"
-        if overrides.is_file():
-            return [str(item) for item in read_yaml(overrides) or []]
+        if (root / folder / ".hydra" / "overrides.yaml").is_file():
+            return read_overrides(root / folder)
     return []
+
+
+def read_overrides(run_dir):
+    """The overrides in a run's .hydra/overrides.yaml as strings ([] without the file)."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in shaped(read_yaml(path) or [], list, path)] if path.is_file() else []
+
+
+def shaped(value, kind, path):
+    """`value` when it is a `kind` (a config: a mapping; overrides: a list), else a RunDirError naming the file."""
+    if not isinstance(value, kind):
+        what = "mapping" if kind is dict else "list"
+        raise RunDirError(f"{path}: must hold a {what}, got {type(value).__name__}; restore the file")
+    return value
 
 
 def load_metrics(run_dir):

@@ -51,10 +51,6 @@ def plant(train, test, cfg):
     return train, test
 
 
-def canary_ids(items):
-    return [x["id"] for x in items if x.get("canary")]
-
-
 def original_id(canary_query_id):
     return canary_query_id[: -len(SUFFIX)] if canary_query_id.endswith(SUFFIX) else canary_query_id
 
