@@ -724,3 +724,13 @@ def test_a_card_says_whose_answer_its_documents_explain_and_keeps_the_answer_lin
             assert plain.endswith(f"\u2026 Answer: {formatted[doc_id]['answer']}"), plain[-80:]
             shown += 1
     assert shown > 0
+
+
+def test_the_summary_reads_the_runs_resolved_config_without_a_checkpoint(small_run):
+    """A run with attribution.save_checkpoints=false has no checkpoints/epoch_000/lark_config.yaml: the page's
+    config summary fell back to .hydra/config.yaml and showed its interpolations ("${optimizer.lr}") as values."""
+    (small_run / ".hydra").mkdir()
+    (small_run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"scheduler": {"lr": "${optimizer.lr}"}}))
+    (small_run / "lark_config.yaml").write_text(yaml.safe_dump({"scheduler": {"lr": 0.0002, "name": "paper"}}))
+    page = analyze(small_run)["report"].read_text()
+    assert "${" not in page and re.search(r"peak lr</t[hd]>\s*<td>0\.0002</td>", page), page[:3000]

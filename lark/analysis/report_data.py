@@ -19,14 +19,21 @@ from lark.data.io import read_jsonl, read_yaml
 from lark.errors import CorruptFile, DataError
 from lark.kernel.stores import read_top_influences
 from lark.kernel.tokens import TOP_TOKENS, by_character
+from lark.rundir import RUN_CONFIG
 
 LEVELS = 25  # shades per sign of a token's contribution on the page: level = round(LEVELS * c / max |c|)
 SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy"  # level -25 .. 25 as one character; "." no loss
 
 
 def read_config(run_dir):
-    """The run's resolved config as a dict (a checkpoint's lark_config.yaml is resolved; .hydra's may not be)."""
-    for path in (run_dir / "checkpoints" / "epoch_000" / "lark_config.yaml", run_dir / ".hydra" / "config.yaml"):
+    """The run's resolved config as a dict: the one it was started with (<run>/lark_config.yaml), else its epoch 0
+    checkpoint's (runs from before that file), else .hydra's (whose interpolations are not resolved)."""
+    candidates = (
+        run_dir / RUN_CONFIG,
+        run_dir / "checkpoints" / "epoch_000" / RUN_CONFIG,
+        run_dir / ".hydra" / "config.yaml",
+    )
+    for path in candidates:
         if path.is_file():
             return shaped(read_yaml(path) or {}, dict, path)
     return {}
