@@ -1,8 +1,6 @@
 """Models and tokenizers: the tiny OLMo-3 of the embedded default, hub models, checkpoints on disk."""
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -10,7 +8,7 @@ from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast
 
 from lark.data.formats import CHATML_TEMPLATE
-from lark.data.io import write_manifest
+from lark.data.io import replacing_folder, write_manifest
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -135,18 +133,10 @@ def load_gguf(model_cfg, **_):
 
 def save_checkpoint(model, tokenizer, folder, extra_files=None):
     """Write an HF-loadable checkpoint (safetensors) atomically: a temporary folder renamed into place."""
-    folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # unique: parallel sweep jobs share the cache
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_manifest(tmp)  # checksums.json: the weights and tokenizer files, verified on load (lark.rundir)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process wrote the same folder in between: keep one complete copy
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return folder
+    with replacing_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)  # checksums.json: the weights and tokenizer files, verified on load (lark.rundir)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(folder)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from lark.data.io import check_manifest, check_safetensors
 from lark.errors import CorruptFile, RunDirError
 
-TMP = re.compile(r"\.tmp\d+$")  # lark.data.io.replacing and lark.models.save_checkpoint name temporaries so
+TMP = re.compile(r"\.tmp\d+$")  # lark.data.io.replacing and replacing_folder name temporaries so
 
 
 def leftovers(run_dir):

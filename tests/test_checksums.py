@@ -380,3 +380,22 @@ def test_attribute_checks_every_epochs_moments_before_touching_any(finished, tmp
     with pytest.raises(RunDirError, match=r"epoch_001/adam_moments\.safetensors: not found"):
         E.attribute(run_dir, {"checkpoints": [0, 1], "kernel": adam}, log=lambda line: None)
     assert (run_dir / "attribution" / "epoch_000" / "metrics.json").read_bytes() == before
+
+
+def test_a_folder_is_replaced_whole_with_its_checksums_or_not_at_all(tmp_path):
+    """lark.data.io.replacing_folder (checkpoints, BM25 indexes): an error while filling it leaves the old folder
+    and no temporary; a completed one replaces the old folder whole, its checksums.json with it."""
+    from lark.data.io import check_manifest, replacing_folder, write_manifest
+
+    target = tmp_path / "epoch_001"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), replacing_folder(target) as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_001"] and (target / "old.txt").read_text() == "old"
+    with replacing_folder(target) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+        write_manifest(tmp)
+    assert sorted(p.name for p in target.iterdir()) == ["checksums.json", "model.safetensors"]
+    assert check_manifest(target) and [p.name for p in tmp_path.iterdir()] == ["epoch_001"]

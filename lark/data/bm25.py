@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from lark.console import progress
-from lark.data.io import check_manifest, write_manifest
+from lark.data.io import check_manifest, replacing_folder, write_manifest
 from lark.errors import ConfigError, CorruptFile
 from lark.fingerprints import content_hash
 
@@ -242,18 +242,10 @@ class BM25:
         for stale in directory.parent.glob(f"{directory.name}.tmp*"):
             if not alive(stale.name.rsplit(".tmp", 1)[1]):
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.index.save(tmp)
-        (tmp / "lark_bm25.json").write_text(json.dumps(self.settings, sort_keys=True))
-        write_manifest(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process saved the same index meanwhile: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (directory / "lark_bm25.json").is_file():
-                raise
+        with replacing_folder(directory) as tmp:
+            self.index.save(tmp)
+            (tmp / "lark_bm25.json").write_text(json.dumps(self.settings, sort_keys=True))
+            write_manifest(tmp)
 
     @classmethod
     def load(cls, directory):

@@ -270,6 +270,31 @@ def write_manifest(folder, patterns=("*",)):
     write_json(folder / MANIFEST, {p.relative_to(folder).as_posix(): sha256(chunks(p)) for p in files})
 
 
+@contextmanager
+def replacing_folder(folder):
+    """Yield an empty temporary folder beside `folder` (<name>.tmp<pid>: unique per process, and a leftover
+    lark.rundir recognises); once filled (the caller writes its checksums.json, write_manifest, over the files it
+    lists) it replaces `folder` whole, so a reader sees the old folder or the new one, never part of one. Should
+    another process have put a complete copy there meanwhile (parallel sweep jobs share a cache), theirs is kept.
+    The temporary folder goes either way."""
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(folder) from None
+            if not (folder / MANIFEST).is_file():  # not another process's complete copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_manifest(folder):
     """True when every file listed in `folder`/checksums.json matches, False when the folder has none (written
     before LARK checksummed: unverified); CorruptFile naming the first file that is missing or does not match."""
