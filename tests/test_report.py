@@ -266,7 +266,16 @@ def test_the_question_browser_in_chromium(small_run):
         right = sum(p["predicted"] == p["gold"] for p in predictions)
         assert result["correct"][str(epoch)] == [right, len(predictions) - right]
     assert result["verdict_filter"] is True and result["prediction_badges"] == result["cards"]
-    assert result["across_columns"] == 3
+    assert result["across_columns"] == 3 and result["across_headers"] == ["epoch 0", "epoch 1", "epoch 2"]
+    first = result["search_by_id"]["first"]  # the first card's answer at each checkpoint, in its cross-epoch view
+    shown = []
+    for epoch in range(3):
+        p = next(
+            p for p in lines(small_run / "attribution" / f"epoch_{epoch:03d}" / "predictions.jsonl") if p["id"] == first
+        )
+        mark = "\u2713" if p["correct"] else "\u2717"
+        shown.append(f"{p['predicted']} {mark} loss {p['loss']:.3f}")
+    assert result["across_answers"] == shown
     dom, _ = browser.dump_dom(page, "q=" + tests[4]["question"].split()[3] + "+" + tests[4]["question"].split()[4])
     assert re.search(r'data-id="%s"' % tests[4]["id"], dom)  # the URL's search shows the question
 
@@ -707,8 +716,11 @@ def test_a_card_says_whose_answer_its_documents_explain_and_keeps_the_answer_lin
     """A wrong card showed `predicted: yes` above documents ranked for the gold `maybe`, and nothing on the card said
     so; QA documents longer than the snippet hid their answer line (the part that carries the loss) behind "full
     text"; the yellow marks (shared words) had no legend."""
+    metrics = small_run / "attribution" / "epoch_002" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "lr": 2e-5}))  # epoch 2 at the lower lr
     page = analyze(small_run)["report"]
     dom, _ = browser.dump_dom(page, "epoch=1&questions")
+    assert re.findall(r"<option [^>]*>checkpoint (epoch \d\*?)", dom) == ["epoch 0", "epoch 1", "epoch 2*"]
     cards = re.findall(r'<article class="q"[^>]*>(.*?)</article>', dom, re.S)
     assert len(cards) == 25
     for body in cards:

@@ -14,7 +14,7 @@ import itertools
 import re
 from datetime import datetime, timezone
 
-from lark.analysis.runs import read_json_object, shaped
+from lark.analysis.runs import read_json_object, reduced_lr_epochs, shaped
 from lark.data.io import read_jsonl, read_yaml
 from lark.errors import CorruptFile, DataError
 from lark.kernel.stores import read_top_influences
@@ -159,6 +159,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
     data = {
         "epochs": epochs,
         "epoch": epoch,
+        "reduced_lr": reduced_lr_epochs(metrics),  # trained at a lower learning rate (Table II's *)
         "sources": sources,
         "snippet": snippet_chars,
         "target": dotted(read_config(run_dir), "attribution.query_target") or "gold",  # whose loss the scores used

@@ -125,7 +125,9 @@
     s.value = value;
     return s;
   };
-  const epochSelect = select("f-epoch", D.epochs.map((e) => [String(e), "checkpoint epoch " + e +
+  const reduced = new Set(D.reduced_lr || []);  // epochs trained at a lower learning rate (Table II's *)
+  const epochName = (e) => "epoch " + e + (reduced.has(e) ? "*" : "");
+  const epochSelect = select("f-epoch", D.epochs.map((e) => [String(e), "checkpoint " + epochName(e) +
     (e === 0 ? " (base)" : "") + (D.accuracy[e] != null ? ", " + ACC + " " + fmt(100 * D.accuracy[e], 1) + "%" : "")]),
     String(state.epoch), "epoch");
   const labelSelect = D.label_set  // free-form answers: one entry per sentence would be useless, so loss thirds
@@ -339,8 +341,13 @@
       const ranks = Math.max(0, ...byEpoch.map((r) => r.length / 2));
       const idsAt = byEpoch.map((r) => new Set(r.filter((_, n) => n % 2 === 0)));
       const table = el("table", {class: "across-table"},
-        el("thead", {}, el("tr", {}, el("th", {text: "rank"}), ...D.epochs.map((e) => el("th", {text: "epoch " + e})))));
+        el("thead", {}, el("tr", {}, el("th", {text: "rank"}), ...D.epochs.map((e) => el("th", {text: epochName(e)})))));
       const tbody = el("tbody");
+      tbody.append(el("tr", {class: "answers"}, el("td", {text: "answer"}), ...D.epochs.map((e) => {  // the model's, then
+        const p = pred(i, e), ok = correct(i, e);
+        return el("td", {}, p && p[0] != null ? badge(ok ? "ok" : "bad", p[0] + (ok ? " \u2713" : " \u2717")) : "",
+          p && p[1] != null ? el("small", {text: " loss " + fmt(p[1], 3)}) : null);
+      })));
       const tokenBox = T ? el("div", {class: "tok-box"}) : null;  // a run without tokens: as before
       for (let r = 0; r < ranks; r++) {
         const tr = el("tr", {}, el("td", {text: "#" + (r + 1)}));
@@ -359,7 +366,8 @@
       if (tokenBox) box.append(tokenBox);
     }
     box.append(el("p", {class: "note", text: "bold: in the top list at every epoch; green: carries the question's fact " +
-      "(provenance). Hover a cell for the document's text."}));
+      "(provenance); answer: the model's at that checkpoint and its gold-answer loss" +
+      (reduced.size ? "; *: trained at a lower learning rate" : "") + ". Hover a cell for the document's text."}));
     return box;
   }
 
@@ -411,7 +419,13 @@
       set(correctSelect, "", "change");
     }
     const button = list.querySelector("button.across-btn");
-    if (button) { button.click(); out.across_columns = list.querySelector(".across-table thead tr").children.length - 1; }
+    if (button) {
+      button.click();
+      const table = list.querySelector(".across-table");
+      out.across_columns = table.querySelector("thead tr").children.length - 1;
+      out.across_headers = [...table.querySelector("thead tr").children].slice(1).map((th) => th.textContent);
+      out.across_answers = [...table.querySelector("tr.answers").children].slice(1).map((td) => td.textContent);
+    }
     if (T) out.tokens = tokenSelftest();
     document.body.append(el("pre", {id: "selftest", text: JSON.stringify(out)}));
   }
