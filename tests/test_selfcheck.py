@@ -1,6 +1,7 @@
 """lark.kernel.selfcheck: the sketch refuses a model it does not fully cover (naming the modules and the fallback) and
 passes the OLMo-3 family it was built for."""
 
+import csv
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from lark.kernel.projectors import CountSketch, ExactProjector, GaussianProjecto
 from lark.kernel.selfcheck import SelfCheckError, check_sketch, compared, tolerance, uses_sketch
 from lark.kernel.sketch import HookSketch
 from lark.kernel.sketch_math import NORMS, per_example_loss
+from lark.kernel.stores import load_store
 from lark.models import build_tiny, train_tokenizer
 
 TEXTS = [f"the trial of drug {i} reduced the risk of stroke in patients" for i in range(40)]
@@ -302,4 +304,9 @@ def test_train_py_on_a_bf16_hub_folder_passes_the_check_and_writes_the_tables(bf
     assert "of the 14 of one layer of each kind" in done.stdout
     for n in range(1, 5):
         assert (out / "tables" / f"table{n}.md").is_file() and (out / "tables" / f"table{n}.csv").is_file()
-    assert "| 1 |" in (out / "tables" / "table2.md").read_text()
+    with open(out / "tables" / "table2.csv") as f:
+        table2 = list(csv.DictReader(f))
+    assert [row["epoch"] for row in table2] == ["0", "1"]  # both checkpoints scored, in bf16, to finite numbers
+    assert all(-1 <= float(row[key]) <= 1 for row in table2 for key in ("ft", "pt"))
+    stores = sorted((out / "attribution" / "epoch_001" / "stores").glob("*.safetensors"))
+    assert len(stores) == 6 and all(torch.isfinite(load_store(p)[0].float()).all() for p in stores)
