@@ -278,6 +278,8 @@ def test_the_question_browser_in_chromium(small_run):
     assert result["across_answers"] == shown
     dom, _ = browser.dump_dom(page, "q=" + tests[4]["question"].split()[3] + "+" + tests[4]["question"].split()[4])
     assert re.search(r'data-id="%s"' % tests[4]["id"], dom)  # the URL's search shows the question
+    dom, _ = browser.dump_dom(page, "questions#" + tests[7]["id"])  # a link to one question: its card alone
+    assert re.findall(r'<article class="q"[^>]*data-id="([^"]+)"', dom) == [tests[7]["id"]]
 
 
 @needs_chromium

@@ -97,7 +97,9 @@
   const prov = Q.map((q) => new Set(D.prov[q.id] || []));
   const firstEpoch = params.has("epoch") && D.epochs.includes(Number(params.get("epoch")))
     ? Number(params.get("epoch")) : D.epoch;
-  const state = {epoch: firstEpoch, q: params.get("q") || "", label: params.get("label") || "",
+  const hashed = decodeURIComponent(location.hash.slice(1));  // #<question id>: that question, as ?q=<id> would
+  const byHash = hashed && !document.getElementById(hashed) && Q.some((q) => q.id === hashed) ? hashed : "";
+  const state = {epoch: firstEpoch, q: params.get("q") || byHash, label: params.get("label") || "",
     correct: params.get("correct") || "", loss: params.get("loss") || "", list: [], shown: 0};
 
   const pred = (i, epoch) => { const p = D.pred[String(epoch)]; return p ? p[i] : null; };
