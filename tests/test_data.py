@@ -1,6 +1,7 @@
 """lark.data.readers: QA rows mapped by the data configs (PubMedQA local and hub as instances), the corpora, input
 validation, sampling."""
 
+import functools
 import json
 import os
 import re
@@ -721,6 +722,12 @@ records = st.fixed_dictionaries(
 )
 
 
+@functools.cache
+def pubmedqa_local_spec():
+    """data=pubmedqa_local's mapping, composed once (a Hydra compose per record made the test below 27 s)."""
+    return data_spec("pubmedqa_local")
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(records, min_size=1, max_size=5, unique_by=lambda r: str(r["pubid"])))
 def test_write_read_qa_item_round_trip(recs):
@@ -731,7 +738,7 @@ def test_write_read_qa_item_round_trip(recs):
     assert [n for n, _ in back] == list(range(1, len(recs) + 1))
     assert [r for _, r in back] == recs
     for (n, r), orig in zip(back, recs):
-        item = D.qa_item(r, f"r.jsonl:{n}", data_spec("pubmedqa_local"))
+        item = D.qa_item(r, f"r.jsonl:{n}", pubmedqa_local_spec())
         assert item == {
             "id": str(orig["pubid"]),
             "question": orig["question"],
