@@ -586,7 +586,7 @@ def token_spans(dom):
     return [
         (c, bool(dark), int(n), int(level) if level else None, colour(rgba), html.unescape(t))
         for c, dark, nl, n, level, rgba, t in found
-        if nl == (" nl" if "\n" in html.unescape(t) and not html.unescape(t).strip() else "")  # a line break marked
+        if nl == (" nl" if level and "\n" in html.unescape(t) and not html.unescape(t).strip() else "")  # shaded breaks
     ]
 
 

@@ -216,7 +216,7 @@
       const level = shades[n] === "." ? null : SHADES.indexOf(shades[n]) - T.levels;
       const dark = Math.abs(level) > 0.55 * T.levels ? " dark" : "";  // white text on the strongest shades
       const piece = text.slice(Math.max(start, at), end);
-      const nl = piece.includes("\n") && !piece.trim() ? " nl" : "";  // a line break's shade: drawn on a \u21b5 (CSS)
+      const nl = level !== null && piece.includes("\n") && !piece.trim() ? " nl" : "";  // its shade drawn on a \u21b5 (CSS)
       const span = el("span", {class: "tk " + (level === null ? "none" : signClass(level)) + dark + nl, "data-n": n,
         text: piece});
       if (level !== null) span.dataset.l = level;
