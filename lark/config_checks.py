@@ -88,7 +88,7 @@ def check_config(cfg):
     )
     evaluator = instantiate(cfg.eval)
     need(
-        cfg.attribution.query_target != "predicted" or evaluator.predicts,
+        not cfg.attribution.enabled or cfg.attribution.query_target != "predicted" or evaluator.predicts,
         f"attribution.query_target=predicted: eval {evaluator.metric} predicts no answers (use gold, or "
         "eval=choices / eval=exact_match)",
     )

@@ -19,7 +19,7 @@ through unchanged:
 import importlib
 from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lark.data.io import read_yaml
 from lark.errors import RunDirError
@@ -219,11 +219,20 @@ def today_config(run_dir):
     )
 
 
+def read_saved(path):
+    """A saved run config (.hydra/config.yaml, lark_config.yaml) as OmegaConf; an empty or torn one is a RunDirError
+    (read as {}, every key took today's value without a word)."""
+    cfg = read_yaml(path, OmegaConf.load)
+    if not isinstance(cfg, DictConfig) or not len(cfg):
+        raise RunDirError(f"{path}: holds no config (empty or cut short); restore the file from a copy of the run")
+    return cfg
+
+
 def load(run_dir):
     """A run's saved config (.hydra/config.yaml) in today's form, today's values for the keys it lacks."""
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{path}: not found; run_dir must be a run directory written by train.py")
-    cfg = upgrade(read_yaml(path, OmegaConf.load))
+    cfg = upgrade(read_saved(path))
     today = today_config(run_dir)
     return cfg if today is None else fill(cfg, today)

@@ -16,10 +16,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from lark import faults
-from lark.data.io import read_yaml, replacing, sha256
+from lark.data.io import replacing, sha256
 from lark.errors import CorruptFile, RunDirError
 from lark.fingerprints import without_locations
-from lark.legacy import upgrade
+from lark.legacy import read_saved, upgrade
 from lark.rundir import RUN_CONFIG, computed, holds_run
 
 LAST = "last.ckpt"
@@ -193,7 +193,7 @@ def check_same_run(cfg, run_dir):
         saved = Path(run_dir) / "checkpoints" / "epoch_000" / "lark_config.yaml"
     if not saved.is_file() or not computed(run_dir):  # nothing computed yet: nothing to keep consistent
         return
-    old = flat(without_locations(upgrade(read_yaml(saved, OmegaConf.load))))  # an earlier LARK: today's form
+    old = flat(without_locations(upgrade(read_saved(saved))))  # an earlier LARK: today's form
     new = flat(without_locations(cfg))  # (where a BM25 index is cached, e.g. under LARK_CACHE, changes no result)
     changed = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k in old) and not k.startswith(IGNORED)

@@ -181,6 +181,16 @@ def test_bad_values_fail_at_start_naming_the_key(override, key):
         check_config(compose(overrides))
 
 
+def test_a_run_that_attributes_nothing_may_keep_query_target_predicted():
+    """The LDS retrains of a query_target=predicted run turn attribution off and the evaluation to Skip: the check
+    "predicted needs an evaluator that predicts" refused every retrain at start."""
+    from lark.config_checks import check_config
+
+    check_config(compose(["attribution.query_target=predicted", "attribution.enabled=false", "eval=none"]))
+    with pytest.raises(ValueError, match="attribution.query_target=predicted: eval"):
+        check_config(compose(["attribution.query_target=predicted", "eval=none"]))
+
+
 class WhitensWithoutMap:
     """A plug-in kernel that whitens (transform maps by a matrix) but gives no linear_map."""
 

@@ -146,3 +146,15 @@ def test_a_ddp_run_saved_with_the_strategy_string_resumes(tmp_path):
     (tmp_path / "attribution" / "epoch_000").mkdir(parents=True)
     (tmp_path / "attribution" / "epoch_000" / "metrics.json").write_text("{}")
     check_same_run(today, tmp_path)  # no RunDirError
+
+
+@pytest.mark.parametrize("text", ["", "# cut short\n"])
+def test_an_empty_saved_config_is_refused_not_filled_with_todays_values(tmp_path, text):
+    """A 0-byte .hydra/config.yaml (a torn write) read as {}: every key took today's value without a word."""
+    from lark.errors import RunDirError
+    from lark.legacy import load
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(text)
+    with pytest.raises(RunDirError, match=r"config\.yaml: holds no config \(empty or cut short\)"):
+        load(tmp_path)

@@ -738,6 +738,15 @@ def test_a_card_says_whose_answer_its_documents_explain_and_keeps_the_answer_lin
             assert plain.endswith(f"\u2026 Answer: {formatted[doc_id]['answer']}"), plain[-80:]
             shown += 1
     assert shown > 0
+    # attribute.py re-attributed epoch 2 with attribution.query_target=predicted: its metrics.json says so, the
+    # run's config still says gold; the page follows each checkpoint's own
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "loss_target": {"query_target": "predicted"}}))
+    page = analyze(small_run)["report"]
+    for epoch, whose in ((1, "gold answer"), (2, "predicted answer")):
+        dom, _ = browser.dump_dom(page, f"epoch={epoch}&questions")
+        assert f"that of the question's {whose} (the run's kernel)" in dom
+        badges = set(re.findall(r'class="badge target"[^>]*>documents ranked for the ([a-z ]+)<', dom))
+        assert badges == {whose}, badges
 
 
 def test_the_summary_reads_the_runs_resolved_config_without_a_checkpoint(small_run):

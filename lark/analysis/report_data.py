@@ -25,6 +25,13 @@ LEVELS = 25  # shades per sign of a token's contribution on the page: level = ro
 SHADES = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy"  # level -25 .. 25 as one character; "." no loss
 
 
+def query_targets(run_dir, metrics):
+    """{epoch: "gold" | "predicted"}: the answer whose loss each checkpoint's scores used, as its metrics.json
+    records it (attribute.py may have re-attributed with another attribution.query_target), else the run's config."""
+    default = dotted(read_config(run_dir), "attribution.query_target") or "gold"
+    return {str(m["epoch"]): (m.get("loss_target") or {}).get("query_target") or default for m in metrics}
+
+
 def read_config(run_dir):
     """The run's resolved config as a dict: the one it was started with (<run>/lark_config.yaml), else its epoch 0
     checkpoint's (runs from before that file), else .hydra's (whose interpolations are not resolved)."""
@@ -162,7 +169,7 @@ def run_data(run_dir, metrics, epoch, snippet_chars):
         "reduced_lr": reduced_lr_epochs(metrics),  # trained at a lower learning rate (Table II's *)
         "sources": sources,
         "snippet": snippet_chars,
-        "target": dotted(read_config(run_dir), "attribution.query_target") or "gold",  # whose loss the scores used
+        "target": query_targets(run_dir, metrics),  # {epoch: gold | predicted}: whose loss the scores used
         "ft_source": next((m.get("ft_source") for m in metrics if m.get("ft_source")), None),
         "accuracy": {str(m["epoch"]): m.get("accuracy") for m in metrics},
         "accuracy_metric": next(((m.get("eval") or {}).get("metric") for m in metrics if m.get("eval")), "accuracy"),

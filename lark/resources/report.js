@@ -24,7 +24,8 @@
   const blobNode = document.getElementById("lark-data");
   const D = blobNode ? JSON.parse(blobNode.textContent) : null;
   const ACC = ((D && D.accuracy_metric) || "accuracy").replace("_", " ");  // exact match is no "accuracy"
-  const TARGET = D && D.target === "predicted" ? "predicted answer" : "gold answer";  // attribution.query_target
+  const target = (epoch) =>  // whose answer's loss a checkpoint's scores used (attribution.query_target)
+    ((D && D.target) || {})[String(epoch)] === "predicted" ? "predicted answer" : "gold answer";
   const params = new URLSearchParams(location.search);
 
   function el(tag, attrs, ...kids) {
@@ -60,6 +61,8 @@
   // the first `n` characters of a text, and its end when cut: a QA item's answer line or a document's last sentence
   // (where a Formatted document's loss falls) stays in view
   function snippet(text, n) {
+    if (text.length <= n) return text;
+    text = text.replace(/\s+$/, "");  // a final line break is no line
     if (text.length <= n) return text;
     const cut = Math.max(text.lastIndexOf("\n"), text.lastIndexOf(". ", text.length - 3) + 1);
     const tail = cut > 0 && text.length - cut <= n / 2 ? text.slice(cut).trim() : "";
@@ -97,7 +100,7 @@
   const prov = Q.map((q) => new Set(D.prov[q.id] || []));
   const firstEpoch = params.has("epoch") && D.epochs.includes(Number(params.get("epoch")))
     ? Number(params.get("epoch")) : D.epoch;
-  const hashed = decodeURIComponent(location.hash.slice(1));  // #<question id>: that question, as ?q=<id> would
+  const hashed = (() => { try { return decodeURIComponent(location.hash.slice(1)); } catch (e) { return ""; } })();
   const byHash = hashed && !document.getElementById(hashed) && Q.some((q) => q.id === hashed) ? hashed : "";
   const state = {epoch: firstEpoch, q: params.get("q") || byHash, label: params.get("label") || "",
     correct: params.get("correct") || "", loss: params.get("loss") || "", list: [], shown: 0};
@@ -153,9 +156,8 @@
 
   const list = document.getElementById("list");
   const count = document.getElementById("count");
-  count.after(el("p", {class: "note", id: "reading", text: "score: the cosine of a document's projected loss gradient " +
-    "with that of the question's " + TARGET + " (the run's kernel); yellow: words the document shares with the " +
-    "question (lexical overlap, a reading aid, not attribution)"}));
+  const reading = el("p", {class: "note", id: "reading"});  // its text names the shown checkpoint's target (refresh)
+  count.after(reading);
   const sentinel = document.getElementById("sentinel");
   const more = el("button", {id: "more", onclick: () => renderMore()}, "show more questions");
   sentinel.append(more);
@@ -171,6 +173,9 @@
     count.textContent = state.list.length + " of " + Q.length + " questions" + " \u00b7 checkpoint epoch " +
       state.epoch + (acc != null ? " \u00b7 " + ACC + " " + fmt(100 * acc, 1) + "%" : "");
     count.dataset.shown = state.list.length;
+    reading.textContent = "score: the cosine of a document's projected loss gradient with that of the question's " +
+      target(state.epoch) + " (the run's kernel); yellow: words the document shares with the question (lexical " +
+      "overlap, a reading aid, not attribution)";
     count.dataset.total = Q.length;
     renderMore();
     const url = new URLSearchParams(location.search);
@@ -250,7 +255,7 @@
       "data-doc": D.docs[source][d][0]}, legend,
       el("h6", {text: "document " + D.docs[source][d][0] + " (" + source + ")"}), shadedText(dt, ds),
       el("p", {class: "note", text: "largest |contribution|:"}), topList(dt, dtop),
-      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the " + TARGET + " drive the match)"}),
+      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the " + target(epoch) + " drive the match)"}),
       shadedText(qt, qs), el("p", {class: "note", text: "largest |contribution|:"}), topList(qt, qtop));
   }
 
@@ -281,8 +286,8 @@
       p && p[0] != null ? badge(ok ? "ok" : "bad", "predicted: " + p[0] + (ok ? " \u2713" : " \u2717")) : null,
       p && p[1] != null ? badge("loss", "loss " + fmt(p[1], 3), "mean negative log-likelihood per token of the gold " +
         "answer (its end-of-turn token included)") : null,
-      p && p[0] != null && !ok ? badge("target", "documents ranked for the " + TARGET, "attribution.query_target=" +
-        D.target + ": the scores compare each document's gradient with that of the " + TARGET + "'s loss") : null,
+      p && p[0] != null && !ok ? badge("target", "documents ranked for the " + target(state.epoch), "the scores compare " +
+        "each document's gradient with that of the " + target(state.epoch) + "'s loss (attribution.query_target)") : null,
       q.canary ? badge("canary", "canary") : null);
     const ctx = el("details", {class: "ctx"}, el("summary", {text: "context"}));
     ctx.addEventListener("toggle", () => { if (ctx.open && ctx.children.length === 1) ctx.append(el("p", {text: q.c})); },
