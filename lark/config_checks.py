@@ -12,7 +12,6 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from lark.data.corpora import check_corpora
-from lark.data.formats import layout
 from lark.data.io import BadRows
 from lark.data.sources import check_sources
 from lark.errors import ConfigError, whole
@@ -25,8 +24,10 @@ from lark.kernel.tokens_math import TRANSPOSABLE
 from lark.validation.canary import is_on
 
 # data's keys (conf/data/*.yaml; canary from +experiment=canary) and data.fields' keys
-DATA_KEYS = ("name", "reader", "world", "fields", "answers", "extras", "train_subset", "test_ids", "n_train", "n_test")
-DATA_KEYS += ("on_bad_rows", "corpora_file", "corpora", "canary")
+DATA_KEYS = (
+    *("name", "reader", "world", "fields", "answers", "extras", "train_subset", "test_ids", "n_train", "n_test"),
+    *("on_bad_rows", "corpora_file", "corpora", "canary"),
+)
 FIELDS = ("id", "question", "context", "answer", "split")
 
 
@@ -59,7 +60,7 @@ def check_config(cfg):
     check_data_keys(cfg.data)  # first: a missing data file is the mistake to name, before the sources drawn from it
     check_source_keys(cfg.source, cfg.data)
     need(isinstance(cfg.model.get("trust_remote_code", False), bool), "model.trust_remote_code must be true or false")
-    for key in ("optimizer", "scheduler.scheduler", "trainer"):  # called late (after data and the model load)
+    for key in ("optimizer", "scheduler.scheduler", "trainer", "format.layout"):  # called after the model's load
         check_arguments(cfg, key)
     batch = cfg.eval.get("batch_size")  # every eval config has it: predictions.jsonl's losses use it
     need(whole(batch), f"eval.batch_size must be a positive integer, got {batch!r}")
@@ -110,16 +111,12 @@ def check_switches(cfg):
 
 
 def check_format(fmt):
-    """format: its layout's `_target_` builds, the system prompt is text or null, and the user template names only
-    {context} and {question} (each failed when the first example was encoded, after the model's load)."""
-    try:
-        layout(fmt)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- hydra wraps import and argument errors of any kind
-        raise ConfigError(
-            f"format.layout: cannot build {fmt.layout.get('_target_')!r} ({str(e).splitlines()[0]})"
-        ) from None
+    """format: it has a layout, the system prompt is text or null, and the user template names only {context} and
+    {question} (each failed when the first example was encoded, after the model's load)."""
+    need(
+        "_target_" in (fmt.get("layout") or {}),
+        "format.layout: missing; give a _target_ (lark.data.formats.Chat, lark.data.formats.Plain or your own)",
+    )  # its _target_ and arguments: check_arguments, with the optimizer's
     prompt = fmt.get("system_prompt")
     need(prompt is None or isinstance(prompt, str), f"format.system_prompt must be text or null, got {prompt!r}")
     template = fmt.get("user_template")
