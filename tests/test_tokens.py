@@ -150,9 +150,9 @@ def test_transpose_is_the_projection_adjoint(setup, projector, options):
             assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
 
 
-def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None):
+def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, split=None):
     """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens
-    (attribution.tokens_budget = budget where given): {source: [records]}."""
+    (attribution.tokens_budget = budget, tokens_split = split where given): {source: [records]}."""
     model, sets = setup["model"], setup["sets"]
     kernel = make_kernel(attr)
     projector = make_projector(attr, model, kernel, moments)
@@ -170,7 +170,8 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None):
                 (q["id"], name, r + 1, sets[name][index[i, r]]["id"], round(values[i, r].item(), 6)) for r in range(3)
             ]
     write_csv(folder / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)
-    cfg = OmegaConf.create({"attribution": {"tokens_top_k": 2, **({"tokens_budget": budget} if budget else {})}})
+    options = {"tokens_top_k": 2, **({"tokens_budget": budget} if budget else {})}
+    cfg = OmegaConf.create({"attribution": {**options, **({"tokens_split": split} if split else {})}})
     ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
     write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode)
     return {
@@ -180,37 +181,43 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None):
 
 
 @pytest.mark.parametrize(
-    "projector,kernel",
+    "projector,kernel,split",
     [
-        ("sketch", "cosine"),
-        ("sketch", "rapidin"),
-        ("sketch", "adam"),
-        ("sketch", "trackstar"),
-        ("sketch", "tracin_cp"),
-        ("factored", "cosine"),
-        ("factored", "rapidin"),
-        ("factored", "adam"),
-        ("factored", "trackstar"),
-        ("factored", "tracin_cp"),
+        ("sketch", "cosine", "loss"),
+        ("sketch", "rapidin", "loss"),
+        ("sketch", "adam", "loss"),
+        ("sketch", "trackstar", "loss"),
+        ("sketch", "tracin_cp", "loss"),
+        ("factored", "cosine", "loss"),
+        ("factored", "rapidin", "loss"),
+        ("factored", "adam", "loss"),
+        ("factored", "trackstar", "loss"),
+        ("factored", "tracin_cp", "loss"),
+        ("sketch", "cosine", "position"),
+        ("sketch", "rapidin", "position"),
+        ("sketch", "adam", "position"),
+        ("sketch", "trackstar", "position"),
+        ("factored", "rapidin", "position"),
     ],
 )
-def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel):
+def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel, split):
     """(b) For every kernel (and the factored projector), each written pair's doc and query contributions sum to
-    its score within 1e-3; loss tokens only carry one; every token is listed with piece == text[start:end]."""
+    its score within 1e-3, split by loss token (loss tokens only carry one) or by position (every token carries
+    one); every token is listed with piece == text[start:end]."""
     attr = attribution(projector, kernel, k=1024)
     moments = estimate_moments(setup["model"], [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
-    rows = run_tokens(setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None)
+    rows = run_tokens(setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None, split=split)
     for name, records in rows.items():
         assert len(records) == 4 * 2  # each query's top tokens_top_k = 2
         for r in records:
-            assert r["kernel"] == kernel and r["rank"] in (1, 2)
+            assert r["kernel"] == kernel and r["rank"] in (1, 2) and r["split"] == split
             for side, examples in (("doc", setup["sets"][name]), ("query", setup["sets"][QUERIES])):
                 example = next(e for e in examples if e["id"] == r[f"{side}_id" if side == "doc" else "query_id"])
                 encoded = setup["encoder"](example)
                 tokens = r[side]["tokens"]
                 assert len(tokens) == len(encoded["input_ids"])
                 assert all(piece == r[side]["text"][a:b] for piece, a, b, _ in tokens)
-                carries = [s >= 1 and lab != IGNORE for s, lab in enumerate(encoded["labels"])]
+                carries = [split == "position" or (s >= 1 and lab != IGNORE) for s, lab in enumerate(encoded["labels"])]
                 assert [c is not None for *_, c in tokens] == carries
                 total = sum(c for *_, c in tokens if c is not None)
                 assert total == pytest.approx(r["score"], abs=1e-3), (side, r["query_id"], r["doc_id"])
@@ -248,6 +255,89 @@ def test_reverse_mode_equals_forward_mode(setup):
         _, g = example_gradient(model, batch, params)
         whole = sum((tangents[n].flatten(1) @ g[n].flatten().float()) for n, _ in params if g.get(n) is not None)
         torch.testing.assert_close(forward.sum(dim=1), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_position_split_equals_a_per_position_perturbation(setup):
+    """The position split c_s = <u, G_s> (lark.kernel.tokens_position: one backward, each module's directional
+    derivative dotted with its output's gradient) equals an independent reference: the derivative of the loss
+    with respect to eps_s, where every weight's use at position s is moved by eps_s u (the output of each module
+    at s shifted by eps_s module(x_s; u): these modules are linear in their own weights), by autograd through the
+    whole model; with the padding token in the prompt and among the loss tokens (its input row takes no part, as
+    nn.Embedding gives it no gradient) and random tangents over every parameter. Its sums over positions equal the
+    tangents' products with the store's gradient (autograd's, lark.kernel.projectors.example_gradient), and the
+    loss split's sums."""
+    from torch.func import functional_call
+
+    from lark.kernel.projectors import example_gradient
+    from lark.kernel.tokens_math import input_embeds
+    from lark.kernel.tokens_position import position_products
+
+    model, pad = setup["model"], setup["tok"].pad_token_id
+    params = dict(trainable(model))
+    names = {id(p): n for n, p in params.items()}
+    gen = torch.Generator().manual_seed(11)
+    tangents = {n: torch.randn(3, *p.shape, generator=gen) for n, p in params.items()}
+    embedding = model.get_input_embeddings()
+    for name in ("formatted", "raw"):
+        batch = batch_of(setup, setup["sets"][name][2])
+        batch["input_ids"][0, [1, -2]] = pad
+        ids, T = batch["input_ids"], batch["input_ids"].shape[1]
+        keep = (batch["labels"][0, 1:] != IGNORE).nonzero().flatten()
+        halves = [{n: t[:2] for n, t in tangents.items()}, {n: t[2:] for n, t in tangents.items()}]
+        split = position_products(model, batch, [lambda b=b: b for b in halves])
+        assert split.shape == (3, T)
+        for i in range(3):
+            eps = torch.zeros(T, requires_grad=True)
+            shifts = {
+                id(m): {k: tangents[names[id(p)]][i] for k, p in m.named_parameters(recurse=False)}
+                for m in model.modules()
+                if next(m.parameters(recurse=False), None) is not None and m is not embedding
+            }
+            inside = []
+
+            def shift(module, args, output):
+                if inside or id(module) not in shifts:
+                    return None
+                inside.append(module)
+                moved = functional_call(module, shifts[id(module)], args)
+                inside.clear()
+                rows = eps if output.shape[1] == T else eps[keep]  # the output layer: the loss positions only
+                return output + rows.view(1, -1, 1) * moved
+
+            hooks = [m.register_forward_hook(shift) for m in model.modules()]
+            try:
+                row = tangents[names[id(embedding.weight)]][i][ids[0]] * (ids[0] != pad).unsqueeze(-1)
+                embeds = input_embeds(model, params, ids) + eps.view(1, -1, 1) * row
+                loss = token_losses(model, params, batch, embeds).sum()
+                reference = torch.autograd.grad(loss, eps)[0]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            torch.testing.assert_close(split[i], reference, rtol=1e-4, atol=1e-6)
+        assert (split[:, : T - 1] != 0).all()  # every position but the last (it predicts nothing) takes a part
+        _, g = example_gradient(model, batch, list(params.items()))
+        whole = sum(tangents[n].flatten(1) @ g[n].flatten() for n in params)
+        torch.testing.assert_close(split.sum(dim=1), whole, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            split.sum(dim=1), token_products(model, batch, tangents).sum(dim=1), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_a_linear_layers_position_parts_equal_its_directional_derivative():
+    """linear_part (delta_s^T U x_s + delta_s . u_b, no primal) = the module's own derivative along (U, u_b) dotted
+    with delta (the generic path every other module takes), bias included: the test model's layers have none."""
+    from torch.func import vmap
+
+    from lark.kernel.tokens_position import directional, linear_part
+
+    gen = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(5, 4)
+    x, grad = torch.randn(1, 3, 5, generator=gen), torch.randn(1, 3, 4, generator=gen)
+    local = {"weight": torch.randn(2, 4, 5, generator=gen), "bias": torch.randn(2, 4, generator=gen)}
+    primal = {k: p.detach() for k, p in layer.named_parameters()}
+    generic = (vmap(directional(layer, (x,), {}, primal))(local) * grad).sum(-1).flatten(1)
+    torch.testing.assert_close(linear_part(x, grad, local), generic)
+    torch.testing.assert_close(linear_part(x, grad, {"weight": local["weight"]}), (grad @ local["weight"] * x).sum(-1))
 
 
 def test_pieces_cover_the_decoded_text(setup):
@@ -361,7 +451,10 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     # a run saved before the tokens keys existed: tokens_top_k (as tokens_pass and tokens_budget) has its default
     assert check(OmegaConf.create({**base, "tokens": "topk"})) is True
     assert top_k_of(OmegaConf.create(base)) == OmegaConf.load(CONF / "default.yaml").tokens_top_k == TOKENS_TOP_K
-    assert missing(tmp_path, OmegaConf.create({**base, "tokens": "topk"}), ["raw"]) is True  # its files not there
+    assert missing(tmp_path, OmegaConf.create({**base, "tokens": "topk"}), ["raw"]) is True  # 2 pairs a query, not 3
+    asked = {**base, "tokens": "topk", "tokens_top_k": 2}
+    assert missing(tmp_path, OmegaConf.create(asked), ["formatted", "raw"]) is False  # the pairs asked, split by loss
+    assert missing(tmp_path, OmegaConf.create({**asked, "tokens_split": "position"}), ["raw"]) is True  # another split
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "top_influences.csv").write_text("query_id,source,rank,doc_id,score\nq1,raw,1,d1,0.5\nq2,raw,1\n")
@@ -374,6 +467,7 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
         ({"tokens": "topk", "tokens_top_k": 9}, "tokens_top_k"),
         ({"tokens": "topk", "tokens_top_k": True}, "tokens_top_k"),  # YAML's yes/true is not 1
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_pass": "both"}, "attribution.tokens_pass"),
+        ({"tokens": "topk", "tokens_top_k": 3, "tokens_split": "word"}, "attribution.tokens_split"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": 0}, "attribution.tokens_budget"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": "2^26"}, "attribution.tokens_budget"),
     ):

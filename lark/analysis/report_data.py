@@ -201,7 +201,8 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
     None when no checkpoint has a tokens/ folder. Layout (lark/resources/report.js renders it):
     {"levels": LEVELS, "texts": [[text, [gap, length, gap, length, ...] per page token]] (each tokenised text once, in
      UTF-16 code units, JavaScript's string indices, where the files' offsets are Python's code points),
-     "kernel": {epoch: kernel}, "pairs": {epoch: {source: {query index: {doc index:
+     "kernel": {epoch: kernel}, "split": {epoch: loss | position (attribution.tokens_split)},
+     "pairs": {epoch: {source: {query index: {doc index:
         [doc text index, doc shades, doc top, query text index, query shades, query top]}}}}}
     A page token is a file's token, or a character split over byte tokens with their contributions added
     (lark.kernel.tokens.by_character). shades: one character per page token (SHADES[level + LEVELS], "." where
@@ -210,7 +211,7 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
     folders = {e: epoch_dir(run_dir, e) / "tokens" for e in epochs}
     if not any(folder.is_dir() for folder in folders.values()):
         return None
-    texts, kernel, pairs = {}, {}, {}
+    texts, kernel, split, pairs = {}, {}, {}, {}
     for epoch, folder in folders.items():
         for source, ranked in top[str(epoch)].items():
             shown = {(q, d) for q, flat in enumerate(ranked) for d in flat[::2]}
@@ -222,12 +223,13 @@ def read_tokens(run_dir, epochs, top, query_index, doc_index):
                 if (q, d) not in shown:
                     continue
                 kernel.setdefault(str(epoch), row.get("kernel"))
+                split.setdefault(str(epoch), row.get("split", "loss"))
                 entry = [
                     *token_entry(row.get("doc"), texts, f"{path}:{line}: doc"),
                     *token_entry(row.get("query"), texts, f"{path}:{line}: query"),
                 ]
                 pairs.setdefault(str(epoch), {}).setdefault(source, {}).setdefault(str(q), {})[str(d)] = entry
-    return {"levels": LEVELS, "texts": list(texts), "kernel": kernel, "pairs": pairs}
+    return {"levels": LEVELS, "texts": list(texts), "kernel": kernel, "split": split, "pairs": pairs}
 
 
 def token_entry(part, texts, where):

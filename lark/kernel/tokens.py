@@ -12,17 +12,21 @@ and symmetrically c_t(q) = <M^T v_d, r_t(q)> / ||M r_q||. TrackStar's convention
 the same M as the whole (M is linear, so the parts still add up) and divided by the whole example's whitened norm.
 ||M r|| is the store's norm of r times ||M s|| (s its stored unit vector), so the sums equal the scores of
 top_influences.csv up to the store tier's rounding (float16: ~1e-4). Tokens that carry no loss (a Formatted
-document's prompt, a query's question) have no gradient of their own: contribution null.
+document's prompt, a query's question) have no gradient of their own: contribution null. That is the loss split
+(attribution.tokens_split: loss, the default); the position split (position: lark.kernel.tokens_position) splits
+r over the positions whose activations the gradient flowed through instead, every token with a part, in one
+forward and one backward pass per example.
 
 The pairs are each query's top `attribution.tokens_top_k` documents of every source (ranks as in
 top_influences.csv). Cost: every example in a written pair (each document and query once, with all its partners)
 takes min(m, T_loss) derivatives — m forward-mode ones, one per partner's tangent u = N D P^T w, the partners'
 tangents batched into vmapped passes of as many as attribution.tokens_budget holds (tangent_chunk: ceil(m / chunk)
 passes), or, when it has fewer loss tokens than partners, T_loss backward ones, one per loss token, batched the
-same way (a query's short answer) — plus a backward pass under per-tensor normalisation (its norms).
+same way (a query's short answer) — plus a backward pass under per-tensor normalisation (its norms). The position
+split takes one forward and one backward pass per example instead, its partners' tangents dotted module by module.
 
 File format, one JSON object per line:
-  {"query_id", "doc_id", "rank", "score", "kernel",
+  {"query_id", "doc_id", "rank", "score", "kernel", "split" (loss | position; a file written before it: loss),
    "doc": {"text", "tokens": [[piece, start, end, contribution or null], ...]}, "query": {...}}
 `text` is the decoded token ids of the encoded example (special tokens kept; a cut example's kept tokens), and
 piece == text[start:end]. start and end count Python code points (the report converts them to JavaScript's UTF-16
@@ -59,9 +63,11 @@ from lark.kernel.tokens_math import (
     token_derivatives,
     token_products,
 )
+from lark.kernel.tokens_position import position_products
 
 MODES = ("off", "topk")  # attribution.tokens
 PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
+SPLITS = ("loss", "position")  # attribution.tokens_split (its default first)
 TOP_TOKENS = 10  # tokens listed by |contribution|: under each shaded text of the report, in W&B's top-k table
 TOKENS_TOP_K = 3  # attribution.tokens_top_k's default (conf/attribution/default.yaml), for runs saved before it
 
@@ -70,6 +76,11 @@ def top_k_of(attr):
     """attribution.tokens_top_k, the default for a run saved before the key existed (as tokens_pass's and
     tokens_budget's)."""
     return attr.get("tokens_top_k", TOKENS_TOP_K)
+
+
+def split_of(attr):
+    """attribution.tokens_split, loss for a run saved before the key existed."""
+    return attr.get("tokens_split", SPLITS[0])
 
 
 def check(attr):
@@ -87,6 +98,8 @@ def check(attr):
         )
     if attr.get("tokens_pass", "auto") not in PASSES:
         raise ConfigError(f"attribution.tokens_pass: unknown '{attr.tokens_pass}' ({' | '.join(PASSES)})")
+    if split_of(attr) not in SPLITS:
+        raise ConfigError(f"attribution.tokens_split: unknown '{split_of(attr)}' ({' | '.join(SPLITS)})")
     budget = attr.get("tokens_budget", TANGENT_NUMBERS)
     if not whole(budget):
         raise ConfigError(f"attribution.tokens_budget must be a positive integer (tangent numbers), got {budget!r}")
@@ -97,8 +110,9 @@ def check(attr):
 
 def missing(out_dir, attr, sources):
     """Whether tokens are wanted and some source's tokens/<source>.jsonl is not there or does not hold exactly
-    the pairs asked: top_influences.csv's rows of rank <= tokens_top_k (an epoch complete without them, or with
-    another tokens_top_k, gets them from its stores: `complete`). An unreadable file counts as missing."""
+    the pairs asked, split as asked: top_influences.csv's rows of rank <= tokens_top_k (an epoch complete without
+    them, or with another tokens_top_k or tokens_split, gets them from its stores: `complete`). An unreadable
+    file counts as missing."""
     if not check(attr):
         return False
     folder = Path(out_dir)
@@ -112,7 +126,10 @@ def missing(out_dir, attr, sources):
         path = folder / "tokens" / f"{source}.jsonl"
         try:
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
-            have = lines is not None and {(str(r["query_id"]), str(r["doc_id"])) for r in map(json.loads, lines)}
+            records = [json.loads(line) for line in lines] if lines is not None else None
+            have = records is not None and {(str(r["query_id"]), str(r["doc_id"])) for r in records}
+            if records and any(r.get("split", SPLITS[0]) != split_of(attr) for r in records):
+                return True
         except (ValueError, KeyError, TypeError, OSError):  # a torn or foreign file: written again
             return True
         if have != wanted[source]:
@@ -142,10 +159,21 @@ class Pass:
     """One checkpoint's token pass: the model, its projector and kernel, the stores' vectors and norms."""
 
     def __init__(
-        self, model, tokenizer, projector, kernel, vectors, norms, query_set, mode="auto", budget=TANGENT_NUMBERS
+        self,
+        model,
+        tokenizer,
+        projector,
+        kernel,
+        vectors,
+        norms,
+        query_set,
+        mode="auto",
+        budget=TANGENT_NUMBERS,
+        split=SPLITS[0],
     ):
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.mode = mode  # auto: the fewer passes; forward | reverse: always that one (tests compare them)
+        self.split = split  # loss | position (attribution.tokens_split)
         self.query_set, self.norms = query_set, norms
         self.device = next(model.parameters()).device
         self.chunk = tangent_chunk(model, budget)  # attribution.tokens_budget
@@ -162,7 +190,8 @@ class Pass:
     def contributions(self, encoded, name, i, partners):
         """[len(partners), T] of example i of set `name` (encoded: its input ids and labels) against each partner
         (set, index): c_t = <M^T v_partner, r_t> / ||M r||, by forward mode (a pass per partner) or reverse mode
-        (a pass per loss token), whichever takes fewer passes (self.mode)."""
+        (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
+        backward pass (lark.kernel.tokens_position)."""
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         diagonal = scaling(self.projector, self.model, batch)
         denominator = self.scale(name, i)
@@ -174,20 +203,21 @@ class Pass:
             return self.transpose((w / denominator).to(self.device), diagonal)
 
         parts = [partners[start : start + self.chunk] for start in range(0, len(partners), self.chunk)]
+        if self.split == "position":
+            return position_products(self.model, batch, [lambda p=p: tangents(p) for p in parts])
         if self.mode == "reverse" or (self.mode == "auto" and n_loss < len(partners)):
             return token_products(self.model, batch, [lambda p=p: tangents(p) for p in parts], self.chunk)
         return torch.cat([token_derivatives(self.model, batch, tangents(part)).cpu() for part in parts])
 
     def side(self, encoded, row):
-        """{"text", "tokens"} of an example with its contribution row [T] (null where no loss)."""
+        """{"text", "tokens"} of an example with its contribution row [T] (null where no loss, in the loss split)."""
         ids, labels = encoded["input_ids"], encoded["labels"]
         key = tuple(ids)
         if key not in self.texts:
             self.texts[key] = pieces(self.tokenizer, ids)
         (text, spans), values = self.texts[key], row.tolist()
-        tokens = [
-            [text[a:b], a, b, values[s] if s >= 1 and labels[s] != IGNORE else None] for s, (a, b) in enumerate(spans)
-        ]
+        carries = (lambda s: True) if self.split == "position" else (lambda s: s >= 1 and labels[s] != IGNORE)
+        tokens = [[text[a:b], a, b, values[s] if carries(s) else None] for s, (a, b) in enumerate(spans)]
         return {"text": text, "tokens": tokens}
 
 
@@ -204,7 +234,8 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     mode = mode or ck.cfg.attribution.get("tokens_pass", "auto")
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
     budget = ck.cfg.attribution.get("tokens_budget", TANGENT_NUMBERS)
-    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode, budget)
+    split = split_of(ck.cfg.attribution)
+    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode, budget, split)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
     pairs = [r for r in rows if r[2] <= top_k]
     by_doc, by_query = defaultdict(list), defaultdict(list)
@@ -235,6 +266,7 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
                 "rank": rank,
                 "score": score,
                 "kernel": kernel.name,
+                "split": split,
                 "doc": run.side(encoder(sets[source][i]), doc_rows[(iq, source, d)]),
                 "query": run.side(encoder(sets[query_set][iq]), query_rows[(q, source, d)]),
             }

@@ -223,7 +223,7 @@ def scaling(projector, model, example):
 
 
 # ------------------------------------------------------------------------------ per-token derivatives
-def token_losses(model, params, example):
+def token_losses(model, params, example, embeds=None):
     """[T] each loss token's share of the example's loss (its cross-entropy / the number of loss tokens), at the
     position of the token it predicts (0 elsewhere): the loss lark.kernel.sketch_math.per_example_loss splits.
     params: {name: tensor} overriding the model's trainable parameters. The output layer runs only at the
@@ -231,22 +231,30 @@ def token_losses(model, params, example):
     vocabulary-wide logits, nor their derivatives. The input embedding is looked up here, its padding_idx rows
     (SmolLM2: <|im_end|>, in every ChatML prompt) from the detached weight: nn.Embedding never gives that row a
     gradient through the lookup (lark.kernel.sketch_math.without_padding), in forward mode as in reverse mode,
-    while a tied output layer's use of the same row still has one."""
-    ids, labels = example["input_ids"], example["labels"]
+    while a tied output layer's use of the same row still has one. embeds: the looked-up input [1, T, d] given
+    (the position split differentiates with respect to it)."""
+    labels = example["labels"]
     targets = labels[0, 1:]
     keep = (targets != IGNORE).nonzero().flatten()  # the logit positions that predict a loss token
-    embedding = model.get_input_embeddings()
-    weight = next((params[n] for n, p in trainable(model) if p is embedding.weight and n in params), embedding.weight)
-    embeds = torch.nn.functional.embedding(ids, weight)
-    if getattr(embedding, "padding_idx", None) is not None and bool((ids == embedding.padding_idx).any()):
-        still = torch.nn.functional.embedding(ids, weight.detach())
-        embeds = torch.where((ids == embedding.padding_idx).unsqueeze(-1), still, embeds)
+    embeds = input_embeds(model, params, example["input_ids"]) if embeds is None else embeds
     kwargs = {"attention_mask": example["attention_mask"], "logits_to_keep": keep, "inputs_embeds": embeds}
     logits = functional_call(model, params, (), kwargs).logits[0]
     kept = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none") / max(len(keep), 1)
     placed = torch.zeros(labels.shape[1], len(keep), device=kept.device)  # loss j -> position keep[j] + 1
     placed[keep + 1, torch.arange(len(keep), device=kept.device)] = 1
     return placed @ kept
+
+
+def input_embeds(model, params, ids):
+    """[1, T, d] the input embedding's rows of `ids` (params' weight where it has one), padding_idx rows from the
+    detached weight (token_losses)."""
+    embedding = model.get_input_embeddings()
+    weight = next((params[n] for n, p in trainable(model) if p is embedding.weight and n in params), embedding.weight)
+    embeds = torch.nn.functional.embedding(ids, weight)
+    if getattr(embedding, "padding_idx", None) is not None and bool((ids == embedding.padding_idx).any()):
+        still = torch.nn.functional.embedding(ids, weight.detach())
+        embeds = torch.where((ids == embedding.padding_idx).unsqueeze(-1), still, embeds)
+    return embeds
 
 
 def token_derivatives(model, example, tangents):

@@ -6,7 +6,7 @@
 //   label_set: the gold answers are a label set (a gold-label filter) or free-form (an answer-loss filter),
 //   tokens (only when the run wrote attribution/epoch_NNN/tokens/): {levels, texts: [[text, [gap, length, ...]]]
 //     (in UTF-16 code units: String.slice's indices, an emoji two),
-//     kernel: {epoch: name}, pairs: {epoch: {source: {query index: {doc index: [doc text, doc shades, doc top,
+//     kernel: {epoch: name}, split: {epoch: loss | position}, pairs: {epoch: {source: {query index: {doc index: [doc text, doc shades, doc top,
 //     query text, query shades, query top]}}}}} (lark/analysis/report_data.py read_tokens: shades one character
 //     per token, ".n" for n tokens without loss; top [token, contribution, ...])}
 // Only the visible questions are built; a document's full text and a question's cross-epoch view on demand.
@@ -247,15 +247,19 @@
 
   function tokenView(epoch, source, i, d, score) {
     const [dt, ds, dtop, qt, qs, qtop] = tokenPair(epoch, source, i, d);
+    const byPosition = (T.split || {})[String(epoch)] === "position";  // attribution.tokens_split
     const legend = el("div", {class: "tok-legend"}, el("span", {class: "sw pos"}), " raises the score ",
       el("span", {class: "sw neg"}), " lowers it \u00b7 shade \u221d |contribution| / the largest in that text \u00b7 " +
-      "grey: a token without loss \u00b7 each text's contributions sum to the pair's score " + fmt(score, 4) +
+      (byPosition ? "split by position: a token's part is the gradient through its position's use of the weights, " +
+        "prompt included" : "grey: a token without loss") +
+      " \u00b7 each text's contributions sum to the pair's score " + fmt(score, 4) +
       " (epoch " + epoch + ", kernel " + (T.kernel[String(epoch)] || "?") + ")");
     return el("div", {class: "tokens", "data-epoch": epoch, "data-source": source, "data-query": Q[i].id,
       "data-doc": D.docs[source][d][0]}, legend,
       el("h6", {text: "document " + D.docs[source][d][0] + " (" + source + ")"}), shadedText(dt, ds),
       el("p", {class: "note", text: "largest |contribution|:"}), topList(dt, dtop),
-      el("h6", {text: "question " + Q[i].id + " (its loss tokens: which words of the " + target(epoch) + " drive the match)"}),
+      el("h6", {text: "question " + Q[i].id + (byPosition ? " (its positions: which words of the prompt and the " :
+        " (its loss tokens: which words of the ") + target(epoch) + " drive the match)"}),
       shadedText(qt, qs), el("p", {class: "note", text: "largest |contribution|:"}), topList(qt, qtop));
   }
 
@@ -440,7 +444,8 @@
   // the first card's first token view and its cross-epoch view's first one, opened, as the test compares them
   function tokenSelftest() {
     const describe = (view) => view && {epoch: Number(view.dataset.epoch), source: view.dataset.source,
-      query: view.dataset.query, doc: view.dataset.doc, legend: Boolean(view.querySelector(".tok-legend .sw.pos")),
+      query: view.dataset.query, doc: view.dataset.doc, legend: view.querySelector(".tok-legend .sw.pos") ? view.querySelector(".tok-legend").textContent : "",
+      headings: [...view.querySelectorAll("h6")].map((h) => h.textContent),
       texts: [...view.querySelectorAll(".tok-text")].map((box) => box.textContent),
       top: [...view.querySelectorAll("ol.top-tokens")].map((ol) => [...ol.children].map((li) =>
         [JSON.parse(li.querySelector("code").textContent), Number(li.dataset.c), li.querySelector(".c").textContent]))};

@@ -1,0 +1,131 @@
+"""The position split of a pair's score (attribution.tokens_split: position): which positions' use of the weights
+carried the gradient, one forward and one backward pass per example whatever its partners and loss tokens.
+
+Every weight of a decoder LM is applied position by position (the embedding row of token s, each Linear and norm
+on position s's hidden state, the output layer on position s's logits), so an example's gradient splits over its
+positions, g = sum_s G_s, with G_s the gradient through position s's use of each weight: for a Linear layer
+G_s = delta_s x_s^T (delta_s the loss's gradient at the layer's output at s, x_s its input there). For a tangent
+u in parameter space (lark.kernel.tokens_math: u = N D P^T w)
+
+    c_s = <u, G_s> = sum over modules of <delta_s, (d out_s / d theta)[u]>,
+
+the module's own directional derivative along u at its recorded input (a Linear: u x_s), dotted with the
+backward's delta_s: no weight gradient is formed (the weights are detached; the backward runs from the input
+embeddings, Bergson's frozen-weight pass) and the m partners' tangents cost m module-local products, not m passes.
+The parts add up to <u, g>, the pair's score as the loss split's do; unlike that split every position gets a
+part, a Formatted document's prompt and a query's question too (their hidden states carry the answer's gradient
+through attention), and a position's part is not its own token's loss: it answers "which positions' activations
+did the gradient flow through", where the loss split answers "which loss tokens' gradients". A weight applied
+across positions at once (a convolution over the sequence) has no such split: refused (`position_products`).
+"""
+
+import torch
+from torch.func import functional_call, jvp, vmap
+
+from lark.data.formats import IGNORE
+from lark.kernel.projectors import trainable
+from lark.kernel.tokens_math import input_embeds, token_losses
+
+
+class Recorder:
+    """Forward hooks on every module with weights of its own: each call's inputs, and its output's gradient once
+    the backward has run."""
+
+    def __init__(self, model):
+        self.calls, self.grads = [], {}
+        own = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+        self.handles = [m.register_forward_hook(self.record, with_kwargs=True) for m in own]
+
+    def record(self, module, args, kwargs, output):
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"attribution.tokens_split=position: {type(module).__name__} returns no tensor")
+        if output.requires_grad:
+            at = len(self.calls)
+            self.calls.append((module, detached(args), detached(kwargs), output.shape))
+            output.register_hook(lambda g: self.grads.__setitem__(at, g.detach()))
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(detached(v) for v in value)
+    return {k: detached(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def position_products(model, example, tangents):
+    """[m, T] c_s = <u_i, G_s> for each position s of `example` (a batch of one) and tangent u_i; tangents is a
+    list of callables each making one batch {name: [m_b, *shape]} of them (rows in that order; a parameter
+    without a tangent is 0). One forward and one backward pass, then per batch each module's directional
+    derivative along its tangents, vmapped. Sums over s to <u_i, g> (g the example's gradient)."""
+    params = {n: p.detach() for n, p in trainable(model)}
+    names = {id(p): n for n, p in trainable(model)}
+    ids = example["input_ids"]
+    keep = (example["labels"][0, 1:] != IGNORE).nonzero().flatten()  # the output layer's rows (token_losses)
+    embeds = input_embeds(model, params, ids).detach().requires_grad_()
+    recorder = Recorder(model)
+    try:
+        (delta,) = torch.autograd.grad(token_losses(model, params, example, embeds).sum(), embeds)
+    finally:
+        recorder.close()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = []
+    for make in tangents:
+        u = make()
+        m = next(iter(u.values())).shape[0]
+        c = torch.zeros(m, ids.shape[1], device=ids.device)
+        name = names.get(id(embedding.weight))
+        if name in u:  # the input embedding: row ids_s of u, dotted with delta at s (no padding row: no gradient)
+            used = ids[0] != getattr(embedding, "padding_idx", None)
+            c += (u[name][:, ids[0]].float() * delta[0].float()).sum(-1) * used
+        for at, (module, args, kwargs, shape) in enumerate(recorder.calls):
+            own = {k: names.get(id(p)) for k, p in module.named_parameters(recurse=False)}
+            local = {k: u[n] for k, n in own.items() if n in u}
+            if not local or at not in recorder.grads:
+                continue
+            grad = recorder.grads[at]
+            if type(module) is torch.nn.Linear and not kwargs:  # delta_s^T u x_s without forming u x_s's primal
+                part = linear_part(args[0], grad, local)
+            else:
+                along = directional(module, args, kwargs, {k: params[own[k]] for k in local})
+                part = (vmap(along)(local).float() * grad.float()).sum(-1).flatten(1)  # [m, T']
+            place(c, part, module, head, keep, shape)
+        rows.append(c.cpu())
+    return torch.cat(rows)
+
+
+def linear_part(x, grad, local):
+    """[m, T'] delta_s^T U x_s (+ delta_s . u_b) of a Linear layer: its input x and output gradient delta [1, T', d],
+    local {"weight": [m, out, in], "bias": [m, out]} (either may be absent)."""
+    x, grad = x.reshape(-1, x.shape[-1]).float(), grad.reshape(-1, grad.shape[-1]).float()
+    m = next(iter(local.values())).shape[0]
+    part = torch.zeros(m, x.shape[0], device=x.device)
+    if "weight" in local:
+        part += (torch.matmul(grad, local["weight"].float()) * x).sum(-1)  # [m, T', in] . x
+    if "bias" in local:
+        part += local["bias"].float() @ grad.T
+    return part
+
+
+def directional(module, args, kwargs, primal):
+    """t -> the derivative of module(*args, **kwargs) along t ({its parameter: tangent}) at `primal`, its inputs
+    held fixed."""
+    return lambda t: jvp(lambda q: functional_call(module, q, args, kwargs), (primal,), (t,))[1]
+
+
+def place(c, part, module, head, keep, shape):
+    """Adds a module's [m, T'] parts to c [m, T]: position by position, or, for the output layer run only where a
+    loss token is predicted (token_losses' logits_to_keep), at those positions."""
+    if part.shape[1] == c.shape[1]:
+        c += part
+    elif module is head and part.shape[1] == len(keep):
+        c[:, keep] += part
+    else:
+        raise ValueError(
+            f"attribution.tokens_split=position: {type(module).__name__}'s output {tuple(shape)} is not one row per"
+            f" position ({c.shape[1]}): its weights are not applied position by position"
+        )
