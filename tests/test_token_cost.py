@@ -25,8 +25,9 @@ def snapshot(folder):
 @pytest.mark.slow
 def test_token_cost_on_a_run_measures_a_copy_and_leaves_the_run_untouched(tmp_path):
     """A 1-epoch small run, attributed (stores, scores, metrics.json and tokens/ at epochs 0 and 1), then
-    token_cost.py --run --epoch 1 --top-k 1 2 (three attributions per top-k, resume=False): every file and folder
-    of the run keeps its bytes and modification time, and the rows are measured (off, forward, auto per top-k)."""
+    token_cost.py --run --epoch 1 --top-k 1 2 (four attributions per top-k, resume=False): every file and folder
+    of the run keeps its bytes and modification time, and the rows are measured (off, forward, auto, position per
+    top-k)."""
     from conftest import SMALL
 
     run = tmp_path / "run"
@@ -43,8 +44,12 @@ def test_token_cost_on_a_run_measures_a_copy_and_leaves_the_run_untouched(tmp_pa
     script = ROOT / "benchmarks" / "token_cost.py"
     done = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = re.findall(r"^embedded, tokens_top_k=(\d)\s+(off|topk, forward|topk, auto)\s+[0-9.]+", done.stdout, re.M)
-    assert sorted(rows) == sorted((k, m) for k in "12" for m in ("off", "topk, forward", "topk, auto")), done.stdout
+    rows = re.findall(
+        r"^embedded, tokens_top_k=(\d)\s+(off|topk, forward|topk, auto|topk, position)\s+[0-9.]+", done.stdout, re.M
+    )
+    assert sorted(rows) == sorted(
+        (k, m) for k in "12" for m in ("off", "topk, forward", "topk, auto", "topk, position")
+    ), done.stdout
 
     after = snapshot(run)
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
