@@ -26,19 +26,15 @@ import torch
 from lark.console import progress
 from lark.data.datamodule import collate
 from lark.data.formats import IGNORE, candidate_answer, cut_prompt, render
+from lark.models import eval_mode
 
 
 class Evaluator:
     metric, higher_is_better, predicts, shardable = "score", True, False, True
 
     def __call__(self, model, encoder, items, fields_list):
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return self.evaluate(model, encoder, items, fields_list)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            return self.evaluate(model, encoder, items, fields_list)
 
     def warning(self, value, n):
         """A warning when every one of the n test answers scores 0 (exact match on sentence answers: the best
@@ -117,13 +113,8 @@ def answer_losses(model, pad_id, encoded, batch_size=16):
     """[n] mean cross-entropy (nats per token) of each encoded example's loss tokens, in eval mode (no dropout: the
     same losses on every call, and no draw from the RNG that a resumed run would not replay); the LDS retrains'
     query losses too (lark.validation.lds)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            sums, counts = answer_log_likelihoods(model, pad_id, encoded, batch_size)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        sums, counts = answer_log_likelihoods(model, pad_id, encoded, batch_size)
     return -sums / counts.clamp(min=1)
 
 

@@ -1,5 +1,6 @@
 """Models and tokenizers: the tiny OLMo-3 of the embedded default, hub models, checkpoints on disk."""
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -140,3 +141,15 @@ def save_checkpoint(model, tokenizer, folder, extra_files=None):
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(folder)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (no dropout) within the block, its train/eval mode restored after it, an error
+    included."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -539,3 +539,21 @@ def test_a_pass_by_parameter_sums_to_the_pass_and_divides_a_tied_weight_once():
     torch.testing.assert_close(run.total, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run.norms["t"], norm[:, 0])
     torch.testing.assert_close(run.norms["a"], a.norm(dim=1))
+
+
+def test_projecting_leaves_the_model_in_its_mode_after_an_error(tiny):
+    """project_examples runs in eval mode (no dropout) and gives the model back in the mode it came in: after a
+    batch that raises too (it left a training model in eval mode, its dropout off for the rest of the epoch)."""
+
+    class Failing(HookSketch):
+        def project_batch(self, model, batch):
+            assert not model.training  # dropout off while projecting
+            raise RuntimeError("a batch that fails")
+
+    model = tiny["model"]
+    for mode in (True, False):
+        model.train(mode)
+        with pytest.raises(RuntimeError, match="a batch that fails"):
+            project_examples(model, tiny["encoded"], Failing(model, 256), tiny["pad"])
+        assert model.training is mode
+    model.eval()

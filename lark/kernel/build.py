@@ -25,6 +25,7 @@ from lark.data.io import CHECKSUM, check_safetensors
 from lark.errors import CorruptFile
 from lark.fingerprints import content_hash
 from lark.kernel.stores import atomic_save, load_store, save_store, stored_view
+from lark.models import eval_mode
 
 
 def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None, desc="projecting"):
@@ -34,15 +35,13 @@ def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, wo
     mine = list(range(rank, len(encoded), world))
     order = sorted(mine, key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     rows = {}
-    for start in progress(range(0, len(order), batch_size), desc, unit="batch"):
-        index = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
-        for i, v in zip(index, projector.project_batch(model, batch).float().cpu()):
-            rows[i] = v if torch.isfinite(v).all() else torch.full_like(v, float("nan"))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in progress(range(0, len(order), batch_size), desc, unit="batch"):
+            index = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
+            for i, v in zip(index, projector.project_batch(model, batch).float().cpu()):
+                rows[i] = v if torch.isfinite(v).all() else torch.full_like(v, float("nan"))
     out = torch.stack([rows[i] for i in mine]) if mine else torch.zeros(0, projector.k)
     if world == 1:
         return out

@@ -22,6 +22,7 @@ from lark.data.datamodule import collate
 from lark.kernel.build import project_examples
 from lark.kernel.projectors import ExactProjector, example_gradient, trainable
 from lark.kernel.stores import cosine_scores, stored_view, unit_rows
+from lark.models import eval_mode
 
 
 def ranks(x):
@@ -63,8 +64,6 @@ def exact_scores(model, queries, docs, pad_id, normalize="none", on_gradient=Non
     example's gradient {name: tensor} (queries first, then documents), e.g. to check per-tensor norms."""
     params = trainable(model)
     exact = ExactProjector({n: tuple(p.shape) for n, p in params}, normalize)
-    was_training = model.training
-    model.eval()
 
     def unit(i, example):
         loss, grads = example_gradient(model, collate([example], pad_id), params)
@@ -74,11 +73,10 @@ def exact_scores(model, queries, docs, pad_id, normalize="none", on_gradient=Non
         del grads
         return unit_rows(v[None])[0] if torch.isfinite(loss) else v.fill_(float("nan"))
 
-    try:  # norms and dot products summed in float64: in float32 they drift by ~1% over 10^8 coordinates
+    # norms and dot products summed in float64: in float32 they drift by ~1% over 10^8 coordinates
+    with eval_mode(model):
         q = torch.stack([unit(i, e) for i, e in enumerate(queries)])
         columns = [cosine_scores(q, unit(len(queries) + j, d)[None])[:, 0] for j, d in enumerate(docs)]
-    finally:
-        model.train(was_training)
     return torch.stack(columns, dim=1) if columns else q.new_zeros(len(queries), 0)
 
 

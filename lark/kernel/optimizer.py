@@ -14,6 +14,7 @@ from lark.data.io import check_safetensors
 from lark.errors import ConfigError, CorruptFile
 from lark.kernel.factory import make_kernel
 from lark.kernel.stores import atomic_save
+from lark.models import eval_mode
 
 MOMENTS_FILE = "adam_moments.safetensors"  # beside each checkpoint: checkpoints/epoch_NNN/adam_moments.safetensors
 
@@ -104,9 +105,8 @@ def estimate_moments(model, batches, clip=None, factored=True):
     norm `clip`, as training clips), weights unchanged, dropout off."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
-    device, count, was_training = next(model.parameters()).device, 0, model.training
-    model.eval()
-    try:
+    device, count = next(model.parameters()).device, 0
+    with eval_mode(model):
         for batch in batches:
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
@@ -117,8 +117,6 @@ def estimate_moments(model, batches, clip=None, factored=True):
             for (n, _), g in zip(params, grads):
                 sums[n] += g.pow(2)
             count += 1
-    finally:
-        model.train(was_training)
     return Moments({n: shaped(s / max(count, 1), factored) for n, s in sums.items()}, "estimate")
 
 

@@ -28,6 +28,7 @@ from lark.fingerprints import MOVED, renamed
 from lark.kernel.normalizers import normalizer
 from lark.kernel.projectors import example_gradient, trainable
 from lark.kernel.sketch import HookSketch
+from lark.models import eval_mode
 
 FALLBACK = (
     "attribution/projector=rapidin (before the projector config group: attribution.projector.kind=rapidin), "
@@ -129,18 +130,14 @@ def check_sketch(model, encoded, pad_id, k=1024, seed=0, normalize="none", rtol=
     twice = sorted(f"{name} ({n} calls)" for name, n in call_counts(model, batch).items() if n > 1)
     if twice:
         problems.append(f"modules called more than once in one forward: {', '.join(twice)}")
-    was_training = model.training
-    model.eval()
     wrong = set()
-    try:
+    with eval_mode(model):
         try:
             parts = sketch.sketch_pass(model, batch, by_parameter=True).parts  # each parameter's share
         except KeyError as e:  # a second call's output gradient finds its saved input already consumed
             problems.append(f"the hooks fail on this model (KeyError {e} in the backward pass)")
         else:
             wrong = differing_modules(model, sketch, parts, batch, compared(model), norm, rtol)
-    finally:
-        model.train(was_training)
     wrong -= set(missing)
     if wrong:
         problems.append(

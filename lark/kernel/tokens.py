@@ -64,6 +64,7 @@ from lark.kernel.tokens_math import (
     token_products,
 )
 from lark.kernel.tokens_position import position_products
+from lark.models import eval_mode
 
 MODES = ("off", "topk")  # attribution.tokens
 PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
@@ -242,9 +243,7 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     for q, source, _, d, _ in pairs:
         by_doc[(source, d)].append((query_set, index[query_set][q]))
         by_query[q].append((source, index[source][d]))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         doc_rows, query_rows = {}, {}
         for (source, d), partners in by_doc.items():
             i = index[source][d]
@@ -254,8 +253,6 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
             i = index[query_set][q]
             found = run.contributions(encoder(sets[query_set][i]), query_set, i, partners)
             query_rows.update({(q, source, sets[source][j]["id"]): found[n] for n, (source, j) in enumerate(partners)})
-    finally:
-        model.train(was_training)
     out = defaultdict(list)
     for q, source, rank, d, score in pairs:
         iq, i = index[query_set][q], index[source][d]
