@@ -480,6 +480,7 @@ def test_the_page_data_carries_the_token_files_of_the_listed_pairs(real_runs):
         assert sum(c for *_, c in line["doc"]["tokens"] if c is not None) == pytest.approx(line["score"], abs=1e-9)
         carried += 1
     assert carried == 2 * 12 * 5 * 5 and data["tokens"]["kernel"] == {"0": "rapidin", "1": "rapidin"}
+    assert data["tokens"]["split"] == {"0": "loss", "1": "loss"}  # lines without "split" (written before it): loss
 
 
 @pytest.mark.slow

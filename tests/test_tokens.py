@@ -197,7 +197,10 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, spli
         ("sketch", "rapidin", "position"),
         ("sketch", "adam", "position"),
         ("sketch", "trackstar", "position"),
+        ("sketch", "tracin_cp", "position"),
+        ("factored", "cosine", "position"),
         ("factored", "rapidin", "position"),
+        ("factored", "adam", "position"),
     ],
 )
 def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel, split):
@@ -221,6 +224,8 @@ def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projecto
                 assert [c is not None for *_, c in tokens] == carries
                 total = sum(c for *_, c in tokens if c is not None)
                 assert total == pytest.approx(r["score"], abs=1e-3), (side, r["query_id"], r["doc_id"])
+    shown = top_pieces(tmp_path / "tokens")  # W&B's column says which split its numbers are
+    assert shown and all(v.startswith("by position: ") == (split == "position") for v in shown.values())
 
 
 def test_reverse_mode_equals_forward_mode(setup):
@@ -323,12 +328,51 @@ def test_position_split_equals_a_per_position_perturbation(setup):
         )
 
 
-def test_a_linear_layers_position_parts_equal_its_directional_derivative():
-    """linear_part (delta_s^T U x_s + delta_s . u_b, no primal) = the module's own derivative along (U, u_b) dotted
-    with delta (the generic path every other module takes), bias included: the test model's layers have none."""
+@pytest.mark.parametrize("family", ["olmo3-tied", "gpt2"])
+def test_position_split_sums_on_a_tied_model_and_one_with_learned_positions(family):
+    """The position split's sums = <u, g> (autograd's gradient of the store's loss) on a tied OLMo-3 (SmolLM2's
+    case: the output layer's weight is the input embedding's, used at both ends) with the padding token in its
+    prompt, and on a GPT-2 (learned position embeddings, off the path from the input embeddings, and Conv1D
+    layers through the generic derivative): the position embedding's part was left out before (the GPT-2 sums
+    missed <u, g> by far), and the loss split agrees."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Olmo3Config, Olmo3ForCausalLM
+
+    from lark.kernel.projectors import example_gradient
+    from lark.kernel.tokens_position import position_products
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    else:
+        config = Olmo3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+        config.update(
+            {"num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True, "pad_token_id": 3}
+        )
+        model = Olmo3ForCausalLM(config)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.eval()
+    ids = torch.randint(4, 50, (1, 12))
+    ids[0, 2] = 3  # (OLMo-3: the padding token, in the prompt)
+    labels = ids.clone()
+    labels[0, :5] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    params = trainable(model)
+    gen = torch.Generator().manual_seed(4)
+    tangents = {n: torch.randn(2, *p.shape, generator=gen) for n, p in params}
+    split = position_products(model, batch, [lambda: tangents])
+    _, g = example_gradient(model, batch, params)
+    whole = sum(tangents[n].flatten(1) @ g[n].flatten() for n, _ in params)
+    torch.testing.assert_close(split.sum(dim=1), whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(token_products(model, batch, tangents).sum(dim=1), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_a_linear_and_a_norm_layers_position_parts_equal_their_directional_derivative():
+    """linear_part (delta_s^T U x_s + delta_s . u_b, no primal) and norm_part (LayerNorm with its bias, RMSNorm) =
+    the module's own derivative along the tangents dotted with delta (the generic path of every other module),
+    biases included: the test model's layers have none."""
     from torch.func import vmap
 
-    from lark.kernel.tokens_position import directional, linear_part
+    from lark.kernel.tokens_position import directional, linear_part, norm_part
 
     gen = torch.Generator().manual_seed(2)
     layer = torch.nn.Linear(5, 4)
@@ -338,6 +382,16 @@ def test_a_linear_layers_position_parts_equal_its_directional_derivative():
     generic = (vmap(directional(layer, (x,), {}, primal))(local) * grad).sum(-1).flatten(1)
     torch.testing.assert_close(linear_part(x, grad, local), generic)
     torch.testing.assert_close(linear_part(x, grad, {"weight": local["weight"]}), (grad @ local["weight"] * x).sum(-1))
+    # a norm layer's parts (norm_part: weight * xhat + bias, xhat at weight 1) = its derivative, weights away from 1
+    for norm in (torch.nn.LayerNorm(5), torch.nn.RMSNorm(5)):
+        with torch.no_grad():
+            for q in norm.parameters():
+                q.add_(torch.randn(q.shape, generator=gen))
+        own = {k: torch.randn(2, *q.shape, generator=gen) for k, q in norm.named_parameters()}
+        primal = {k: q.detach() for k, q in norm.named_parameters()}
+        grad = torch.randn(1, 3, 5, generator=gen)
+        generic = (vmap(directional(norm, (x,), {}, primal))(own) * grad).sum(-1).flatten(1)
+        torch.testing.assert_close(norm_part(norm, (x,), {}, grad, own), generic)
 
 
 def test_pieces_cover_the_decoded_text(setup):
@@ -455,6 +509,11 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
     asked = {**base, "tokens": "topk", "tokens_top_k": 2}
     assert missing(tmp_path, OmegaConf.create(asked), ["formatted", "raw"]) is False  # the pairs asked, split by loss
     assert missing(tmp_path, OmegaConf.create({**asked, "tokens_split": "position"}), ["raw"]) is True  # another split
+    for path in (tmp_path / "tokens").glob("*.jsonl"):  # files written before the split was recorded: the loss split
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n" for r in records))
+    assert missing(tmp_path, OmegaConf.create(asked), ["formatted", "raw"]) is False
+    assert missing(tmp_path, OmegaConf.create({**asked, "tokens_split": "position"}), ["raw"]) is True
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "top_influences.csv").write_text("query_id,source,rank,doc_id,score\nq1,raw,1,d1,0.5\nq2,raw,1\n")

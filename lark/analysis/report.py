@@ -51,7 +51,6 @@ SUMMARY_KEYS = [
     ("top-k", "attribution.top_k"),
     ("token-wise", "attribution.tokens"),
     ("token pairs per query and source", "attribution.tokens_top_k"),
-    ("token split", "attribution.tokens_split"),
 ]
 METRIC_COLUMNS = [
     ("epoch", "Epoch", "d"),

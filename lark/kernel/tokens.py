@@ -297,15 +297,16 @@ def by_character(tokens):
 
 def top_pieces(folder, n=TOP_TOKENS):
     """{(query_id, source, doc_id): "piece (+0.012), ..."} of the n document tokens of largest contribution, from
-    a checkpoint's tokens/*.jsonl (the W&B top-k table's column), a character split over byte tokens as one
-    (by_character); {} when there are none."""
+    a checkpoint's tokens/*.jsonl (the W&B top-k table's column; "by position: " first for the position split), a
+    character split over byte tokens as one (by_character); {} when there are none."""
     shown = {}
     for path in sorted(Path(folder).glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
             tokens = [t for t in by_character(record["doc"]["tokens"]) if t[3] is not None]
             best = sorted(tokens, key=lambda t: -abs(t[3]))[:n]
-            shown[(record["query_id"], path.stem, record["doc_id"])] = ", ".join(
+            split = "by position: " if record.get("split") == "position" else ""  # (a loss token's, else)
+            shown[(record["query_id"], path.stem, record["doc_id"])] = split + ", ".join(
                 f"{t[0]!r} ({t[3]:+.3g})" for t in best
             )
     return shown

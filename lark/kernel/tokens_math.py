@@ -246,13 +246,13 @@ def token_losses(model, params, example, embeds=None):
 
 
 def input_embeds(model, params, ids):
-    """[1, T, d] the input embedding's rows of `ids` (params' weight where it has one), padding_idx rows from the
-    detached weight (token_losses)."""
+    """[1, T, d] the input embedding's output at `ids` (its own forward, with params' weight where it has one),
+    padding_idx rows from the detached weight (token_losses)."""
     embedding = model.get_input_embeddings()
     weight = next((params[n] for n, p in trainable(model) if p is embedding.weight and n in params), embedding.weight)
-    embeds = torch.nn.functional.embedding(ids, weight)
+    embeds = functional_call(embedding, {"weight": weight}, (ids,))  # its own forward (Gemma's scales the rows)
     if getattr(embedding, "padding_idx", None) is not None and bool((ids == embedding.padding_idx).any()):
-        still = torch.nn.functional.embedding(ids, weight.detach())
+        still = functional_call(embedding, {"weight": weight.detach()}, (ids,))
         embeds = torch.where((ids == embedding.padding_idx).unsqueeze(-1), still, embeds)
     return embeds
 

@@ -1,22 +1,27 @@
 """The position split of a pair's score (attribution.tokens_split: position): which positions' use of the weights
 carried the gradient, one forward and one backward pass per example whatever its partners and loss tokens.
 
-Every weight of a decoder LM is applied position by position (the embedding row of token s, each Linear and norm
-on position s's hidden state, the output layer on position s's logits), so an example's gradient splits over its
-positions, g = sum_s G_s, with G_s the gradient through position s's use of each weight: for a Linear layer
-G_s = delta_s x_s^T (delta_s the loss's gradient at the layer's output at s, x_s its input there). For a tangent
-u in parameter space (lark.kernel.tokens_math: u = N D P^T w)
+The weights of a decoder LM are applied position by position (the embedding row of token s, a learned position
+embedding's row s, each Linear and norm on position s's hidden state, the output layer on position s's logits),
+so an example's gradient splits over its positions, g = sum_s G_s, with G_s the gradient through position s's use
+of each weight: for a Linear layer G_s = delta_s x_s^T (delta_s the loss's gradient at the layer's output at s,
+x_s its input there). For a tangent u in parameter space (lark.kernel.tokens_math: u = N D P^T w)
 
     c_s = <u, G_s> = sum over modules of <delta_s, (d out_s / d theta)[u]>,
 
-the module's own directional derivative along u at its recorded input (a Linear: u x_s), dotted with the
-backward's delta_s: no weight gradient is formed (the weights are detached; the backward runs from the input
-embeddings, Bergson's frozen-weight pass) and the m partners' tangents cost m module-local products, not m passes.
+the module's own directional derivative along u at its recorded input, dotted with the backward's delta_s (a
+Linear: delta_s^T U x_s, `linear_part`; a norm weight * xhat: (delta_s * xhat_s) . u, `norm_part`; any other
+module: torch.func.jvp under vmap): no weight gradient is formed (the weights are detached; the backward runs from
+the input embeddings, Bergson's frozen-weight pass) and the m partners' tangents cost m module-local products, not
+m passes.
 The parts add up to <u, g>, the pair's score as the loss split's do; unlike that split every position gets a
 part, a Formatted document's prompt and a query's question too (their hidden states carry the answer's gradient
 through attention), and a position's part is not its own token's loss: it answers "which positions' activations
-did the gradient flow through", where the loss split answers "which loss tokens' gradients". A weight applied
-across positions at once (a convolution over the sequence) has no such split: refused (`position_products`).
+did the gradient flow through", where the loss split answers "which loss tokens' gradients". A module whose output
+is not one row per position, or that returns several tensors (a mixture-of-experts router), is refused with a
+pointer to the loss split (`place`, `Recorder`); one that mixes positions inside an output of that shape (a causal
+convolution over the sequence) is not detected: its part at s is then its output row s's, not position s's own
+use of its weights. (The decoders LARK runs, OLMo, Llama, Qwen, Mistral, GPT-2, have none.)
 """
 
 import torch
@@ -24,25 +29,40 @@ from torch.func import functional_call, jvp, vmap
 
 from lark.data.formats import IGNORE
 from lark.kernel.projectors import trainable
+from lark.kernel.sketch_math import NORMS
 from lark.kernel.tokens_math import input_embeds, token_losses
 
 
 class Recorder:
-    """Forward hooks on every module with weights of its own: each call's inputs, and its output's gradient once
-    the backward has run."""
+    """Forward hooks on every module with trainable weights of its own but `skip` (the input embedding, looked up
+    by token_losses): each call's inputs, and its output's gradient once the backward has run. An output off the
+    path from the input embeddings (a learned position embedding: GPT-2's wpe) is made a leaf the backward also
+    differentiates (`leaves`)."""
 
-    def __init__(self, model):
-        self.calls, self.grads = [], {}
-        own = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    def __init__(self, model, skip):
+        self.calls, self.grads, self.leaves = [], {}, {}
+        own = [m for m in model.modules() if m is not skip and any(p.requires_grad for p in m.parameters(False))]
         self.handles = [m.register_forward_hook(self.record, with_kwargs=True) for m in own]
 
     def record(self, module, args, kwargs, output):
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"attribution.tokens_split=position: {type(module).__name__} returns no tensor")
+            raise ValueError(
+                f"attribution.tokens_split=position: {type(module).__name__} returns {type(output).__name__}, not one"
+                " tensor of its positions; attribution.tokens_split=loss splits this model's scores"
+            )
+        at = len(self.calls)
+        self.calls.append((module, detached(args), detached(kwargs), output.shape))
         if output.requires_grad:
-            at = len(self.calls)
-            self.calls.append((module, detached(args), detached(kwargs), output.shape))
             output.register_hook(lambda g: self.grads.__setitem__(at, g.detach()))
+            return None
+        self.leaves[at] = output.detach().requires_grad_()
+        return self.leaves[at]
+
+    def backward(self, loss, embeds):
+        """d loss / d embeds; the leaves' gradients into self.grads (the others' by their hooks)."""
+        found = torch.autograd.grad(loss, [embeds, *self.leaves.values()], allow_unused=True)
+        self.grads.update({at: g for at, g in zip(self.leaves, found[1:]) if g is not None})
+        return found[0]
 
     def close(self):
         for handle in self.handles:
@@ -66,22 +86,26 @@ def position_products(model, example, tangents):
     names = {id(p): n for n, p in trainable(model)}
     ids = example["input_ids"]
     keep = (example["labels"][0, 1:] != IGNORE).nonzero().flatten()  # the output layer's rows (token_losses)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     embeds = input_embeds(model, params, ids).detach().requires_grad_()
-    recorder = Recorder(model)
+    recorder = Recorder(model, skip=embedding)
     try:
-        (delta,) = torch.autograd.grad(token_losses(model, params, example, embeds).sum(), embeds)
+        delta = recorder.backward(token_losses(model, params, example, embeds).sum(), embeds)
     finally:
         recorder.close()
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     rows = []
     for make in tangents:
         u = make()
         m = next(iter(u.values())).shape[0]
         c = torch.zeros(m, ids.shape[1], device=ids.device)
         name = names.get(id(embedding.weight))
-        if name in u:  # the input embedding: row ids_s of u, dotted with delta at s (no padding row: no gradient)
+        if name in u and delta is not None:  # the input embedding, dotted with delta at s (no padding row's part)
             used = ids[0] != getattr(embedding, "padding_idx", None)
-            c += (u[name][:, ids[0]].float() * delta[0].float()).sum(-1) * used
+            if type(embedding) is torch.nn.Embedding:  # row ids_s of u
+                c += (u[name][:, ids[0]].float() * delta[0].float()).sum(-1) * used
+            else:  # its own derivative along u (a scaled embedding: Gemma's)
+                along = directional(embedding, (ids,), {}, {"weight": params[name]})
+                c += (vmap(along)({"weight": u[name]}).float() * delta.float()).sum(-1).flatten(1) * used
         for at, (module, args, kwargs, shape) in enumerate(recorder.calls):
             own = {k: names.get(id(p)) for k, p in module.named_parameters(recurse=False)}
             local = {k: u[n] for k, n in own.items() if n in u}
@@ -90,6 +114,8 @@ def position_products(model, example, tangents):
             grad = recorder.grads[at]
             if type(module) is torch.nn.Linear and not kwargs:  # delta_s^T u x_s without forming u x_s's primal
                 part = linear_part(args[0], grad, local)
+            elif isinstance(module, NORMS):  # weight * xhat (+ bias): no derivative pass either
+                part = norm_part(module, args, kwargs, grad, local)
             else:
                 along = directional(module, args, kwargs, {k: params[own[k]] for k in local})
                 part = (vmap(along)(local).float() * grad.float()).sum(-1).flatten(1)  # [m, T']
@@ -111,6 +137,23 @@ def linear_part(x, grad, local):
     return part
 
 
+def norm_part(module, args, kwargs, grad, local):
+    """[m, T'] sum_j delta_sj (u_w xhat_s + u_b)_j of a norm layer out = weight * xhat (+ bias) (the classes of
+    lark.kernel.sketch_math.NORMS, whose gradients the projectors take in that form too), xhat its output at weight
+    1 and bias 0 on the recorded input. local {"weight": [m, n], "bias": [m, n]} (either may be absent)."""
+    unit = {"weight": torch.ones_like(module.weight)}
+    if getattr(module, "bias", None) is not None:
+        unit["bias"] = torch.zeros_like(module.bias)
+    grad = grad.reshape(-1, grad.shape[-1]).float()
+    part = torch.zeros(next(iter(local.values())).shape[0], grad.shape[0], device=grad.device)
+    if "weight" in local:
+        xhat = functional_call(module, unit, args, kwargs).reshape(grad.shape).float()
+        part += local["weight"].float() @ (grad * xhat).T
+    if "bias" in local:
+        part += local["bias"].float() @ grad.T
+    return part
+
+
 def directional(module, args, kwargs, primal):
     """t -> the derivative of module(*args, **kwargs) along t ({its parameter: tangent}) at `primal`, its inputs
     held fixed."""
@@ -127,5 +170,6 @@ def place(c, part, module, head, keep, shape):
     else:
         raise ValueError(
             f"attribution.tokens_split=position: {type(module).__name__}'s output {tuple(shape)} is not one row per"
-            f" position ({c.shape[1]}): its weights are not applied position by position"
+            f" position ({c.shape[1]}): its weights are not applied position by position; attribution.tokens_split="
+            "loss splits this model's scores"
         )
