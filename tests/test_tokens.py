@@ -328,14 +328,15 @@ def test_position_split_equals_a_per_position_perturbation(setup):
         )
 
 
-@pytest.mark.parametrize("family", ["olmo3-tied", "gpt2"])
+@pytest.mark.parametrize("family", ["olmo3-tied", "gpt2", "qwen3"])
 def test_position_split_sums_on_a_tied_model_and_one_with_learned_positions(family):
     """The position split's sums = <u, g> (autograd's gradient of the store's loss) on a tied OLMo-3 (SmolLM2's
     case: the output layer's weight is the input embedding's, used at both ends) with the padding token in its
-    prompt, and on a GPT-2 (learned position embeddings, off the path from the input embeddings, and Conv1D
-    layers through the generic derivative): the position embedding's part was left out before (the GPT-2 sums
-    missed <u, g> by far), and the loss split agrees."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Olmo3Config, Olmo3ForCausalLM
+    prompt, on a GPT-2 (learned position embeddings, off the path from the input embeddings, and Conv1D layers
+    through the generic derivative) and on a Qwen3 (norms on each head: outputs [1, T, heads, head_dim]): the
+    position embedding's part was left out before (the GPT-2 sums missed <u, g> by far) and the Qwen3 norms were
+    refused, and the loss split agrees."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Olmo3Config, Olmo3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from lark.kernel.projectors import example_gradient
     from lark.kernel.tokens_position import position_products
@@ -343,6 +344,10 @@ def test_position_split_sums_on_a_tied_model_and_one_with_learned_positions(fami
     torch.manual_seed(0)
     if family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    elif family == "qwen3":  # q_norm and k_norm on each head: outputs [1, T, heads, head_dim]
+        config = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, head_dim=8)
+        config.update({"num_attention_heads": 2, "num_key_value_heads": 2})
+        model = Qwen3ForCausalLM(config)
     else:
         config = Olmo3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
         config.update(

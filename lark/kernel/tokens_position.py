@@ -118,39 +118,48 @@ def position_products(model, example, tangents):
                 part = norm_part(module, args, kwargs, grad, local)
             else:
                 along = directional(module, args, kwargs, {k: params[own[k]] for k in local})
-                part = (vmap(along)(local).float() * grad.float()).sum(-1).flatten(1)  # [m, T']
+                product = vmap(along)(local).float() * grad.float()  # [m, 1, T', ...]
+                part = product.reshape(len(product), shape[1], -1).sum(-1)  # [m, T']
             place(c, part, module, head, keep, shape)
         rows.append(c.cpu())
     return torch.cat(rows)
 
 
 def linear_part(x, grad, local):
-    """[m, T'] delta_s^T U x_s (+ delta_s . u_b) of a Linear layer: its input x and output gradient delta [1, T', d],
-    local {"weight": [m, out, in], "bias": [m, out]} (either may be absent)."""
-    x, grad = x.reshape(-1, x.shape[-1]).float(), grad.reshape(-1, grad.shape[-1]).float()
+    """[m, T'] delta_s^T U x_s (+ delta_s . u_b) of a Linear layer, summed over any axes between the position and
+    the features: its input x and output gradient delta [1, T', ..., d], local {"weight": [m, out, in], "bias":
+    [m, out]} (either may be absent)."""
+    x, grad = rows(x), rows(grad)  # [T', R, d]
     m = next(iter(local.values())).shape[0]
     part = torch.zeros(m, x.shape[0], device=x.device)
-    if "weight" in local:
-        part += (torch.matmul(grad, local["weight"].float()) * x).sum(-1)  # [m, T', in] . x
+    if "weight" in local:  # [m, T' R, in] . x, one GEMM per tangent
+        products = torch.matmul(grad.flatten(0, 1), local["weight"].float()) * x.flatten(0, 1)
+        part += products.sum(-1).view(m, *x.shape[:2]).sum(-1)
     if "bias" in local:
-        part += local["bias"].float() @ grad.T
+        part += local["bias"].float() @ grad.sum(1).T
     return part
+
+
+def rows(t):
+    """[1, T', ..., d] -> [T', R, d] float32: each position's rows (R = 1 but for per-head tensors)."""
+    return t.reshape(t.shape[1], -1, t.shape[-1]).float()
 
 
 def norm_part(module, args, kwargs, grad, local):
     """[m, T'] sum_j delta_sj (u_w xhat_s + u_b)_j of a norm layer out = weight * xhat (+ bias) (the classes of
     lark.kernel.sketch_math.NORMS, whose gradients the projectors take in that form too), xhat its output at weight
-    1 and bias 0 on the recorded input. local {"weight": [m, n], "bias": [m, n]} (either may be absent)."""
+    1 and bias 0 on the recorded input, summed over any axes between the position and the features (Qwen3 norms
+    each head: [1, T', H, n]). local {"weight": [m, n], "bias": [m, n]} (either may be absent)."""
     unit = {"weight": torch.ones_like(module.weight)}
     if getattr(module, "bias", None) is not None:
         unit["bias"] = torch.zeros_like(module.bias)
-    grad = grad.reshape(-1, grad.shape[-1]).float()
+    grad = rows(grad)  # [T', R, n]
     part = torch.zeros(next(iter(local.values())).shape[0], grad.shape[0], device=grad.device)
     if "weight" in local:
-        xhat = functional_call(module, unit, args, kwargs).reshape(grad.shape).float()
-        part += local["weight"].float() @ (grad * xhat).T
+        xhat = rows(functional_call(module, unit, args, kwargs))
+        part += local["weight"].float() @ (grad * xhat).sum(1).T
     if "bias" in local:
-        part += local["bias"].float() @ grad.T
+        part += local["bias"].float() @ grad.sum(1).T
     return part
 
 
