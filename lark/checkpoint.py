@@ -52,7 +52,8 @@ from lark.reuse import reusable, stored_sets
 QUERY_SET = "test_queries"
 TOP_COLUMNS = ("query_id", "source", "rank", "doc_id", "score")  # top_influences.csv
 # attribution keys an epoch's stores, scores and metrics do not depend on (the token files are checked on their own)
-UNFINGERPRINTED = "enabled checkpoints save_checkpoints tokens tokens_top_k tokens_split tokens_pass tokens_budget"
+UNFINGERPRINTED = ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_split")
+UNFINGERPRINTED += ("tokens_pass", "tokens_budget")
 
 
 @dataclass
@@ -180,11 +181,7 @@ def wanted(attr, epoch):
 def epoch_fingerprint(cfg, prints, test_items, sets, epoch):
     """Everything an epoch's attribution depends on: the checkpoint, tokenizer and format fingerprints, the
     attribution and source configs, the examples."""
-    attr = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items()
-        if k not in UNFINGERPRINTED.split()
-    }
+    attr = {k: v for k, v in OmegaConf.to_container(cfg.attribution, resolve=True).items() if k not in UNFINGERPRINTED}
     return content_hash(prints, attr, without_locations(cfg.source), cfg.max_length, test_items, sets, epoch)
 
 

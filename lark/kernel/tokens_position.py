@@ -104,8 +104,7 @@ def position_products(model, example, tangents):
             if type(embedding) is torch.nn.Embedding:  # row ids_s of u
                 c += (u[name][:, ids[0]].float() * delta[0].float()).sum(-1) * used
             else:  # its own derivative along u (a scaled embedding: Gemma's)
-                along = directional(embedding, (ids,), {}, {"weight": params[name]})
-                c += (vmap(along)({"weight": u[name]}).float() * delta.float()).sum(-1).flatten(1) * used
+                c += derivative_part(embedding, (ids,), {}, {"weight": params[name]}, {"weight": u[name]}, delta) * used
         for at, (module, args, kwargs, shape) in enumerate(recorder.calls):
             own = {k: names.get(id(p)) for k, p in module.named_parameters(recurse=False)}
             local = {k: u[n] for k, n in own.items() if n in u}
@@ -117,9 +116,7 @@ def position_products(model, example, tangents):
             elif isinstance(module, NORMS):  # weight * xhat (+ bias): no derivative pass either
                 part = norm_part(module, args, kwargs, grad, local)
             else:
-                along = directional(module, args, kwargs, {k: params[own[k]] for k in local})
-                product = vmap(along)(local).float() * grad.float()  # [m, 1, T', ...]
-                part = product.reshape(len(product), shape[1], -1).sum(-1)  # [m, T']
+                part = derivative_part(module, args, kwargs, {k: params[own[k]] for k in local}, local, grad)
             place(c, part, module, head, keep, shape)
         rows.append(c.cpu())
     return torch.cat(rows)
@@ -161,6 +158,13 @@ def norm_part(module, args, kwargs, grad, local):
     if "bias" in local:
         part += local["bias"].float() @ grad.sum(1).T
     return part
+
+
+def derivative_part(module, args, kwargs, primal, local, grad):
+    """[m, T'] the module's own derivative along each tangent (local {its parameter: [m, *shape]}) at `primal`, its
+    inputs held fixed, dotted with its output's gradient grad [1, T', ...] position by position."""
+    product = vmap(directional(module, args, kwargs, primal))(local).float() * grad.float()  # [m, 1, T', ...]
+    return product.reshape(len(product), grad.shape[1], -1).sum(-1)
 
 
 def directional(module, args, kwargs, primal):
