@@ -201,6 +201,8 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, spli
         ("factored", "cosine", "position"),
         ("factored", "rapidin", "position"),
         ("factored", "adam", "position"),
+        ("factored", "trackstar", "position"),
+        ("factored", "tracin_cp", "position"),
     ],
 )
 def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel, split):
@@ -397,6 +399,41 @@ def test_a_linear_and_a_norm_layers_position_parts_equal_their_directional_deriv
         grad = torch.randn(1, 3, 5, generator=gen)
         generic = (vmap(directional(norm, (x,), {}, primal))(own) * grad).sum(-1).flatten(1)
         torch.testing.assert_close(norm_part(norm, (x,), {}, grad, own), generic)
+
+
+def test_factored_tangents_in_their_factors_equal_the_formed_ones(setup):
+    """The position split's LowRank tangents of the factored projector (every Linear weight kept as N diag(row)
+    P_out^T W P_in diag(col)) equal Transpose's formed N D P^T w (rapidin's per-tensor N, adam's factored D, an
+    identity side where r >= d), and their parts delta_s^T U x_s through the factors equal linear_part's on the
+    formed tangents; the other parameters' tangents are Transpose's."""
+    from lark.kernel.tokens_math import tensor_norms
+    from lark.kernel.tokens_position import LowRank, linear_part, low_rank_tangents
+
+    model, gen = setup["model"], torch.Generator().manual_seed(4)
+    moments = estimate_moments(model, [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
+    for kernel, options in (("rapidin", {"k": 1024}), ("adam", {"k": 1024}), ("cosine", {"r_in": 64, "r_out": 8})):
+        attr = attribution("factored", kernel, **options)
+        proj = make_projector(attr, model, make_kernel(attr), moments if kernel == "adam" else None)
+        batch = batch_of(setup, setup["sets"]["formatted"][1])
+        norms = tensor_norms(proj, model, batch)
+        diagonal, transpose = scaling(proj, model, batch, norms), Transpose(proj, model)
+        w = torch.randn(3, proj.k, generator=gen)
+        formed, low = transpose(w, diagonal), low_rank_tangents(proj, transpose, w, diagonal, norms)
+        assert set(low) == set(formed)
+        factored = {n: t for n, t in low.items() if isinstance(t, LowRank)}
+        assert len(factored) == sum(type(m) is torch.nn.Linear for m in proj.linears.values()), kernel
+        identity = [side is None for t in factored.values() for side in t.sides]  # r >= d: the cosine case's P_in
+        assert not all(identity) and any(identity) == (kernel == "cosine"), kernel
+        for n, t in low.items():
+            if not isinstance(t, LowRank):
+                torch.testing.assert_close(t, formed[n], msg=n)
+                continue
+            torch.testing.assert_close(t.full(), formed[n].float(), rtol=1e-4, atol=1e-6, msg=n)
+            out, in_ = formed[n].shape[1:]
+            x, grad = torch.randn(1, 6, in_, generator=gen), torch.randn(1, 6, out, generator=gen)
+            expected = linear_part(x, grad, {"weight": formed[n].float()})  # float32 sums in other orders
+            atol = 1e-6 * float(expected.abs().max())
+            torch.testing.assert_close(linear_part(x, grad, {"weight": t}), expected, rtol=1e-5, atol=atol, msg=n)
 
 
 def test_pieces_cover_the_decoded_text(setup):

@@ -52,6 +52,7 @@ from lark.data.datamodule import collate
 from lark.data.formats import IGNORE
 from lark.data.io import write_jsonl
 from lark.errors import ConfigError, whole
+from lark.kernel.factored import FactoredProjector
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.stores import load_store, read_top_influences
 from lark.kernel.tokens_math import (
@@ -60,10 +61,11 @@ from lark.kernel.tokens_math import (
     pieces,
     scaling,
     tangent_chunk,
+    tensor_norms,
     token_derivatives,
     token_products,
 )
-from lark.kernel.tokens_position import position_products
+from lark.kernel.tokens_position import low_rank_tangents, position_products
 from lark.models import eval_mode
 
 MODES = ("off", "topk")  # attribution.tokens
@@ -194,14 +196,18 @@ class Pass:
         (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
         backward pass (lark.kernel.tokens_position)."""
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
-        diagonal = scaling(self.projector, self.model, batch)
+        norms = tensor_norms(self.projector, self.model, batch)
+        diagonal = scaling(self.projector, self.model, batch, norms)
         denominator = self.scale(name, i)
         n_loss = sum(label != IGNORE for label in encoded["labels"][1:])
+        low_rank = self.split == "position" and isinstance(self.projector, FactoredProjector)
 
         def tangents(part):  # N D P^T of M^T v_partner / ||M r|| for a batch of partners
             w = torch.stack([self.scored[other][j] for other, j in part])
-            w = self.map(w.double()) if self.kernel.whitens else w  # M^T v = M v
-            return self.transpose((w / denominator).to(self.device), diagonal)
+            w = (self.map(w.double()) if self.kernel.whitens else w) / denominator  # M^T v = M v
+            if low_rank:  # the factored matrices' tangents in their factors (tokens_position.LowRank)
+                return low_rank_tangents(self.projector, self.transpose, w.to(self.device), diagonal, norms)
+            return self.transpose(w.to(self.device), diagonal)
 
         parts = [partners[start : start + self.chunk] for start in range(0, len(partners), self.chunk)]
         if self.split == "position":

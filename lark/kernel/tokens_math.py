@@ -57,17 +57,18 @@ class Transpose:
         else:  # lark.config_checks refuses such a projector at start (check_tokens)
             raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
 
-    def __call__(self, w, diagonal=None):
+    def __call__(self, w, diagonal=None, skip=()):
         """{name: [m, *shape]} P^T w, float32; with `diagonal` ({name: N D}, `scaling`; a parameter it leaves out
         is not scaled) the tangents N D P^T w in each parameter's dtype, made parameter by parameter (at 7B a
-        float32 copy of every tangent would double what the pass holds)."""
+        float32 copy of every tangent would double what the pass holds); none for the names in `skip`."""
         if self.readers is None:
             u = autograd_transpose(self.projector, self.model, w)
             return u if diagonal is None else {n: t * diagonal[n] if n in diagonal else t for n, t in u.items()}
+        readers = {name: read for name, read in self.readers.items() if name not in skip}
         if diagonal is None:
-            return {name: read(w) for name, read in self.readers.items()}
+            return {name: read(w) for name, read in readers.items()}
         dtypes, tangents = {n: p.dtype for n, p in trainable(self.model)}, {}
-        for name, read in self.readers.items():
+        for name, read in readers.items():
             u = read(w) if name not in diagonal else read(w).mul_(diagonal[name])
             tangents[name] = u.to(dtypes[name])
         return tangents
@@ -202,24 +203,34 @@ def autograd_transpose(projector, model, w):
 
 
 # ------------------------------------------------------------------------------ N and D
-def scaling(projector, model, example):
+def scaling(projector, model, example, norms=None):
     """{parameter: the diagonal N D of one example} (float32, the parameter's shape or broadcastable): the
-    optimizer correction D (projector.precondition) times, when the projector normalises per tensor, 1 / ||D g||
-    of that parameter's gradient for this example (one backward pass); {} where the kernel has neither (the
-    identity). example: a batch of one."""
-    params = trainable(model)
+    optimizer correction D (projector.precondition) times, when the projector normalises per tensor, N = 1 / ||D g||
+    of that parameter's gradient for this example (||D g|| from `tensor_norms`, or `norms`); {} where the kernel
+    has neither (the identity). example: a batch of one."""
     pre = projector.precondition
     if pre is None and not projector.normalizer.needs_norms:
         return {}
-    scale = {
-        n: pre.scale(n, p.shape, p.device) if pre is not None else torch.ones((), device=p.device) for n, p in params
-    }
-    if projector.normalizer.needs_norms:
-        _, grads = example_gradient(model, example, params)
-        for n, g in grads.items():
-            norm = torch.linalg.vector_norm((g.double() * scale[n].double()))
-            scale[n] = scale[n] / norm.clamp_min(1e-30).float()
+    norms = tensor_norms(projector, model, example) if norms is None else norms
+    scale = {}
+    for n, p in trainable(model):
+        d = pre.scale(n, p.shape, p.device) if pre is not None else torch.ones((), device=p.device)
+        scale[n] = d / norms[n] if n in norms else d
     return scale
+
+
+def tensor_norms(projector, model, example):
+    """{parameter: ||D g|| (at least 1e-30)} of one example's gradient g (one backward pass) where the projector
+    normalises per tensor, else {}."""
+    if not projector.normalizer.needs_norms:
+        return {}
+    pre, params = projector.precondition, trainable(model)
+    _, grads = example_gradient(model, example, params)
+    norms = {}
+    for n, g in grads.items():
+        d = pre.scale(n, g.shape, g.device).double() if pre is not None else 1.0
+        norms[n] = torch.linalg.vector_norm(g.double() * d).clamp_min(1e-30).float()
+    return norms
 
 
 # ------------------------------------------------------------------------------ per-token derivatives

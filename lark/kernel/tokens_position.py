@@ -28,6 +28,7 @@ import torch
 from torch.func import functional_call, jvp, vmap
 
 from lark.data.formats import IGNORE
+from lark.kernel.factored import project_side
 from lark.kernel.projectors import trainable
 from lark.kernel.sketch_math import NORMS
 from lark.kernel.tokens_math import input_embeds, token_losses
@@ -96,7 +97,7 @@ def position_products(model, example, tangents):
     rows = []
     for make in tangents:
         u = make()
-        m = next(iter(u.values())).shape[0]
+        m = count(next(iter(u.values())))
         c = torch.zeros(m, ids.shape[1], device=ids.device)
         name = names.get(id(embedding.weight))
         if name in u and delta is not None:  # the input embedding, dotted with delta at s (no padding row's part)
@@ -116,6 +117,7 @@ def position_products(model, example, tangents):
             elif isinstance(module, NORMS):  # weight * xhat (+ bias): no derivative pass either
                 part = norm_part(module, args, kwargs, grad, local)
             else:
+                local = {k: t.full() if isinstance(t, LowRank) else t for k, t in local.items()}
                 part = derivative_part(module, args, kwargs, {k: params[own[k]] for k in local}, local, grad)
             place(c, part, module, head, keep, shape)
         rows.append(c.cpu())
@@ -127,14 +129,67 @@ def linear_part(x, grad, local):
     the features: its input x and output gradient delta [1, T', ..., d], local {"weight": [m, out, in], "bias":
     [m, out]} (either may be absent)."""
     x, grad = rows(x), rows(grad)  # [T', R, d]
-    m = next(iter(local.values())).shape[0]
+    m = count(next(iter(local.values())))
     part = torch.zeros(m, x.shape[0], device=x.device)
-    if "weight" in local:  # [m, T' R, in] . x, one GEMM per tangent
+    if isinstance(local.get("weight"), LowRank):  # through the factors: r (in + out) per position
+        part += local["weight"].part(x.flatten(0, 1), grad.flatten(0, 1)).view(m, *x.shape[:2]).sum(-1)
+    elif "weight" in local:  # [m, T' R, in] . x, one GEMM per tangent
         products = torch.matmul(grad.flatten(0, 1), local["weight"].float()) * x.flatten(0, 1)
         part += products.sum(-1).view(m, *x.shape[:2]).sum(-1)
     if "bias" in local:
         part += local["bias"].float() @ grad.sum(1).T
     return part
+
+
+class LowRank:
+    """The tangents of one matrix of the `factored` projector kept in its factors, U_i = diag(row) P_out^T W_i P_in
+    diag(col) (w [m, r_out, r_in]: the slot's rows with its 1 / sqrt(r_out r_in) and the per-tensor N folded in;
+    p_out, p_in lark.kernel.factored Sides, None for an identity side; row, col the Adam correction's factors or
+    None): a position's part delta_s^T U_i x_s = (P_out (row * delta_s))^T W_i (P_in (col * x_s)) costs r (in + out)
+    per position and r_out r_in per tangent, where the full U_i (`full`) costs in x out for both."""
+
+    def __init__(self, w, p_out, p_in, row=None, col=None):
+        self.w, self.sides, self.factors = w, (p_out, p_in), (row, col)
+
+    def part(self, x, grad):
+        """[m, N] delta_n^T U_i x_n of inputs x [N, in] and output gradients grad [N, out] (float32)."""
+        (p_out, p_in), (row, col) = self.sides, self.factors
+        a = project_side(grad if row is None else grad * row, p_out)  # [N, r_out]
+        c = project_side(x if col is None else x * col, p_in)  # [N, r_in]
+        return ((a @ self.w) * c).sum(-1)  # [m, N, r_in] . c
+
+    def full(self):
+        """[m, out, in] U_i, formed (a module that is not a plain Linear: its generic derivative)."""
+        (p_out, p_in), (row, col) = self.sides, self.factors
+        u = self.w if p_out is None else p_out.rows(slice(None)) @ self.w
+        u = u if p_in is None else u @ p_in.rows(slice(None)).T
+        u = u if row is None else u * row.unsqueeze(1)
+        return u if col is None else u * col
+
+
+def count(tangent):
+    """m, the number of tangents of a parameter's [m, *shape] or LowRank."""
+    return (tangent.w if isinstance(tangent, LowRank) else tangent).shape[0]
+
+
+def low_rank_tangents(projector, transpose, w, diagonal, norms):
+    """{name: tangents} N D P^T w of the `factored` projector (lark.kernel.tokens_math.Transpose's, `diagonal`
+    scaling's N D of the example, `norms` its tensor_norms ||D g||) with every plain Linear layer's weight (not the
+    input embedding's) as a LowRank, the other parameters' from `transpose`."""
+    plain = {id(mod.weight) for mod in projector.linears.values() if type(mod) is torch.nn.Linear}
+    plain.discard(id(projector.input_weight))
+    params, low, start = dict(trainable(transpose.model)), {}, 0
+    for name, (size, ranks) in projector.slots.items():
+        span, start = slice(start, start + size), start + size
+        p = params[name]
+        if not isinstance(ranks, tuple) or id(p) not in plain:
+            continue
+        like = torch.empty((), device=w.device)  # float32 Sides (the parts are float32)
+        p_out, p_in, scale = projector.matrices(name, *p.shape, like)
+        block = w[:, span].reshape(w.shape[0], *ranks).float() * (scale / norms[name] if name in norms else scale)
+        pre = projector.precondition
+        low[name] = LowRank(block, p_out, p_in, *(pre.factors(name, w.device) if pre is not None else ()))
+    return {**transpose(w, diagonal, skip=low), **low}
 
 
 def rows(t):
