@@ -6,9 +6,11 @@ forward mode only, and split by position (attribution.tokens_split=position: one
     python benchmarks/token_cost.py --run <run_dir>       # an existing run's checkpoint (on a copy: untouched)
     python benchmarks/token_cost.py --smollm2             # also SmolLM2-135M-Instruct, in process (GGUF package)
     python benchmarks/token_cost.py --tokens-budget 536870912   # attribution.tokens_budget (tangents a pass holds)
+    python benchmarks/token_cost.py --projector factored  # embedded rows with attribution/projector=factored
 
 Embedded rows: `attribute(run_dir, {checkpoints: [epoch], tokens: off | topk, tokens_pass, tokens_split},
-resume=False)` on the same saved checkpoint, paired (off, topk forward, topk auto, topk position, `--repeats`
+resume=False)` on the same saved checkpoint (with `--projector`, that attribution/projector config group's file for
+every row, `off` too), paired (off, topk forward, topk auto, topk position, `--repeats`
 times), median seconds each: stores, scores, metrics and (topk) tokens/<source>.jsonl are all recomputed, so the
 difference is the token pass. With
 `--run` that happens in a temporary copy of the run (all of it but the other epochs' checkpoints; copied once,
@@ -85,9 +87,10 @@ def token_options(mode):
     }
 
 
-def embedded_row(run, epoch, repeats, top_k, budget=None):
+def embedded_row(run, epoch, repeats, top_k, budget=None, projector=None):
     """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired, with
-    attribution.tokens_top_k = top_k (and attribution.tokens_budget = budget where given)."""
+    attribution.tokens_top_k = top_k (and attribution.tokens_budget = budget, attribution.projector = the
+    conf/attribution/projector/<projector>.yaml group option where given)."""
     quiet = lambda *a, **k: None  # noqa: E731
     seconds = {mode: [] for mode in ("off", *PASSES)}
     for _ in range(repeats):
@@ -95,8 +98,17 @@ def embedded_row(run, epoch, repeats, top_k, budget=None):
             overrides = {"enabled": True, "checkpoints": [epoch], "tokens": "off" if mode == "off" else "topk"}
             overrides.update(token_options("auto" if mode == "off" else mode), tokens_top_k=top_k)
             overrides.update({"tokens_budget": budget} if budget else {})
+            overrides.update({"projector": projector_options(projector)} if projector else {})
             out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
+
+
+def projector_options(name):
+    """The attribution/projector=<name> config group option, as attribute()'s attribution override."""
+    path = ROOT / "conf" / "attribution" / "projector" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--projector {name}: no {path}")
+    return OmegaConf.to_container(OmegaConf.load(path))
 
 
 def smollm2_row(n, top_k, repeats, budget=None):
@@ -183,7 +195,10 @@ def main():
     ap.add_argument("--n", type=int, default=8, help="SmolLM2 row: queries and documents")
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
     ap.add_argument("--tokens-budget", type=int, help="attribution.tokens_budget (default: the config's, 2^26)")
+    ap.add_argument("--projector", help="embedded rows: attribution/projector=<this> (default: the run's, sketch)")
     args = ap.parse_args()
+    if args.projector:
+        projector_options(args.projector)  # a name with no config file: refused before any run is made
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
     print(f"{'model':<36} {'tokens':<14} {'seconds':>8} {'x off':>6}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +209,8 @@ def main():
                 run = embedded_run(Path(tmp) / "run", args.overrides)
             for top_k in args.top_k:
                 name = f"embedded, tokens_top_k={top_k} {' '.join(args.overrides)}".strip()
-                show(name, embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget))
+                name += f", {args.projector}" if args.projector else ""
+                show(name, embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget, args.projector))
     if args.smollm2:
         budget = f", budget={args.tokens_budget}" if args.tokens_budget else ""
         show(f"SmolLM2-135M-Instruct, n={args.n}{budget}", smollm2_row(args.n, 3, args.repeats, args.tokens_budget))

@@ -62,3 +62,7 @@ def test_token_cost_refuses_an_epoch_the_run_has_not_saved(tmp_path):
     args = ["--run", str(tmp_path), "--epoch", "3", "--repeats", "1"]
     done = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "epoch_003: not found" in done.stderr, done.stderr[-2000:]
+    done = subprocess.run(
+        [sys.executable, str(script), *args[:2], "--projector", "nope"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "--projector nope: no " in done.stderr and "nope.yaml" in done.stderr, done.stderr

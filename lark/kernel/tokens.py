@@ -219,12 +219,13 @@ class Pass:
     def side(self, encoded, row):
         """{"text", "tokens"} of an example with its contribution row [T] (null where no loss, in the loss split)."""
         ids, labels = encoded["input_ids"], encoded["labels"]
-        key = tuple(ids)
-        if key not in self.texts:
-            self.texts[key] = pieces(self.tokenizer, ids)
-        (text, spans), values = self.texts[key], row.tolist()
-        carries = (lambda s: True) if self.split == "position" else (lambda s: s >= 1 and labels[s] != IGNORE)
-        tokens = [[text[a:b], a, b, values[s] if carries(s) else None] for s, (a, b) in enumerate(spans)]
+        key = (tuple(ids), tuple(labels))
+        if key not in self.texts:  # each example's pieces once (a query is a side of every pair it is in)
+            text, spans = pieces(self.tokenizer, ids)
+            carries = [self.split == "position" or (s >= 1 and labels[s] != IGNORE) for s in range(len(spans))]
+            self.texts[key] = text, [(text[a:b], a, b, c) for (a, b), c in zip(spans, carries)]
+        text, cached = self.texts[key]
+        tokens = [[piece, a, b, v if c else None] for (piece, a, b, c), v in zip(cached, row.tolist())]
         return {"text": text, "tokens": tokens}
 
 

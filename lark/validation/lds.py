@@ -34,6 +34,8 @@ from lark.models import load_pretrained, weights_dtype
 from lark.rundir import require_safetensors, saved_checkpoints
 from lark.validation import batch
 
+LEVEL = 0.95  # validate.lds.level of a config saved before the key (conf/validate.yaml has it)
+
 
 def check(lds_cfg):
     """validate.lds values that broke only after the retrains, or started them wrongly (a level of 95 gave a
@@ -105,7 +107,7 @@ def spearman(a, b):
     return torch.where(denom > 0, (ra * rb).sum(0) / denom.clamp_min(1e-300), float("nan"))
 
 
-def lds(scores, membership, losses, n_boot=1000, seed=0, level=0.95):
+def lds(scores, membership, losses, n_boot=1000, seed=0, level=LEVEL):
     """{lds, low, high, n_queries, n_constant, n_nonfinite, per_query} of scores [Q, N] against measured losses
     [M, Q] of models trained on the subsets membership [M, N]. A query row with a NaN score (an example whose loss or
     gradient was not finite) is left out (n_nonfinite) rather than ranked; a NaN document column counts 0 in the

@@ -51,7 +51,7 @@ def canary_retrieval(scores_train, run):
 
 def lds_columns(scores_train, subsets, vcfg):
     """{lds, lds_low, lds_high, lds_queries} of the scores against the subset retrains' query losses."""
-    level = vcfg.lds.get("level", 0.95)  # a validate config saved before the key
+    level = vcfg.lds.get("level", lds.LEVEL)
     result = lds.lds(scores_train, subsets["membership"], subsets["losses"], vcfg.lds.n_boot, vcfg.random_seed, level)
     return {
         "lds": result["lds"],

@@ -102,7 +102,7 @@ def validate_run(run_dir, vcfg, log=print):
         else {
             "n_subsets": len(subsets["losses"]),
             "fraction": float(vcfg.lds.fraction),
-            "level": float(vcfg.lds.get("level", 0.95)),
+            "level": float(vcfg.lds.get("level", lds.LEVEL)),
         },
     }
     return write_result(result, run_dir, None if seed is None else run_dir / "validation" / f"seed_{seed}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from lark.analysis.figures import MARKERS, finish, new_figure, save_figure
 from lark.analysis.markdown import fmt
 from lark.data.io import replacing, write_csv
+from lark.validation import lds
 
 COLUMNS = [
     ("pt_recall@1", "PT R@1"),
@@ -100,7 +101,7 @@ def notes(result):
     if result["lds"]:
         parts.append(
             f"LDS: {result['lds']['n_subsets']} retrains on {result['lds']['fraction']:.0%} subsets, "
-            f"Spearman of the summed scores with -loss, mean over queries [{result['lds'].get('level', 0.95):.0%} "
+            f"Spearman of the summed scores with -loss, mean over queries [{result['lds'].get('level', lds.LEVEL):.0%} "
             "bootstrap interval]; "
             f"retrains took {result['timing_s'].get('lds_retrains', 0):.0f} s (shared by every row)."
         )
