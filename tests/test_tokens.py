@@ -404,36 +404,52 @@ def test_a_linear_and_a_norm_layers_position_parts_equal_their_directional_deriv
 def test_factored_tangents_in_their_factors_equal_the_formed_ones(setup):
     """The position split's LowRank tangents of the factored projector (every Linear weight kept as N diag(row)
     P_out^T W P_in diag(col)) equal Transpose's formed N D P^T w (rapidin's per-tensor N, adam's factored D, an
-    identity side where r >= d), and their parts delta_s^T U x_s through the factors equal linear_part's on the
-    formed tangents; the other parameters' tangents are Transpose's."""
+    identity side where r >= d), their parts delta_s^T U x_s through the factors equal linear_part's on the formed
+    tangents, and position_products gives the same parts either way, in float32 and in bf16, with the output layer
+    factored too (vocab=factored) and a Linear called with keyword arguments (its generic derivative, formed)."""
+    import copy
+
     from lark.kernel.tokens_math import tensor_norms
-    from lark.kernel.tokens_position import LowRank, linear_part, low_rank_tangents
+    from lark.kernel.tokens_position import LowRank, linear_part, low_rank_tangents, position_products
 
     model, gen = setup["model"], torch.Generator().manual_seed(4)
     moments = estimate_moments(model, [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
-    for kernel, options in (("rapidin", {"k": 1024}), ("adam", {"k": 1024}), ("cosine", {"r_in": 64, "r_out": 8})):
+    batch = batch_of(setup, setup["sets"]["formatted"][1])
+    cases = (("rapidin", {"k": 1024}), ("adam", {"k": 1024, "vocab": "factored"}), ("cosine", {"r_in": 64, "r_out": 8}))
+    for kernel, options in cases:
         attr = attribution("factored", kernel, **options)
         proj = make_projector(attr, model, make_kernel(attr), moments if kernel == "adam" else None)
-        batch = batch_of(setup, setup["sets"]["formatted"][1])
         norms = tensor_norms(proj, model, batch)
         diagonal, transpose = scaling(proj, model, batch, norms), Transpose(proj, model)
         w = torch.randn(3, proj.k, generator=gen)
         formed, low = transpose(w, diagonal), low_rank_tangents(proj, transpose, w, diagonal, norms)
-        assert set(low) == set(formed)
         factored = {n: t for n, t in low.items() if isinstance(t, LowRank)}
-        assert len(factored) == sum(type(m) is torch.nn.Linear for m in proj.linears.values()), kernel
+        assert set(low) == set(formed) and len(factored) == len(proj.linears), kernel  # (untied: every Linear)
         identity = [side is None for t in factored.values() for side in t.sides]  # r >= d: the cosine case's P_in
         assert not all(identity) and any(identity) == (kernel == "cosine"), kernel
-        for n, t in low.items():
-            if not isinstance(t, LowRank):
-                torch.testing.assert_close(t, formed[n], msg=n)
-                continue
+        for n, t in factored.items():
             torch.testing.assert_close(t.full(), formed[n].float(), rtol=1e-4, atol=1e-6, msg=n)
             out, in_ = formed[n].shape[1:]
             x, grad = torch.randn(1, 6, in_, generator=gen), torch.randn(1, 6, out, generator=gen)
             expected = linear_part(x, grad, {"weight": formed[n].float()})  # float32 sums in other orders
             atol = 1e-6 * float(expected.abs().max())
             torch.testing.assert_close(linear_part(x, grad, {"weight": t}), expected, rtol=1e-5, atol=atol, msg=n)
+        for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):  # bf16: formed tangents are rounded
+            copied = copy.deepcopy(model).to(dtype)
+            proj = make_projector(attr, copied, make_kernel(attr), moments if kernel == "adam" else None)
+            transpose = Transpose(proj, copied)
+            parts = [position_products(copied, batch, [lambda: transpose(w, diagonal)])]
+            parts.append(
+                position_products(copied, batch, [lambda: low_rank_tangents(proj, transpose, w, diagonal, norms)])
+            )
+            q_proj = copied.model.layers[0].self_attn.q_proj  # called with input= from now on: the generic path
+            q_proj.register_forward_pre_hook(lambda m, a, k: ((), {"input": a[0]}) if a else None, with_kwargs=True)
+            parts.append(
+                position_products(copied, batch, [lambda: low_rank_tangents(proj, transpose, w, diagonal, norms)])
+            )
+            for other in parts[1:]:
+                atol = rtol * float(parts[0].abs().max())
+                torch.testing.assert_close(other, parts[0], rtol=rtol, atol=atol, msg=f"{kernel} {dtype}")
 
 
 def test_pieces_cover_the_decoded_text(setup):

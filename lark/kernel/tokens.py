@@ -225,7 +225,7 @@ class Pass:
             carries = [self.split == "position" or (s >= 1 and labels[s] != IGNORE) for s in range(len(spans))]
             self.texts[key] = text, [(text[a:b], a, b, c) for (a, b), c in zip(spans, carries)]
         text, cached = self.texts[key]
-        tokens = [[piece, a, b, v if c else None] for (piece, a, b, c), v in zip(cached, row.tolist())]
+        tokens = [[piece, a, b, v if c else None] for (piece, a, b, c), v in zip(cached, row.tolist(), strict=True)]
         return {"text": text, "tokens": tokens}
 
 

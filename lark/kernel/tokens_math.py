@@ -157,10 +157,9 @@ def factored_readers(projector, model, device):
     scale P_out G P_in^T, so it reads scale P_out^T W P_in (W its slot as r_out x r_in, P the identity where r
     >= d); a TensorSketched vocabulary matrix reads its slot at (h1(i) + h2(j)) mod size; a 1-D parameter's slot
     is itself or its count sketch."""
-    params, readers, start = dict(trainable(model)), {}, 0
-    for name, (size, ranks) in projector.slots.items():
-        p, span = params[name], slice(start, start + size)
-        start += size
+    params, readers = dict(trainable(model)), {}
+    for name, span, ranks in slot_spans(projector):
+        p, size = params[name], span.stop - span.start
         if ranks == "tensorsketch":
             readers[name] = tensorsketch_reader(*projector.vocab_hashes(name, p.shape, device), span)
         elif ranks is not None:
@@ -176,6 +175,15 @@ def factored_readers(projector, model, device):
                 hashed(index, bucket_key) % size + span.start, random_signs(index, sign_key), p.shape
             )
     return readers
+
+
+def slot_spans(projector):
+    """(parameter name, its slot's span of the vector, how: (r_out, r_in), None or "tensorsketch") of the `factored`
+    projector, in its concatenation order."""
+    start = 0
+    for name, (size, ranks) in projector.slots.items():
+        yield name, slice(start, start + size), ranks
+        start += size
 
 
 def matrix_reader(span, ranks, sides, scale):

@@ -31,7 +31,7 @@ from lark.data.formats import IGNORE
 from lark.kernel.factored import project_side
 from lark.kernel.projectors import trainable
 from lark.kernel.sketch_math import NORMS
-from lark.kernel.tokens_math import input_embeds, token_losses
+from lark.kernel.tokens_math import input_embeds, slot_spans, token_losses
 
 
 class Recorder:
@@ -117,7 +117,9 @@ def position_products(model, example, tangents):
             elif isinstance(module, NORMS):  # weight * xhat (+ bias): no derivative pass either
                 part = norm_part(module, args, kwargs, grad, local)
             else:
-                local = {k: t.full() if isinstance(t, LowRank) else t for k, t in local.items()}
+                local = {
+                    k: t.full().to(params[own[k]].dtype) if isinstance(t, LowRank) else t for k, t in local.items()
+                }
                 part = derivative_part(module, args, kwargs, {k: params[own[k]] for k in local}, local, grad)
             place(c, part, module, head, keep, shape)
         rows.append(c.cpu())
@@ -178,9 +180,8 @@ def low_rank_tangents(projector, transpose, w, diagonal, norms):
     input embedding's) as a LowRank, the other parameters' from `transpose`."""
     plain = {id(mod.weight) for mod in projector.linears.values() if type(mod) is torch.nn.Linear}
     plain.discard(id(projector.input_weight))
-    params, low, start = dict(trainable(transpose.model)), {}, 0
-    for name, (size, ranks) in projector.slots.items():
-        span, start = slice(start, start + size), start + size
+    params, low = dict(trainable(transpose.model)), {}
+    for name, span, ranks in slot_spans(projector):
         p = params[name]
         if not isinstance(ranks, tuple) or id(p) not in plain:
             continue
