@@ -57,14 +57,14 @@ class Transpose:
         else:  # lark.config_checks refuses such a projector at start (check_tokens)
             raise TypeError(f"attribution.tokens=topk: no transpose for the projector {type(projector).__name__}")
 
-    def __call__(self, w, diagonal=None, skip=()):
+    def __call__(self, w, diagonal=None, names=None):
         """{name: [m, *shape]} P^T w, float32; with `diagonal` ({name: N D}, `scaling`; a parameter it leaves out
         is not scaled) the tangents N D P^T w in each parameter's dtype, made parameter by parameter (at 7B a
-        float32 copy of every tangent would double what the pass holds); none for the names in `skip`."""
+        float32 copy of every tangent would double what the pass holds); only those of `names` where given."""
         if self.readers is None:
             u = autograd_transpose(self.projector, self.model, w)
             return u if diagonal is None else {n: t * diagonal[n] if n in diagonal else t for n, t in u.items()}
-        readers = {name: read for name, read in self.readers.items() if name not in skip}
+        readers = {name: read for name, read in self.readers.items() if names is None or name in names}
         if diagonal is None:
             return {name: read(w) for name, read in readers.items()}
         dtypes, tangents = {n: p.dtype for n, p in trainable(self.model)}, {}

@@ -117,9 +117,7 @@ def position_products(model, example, tangents):
             elif isinstance(module, NORMS):  # weight * xhat (+ bias): no derivative pass either
                 part = norm_part(module, args, kwargs, grad, local)
             else:
-                local = {
-                    k: t.full().to(params[own[k]].dtype) if isinstance(t, LowRank) else t for k, t in local.items()
-                }
+                local = {k: t.full() if isinstance(t, LowRank) else t for k, t in local.items()}
                 part = derivative_part(module, args, kwargs, {k: params[own[k]] for k in local}, local, grad)
             place(c, part, module, head, keep, shape)
         rows.append(c.cpu())
@@ -146,12 +144,13 @@ def linear_part(x, grad, local):
 class LowRank:
     """The tangents of one matrix of the `factored` projector kept in its factors, U_i = diag(row) P_out^T W_i P_in
     diag(col) (w [m, r_out, r_in]: the slot's rows with its 1 / sqrt(r_out r_in) and the per-tensor N folded in;
-    p_out, p_in lark.kernel.factored Sides, None for an identity side; row, col the Adam correction's factors or
-    None): a position's part delta_s^T U_i x_s = (P_out (row * delta_s))^T W_i (P_in (col * x_s)) costs r (in + out)
-    per position and r_out r_in per tangent, where the full U_i (`full`) costs in x out for both."""
+    sides (p_out, p_in) lark.kernel.factored Sides, None for an identity side; factors (row, col) the Adam
+    correction's, or None): a position's part delta_s^T U_i x_s = (P_out (row * delta_s))^T W_i (P_in (col * x_s))
+    costs r (in + out) per position and r_out r_in per tangent, where the formed U_i (`full`, made by `form`: the
+    transpose's reader) costs in x out for both."""
 
-    def __init__(self, w, p_out, p_in, row=None, col=None):
-        self.w, self.sides, self.factors = w, (p_out, p_in), (row, col)
+    def __init__(self, w, sides, factors, form):
+        self.w, self.sides, self.factors, self.form = w, sides, factors, form
 
     def part(self, x, grad):
         """[m, N] delta_n^T U_i x_n of inputs x [N, in] and output gradients grad [N, out] (float32)."""
@@ -161,12 +160,9 @@ class LowRank:
         return ((a @ self.w) * c).sum(-1)  # [m, N, r_in] . c
 
     def full(self):
-        """[m, out, in] U_i, formed (a module that is not a plain Linear: its generic derivative)."""
-        (p_out, p_in), (row, col) = self.sides, self.factors
-        u = self.w if p_out is None else p_out.rows(slice(None)) @ self.w
-        u = u if p_in is None else u @ p_in.rows(slice(None)).T
-        u = u if row is None else u * row.unsqueeze(1)
-        return u if col is None else u * col
+        """[m, out, in] U_i formed, in the parameter's dtype (a module that is not a plain Linear: its generic
+        derivative)."""
+        return self.form()
 
 
 def count(tangent):
@@ -189,8 +185,9 @@ def low_rank_tangents(projector, transpose, w, diagonal, norms):
         p_out, p_in, scale = projector.matrices(name, *p.shape, like)
         block = w[:, span].reshape(w.shape[0], *ranks).float() * (scale / norms[name] if name in norms else scale)
         pre = projector.precondition
-        low[name] = LowRank(block, p_out, p_in, *(pre.factors(name, w.device) if pre is not None else ()))
-    return {**transpose(w, diagonal, skip=low), **low}
+        factors = pre.factors(name, w.device) if pre is not None else (None, None)
+        low[name] = LowRank(block, (p_out, p_in), factors, lambda n=name: transpose(w, diagonal, names=(n,))[n])
+    return {**transpose(w, diagonal, names=[n for n in transpose.readers if n not in low]), **low}
 
 
 def rows(t):
