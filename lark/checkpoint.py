@@ -53,7 +53,7 @@ QUERY_SET = "test_queries"
 TOP_COLUMNS = ("query_id", "source", "rank", "doc_id", "score")  # top_influences.csv
 # attribution keys an epoch's stores, scores and metrics do not depend on (the token files are checked on their own)
 UNFINGERPRINTED = ("enabled", "checkpoints", "save_checkpoints", "tokens", "tokens_top_k", "tokens_split")
-UNFINGERPRINTED += ("tokens_pass", "tokens_budget")
+UNFINGERPRINTED += ("tokens_pass", "tokens_budget", "tokens_kept")
 
 
 @dataclass
@@ -271,10 +271,12 @@ def attribute_checkpoint(ck, sets, queries, info):
         shutil.rmtree(ck.out_dir / "tokens", ignore_errors=True)  # another attribution's: its scores, not these
     kernel = make_kernel(ck.cfg.attribution)
     projector = make_projector(ck.cfg.attribution, ck.model, kernel, ck.moments)
-    stores = build_stores(ck, projector, kernel, {QUERY_SET: queries, **sets})
+    kept = tokens.kept_for(ck.cfg.attribution, projector, kernel) if ck.rank == 0 else None  # (position pieces)
+    stores = build_stores(ck, projector, kernel, {QUERY_SET: queries, **sets}, kept)
     maxinf, rows = score(ck, stores, [q["id"] for q in queries], sets)
     if ck.rank == 0 and tokens.check(ck.cfg.attribution):  # tokens/<source>.jsonl (lark.kernel.tokens)
-        tokens.write_tokens(ck, projector, kernel, stores.vectors, {QUERY_SET: queries, **sets}, rows, QUERY_SET)
+        everything = {QUERY_SET: queries, **sets}
+        tokens.write_tokens(ck, projector, kernel, stores.vectors, everything, rows, QUERY_SET, kept=kept)
     metrics = measure(ck, stores, maxinf, queries, sets, info)
     if ck.rank == 0:
         write_csv(ck.out_dir / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)
@@ -282,9 +284,10 @@ def attribute_checkpoint(ck, sets, queries, info):
     return metrics, rows
 
 
-def build_stores(ck, projector, kernel, sets):
+def build_stores(ck, projector, kernel, sets, kept=None):
     """Project every set ({set: [example]}, the test queries first) into its store (lark.kernel.build: shards,
-    reuse). Returns the Stores: decoded vectors, headers, the ids of non-finite examples."""
+    reuse), keeping the position pieces the token pass will read (kept: lark.kernel.tokens_kept.Kept, or None).
+    Returns the Stores: decoded vectors, headers, the ids of non-finite examples."""
     stores, builder = Stores(projector, kernel), ck.builder(projector)
     spec = {**projector.spec(), "kernel": kernel.spec(), "version": PROJECTOR_VERSION}  # two kernels never mix
     for name, examples in sets.items():
@@ -297,6 +300,7 @@ def build_stores(ck, projector, kernel, sets):
             **ck.prints,
             "examples": examples_fingerprint(encoded),
         }
+        builder.keep = kept.start(name, stores.vectors.get(QUERY_SET)) if kept is not None else None
         stores.metas[name], stores.vectors[name] = meta, builder.build(encoded, ids, meta)
         stores.nonfinite[name] = [i for i, v in zip(ids, stores.vectors[name]) if not torch.isfinite(v).all()]
         if stores.nonfinite[name]:
@@ -304,6 +308,8 @@ def build_stores(ck, projector, kernel, sets):
                 f"[lark] {name}: {len(stores.nonfinite[name])} examples with a non-finite loss or gradient, left out "
                 f"of the metrics: {stores.nonfinite[name][:5]}"
             )
+    if kept is not None:
+        kept.stop()
     builder.remove_empty_shards()
     return stores
 

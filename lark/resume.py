@@ -133,6 +133,7 @@ IGNORED = (
     "attribution.projector.cache_bytes",  # how many hash signs are kept between batches: speed only
     "attribution.tokens_pass",  # forward or reverse derivatives of the token contributions: speed only
     "attribution.tokens_budget",  # how many tangents a derivative pass holds: speed and memory only
+    "attribution.tokens_kept",  # how many position pieces the store pass keeps for the token pass: speed only
     "trainer.strategy.timeout",  # how long a DDP rank waits at a collective
     "preflight_timeout_s",  # how long the start-up check waits for the hub
     "preflight",  # whether the start-up check runs (its own error says preflight=false skips it)

@@ -544,6 +544,37 @@ def test_a_position_split_shows_every_token_and_says_what_it_is(real_runs, tmp_p
     assert "its positions" in views["first"]["headings"][1] and "its loss tokens" in views["across"]["headings"][1]
 
 
+@pytest.mark.slow
+def test_the_factored_position_split_reads_the_store_pass_pieces(real_runs, tmp_path, monkeypatch):
+    """attribute.py with attribution/projector=factored and tokens_split=position: the token pass reads every pair's
+    parts from the pieces the store pass kept (lark.kernel.tokens_kept: no second pass runs), and they equal the
+    second pass's (tokens_kept=0: every example through it) within float32 rounding, their sums the scores."""
+    from omegaconf import OmegaConf
+
+    from lark.experiment import attribute
+    from lark.kernel import tokens
+
+    factored = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "attribution" / "projector" / "factored.yaml"))
+    calls = []
+    second = tokens.position_products
+    monkeypatch.setattr(tokens, "position_products", lambda *a, **k: calls.append(1) or second(*a, **k))
+    written = {}
+    for kept in (2**28, 0):
+        run = tmp_path / f"run{kept}"
+        shutil.copytree(real_runs[0], run)
+        options = {"tokens": "topk", "tokens_top_k": 2, "tokens_split": "position", "tokens_kept": kept}
+        attribute(run, {**options, "checkpoints": [1], "projector": {**factored, "k": 4096}}, log=lambda *a: None)
+        files = sorted((run / "attribution" / "epoch_001" / "tokens").glob("*.jsonl"))
+        written[kept] = {(p.name, i): line for p in files for i, line in enumerate(lines(p))}
+        assert files and (len(calls) == 0) == (kept > 0), len(calls)
+    assert written[0].keys() == written[2**28].keys() and len(written[0]) == 2 * 12 * len(files)
+    for key, line in written[2**28].items():
+        for side in ("doc", "query"):
+            mine, theirs = ([c for *_, c in w[side]["tokens"]] for w in (line, written[0][key]))
+            assert mine == pytest.approx(theirs, abs=1e-6), (key, side)
+            assert sum(mine) == pytest.approx(line["score"], abs=1e-3), (key, side)
+
+
 def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):
     folder = small_run / "attribution" / "epoch_001"
     with open(folder / "top_influences.csv", newline="") as f:

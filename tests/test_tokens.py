@@ -150,16 +150,20 @@ def test_transpose_is_the_projection_adjoint(setup, projector, options):
             assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
 
 
-def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, split=None):
+def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, split=None, kept=False):
     """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens
-    (attribution.tokens_budget = budget, tokens_split = split where given): {source: [records]}."""
+    (attribution.tokens_budget = budget, tokens_split = split where given; kept: the store pass keeps the position
+    pieces, as a run does, lark.kernel.tokens_kept): {source: [records]}."""
+    from lark.kernel.tokens_kept import Kept
+
     model, sets = setup["model"], setup["sets"]
     kernel = make_kernel(attr)
     projector = make_projector(attr, model, kernel, moments)
     builder = StoreBuilder(model, projector, folder, setup["tok"].pad_token_id, batch_size=3)
-    vectors = {}
+    vectors, kept = {}, Kept(projector, 2, 2**28, kernel.whitens) if kept else None
     for name, examples in sets.items():
         encoded = [setup["encoder"](e) for e in examples]
+        builder.keep = kept.start(name, vectors.get(QUERIES)) if kept else None
         vectors[name] = builder.build(encoded, [e["id"] for e in examples], {"set": name})
     scored = kernel.transform(vectors, QUERIES)
     rows = []
@@ -173,7 +177,13 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, spli
     options = {"tokens_top_k": 2, **({"tokens_budget": budget} if budget else {})}
     cfg = OmegaConf.create({"attribution": {**options, **({"tokens_split": split} if split else {})}})
     ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
-    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode)
+    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode, kept)
+    if kept:  # every query, and (a kernel that does not whiten) every written pair's document, from its pieces
+        pairs = {
+            (name, next(i for i, e in enumerate(sets[name]) if e["id"] == d)) for _, name, r, d, _ in rows if r <= 2
+        }
+        assert {(QUERIES, i) for i in range(len(sets[QUERIES]))} <= set(kept.examples)
+        assert (pairs <= set(kept.examples)) != kernel.whitens and kept.held() <= 2**28
     return {
         name: [json.loads(line) for line in (folder / "tokens" / f"{name}.jsonl").read_text().splitlines()]
         for name in ("formatted", "raw")
@@ -203,15 +213,24 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, spli
         ("factored", "adam", "position"),
         ("factored", "trackstar", "position"),
         ("factored", "tracin_cp", "position"),
+        ("factored", "cosine", "position-kept"),
+        ("factored", "rapidin", "position-kept"),
+        ("factored", "adam", "position-kept"),
+        ("factored", "trackstar", "position-kept"),
+        ("factored", "tracin_cp", "position-kept"),
     ],
 )
 def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel, split):
     """(b) For every kernel (and the factored projector), each written pair's doc and query contributions sum to
     its score within 1e-3, split by loss token (loss tokens only carry one) or by position (every token carries
-    one); every token is listed with piece == text[start:end]."""
+    one), by the second pass or (position-kept) from the store pass's pieces; every token is listed with piece ==
+    text[start:end]."""
     attr = attribution(projector, kernel, k=1024)
     moments = estimate_moments(setup["model"], [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
-    rows = run_tokens(setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None, split=split)
+    kept, split = split.endswith("-kept"), split.removesuffix("-kept")
+    rows = run_tokens(
+        setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None, split=split, kept=kept
+    )
     for name, records in rows.items():
         assert len(records) == 4 * 2  # each query's top tokens_top_k = 2
         for r in records:
@@ -587,6 +606,8 @@ def test_top_pieces_and_config_checks(setup, tmp_path):
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_split": "word"}, "attribution.tokens_split"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": 0}, "attribution.tokens_budget"),
         ({"tokens": "topk", "tokens_top_k": 3, "tokens_budget": "2^26"}, "attribution.tokens_budget"),
+        ({"tokens": "topk", "tokens_top_k": 3, "tokens_kept": -1}, "attribution.tokens_kept"),  # (0: none kept)
+        ({"tokens": "topk", "tokens_top_k": 3, "tokens_kept": 1.5e8}, "attribution.tokens_kept"),
     ):
         with pytest.raises(ConfigError, match=key):
             check(OmegaConf.create({**base, **bad}))
@@ -781,3 +802,54 @@ def test_tokens_added_to_a_complete_epoch_touch_nothing_else_and_survive_a_kill(
     calls.clear()
     C.evaluate_checkpoint(ck, [None] * 4, sources)  # complete now: nothing written again
     assert files() == after
+
+
+@pytest.mark.parametrize(
+    "model_kind, kernel, options",
+    [
+        ("untied", "rapidin", {"k": 1024}),  # per-tensor N; Linear weights factored, the embedding TensorSketched
+        ("untied", "adam", {"k": 1024, "vocab": "factored"}),  # Adam's D; the embedding and output layer factored
+        ("untied", "cosine", {"k": 1024, "vocab": "tensorsketch"}),  # the output layer TensorSketched by position
+        ("untied", "cosine", {"r_in": 64, "r_out": 8}),  # an identity side (r >= d)
+        ("tied", "rapidin", {"k": 1024}),  # SmolLM2's case: the output layer's part in the embedding's slot
+    ],
+)
+def test_store_pass_pieces_equal_the_second_pass(setup, model_kind, kernel, options):
+    """The position parts read from the pieces a store pass kept (lark.kernel.tokens_kept, two examples of
+    different lengths in one padded batch) equal the second pass's (position_products on the formed tangents
+    N D P^T w, one example at a time) for random rows w, and sum over positions to <w, r> (r the store's raw
+    vector): the factored blocks, TensorSketched vocabulary matrices (a tied weight's two parts in one slot), 1-D
+    slots and per-tensor norms all split by position."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    from lark.kernel.build import project_examples
+    from lark.kernel.tokens_kept import Kept
+    from lark.kernel.tokens_math import tensor_norms
+    from lark.kernel.tokens_position import position_products
+
+    model, pad = setup["model"], setup["tok"].pad_token_id
+    encoded = [setup["encoder"](setup["sets"]["formatted"][1]), setup["encoder"](setup["sets"]["raw"][3])]
+    if model_kind == "tied":
+        torch.manual_seed(0)
+        config = Olmo3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+        config.update({"num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True})
+        model, pad = Olmo3ForCausalLM(config).eval(), 0
+        encoded = [{"input_ids": ids, "labels": [IGNORE] * 4 + ids[4:]} for ids in ([5, 9, 7, 11, 30, 8], [6] * 9)]
+    attr = attribution("factored", kernel, **options)
+    moments = estimate_moments(model, [collate([e], pad) for e in encoded]) if kernel == "adam" else None
+    proj = make_projector(attr, model, make_kernel(attr), moments)
+    kept = Kept(proj, top_k=1, budget=2**28)
+    raw = project_examples(model, encoded, proj, pad, batch_size=2, keep=kept.start("s"))
+    kept.stop()
+    assert sorted(kept.examples) == [("s", 0), ("s", 1)] and len({len(e["input_ids"]) for e in encoded}) == 2
+    w = torch.randn(3, proj.k, generator=torch.Generator().manual_seed(6))
+    transpose = Transpose(proj, model)
+    for i, example in enumerate(encoded):
+        batch = collate([example], pad)
+        diagonal = scaling(proj, model, batch, tensor_norms(proj, model, batch))
+        second = position_products(model, batch, [lambda: transpose(w, diagonal)])
+        parts = kept.parts("s", i, w)
+        assert parts.shape == second.shape == (3, len(example["input_ids"]))
+        atol = 1e-5 * float(second.abs().max())
+        torch.testing.assert_close(parts, second, rtol=1e-4, atol=atol, msg=f"{model_kind} {kernel} {options}")
+        torch.testing.assert_close(parts.sum(1), w @ raw[i], rtol=1e-4, atol=atol)

@@ -28,10 +28,13 @@ from lark.kernel.stores import atomic_save, load_store, save_store, stored_view
 from lark.models import eval_mode
 
 
-def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None, desc="projecting"):
+def project_examples(
+    model, encoded, projector, pad_id, batch_size=8, rank=0, world=1, gather=None, desc="projecting", keep=None
+):
     """[n, k] projected gradients (float32), computed in batches. Examples whose loss or gradient is not finite
     get a NaN row. With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects
-    them. Batches are formed by length (less padding): an example's vector does not depend on its batch."""
+    them. Batches are formed by length (less padding): an example's vector does not depend on its batch. keep:
+    called after each batch with its examples' indices, raw vectors and lengths (lark.kernel.tokens_kept)."""
     mine = list(range(rank, len(encoded), world))
     order = sorted(mine, key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
@@ -40,7 +43,10 @@ def project_examples(model, encoded, projector, pad_id, batch_size=8, rank=0, wo
         for start in progress(range(0, len(order), batch_size), desc, unit="batch"):
             index = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
-            for i, v in zip(index, projector.project_batch(model, batch).float().cpu()):
+            vectors = projector.project_batch(model, batch).float().cpu()
+            if keep is not None:
+                keep(index, vectors, batch["attention_mask"].sum(1))
+            for i, v in zip(index, vectors):
                 rows[i] = v if torch.isfinite(v).all() else torch.full_like(v, float("nan"))
     out = torch.stack([rows[i] for i in mine]) if mine else torch.zeros(0, projector.k)
     if world == 1:
@@ -62,7 +68,8 @@ class StoreBuilder:
 
     tier: attribution.store_dtype; batch_size, shard_size: attribution's (no shard_size: one shard per set);
     rank, world, gather: this process among `world` (gather: an all_gather, world > 1); reuse: keep complete stores
-    and shards written from the same inputs (resume); log: where progress lines go."""
+    and shards written from the same inputs (resume); log: where progress lines go; keep: project_examples' for the
+    set being built (set by lark.checkpoint.build_stores), told the example indices within the set."""
 
     model: torch.nn.Module
     projector: object
@@ -76,6 +83,7 @@ class StoreBuilder:
     gather: Callable | None = None
     reuse: bool = False
     log: Callable = print
+    keep: Callable | None = None  # (index, vectors, lengths) after each batch of the set in progress (tokens_kept)
 
     def build(self, encoded, ids, meta):
         """Decoded unit vectors [n, k] of the set meta["set"]: read back from its complete store (reuse), else
@@ -135,6 +143,7 @@ class StoreBuilder:
             self.world,
             self.gather,
             f"projecting {meta['set']}",
+            None if self.keep is None else lambda index, *rest: self.keep([start + i for i in index], *rest),
         )
         if self.rank == 0 and sharded:
             metadata = {"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in meta.items()}}

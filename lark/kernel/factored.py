@@ -64,6 +64,7 @@ import math
 
 import torch
 
+from lark.kernel.factored_math import Side, project_side, vector_slot, weight_squares
 from lark.kernel.hashing import hadamard_signs, name_key, rademacher_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.sketch import HookSketch
@@ -71,67 +72,15 @@ from lark.kernel.sketch_math import (
     axis_hash,
     embedding_squares,
     embedding_tensorsketch,
-    frobenius,
     norm_gradients,
     rows_at_tokens,
     tensorsketch,
     without_padding,
 )
+from lark.kernel.tokens_kept import Factors, Rows, norm_positions, sketch_positions
 
 # ------------------------------------------------------------------------------ the math, shapes in docstrings
 MATRICES = {"hadamard": hadamard_signs, "rademacher": rademacher_signs}  # attribution.projector.matrix
-GEMM_COLUMNS = 16  # a side's S^T is zero-padded to a multiple of this many columns (not a knob: same numbers)
-
-
-class Side:
-    """One random side of a module, kept between batches: S^T [d, r'] (S [r, d] of +-1 in the model's dtype)
-    zero-padded to r' = a multiple of GEMM_COLUMNS, the operand of x @ S^T. The padding changes no number, only
-    speed: a skinny GEMM whose column count is not a multiple of 16 runs at half speed or worse (MKL, 2 cores:
-    [1024, 2048] @ [2048, 31] 2.0 ms, @ [2048, 32] 1.0 ms; r = 31 is what k = 65,536 gives the 42M model)."""
-
-    def __init__(self, signs):
-        self.r, d = signs.shape
-        width = -(-self.r // GEMM_COLUMNS) * GEMM_COLUMNS
-        self.operand = signs.new_zeros(d, width)
-        self.operand[:, : self.r] = signs.T
-
-    def rows(self, index):
-        """P's columns at `index` (e.g. the tokens of an embedding's out side) [..., r]."""
-        return self.operand[index][..., : self.r]
-
-
-def project_side(x, side):
-    """x [..., d] -> x S^T [..., r] in x's dtype (a Side, x in the side's dtype), or x itself when side is None
-    (identity)."""
-    return x if side is None else (x @ side.operand)[..., : side.r]
-
-
-def factored_block(delta, x, p_out, p_in, scale):
-    """[B, r_out * r_in] per-example sum_t (P_out delta_t)(P_in x_t)^T, row by row, in float32. delta [B, T, out],
-    x [B, T, in]; p_out and p_in Sides (None: identity); scale = 1 / sqrt(r_out r_in) of the random sides."""
-    a, c = project_side(delta, p_out).float(), project_side(x, p_in).float()
-    return torch.bmm(a.transpose(1, 2), c).flatten(1).mul_(scale)
-
-
-def weight_squares(delta, x):
-    """[B] exact ||sum_t delta_t x_t^T||_F^2: the Gram identity (sketch_math.frobenius, T^2 (in + out) per example)
-    when it is cheaper than forming G (T in out), else from G itself. delta [B, T, out], x [B, T, in]."""
-    t, n_out, n_in = delta.shape[1], delta.shape[-1], x.shape[-1]
-    if t * (n_in + n_out) < n_in * n_out:
-        return frobenius(delta.float(), x.float())
-    return torch.bmm(delta.float().transpose(1, 2), x.float()).square().sum(dim=(1, 2))
-
-
-def vector_slot(value, size, bucket_key, sign_key):
-    """A 1-D parameter's per-example gradients value [B, n] -> [B, size]: themselves when n <= size, else their
-    count sketch (coordinate i to bucket hash(i) mod size with sign s(i); unbiased inner products)."""
-    n = value.shape[1]
-    if n <= size:
-        return value.float()
-    bucket, sign = axis_hash(n, bucket_key, sign_key, size, value.device)
-    return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
-
-
 VOCAB = ("tensorsketch", "input", "factored")  # attribution.projector.vocab
 
 
@@ -157,10 +106,17 @@ def rank_for(k, matrices, vectors):
 
 class FactoredPass:
     """What the hooks of one pass share: tokens [B, T], saved layer inputs, each parameter's block [B, size] and
-    (per_tensor) its gradients' squared norms [B], summed over the modules that use it (a tied weight: two)."""
+    (per_tensor) its gradients' squared norms [B], summed over the modules that use it (a tied weight: two), and,
+    when `positions` is a dict, each parameter's blocks position by position (lark.kernel.tokens_kept's pieces)."""
 
-    def __init__(self, tokens):
+    def __init__(self, tokens, positions=None):
         self.tokens, self.saved, self.blocks, self.squares, self.output_rows = tokens, {}, {}, {}, None
+        self.positions = positions
+
+    def keep(self, name, piece):
+        """Adds a parameter's piece by position (a tied weight: one per module), when positions are kept."""
+        if self.positions is not None:
+            self.positions.setdefault(name, []).append(piece())
 
     def add(self, name, block, squares=None):
         self.blocks[name] = block if name not in self.blocks else self.blocks[name] + block
@@ -213,7 +169,8 @@ class FactoredProjector(HookSketch):
             self.refuse_unreached(model)
         self.slots = self.plan(model, k, r_in, r_out)
         self.k = sum(size for size, _ in self.slots.values())
-        self.cache, self.last_norms = {}, {}
+        self.cache, self.last_norms, self.last_positions = {}, {}, None
+        self.keep_positions = False  # set by lark.kernel.tokens_kept while a store pass keeps the position split
 
     def refuse_unreached(self, model):
         covered = self.covered_ids()
@@ -322,12 +279,17 @@ class FactoredProjector(HookSketch):
         squares = value.float().square().sum(dim=1) if self.normalizer.needs_norms else None
         return vector_slot(value, self.slots[name][0], *self.slot_keys(name)), squares
 
+    def vector_positions(self, name, value):
+        """[B, T, size]: a 1-D parameter's slot position by position, from its gradients there [B, T, n]."""
+        return self.vector(name, value.flatten(0, 1))[0].view(*value.shape[:2], -1)
+
     # -- one module's blocks ----------------------------------------------------------------------------------
     def add_linear(self, run, mod, x, delta):
         """A Linear layer's bias and weight, from its input x [B, T, in] and output gradient delta [B, T, out]."""
         if mod.bias is not None:
             b_name = self.param_names[id(mod.bias)]
             run.add(b_name, *self.vector(b_name, delta.float().sum(dim=1)))
+            run.keep(b_name, lambda: self.vector_positions(b_name, delta.float()))
         w_name = self.param_names[id(mod.weight)]
         if self.precondition is not None:  # diag(row) G diag(col) = (Delta * row)^T (X * col)
             row, col = self.precondition.factors(w_name, x.device)
@@ -338,17 +300,23 @@ class FactoredProjector(HookSketch):
         hashes = self.vocab_hashes(w_name, mod.weight.shape, x.device)
         if hashes is not None:
             run.add(w_name, tensorsketch(delta, x, *hashes, self.slots[w_name][0]), squares)
+            run.keep(w_name, lambda: sketch_positions(delta, x, *hashes, self.slots[w_name][0]))
             return
-        run.add(w_name, factored_block(delta, x, *self.matrices(w_name, delta.shape[-1], x.shape[-1], x)), squares)
+        p_out, p_in, scale = self.matrices(w_name, delta.shape[-1], x.shape[-1], x)
+        a, c = project_side(delta, p_out).float(), project_side(x, p_in).float()
+        run.add(w_name, torch.bmm(a.transpose(1, 2), c).flatten(1).mul_(scale), squares)
+        run.keep(w_name, lambda: Factors(a, c, scale))
 
     def add_norm(self, run, mod, out, grad):
         """A norm layer's bias and weight, from its output and output gradient [B, T, n] (exact, then slotted)."""
         bias = getattr(mod, "bias", None)
         weight_grad, bias_grad = norm_gradients(grad, out, mod.weight, bias)
-        for p, g in ((bias, bias_grad), (mod.weight, weight_grad)):
+        for p, g, which in ((bias, bias_grad, 1), (mod.weight, weight_grad, 0)):
             if p is not None:
                 name = self.param_names[id(p)]
                 run.add(name, *self.vector(name, g))
+                at = lambda n=name, w=which: norm_positions(grad, out, mod.weight, bias)[w]  # noqa: E731
+                run.keep(name, lambda n=name, at=at: self.vector_positions(n, at()))
 
     def add_embedding(self, run, mod, grad):
         """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows: their
@@ -361,24 +329,28 @@ class FactoredProjector(HookSketch):
         hashes = self.vocab_hashes(name, mod.weight.shape, grad.device)
         if hashes is not None:
             run.add(name, embedding_tensorsketch(tokens, grad, *hashes, self.slots[name][0]), squares)
+            run.keep(name, lambda: Rows(tokens, grad.float(), *hashes, self.slots[name][0]))
             return
         vocab = mod.weight.shape[0]
         p_out, p_in, scale = self.matrices(name, vocab, grad.shape[-1], grad)
         rows = torch.nn.functional.one_hot(tokens, vocab) if p_out is None else p_out.rows(tokens)  # [B, T, r]
-        block = torch.bmm(rows.float().transpose(1, 2), project_side(grad, p_in).float()).flatten(1).mul_(scale)
-        run.add(name, block, squares)
+        rows, c = rows.float(), project_side(grad, p_in).float()
+        run.add(name, torch.bmm(rows.transpose(1, 2), c).flatten(1).mul_(scale), squares)
+        run.keep(name, lambda: Factors(rows, c, scale))
 
     # -- the pass ---------------------------------------------------------------------------------------------
     def project_batch(self, model, batch):
         """[B, k] factored projections of the per-example gradients of the mean loss over each example's loss
-        tokens (NaN rows for examples whose loss is not finite)."""
-        run = FactoredPass(batch["input_ids"])
+        tokens (NaN rows for examples whose loss is not finite). With keep_positions, each parameter's pieces by
+        position go to last_positions (lark.kernel.tokens_kept), last_norms its per-tensor norms."""
+        run = FactoredPass(batch["input_ids"], {} if self.keep_positions else None)
         losses, embeds_grad = self.backward(model, batch, run)  # HookSketch's: weights frozen, hooks on
         embedding = model.get_input_embeddings()
         if embedding in self.embeddings.values() and embeds_grad is not None:
             self.add_embedding(run, embedding, embeds_grad)
         out = self.concatenated(run, batch["input_ids"].shape[0], batch["input_ids"].device)
         out[~torch.isfinite(losses.detach())] = float("nan")
+        self.last_positions = run.positions
         return out
 
     def concatenated(self, run, n, device):

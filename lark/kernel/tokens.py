@@ -23,7 +23,9 @@ takes min(m, T_loss) derivatives — m forward-mode ones, one per partner's tang
 tangents batched into vmapped passes of as many as attribution.tokens_budget holds (tangent_chunk: ceil(m / chunk)
 passes), or, when it has fewer loss tokens than partners, T_loss backward ones, one per loss token, batched the
 same way (a query's short answer) — plus a backward pass under per-tensor normalisation (its norms). The position
-split takes one forward and one backward pass per example instead, its partners' tangents dotted module by module.
+split takes one forward and one backward pass per example instead, its partners' tangents dotted module by module;
+with the `factored` projector no pass at all for the examples whose pieces by position the store pass kept
+(lark.kernel.tokens_kept: every query and each source's running top documents, attribution.tokens_kept).
 
 File format, one JSON object per line:
   {"query_id", "doc_id", "rank", "score", "kernel", "split" (loss | position; a file written before it: loss),
@@ -40,6 +42,7 @@ matching this checkpoint and config) gets them from its stores and top_influence
 metrics.json, stores, scores and predictions are neither recomputed nor touched.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -55,6 +58,7 @@ from lark.errors import ConfigError, whole
 from lark.kernel.factored import FactoredProjector
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.stores import load_store, read_top_influences
+from lark.kernel.tokens_kept import Kept
 from lark.kernel.tokens_math import (
     TANGENT_NUMBERS,
     Transpose,
@@ -73,6 +77,7 @@ PASSES = ("auto", "forward", "reverse")  # attribution.tokens_pass
 SPLITS = ("loss", "position")  # attribution.tokens_split (its default first)
 TOP_TOKENS = 10  # tokens listed by |contribution|: under each shaded text of the report, in W&B's top-k table
 TOKENS_TOP_K = 3  # attribution.tokens_top_k's default (conf/attribution/default.yaml), for runs saved before it
+KEPT_NUMBERS = 2**28  # attribution.tokens_kept's default (1 GiB of float32), for runs saved before it
 
 
 def top_k_of(attr):
@@ -106,6 +111,8 @@ def check(attr):
     budget = attr.get("tokens_budget", TANGENT_NUMBERS)
     if not whole(budget):
         raise ConfigError(f"attribution.tokens_budget must be a positive integer (tangent numbers), got {budget!r}")
+    if not whole(attr.get("tokens_kept", KEPT_NUMBERS), least=0):
+        raise ConfigError(f"attribution.tokens_kept must be an integer >= 0 (numbers), got {attr.tokens_kept!r}")
     if attr.store_dtype == "bit":
         raise ConfigError("attribution.tokens=topk: store_dtype=bit's SimHash cosine is not a dot product to split")
     return True
@@ -158,6 +165,14 @@ def complete(ck, sets, query_set):
     return True
 
 
+def kept_for(attr, projector, kernel):
+    """The lark.kernel.tokens_kept.Kept a store pass fills for the token pass (the position split with the
+    `factored` projector), else None."""
+    if not (check(attr) and split_of(attr) == "position" and isinstance(projector, FactoredProjector)):
+        return None
+    return Kept(projector, top_k_of(attr), attr.get("tokens_kept", KEPT_NUMBERS), kernel.whitens)
+
+
 class Pass:
     """One checkpoint's token pass: the model, its projector and kernel, the stores' vectors and norms."""
 
@@ -173,14 +188,15 @@ class Pass:
         mode="auto",
         budget=TANGENT_NUMBERS,
         split=SPLITS[0],
+        kept=None,
     ):
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.mode = mode  # auto: the fewer passes; forward | reverse: always that one (tests compare them)
         self.split = split  # loss | position (attribution.tokens_split)
-        self.query_set, self.norms = query_set, norms
+        self.query_set, self.norms, self.kept = query_set, norms, kept  # kept: the store pass's (tokens_kept)
         self.device = next(model.parameters()).device
         self.chunk = tangent_chunk(model, budget)  # attribution.tokens_budget
-        self.transpose, self.texts = Transpose(projector, model), {}
+        self.transpose, self.texts, self.alone = Transpose(projector, model), {}, {}  # (pieces' caches)
         linear = kernel.linear_map(vectors, query_set) if kernel.whitens else None
         self.map = (lambda x: linear(x).float()) if linear else (lambda x: x.float())
         self.mapped = {name: self.map(v) for name, v in vectors.items()}  # M s, before the unit step
@@ -194,7 +210,10 @@ class Pass:
         """[len(partners), T] of example i of set `name` (encoded: its input ids and labels) against each partner
         (set, index): c_t = <M^T v_partner, r_t> / ||M r||, by forward mode (a pass per partner) or reverse mode
         (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
-        backward pass (lark.kernel.tokens_position)."""
+        backward pass (lark.kernel.tokens_position), or from the store pass's pieces where it kept them."""
+        if self.kept is not None and (name, i) in self.kept.examples:
+            w = torch.stack([self.scored[other][j] for other, j in partners])
+            return self.kept.parts(name, i, (self.map(w.double()) if self.kernel.whitens else w) / self.scale(name, i))
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         norms = tensor_norms(self.projector, self.model, batch)
         diagonal = scaling(self.projector, self.model, batch, norms)
@@ -221,7 +240,7 @@ class Pass:
         ids, labels = encoded["input_ids"], encoded["labels"]
         key = (tuple(ids), tuple(labels))
         if key not in self.texts:  # each example's pieces once (a query is a side of every pair it is in)
-            text, spans = pieces(self.tokenizer, ids)
+            text, spans = pieces(self.tokenizer, ids, self.alone)
             carries = [self.split == "position" or (s >= 1 and labels[s] != IGNORE) for s in range(len(spans))]
             self.texts[key] = text, [(text[a:b], a, b, c) for (a, b), c in zip(spans, carries)]
         text, cached = self.texts[key]
@@ -229,22 +248,23 @@ class Pass:
         return {"text": text, "tokens": tokens}
 
 
-def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=None):
+def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=None, kept=None):
     """tokens/<source>.jsonl of one checkpoint (rank 0): each query's top attribution.tokens_top_k documents of
     every source.
 
     ck: the checkpoint at work (lark.checkpoint.Checkpoint: its out_dir, with the stores; model, tokenizer,
     encoder (example -> encoded), cfg.attribution); vectors: {set: decoded stored unit vectors [n, k]} (the query
     set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
-    score); mode: Pass's (attribution.tokens_pass by default)."""
+    score); mode: Pass's (attribution.tokens_pass by default); kept: the store pass's pieces (kept_for), or None."""
     out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
     top_k = top_k_of(ck.cfg.attribution)
     mode = mode or ck.cfg.attribution.get("tokens_pass", "auto")
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
     budget = ck.cfg.attribution.get("tokens_budget", TANGENT_NUMBERS)
     split = split_of(ck.cfg.attribution)
-    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode, budget, split)
+    run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode, budget, split, kept)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
+    encode = functools.cache(lambda name, i: encoder(sets[name][i]))  # each example encoded once
     pairs = [r for r in rows if r[2] <= top_k]
     by_doc, by_query = defaultdict(list), defaultdict(list)
     for q, source, _, d, _ in pairs:
@@ -254,32 +274,32 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
         doc_rows, query_rows = {}, {}
         for (source, d), partners in by_doc.items():
             i = index[source][d]
-            found = run.contributions(encoder(sets[source][i]), source, i, partners)
+            found = run.contributions(encode(source, i), source, i, partners)
             doc_rows.update({(partner[1], source, d): found[n] for n, partner in enumerate(partners)})
         for q, partners in by_query.items():
             i = index[query_set][q]
-            found = run.contributions(encoder(sets[query_set][i]), query_set, i, partners)
+            found = run.contributions(encode(query_set, i), query_set, i, partners)
             query_rows.update({(q, source, sets[source][j]["id"]): found[n] for n, (source, j) in enumerate(partners)})
-    out = defaultdict(list)
-    for q, source, rank, d, score in pairs:
-        iq, i = index[query_set][q], index[source][d]
-        out[source].append(
-            {
+
+    def records(source):  # made as they are written: a file's records are never all held (nor scanned by the GC)
+        for q, _, rank, d, score in (pair for pair in pairs if pair[1] == source):
+            iq, i = index[query_set][q], index[source][d]
+            yield {
                 "query_id": q,
                 "doc_id": d,
                 "rank": rank,
                 "score": score,
                 "kernel": kernel.name,
                 "split": split,
-                "doc": run.side(encoder(sets[source][i]), doc_rows[(iq, source, d)]),
-                "query": run.side(encoder(sets[query_set][iq]), query_rows[(q, source, d)]),
+                "doc": run.side(encode(source, i), doc_rows[(iq, source, d)]),
+                "query": run.side(encode(query_set, iq), query_rows[(q, source, d)]),
             }
-        )
+
     written = out_dir / "tokens.tmp"  # every source's file first, then each moved into tokens/ (os.replace)
     shutil.rmtree(written, ignore_errors=True)
     for source in sets:
         if source != query_set:
-            write_jsonl(out[source], written / f"{source}.jsonl")
+            write_jsonl(records(source), written / f"{source}.jsonl")
     (out_dir / "tokens").mkdir(exist_ok=True)
     for path in sorted(written.glob("*.jsonl")):
         os.replace(path, out_dir / "tokens" / path.name)

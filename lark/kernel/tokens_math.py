@@ -353,16 +353,20 @@ def tangent_chunk(model, numbers=TANGENT_NUMBERS):
 
 
 # ------------------------------------------------------------------------------ text pieces
-def pieces(tokenizer, ids):
+def pieces(tokenizer, ids, alone_cache=None):
     """(text, [(start, end)] per token): text = the decoded ids (special tokens kept: what the model saw) and
     token i's piece text[start:end]. When the tokens decoded one by one add up to the text (byte-level BPE without
     a split character, the usual case), each piece is its own decoding; otherwise piece i ends where the decoding
     of the first i + 1 tokens does, and a token that decodes to part of a character (byte-level BPE) gets an
     empty piece, the character going to the token that completes it. That decoding is incremental (`prefix_ends`:
-    linear in the tokens), the decoding of every prefix only for a tokenizer whose decodings do not concatenate."""
+    linear in the tokens), the decoding of every prefix only for a tokenizer whose decodings do not concatenate.
+    alone_cache: {id: its decoding alone} kept across calls (a token pass's examples share most of their ids)."""
     options = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
     text = tokenizer.decode(ids, **options)
-    alone = tokenizer.batch_decode([[i] for i in ids], **options)
+    known = {} if alone_cache is None else alone_cache
+    new = sorted(set(ids) - known.keys())
+    known.update(zip(new, tokenizer.batch_decode([[i] for i in new], **options)))
+    alone = [known[i] for i in ids]
     if "".join(alone) == text and "\ufffd" not in text:
         ends = list(itertools.accumulate(len(piece) for piece in alone))
         return text, list(zip([0, *ends[:-1]], ends))

@@ -22,13 +22,15 @@ is not one row per position, or that returns several tensors (a mixture-of-exper
 pointer to the loss split (`place`, `Recorder`); one that mixes positions inside an output of that shape (a causal
 convolution over the sequence) is not detected: its part at s is then its output row s's, not position s's own
 use of its weights. (The decoders LARK runs, OLMo, Llama, Qwen, Mistral, GPT-2, have none.)
+With the `factored` projector the store pass itself holds these parts' factors (lark.kernel.tokens_kept): this pass
+runs only for the examples it did not keep.
 """
 
 import torch
 from torch.func import functional_call, jvp, vmap
 
 from lark.data.formats import IGNORE
-from lark.kernel.factored import project_side
+from lark.kernel.factored_math import project_side
 from lark.kernel.projectors import trainable
 from lark.kernel.sketch_math import NORMS
 from lark.kernel.tokens_math import input_embeds, slot_spans, token_losses

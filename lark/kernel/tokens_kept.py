@@ -1,0 +1,204 @@
+"""The position split from the store pass itself (attribution.tokens_split: position with attribution/projector=
+factored): no second pass for the examples whose pieces it kept.
+
+The `factored` projector's hooks hold every parameter's per-example block position by position before summing it:
+a factored matrix's block is scale * sum_s a_s c_s^T (a_s = P_out delta_s, c_s = P_in x_s, with the Adam correction's
+factors applied, lark.kernel.factored), a TensorSketched matrix's and a 1-D parameter's slot is a sum of one vector
+per position. So the example's raw vector splits exactly, r = sum_s r_s, and a position's part of a pair's score
+(lark.kernel.tokens: c_s = <w, r_s> with w = M^T v_partner / ||M r||) is, slot by slot,
+
+    scale / N * a_s^T W c_s  (W the slot of w as [r_out, r_in])   or   <w_slot, r_s slot> / N,
+
+N the per-tensor norm of rapidin's normalisation (1 otherwise): r_out + r_in numbers per position and factored
+matrix (not out x in), read in one small product per partner. These are the numbers the second pass
+(lark.kernel.tokens_position) computes, there from a new forward and backward pass of the example: the same math on
+the same gradients, equal up to float32 summation order (tests/test_tokens.py checks both ways on every kernel).
+
+`Kept` holds them for the examples that can be in a written pair: every query (each has partners) and, per
+source, the documents in some query's running top attribution.tokens_top_k by the raw vectors' cosine, dropped when
+they fall out; a kernel that whitens (TrackStar: its map comes from the finished stores) keeps the queries only.
+An example not kept (over attribution.tokens_kept numbers, a store or shard reused, a near-tie the stored tier
+ranks otherwise, another rank's) goes through the second pass, as does every example under any other projector.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from lark.kernel.sketch_math import norm_gradients, tensorsketch
+
+
+@dataclass
+class Factors:
+    """A factored matrix's block by position: sum_s scale a_s c_s^T, a [..., T, r_out], c [..., T, r_in]."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    scale: float
+
+    def numel(self):
+        return self.a.numel() + self.c.numel()
+
+
+@dataclass
+class Rows:
+    """The TensorSketched input embedding's block by position (sketch_math.embedding_tensorsketch): position s adds
+    scale * e_s [d] at buckets (h1(tok_s) + h2(j)) mod size with signs s1(tok_s) s2(j); tokens [..., T], e [..., T,
+    d] (d numbers per position where its slot takes size)."""
+
+    tokens: torch.Tensor
+    e: torch.Tensor
+    out_hash: tuple
+    in_hash: tuple
+    size: int
+    scale: float = 1.0
+
+    def numel(self):
+        return self.e.numel()
+
+    def product(self, slot):
+        """[m, T]: each position's part <slot_j, its sketch> for the slot's rows slot [m, size]."""
+        (b1, s1), (b2, s2) = ((h.to(slot.device) for h in pair) for pair in (self.out_hash, self.in_hash))
+        bucket = (b1[self.tokens].unsqueeze(-1) + b2).remainder_(self.size)  # [T, d]
+        return (slot[:, bucket] * (self.e * (s1[self.tokens].unsqueeze(-1) * s2))).sum(-1) * self.scale
+
+
+def sketch_positions(delta, x, out_hash, in_hash, size):
+    """[B, T, size]: the TensorSketch of each position's delta_s x_s^T (sketch_math.tensorsketch of one token)."""
+    one = delta.flatten(0, 1).unsqueeze(1), x.flatten(0, 1).unsqueeze(1)  # each position an example of one token
+    return tensorsketch(*one, out_hash, in_hash, size).view(*delta.shape[:2], size)
+
+
+def norm_positions(grad, out, weight, bias=None):
+    """(weight's [B, T, n], bias's [B, T, n] or None): a norm layer's gradients position by position
+    (sketch_math.norm_gradients of each position; per-head axes summed)."""
+    b, t = grad.shape[:2]
+    found = norm_gradients(grad.flatten(0, 1).unsqueeze(1), out.flatten(0, 1).unsqueeze(1), weight, bias)
+    return tuple(None if g is None else g.view(b, t, -1) for g in found)
+
+
+class Kept:
+    """The pieces by position of the examples a store pass kept, {(set, index): {parameter: [piece]}}, a piece a
+    Factors or a [T, size] slot by position (a tied weight has two), with the per-tensor norm folded in.
+
+    projector: the FactoredProjector of the pass; top_k: attribution.tokens_top_k; budget: attribution.tokens_kept
+    (numbers held at most); whitens: the kernel's (documents are then not kept)."""
+
+    def __init__(self, projector, top_k, budget, whitens=False):
+        self.projector, self.top_k, self.budget, self.whitens = projector, int(top_k), int(budget), whitens
+        self.spans, start = {}, 0
+        for name, (size, how) in projector.slots.items():  # the store's layout, parameter by parameter
+            self.spans[name] = (start, size, how if isinstance(how, tuple) else None)
+            start += size
+        self.examples, self.sizes, self.best = {}, {}, None
+
+    def start(self, name, queries=None):
+        """The callable project_examples calls after each batch of set `name` (None: nothing kept of it); queries:
+        the query set's stored unit vectors (None while that set itself is built: all of it is kept)."""
+        self.best = None
+        self.queries = None if queries is None else torch.nan_to_num(queries.float(), nan=0.0)
+        keep = self.budget > 0 and (queries is None or not self.whitens)
+        self.projector.keep_positions = keep
+        return (lambda index, vectors, lengths: self.take(name, index, vectors, lengths)) if keep else None
+
+    def stop(self):
+        self.projector.keep_positions, self.best = False, None
+
+    def held(self):
+        return sum(self.sizes.values())
+
+    def take(self, name, index, vectors, lengths):
+        """Keeps the pieces of a batch's examples (index: their positions in set `name`, vectors [B, k] their raw
+        vectors, lengths [B] their token counts) that may be in a pair; drops the documents no longer in one."""
+        wanted = self.admitted(name, index, vectors)
+        dropped = [key for key in self.examples if key[0] == name and key[1] not in wanted]
+        for key in dropped if self.queries is not None else ():  # (the queries: all kept)
+            del self.examples[key], self.sizes[key]
+        positions, norms = self.projector.last_positions, self.projector.last_norms
+        for b, i in enumerate(index):
+            if i not in wanted or not torch.isfinite(vectors[b]).all():
+                continue
+            length = int(lengths[b])
+            found = [(p, piece_of(x, b, length, norms.get(p))) for p, xs in positions.items() for x in xs]
+            example = Example.of(found, self.spans)
+            if self.held() + example.numel <= self.budget:
+                self.examples[(name, i)], self.sizes[(name, i)] = example, example.numel
+
+    def admitted(self, name, index, vectors):
+        """The indices of set `name` to keep: all (the queries), else those in some query's running top_k."""
+        if self.queries is None:
+            return set(index)
+        unit = vectors.float() / vectors.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
+        scores = torch.nan_to_num(self.queries @ unit.to(self.queries.device).T, nan=-torch.inf)  # [Q, B]
+        ids = torch.tensor(index).expand(len(scores), -1)
+        if self.best is not None:
+            scores, ids = torch.cat([self.best[0], scores], 1), torch.cat([self.best[1], ids], 1)
+        top = scores.topk(min(self.top_k, scores.shape[1]), dim=1)
+        self.best = top.values, ids.gather(1, top.indices)
+        return set(self.best[1].flatten().tolist())
+
+    def parts(self, name, i, w):
+        """[m, T] the position parts <w_j, r_s> of example i of set `name` for the rows w [m, k] (float32, on the
+        pieces' device), or None when it was not kept."""
+        example = self.examples.get((name, i))
+        return None if example is None else example.parts(w.float())
+
+
+@dataclass
+class Example:
+    """One kept example's pieces, gathered for a few products per partner batch: the factored blocks grouped by
+    their ranks (columns [P, r_out r_in] of the vector, a [P, T, r_out], c [P, T, r_in], scales [P]), every slot
+    by position side by side (columns [S], values [T, S]; a tied weight's two parts repeat its columns) and the
+    embedding's Rows with their slot's (start, size)."""
+
+    groups: list
+    dense: tuple | None
+    rows: list
+    numel: int
+
+    @staticmethod
+    def of(found, spans):
+        """From [(parameter, piece)] and Kept.spans."""
+        by_ranks, columns, values, rows = {}, [], [], []
+        for param, piece in found:
+            start, size, ranks = spans[param]
+            if isinstance(piece, Factors):
+                by_ranks.setdefault(ranks, []).append((start, piece))
+            elif isinstance(piece, Rows):
+                rows.append((start, size, piece))
+            else:
+                columns.append(torch.arange(start, start + size))
+                values.append(piece)
+        groups = []
+        for (r_out, r_in), pieces in by_ranks.items():
+            index = torch.stack([torch.arange(start, start + r_out * r_in) for start, _ in pieces])
+            a, c = torch.stack([p.a for _, p in pieces]), torch.stack([p.c for _, p in pieces])
+            groups.append((index, a, c * torch.tensor([p.scale for _, p in pieces]).view(-1, 1, 1)))
+        dense = (torch.cat(columns), torch.cat(values, dim=1)) if values else None
+        numel = sum(a.numel() + c.numel() for _, a, c in groups) + sum(r.numel() for *_, r in rows)
+        return Example(groups, dense, rows, numel + (dense[1].numel() if dense else 0))
+
+    def parts(self, w):
+        """[m, T] from rows w [m, k]: sum over groups of a_s^T W c_s, plus the slots' and rows' products."""
+        out, m = 0, len(w)
+        for index, a, c in self.groups:  # (a_s^T W for every s, row and matrix: one batched GEMM over the P matrices)
+            (n, t, r_out), r_in = a.shape, c.shape[-1]
+            slots = w[:, index].view(m, n, r_out, r_in).permute(1, 2, 0, 3).reshape(n, r_out, m * r_in)
+            out = out + (torch.bmm(a, slots).view(n, t, m, r_in) * c.unsqueeze(2)).sum((0, 3)).T
+        if self.dense is not None:
+            out = out + w[:, self.dense[0]] @ self.dense[1].T
+        for start, size, piece in self.rows:
+            out = out + piece.product(w[:, start : start + size])
+        return out
+
+
+def piece_of(found, b, length, norm):
+    """Example b's piece of a batch's (its first `length` positions, copied to the CPU), divided by its per-tensor
+    norm (a zero gradient stays zero, as in the store)."""
+    scale = 1.0 if norm is None else 1.0 / float(norm[b].clamp_min(1e-30))
+    if isinstance(found, Factors):
+        return Factors(found.a[b, :length].cpu(), found.c[b, :length].cpu(), found.scale * scale)  # (Example stacks)
+    if isinstance(found, Rows):
+        e = found.e[b, :length].cpu().clone()
+        return Rows(found.tokens[b, :length].cpu(), e, found.out_hash, found.in_hash, found.size, scale)
+    return (found[b, :length] * scale).cpu()
