@@ -163,6 +163,7 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES
             vectors = {}
 
             def build(kept=None):  # kept: lark.kernel.tokens_kept.Kept, filled as a run's store pass does
+                vectors.clear()  # (the queries first, with no query vectors yet: all of them kept)
                 for name, examples in sets.items():
                     ids = [e["id"] for e in examples]
                     builder.keep = kept.start(name, vectors.get("test_queries")) if kept is not None else None

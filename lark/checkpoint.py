@@ -277,6 +277,7 @@ def attribute_checkpoint(ck, sets, queries, info):
     if ck.rank == 0 and tokens.check(ck.cfg.attribution):  # tokens/<source>.jsonl (lark.kernel.tokens)
         everything = {QUERY_SET: queries, **sets}
         tokens.write_tokens(ck, projector, kernel, stores.vectors, everything, rows, QUERY_SET, kept=kept)
+    del kept  # (its pieces, up to attribution.tokens_kept numbers, are not held through the metrics)
     metrics = measure(ck, stores, maxinf, queries, sets, info)
     if ck.rank == 0:
         write_csv(ck.out_dir / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)

@@ -34,7 +34,7 @@ def project_examples(
     """[n, k] projected gradients (float32), computed in batches. Examples whose loss or gradient is not finite
     get a NaN row. With world > 1, this rank computes examples rank::world and `gather` (an all_gather) collects
     them. Batches are formed by length (less padding): an example's vector does not depend on its batch. keep:
-    called after each batch with its examples' indices, raw vectors and lengths (lark.kernel.tokens_kept)."""
+    called after each batch with its examples' indices, raw vectors and attention mask (lark.kernel.tokens_kept)."""
     mine = list(range(rank, len(encoded), world))
     order = sorted(mine, key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
@@ -45,7 +45,7 @@ def project_examples(
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in index], pad_id).items()}
             vectors = projector.project_batch(model, batch).float().cpu()
             if keep is not None:
-                keep(index, vectors, batch["attention_mask"].sum(1))
+                keep(index, vectors, batch["attention_mask"])
             for i, v in zip(index, vectors):
                 rows[i] = v if torch.isfinite(v).all() else torch.full_like(v, float("nan"))
     out = torch.stack([rows[i] for i in mine]) if mine else torch.zeros(0, projector.k)
@@ -83,7 +83,7 @@ class StoreBuilder:
     gather: Callable | None = None
     reuse: bool = False
     log: Callable = print
-    keep: Callable | None = None  # (index, vectors, lengths) after each batch of the set in progress (tokens_kept)
+    keep: Callable | None = None  # (index, vectors, mask) after each batch of the set in progress (tokens_kept)
 
     def build(self, encoded, ids, meta):
         """Decoded unit vectors [n, k] of the set meta["set"]: read back from its complete store (reuse), else

@@ -211,7 +211,7 @@ class Pass:
         (set, index): c_t = <M^T v_partner, r_t> / ||M r||, by forward mode (a pass per partner) or reverse mode
         (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
         backward pass (lark.kernel.tokens_position), or from the store pass's pieces where it kept them."""
-        if self.kept is not None and (name, i) in self.kept.examples:
+        if self.split == "position" and self.kept is not None and (name, i) in self.kept.examples:
             w = torch.stack([self.scored[other][j] for other, j in partners])
             return self.kept.parts(name, i, (self.map(w.double()) if self.kernel.whitens else w) / self.scale(name, i))
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}

@@ -12,7 +12,10 @@ per position. So the example's raw vector splits exactly, r = sum_s r_s, and a p
 N the per-tensor norm of rapidin's normalisation (1 otherwise): r_out + r_in numbers per position and factored
 matrix (not out x in), read in one small product per partner. These are the numbers the second pass
 (lark.kernel.tokens_position) computes, there from a new forward and backward pass of the example: the same math on
-the same gradients, equal up to float32 summation order (tests/test_tokens.py checks both ways on every kernel).
+the same gradients, equal up to float32 summation order in a float32 model (tests/test_tokens.py: per-tensor norms,
+the Adam factors, each vocabulary treatment, a tied weight, biases, per-head norms, count-sketched 1-D slots, and end
+to end through attribute.py); in bf16 the kept parts carry the store pass's own rounding (its sides in the model's
+dtype), so they add up to the stored vector where the second pass's float32 ones differ from it by bf16's rounding.
 
 `Kept` holds them for the examples that can be in a written pair: every query (each has partners) and, per
 source, the documents in some query's running top attribution.tokens_top_k by the raw vectors' cosine, dropped when
@@ -58,7 +61,7 @@ class Rows:
 
     def product(self, slot):
         """[m, T]: each position's part <slot_j, its sketch> for the slot's rows slot [m, size]."""
-        (b1, s1), (b2, s2) = ((h.to(slot.device) for h in pair) for pair in (self.out_hash, self.in_hash))
+        (b1, s1), (b2, s2) = self.out_hash, self.in_hash
         bucket = (b1[self.tokens].unsqueeze(-1) + b2).remainder_(self.size)  # [T, d]
         return (slot[:, bucket] * (self.e * (s1[self.tokens].unsqueeze(-1) * s2))).sum(-1) * self.scale
 
@@ -90,7 +93,7 @@ class Kept:
         for name, (size, how) in projector.slots.items():  # the store's layout, parameter by parameter
             self.spans[name] = (start, size, how if isinstance(how, tuple) else None)
             start += size
-        self.examples, self.sizes, self.best = {}, {}, None
+        self.examples, self.sizes, self.best, self.shared = {}, {}, None, {}  # shared: index tensors, CPU hashes
 
     def start(self, name, queries=None):
         """The callable project_examples calls after each batch of set `name` (None: nothing kept of it); queries:
@@ -98,31 +101,43 @@ class Kept:
         self.best = None
         self.queries = None if queries is None else torch.nan_to_num(queries.float(), nan=0.0)
         keep = self.budget > 0 and (queries is None or not self.whitens)
-        self.projector.keep_positions = keep
-        return (lambda index, vectors, lengths: self.take(name, index, vectors, lengths)) if keep else None
+        self.projector.keep_positions = keep and self.held() < self.budget
+        return (lambda index, vectors, mask: self.take(name, index, vectors, mask)) if keep else None
 
     def stop(self):
-        self.projector.keep_positions, self.best = False, None
+        self.projector.keep_positions, self.projector.last_positions, self.best = False, None, None
 
     def held(self):
         return sum(self.sizes.values())
 
-    def take(self, name, index, vectors, lengths):
+    def take(self, name, index, vectors, mask):
         """Keeps the pieces of a batch's examples (index: their positions in set `name`, vectors [B, k] their raw
-        vectors, lengths [B] their token counts) that may be in a pair; drops the documents no longer in one."""
+        vectors, mask [B, T] their attention mask) that may be in a pair; drops the documents no longer in one.
+        The hooks make pieces only while the budget has room (a document dropped makes room again)."""
         wanted = self.admitted(name, index, vectors)
         dropped = [key for key in self.examples if key[0] == name and key[1] not in wanted]
         for key in dropped if self.queries is not None else ():  # (the queries: all kept)
             del self.examples[key], self.sizes[key]
-        positions, norms = self.projector.last_positions, self.projector.last_norms
+        positions, norms = self.projector.last_positions or {}, self.projector.last_norms
+        self.projector.last_positions = None  # (the batch's pieces go with it)
+        if not all(by_position(x, mask.shape[1]) for xs in positions.values() for x in xs):
+            positions = {}  # a module whose rows are not one per position: the second pass says so
         for b, i in enumerate(index):
-            if i not in wanted or not torch.isfinite(vectors[b]).all():
+            if i not in wanted or not positions or not torch.isfinite(vectors[b]).all():
                 continue
-            length = int(lengths[b])
-            found = [(p, piece_of(x, b, length, norms.get(p))) for p, xs in positions.items() for x in xs]
-            example = Example.of(found, self.spans)
+            length = int(mask[b].sum())
+            found = [(p, piece_of(x, b, length, norms.get(p), self.cpu)) for p, xs in positions.items() for x in xs]
+            example = Example.of(found, self.spans, self.shared)
             if self.held() + example.numel <= self.budget:
                 self.examples[(name, i)], self.sizes[(name, i)] = example, example.numel
+        self.projector.keep_positions = self.held() < self.budget
+
+    def cpu(self, t):
+        """A CPU copy of a tensor the projector keeps (a hash), made once."""
+        key = ("cpu", id(t))
+        if key not in self.shared:
+            self.shared[key] = t.cpu()
+        return self.shared[key]
 
     def admitted(self, name, index, vectors):
         """The indices of set `name` to keep: all (the queries), else those in some query's running top_k."""
@@ -157,8 +172,15 @@ class Example:
     numel: int
 
     @staticmethod
-    def of(found, spans):
-        """From [(parameter, piece)] and Kept.spans."""
+    def of(found, spans, shared):
+        """From [(parameter, piece)] and Kept.spans; shared: Kept's cache of index tensors (the same for every
+        example)."""
+
+        def span(start, size):
+            if ("span", start, size) not in shared:
+                shared[("span", start, size)] = torch.arange(start, start + size)
+            return shared[("span", start, size)]
+
         by_ranks, columns, values, rows = {}, [], [], []
         for param, piece in found:
             start, size, ranks = spans[param]
@@ -167,14 +189,22 @@ class Example:
             elif isinstance(piece, Rows):
                 rows.append((start, size, piece))
             else:
-                columns.append(torch.arange(start, start + size))
+                columns.append(span(start, size))
                 values.append(piece)
         groups = []
         for (r_out, r_in), pieces in by_ranks.items():
-            index = torch.stack([torch.arange(start, start + r_out * r_in) for start, _ in pieces])
+            starts = ("group", *(start for start, _ in pieces))
+            if starts not in shared:
+                shared[starts] = torch.stack([span(start, r_out * r_in) for start in starts[1:]])
+            index = shared[starts]
             a, c = torch.stack([p.a for _, p in pieces]), torch.stack([p.c for _, p in pieces])
             groups.append((index, a, c * torch.tensor([p.scale for _, p in pieces]).view(-1, 1, 1)))
-        dense = (torch.cat(columns), torch.cat(values, dim=1)) if values else None
+        dense = None
+        if values:
+            key = ("dense", *(int(c[0]) for c in columns))
+            if key not in shared:
+                shared[key] = torch.cat(columns)
+            dense = shared[key], torch.cat(values, dim=1)
         numel = sum(a.numel() + c.numel() for _, a, c in groups) + sum(r.numel() for *_, r in rows)
         return Example(groups, dense, rows, numel + (dense[1].numel() if dense else 0))
 
@@ -192,13 +222,22 @@ class Example:
         return out
 
 
-def piece_of(found, b, length, norm):
+def by_position(found, width):
+    """Whether a batch's piece has one row per position on axis 1 (of the batch's `width`)."""
+    if isinstance(found, Factors):
+        return found.a.dim() == found.c.dim() == 3 and found.a.shape[1] == found.c.shape[1] == width
+    if isinstance(found, Rows):
+        return found.tokens.shape[1] == width and found.e.shape[1] == width
+    return found.dim() == 3 and found.shape[1] == width
+
+
+def piece_of(found, b, length, norm, cpu):
     """Example b's piece of a batch's (its first `length` positions, copied to the CPU), divided by its per-tensor
-    norm (a zero gradient stays zero, as in the store)."""
+    norm (a zero gradient stays zero, as in the store); cpu: Kept.cpu (the hashes' CPU copies)."""
     scale = 1.0 if norm is None else 1.0 / float(norm[b].clamp_min(1e-30))
     if isinstance(found, Factors):
         return Factors(found.a[b, :length].cpu(), found.c[b, :length].cpu(), found.scale * scale)  # (Example stacks)
     if isinstance(found, Rows):
-        e = found.e[b, :length].cpu().clone()
-        return Rows(found.tokens[b, :length].cpu(), e, found.out_hash, found.in_hash, found.size, scale)
+        e, hashes = found.e[b, :length].cpu().clone(), [tuple(map(cpu, h)) for h in (found.out_hash, found.in_hash)]
+        return Rows(found.tokens[b, :length].cpu(), e, *hashes, found.size, scale)
     return (found[b, :length] * scale).cpu()
