@@ -81,8 +81,8 @@ def norm_positions(grad, out, weight, bias=None):
 
 
 class Kept:
-    """The pieces by position of the examples a store pass kept, {(set, index): {parameter: [piece]}}, a piece a
-    Factors or a [T, size] slot by position (a tied weight has two), with the per-tensor norm folded in.
+    """The pieces by position of the examples a store pass kept, {(set, index): Example} (each parameter's Factors,
+    Rows or [T, size] slot by position, a tied weight's two parts both, the per-tensor norm folded in).
 
     projector: the FactoredProjector of the pass; top_k: attribution.tokens_top_k; budget: attribution.tokens_kept
     (numbers held at most); whitens: the kernel's (documents are then not kept)."""
