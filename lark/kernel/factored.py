@@ -60,11 +60,21 @@ sketch_math.embedding_squares (with a tied output layer's cross term, as in the 
 before projecting, exactly as the sketch does; embedding rows by AdamScale.rows; 1-D parameters exactly.
 """
 
+import functools
 import math
 
 import torch
 
-from lark.kernel.factored_math import Side, project_side, vector_slot, weight_squares
+from lark.kernel.factored_math import (
+    Factors,
+    Rows,
+    Side,
+    norm_positions,
+    project_side,
+    sketch_positions,
+    vector_slot,
+    weight_squares,
+)
 from lark.kernel.hashing import hadamard_signs, name_key, rademacher_signs
 from lark.kernel.normalizers import normalizer
 from lark.kernel.sketch import HookSketch
@@ -77,7 +87,6 @@ from lark.kernel.sketch_math import (
     tensorsketch,
     without_padding,
 )
-from lark.kernel.tokens_kept import Factors, Rows, norm_positions, sketch_positions
 
 # ------------------------------------------------------------------------------ the math, shapes in docstrings
 MATRICES = {"hadamard": hadamard_signs, "rademacher": rademacher_signs}  # attribution.projector.matrix
@@ -281,7 +290,8 @@ class FactoredProjector(HookSketch):
 
     def vector_positions(self, name, value):
         """[B, T, size]: a 1-D parameter's slot position by position, from its gradients there [B, T, n]."""
-        return self.vector(name, value.flatten(0, 1))[0].view(*value.shape[:2], -1)
+        slots = vector_slot(self.corrected(name, value.flatten(0, 1)), self.slots[name][0], *self.slot_keys(name))
+        return slots.view(*value.shape[:2], -1)
 
     # -- one module's blocks ----------------------------------------------------------------------------------
     def add_linear(self, run, mod, x, delta):
@@ -311,12 +321,12 @@ class FactoredProjector(HookSketch):
         """A norm layer's bias and weight, from its output and output gradient [B, T, n] (exact, then slotted)."""
         bias = getattr(mod, "bias", None)
         weight_grad, bias_grad = norm_gradients(grad, out, mod.weight, bias)
+        positions = functools.cache(lambda: norm_positions(grad, out, mod.weight, bias))  # (made once, if kept)
         for p, g, which in ((bias, bias_grad, 1), (mod.weight, weight_grad, 0)):
             if p is not None:
                 name = self.param_names[id(p)]
                 run.add(name, *self.vector(name, g))
-                at = lambda n=name, w=which: norm_positions(grad, out, mod.weight, bias)[w]  # noqa: E731
-                run.keep(name, lambda n=name, at=at: self.vector_positions(n, at()))
+                run.keep(name, lambda n=name, w=which: self.vector_positions(n, positions()[w]))
 
     def add_embedding(self, run, mod, grad):
         """The input embedding's weight [V, d], from e = d loss / d embedding [B, T, d] of the looked-up rows: their

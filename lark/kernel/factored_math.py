@@ -1,9 +1,12 @@
 """The `factored` projector's math on tensors (lark.kernel.factored): its random sides, a side's product, the exact
-squared norm of a factored gradient and a 1-D parameter's slot."""
+squared norm of a factored gradient, a 1-D parameter's slot, and the blocks by position its hooks keep for the
+token pass (lark.kernel.tokens_kept)."""
+
+from dataclasses import dataclass
 
 import torch
 
-from lark.kernel.sketch_math import axis_hash, frobenius
+from lark.kernel.sketch_math import axis_hash, frobenius, norm_gradients, tensorsketch
 
 GEMM_COLUMNS = 16  # a side's S^T is zero-padded to a multiple of this many columns (not a knob: same numbers)
 
@@ -48,3 +51,53 @@ def vector_slot(value, size, bucket_key, sign_key):
         return value.float()
     bucket, sign = axis_hash(n, bucket_key, sign_key, size, value.device)
     return torch.zeros(value.shape[0], size, device=value.device).index_add_(1, bucket, value.float() * sign)
+
+
+# ------------------------------------------------------------------------------ blocks by position
+@dataclass
+class Factors:
+    """A factored matrix's block by position: sum_s scale a_s c_s^T, a [..., T, r_out], c [..., T, r_in]."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    scale: float
+
+    def numel(self):
+        return self.a.numel() + self.c.numel()
+
+
+@dataclass
+class Rows:
+    """The TensorSketched input embedding's block by position (sketch_math.embedding_tensorsketch): position s adds
+    scale * e_s [d] at buckets (h1(tok_s) + h2(j)) mod size with signs s1(tok_s) s2(j); tokens [..., T], e [..., T,
+    d] (d numbers per position where its slot takes size)."""
+
+    tokens: torch.Tensor
+    e: torch.Tensor
+    out_hash: tuple
+    in_hash: tuple
+    size: int
+    scale: float = 1.0
+
+    def numel(self):
+        return self.e.numel()
+
+    def product(self, slot):
+        """[m, T]: each position's part <slot_j, its sketch> for the slot's rows slot [m, size]."""
+        (b1, s1), (b2, s2) = self.out_hash, self.in_hash
+        bucket = (b1[self.tokens].unsqueeze(-1) + b2).remainder_(self.size)  # [T, d]
+        return (slot[:, bucket] * (self.e * (s1[self.tokens].unsqueeze(-1) * s2))).sum(-1) * self.scale
+
+
+def sketch_positions(delta, x, out_hash, in_hash, size):
+    """[B, T, size]: the TensorSketch of each position's delta_s x_s^T (sketch_math.tensorsketch of one token)."""
+    one = delta.flatten(0, 1).unsqueeze(1), x.flatten(0, 1).unsqueeze(1)  # each position an example of one token
+    return tensorsketch(*one, out_hash, in_hash, size).view(*delta.shape[:2], size)
+
+
+def norm_positions(grad, out, weight, bias=None):
+    """(weight's [B, T, n], bias's [B, T, n] or None): a norm layer's gradients position by position
+    (sketch_math.norm_gradients of each position; per-head axes summed)."""
+    b, t = grad.shape[:2]
+    found = norm_gradients(grad.flatten(0, 1).unsqueeze(1), out.flatten(0, 1).unsqueeze(1), weight, bias)
+    return tuple(None if g is None else g.view(b, t, -1) for g in found)

@@ -206,24 +206,27 @@ class Pass:
         """||M r|| of example i of set `name` (the store's norm times ||M s||)."""
         return float(self.norms[name][i]) * float(self.mapped[name][i].norm())
 
+    def rows(self, partners, name, i):
+        """[m, k] M^T v_partner / ||M r|| of example i of set `name`, one row per partner (set, index): c_t =
+        <row, r_t> (M^T v = M v: M is symmetric)."""
+        w = torch.stack([self.scored[other][j] for other, j in partners])
+        return (self.map(w.double()) if self.kernel.whitens else w) / self.scale(name, i)
+
     def contributions(self, encoded, name, i, partners):
         """[len(partners), T] of example i of set `name` (encoded: its input ids and labels) against each partner
         (set, index): c_t = <M^T v_partner, r_t> / ||M r||, by forward mode (a pass per partner) or reverse mode
         (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
         backward pass (lark.kernel.tokens_position), or from the store pass's pieces where it kept them."""
         if self.split == "position" and self.kept is not None and (name, i) in self.kept.examples:
-            w = torch.stack([self.scored[other][j] for other, j in partners])
-            return self.kept.parts(name, i, (self.map(w.double()) if self.kernel.whitens else w) / self.scale(name, i))
+            return self.kept.parts(name, i, self.rows(partners, name, i))
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         norms = tensor_norms(self.projector, self.model, batch)
         diagonal = scaling(self.projector, self.model, batch, norms)
-        denominator = self.scale(name, i)
         n_loss = sum(label != IGNORE for label in encoded["labels"][1:])
         low_rank = self.split == "position" and isinstance(self.projector, FactoredProjector)
 
         def tangents(part):  # N D P^T of M^T v_partner / ||M r|| for a batch of partners
-            w = torch.stack([self.scored[other][j] for other, j in part])
-            w = (self.map(w.double()) if self.kernel.whitens else w) / denominator  # M^T v = M v
+            w = self.rows(part, name, i)
             if low_rank:  # the factored matrices' tangents in their factors (tokens_position.LowRank)
                 return low_rank_tangents(self.projector, self.transpose, w.to(self.device), diagonal, norms)
             return self.transpose(w.to(self.device), diagonal)

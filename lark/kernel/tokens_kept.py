@@ -28,56 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lark.kernel.sketch_math import norm_gradients, tensorsketch
-
-
-@dataclass
-class Factors:
-    """A factored matrix's block by position: sum_s scale a_s c_s^T, a [..., T, r_out], c [..., T, r_in]."""
-
-    a: torch.Tensor
-    c: torch.Tensor
-    scale: float
-
-    def numel(self):
-        return self.a.numel() + self.c.numel()
-
-
-@dataclass
-class Rows:
-    """The TensorSketched input embedding's block by position (sketch_math.embedding_tensorsketch): position s adds
-    scale * e_s [d] at buckets (h1(tok_s) + h2(j)) mod size with signs s1(tok_s) s2(j); tokens [..., T], e [..., T,
-    d] (d numbers per position where its slot takes size)."""
-
-    tokens: torch.Tensor
-    e: torch.Tensor
-    out_hash: tuple
-    in_hash: tuple
-    size: int
-    scale: float = 1.0
-
-    def numel(self):
-        return self.e.numel()
-
-    def product(self, slot):
-        """[m, T]: each position's part <slot_j, its sketch> for the slot's rows slot [m, size]."""
-        (b1, s1), (b2, s2) = self.out_hash, self.in_hash
-        bucket = (b1[self.tokens].unsqueeze(-1) + b2).remainder_(self.size)  # [T, d]
-        return (slot[:, bucket] * (self.e * (s1[self.tokens].unsqueeze(-1) * s2))).sum(-1) * self.scale
-
-
-def sketch_positions(delta, x, out_hash, in_hash, size):
-    """[B, T, size]: the TensorSketch of each position's delta_s x_s^T (sketch_math.tensorsketch of one token)."""
-    one = delta.flatten(0, 1).unsqueeze(1), x.flatten(0, 1).unsqueeze(1)  # each position an example of one token
-    return tensorsketch(*one, out_hash, in_hash, size).view(*delta.shape[:2], size)
-
-
-def norm_positions(grad, out, weight, bias=None):
-    """(weight's [B, T, n], bias's [B, T, n] or None): a norm layer's gradients position by position
-    (sketch_math.norm_gradients of each position; per-head axes summed)."""
-    b, t = grad.shape[:2]
-    found = norm_gradients(grad.flatten(0, 1).unsqueeze(1), out.flatten(0, 1).unsqueeze(1), weight, bias)
-    return tuple(None if g is None else g.view(b, t, -1) for g in found)
+from lark.kernel.factored_math import Factors, Rows
+from lark.kernel.tokens_math import slot_spans
 
 
 class Kept:
@@ -89,10 +41,10 @@ class Kept:
 
     def __init__(self, projector, top_k, budget, whitens=False):
         self.projector, self.top_k, self.budget, self.whitens = projector, int(top_k), int(budget), whitens
-        self.spans, start = {}, 0
-        for name, (size, how) in projector.slots.items():  # the store's layout, parameter by parameter
-            self.spans[name] = (start, size, how if isinstance(how, tuple) else None)
-            start += size
+        self.spans = {  # the store's layout, parameter by parameter: (start, size, (r_out, r_in) or None)
+            name: (span.start, span.stop - span.start, how if isinstance(how, tuple) else None)
+            for name, span, how in slot_spans(projector)
+        }
         self.examples, self.sizes, self.best, self.shared = {}, {}, None, {}  # shared: index tensors, CPU hashes
 
     def start(self, name, queries=None):
