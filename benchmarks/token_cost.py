@@ -21,6 +21,13 @@ kernel: the seconds to project both sets (what `off` does) against that plus the
 tokens_top_k, forward mode, auto and the position split; with `--projector factored` the position row projects both
 sets again keeping the pieces by position (lark.kernel.tokens_kept, as a run's store pass does) and counts that pass
 instead of `off`'s. (The embedded rows go through attribute(), which does the same.)
+
+The `added` rows time what `attribute.py run_dir=<run> attribution.tokens=topk` costs on a finished run: the
+position split added to `off`'s stores (nothing recomputed but the token pass: the embedded rows call attribute()
+with resume after deleting tokens/, so its loading and reuse checks count; the SmolLM2 rows time write_tokens
+alone), with `factored` its pieces kept batch by batch by one more projection of each batch of the pairs' examples
+(lark.kernel.tokens_kept.in_batches); `added-second` the same through the second pass, example by example
+(attribution.tokens_kept=0). Their "x off" is the added seconds over `off`'s whole attribution.
 """
 
 import argparse
@@ -78,14 +85,20 @@ PASSES = (
     "forward",
     "auto",
     "position",
-)  # the topk rows: attribution.tokens_pass of the loss split, or the position split
+    "added",
+    "added-second",
+)  # the topk rows: attribution.tokens_pass of the loss split, or the position split; added: the position split
+# added to finished stores (attribute.py on a finished run: only the token pass runs), its pieces kept batch by batch
+# with `factored` (lark.kernel.tokens_kept.in_batches), added-second: the same through the second pass (tokens_kept=0)
 
 
 def token_options(mode):
-    """{tokens_pass, tokens_split} of a topk row."""
+    """{tokens_pass, tokens_split(, tokens_kept)} of a topk row."""
+    position = mode == "position" or mode.startswith("added")
     return {
-        "tokens_pass": "auto" if mode == "position" else mode,
-        "tokens_split": "position" if mode == "position" else "loss",
+        "tokens_pass": mode if mode in ("forward", "auto") else "auto",
+        "tokens_split": "position" if position else "loss",
+        **({"tokens_kept": 0} if mode == "added-second" else {}),
     }
 
 
@@ -101,7 +114,10 @@ def embedded_row(run, epoch, repeats, top_k, budget=None, projector=None, modes=
             overrides.update(token_options("auto" if mode == "off" else mode), tokens_top_k=top_k)
             overrides.update({"tokens_budget": budget} if budget else {})
             overrides.update({"projector": projector_options(projector)} if projector else {})
-            out.append(timed(lambda o=overrides: attribute(run, o, log=quiet, resume=False)))
+            if mode.startswith("added"):  # off's stores (the same projector) complete: the token files added to them
+                shutil.rmtree(run / "attribution" / f"epoch_{epoch:03d}" / "tokens", ignore_errors=True)
+            resume = mode.startswith("added")
+            out.append(timed(lambda o=overrides, r=resume: attribute(run, o, log=quiet, resume=r)))
     return {mode: statistics.median(v) for mode, v in seconds.items()}
 
 
@@ -149,7 +165,8 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES
         encoded[("medical_noformat", d["id"])] = encode_text(tok, d["text"], 256)
         encoded[("medical_format", d["id"])] = encode_qa(tok, document_fields(d), chatml, 256)
     kind = {id(e): name for name, examples in sets.items() for e in examples}  # which set an example is of
-    attr = OmegaConf.create({"max_length": 256, "attribution": {"top_k": top_k, "tokens_top_k": top_k}})
+    attr = {"top_k": top_k, "tokens_top_k": top_k, "store_dtype": "float16", "batch_size": 4}
+    attr = OmegaConf.create({"max_length": 256, "attribution": attr})
     if budget:
         attr.attribution.tokens_budget = budget
     attr.attribution.projector = projector_options(projector)
@@ -159,7 +176,8 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES
     seconds = {mode: [] for mode in ("off", *modes)}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(repeats):
-            builder = StoreBuilder(model, projector, Path(folder), tok.pad_token_id, batch_size=4)
+            size = attr.attribution.batch_size
+            builder = StoreBuilder(model, projector, Path(folder), tok.pad_token_id, batch_size=size)
             vectors = {}
 
             def build(kept=None):  # kept: lark.kernel.tokens_kept.Kept, filled as a run's store pass does
@@ -182,9 +200,11 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES
                 ]
             encoder = lambda e: encoded[(kind[id(e)], e["id"])]  # noqa: E731
             for mode in modes:
-                cfg = OmegaConf.merge(attr, {"attribution": token_options(mode)})
+                options = token_options(mode)  # added: write_tokens keeps the pieces itself (tokens=topk asked)
+                options.update({"tokens": "topk"} if mode.startswith("added") else {})
+                cfg = OmegaConf.merge(attr, {"attribution": options})
                 ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=tok, encoder=encoder, cfg=cfg)
-                stores = seconds["off"][-1]
+                stores = 0.0 if mode.startswith("added") else seconds["off"][-1]  # (added: the stores are there)
                 kept = (
                     Kept(projector, top_k, KEPT_NUMBERS)
                     if mode == "position" and projector.kind == "factored"
@@ -216,7 +236,7 @@ def main():
     if args.projector:
         projector_options(args.projector)  # a name with no config file: refused before any run is made
     print(f"# {torch.get_num_threads()} threads; median of {args.repeats}, paired")
-    print(f"{'model':<36} {'tokens':<14} {'seconds':>8} {'x off':>6}")
+    print(f"{'model':<36} {'tokens':<20} {'seconds':>8} {'x off':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_embedded:
             if args.run:  # re-attributed in a copy: the user's run keeps its results
@@ -241,7 +261,7 @@ def show(name, row):
         return
     for mode, seconds in row.items():
         label = "off" if mode == "off" else f"topk, {mode}"
-        print(f"{name:<36} {label:<14} {seconds:>8.1f} {seconds / row['off']:>6.2f}", flush=True)
+        print(f"{name:<36} {label:<20} {seconds:>8.1f} {seconds / row['off']:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

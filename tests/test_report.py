@@ -547,8 +547,10 @@ def test_a_position_split_shows_every_token_and_says_what_it_is(real_runs, tmp_p
 @pytest.mark.slow
 def test_the_factored_position_split_reads_the_store_pass_pieces(real_runs, tmp_path, monkeypatch):
     """attribute.py with attribution/projector=factored and tokens_split=position: the token pass reads every pair's
-    parts from the pieces the store pass kept (lark.kernel.tokens_kept: no second pass runs), and they equal the
-    second pass's (tokens_kept=0: every example through it) within float32 rounding, their sums the scores."""
+    parts from the pieces the store pass kept (lark.kernel.tokens_kept: no second pass runs), or, added to a finished
+    run's stores (tokens off first, then topk: the stores are not rebuilt), from pieces kept batch by batch (no second
+    pass either); both equal the second pass's (tokens_kept=0: every example through it) within float32 rounding,
+    their sums the scores."""
     from omegaconf import OmegaConf
 
     from lark.experiment import attribute
@@ -558,21 +560,29 @@ def test_the_factored_position_split_reads_the_store_pass_pieces(real_runs, tmp_
     calls = []
     second = tokens.position_products
     monkeypatch.setattr(tokens, "position_products", lambda *a, **k: calls.append(1) or second(*a, **k))
-    written = {}
-    for kept in (2**28, 0):
-        run = tmp_path / f"run{kept}"
+    written, quiet = {}, lambda *a: None
+    for how, kept in (("store", 2**28), ("late", 2**28), ("second", 0)):
+        run, calls[:] = tmp_path / how, []
         shutil.copytree(real_runs[0], run)
         options = {"tokens": "topk", "tokens_top_k": 2, "tokens_split": "position", "tokens_kept": kept}
-        attribute(run, {**options, "checkpoints": [1], "projector": {**factored, "k": 4096}}, log=lambda *a: None)
+        options.update(checkpoints=[1], projector={**factored, "k": 4096})
+        store = run / "attribution" / "epoch_001" / "stores" / "test_queries.safetensors"
+        if how == "late":
+            attribute(run, {**options, "tokens": "off"}, log=quiet)
+            built = store.stat().st_mtime_ns
+        attribute(run, options, log=quiet)
+        assert how != "late" or store.stat().st_mtime_ns == built  # (the finished run's stores, read)
         files = sorted((run / "attribution" / "epoch_001" / "tokens").glob("*.jsonl"))
-        written[kept] = {(p.name, i): line for p in files for i, line in enumerate(lines(p))}
-        assert files and (len(calls) == 0) == (kept > 0), len(calls)
-    assert written[0].keys() == written[2**28].keys() and len(written[0]) == 2 * 12 * len(files)
-    for key, line in written[2**28].items():
-        for side in ("doc", "query"):
-            mine, theirs = ([c for *_, c in w[side]["tokens"]] for w in (line, written[0][key]))
-            assert mine == pytest.approx(theirs, abs=1e-6), (key, side)
-            assert sum(mine) == pytest.approx(line["score"], abs=1e-3), (key, side)
+        written[how] = {(p.name, i): line for p in files for i, line in enumerate(lines(p))}
+        assert files and (len(calls) == 0) == (kept > 0), (how, len(calls))
+    assert written["second"].keys() == written["store"].keys() == written["late"].keys()
+    assert len(written["second"]) == 2 * 12 * len(files)
+    for how in ("store", "late"):
+        for key, line in written[how].items():
+            for side in ("doc", "query"):
+                mine, theirs = ([c for *_, c in w[side]["tokens"]] for w in (line, written["second"][key]))
+                assert mine == pytest.approx(theirs, abs=1e-6), (how, key, side)
+                assert sum(mine) == pytest.approx(line["score"], abs=1e-3), (how, key, side)
 
 
 def test_a_token_that_is_not_its_text_slice_names_the_file_and_line(small_run):

@@ -150,20 +150,24 @@ def test_transpose_is_the_projection_adjoint(setup, projector, options):
             assert total == pytest.approx(float(w[i] @ vector), rel=1e-4, abs=1e-5), kernel
 
 
-def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, split=None, kept=False):
+def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, split=None, kept=None):
     """Real stores of the three sets (lark.kernel.build), the kernel's scores and top rows, then write_tokens
-    (attribution.tokens_budget = budget, tokens_split = split where given; kept: the store pass keeps the position
-    pieces, as a run does, lark.kernel.tokens_kept): {source: [records]}."""
+    (attribution.tokens_budget = budget, tokens_split = split where given; kept: "store", the store pass keeps the
+    position pieces, as a run does, "late": write_tokens keeps them batch by batch, as for a finished run's stores,
+    lark.kernel.tokens_kept; either way no second pass runs): {source: [records]}."""
+    from unittest import mock
+
+    from lark.kernel import tokens
     from lark.kernel.tokens_kept import Kept
 
     model, sets = setup["model"], setup["sets"]
     kernel = make_kernel(attr)
     projector = make_projector(attr, model, kernel, moments)
     builder = StoreBuilder(model, projector, folder, setup["tok"].pad_token_id, batch_size=3)
-    vectors, kept = {}, Kept(projector, 2, 2**28, kernel.whitens) if kept else None
+    vectors, pieces = {}, Kept(projector, 2, 2**28, kernel.whitens) if kept == "store" else None
     for name, examples in sets.items():
         encoded = [setup["encoder"](e) for e in examples]
-        builder.keep = kept.start(name, vectors.get(QUERIES)) if kept else None
+        builder.keep = pieces.start(name, vectors.get(QUERIES)) if pieces else None
         vectors[name] = builder.build(encoded, [e["id"] for e in examples], {"set": name})
     scored = kernel.transform(vectors, QUERIES)
     rows = []
@@ -174,16 +178,20 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, spli
                 (q["id"], name, r + 1, sets[name][index[i, r]]["id"], round(values[i, r].item(), 6)) for r in range(3)
             ]
     write_csv(folder / "top_influences.csv", [dict(zip(TOP_COLUMNS, r)) for r in rows], TOP_COLUMNS)
-    options = {"tokens_top_k": 2, **({"tokens_budget": budget} if budget else {})}
+    options = {"tokens_top_k": 2, "batch_size": 3, **({"tokens_budget": budget} if budget else {})}
+    options.update({**OmegaConf.to_container(attr), "tokens": "topk"} if kept == "late" else {})  # (kept_for's)
     cfg = OmegaConf.create({"attribution": {**options, **({"tokens_split": split} if split else {})}})
     ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=setup["tok"], encoder=setup["encoder"], cfg=cfg)
-    write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode, kept)
-    if kept:  # every query, and (a kernel that does not whiten) every written pair's document, from its pieces
+    if pieces:  # every query, and (a kernel that does not whiten) every written pair's document, from its pieces
         pairs = {
             (name, next(i for i, e in enumerate(sets[name]) if e["id"] == d)) for _, name, r, d, _ in rows if r <= 2
         }
-        assert {(QUERIES, i) for i in range(len(sets[QUERIES]))} <= set(kept.examples)
-        assert (pairs <= set(kept.examples)) != kernel.whitens and kept.held() <= 2**28
+        assert {(QUERIES, i) for i in range(len(sets[QUERIES]))} <= set(pieces.examples)
+        assert (pairs <= set(pieces.examples)) != kernel.whitens and pieces.held() <= 2**28
+    second = mock.Mock(wraps=tokens.position_products)
+    with mock.patch.object(tokens, "position_products", second):
+        write_tokens(ck, projector, kernel, vectors, sets, rows, QUERIES, mode, pieces)
+    assert second.called == (split == "position" and kept is None), second.call_count
     return {
         name: [json.loads(line) for line in (folder / "tokens" / f"{name}.jsonl").read_text().splitlines()]
         for name in ("formatted", "raw")
@@ -213,23 +221,26 @@ def run_tokens(setup, attr, folder, moments=None, mode="auto", budget=None, spli
         ("factored", "adam", "position"),
         ("factored", "trackstar", "position"),
         ("factored", "tracin_cp", "position"),
-        ("factored", "cosine", "position-kept"),
-        ("factored", "rapidin", "position-kept"),
-        ("factored", "adam", "position-kept"),
-        ("factored", "trackstar", "position-kept"),
-        ("factored", "tracin_cp", "position-kept"),
+        ("factored", "cosine", "position-store"),
+        ("factored", "rapidin", "position-store"),
+        ("factored", "adam", "position-store"),
+        ("factored", "trackstar", "position-store"),
+        ("factored", "tracin_cp", "position-store"),
+        ("factored", "rapidin", "position-late"),
+        ("factored", "adam", "position-late"),
+        ("factored", "trackstar", "position-late"),
     ],
 )
 def test_contributions_sum_to_the_score_on_real_stores(setup, tmp_path, projector, kernel, split):
     """(b) For every kernel (and the factored projector), each written pair's doc and query contributions sum to
     its score within 1e-3, split by loss token (loss tokens only carry one) or by position (every token carries
-    one), by the second pass or (position-kept) from the store pass's pieces; every token is listed with piece ==
-    text[start:end]."""
+    one), by the second pass or from the pieces the store pass kept (position-store) or write_tokens kept batch by
+    batch (position-late: a finished run's stores); every token is listed with piece == text[start:end]."""
     attr = attribution(projector, kernel, k=1024)
     moments = estimate_moments(setup["model"], [batch_of(setup, e) for e in setup["sets"]["raw"][:2]])
-    kept, split = split.endswith("-kept"), split.removesuffix("-kept")
+    split, _, kept = split.partition("-")
     rows = run_tokens(
-        setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None, split=split, kept=kept
+        setup, attr, tmp_path, moments if kernel in ("adam", "trackstar") else None, split=split, kept=kept or None
     )
     for name, records in rows.items():
         assert len(records) == 4 * 2  # each query's top tokens_top_k = 2

@@ -25,7 +25,8 @@ passes), or, when it has fewer loss tokens than partners, T_loss backward ones, 
 same way (a query's short answer) — plus a backward pass under per-tensor normalisation (its norms). The position
 split takes one forward and one backward pass per example instead, its partners' tangents dotted module by module;
 with the `factored` projector no pass at all for the examples whose pieces by position the store pass kept
-(lark.kernel.tokens_kept: every query and each source's running top documents, attribution.tokens_kept).
+(lark.kernel.tokens_kept: every query and each source's running top documents, attribution.tokens_kept), and one
+forward and backward pass per batch of the others (a finished run's stores: lark.kernel.tokens_kept.in_batches).
 
 File format, one JSON object per line:
   {"query_id", "doc_id", "rank", "score", "kernel", "split" (loss | position; a file written before it: loss),
@@ -58,7 +59,7 @@ from lark.errors import ConfigError, whole
 from lark.kernel.factored import FactoredProjector
 from lark.kernel.factory import make_kernel, make_projector
 from lark.kernel.stores import load_store, read_top_influences
-from lark.kernel.tokens_kept import Kept
+from lark.kernel.tokens_kept import Kept, in_batches
 from lark.kernel.tokens_math import (
     TANGENT_NUMBERS,
     Transpose,
@@ -218,7 +219,9 @@ class Pass:
         (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
         backward pass (lark.kernel.tokens_position), or from the store pass's pieces where it kept them."""
         if self.split == "position" and self.kept is not None and (name, i) in self.kept.examples:
-            return self.kept.parts(name, i, self.rows(partners, name, i))
+            found = self.kept.parts(name, i, self.rows(partners, name, i))
+            self.kept.release((name, i))  # (each example is read once)
+            return found
         batch = {k: v.to(self.device) for k, v in collate([encoded], self.tokenizer.pad_token_id).items()}
         norms = tensor_norms(self.projector, self.model, batch)
         diagonal = scaling(self.projector, self.model, batch, norms)
@@ -237,6 +240,15 @@ class Pass:
         if self.mode == "reverse" or (self.mode == "auto" and n_loss < len(partners)):
             return token_products(self.model, batch, [lambda p=p: tangents(p) for p in parts], self.chunk)
         return torch.cat([token_derivatives(self.model, batch, tangents(part)).cpu() for part in parts])
+
+    def every(self, batches, encode):
+        """{(set, index): [m, T] contributions} of every job (set, index, partners) of batches (lists of jobs, each
+        taken when the one before is done: lark.kernel.tokens_kept.in_batches keeps a batch's pieces as it comes)."""
+        found = {}
+        with eval_mode(self.model):
+            for batch in batches:
+                found.update({(n, i): self.contributions(encode(n, i), n, i, partners) for n, i, partners in batch})
+        return found
 
     def side(self, encoded, row):
         """{"text", "tokens"} of an example with its contribution row [T] (null where no loss, in the loss split)."""
@@ -265,6 +277,7 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     norms = {name: load_store(out_dir / "stores" / f"{name}.safetensors")[1] for name in sets}
     budget = ck.cfg.attribution.get("tokens_budget", TANGENT_NUMBERS)
     split = split_of(ck.cfg.attribution)
+    kept = kept if kept is not None else kept_for(ck.cfg.attribution, projector, kernel)  # (a finished run's)
     run = Pass(model, tokenizer, projector, kernel, vectors, norms, query_set, mode, budget, split, kept)
     index = {name: {e["id"]: i for i, e in enumerate(examples)} for name, examples in sets.items()}
     encode = functools.cache(lambda name, i: encoder(sets[name][i]))  # each example encoded once
@@ -273,16 +286,17 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     for q, source, _, d, _ in pairs:
         by_doc[(source, d)].append((query_set, index[query_set][q]))
         by_query[q].append((source, index[source][d]))
-    with eval_mode(model):
-        doc_rows, query_rows = {}, {}
-        for (source, d), partners in by_doc.items():
-            i = index[source][d]
-            found = run.contributions(encode(source, i), source, i, partners)
-            doc_rows.update({(partner[1], source, d): found[n] for n, partner in enumerate(partners)})
-        for q, partners in by_query.items():
-            i = index[query_set][q]
-            found = run.contributions(encode(query_set, i), query_set, i, partners)
-            query_rows.update({(q, source, sets[source][j]["id"]): found[n] for n, (source, j) in enumerate(partners)})
+    jobs = [(source, index[source][d], partners) for (source, d), partners in by_doc.items()]
+    jobs += [(query_set, index[query_set][q], partners) for q, partners in by_query.items()]
+    pad, size = tokenizer.pad_token_id, kept and ck.cfg.attribution.batch_size  # (examples per keeping pass)
+    batches = [jobs] if kept is None else in_batches(kept, jobs, encode, model, pad, size)
+    found = run.every(batches, encode)
+    doc_rows = {(p[1], s, d): found[(s, index[s][d])][n] for (s, d), ps in by_doc.items() for n, p in enumerate(ps)}
+    query_rows = {
+        (q, s, sets[s][j]["id"]): found[(query_set, index[query_set][q])][n]
+        for q, ps in by_query.items()
+        for n, (s, j) in enumerate(ps)
+    }
 
     def records(source):  # made as they are written: a file's records are never all held (nor scanned by the GC)
         for q, _, rank, d, score in (pair for pair in pairs if pair[1] == source):

@@ -20,16 +20,23 @@ dtype), so they add up to the stored vector where the second pass's float32 ones
 `Kept` holds them for the examples that can be in a written pair: every query (each has partners) and, per
 source, the documents in some query's running top attribution.tokens_top_k by the raw vectors' cosine, dropped when
 they fall out; a kernel that whitens (TrackStar: its map comes from the finished stores) keeps the queries only.
-An example not kept (over attribution.tokens_kept numbers, a store or shard reused, a near-tie the stored tier
-ranks otherwise, another rank's) goes through the second pass, as does every example under any other projector.
+The token pass reads each example's pieces once and lets them go. Then `in_batches` keeps the pieces of the written
+pairs' other examples (a store or shard reused, `attribute.py` adding tokens to a finished run, TrackStar's
+documents, those past attribution.tokens_kept numbers while the store pass ran, a near-tie the stored tier ranks
+otherwise, another rank's) by projecting them again, attribution.batch_size at a time, with the hooks keeping:
+a forward and backward pass per batch instead of the second pass's one per example. Only an example the budget
+cannot hold (or every one, with tokens_kept = 0) goes through the second pass, as does every example under any
+other projector.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from lark.data.datamodule import collate
 from lark.kernel.factored_math import Factors, Rows
 from lark.kernel.tokens_math import slot_spans
+from lark.models import eval_mode
 
 
 class Kept:
@@ -69,20 +76,30 @@ class Kept:
         wanted = self.admitted(name, index, vectors)
         dropped = [key for key in self.examples if key[0] == name and key[1] not in wanted]
         for key in dropped if self.queries is not None else ():  # (the queries: all kept)
-            del self.examples[key], self.sizes[key]
+            self.release(key)
+        self.hold([(b, (name, i)) for b, i in enumerate(index) if i in wanted], vectors, mask)
+
+    def hold(self, slots, vectors, mask):
+        """Keeps the pieces the projector's last batch made (vectors [B, k] its raw vectors, mask [B, T] its
+        attention mask) of the examples slots [(row in the batch, (set, index))], while the budget has room; the
+        hooks make pieces only while it has."""
         positions, norms = self.projector.last_positions or {}, self.projector.last_norms
         self.projector.last_positions = None  # (the batch's pieces go with it)
         if not all(by_position(x, mask.shape[1]) for xs in positions.values() for x in xs):
             positions = {}  # a module whose rows are not one per position: the second pass says so
-        for b, i in enumerate(index):
-            if i not in wanted or not positions or not torch.isfinite(vectors[b]).all():
+        for b, key in slots:
+            if not positions or not torch.isfinite(vectors[b]).all():
                 continue
             length = int(mask[b].sum())
             found = [(p, piece_of(x, b, length, norms.get(p), self.cpu)) for p, xs in positions.items() for x in xs]
             example = Example.of(found, self.spans, self.shared)
             if self.held() + example.numel <= self.budget:
-                self.examples[(name, i)], self.sizes[(name, i)] = example, example.numel
+                self.examples[key], self.sizes[key] = example, example.numel
         self.projector.keep_positions = self.held() < self.budget
+
+    def release(self, key):
+        """Forgets example key (set, index): its parts were read, or it fell out of every top_k."""
+        self.examples.pop(key, None), self.sizes.pop(key, None)
 
     def cpu(self, t):
         """A CPU copy of a tensor the projector keeps (a hash), made once."""
@@ -109,6 +126,39 @@ class Kept:
         pieces' device), or None when it was not kept."""
         example = self.examples.get((name, i))
         return None if example is None else example.parts(w.float())
+
+
+def in_batches(kept, jobs, encode, model, pad_id, batch_size):
+    """The token pass's jobs [(set, index, partners)] in the order it takes them: those whose pieces the store pass
+    kept first, then the rest by length, batch_size at a time, each batch's pieces made by one projection of the
+    whole batch with keep_positions on (keep_batch: a forward and a backward pass, nothing stored), so that none
+    needs the second pass of lark.kernel.tokens_position, one forward and backward per example (an example the
+    budget cannot hold still does; budget 0: none kept). encode(set, index): the example's encoding."""
+    keys = {job[:2] for job in jobs}
+    for key in [key for key in kept.examples if key not in keys]:  # (kept in a running top_k, not in the final)
+        kept.release(key)
+    ready = [job for job in jobs if job[:2] in kept.examples]
+    length = lambda job: len(encode(*job[:2])["input_ids"])  # noqa: E731
+    rest = sorted((job for job in jobs if job[:2] not in kept.examples), key=length)
+    if ready:
+        yield ready
+    for start in range(0, len(rest), batch_size if kept.budget > 0 else max(len(rest), 1)):
+        batch = rest[start : start + batch_size] if kept.budget > 0 else rest
+        if kept.budget > 0:
+            keep_batch(kept, model, [job[:2] for job in batch], [encode(*job[:2]) for job in batch], pad_id)
+        yield batch
+
+
+def keep_batch(kept, model, keys, encoded, pad_id):
+    """Keeps the pieces by position of the examples keys [(set, index)] (encoded: theirs) from one projection of
+    them as a batch, as the store pass would have (the same vectors: an example's does not depend on its batch)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+    kept.projector.keep_positions = kept.held() < kept.budget
+    with eval_mode(model):
+        vectors = kept.projector.project_batch(model, batch).float().cpu()
+    kept.hold(list(enumerate(keys)), vectors, batch["attention_mask"])
+    kept.stop()
 
 
 @dataclass
