@@ -240,7 +240,8 @@
     for (let r = 0; r < top.length; r += 2) {
       const [start, end] = spans[top[r]];
       ol.append(el("li", {class: signClass(top[r + 1]), "data-n": top[r], "data-c": top[r + 1]},
-        el("code", {text: JSON.stringify(text.slice(start, end))}), " ", el("span", {class: "c", text: signed(top[r + 1])})));
+        el("code", {text: JSON.stringify(text.slice(start, end)), title: text.slice(start, end)}), " ",
+        el("span", {class: "c", text: signed(top[r + 1])})));
     }
     return ol;
   }
