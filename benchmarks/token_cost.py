@@ -27,7 +27,8 @@ position split added to `off`'s stores (nothing recomputed but the token pass: t
 with resume after deleting tokens/, so its loading and reuse checks count; the SmolLM2 rows time write_tokens
 alone), with `factored` its pieces kept batch by batch by one more projection of each batch of the pairs' examples
 (lark.kernel.tokens_kept.in_batches); `added-second` the same through the second pass, example by example
-(attribution.tokens_kept=0). Their "x off" is the added seconds over `off`'s whole attribution.
+(attribution.tokens_kept=0). Their "x off" is the added seconds over `off`'s whole attribution. They run only when
+named (`--modes position added added-second`), and differ only with `--projector factored` (no other projector keeps).
 """
 
 import argparse
@@ -102,7 +103,7 @@ def token_options(mode):
     }
 
 
-def embedded_row(run, epoch, repeats, top_k, budget=None, projector=None, modes=PASSES):
+def embedded_row(run, epoch, repeats, top_k, budget=None, projector=None, modes=PASSES[:3]):
     """{"off": median seconds, "forward": ..., "auto": ...} of re-attributing one checkpoint, paired, with
     attribution.tokens_top_k = top_k (and attribution.tokens_budget = budget, attribution.projector = the
     conf/attribution/projector/<projector>.yaml group option where given)."""
@@ -129,7 +130,7 @@ def projector_options(name):
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
-def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES):
+def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES[:3]):
     """{"off": seconds, "forward": ..., "auto": ...} on SmolLM2-135M-Instruct, or a note why the row is skipped.
     The paper's shapes: `n` test questions as Formatted queries (ChatML, loss on the answer) against `n` medical
     abstracts NoFormat (loss on every token) and the same abstracts Formatted (the QA template: loss on the last
@@ -231,7 +232,13 @@ def main():
     ap.add_argument("--no-embedded", action="store_true", help="only the SmolLM2 row")
     ap.add_argument("--tokens-budget", type=int, help="attribution.tokens_budget (default: the config's, 2^26)")
     ap.add_argument("--projector", help="attribution/projector=<this> (default: the run's; SmolLM2: sketch)")
-    ap.add_argument("--modes", nargs="+", choices=PASSES, default=list(PASSES), help="the topk rows to measure")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        choices=PASSES,
+        default=list(PASSES[:3]),
+        help="the topk rows to measure (added: not by default)",
+    )
     args = ap.parse_args()
     if args.projector:
         projector_options(args.projector)  # a name with no config file: refused before any run is made

@@ -554,15 +554,16 @@ def test_the_factored_position_split_reads_the_store_pass_pieces(real_runs, tmp_
     from omegaconf import OmegaConf
 
     from lark.experiment import attribute
-    from lark.kernel import tokens
+    from lark.kernel import tokens, tokens_kept
 
     factored = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "attribution" / "projector" / "factored.yaml"))
-    calls = []
-    second = tokens.position_products
+    calls, later = [], []
+    second, keep_batch = tokens.position_products, tokens_kept.keep_batch
     monkeypatch.setattr(tokens, "position_products", lambda *a, **k: calls.append(1) or second(*a, **k))
+    monkeypatch.setattr(tokens_kept, "keep_batch", lambda *a, **k: later.append(1) or keep_batch(*a, **k))
     written, quiet = {}, lambda *a: None
     for how, kept in (("store", 2**28), ("late", 2**28), ("second", 0)):
-        run, calls[:] = tmp_path / how, []
+        run, calls[:], later[:] = tmp_path / how, [], []
         shutil.copytree(real_runs[0], run)
         options = {"tokens": "topk", "tokens_top_k": 2, "tokens_split": "position", "tokens_kept": kept}
         options.update(checkpoints=[1], projector={**factored, "k": 4096})
@@ -575,6 +576,7 @@ def test_the_factored_position_split_reads_the_store_pass_pieces(real_runs, tmp_
         files = sorted((run / "attribution" / "epoch_001" / "tokens").glob("*.jsonl"))
         written[how] = {(p.name, i): line for p in files for i, line in enumerate(lines(p))}
         assert files and (len(calls) == 0) == (kept > 0), (how, len(calls))
+        assert (len(later) > 0) == (how == "late"), (how, len(later))  # the store pass kept every pair's example
     assert written["second"].keys() == written["store"].keys() == written["late"].keys()
     assert len(written["second"]) == 2 * 12 * len(files)
     for how in ("store", "late"):

@@ -891,3 +891,46 @@ def test_store_pass_pieces_equal_the_second_pass(setup, model_kind, kernel, opti
             atol = 3e-4 * float(second.abs().max())
             message = f"{model_kind} {kernel} {options} {kind}"
             torch.testing.assert_close(parts, second, rtol=1e-3, atol=atol, msg=message)
+
+
+def test_in_batches_keeps_a_batch_at_a_time_within_the_budget(setup):
+    """lark.kernel.tokens_kept.in_batches (the pairs' examples the store pass did not keep, as for a finished run's
+    stores): the store pass's examples come first, one it kept outside the pairs is let go, and the rest are kept
+    batch by batch, one projection each, their parts those of the store pass's pieces; every example is let go as
+    the token pass reads it (nothing held after, keep_positions off), the budget is never passed; under a budget
+    that holds no example one keeping projection runs and the rest go to the second pass as one batch."""
+    from unittest import mock
+
+    from lark.kernel import tokens_kept
+    from lark.kernel.build import project_examples
+    from lark.kernel.tokens_kept import Kept, in_batches
+
+    model, pad = setup["model"], setup["tok"].pad_token_id
+    encoded = [setup["encoder"](e) for e in setup["sets"]["raw"][:5]]
+    attr = attribution("factored", "rapidin")
+    proj = make_projector(attr, model, make_kernel(attr))
+    store = Kept(proj, top_k=1, budget=2**28)
+    project_examples(model, encoded, proj, pad, batch_size=5, keep=store.start("s"))
+    store.stop()
+    w = torch.randn(2, proj.k, generator=torch.Generator().manual_seed(3))
+    reference = {i: store.parts("s", i, w) for i in range(5)}
+    smallest = min(store.sizes.values())
+    store.release(("s", 1)), store.release(("s", 3))  # kept by the store pass: 0, 2 (in the pairs) and 4 (not)
+    jobs = [("s", i, None) for i in range(4)]
+    for kept, want in ((store, [[0, 2], [1, 3]]), (Kept(proj, 1, smallest), None), (Kept(proj, 1, 1), [[0, 1, 2, 3]])):
+        spy = mock.Mock(wraps=tokens_kept.keep_batch)
+        taken, read = [], 0
+        with mock.patch.object(tokens_kept, "keep_batch", spy):
+            for batch in in_batches(kept, jobs, lambda name, i: encoded[i], model, pad, 2):
+                taken.append(sorted(i for _, i, _ in batch))
+                assert ("s", 4) not in kept.examples and kept.held() <= kept.budget
+                for name, i, _ in batch:
+                    if (name, i) in kept.examples:
+                        torch.testing.assert_close(kept.parts(name, i, w), reference[i], rtol=1e-4, atol=1e-6)
+                        read += 1
+                    kept.release((name, i))  # (as Pass.contributions does)
+        assert not kept.examples and proj.keep_positions is False and proj.last_positions is None
+        if want is not None:
+            assert taken == want and read == (4 if kept is store else 0) and spy.call_count == 1
+        else:  # room for the smallest example alone: some kept (one at a time), the others left to the second pass
+            assert 1 <= read < 4 and sorted(sum(taken, [])) == [0, 1, 2, 3] and 1 <= spy.call_count <= 2

@@ -194,7 +194,7 @@ class Pass:
         self.model, self.tokenizer, self.projector, self.kernel = model, tokenizer, projector, kernel
         self.mode = mode  # auto: the fewer passes; forward | reverse: always that one (tests compare them)
         self.split = split  # loss | position (attribution.tokens_split)
-        self.query_set, self.norms, self.kept = query_set, norms, kept  # kept: the store pass's (tokens_kept)
+        self.query_set, self.norms, self.kept = query_set, norms, kept  # kept: pieces by position (tokens_kept)
         self.device = next(model.parameters()).device
         self.chunk = tangent_chunk(model, budget)  # attribution.tokens_budget
         self.transpose, self.texts, self.alone = Transpose(projector, model), {}, {}  # (pieces' caches)
@@ -217,7 +217,8 @@ class Pass:
         """[len(partners), T] of example i of set `name` (encoded: its input ids and labels) against each partner
         (set, index): c_t = <M^T v_partner, r_t> / ||M r||, by forward mode (a pass per partner) or reverse mode
         (a pass per loss token), whichever takes fewer passes (self.mode); split by position, one forward and one
-        backward pass (lark.kernel.tokens_position), or from the store pass's pieces where it kept them."""
+        backward pass (lark.kernel.tokens_position), or from the pieces kept by the store pass or a keeping
+        projection of its batch (lark.kernel.tokens_kept), each read once and let go."""
         if self.split == "position" and self.kept is not None and (name, i) in self.kept.examples:
             found = self.kept.parts(name, i, self.rows(partners, name, i))
             self.kept.release((name, i))  # (each example is read once)
@@ -270,7 +271,8 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
     ck: the checkpoint at work (lark.checkpoint.Checkpoint: its out_dir, with the stores; model, tokenizer,
     encoder (example -> encoded), cfg.attribution); vectors: {set: decoded stored unit vectors [n, k]} (the query
     set and every source); sets: {set: [example]}; rows: top_influences.csv's (query_id, source, rank, doc_id,
-    score); mode: Pass's (attribution.tokens_pass by default); kept: the store pass's pieces (kept_for), or None."""
+    score); mode: Pass's (attribution.tokens_pass by default); kept: the store pass's pieces (kept_for), or None:
+    made here when the config asks for them (a finished run's stores: tokens_kept.in_batches keeps them)."""
     out_dir, model, tokenizer, encoder = Path(ck.out_dir), ck.model, ck.tokenizer, ck.encoder
     top_k = top_k_of(ck.cfg.attribution)
     mode = mode or ck.cfg.attribution.get("tokens_pass", "auto")
@@ -288,7 +290,7 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
         by_query[q].append((source, index[source][d]))
     jobs = [(source, index[source][d], partners) for (source, d), partners in by_doc.items()]
     jobs += [(query_set, index[query_set][q], partners) for q, partners in by_query.items()]
-    pad, size = tokenizer.pad_token_id, kept and ck.cfg.attribution.batch_size  # (examples per keeping pass)
+    pad, size = tokenizer.pad_token_id, ck.cfg.attribution.batch_size if kept is not None else None
     batches = [jobs] if kept is None else in_batches(kept, jobs, encode, model, pad, size)
     found = run.every(batches, encode)
     doc_rows = {(p[1], s, d): found[(s, index[s][d])][n] for (s, d), ps in by_doc.items() for n, p in enumerate(ps)}

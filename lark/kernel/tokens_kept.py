@@ -15,7 +15,8 @@ matrix (not out x in), read in one small product per partner. These are the numb
 the same gradients, equal up to float32 summation order in a float32 model (tests/test_tokens.py: per-tensor norms,
 the Adam factors, each vocabulary treatment, a tied weight, biases, per-head norms, count-sketched 1-D slots, and end
 to end through attribute.py); in bf16 the kept parts carry the store pass's own rounding (its sides in the model's
-dtype), so they add up to the stored vector where the second pass's float32 ones differ from it by bf16's rounding.
+dtype), so they add up to the stored vector where the second pass's float32 ones differ from it by bf16's rounding
+(those kept after the store pass, by `in_batches`, to their own projection's, in another batch).
 
 `Kept` holds them for the examples that can be in a written pair: every query (each has partners) and, per
 source, the documents in some query's running top attribution.tokens_top_k by the raw vectors' cosine, dropped when
@@ -24,9 +25,9 @@ The token pass reads each example's pieces once and lets them go. Then `in_batch
 pairs' other examples (a store or shard reused, `attribute.py` adding tokens to a finished run, TrackStar's
 documents, those past attribution.tokens_kept numbers while the store pass ran, a near-tie the stored tier ranks
 otherwise, another rank's) by projecting them again, attribution.batch_size at a time, with the hooks keeping:
-a forward and backward pass per batch instead of the second pass's one per example. Only an example the budget
-cannot hold (or every one, with tokens_kept = 0) goes through the second pass, as does every example under any
-other projector.
+a forward and backward pass per batch instead of the second pass's one per example. Only an example none of these
+holds (past the budget, a non-finite vector, a module not one row per position; every one with tokens_kept = 0)
+goes through the second pass, as does every example under any other projector.
 """
 
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class Kept:
     Rows or [T, size] slot by position, a tied weight's two parts both, the per-tensor norm folded in).
 
     projector: the FactoredProjector of the pass; top_k: attribution.tokens_top_k; budget: attribution.tokens_kept
-    (numbers held at most); whitens: the kernel's (documents are then not kept)."""
+    (numbers held at most); whitens: the kernel's (the store pass then keeps no documents; in_batches does)."""
 
     def __init__(self, projector, top_k, budget, whitens=False):
         self.projector, self.top_k, self.budget, self.whitens = projector, int(top_k), int(budget), whitens
@@ -129,11 +130,14 @@ class Kept:
 
 
 def in_batches(kept, jobs, encode, model, pad_id, batch_size):
-    """The token pass's jobs [(set, index, partners)] in the order it takes them: those whose pieces the store pass
-    kept first, then the rest by length, batch_size at a time, each batch's pieces made by one projection of the
-    whole batch with keep_positions on (keep_batch: a forward and a backward pass, nothing stored), so that none
-    needs the second pass of lark.kernel.tokens_position, one forward and backward per example (an example the
-    budget cannot hold still does; budget 0: none kept). encode(set, index): the example's encoding."""
+    """The token pass's jobs [(set, index, partners)] in the order it takes them (each batch's examples read and let
+    go before the next is kept): those whose pieces the store pass kept first, then the rest by length, batch_size
+    at a time, each batch's pieces made by one projection of the whole batch with keep_positions on (keep_batch: a
+    forward and a backward pass, nothing stored), so that they need no second pass of lark.kernel.tokens_position,
+    one forward and backward per example. What a keeping projection cannot hold (over the budget, a non-finite
+    vector, a module not one row per position) still takes it; once a batch keeps none of its examples, the rest go
+    to it as one batch without more keeping projections, as every one does with budget 0. encode(set, index): the
+    example's encoding."""
     keys = {job[:2] for job in jobs}
     for key in [key for key in kept.examples if key not in keys]:  # (kept in a running top_k, not in the final)
         kept.release(key)
@@ -142,23 +146,31 @@ def in_batches(kept, jobs, encode, model, pad_id, batch_size):
     rest = sorted((job for job in jobs if job[:2] not in kept.examples), key=length)
     if ready:
         yield ready
-    for start in range(0, len(rest), batch_size if kept.budget > 0 else max(len(rest), 1)):
-        batch = rest[start : start + batch_size] if kept.budget > 0 else rest
-        if kept.budget > 0:
-            keep_batch(kept, model, [job[:2] for job in batch], [encode(*job[:2]) for job in batch], pad_id)
+    while rest and kept.budget > 0:
+        batch, rest = rest[:batch_size], rest[batch_size:]
+        if not keep_batch(kept, model, [job[:2] for job in batch], [encode(*job[:2]) for job in batch], pad_id):
+            rest = batch + rest  # (nothing held: keeping more would only add passes)
+            break
         yield batch
+    if rest:
+        yield rest
 
 
 def keep_batch(kept, model, keys, encoded, pad_id):
     """Keeps the pieces by position of the examples keys [(set, index)] (encoded: theirs) from one projection of
-    them as a batch, as the store pass would have (the same vectors: an example's does not depend on its batch)."""
+    them as a batch, as the store pass would have (the same vectors up to float rounding: an example's does not
+    depend on its batch). Returns how many it kept."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
-    kept.projector.keep_positions = kept.held() < kept.budget
-    with eval_mode(model):
-        vectors = kept.projector.project_batch(model, batch).float().cpu()
-    kept.hold(list(enumerate(keys)), vectors, batch["attention_mask"])
-    kept.stop()
+    before = len(kept.examples)
+    try:
+        kept.projector.keep_positions = kept.held() < kept.budget
+        with eval_mode(model):
+            vectors = kept.projector.project_batch(model, batch).float().cpu()
+        kept.hold(list(enumerate(keys)), vectors, batch["attention_mask"])
+    finally:  # (a failed projection leaves the projector as it found it)
+        kept.stop()
+    return len(kept.examples) - before
 
 
 @dataclass

@@ -22,8 +22,8 @@ is not one row per position, or that returns several tensors (a mixture-of-exper
 pointer to the loss split (`place`, `Recorder`); one that mixes positions inside an output of that shape (a causal
 convolution over the sequence) is not detected: its part at s is then its output row s's, not position s's own
 use of its weights. (The decoders LARK runs, OLMo, Llama, Qwen, Mistral, GPT-2, have none.)
-With the `factored` projector the store pass itself holds these parts' factors (lark.kernel.tokens_kept): this pass
-runs only for the examples it did not keep.
+With the `factored` projector the store pass itself holds these parts' factors, or a projection of a batch made to
+keep them (lark.kernel.tokens_kept): this pass runs only for the examples neither holds.
 """
 
 import torch
