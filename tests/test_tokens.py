@@ -934,3 +934,19 @@ def test_in_batches_keeps_a_batch_at_a_time_within_the_budget(setup):
             assert taken == want and read == (4 if kept is store else 0) and spy.call_count == 1
         else:  # room for the smallest example alone: some kept (one at a time), the others left to the second pass
             assert 1 <= read < 4 and sorted(sum(taken, [])) == [0, 1, 2, 3] and 1 <= spy.call_count <= 2
+
+
+def test_contributions_are_written_as_their_float32_exactly():
+    """tokens.number (the token files' contributions): JSON that reads back as the float32 it wrote, for values
+    across float32's range and signs; json's NaN / Infinity where not finite."""
+    from lark.kernel.tokens import number
+
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 2000)
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1.0, 3.4028235e38, 1.4e-45])])
+    back = torch.tensor([json.loads(number(v)) for v in values.tolist()], dtype=torch.float64).float()
+    assert torch.equal(back, values) and all(len(number(v)) <= 15 for v in values.tolist())
+    assert [json.dumps(json.loads(number(v))) for v in (float("nan"), float("inf"), -float("inf"))] == [
+        "NaN",
+        "Infinity",
+        "-Infinity",
+    ]

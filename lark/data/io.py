@@ -171,9 +171,15 @@ def disk_full(path, size=None):
 
 
 def write_jsonl(records, path):
+    write_lines((json.dumps(r, ensure_ascii=False) for r in records), path)
+
+
+def write_lines(lines, path):
+    """Each of `lines` (text without its line break: a JSON object made by the caller, lark.kernel.tokens) as one
+    line of `path`, replaced whole (nothing partial on a failure)."""
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for line in lines:
+            f.write(line + "\n")
 
 
 def write_json(path, obj):
