@@ -301,8 +301,10 @@ def write_tokens(ck, projector, kernel, vectors, sets, rows, query_set, mode=Non
         by_query[q].append((source, index[source][d]))
     jobs = [(source, index[source][d], partners) for (source, d), partners in by_doc.items()]
     jobs += [(query_set, index[query_set][q], partners) for q, partners in by_query.items()]
-    pad, size = tokenizer.pad_token_id, ck.cfg.attribution.batch_size if kept is not None else None
-    batches = [jobs] if kept is None else in_batches(kept, jobs, encode, model, pad, size)
+    if kept is None:
+        batches = [jobs]
+    else:  # (a batch's pieces kept as it comes, attribution.batch_size examples at a time)
+        batches = in_batches(kept, jobs, encode, model, tokenizer.pad_token_id, ck.cfg.attribution.batch_size)
     found = run.every(batches, encode)
     doc_rows = {(p[1], s, d): found[(s, index[s][d])][n] for (s, d), ps in by_doc.items() for n, p in enumerate(ps)}
     query_rows = {

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lark.data.datamodule import collate
+from lark.kernel.build import project_examples
 from lark.kernel.factored_math import Factors, Rows
 from lark.kernel.tokens_math import slot_spans
-from lark.models import eval_mode
 
 
 class Kept:
@@ -158,16 +157,13 @@ def in_batches(kept, jobs, encode, model, pad_id, batch_size):
 
 def keep_batch(kept, model, keys, encoded, pad_id):
     """Keeps the pieces by position of the examples keys [(set, index)] (encoded: theirs) from one projection of
-    them as a batch, as the store pass would have (the same vectors up to float rounding: an example's does not
-    depend on its batch). Returns how many it kept."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+    them as a batch (lark.kernel.build.project_examples, as the store pass: the same vectors up to float rounding,
+    an example's does not depend on its batch). Returns how many it kept."""
     before = len(kept.examples)
+    hold = lambda index, vectors, mask: kept.hold([(b, keys[i]) for b, i in enumerate(index)], vectors, mask)  # noqa: E731
     try:
         kept.projector.keep_positions = kept.held() < kept.budget
-        with eval_mode(model):
-            vectors = kept.projector.project_batch(model, batch).float().cpu()
-        kept.hold(list(enumerate(keys)), vectors, batch["attention_mask"])
+        project_examples(model, encoded, kept.projector, pad_id, len(encoded), desc="keeping pieces", keep=hold)
     finally:  # (a failed projection leaves the projector as it found it)
         kept.stop()
     return len(kept.examples) - before
