@@ -145,8 +145,7 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES
     from lark.kernel.build import StoreBuilder
     from lark.kernel.factory import make_kernel, make_projector
     from lark.kernel.stores import topk_scores
-    from lark.kernel.tokens import KEPT_NUMBERS, write_tokens
-    from lark.kernel.tokens_kept import Kept
+    from lark.kernel.tokens import kept_for, write_tokens
     from lark.models import load_base_model
 
     top_k = min(top_k, n)  # each query's top documents of n
@@ -201,16 +200,11 @@ def smollm2_row(n, top_k, repeats, budget=None, projector="sketch", modes=PASSES
                 ]
             encoder = lambda e: encoded[(kind[id(e)], e["id"])]  # noqa: E731
             for mode in modes:
-                options = token_options(mode)  # added: write_tokens keeps the pieces itself (tokens=topk asked)
-                options.update({"tokens": "topk"} if mode.startswith("added") else {})
-                cfg = OmegaConf.merge(attr, {"attribution": options})
+                cfg = OmegaConf.merge(attr, {"attribution": {**token_options(mode), "tokens": "topk"}})
                 ck = SimpleNamespace(out_dir=folder, model=model, tokenizer=tok, encoder=encoder, cfg=cfg)
                 stores = 0.0 if mode.startswith("added") else seconds["off"][-1]  # (added: the stores are there)
-                kept = (
-                    Kept(projector, top_k, KEPT_NUMBERS)
-                    if mode == "position" and projector.kind == "factored"
-                    else None
-                )
+                # position: the Kept a run's store pass fills (factored only); added: write_tokens makes its own
+                kept = kept_for(cfg.attribution, projector, kernel) if mode == "position" else None
                 if kept is not None:  # as a run does: the stores built again, keeping the position pieces
                     stores = timed(lambda: build(kept))
                 tokens = (ck, projector, kernel, vectors, sets, rows, "test_queries")
